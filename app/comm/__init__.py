@@ -1,0 +1,1 @@
+"""Gradient reduction and collectives over the Topology's communicators."""

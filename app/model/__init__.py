@@ -1,0 +1,1 @@
+"""The interatomic potential: graphs, bases, blocks, the energy model, forces and stress."""

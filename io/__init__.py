@@ -1,0 +1,1 @@
+"""Datasets: schema, converters, ADIOS2 readers, NVMe staging (never imports the model)."""

@@ -1,0 +1,1 @@
+"""Performance logs, FLOP accounting, machine peaks and reports (never imports the model)."""
