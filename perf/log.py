@@ -1,0 +1,73 @@
+"""Per-rank JSONL performance logs: one header record, one record per step, one end record.
+
+Each rank appends to RUN_DIR/perf/rank-RRRRR.jsonl and flushes every record, so a run that
+crashes half-way leaves every complete line readable. The schema is in perf/SCHEMA.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+SCHEMA_VERSION = 1
+STEP_TIME_KEYS = ("data", "forward", "force_backward", "param_backward", "comm", "optimizer")
+
+
+def rank_log_path(run_dir: Path, rank: int) -> Path:
+    return Path(run_dir) / "perf" / f"rank-{rank:05d}.jsonl"
+
+
+def software_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in ("torch", "numpy", "mpi4py", "adios2", "ase", "vesin"):
+        module = sys.modules.get(name)
+        if module is not None:
+            versions[name] = str(getattr(module, "__version__", "?"))
+    return versions
+
+
+class PerfLogWriter:
+    """Appends records for one rank; every record is one flushed line."""
+
+    def __init__(self, run_dir: Path, rank: int):
+        self.path = rank_log_path(run_dir, rank)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file: TextIO = open(self.path, "w", encoding="utf-8")
+
+    def _write(self, record: dict[str, Any]) -> None:
+        self._file.write(json.dumps(record, separators=(",", ":")) + "\n")
+        self._file.flush()
+
+    def header(self, *, rank: int, world_size: int, config: dict, topology: dict,
+               machine: dict, flop_coefficients: dict[str, float]) -> None:
+        self._write({
+            "kind": "header", "schema": SCHEMA_VERSION, "rank": rank, "world_size": world_size,
+            "hostname": socket.gethostname(), "pid": os.getpid(), "unix_time": time.time(),
+            "config": config, "topology": topology, "machine": machine,
+            "versions": software_versions(), "flop_coefficients": flop_coefficients,
+        })
+
+    def step(self, *, step: int, epoch: int, times: dict[str, float], loss_sum: dict[str, float],
+             structures: int, atoms: int, edges: int, angles: int, flops: float,
+             peak_mem_bytes: int, lr: float) -> None:
+        missing = set(STEP_TIME_KEYS) - set(times)
+        if missing:
+            raise ValueError(f"perf step record lacks times {sorted(missing)}")
+        self._write({
+            "kind": "step", "step": step, "epoch": epoch,
+            "times": {k: times[k] for k in STEP_TIME_KEYS}, "total_time": times.get("total", sum(times[k] for k in STEP_TIME_KEYS)),
+            "loss_sum": loss_sum, "structures": structures, "atoms": atoms, "edges": edges,
+            "angles": angles, "flops": flops, "peak_mem_bytes": peak_mem_bytes, "lr": lr,
+        })
+
+    def end(self, *, steps: int, wall_s: float) -> None:
+        self._write({"kind": "end", "steps": steps, "wall_s": wall_s})
+
+    def close(self) -> None:
+        self._file.close()
