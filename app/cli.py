@@ -1,0 +1,169 @@
+"""The `exaforce` command line. Only this module (and job templates) read the environment.
+
+Every bad input ends with one line `exaforce: error: <file>: frame K: ...` on stderr and a
+non-zero exit; under MPI a failing rank aborts the whole job instead of leaving the others
+waiting in a collective.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+EXIT_BAD_INPUT = 2
+
+
+class UserError(Exception):
+    """An error the user can fix; printed without a traceback."""
+
+
+def _say(message: str) -> None:
+    print(message, flush=True)
+
+
+def _fail(message: str, topo=None) -> None:
+    print(f"exaforce: error: {message}", file=sys.stderr, flush=True)
+    if topo is not None and topo.world_size > 1:
+        topo.world.Abort(EXIT_BAD_INPUT)  # the other ranks may be inside a collective
+    raise SystemExit(EXIT_BAD_INPUT)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from exaforce.config import ConfigError
+    from exaforce.io.schema import DataError
+    from exaforce.io.stage import StageError
+    from exaforce.topology import TopologyError
+
+    return (ConfigError, DataError, StageError, TopologyError, UserError)
+
+
+# ---------------------------------------------------------------- data
+def cmd_data_synth(args: argparse.Namespace) -> None:
+    from exaforce.io.extxyz import write_extxyz
+    from exaforce.io.synth import synthesize
+
+    if args.structures < 1:
+        raise UserError(f"--structures {args.structures}: must be >= 1")
+    t0 = time.perf_counter()
+
+    def progress(done: int, total: int) -> None:
+        if done == total or done % max(total // 10, 1) == 0:
+            _say(f"  labelled {done}/{total} structures with EMT")
+
+    atoms = synthesize(args.structures, args.seed, progress=progress)
+    write_extxyz(atoms, args.out)
+    n_atoms = sum(len(a) for a in atoms)
+    _say(f"wrote {len(atoms)} structures ({n_atoms} atoms) to {args.out} in {time.perf_counter() - t0:.1f} s")
+
+
+def cmd_data_convert(args: argparse.Namespace) -> None:
+    from exaforce.io.bp import write_bp
+    from exaforce.io.extxyz import read_extxyz
+
+    t0 = time.perf_counter()
+    frames = read_extxyz(args.input)
+    write_bp(frames, args.out, name=args.name, attrs={"source": str(args.input)}, overwrite=args.overwrite)
+    _say(f"converted {len(frames)} structures ({frames.n_atoms} atoms) from {args.input} to {args.out} "
+         f"in {time.perf_counter() - t0:.1f} s")
+
+
+# ---------------------------------------------------------------- stage
+def cmd_stage(args: argparse.Namespace) -> None:
+    from exaforce.io.stage import stage_datasets
+    from exaforce.topology import Topology
+
+    topo = Topology.from_mpi()
+    try:
+        log = _say if topo.local_rank == 0 else (lambda message: None)
+        staged = stage_datasets([Path(p) for p in args.datasets], Path(args.to), topo.node, log=log)
+    except _user_errors() as exc:
+        _fail(str(exc), topo)
+    if topo.is_root:
+        for path in staged:
+            _say(f"staged: {path}")
+
+
+# ---------------------------------------------------------------- train
+def cmd_train(args: argparse.Namespace) -> None:
+    from exaforce import config as config_mod
+    from exaforce.topology import Topology
+    from exaforce.train import train
+
+    topo = None
+    try:
+        cfg = config_mod.load(args.config)
+        overrides = {k: v for k, v in (("out_dir", args.out_dir), ("steps", args.steps)) if v is not None}
+        cfg = config_mod.validate(dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, **overrides)))
+        topo = Topology.from_mpi(dp=cfg.parallel.dp, ep=cfg.parallel.ep)
+        log: Callable[[str], None] = _say if topo.is_root else (lambda message: None)
+        log(topo.table())
+        run_dir = train(cfg, topo, log)
+    except _user_errors() as exc:
+        _fail(str(exc), topo)
+    log(f"run folder: {run_dir}")
+
+
+# ---------------------------------------------------------------- perf
+def cmd_perf_report(args: argparse.Namespace) -> None:
+    from exaforce.perf.report import format_summary, load_run, summarize, write_report
+
+    path = write_report(Path(args.run_dir), Path(args.out) if args.out else None)
+    _say(format_summary(summarize(load_run(Path(args.run_dir)))))
+    _say(f"report: {path}")
+
+
+# ---------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="exaforce", description=__doc__.splitlines()[0])
+    from exaforce import __version__
+    parser.add_argument("--version", action="version", version=f"exaforce {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    data = commands.add_parser("data", help="make, convert and inspect datasets")
+    data_commands = data.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
+    synth = data_commands.add_parser("synth", help="labelled periodic metal structures from ASE's EMT, as extxyz")
+    synth.add_argument("--out", required=True, help="extxyz file to write")
+    synth.add_argument("--structures", type=int, default=200, help="number of structures (default 200)")
+    synth.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    synth.set_defaults(func=cmd_data_synth)
+    convert = data_commands.add_parser("convert", help="extxyz → ADIOS2 BP5 dataset")
+    convert.add_argument("input", help="extxyz file with energy, forces (and stress) per frame")
+    convert.add_argument("--out", required=True, help="dataset directory to write (DIR.bp)")
+    convert.add_argument("--name", required=True, help="dataset name (a fidelity/source label)")
+    convert.add_argument("--overwrite", action="store_true", help="replace an existing dataset atomically")
+    convert.set_defaults(func=cmd_data_convert)
+
+    stage = commands.add_parser("stage", help="copy datasets to node-local storage (node leaders copy, all verify)")
+    stage.add_argument("datasets", nargs="+", help="datasets (DIR.bp) or files to stage")
+    stage.add_argument("--to", required=True, help="node-local folder, e.g. /mnt/bb/$USER or $TMPDIR")
+    stage.set_defaults(func=cmd_stage)
+
+    train = commands.add_parser("train", help="train a potential (run under mpiexec -n N)")
+    train.add_argument("--config", required=True, help="TOML run configuration")
+    train.add_argument("--out-dir", help="override run.out_dir")
+    train.add_argument("--steps", type=int, help="override run.steps")
+    train.set_defaults(func=cmd_train)
+
+    perf = commands.add_parser("perf", help="performance reports from per-rank perf logs")
+    perf_commands = perf.add_subparsers(dest="perf_command", required=True, metavar="SUBCOMMAND")
+    report = perf_commands.add_parser("report", help="Markdown report with plots from a run folder")
+    report.add_argument("run_dir", help="run folder (holds perf/rank-*.jsonl)")
+    report.add_argument("--out", help="report folder (default RUN_DIR/report)")
+    report.set_defaults(func=cmd_perf_report)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except _user_errors() as exc:
+        _fail(str(exc))
+
+
+if __name__ == "__main__":
+    main()

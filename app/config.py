@@ -1,0 +1,185 @@
+"""Run configuration: one frozen dataclass tree, loaded from TOML and validated at load.
+
+Every error names the dotted key (`model.cutoff = -1.0: must be > 0 Å`); unknown keys are errors,
+so a misspelt option never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A bad configuration value or key; the message names the dotted key and the file."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RunConfig:
+    out_dir: str = "runs/default"       # run folder: perf logs, checkpoints, report
+    seed: int = 0
+    dtype: str = "float32"              # float32 | float64
+    steps: int = 100                    # optimizer steps
+    log_every: int = 10                 # rank 0 prints progress every N steps
+    checkpoint_every: int = 0           # 0: only at the end
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class DataConfig:
+    train: tuple[str, ...] = ()         # ADIOS2 BP5 datasets (DIR.bp), already staged
+    global_batch_size: int = 8          # structures per step over all ranks
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ModelConfig:
+    elements: tuple[str, ...] = ("Al", "Cu", "Ag", "Au", "Ni", "Pd", "Pt")
+    cutoff: float = 6.0                 # Å, atom graph
+    three_body_cutoff: float = 4.0      # Å, line graph (bond pairs)
+    width: int = 64                     # channels D
+    blocks: int = 2                     # interaction blocks
+    radial_basis: int = 8               # Bessel functions
+    angle_basis: int = 8                # Chebyshev polynomials of cos θ
+    envelope_p: int = 6                 # smoothness exponent of the polynomial envelope
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class LossConfig:
+    energy_weight: float = 1.0          # on (eV/atom)²
+    forces_weight: float = 10.0         # on (eV/Å)², mean over atoms of a structure
+    stress_weight: float = 1.0          # on (GPa)²
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class OptimConfig:
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    grad_clip: float = 10.0             # global gradient norm; 0 disables
+    warmup_steps: int = 10
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ParallelConfig:
+    dp: int = 0                         # data-parallel degree; 0: world_size / ep
+    ep: int = 1                         # expert-parallel degree
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class CommConfig:
+    backend: str = "mpi"                # mpi (horovod | torch arrive with the backends issue)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    comm: CommConfig = field(default_factory=CommConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _positive(value: float, key: str, unit: str = "") -> None:
+    if not value > 0:
+        raise ConfigError(f"{key} = {value!r}: must be > 0{' ' + unit if unit else ''}")
+
+
+def validate(cfg: Config) -> Config:
+    """Value checks that types alone cannot express; raises ConfigError naming the key."""
+    from ase.data import atomic_numbers
+
+    if cfg.run.dtype not in ("float32", "float64"):
+        raise ConfigError(f"run.dtype = {cfg.run.dtype!r}: must be 'float32' or 'float64'")
+    _positive(cfg.run.steps, "run.steps")
+    _positive(cfg.run.log_every, "run.log_every")
+    if cfg.run.checkpoint_every < 0:
+        raise ConfigError(f"run.checkpoint_every = {cfg.run.checkpoint_every}: must be >= 0")
+    if not cfg.data.train:
+        raise ConfigError("data.train: at least one dataset is required")
+    _positive(cfg.data.global_batch_size, "data.global_batch_size")
+    unknown = [e for e in cfg.model.elements if e not in atomic_numbers]
+    if unknown or not cfg.model.elements:
+        raise ConfigError(f"model.elements = {list(cfg.model.elements)}: unknown element(s) {unknown}")
+    _positive(cfg.model.cutoff, "model.cutoff", "Å")
+    _positive(cfg.model.three_body_cutoff, "model.three_body_cutoff", "Å")
+    if cfg.model.three_body_cutoff > cfg.model.cutoff:
+        raise ConfigError(f"model.three_body_cutoff = {cfg.model.three_body_cutoff}: must be <= model.cutoff "
+                          f"({cfg.model.cutoff} Å)")
+    for key in ("width", "blocks", "radial_basis", "angle_basis", "envelope_p"):
+        _positive(getattr(cfg.model, key), f"model.{key}")
+    for key in ("energy_weight", "forces_weight", "stress_weight"):
+        if getattr(cfg.loss, key) < 0:
+            raise ConfigError(f"loss.{key} = {getattr(cfg.loss, key)}: must be >= 0")
+    _positive(cfg.optim.lr, "optim.lr")
+    if cfg.optim.grad_clip < 0:
+        raise ConfigError(f"optim.grad_clip = {cfg.optim.grad_clip}: must be >= 0 (0 disables)")
+    if cfg.parallel.dp < 0 or cfg.parallel.ep < 1:
+        raise ConfigError(f"parallel.dp = {cfg.parallel.dp}, parallel.ep = {cfg.parallel.ep}: need dp >= 0, ep >= 1")
+    if cfg.comm.backend != "mpi":
+        raise ConfigError(f"comm.backend = {cfg.comm.backend!r}: only 'mpi' is available in this version")
+    return cfg
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Checks a TOML value against a field's type hint; ints are accepted where floats are expected."""
+    origin = typing.get_origin(hint)
+    if origin is tuple:
+        (item_hint, _ellipsis) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} = {value!r}: must be a list")
+        return tuple(_coerce(v, item_hint, f"{key}[{i}]") for i, v in enumerate(value))
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool):
+        if type(value) is not hint:
+            raise ConfigError(f"{key} = {value!r}: must be of type {hint.__name__}")
+        return value
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: must be a table")
+        return _build(hint, value, key)
+    raise ConfigError(f"{key}: unsupported type {hint}")  # a programming error in this module
+
+
+def _build(cls: type, table: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in table:
+        if key not in names:
+            where = f"{prefix}.{key}" if prefix else key
+            raise ConfigError(f"{where}: unknown key (known: {', '.join(sorted(names))})")
+    kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in table.items()}
+    return cls(**kwargs)
+
+
+def from_dict(table: dict[str, Any]) -> Config:
+    return validate(_build(Config, table, ""))
+
+
+def load(path: str | Path) -> Config:
+    """Reads and validates a TOML config; relative dataset paths resolve against the config's folder."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            table = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    try:
+        cfg = from_dict(table)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    base = path.resolve().parent
+    train = tuple(str((base / p).resolve()) if not Path(p).is_absolute() else p for p in cfg.data.train)
+    out_dir = cfg.run.out_dir if Path(cfg.run.out_dir).is_absolute() else str(base / cfg.run.out_dir)
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, train=train),
+                               run=dataclasses.replace(cfg.run, out_dir=out_dir))

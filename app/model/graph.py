@@ -1,0 +1,116 @@
+"""Batched atom graphs and line graphs, built from vesin neighbour lists.
+
+Shapes: N atoms, E directed edges (src → dst, within the cutoff, periodic images included),
+T triplets (pairs of edges sharing their src atom, both shorter than the three-body cutoff),
+G graphs (structures). Graph construction is not differentiated: it fixes *which* pairs
+interact; the smooth envelopes make the energy continuous as pairs enter or leave.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import numpy as np
+import torch
+import vesin
+
+from exaforce.io.schema import Frames
+
+
+@dataclass
+class GraphBatch:
+    """One batch of structures as explicit tensors, plus the labels it is trained on."""
+
+    numbers_N: torch.Tensor       # int64 atomic numbers
+    species_N: torch.Tensor       # int64 index into the model's element list
+    positions_N3: torch.Tensor
+    cell_G33: torch.Tensor        # rows are lattice vectors; zeros where non-periodic
+    graph_N: torch.Tensor         # int64 graph index of each atom
+    natoms_G: torch.Tensor        # int64
+    edge_index_2E: torch.Tensor   # int64 (src, dst)
+    shifts_E3: torch.Tensor       # integer cell shifts of dst (as the float dtype)
+    triplet_index_2T: torch.Tensor  # int64 (edge a, edge b) with src[a] == src[b], a != b
+    energy_G: torch.Tensor
+    forces_N3: torch.Tensor
+    stress_G6: torch.Tensor       # NaN rows: no stress label
+    periodic_G: torch.Tensor      # bool: all three directions periodic (stress defined)
+
+    @property
+    def n_graphs(self) -> int:
+        return int(self.natoms_G.shape[0])
+
+    def counts(self) -> dict[str, int]:
+        """Atoms, edges and angles: the cost drivers (and FLOP model inputs) of a step."""
+        return {"structures": self.n_graphs, "atoms": int(self.numbers_N.shape[0]),
+                "edges": int(self.edge_index_2E.shape[1]), "angles": int(self.triplet_index_2T.shape[1])}
+
+    def to(self, device: torch.device | str, dtype: torch.dtype) -> "GraphBatch":
+        moved = {}
+        for f in fields(self):
+            t = getattr(self, f.name)
+            moved[f.name] = t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device)
+        return GraphBatch(**moved)
+
+
+def _neighbours(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, cutoff: float):
+    """Directed pairs (i, j, shift) with |r_j + shift·cell − r_i| < cutoff for one structure."""
+    periodic = bool(pbc.all())
+    if pbc.any() and not periodic:
+        raise ValueError("mixed periodicity is not supported: pbc must be all True or all False")
+    box = cell if periodic else np.zeros((3, 3))
+    i, j, shifts = vesin.NeighborList(cutoff=cutoff, full_list=True).compute(
+        points=positions, box=box, periodic=periodic, quantities="ijS")
+    return i.astype(np.int64), j.astype(np.int64), shifts.astype(np.int64)
+
+
+def _triplets(src_E: np.ndarray, short_E: np.ndarray) -> np.ndarray:
+    """All ordered pairs (a, b), a != b, of short edges that share their src atom; no loop over atoms."""
+    short = np.flatnonzero(short_E)
+    order = short[np.argsort(src_E[short], kind="stable")]
+    centre = src_E[order]
+    # Group boundaries of equal centres; each group of size n contributes n·(n−1) pairs.
+    starts = np.flatnonzero(np.r_[True, centre[1:] != centre[:-1]])
+    sizes = np.diff(np.r_[starts, len(order)])
+    pair_counts = sizes * sizes
+    total = int(pair_counts.sum())
+    group = np.repeat(np.arange(len(starts)), pair_counts)
+    local = np.arange(total) - np.repeat(np.cumsum(pair_counts) - pair_counts, pair_counts)
+    a = starts[group] + local // sizes[group]
+    b = starts[group] + local % sizes[group]
+    keep = a != b
+    return np.stack([order[a[keep]], order[b[keep]]])
+
+
+def build_batch(frames: Frames, species_of: np.ndarray, cutoff: float, three_body_cutoff: float) -> GraphBatch:
+    """Collates structures into one graph batch; `species_of[Z]` maps atomic number → element index."""
+    offsets = frames.offsets_S
+    src, dst, shifts = [], [], []
+    for s in range(len(frames)):
+        lo, hi = offsets[s], offsets[s] + frames.natoms_S[s]
+        i, j, sh = _neighbours(frames.positions_N3[lo:hi], frames.cell_S33[s], frames.pbc_S3[s], cutoff)
+        src.append(i + lo)
+        dst.append(j + lo)
+        shifts.append(sh)
+    src_E = np.concatenate(src) if src else np.zeros(0, np.int64)
+    dst_E = np.concatenate(dst) if dst else np.zeros(0, np.int64)
+    shifts_E3 = np.concatenate(shifts) if shifts else np.zeros((0, 3), np.int64)
+    graph_N = np.repeat(np.arange(len(frames)), frames.natoms_S)
+    vec_E3 = (frames.positions_N3[dst_E] - frames.positions_N3[src_E]
+              + np.einsum("ek,ekx->ex", shifts_E3, frames.cell_S33[graph_N[src_E]]))
+    short_E = np.linalg.norm(vec_E3, axis=1) < three_body_cutoff
+    periodic_G = frames.pbc_S3.all(axis=1)
+    return GraphBatch(
+        numbers_N=torch.from_numpy(frames.numbers_N.astype(np.int64)),
+        species_N=torch.from_numpy(species_of[frames.numbers_N].astype(np.int64)),
+        positions_N3=torch.from_numpy(frames.positions_N3),
+        cell_G33=torch.from_numpy(frames.cell_S33 * periodic_G[:, None, None]),
+        graph_N=torch.from_numpy(graph_N.astype(np.int64)),
+        natoms_G=torch.from_numpy(frames.natoms_S.astype(np.int64)),
+        edge_index_2E=torch.from_numpy(np.stack([src_E, dst_E])),
+        shifts_E3=torch.from_numpy(shifts_E3.astype(np.float64)),
+        triplet_index_2T=torch.from_numpy(_triplets(src_E, short_E)),
+        energy_G=torch.from_numpy(frames.energy_S),
+        forces_N3=torch.from_numpy(frames.forces_N3),
+        stress_G6=torch.from_numpy(frames.stress_S6),
+        periodic_G=torch.from_numpy(periodic_G),
+    )

@@ -1,0 +1,125 @@
+"""The interatomic potential: energy of a batch of structures, and forces/stress as its derivatives.
+
+Shape legend: N atoms, E edges, T triplets, G graphs, D channels, R radial basis, A angle basis.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from ase.data import atomic_numbers
+from torch import nn
+
+from exaforce.config import ModelConfig
+from exaforce.model.basis import BesselBasis, chebyshev_angle_basis, polynomial_envelope
+from exaforce.model.blocks import GatedMLP, InteractionBlock, RMSNorm
+from exaforce.model.graph import GraphBatch
+
+
+class Potential(nn.Module):
+    """Embeddings → blocks × [line-graph attention, atom-graph attention] → per-atom energy → sum."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.width
+        self.embedding = nn.Embedding(len(cfg.elements), d)
+        self.radial = BesselBasis(cfg.cutoff, cfg.radial_basis, cfg.envelope_p)
+        self.edge_embedding = nn.Linear(cfg.radial_basis, d, bias=False)
+        self.blocks = nn.ModuleList(InteractionBlock(cfg) for _ in range(cfg.blocks))
+        self.readout_norm = RMSNorm(d)
+        self.readout = GatedMLP(d, d, 1)
+        # Fitted from the training data (trainer), saved with the weights, not trained.
+        self.register_buffer("reference_energy_X", torch.zeros(len(cfg.elements)))
+        self.register_buffer("energy_scale", torch.ones(()))
+
+    def species_table(self) -> np.ndarray:
+        """Maps atomic number → element index; −1 for elements the model does not know."""
+        table = np.full(119, -1, dtype=np.int64)
+        for index, symbol in enumerate(self.cfg.elements):
+            table[atomic_numbers[symbol]] = index
+        return table
+
+    def forward(self, species_N: torch.Tensor, vectors_E3: torch.Tensor, edge_index_2E: torch.Tensor,
+                triplet_index_2T: torch.Tensor, graph_N: torch.Tensor, n_graphs: int) -> torch.Tensor:
+        """Energy of each graph (eV) from edge vectors; all geometry enters through vectors_E3."""
+        # --- geometry features
+        r_E = vectors_E3.norm(dim=-1)
+        edge_weight_E = self.radial.envelope(r_E)
+        edge_ED = self.edge_embedding(self.radial(r_E))
+        a_T, b_T = triplet_index_2T
+        cos_T = (vectors_E3[a_T] * vectors_E3[b_T]).sum(-1) / (r_E[a_T] * r_E[b_T])
+        angle_TA = chebyshev_angle_basis(cos_T, self.cfg.angle_basis)
+        x3_a, x3_b = r_E[a_T] / self.cfg.three_body_cutoff, r_E[b_T] / self.cfg.three_body_cutoff
+        triplet_weight_T = polynomial_envelope(x3_a, self.cfg.envelope_p) * polynomial_envelope(x3_b, self.cfg.envelope_p)
+
+        # --- interaction blocks
+        node_ND = self.embedding(species_N)
+        for block in self.blocks:
+            node_ND, edge_ED = block(node_ND, edge_ED, edge_index_2E, edge_weight_E,
+                                     triplet_index_2T, angle_TA, triplet_weight_T)
+
+        # --- readout: per-atom energies, reference energies, sum per graph
+        atom_energy_N = self.energy_scale * self.readout(self.readout_norm(node_ND)).squeeze(-1)
+        atom_energy_N = atom_energy_N + self.reference_energy_X[species_N]
+        return torch.zeros(n_graphs, dtype=atom_energy_N.dtype, device=atom_energy_N.device).index_add(
+            0, graph_N, atom_energy_N)
+
+
+@dataclass
+class Prediction:
+    energy_G: torch.Tensor   # eV
+    forces_N3: torch.Tensor  # eV/Å
+    stress_G6: torch.Tensor  # eV/Å³, Voigt xx yy zz yz xz xy, ASE sign; NaN for non-periodic graphs
+
+
+VOIGT_INDEX = ((0, 1, 2, 1, 0, 0), (0, 1, 2, 2, 2, 1))
+
+
+@dataclass
+class StrainedGeometry:
+    """Leaf tensors that forces and stress differentiate against, and the edge vectors built from them."""
+
+    positions_N3: torch.Tensor
+    strain_G33: torch.Tensor
+    vectors_E3: torch.Tensor
+
+
+def strained_geometry(batch: GraphBatch) -> StrainedGeometry:
+    """Edge vectors after a zero-valued symmetric strain ε deforms positions and cell, so ∂E/∂ε is the virial."""
+    positions_N3 = batch.positions_N3.detach().requires_grad_(True)
+    strain_G33 = torch.zeros_like(batch.cell_G33, requires_grad=True)
+    symmetric_G33 = 0.5 * (strain_G33 + strain_G33.transpose(1, 2))
+    deformed_N3 = positions_N3 + torch.einsum("nx,nxy->ny", positions_N3, symmetric_G33[batch.graph_N])
+    cell_G33 = batch.cell_G33 + torch.bmm(batch.cell_G33, symmetric_G33)
+    src_E, dst_E = batch.edge_index_2E
+    shift_E3 = torch.einsum("ex,exy->ey", batch.shifts_E3, cell_G33[batch.graph_N[src_E]])
+    return StrainedGeometry(positions_N3, strain_G33, deformed_N3[dst_E] - deformed_N3[src_E] + shift_E3)
+
+
+def energy(model: Potential, batch: GraphBatch, geometry: StrainedGeometry) -> torch.Tensor:
+    return model(batch.species_N, geometry.vectors_E3, batch.edge_index_2E, batch.triplet_index_2T,
+                 batch.graph_N, batch.n_graphs)
+
+
+def forces_and_stress(energy_G: torch.Tensor, geometry: StrainedGeometry, batch: GraphBatch,
+                      training: bool) -> Prediction:
+    """Forces = −∂E/∂r and stress = (1/V)·∂E/∂ε from one autograd.grad call.
+
+    create_graph only in training: the loss on forces and stress then differentiates through this
+    gradient (double backward). allow_unused=False: a geometry the energy ignores is a bug.
+    """
+    grad_pos_N3, grad_strain_G33 = torch.autograd.grad(
+        energy_G.sum(), (geometry.positions_N3, geometry.strain_G33), create_graph=training)
+    volume_G = torch.linalg.det(batch.cell_G33).abs()
+    stress_G33 = grad_strain_G33 / volume_G.where(batch.periodic_G, torch.ones_like(volume_G))[:, None, None]
+    stress_G6 = stress_G33[:, VOIGT_INDEX[0], VOIGT_INDEX[1]]
+    stress_G6 = stress_G6.where(batch.periodic_G[:, None], torch.full_like(stress_G6, float("nan")))
+    return Prediction(energy_G=energy_G, forces_N3=-grad_pos_N3, stress_G6=stress_G6)
+
+
+def energy_forces_stress(model: Potential, batch: GraphBatch, training: bool) -> Prediction:
+    geometry = strained_geometry(batch)
+    return forces_and_stress(energy(model, batch, geometry), geometry, batch, training)

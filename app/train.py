@@ -1,0 +1,231 @@
+"""Data-parallel training: topology → data → model → parallelize → optimizer → loop.
+
+The entry point `train(cfg, topo)` reads as the data flow; `train_step` is one step top to bottom.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from exaforce import checkpoint
+from exaforce.comm.mpi import MPIGradReducer, broadcast_parameters
+from exaforce.config import Config, ConfigError
+from exaforce.io.bp import open_bp
+from exaforce.io.sampler import ShardSampler, shard_range, steps_per_epoch
+from exaforce.io.schema import DataError, Frames
+from exaforce.loss import structure_losses
+from exaforce.model.graph import GraphBatch, build_batch
+from exaforce.model.potential import Potential, energy, energy_forces_stress, forces_and_stress, strained_geometry
+from exaforce.perf.flops import count_flops, fit_flop_coefficients, predict_flops
+from exaforce.perf.log import PerfLogWriter
+from exaforce.perf.machines import local_machine
+from exaforce.topology import Topology
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+@dataclass
+class LocalData:
+    """This rank's contiguous shards of every training dataset, concatenated."""
+
+    frames: Frames
+    dataset_sizes: list[int]
+
+
+def load_local_data(paths: tuple[str, ...], species_of: np.ndarray, topo: Topology) -> LocalData:
+    """Reads this rank's hyperslab of each dataset and checks every structure the model will see."""
+    parts, sizes = [], []
+    for path in paths:
+        with open_bp(path) as dataset:
+            start, count = shard_range(dataset.n_structures, topo.rank, topo.world_size)
+            frames = dataset.read(start, count)
+            sizes.append(dataset.n_structures)
+        unknown_N = species_of[frames.numbers_N] < 0
+        if unknown_N.any():
+            atom = int(np.flatnonzero(unknown_N)[0])
+            sample = start + int(np.searchsorted(frames.offsets_S, atom, side="right") - 1)
+            raise DataError(path, f"element Z={frames.numbers_N[atom]} is not in model.elements", frame=sample,
+                            field="numbers")
+        for field, array in (("energy", frames.energy_S), ("forces", frames.forces_N3)):
+            if not np.isfinite(array).all():
+                bad = np.flatnonzero(~np.isfinite(array.reshape(len(array), -1)).all(-1))[0]
+                sample = start + (int(bad) if field == "energy" else
+                                  int(np.searchsorted(frames.offsets_S, bad, side="right") - 1))
+                raise DataError(path, "non-finite label", frame=sample, field=field)
+        parts.append(frames)
+    return LocalData(frames=Frames.concatenate(parts), dataset_sizes=sizes)
+
+
+def fit_energy_normalisation(model: Potential, data: LocalData, topo: Topology) -> None:
+    """Per-element reference energies by least squares over the whole training set, and the
+    energy scale as the RMS force component; built from all-reduced sums, so every rank (and any
+    number of ranks) gets the same values."""
+    n_elements = len(model.cfg.elements)
+    species_N = model.species_table()[data.frames.numbers_N]
+    graph_N = np.repeat(np.arange(len(data.frames)), data.frames.natoms_S)
+    counts_SX = np.zeros((len(data.frames), n_elements))
+    np.add.at(counts_SX, (graph_N, species_N), 1.0)
+    sums = np.concatenate([(counts_SX.T @ counts_SX).ravel(), counts_SX.T @ data.frames.energy_S,
+                           [np.square(data.frames.forces_N3).sum(), data.frames.forces_N3.size]])
+    sums = topo.world.allreduce(sums)  # collective: normal equations and force moments
+    ata = sums[: n_elements**2].reshape(n_elements, n_elements)
+    atb = sums[n_elements**2: n_elements**2 + n_elements]
+    reference_X = np.linalg.lstsq(ata, atb, rcond=None)[0]  # elements absent from the data get 0
+    force_rms = math.sqrt(sums[-2] / max(sums[-1], 1.0))
+    model.reference_energy_X.copy_(torch.from_numpy(reference_X))
+    model.energy_scale.fill_(force_rms if force_rms > 0 else 1.0)
+
+
+def calibrate_flops(model: Potential, batches: list[GraphBatch], cfg: Config) -> dict[str, float]:
+    """FLOPs of one training step as c0 + c_a·atoms + c_e·edges + c_t·angles, fitted to
+    FlopCounterMode counts of full steps (forward, force backward, parameter backward)."""
+    samples = []
+    for batch in batches:
+        def step() -> None:
+            losses = structure_losses(energy_forces_stress(model, batch, training=True), batch, cfg.loss)
+            losses["total"].sum().backward()
+        c = batch.counts()
+        samples.append((c["atoms"], c["edges"], c["angles"], float(count_flops(step))))
+    model.zero_grad(set_to_none=True)
+    return fit_flop_coefficients(samples)
+
+
+def make_optimizer(model: Potential, cfg: Config) -> tuple[torch.optim.Optimizer, Callable[[int], float]]:
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+
+    def lr_at(step: int) -> float:
+        """Linear warm-up, then cosine decay to 10% of the peak at the last step."""
+        if step <= cfg.optim.warmup_steps:
+            return cfg.optim.lr * step / max(cfg.optim.warmup_steps, 1)
+        progress = (step - cfg.optim.warmup_steps) / max(cfg.run.steps - cfg.optim.warmup_steps, 1)
+        return cfg.optim.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+    return optimizer, lr_at
+
+
+def train_step(model: Potential, batch: GraphBatch, optimizer: torch.optim.Optimizer,
+               reducer: MPIGradReducer, cfg: Config, loss_scale: float, lr: float) -> tuple[dict, dict]:
+    """One optimizer step on this rank's share of the global batch; returns (loss sums, times).
+
+    loss_scale = world_size / global_batch_size, so averaging gradients over the world gives the
+    gradient of the mean loss over the global batch.
+    """
+    times: dict[str, float] = {}
+    t0 = time.perf_counter()
+    optimizer.zero_grad(set_to_none=True)
+    geometry = strained_geometry(batch)
+    energy_G = energy(model, batch, geometry)
+    t_forward = time.perf_counter()
+    pred = forces_and_stress(energy_G, geometry, batch, training=True)
+    t1 = time.perf_counter()
+    losses = structure_losses(pred, batch, cfg.loss)
+    (losses["total"].sum() * loss_scale).backward()          # parameter backward (double backward)
+    t2 = time.perf_counter()
+    reducer.reduce()                                          # collective: average over world
+    t3 = time.perf_counter()
+    if cfg.optim.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.step()
+    t4 = time.perf_counter()
+    times.update(forward=t_forward - t0, force_backward=t1 - t_forward, param_backward=t2 - t1,
+                 comm=t3 - t2, optimizer=t4 - t3)
+    loss_sums = {k: float(v.detach().sum()) for k, v in losses.items()}
+    return loss_sums, times
+
+
+def peak_memory_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def train(cfg: Config, topo: Topology, log: Callable[[str], None]) -> Path:
+    """Runs cfg.run.steps optimizer steps; returns the run folder (perf logs, checkpoint)."""
+    dtype = DTYPES[cfg.run.dtype]
+    world, rank = topo.world_size, topo.rank
+    if cfg.parallel.ep != 1:
+        raise ConfigError(f"parallel.ep = {cfg.parallel.ep}: expert parallelism needs the MoE model (not in this version)")
+    if cfg.data.global_batch_size % world:
+        raise ConfigError(f"data.global_batch_size = {cfg.data.global_batch_size} is not divisible by "
+                         f"the {world} ranks of the job")
+    per_rank_batch = cfg.data.global_batch_size // world
+
+    # Model first (on every rank, same seed), then data, validated against the model's elements.
+    torch.manual_seed(cfg.run.seed)
+    model = Potential(cfg.model).to(dtype)
+    species_of = model.species_table()
+    data = load_local_data(cfg.data.train, species_of, topo)
+    steps_in_epoch = steps_per_epoch(data.dataset_sizes, world, per_rank_batch)
+    if steps_in_epoch < 1:
+        raise ConfigError(f"data.global_batch_size = {cfg.data.global_batch_size}: some rank holds fewer than "
+                          f"{per_rank_batch} structures of {list(cfg.data.train)}; lower it or use fewer ranks")
+    sampler = ShardSampler(len(data.frames), per_rank_batch, steps_in_epoch, cfg.run.seed, rank)
+    fit_energy_normalisation(model, data, topo)
+
+    # Parallelize: identical start on every rank, then one reducer over the world.
+    broadcast_parameters(model, topo.world)
+    reducer = MPIGradReducer(list(model.parameters()), topo.world)
+    optimizer, lr_at = make_optimizer(model, cfg)
+
+    def batch_at(step: int) -> GraphBatch:
+        epoch, within = divmod(step - 1, steps_in_epoch)
+        frames = data.frames.select(sampler.batch(epoch, within))
+        return build_batch(frames, species_of, cfg.model.cutoff, cfg.model.three_body_cutoff).to("cpu", dtype)
+
+    # Perf accounting: rank 0 calibrates FLOP coefficients and measures the peak; all ranks agree.
+    run_dir = Path(cfg.run.out_dir)
+    if rank == 0:
+        n = len(data.frames)
+        calibration = [build_batch(data.frames.select(np.arange(i, i + k) % n), species_of,
+                                   cfg.model.cutoff, cfg.model.three_body_cutoff).to("cpu", dtype)
+                       for i, k in ((0, 1), (1, 2), (3, 3), (6, 4), (10, 2), (12, 5))]
+        shared = (calibrate_flops(model, calibration, cfg), local_machine(dtype))
+    else:
+        shared = None
+    flop_coefficients, machine = topo.world.bcast(shared, root=0)  # collective
+    perf = PerfLogWriter(run_dir, rank)
+    perf.header(rank=rank, world_size=world, config=cfg.to_dict(), topology=topo.describe(),
+                machine=machine, flop_coefficients=flop_coefficients)
+    log(f"training {sum(p.numel() for p in model.parameters()):,} parameters on {world} rank(s), "
+        f"global batch {cfg.data.global_batch_size}, {steps_in_epoch} steps/epoch, {cfg.run.steps} steps")
+
+    loss_scale = world / cfg.data.global_batch_size
+    wall0 = time.perf_counter()
+    for step in range(1, cfg.run.steps + 1):
+        t0 = time.perf_counter()
+        batch = batch_at(step)
+        t_data = time.perf_counter() - t0
+        lr = lr_at(step)
+        loss_sums, times = train_step(model, batch, optimizer, reducer, cfg, loss_scale, lr)
+        counts = batch.counts()
+        times["data"] = t_data
+        times["total"] = time.perf_counter() - t0
+        perf.step(step=step, epoch=(step - 1) // steps_in_epoch, times=times, loss_sum=loss_sums,
+                  flops=predict_flops(flop_coefficients, counts["atoms"], counts["edges"], counts["angles"]),
+                  peak_mem_bytes=peak_memory_bytes(), lr=lr, **counts)
+        if rank == 0 and (step % cfg.run.log_every == 0 or step == 1 or step == cfg.run.steps):
+            log(f"step {step:>5}/{cfg.run.steps}  loss(rank 0) {loss_sums['total'] / counts['structures']:.4g}  "
+                f"{times['total'] * 1e3:.0f} ms")
+        if cfg.run.checkpoint_every and step % cfg.run.checkpoint_every == 0 and rank == 0:
+            save_checkpoint(model, optimizer, cfg, step, run_dir)
+    perf.end(steps=cfg.run.steps, wall_s=time.perf_counter() - wall0)
+    perf.close()
+    if rank == 0:
+        path = save_checkpoint(model, optimizer, cfg, cfg.run.steps, run_dir)
+        log(f"checkpoint: {path}")
+    topo.world.Barrier()  # collective: nobody reports done before the checkpoint exists
+    return run_dir
+
+
+def save_checkpoint(model: Potential, optimizer: torch.optim.Optimizer, cfg: Config, step: int, run_dir: Path) -> Path:
+    state = {"step": step, "config": cfg.to_dict(), "model": model.state_dict(), "optimizer": optimizer.state_dict()}
+    return checkpoint.save_atomic(state, run_dir / "checkpoints" / f"step-{step:08d}.pt")
