@@ -24,7 +24,7 @@ from exaforce.io.sampler import ShardSampler, shard_range, steps_per_epoch
 from exaforce.io.schema import DataError, Frames
 from exaforce.loss import structure_losses
 from exaforce.model.graph import GraphBatch, build_batch
-from exaforce.model.potential import Potential, energy, energy_forces_stress, forces_and_stress, strained_geometry
+from exaforce.model.potential import Potential, energy, forces_and_stress, strained_geometry
 from exaforce.perf.flops import count_flops, fit_flop_coefficients, predict_flops
 from exaforce.perf.log import PerfLogWriter
 from exaforce.perf.machines import local_machine
@@ -90,11 +90,9 @@ def calibrate_flops(model: Potential, batches: list[GraphBatch], cfg: Config) ->
     FlopCounterMode counts of full steps (forward, force backward, parameter backward)."""
     samples = []
     for batch in batches:
-        def step() -> None:
-            losses = structure_losses(energy_forces_stress(model, batch, training=True), batch, cfg.loss)
-            losses["total"].sum().backward()
+        flops = count_flops(lambda: loss_and_gradients(model, batch, cfg, 1.0, {}))
         c = batch.counts()
-        samples.append((c["atoms"], c["edges"], c["angles"], float(count_flops(step))))
+        samples.append((c["atoms"], c["edges"], c["angles"], float(flops)))
     model.zero_grad(set_to_none=True)
     return fit_flop_coefficients(samples)
 
@@ -112,35 +110,41 @@ def make_optimizer(model: Potential, cfg: Config) -> tuple[torch.optim.Optimizer
     return optimizer, lr_at
 
 
-def train_step(model: Potential, batch: GraphBatch, optimizer: torch.optim.Optimizer,
-               reducer: MPIGradReducer, cfg: Config, loss_scale: float, lr: float) -> tuple[dict, dict]:
-    """One optimizer step on this rank's share of the global batch; returns (loss sums, times).
+def loss_and_gradients(model: Potential, batch: GraphBatch, cfg: Config, loss_scale: float,
+                       times: dict[str, float]) -> dict[str, float]:
+    """Energy → forces/stress → loss → parameter backward on this rank's batch; fills `times`.
 
     loss_scale = world_size / global_batch_size, so averaging gradients over the world gives the
-    gradient of the mean loss over the global batch.
+    gradient of the mean loss over the global batch (uneven atom counts included).
     """
-    times: dict[str, float] = {}
     t0 = time.perf_counter()
-    optimizer.zero_grad(set_to_none=True)
     geometry = strained_geometry(batch)
     energy_G = energy(model, batch, geometry)
-    t_forward = time.perf_counter()
-    pred = forces_and_stress(energy_G, geometry, batch, training=True)
     t1 = time.perf_counter()
-    losses = structure_losses(pred, batch, cfg.loss)
-    (losses["total"].sum() * loss_scale).backward()          # parameter backward (double backward)
+    pred = forces_and_stress(energy_G, geometry, batch, training=True)  # create_graph=True
     t2 = time.perf_counter()
-    reducer.reduce()                                          # collective: average over world
+    losses = structure_losses(pred, batch, cfg.loss)
+    (losses["total"].sum() * loss_scale).backward()  # double backward through the forces
     t3 = time.perf_counter()
+    times.update(forward=t1 - t0, force_backward=t2 - t1, param_backward=t3 - t2)
+    return {k: float(v.detach().sum()) for k, v in losses.items()}
+
+
+def train_step(model: Potential, batch: GraphBatch, optimizer: torch.optim.Optimizer,
+               reducer: MPIGradReducer, cfg: Config, loss_scale: float, lr: float) -> tuple[dict, dict]:
+    """One optimizer step on this rank's share of the global batch; returns (loss sums, times)."""
+    times: dict[str, float] = {}
+    optimizer.zero_grad(set_to_none=True)
+    loss_sums = loss_and_gradients(model, batch, cfg, loss_scale, times)
+    t0 = time.perf_counter()
+    reducer.reduce()  # collective: average over the world
+    t1 = time.perf_counter()
     if cfg.optim.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
     for group in optimizer.param_groups:
         group["lr"] = lr
     optimizer.step()
-    t4 = time.perf_counter()
-    times.update(forward=t_forward - t0, force_backward=t1 - t_forward, param_backward=t2 - t1,
-                 comm=t3 - t2, optimizer=t4 - t3)
-    loss_sums = {k: float(v.detach().sum()) for k, v in losses.items()}
+    times.update(comm=t1 - t0, optimizer=time.perf_counter() - t1)
     return loss_sums, times
 
 

@@ -2,7 +2,7 @@
 
 Gradients are packed into one flat buffer (allocated once, reused every step: fresh memory is
 expensive on the target VMs), reduced with one in-place Allreduce, and unpacked. mpi4py reads
-and writes the tensor's memory directly through the buffer protocol (no copies).
+and writes the tensor's memory directly through a NumPy view (no copies).
 """
 
 from __future__ import annotations
@@ -13,11 +13,10 @@ import torch
 
 
 def _as_buffer(tensor: torch.Tensor) -> Any:
-    from mpi4py import MPI
-
+    """A NumPy view of the tensor's memory: mpi4py takes the MPI datatype from its dtype."""
     if tensor.device.type != "cpu" or not tensor.is_contiguous():
         raise ValueError("MPI buffers must be contiguous CPU tensors")
-    return MPI.memory.fromaddress(tensor.data_ptr(), tensor.numel() * tensor.element_size())
+    return tensor.detach().numpy()
 
 
 class MPIGradReducer:

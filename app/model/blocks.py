@@ -80,11 +80,11 @@ class InteractionBlock(nn.Module):
         self.line_attention = SeparableAttention(3 * d, d)
         self.edge_norm = RMSNorm(d)
         self.edge_update = GatedMLP(d, d, d)
-        self.edge_scale = nn.Parameter(torch.full((d,), 0.1))
+        self.edge_scale = nn.Parameter(torch.ones(d))
         self.atom_attention = SeparableAttention(3 * d, d)
         self.node_norm = RMSNorm(d)
         self.node_update = GatedMLP(2 * d, d, d)
-        self.node_scale = nn.Parameter(torch.full((d,), 0.1))
+        self.node_scale = nn.Parameter(torch.ones(d))
 
     def forward(self, node_ND: torch.Tensor, edge_ED: torch.Tensor, edge_index_2E: torch.Tensor,
                 edge_weight_E: torch.Tensor, triplet_index_2T: torch.Tensor, angle_TA: torch.Tensor,

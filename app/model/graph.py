@@ -114,3 +114,20 @@ def build_batch(frames: Frames, species_of: np.ndarray, cutoff: float, three_bod
         stress_G6=torch.from_numpy(frames.stress_S6),
         periodic_G=torch.from_numpy(periodic_G),
     )
+
+
+def batch_from_atoms(atoms_list: list, species_of: np.ndarray, cutoff: float, three_body_cutoff: float) -> GraphBatch:
+    """A batch of unlabelled ase.Atoms (for inference and tests): labels are zeros/NaN."""
+    natoms_S = np.array([len(a) for a in atoms_list], dtype=np.int64)
+    n_atoms, n_structures = int(natoms_S.sum()), len(atoms_list)
+    frames = Frames(
+        numbers_N=np.concatenate([a.numbers for a in atoms_list]).astype(np.int64),
+        positions_N3=np.concatenate([a.positions for a in atoms_list]).astype(np.float64),
+        forces_N3=np.zeros((n_atoms, 3)),
+        cell_S33=np.stack([a.cell.array for a in atoms_list]).astype(np.float64),
+        pbc_S3=np.stack([a.pbc for a in atoms_list]),
+        energy_S=np.zeros(n_structures),
+        stress_S6=np.full((n_structures, 6), np.nan),
+        natoms_S=natoms_S,
+    )
+    return build_batch(frames, species_of, cutoff, three_body_cutoff)

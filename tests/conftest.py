@@ -1,0 +1,29 @@
+"""Shared test helpers: the venv's mpiexec, running ranks as subprocesses with a timeout."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+MPIEXEC = Path(sys.executable).parent / "mpiexec"
+
+
+def run_mpi(n: int, args: list[str], timeout: float = 300, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """`mpiexec -n n python args…`; a hung rank fails the test through the timeout instead of hanging CI."""
+    if not MPIEXEC.exists():
+        pytest.fail(f"{MPIEXEC} missing: the mpich wheel provides it (run envs/local/setup.sh)")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    cmd = [str(MPIEXEC), "-n", str(n), sys.executable, *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd or REPO, env=env)
+
+
+def run_cli(args: list[str], timeout: float = 300, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """The real `exaforce` entry point in a subprocess (as a user types it)."""
+    cmd = [str(Path(sys.executable).parent / "exaforce"), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd or REPO,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))

@@ -1,0 +1,47 @@
+import pytest
+
+from exaforce import config
+
+
+def base() -> dict:
+    return {"data": {"train": ["a.bp"]}}
+
+
+def test_defaults_and_int_to_float():
+    cfg = config.from_dict({**base(), "model": {"cutoff": 5}})
+    assert cfg.model.cutoff == 5.0 and isinstance(cfg.model.cutoff, float)
+    assert cfg.run.dtype == "float32"
+
+
+@pytest.mark.parametrize("table, message", [
+    ({"model": {"cutof": 5.0}}, "model.cutof: unknown key"),
+    ({"modle": {}}, "modle: unknown key"),
+    ({"model": {"cutoff": -1.0}}, "model.cutoff = -1.0: must be > 0 Å"),
+    ({"model": {"three_body_cutoff": 7.0}}, "model.three_body_cutoff = 7.0: must be <= model.cutoff"),
+    ({"model": {"elements": ["Cu", "Xq"]}}, "unknown element(s) ['Xq']"),
+    ({"run": {"dtype": "float16"}}, "run.dtype = 'float16'"),
+    ({"run": {"steps": "10"}}, "run.steps = '10': must be of type int"),
+    ({"comm": {"backend": "nccl"}}, "comm.backend = 'nccl'"),
+])
+def test_bad_values_name_the_key(table, message):
+    with pytest.raises(config.ConfigError) as info:
+        config.from_dict({**base(), **table})
+    assert message in str(info.value)
+
+
+def test_no_datasets_is_an_error():
+    with pytest.raises(config.ConfigError, match="data.train"):
+        config.from_dict({})
+
+
+def test_load_resolves_paths_and_names_file(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('[data]\ntrain = ["d.bp"]\n[run]\nout_dir = "out"\n')
+    cfg = config.load(path)
+    assert cfg.data.train == (str(tmp_path / "d.bp"),)
+    assert cfg.run.out_dir == str(tmp_path / "out")
+    path.write_text("[data\n")
+    with pytest.raises(config.ConfigError, match=str(path)):
+        config.load(path)
+    with pytest.raises(config.ConfigError, match="no such config file"):
+        config.load(tmp_path / "missing.toml")

@@ -1,0 +1,93 @@
+"""Forces and stress are exact derivatives of the energy (float64, periodic and finite systems)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from ase import Atoms
+from ase.build import bulk, molecule
+
+from exaforce.config import ModelConfig
+from exaforce.model.graph import batch_from_atoms
+from exaforce.model.potential import Potential, energy_forces_stress
+
+pytestmark = pytest.mark.physics
+CFG = ModelConfig(width=16, blocks=2, elements=("H", "C", "O", "Cu", "Au"))
+
+
+@pytest.fixture(scope="module")
+def model() -> Potential:
+    torch.manual_seed(0)
+    m = Potential(CFG).double()
+    with torch.no_grad():  # non-trivial readout scale and references, as after fitting
+        m.energy_scale.fill_(0.7)
+        m.reference_energy_X.copy_(torch.linspace(-3.0, -1.0, len(CFG.elements)))
+    return m
+
+
+def predict(model: Potential, atoms: Atoms):
+    batch = batch_from_atoms([atoms], model.species_table(), CFG.cutoff, CFG.three_body_cutoff)
+    return energy_forces_stress(model, batch.to("cpu", torch.float64), training=False)
+
+
+def cu_au_cell() -> Atoms:
+    atoms = bulk("Cu", "fcc", a=3.7, cubic=True).repeat((2, 1, 1))
+    atoms.numbers[[1, 4]] = 79
+    atoms.set_cell(atoms.cell.array @ (np.eye(3) + [[0.02, 0.01, 0], [0.01, -0.01, 0.015], [0, 0.015, 0.03]]),
+                   scale_atoms=True)
+    atoms.rattle(0.08, seed=3)
+    return atoms
+
+
+def strained(atoms: Atoms, eps: np.ndarray) -> Atoms:
+    out = atoms.copy()
+    out.set_cell(atoms.cell.array @ (np.eye(3) + eps), scale_atoms=True)
+    return out
+
+
+@pytest.mark.parametrize("make", [cu_au_cell, lambda: molecule("CH3CH2OH")], ids=["CuAu-periodic", "ethanol"])
+def test_forces_are_minus_energy_gradient(model, make):
+    atoms = make()
+    atoms.rattle(0.02, seed=7)
+    forces = predict(model, atoms).forces_N3.numpy()
+    h = 1e-5
+    numeric = np.zeros_like(forces)
+    for i in range(len(atoms)):
+        for x in range(3):
+            plus, minus = atoms.copy(), atoms.copy()
+            plus.positions[i, x] += h
+            minus.positions[i, x] -= h
+            numeric[i, x] = -(predict(model, plus).energy_G - predict(model, minus).energy_G).item() / (2 * h)
+    assert np.abs(forces).max() > 1e-4  # forces are not trivially zero
+    np.testing.assert_allclose(forces, numeric, rtol=0, atol=1e-8)  # eV/Å; central differences, h = 1e-5 Å
+
+
+def test_stress_is_strain_derivative(model):
+    atoms = cu_au_cell()
+    stress = predict(model, atoms).stress_G6.numpy()[0]
+    volume, h = atoms.get_volume(), 1e-6
+    numeric = np.zeros(6)
+    for k, (i, j) in enumerate([(0, 0), (1, 1), (2, 2), (1, 2), (0, 2), (0, 1)]):
+        eps = np.zeros((3, 3))
+        eps[i, j] += h / 2
+        eps[j, i] += h / 2
+        e_plus = predict(model, strained(atoms, eps)).energy_G.item()
+        e_minus = predict(model, strained(atoms, -eps)).energy_G.item()
+        numeric[k] = (e_plus - e_minus) / (2 * h) / volume
+    assert np.abs(stress).max() > 1e-5
+    np.testing.assert_allclose(stress, numeric, rtol=0, atol=1e-9)  # eV/Å³, finite strain ±1e-6
+
+
+def test_non_periodic_stress_is_nan(model):
+    assert torch.isnan(predict(model, molecule("H2O")).stress_G6).all()
+
+
+def test_training_mode_keeps_graph_for_double_backward(model):
+    atoms = cu_au_cell()
+    batch = batch_from_atoms([atoms], model.species_table(), CFG.cutoff, CFG.three_body_cutoff)
+    pred = energy_forces_stress(model, batch.to("cpu", torch.float64), training=True)
+    pred.forces_N3.pow(2).sum().backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None for g in grads[:3]) and any(g.abs().sum() > 0 for g in grads if g is not None)
+    model.zero_grad(set_to_none=True)
