@@ -293,14 +293,26 @@ def _ranges(values: list[int]) -> str:
     return ", ".join(parts)
 
 
-def _si(value: float | None, unit: str, digits: int = 3) -> str:
-    """1.234e12, 'FLOP/s' -> '1.23 TFLOP/s'."""
+def _si_parts(value: float | None, unit: str, digits: int = 3) -> tuple[str, str]:
+    """1.234e12, 'FLOP/s' -> ('1.23', 'TFLOP/s')."""
     if value is None:
-        return "n/a"
+        return "n/a", unit
     for factor, prefix in ((1e18, "E"), (1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
         if abs(value) >= factor:
-            return f"{value / factor:.{digits}g} {prefix}{unit}"
-    return f"{value:.{digits}g} {unit}"
+            return f"{value / factor:.{digits}g}", f"{prefix}{unit}"
+    return f"{value:.{digits}g}", unit
+
+
+def _si(value: float | None, unit: str, digits: int = 3) -> str:
+    """1.234e12, 'FLOP/s' -> '1.23 TFLOP/s'."""
+    return " ".join(_si_parts(value, unit, digits))
+
+
+def _rate(value: float | None) -> str:
+    """Counts per second: 13312.4 -> '13,312'; 21.48 -> '21.5'."""
+    if value is None:
+        return "n/a"
+    return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}"
 
 
 def _fmt(value: float | None, spec: str = ".4g") -> str:
@@ -321,7 +333,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"run {summary['run_dir']}: {ranks}, {steps}",
         f"step time {_fmt(summary['step_time_s'], '.4g')} s (max over ranks, mean of steady steps), "
         f"imbalance {_fmt(summary['imbalance_mean'], '.3f')} (max/mean), peak memory {_gib(summary['peak_mem_bytes'])}",
-        f"throughput {_si(summary['atoms_per_s'], 'atoms/s')}, {_si(summary['structures_per_s'], 'structures/s')}, "
+        f"throughput {_rate(summary['atoms_per_s'])} atoms/s, {_rate(summary['structures_per_s'])} structures/s, "
         f"{_si(summary['flops_per_s'], 'FLOP/s')} = {_fmt(summary['percent_of_peak'], '.3g')} % of peak "
         f"({_si(summary['peak_flops_per_s'], 'FLOP/s')}, {machine.get('name', '?')})",
     ]
@@ -358,10 +370,10 @@ def _markdown(summary: dict[str, Any], plots: list[str]) -> str:
             f"| step time, median | {_fmt(s['step_time_median_s'])} | s |",
             f"| load imbalance, mean / worst step (max / mean rank time) | {_fmt(s['imbalance_mean'], '.3f')} / "
             f"{_fmt(s['imbalance_max'], '.3f')} | 1 |",
-            f"| throughput | {_fmt(s['atoms_per_s'])} | atoms/s |",
-            f"| throughput | {_fmt(s['structures_per_s'])} | structures/s |",
-            f"| compute rate | {_si(s['flops_per_s'], '').strip()} | FLOP/s |",
-            f"| peak of the ranks read (Σ per-rank peaks) | {_si(s['peak_flops_per_s'], '').strip()} | FLOP/s |",
+            f"| throughput | {_rate(s['atoms_per_s'])} | atoms/s |",
+            f"| throughput | {_rate(s['structures_per_s'])} | structures/s |",
+            "| compute rate | %s | %s |" % _si_parts(s["flops_per_s"], "FLOP/s"),
+            "| peak of the ranks read (Σ per-rank peaks) | %s | %s |" % _si_parts(s["peak_flops_per_s"], "FLOP/s"),
             f"| fraction of peak | {_fmt(s['percent_of_peak'], '.3g')} | % |",
             f"| peak memory, max over ranks | {_fmt(s['peak_mem_bytes'] / 2**30 if s['peak_mem_bytes'] is not None else None, '.3g')} | GiB |",
             ""]
@@ -450,6 +462,13 @@ def _plot_loss(summary: dict, out_dir: Path) -> str | None:
         ax.plot(x, y, label=term, color="black" if total else None, linewidth=2.2 if total else 1.3,
                 marker="o" if len(x) <= 30 else None, markersize=3, zorder=3 if total else 2)
     ax.set_yscale("log")
+    values = [v for s in steps for v in s["loss"].values() if v is not None and v > 0]
+    if values and max(values) / min(values) < 100:  # under two decades: label 1-2-5 ticks, not only 10^k
+        from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(NullFormatter())
     ax.set_ylabel("loss per structure (global mean, log scale)")
     ax.set_title("Training loss by term")
     ax.legend(loc="best")
@@ -472,9 +491,10 @@ def _plot_breakdown(summary: dict, out_dir: Path) -> str:
         label = "other (untimed)" if key == OTHER else key
         ax.bar(x, h, width=0.85 * width, bottom=bottom, color=_COLORS[key], label=label, zorder=2)
         bottom = [b + v for b, v in zip(bottom, h)]
-    # A staircase over the bars: the slowest rank's step time; the gap to the bar is imbalance.
-    ax.step(x, [statistics.fmean(s["step_time_s"] for s in g) for g in groups], where="mid", color="black",
-            linewidth=1.2, zorder=3, label="step time (max over ranks)")
+    # A black cap over each bar: the slowest rank's step time; the gap below it is imbalance.
+    tops = [statistics.fmean(s["step_time_s"] for s in g) for g in groups]
+    ax.hlines(tops, [v - 0.45 * width for v in x], [v + 0.45 * width for v in x], color="black",
+              linewidth=1.8, zorder=3, label="step time (max over ranks)")
     ax.set_ylabel("time per step (s)")
     ax.set_ylim(bottom=0)
     binned = f", mean over {width}-step bins" if width > 1 else ""
@@ -497,7 +517,7 @@ def _plot_throughput(summary: dict, out_dir: Path) -> str:
     ax.plot(x, y, color="#1f77b4", marker="o" if len(x) <= 60 else None, markersize=3, label="per step", zorder=3)
     if summary["atoms_per_s"] is not None:
         ax.axhline(summary["atoms_per_s"], color="#d62728", linestyle="--", zorder=2,
-                   label=f"steady state: {_si(summary['atoms_per_s'], 'atoms/s')}")
+                   label=f"steady state: {_rate(summary['atoms_per_s'])} atoms/s")
     ax.yaxis.set_major_formatter(EngFormatter())
     ax.set_ylim(bottom=0)
     ax.set_ylabel("throughput (atoms/s, all ranks)")

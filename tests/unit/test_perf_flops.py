@@ -1,0 +1,74 @@
+"""exaforce.perf.flops: FlopCounterMode totals and the linear FLOP model in atoms, edges, angles."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from exaforce.perf.flops import count_flops, fit_flop_coefficients, predict_flops
+
+pytestmark = pytest.mark.perf
+
+
+def test_count_flops_of_a_matmul():
+    a, b = torch.randn(7, 5), torch.randn(5, 3)
+    assert count_flops(lambda: a @ b) == 2 * 7 * 3 * 5
+
+
+def test_fit_recovers_exact_coefficients():
+    true = {"const": 1234.0, "atoms": 56.0, "edges": 7.5, "angles": 0.25}
+    counts = [(10, 200, 3000), (20, 150, 1000), (15, 400, 2500), (40, 300, 9000), (33, 123, 456)]
+    samples = [(n, e, t, predict_flops(true, n, e, t)) for n, e, t in counts]
+    fitted = fit_flop_coefficients(samples)
+    assert fitted == {k: pytest.approx(v, rel=1e-9) for k, v in true.items()}
+
+
+def test_fit_rejects_too_few_or_degenerate_samples():
+    with pytest.raises(ValueError, match="at least 4 samples"):
+        fit_flop_coefficients([(1, 2, 3, 4.0)] * 3)
+    collinear = [(n, 12 * n, 5 * n + 7 * (n % 3), 100.0 * n) for n in (1, 2, 3, 4, 5)]  # edges = 12·atoms
+    with pytest.raises(ValueError, match="degenerate calibration.*span only 3 of 4"):
+        fit_flop_coefficients(collinear)
+    no_angles = [(n, e, 0, 1.0) for n, e in ((1, 5), (2, 3), (4, 9), (7, 1))]
+    with pytest.raises(ValueError, match="'angles' is zero in every sample"):
+        fit_flop_coefficients(no_angles)
+
+
+D = 16  # channels of the toy model
+
+
+def _toy_step_flops(atoms: int, edges: int, angles: int) -> int:
+    """FLOPs of a toy training step whose matmuls act on atom, edge and angle rows, with a force
+    term (autograd.grad, create_graph=True) and a parameter backward, as in a real step."""
+    gen = torch.Generator().manual_seed(atoms * 1_000_003 + edges * 1_009 + angles)
+    w_in = torch.randn(D, D, generator=gen, requires_grad=True)
+    w_out = torch.randn(D, 1, generator=gen, requires_grad=True)
+    pos_N3 = torch.randn(atoms, 3, generator=gen, requires_grad=True)
+    embed_3D = torch.randn(3, D, generator=gen)
+    edge_ED = torch.randn(edges, D, generator=gen)
+    angle_TD = torch.randn(angles, D, generator=gen)
+    src_E = torch.randint(0, atoms, (edges,), generator=gen)
+    src_T = torch.randint(0, edges, (angles,), generator=gen)
+
+    def step():
+        node_ND = torch.tanh(pos_N3 @ embed_3D)                       # atom rows
+        edge_msg_ED = torch.tanh((edge_ED + node_ND[src_E]) @ w_in)    # edge rows
+        angle_msg_TD = torch.tanh((angle_TD + edge_msg_ED[src_T]) @ w_in @ w_in)  # angle rows
+        edge_ED2 = edge_msg_ED.index_add(0, src_T, angle_msg_TD)
+        node_ND2 = node_ND.index_add(0, src_E, edge_ED2) @ w_in
+        energy = (node_ND2 @ w_out).sum() + (w_in @ w_in).sum()        # constant-cost term
+        (forces_N3,) = torch.autograd.grad(energy, pos_N3, create_graph=True)
+        loss = energy.square() + forces_N3.square().sum()
+        loss.backward()
+
+    return count_flops(step)
+
+
+def test_fitted_coefficients_predict_held_out_counter_within_1_percent():
+    calibration = [(8, 40, 90), (12, 30, 150), (20, 90, 60), (5, 70, 200), (16, 55, 110), (25, 20, 30)]
+    samples = [(n, e, t, _toy_step_flops(n, e, t)) for n, e, t in calibration]
+    coeffs = fit_flop_coefficients(samples)
+    assert all(coeffs[k] > 0 for k in ("atoms", "edges", "angles"))
+    held_out = (64, 700, 2100)  # well outside the calibration range
+    counted = _toy_step_flops(*held_out)
+    assert predict_flops(coeffs, *held_out) == pytest.approx(counted, rel=0.01)
