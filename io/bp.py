@@ -1,0 +1,313 @@
+"""ADIOS2 BP5 datasets: one directory of global arrays per data source, read by hyperslab.
+
+Layout (S structures, N atoms; structure s owns atoms offsets[s] : offsets[s] + natoms[s]):
+
+    numbers [N] int64      positions [N,3] f64   forces [N,3] f64
+    cell [S,3,3] f64       pbc [S,3] uint8       energy [S] f64     stress [S,6] f64 (NaN row: none)
+    natoms [S] int64       offsets [S] int64
+
+Why this layout: a contiguous range of structures is a contiguous range of atoms, so a rank
+reads its shard with one selection per variable and never touches anyone else's bytes.
+Why the temp-directory dance: a crashed conversion must never leave a dataset that opens.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from pathlib import Path
+from types import TracebackType
+
+import adios2
+import numpy as np
+from adios2 import bindings
+from ase.data import chemical_symbols
+
+from exaforce.io.schema import SCHEMA_VERSION, VOIGT_ORDER, DataError, Frames
+
+ENGINE = "BP5"
+UNITS = "positions=Angstrom cell=Angstrom energy=eV forces=eV/Angstrom stress=eV/Angstrom^3"
+# variable -> (Frames field, ADIOS type, "atom" or "structure" rows, trailing shape)
+VARIABLES = {
+    "numbers": ("numbers_N", "int64_t", "atom", ()),
+    "positions": ("positions_N3", "double", "atom", (3,)),
+    "forces": ("forces_N3", "double", "atom", (3,)),
+    "cell": ("cell_S33", "double", "structure", (3, 3)),
+    "pbc": ("pbc_S3", "uint8_t", "structure", (3,)),
+    "energy": ("energy_S", "double", "structure", ()),
+    "stress": ("stress_S6", "double", "structure", (6,)),
+    "natoms": ("natoms_S", "int64_t", "structure", ()),
+    "offsets": (None, "int64_t", "structure", ()),
+}
+RESERVED_ATTRS = ("name", "schema_version", "units", "voigt_order", "elements", "n_structures",
+                  "n_atoms", "energy_mean", "energy_std", "energy_per_atom_mean",
+                  "energy_per_atom_std", "created_by")
+Attr = str | int | float
+
+
+# ---------------------------------------------------------------- sharding
+
+
+def shard_range(n: int, rank: int, world: int) -> tuple[int, int]:
+    """(start, count) of rank's contiguous share of n items; the first n % world ranks get one more."""
+    if world < 1 or not 0 <= rank < world or n < 0:
+        raise ValueError(f"shard_range(n={n}, rank={rank}, world={world}): need n >= 0, 0 <= rank < world")
+    base, extra = divmod(n, world)
+    return rank * base + min(rank, extra), base + (rank < extra)
+
+
+# ---------------------------------------------------------------- writing
+
+
+def write_bp(frames: Frames, path: str | os.PathLike, name: str,
+             attrs: dict[str, Attr] | None = None, *, overwrite: bool = False) -> None:
+    """Write `frames` as a BP5 dataset directory at `path`, atomically.
+
+    The data goes to a sibling temp directory that is fsynced and renamed into place; any failure
+    removes it. An existing `path` is refused unless `overwrite`, and then swapped out atomically.
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path}: dataset already exists (pass overwrite=True to replace it)")
+    frames.validate(path)
+    if len(frames) == 0:
+        raise DataError(path, "refusing to write a dataset with no structures")
+    all_attrs = dataset_attrs(frames, name, attrs or {})
+    tmp = _sibling(path, "tmp")
+    try:
+        _write_engine(frames, all_attrs, tmp)
+        _fsync_tree(tmp)
+        _install(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def dataset_attrs(frames: Frames, name: str, extra: dict[str, Attr]) -> dict[str, Attr]:
+    """Self-description stored with the data: provenance, units, conventions, summary statistics."""
+    clash = sorted(set(extra) & set(RESERVED_ATTRS))
+    if clash:
+        raise ValueError(f"attrs {clash} are reserved by the dataset schema")
+    bad = [k for k, v in extra.items() if not isinstance(v, (str, int, float)) or isinstance(v, bool)]
+    if bad:
+        raise TypeError(f"attrs {bad}: values must be str, int or float")
+    per_atom = frames.energy_S / frames.natoms_S
+    elements = sorted(set(frames.numbers_N.tolist()))
+    return {
+        "name": name,
+        "schema_version": SCHEMA_VERSION,
+        "units": UNITS,
+        "voigt_order": " ".join(VOIGT_ORDER),
+        "elements": " ".join(chemical_symbols[z] for z in elements),
+        "n_structures": len(frames),
+        "n_atoms": frames.n_atoms,
+        "energy_mean": float(frames.energy_S.mean()),
+        "energy_std": float(frames.energy_S.std()),
+        "energy_per_atom_mean": float(per_atom.mean()),
+        "energy_per_atom_std": float(per_atom.std()),
+        "created_by": "exaforce",
+        **extra,
+    }
+
+
+def _columns(frames: Frames) -> dict[str, np.ndarray]:
+    """The arrays as stored: contiguous, fixed dtypes, pbc as uint8 (ADIOS has no bool)."""
+    out = {}
+    for var, (field, _, _, _) in VARIABLES.items():
+        value = frames.offsets_S if field is None else getattr(frames, field)
+        out[var] = np.ascontiguousarray(value.astype(np.uint8) if var == "pbc" else value)
+    return out
+
+
+def _write_engine(frames: Frames, attrs: dict[str, Attr], directory: Path) -> None:
+    """One BP5 step holding every variable as a single global block, plus the attributes."""
+    adios = adios2.Adios()
+    io = adios.declare_io("exaforce.write")
+    io.set_engine(ENGINE)
+    engine = io.open(str(directory), bindings.Mode.Write)
+    try:
+        engine.begin_step()
+        for var, data in _columns(frames).items():
+            _put(io, engine, var, data)
+        for key, value in attrs.items():
+            io.define_attribute(key, value)
+        engine.end_step()
+    finally:
+        engine.close()
+
+
+def _put(io: adios2.IO, engine: adios2.Engine, var: str, data: np.ndarray) -> None:
+    shape = list(data.shape)
+    variable = io.define_variable(var, data, shape, [0] * len(shape), shape)
+    engine.put(variable, data, bindings.Mode.Sync)
+
+
+def _sibling(path: Path, tag: str) -> Path:
+    """A hidden, unique name next to `path` (same file system, so rename is atomic)."""
+    return path.parent / f".{path.name}.{tag}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _fsync_tree(directory: Path) -> None:
+    """Flush every file and the directory itself, so the rename publishes durable data."""
+    for item in directory.rglob("*"):
+        if item.is_file():
+            with open(item, "rb") as fh:
+                os.fsync(fh.fileno())
+    _fsync_dir(directory)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _install(tmp: Path, path: Path) -> None:
+    """Rename `tmp` to `path`; an existing `path` is moved aside first and restored if that fails."""
+    if not path.exists():
+        os.rename(tmp, path)
+    else:
+        old = _sibling(path, "old")
+        os.rename(path, old)
+        try:
+            os.rename(tmp, path)
+        except BaseException:
+            os.rename(old, path)
+            raise
+        shutil.rmtree(old)
+    _fsync_dir(path.parent)
+
+
+# ---------------------------------------------------------------- reading
+
+
+def open_bp(path: str | os.PathLike) -> BPDataset:
+    """Open and validate a dataset written by write_bp (see BPDataset)."""
+    return BPDataset(Path(path))
+
+
+class BPDataset:
+    """A validated, open BP5 dataset; `.read(start, count)` returns a contiguous range of structures.
+
+    Opening reads only metadata plus natoms/offsets (8 bytes per structure each), so every rank
+    can open the same dataset cheaply and then read just its own shard.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        if not path.exists():
+            raise DataError(path, "no such dataset")
+        self._adios = adios2.Adios()
+        self._io = self._adios.declare_io("exaforce.read")
+        self._io.set_engine(ENGINE)
+        try:
+            self._engine = self._io.open(str(path), bindings.Mode.ReadRandomAccess)
+        except Exception as err:  # noqa: BLE001 — ADIOS2 raises RuntimeError with a long log
+            raise DataError(path, f"not a readable ADIOS2 {ENGINE} dataset: "
+                            f"{str(err).splitlines()[0][:200]}") from None
+        try:
+            self.attrs = self._read_attrs()
+            self._check_schema_version()
+            self.n_structures, self.n_atoms = self._check_variables()
+            self.natoms_S = self._get("natoms", 0, self.n_structures)
+            self._offsets_S = self._get("offsets", 0, self.n_structures)
+            self._check_offsets()
+        except BaseException:
+            self.close()
+            raise
+        self.name = str(self.attrs.get("name", path.name))
+
+    # -- validation on open
+
+    def _read_attrs(self) -> dict[str, Attr]:
+        attrs: dict[str, Attr] = {}
+        for key in self._io.available_attributes():
+            attribute = self._io.inquire_attribute(key)
+            if attribute.type() == "string":
+                attrs[key] = attribute.data_string()
+            else:
+                attrs[key] = attribute.data().item()
+        return attrs
+
+    def _check_schema_version(self) -> None:
+        version = self.attrs.get("schema_version")
+        if not isinstance(version, int):
+            raise DataError(self.path, "missing or non-integer attribute", field="schema_version")
+        if version > SCHEMA_VERSION:
+            raise DataError(self.path, f"schema_version {version} is newer than this exaforce supports "
+                            f"({SCHEMA_VERSION}); upgrade exaforce", field="schema_version")
+
+    def _check_variables(self) -> tuple[int, int]:
+        """Every required variable exists with the right type and a shape consistent with S and N."""
+        sizes = {}
+        for var, (_, adios_type, rows, trailing) in VARIABLES.items():
+            variable = self._io.inquire_variable(var)
+            if variable is None:
+                raise DataError(self.path, "missing variable", field=var)
+            if variable.type() != adios_type:
+                raise DataError(self.path, f"type {variable.type()}, expected {adios_type}", field=var)
+            shape = tuple(variable.shape())
+            if shape[1:] != trailing or len(shape) != 1 + len(trailing):
+                raise DataError(self.path, f"shape {list(shape)}, expected [{rows}s, "
+                                f"{', '.join(map(str, trailing))}]", field=var)
+            if sizes.setdefault(rows, shape[0]) != shape[0]:
+                raise DataError(self.path, f"{shape[0]} rows, other {rows} variables have {sizes[rows]}",
+                                field=var)
+        return sizes["structure"], sizes["atom"]
+
+    def _check_offsets(self) -> None:
+        expected = np.concatenate([[0], np.cumsum(self.natoms_S)[:-1]])
+        if self.natoms_S.sum() != self.n_atoms or not np.array_equal(self._offsets_S, expected):
+            raise DataError(self.path, "offsets/natoms do not tile the atom arrays", field="offsets")
+
+    # -- reading
+
+    def read(self, start: int, count: int) -> Frames:
+        """Structures start .. start+count-1, reading only their hyperslab of every variable."""
+        if start < 0 or count < 0 or start + count > self.n_structures:
+            raise IndexError(f"{self.path}: structures [{start}, {start + count}) outside "
+                             f"[0, {self.n_structures})")
+        if count == 0:
+            return Frames.empty()
+        natoms = self.natoms_S[start:start + count]
+        atom_start, atom_count = int(self._offsets_S[start]), int(natoms.sum())
+        arrays = {}
+        for var, (field, _, rows, _) in VARIABLES.items():
+            if field is None or var == "natoms":
+                continue
+            row0, nrows = (atom_start, atom_count) if rows == "atom" else (start, count)
+            arrays[field] = self._get(var, row0, nrows)
+        arrays["pbc_S3"] = arrays["pbc_S3"].astype(bool)
+        return Frames(natoms_S=natoms.copy(), **arrays)
+
+    def _get(self, var: str, row0: int, nrows: int) -> np.ndarray:
+        """Rows row0 .. row0+nrows-1 of one variable: one selection, one read."""
+        _, adios_type, _, trailing = VARIABLES[var]
+        variable = self._io.inquire_variable(var)
+        variable.set_selection([[row0] + [0] * len(trailing), [nrows, *trailing]])
+        out = np.empty((nrows, *trailing), dtype=adios2.type_adios_to_numpy(adios_type))
+        self._engine.get(variable, out, bindings.Mode.Sync)
+        return out
+
+    # -- lifetime
+
+    def close(self) -> None:
+        engine, self._engine = getattr(self, "_engine", None), None
+        if engine is not None:
+            engine.close()
+
+    def __enter__(self) -> BPDataset:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def __len__(self) -> int:
+        return self.n_structures
+
+    def __repr__(self) -> str:
+        return f"BPDataset({str(self.path)!r}, name={self.name!r}, structures={self.n_structures}, atoms={self.n_atoms})"

@@ -1,0 +1,171 @@
+"""Stage datasets onto node-local storage (NVMe) once per node, verified by sha256.
+
+Why: thousands of ranks reading the same dataset from the parallel file system is the slowest
+part of start-up at scale; one copy per node, then local reads, is not. Only the node leader
+(rank 0 of the node communicator) touches the files; the others wait in the result broadcast, so
+a failure on the leader reaches every rank of the node as a StageError instead of a hang.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from mpi4py import MPI
+
+CHUNK_BYTES = 8 << 20
+Tree = dict[str, tuple[int, str]]  # relative posix path -> (size in bytes, sha256 hex digest)
+
+
+class StageError(RuntimeError):
+    """Staging failed; the message names the dataset file or directory."""
+
+
+def stage_datasets(paths: list[Path], dest: Path, node_comm: "MPI.Intracomm | None",
+                   log: Callable[[str], None] = print) -> list[Path]:
+    """Copy every dataset (a file or a .bp directory) to dest/<basename>, once per node.
+
+    `node_comm` is the communicator of the ranks on one node (None: a single process, which is
+    its own leader). The leader skips datasets already present and identical (sizes, then sha256
+    of every file), else copies to a temp name, verifies, renames into place. Every rank returns
+    the same staged paths, or raises the same StageError.
+    """
+    leader = node_comm is None or node_comm.Get_rank() == 0
+    outcome: tuple[bool, list[str] | str] = (True, [])
+    if leader:
+        outcome = _stage_all([Path(p) for p in paths], Path(dest), log)
+    if node_comm is not None:
+        # Collective: the non-leaders wait here until the leader has finished (or failed).
+        outcome = node_comm.bcast(outcome, root=0)
+    ok, payload = outcome
+    if not ok:
+        raise StageError(payload)
+    return [Path(p) for p in payload]
+
+
+def _stage_all(paths: list[Path], dest: Path, log: Callable[[str], None]) -> tuple[bool, list[str] | str]:
+    """(True, staged paths) or (False, error message naming the dataset); never raises."""
+    staged = []
+    for src in paths:
+        try:
+            staged.append(str(_stage_one(src, dest, log)))
+        except Exception as err:  # noqa: BLE001 — anything here must reach the other ranks
+            message = str(err) if isinstance(err, StageError) else (
+                f"{src}: staging to {dest} failed: {type(err).__name__}: {err}")
+            return False, message
+    return True, staged
+
+
+def sha256_tree(path: Path) -> Tree:
+    """Size and sha256 of every file under `path`, keyed by relative path ('.' when `path` is a file)."""
+    path = Path(path)
+    if path.is_file():
+        return {".": _hash_file(path)}
+    return {f.relative_to(path).as_posix(): _hash_file(f) for f in _files(path)}
+
+
+def _stage_one(src: Path, dest: Path, log: Callable[[str], None]) -> Path:
+    """Stage one dataset on the leader; returns its staged path."""
+    if not src.exists():
+        raise StageError(f"{src}: source dataset not found")
+    target = dest / src.name
+    if target.exists() and _same_sizes(src, target):
+        t0 = time.perf_counter()
+        source_tree = sha256_tree(src)
+        if sha256_tree(target) == source_tree:
+            log(f"stage: {target} already present, {len(source_tree)} file(s) match by size and sha256 "
+                f"({time.perf_counter() - t0:.2f} s to verify); skipped")
+            return target
+        log(f"stage: {target} differs from {src} (sha256); re-copying")
+    dest.mkdir(parents=True, exist_ok=True)
+    tmp = dest / f".{src.name}.stage-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        t0 = time.perf_counter()
+        source_tree = _copy_tree(src, tmp)
+        seconds = time.perf_counter() - t0
+        if sha256_tree(tmp) != source_tree:
+            raise StageError(f"{src}: copy at {tmp} does not match the source (size or sha256)")
+        _replace(tmp, target)
+    except BaseException:
+        _remove(tmp)
+        raise
+    nbytes = sum(size for size, _ in source_tree.values())
+    log(f"stage: copied {src} -> {target}: {nbytes / 1e6:.1f} MB in {seconds:.2f} s "
+        f"({nbytes / 1e6 / max(seconds, 1e-9):.1f} MB/s), {len(source_tree)} file(s) verified by sha256")
+    return target
+
+
+def _files(root: Path) -> list[Path]:
+    """Every regular file under `root`, in a stable order."""
+    return sorted(p for p in root.rglob("*") if p.is_file())
+
+
+def _same_sizes(src: Path, target: Path) -> bool:
+    """Cheap pre-check before hashing: same file names and sizes."""
+    if src.is_file() != target.is_file():
+        return False
+    if src.is_file():
+        return src.stat().st_size == target.stat().st_size
+    sizes = [{f.relative_to(root).as_posix(): f.stat().st_size for f in _files(root)} for root in (src, target)]
+    return sizes[0] == sizes[1]
+
+
+def _hash_file(path: Path) -> tuple[int, str]:
+    digest, size = hashlib.sha256(), 0
+    with open(path, "rb") as fh:
+        while chunk := fh.read(CHUNK_BYTES):
+            digest.update(chunk)
+            size += len(chunk)
+    return size, digest.hexdigest()
+
+
+def _copy_file(src: Path, dst: Path) -> tuple[int, str]:
+    """Copy and hash the source in one pass (the source is read once, from the slow file system)."""
+    digest, size = hashlib.sha256(), 0
+    with open(src, "rb") as fin, open(dst, "wb") as fout:
+        while chunk := fin.read(CHUNK_BYTES):
+            digest.update(chunk)
+            fout.write(chunk)
+            size += len(chunk)
+        fout.flush()
+        os.fsync(fout.fileno())
+    shutil.copymode(src, dst)
+    return size, digest.hexdigest()
+
+
+def _copy_tree(src: Path, dst: Path) -> Tree:
+    """Copy a file or a directory tree to `dst`; returns the source's sha256_tree as read while copying."""
+    if src.is_file():
+        return {".": _copy_file(src, dst)}
+    dst.mkdir()
+    tree = {}
+    for f in _files(src):
+        rel = f.relative_to(src)
+        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+        tree[rel.as_posix()] = _copy_file(f, dst / rel)
+    return tree
+
+
+def _replace(tmp: Path, target: Path) -> None:
+    """Rename the verified copy into place; a stale target is moved aside first, then deleted."""
+    if target.exists():
+        old = target.parent / f".{target.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        os.rename(target, old)
+        os.rename(tmp, target)
+        _remove(old)
+    else:
+        os.rename(tmp, target)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)

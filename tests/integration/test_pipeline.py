@@ -1,0 +1,38 @@
+"""The main job end to end through the real CLI: synth → convert → stage (2 ranks) → train (2 ranks) → report."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import REPO, run_cli, run_mpi
+
+pytestmark = [pytest.mark.mpi, pytest.mark.cli]
+
+
+def test_demo_pipeline_small(tmp_path):
+    assert run_cli(["data", "synth", "--out", str(tmp_path / "m.extxyz"), "--structures", "24"]).returncode == 0
+    proc = run_cli(["data", "convert", str(tmp_path / "m.extxyz"), "--out", str(tmp_path / "m.bp"), "--name", "m"])
+    assert proc.returncode == 0, proc.stderr
+    proc = run_mpi(2, ["-m", "exaforce.cli", "stage", str(tmp_path / "m.bp"), "--to", str(tmp_path / "nvme")])
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "nvme" / "m.bp").is_dir()
+    config = (REPO / "configs/demo.toml").read_text()
+    config = config.replace('train = ["../demo/emt.bp"]', f'train = ["{tmp_path}/nvme/m.bp"]')
+    config = config.replace('out_dir = "../demo/run"', f'out_dir = "{tmp_path}/run"')
+    (tmp_path / "train.toml").write_text(config)
+    proc = run_mpi(2, ["-m", "exaforce.cli", "train", "--config", str(tmp_path / "train.toml"), "--steps", "4"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "topology: world=2" in proc.stdout
+    logs = sorted((tmp_path / "run/perf").glob("rank-*.jsonl"))
+    assert [p.name for p in logs] == ["rank-00000.jsonl", "rank-00001.jsonl"]
+    records = [json.loads(line) for line in logs[1].read_text().splitlines()]
+    assert [r["kind"] for r in records] == ["header"] + ["step"] * 4 + ["end"]
+    assert records[1]["flops"] > 0 and records[1]["times"]["force_backward"] > 0
+    state = torch.load(tmp_path / "run/checkpoints/step-00000004.pt", weights_only=False)
+    assert state["step"] == 4 and "model" in state
+    proc = run_cli(["perf", "report", str(tmp_path / "run")])
+    assert proc.returncode == 0, proc.stderr
+    report = (tmp_path / "run/report/report.md").read_text()
+    assert "atoms/s" in report and "FLOP/s" in report
+    assert (tmp_path / "run/report/loss_curve.png").stat().st_size > 10_000

@@ -1,0 +1,113 @@
+"""Node-local staging in one process (node_comm=None): copy, verify, skip, repair, fail clearly."""
+
+import hashlib
+
+import pytest
+
+from exaforce.io import stage
+from exaforce.io.bp import write_bp
+from exaforce.io.extxyz import write_extxyz
+from exaforce.io.schema import Frames
+from exaforce.io.stage import StageError, sha256_tree, stage_datasets
+from exaforce.io.synth import synthesize
+
+pytestmark = pytest.mark.data
+
+
+@pytest.fixture
+def sources(tmp_path):
+    """A .bp directory dataset and a plain-file dataset on the 'parallel file system'."""
+    src = tmp_path / "pfs"
+    src.mkdir()
+    atoms = synthesize(12, seed=9)
+    write_bp(Frames.from_atoms(atoms), src / "syn.bp", "syn")
+    write_extxyz(atoms, src / "syn.xyz")
+    return [src / "syn.bp", src / "syn.xyz"]
+
+
+def _stage(sources, dest):
+    messages = []
+    staged = stage_datasets(sources, dest, None, log=messages.append)
+    return staged, messages
+
+
+def test_copies_and_verifies(tmp_path, sources):
+    dest = tmp_path / "nvme" / "job1"
+    staged, messages = _stage(sources, dest)
+    assert staged == [dest / "syn.bp", dest / "syn.xyz"]
+    for src, dst in zip(sources, staged):
+        assert sha256_tree(dst) == sha256_tree(src)
+    assert sum("copied" in m and "MB/s" in m for m in messages) == 2
+    assert sorted(p.name for p in dest.iterdir()) == ["syn.bp", "syn.xyz"]  # no temp names left
+
+
+def test_sha256_tree_matches_hashlib(sources):
+    tree = sha256_tree(sources[0])
+    assert "md.idx" in tree and "data.0" in tree
+    data = (sources[0] / "data.0").read_bytes()
+    assert tree["data.0"] == (len(data), hashlib.sha256(data).hexdigest())
+    assert sha256_tree(sources[1]) == {".": (sources[1].stat().st_size,
+                                             hashlib.sha256(sources[1].read_bytes()).hexdigest())}
+
+
+def test_skips_when_present(tmp_path, sources, monkeypatch):
+    dest = tmp_path / "nvme"
+    _stage(sources, dest)
+
+    def no_copy(*args):
+        raise AssertionError("should not copy an identical dataset")
+
+    monkeypatch.setattr(stage, "_copy_tree", no_copy)
+    staged, messages = _stage(sources, dest)
+    assert staged == [dest / "syn.bp", dest / "syn.xyz"]
+    assert sum("skipped" in m for m in messages) == 2
+
+
+@pytest.mark.parametrize("corrupt", ["flip_byte", "truncate", "extra_file"])
+def test_corrupt_copy_is_restaged(tmp_path, sources, corrupt):
+    dest = tmp_path / "nvme"
+    _stage(sources, dest)
+    victim = dest / "syn.bp" / "data.0"
+    if corrupt == "flip_byte":  # same size: only the checksum can tell
+        data = bytearray(victim.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        victim.write_bytes(bytes(data))
+    elif corrupt == "truncate":
+        victim.write_bytes(victim.read_bytes()[:-10])
+    else:
+        (dest / "syn.bp" / "stray").write_text("x")
+    staged, messages = _stage(sources, dest)
+    assert sha256_tree(staged[0]) == sha256_tree(sources[0])
+    assert any("copied" in m and "syn.bp" in m for m in messages)
+    assert any("skipped" in m and "syn.xyz" in m for m in messages)
+    assert sorted(p.name for p in dest.iterdir()) == ["syn.bp", "syn.xyz"]
+
+
+def test_missing_source_names_the_file(tmp_path, sources):
+    with pytest.raises(StageError, match="missing.bp"):
+        stage_datasets([sources[1], tmp_path / "missing.bp"], tmp_path / "nvme", None, log=lambda m: None)
+
+
+def test_bad_copy_is_detected_and_cleaned_up(tmp_path, sources, monkeypatch):
+    real_copy = stage._copy_file
+
+    def bad_copy(src, dst):
+        digest = real_copy(src, dst)
+        with open(dst, "ab") as fh:  # the storage "changes" the bytes after they were written
+            fh.write(b"\0")
+        return digest
+
+    monkeypatch.setattr(stage, "_copy_file", bad_copy)
+    with pytest.raises(StageError, match="syn.bp.*does not match"):
+        _stage(sources, tmp_path / "nvme")
+    assert list((tmp_path / "nvme").iterdir()) == []
+
+
+def test_unexpected_error_becomes_stage_error_naming_the_file(tmp_path, sources, monkeypatch):
+    def broken(*args):
+        raise PermissionError("read-only file system")
+
+    monkeypatch.setattr(stage, "_copy_file", broken)
+    with pytest.raises(StageError, match="syn.xyz.*PermissionError.*read-only"):
+        _stage(sources[1:], tmp_path / "nvme")
+    assert list((tmp_path / "nvme").iterdir()) == []
