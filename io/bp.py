@@ -14,8 +14,6 @@ Why the temp-directory dance: a crashed conversion must never leave a dataset th
 from __future__ import annotations
 
 import os
-import shutil
-import uuid
 from pathlib import Path
 from types import TracebackType
 
@@ -24,6 +22,7 @@ import numpy as np
 from adios2 import bindings
 from ase.data import chemical_symbols
 
+from exaforce.io.atomic import fsync_tree, remove, replace_path, sibling
 from exaforce.io.schema import SCHEMA_VERSION, VOIGT_ORDER, DataError, Frames
 
 ENGINE = "BP5"
@@ -46,17 +45,6 @@ RESERVED_ATTRS = ("name", "schema_version", "units", "voigt_order", "elements", 
 Attr = str | int | float
 
 
-# ---------------------------------------------------------------- sharding
-
-
-def shard_range(n: int, rank: int, world: int) -> tuple[int, int]:
-    """(start, count) of rank's contiguous share of n items; the first n % world ranks get one more."""
-    if world < 1 or not 0 <= rank < world or n < 0:
-        raise ValueError(f"shard_range(n={n}, rank={rank}, world={world}): need n >= 0, 0 <= rank < world")
-    base, extra = divmod(n, world)
-    return rank * base + min(rank, extra), base + (rank < extra)
-
-
 # ---------------------------------------------------------------- writing
 
 
@@ -74,13 +62,13 @@ def write_bp(frames: Frames, path: str | os.PathLike, name: str,
     if len(frames) == 0:
         raise DataError(path, "refusing to write a dataset with no structures")
     all_attrs = dataset_attrs(frames, name, attrs or {})
-    tmp = _sibling(path, "tmp")
+    tmp = sibling(path, "tmp")
     try:
         _write_engine(frames, all_attrs, tmp)
-        _fsync_tree(tmp)
-        _install(tmp, path)
+        fsync_tree(tmp)
+        replace_path(tmp, path)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove(tmp)
         raise
 
 
@@ -141,44 +129,6 @@ def _put(io: adios2.IO, engine: adios2.Engine, var: str, data: np.ndarray) -> No
     shape = list(data.shape)
     variable = io.define_variable(var, data, shape, [0] * len(shape), shape)
     engine.put(variable, data, bindings.Mode.Sync)
-
-
-def _sibling(path: Path, tag: str) -> Path:
-    """A hidden, unique name next to `path` (same file system, so rename is atomic)."""
-    return path.parent / f".{path.name}.{tag}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-
-
-def _fsync_tree(directory: Path) -> None:
-    """Flush every file and the directory itself, so the rename publishes durable data."""
-    for item in directory.rglob("*"):
-        if item.is_file():
-            with open(item, "rb") as fh:
-                os.fsync(fh.fileno())
-    _fsync_dir(directory)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _install(tmp: Path, path: Path) -> None:
-    """Rename `tmp` to `path`; an existing `path` is moved aside first and restored if that fails."""
-    if not path.exists():
-        os.rename(tmp, path)
-    else:
-        old = _sibling(path, "old")
-        os.rename(path, old)
-        try:
-            os.rename(tmp, path)
-        except BaseException:
-            os.rename(old, path)
-            raise
-        shutil.rmtree(old)
-    _fsync_dir(path.parent)
 
 
 # ---------------------------------------------------------------- reading

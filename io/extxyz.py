@@ -13,7 +13,6 @@ one frame at a time and re-raise anything it throws as DataError(frame=k).
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Iterable
 from io import StringIO
 from pathlib import Path
@@ -23,6 +22,7 @@ from ase import Atoms
 from ase.data import atomic_numbers, chemical_symbols
 from ase.io.extxyz import PROPERTY_NAME_MAP, key_val_str_to_dict, read_xyz
 
+from exaforce.io.atomic import write_file_atomically
 from exaforce.io.schema import DataError, Frames
 
 DEFAULT_PROPERTIES = "species:S:1:pos:R:3"
@@ -40,7 +40,7 @@ def write_extxyz(atoms_list: Iterable[Atoms] | Frames, path: str | os.PathLike) 
     frames = atoms_list if isinstance(atoms_list, Frames) else Frames.from_atoms(atoms_list, path)
     frames.validate(path)
     text = "".join(_format_frame(frames, s) for s in range(len(frames)))
-    _write_atomically(path, text)
+    write_file_atomically(path, lambda fh: fh.write(text.encode("utf-8")))
 
 
 def _format_frame(frames: Frames, s: int) -> str:
@@ -67,30 +67,6 @@ def _format_frame(frames: Frames, s: int) -> str:
 def _floats(values: Iterable[float]) -> str:
     """Space-separated shortest round-trip representation of each float64."""
     return " ".join(repr(float(v)) for v in values)
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    """Temp file in the same directory, fsync, rename over `path`; never leaves a partial file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make a rename durable (the directory entry lives in the parent)."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # ---------------------------------------------------------------- reading

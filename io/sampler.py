@@ -12,9 +12,10 @@ import numpy as np
 
 def shard_range(n: int, rank: int, world: int) -> tuple[int, int]:
     """(start, count) of rank's contiguous share of n items; the first n % world ranks get one more."""
+    if world < 1 or not 0 <= rank < world or n < 0:
+        raise ValueError(f"shard_range(n={n}, rank={rank}, world={world}): need n >= 0, 0 <= rank < world")
     base, extra = divmod(n, world)
-    start = rank * base + min(rank, extra)
-    return start, base + (1 if rank < extra else 0)
+    return rank * base + min(rank, extra), base + (rank < extra)
 
 
 def steps_per_epoch(dataset_sizes: list[int], world: int, per_rank_batch: int) -> int:

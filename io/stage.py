@@ -12,10 +12,11 @@ import hashlib
 import os
 import shutil
 import time
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from exaforce.io.atomic import remove, replace_path, sibling
 
 if TYPE_CHECKING:
     from mpi4py import MPI
@@ -85,16 +86,16 @@ def _stage_one(src: Path, dest: Path, log: Callable[[str], None]) -> Path:
             return target
         log(f"stage: {target} differs from {src} (sha256); re-copying")
     dest.mkdir(parents=True, exist_ok=True)
-    tmp = dest / f".{src.name}.stage-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = sibling(target, "stage")
     try:
         t0 = time.perf_counter()
         source_tree = _copy_tree(src, tmp)
         seconds = time.perf_counter() - t0
         if sha256_tree(tmp) != source_tree:
             raise StageError(f"{src}: copy at {tmp} does not match the source (size or sha256)")
-        _replace(tmp, target)
+        replace_path(tmp, target)
     except BaseException:
-        _remove(tmp)
+        remove(tmp)
         raise
     nbytes = sum(size for size, _ in source_tree.values())
     log(f"stage: copied {src} -> {target}: {nbytes / 1e6:.1f} MB in {seconds:.2f} s "
@@ -151,21 +152,3 @@ def _copy_tree(src: Path, dst: Path) -> Tree:
         (dst / rel).parent.mkdir(parents=True, exist_ok=True)
         tree[rel.as_posix()] = _copy_file(f, dst / rel)
     return tree
-
-
-def _replace(tmp: Path, target: Path) -> None:
-    """Rename the verified copy into place; a stale target is moved aside first, then deleted."""
-    if target.exists():
-        old = target.parent / f".{target.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        os.rename(target, old)
-        os.rename(tmp, target)
-        _remove(old)
-    else:
-        os.rename(tmp, target)
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)

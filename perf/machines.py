@@ -15,7 +15,6 @@ Precision keys (FLOP/s, dense, no structured sparsity, boost clock):
 
 from __future__ import annotations
 
-import os
 import platform
 import statistics
 import time
@@ -129,15 +128,12 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown cpu"
 
 
-def _available_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+def measure_local_peak(dtype: torch.dtype = torch.float32, size: int = 1024, repeats: int = 5,
+                       threads: int | None = None) -> float:
+    """Median FLOP/s of `repeats` timed n×n matmuls on the local CPU.
 
-
-def measure_local_peak(dtype: torch.dtype = torch.float32, size: int = 1024, repeats: int = 5) -> float:
-    """Median FLOP/s of `repeats` timed n×n matmuls on the local CPU with every available thread.
+    `threads` defaults to the torch thread count of the calling process: a rank's peak is what
+    its own threads can do, so ranks sharing a node never count the same cores twice.
 
     One n×n @ n×n matmul is 2·n³ FLOPs (n³ multiply-adds), the count torch.utils.flop_counter uses.
     A vendor BLAS rarely beats its own large-matmul rate, so this is the practical peak.
@@ -145,7 +141,7 @@ def measure_local_peak(dtype: torch.dtype = torch.float32, size: int = 1024, rep
     if size < 1 or repeats < 1:
         raise ValueError(f"size = {size}, repeats = {repeats}: both must be >= 1")
     threads_before = torch.get_num_threads()
-    torch.set_num_threads(_available_cpus())
+    torch.set_num_threads(threads or threads_before)
     try:
         a = torch.randn(size, size, dtype=dtype)
         b = torch.randn(size, size, dtype=dtype)
@@ -160,12 +156,14 @@ def measure_local_peak(dtype: torch.dtype = torch.float32, size: int = 1024, rep
     return 2.0 * size**3 / statistics.median(seconds)
 
 
-def local_machine(dtype: torch.dtype = torch.float32, size: int = 1024, repeats: int = 5) -> dict:
-    """The perf header's `machine` field for a run on the local CPU, with a measured peak."""
+def local_machine(dtype: torch.dtype = torch.float32, size: int = 1024, repeats: int = 5,
+                  threads: int | None = None) -> dict:
+    """The perf header's `machine` field for one rank on the local CPU, with a measured peak."""
+    threads = threads or torch.get_num_threads()
     return {
         "name": "local-cpu",
         "device": _cpu_model(),
-        "peak_flops_per_s": measure_local_peak(dtype, size, repeats),
+        "peak_flops_per_s": measure_local_peak(dtype, size, repeats, threads),
         "peak_source": f"measured: torch.matmul n={size} median of {repeats} "
-                       f"({str(dtype).removeprefix('torch.')}, {_available_cpus()} threads)",
+                       f"({str(dtype).removeprefix('torch.')}, {threads} thread(s) per rank)",
     }

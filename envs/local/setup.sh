@@ -30,16 +30,18 @@ if [[ ! -x "$venv/bin/python" ]]; then
   say "creating virtual environment $venv"
   "$py" -m venv "$venv" || fail "python -m venv failed (install python3-venv)"
 fi
-pip=("$venv/bin/python" -m pip --disable-pip-version-check)
+pip_quiet() {  # this machine's pip config lists index folders that may be absent: drop those warnings
+  "$venv/bin/python" -m pip --disable-pip-version-check "$@" 2> >(grep -v "is ignored: it is neither" >&2)
+}
 
 say "installing $torch_pin (CPU build) on its own, so no other package can pull a CUDA build"
-"${pip[@]}" install -q "$torch_pin" || fail "pip install $torch_pin failed"
+pip_quiet install -q "$torch_pin" || fail "pip install $torch_pin failed"
 
 say "installing pinned dependencies from $req"
-"${pip[@]}" install -q -r "$req" "$torch_pin" || fail "pip install -r $req failed"
+pip_quiet install -q -r "$req" "$torch_pin" || fail "pip install -r $req failed"
 
 say "installing exaforce (editable) from $root"
-"${pip[@]}" install -q --no-build-isolation --no-deps -e "$root" \
+pip_quiet install -q --no-build-isolation --no-deps -e "$root" \
   || fail "editable install of exaforce failed"
 
 say "checking the installation"

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from exaforce.io import bp
-from exaforce.io.bp import open_bp, shard_range, write_bp
+from exaforce.io.bp import open_bp, write_bp
+from exaforce.io.sampler import shard_range
 from exaforce.io.schema import SCHEMA_VERSION, DataError, Frames
 from exaforce.io.synth import synthesize
 
