@@ -42,6 +42,7 @@ class ModelConfig:
     three_body_cutoff: float = 4.0      # Å, line graph (bond pairs)
     width: int = 64                     # channels D
     blocks: int = 2                     # interaction blocks
+    mlp_ratio: int = 2                  # hidden width of every gated MLP = mlp_ratio · width
     radial_basis: int = 8               # Bessel functions
     angle_basis: int = 8                # Chebyshev polynomials of cos θ
     envelope_p: int = 6                 # smoothness exponent of the polynomial envelope
@@ -87,6 +88,20 @@ class Config:
         return dataclasses.asdict(self)
 
 
+# Named model sizes. `[model] preset = "base"` starts from one; keys beside it override.
+MODEL_PRESETS: dict[str, ModelConfig] = {
+    "small": ModelConfig(width=16, blocks=2),                 # unit tests
+    "demo": ModelConfig(width=32, blocks=2),                  # the bundled demo, minutes on a laptop
+    "base": ModelConfig(width=128, blocks=10, mlp_ratio=2),   # MatRIS-10M-like, ~10.6M parameters
+}
+
+
+def model_preset(name: str) -> ModelConfig:
+    if name not in MODEL_PRESETS:
+        raise ConfigError(f"model.preset = {name!r}: unknown (known: {', '.join(MODEL_PRESETS)})")
+    return MODEL_PRESETS[name]
+
+
 def _positive(value: float, key: str, unit: str = "") -> None:
     if not value > 0:
         raise ConfigError(f"{key} = {value!r}: must be > 0{' ' + unit if unit else ''}")
@@ -113,7 +128,7 @@ def validate(cfg: Config) -> Config:
     if cfg.model.three_body_cutoff > cfg.model.cutoff:
         raise ConfigError(f"model.three_body_cutoff = {cfg.model.three_body_cutoff}: must be <= model.cutoff "
                           f"({cfg.model.cutoff} Å)")
-    for key in ("width", "blocks", "radial_basis", "angle_basis", "envelope_p"):
+    for key in ("width", "blocks", "mlp_ratio", "radial_basis", "angle_basis", "envelope_p"):
         _positive(getattr(cfg.model, key), f"model.{key}")
     for key in ("energy_weight", "forces_weight", "stress_weight"):
         if getattr(cfg.loss, key) < 0:
@@ -161,7 +176,21 @@ def _build(cls: type, table: dict[str, Any], prefix: str) -> Any:
 
 
 def from_dict(table: dict[str, Any]) -> Config:
+    table = dict(table)
+    model = dict(table.get("model", {}))
+    if "preset" in model:
+        if not isinstance(model["preset"], str):
+            raise ConfigError(f"model.preset = {model['preset']!r}: must be a string")
+        base = dataclasses.asdict(model_preset(model.pop("preset")))
+        model = {**{k: list(v) if isinstance(v, tuple) else v for k, v in base.items()}, **model}
+        table["model"] = model
     return validate(_build(Config, table, ""))
+
+
+def model_from_dict(table: dict[str, Any]) -> ModelConfig:
+    """A ModelConfig saved with a checkpoint (tuples may come back as lists or stay tuples)."""
+    plain = {k: list(v) if isinstance(v, tuple) else v for k, v in table.items()}
+    return _build(ModelConfig, plain, "model")
 
 
 def load(path: str | Path) -> Config:

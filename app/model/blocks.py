@@ -54,18 +54,25 @@ def smooth_segment_softmax(score_XD: torch.Tensor, weight_X: torch.Tensor, segme
 
 
 class SeparableAttention(nn.Module):
-    """Aggregates messages into segments with per-channel attention, no query·key products: O(X·D)."""
+    """Aggregates the messages on the lines of a graph into both endpoints, with a per-channel
+    softmax over the lines that share a source and, separately, over those that share a target.
+    No query·key products: cost O(lines · D)."""
 
-    def __init__(self, in_dim: int, width: int):
+    def __init__(self, in_dim: int, width: int, hidden: int):
         super().__init__()
-        self.message = GatedMLP(in_dim, width, 2 * width)  # value and score channels
+        self.width = width
+        self.message = GatedMLP(in_dim, hidden, 4 * width)  # value, score for each direction
 
-    def forward(self, inputs_XF: torch.Tensor, weight_X: torch.Tensor, segment_X: torch.Tensor,
+    def forward(self, inputs_XF: torch.Tensor, weight_X: torch.Tensor, index_2X: torch.Tensor,
                 n_segments: int) -> torch.Tensor:
-        value_XD, score_XD = self.message(inputs_XF).chunk(2, dim=-1)
-        alpha_XD = smooth_segment_softmax(score_XD, weight_X, segment_X, n_segments)
-        out_SD = torch.zeros(n_segments, value_XD.shape[1], dtype=value_XD.dtype, device=value_XD.device)
-        return out_SD.index_add(0, segment_X, alpha_XD * value_XD)
+        value_src_XD, score_src_XD, value_dst_XD, score_dst_XD = self.message(inputs_XF).chunk(4, dim=-1)
+        out = []
+        for value_XD, score_XD, segment_X in ((value_src_XD, score_src_XD, index_2X[0]),
+                                              (value_dst_XD, score_dst_XD, index_2X[1])):
+            alpha_XD = smooth_segment_softmax(score_XD, weight_X, segment_X, n_segments)
+            zeros_SD = torch.zeros(n_segments, self.width, dtype=value_XD.dtype, device=value_XD.device)
+            out.append(zeros_SD.index_add(0, segment_X, alpha_XD * value_XD))
+        return torch.cat(out, dim=-1)  # (n_segments, 2·D): [by source | by target]
 
 
 class InteractionBlock(nn.Module):
@@ -75,15 +82,15 @@ class InteractionBlock(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        d = cfg.width
+        d, hidden = cfg.width, cfg.width * cfg.mlp_ratio
         self.angle_proj = nn.Linear(cfg.angle_basis, d, bias=False)
-        self.line_attention = SeparableAttention(3 * d, d)
-        self.edge_norm = RMSNorm(d)
-        self.edge_update = GatedMLP(d, d, d)
+        self.line_attention = SeparableAttention(3 * d, d, hidden)
+        self.edge_norm = RMSNorm(2 * d)
+        self.edge_update = GatedMLP(2 * d, hidden, d)
         self.edge_scale = nn.Parameter(torch.ones(d))
-        self.atom_attention = SeparableAttention(3 * d, d)
-        self.node_norm = RMSNorm(d)
-        self.node_update = GatedMLP(2 * d, d, d)
+        self.atom_attention = SeparableAttention(3 * d, d, hidden)
+        self.node_norm = RMSNorm(2 * d)
+        self.node_update = GatedMLP(3 * d, hidden, d)
         self.node_scale = nn.Parameter(torch.ones(d))
 
     def forward(self, node_ND: torch.Tensor, edge_ED: torch.Tensor, edge_index_2E: torch.Tensor,
@@ -93,14 +100,14 @@ class InteractionBlock(nn.Module):
         a_T, b_T = triplet_index_2T
         n_edges, n_atoms = edge_ED.shape[0], node_ND.shape[0]
 
-        # Line graph: bond a gathers from the bonds b that share its centre atom.
+        # Line graph: bonds a and b sharing a centre atom exchange messages (b → a and a → b).
         triplet_in_TF = torch.cat([edge_ED[a_T], edge_ED[b_T], self.angle_proj(angle_TA)], dim=-1)
-        bond_msg_ED = self.line_attention(triplet_in_TF, triplet_weight_T, a_T, n_edges)
-        edge_ED = edge_ED + self.edge_scale * self.edge_update(self.edge_norm(bond_msg_ED))
+        bond_msg_E2D = self.line_attention(triplet_in_TF, triplet_weight_T, triplet_index_2T, n_edges)
+        edge_ED = edge_ED + self.edge_scale * self.edge_update(self.edge_norm(bond_msg_E2D))
 
-        # Atom graph: atom i gathers from its bonds i → j.
+        # Atom graph: each atom gathers from the bonds it starts and the bonds it ends.
         edge_in_EF = torch.cat([node_ND[src_E], node_ND[dst_E], edge_ED], dim=-1)
-        atom_msg_ND = self.atom_attention(edge_in_EF, edge_weight_E, src_E, n_atoms)
-        update_ND = self.node_update(torch.cat([node_ND, self.node_norm(atom_msg_ND)], dim=-1))
+        atom_msg_N2D = self.atom_attention(edge_in_EF, edge_weight_E, edge_index_2E, n_atoms)
+        update_ND = self.node_update(torch.cat([node_ND, self.node_norm(atom_msg_N2D)], dim=-1))
         node_ND = node_ND + self.node_scale * update_ND
         return node_ND, edge_ED

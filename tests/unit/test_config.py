@@ -45,3 +45,10 @@ def test_load_resolves_paths_and_names_file(tmp_path):
         config.load(path)
     with pytest.raises(config.ConfigError, match="no such config file"):
         config.load(tmp_path / "missing.toml")
+
+
+def test_model_preset_and_override():
+    cfg = config.from_dict({**base(), "model": {"preset": "base", "cutoff": 5.5}})
+    assert (cfg.model.width, cfg.model.blocks, cfg.model.cutoff) == (128, 10, 5.5)
+    with pytest.raises(config.ConfigError, match="model.preset = 'huge': unknown"):
+        config.from_dict({**base(), "model": {"preset": "huge"}})
