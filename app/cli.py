@@ -116,6 +116,47 @@ def cmd_perf_report(args: argparse.Namespace) -> None:
     _say(f"report: {path}")
 
 
+# ---------------------------------------------------------------- model, bench
+def cmd_model_info(args: argparse.Namespace) -> None:
+    import json
+
+    from exaforce.config import model_preset
+    from exaforce.model.potential import Potential
+
+    cfg = model_preset(args.preset)
+    model = Potential(cfg)
+    info = {"preset": args.preset, "params": sum(p.numel() for p in model.parameters()),
+            "width": cfg.width, "blocks": cfg.blocks, "mlp_ratio": cfg.mlp_ratio, "cutoff": cfg.cutoff,
+            "three_body_cutoff": cfg.three_body_cutoff, "elements": list(cfg.elements)}
+    if args.json:
+        print(json.dumps(info))
+    else:
+        for key, value in info.items():
+            print(f"{key:>18}: {value:,}" if isinstance(value, int) else f"{key:>18}: {value}")
+
+
+def cmd_bench_step(args: argparse.Namespace) -> None:
+    import json
+
+    from exaforce.bench import bench_step
+    from exaforce.config import model_preset
+
+    model_preset(args.preset)  # a bad name fails before any work
+    result = bench_step(args.preset, args.batch, args.dtype, args.warmup, args.repeats, args.compare, _say)
+    if args.json:
+        print(json.dumps(result))
+
+
+def cmd_bench_md(args: argparse.Namespace) -> None:
+    import json
+
+    from exaforce.bench import bench_md
+
+    result = bench_md(args.checkpoint, args.steps, args.temperature, args.dtype, _say)
+    if args.json:
+        print(json.dumps(result))
+
+
 # ---------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="exaforce", description=__doc__.splitlines()[0])
@@ -154,6 +195,32 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("run_dir", help="run folder (holds perf/rank-*.jsonl)")
     report.add_argument("--out", help="report folder (default RUN_DIR/report)")
     report.set_defaults(func=cmd_perf_report)
+    model = commands.add_parser("model", help="model presets and sizes")
+    model_commands = model.add_subparsers(dest="model_command", required=True, metavar="SUBCOMMAND")
+    info = model_commands.add_parser("info", help="parameter count and shape of a preset")
+    info.add_argument("--preset", required=True, help="small | demo | base")
+    info.add_argument("--json", action="store_true", help="one JSON object")
+    info.set_defaults(func=cmd_model_info)
+
+    bench = commands.add_parser("bench", help="benchmarks")
+    bench_commands = bench.add_subparsers(dest="bench_command", required=True, metavar="SUBCOMMAND")
+    step = bench_commands.add_parser("step", help="median full training step (forward, forces/stress with "
+                                                  "create_graph, loss, backward, optimizer) after warm-up")
+    step.add_argument("--preset", default="base", help="model preset (default base)")
+    step.add_argument("--batch", type=int, default=4, help="structures per step from `data synth` seed 0 (default 4)")
+    step.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    step.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
+    step.add_argument("--repeats", type=int, default=10, help="timed steps; the median is reported (default 10)")
+    step.add_argument("--compare", choices=["matris"], help="measure the reference model the same way")
+    step.add_argument("--json", action="store_true", help="last line: one JSON object")
+    step.set_defaults(func=cmd_bench_step)
+    md = bench_commands.add_parser("md", help="NVE energy drift: 108-atom Cu, 1 fs steps, through the ASE calculator")
+    md.add_argument("--checkpoint", required=True, help="trained checkpoint (e.g. demo/run/checkpoints/…)")
+    md.add_argument("--steps", type=int, default=1000, help="1 fs steps (default 1000 = 1 ps)")
+    md.add_argument("--temperature", type=float, default=300.0, help="initial Maxwell-Boltzmann temperature, K")
+    md.add_argument("--dtype", default="float64", choices=["float32", "float64"])
+    md.add_argument("--json", action="store_true", help="last line: one JSON object")
+    md.set_defaults(func=cmd_bench_md)
     return parser
 
 
