@@ -92,7 +92,7 @@ class Config:
 MODEL_PRESETS: dict[str, ModelConfig] = {
     "small": ModelConfig(width=16, blocks=2),                 # unit tests
     "demo": ModelConfig(width=32, blocks=2),                  # the bundled demo, minutes on a laptop
-    "base": ModelConfig(width=128, blocks=10, mlp_ratio=2),   # MatRIS-10M-like, ~10.6M parameters
+    "base": ModelConfig(width=128, blocks=10, mlp_ratio=3),   # MatRIS-10M-like: 10.94M parameters
 }
 
 
