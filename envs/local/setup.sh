@@ -8,9 +8,10 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
 venv="${1:-$root/.venv}"
 req="$here/requirements.txt"
+ref_req="$here/requirements-reference.txt"
 torch_pin="torch==2.13.0"
 stamp="$venv/.exaforce-setup-stamp"
-want="$(cat "$req" "$root/setup.cfg" | sha256sum | cut -d' ' -f1) $torch_pin"
+want="$(cat "$req" "$ref_req" "$root/setup.cfg" | sha256sum | cut -d' ' -f1) $torch_pin"
 
 say()  { printf '[envs/local] %s\n' "$*"; }
 fail() { printf '[envs/local] ERROR: %s\n' "$*" >&2; exit 1; }
@@ -39,6 +40,11 @@ pip_quiet install -q "$torch_pin" || fail "pip install $torch_pin failed"
 
 say "installing pinned dependencies from $req"
 pip_quiet install -q -r "$req" "$torch_pin" || fail "pip install -r $req failed"
+
+say "installing the reference MatRIS model for 'bench step --compare matris' from $ref_req"
+# --no-deps: its declared dependencies would pull another torch. matris 1.0.0 declares
+# Requires-Python >= 3.12 but runs on 3.11 (checked by the bench), hence --ignore-requires-python.
+pip_quiet install -q --no-deps --ignore-requires-python -r "$ref_req" || fail "pip install -r $ref_req failed"
 
 say "installing exaforce (editable) from $root"
 pip_quiet install -q --no-build-isolation --no-deps -e "$root" \
