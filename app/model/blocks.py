@@ -34,23 +34,24 @@ class GatedMLP(nn.Module):
         return self.down(nn.functional.silu(self.gate(x_XF)) * self.up(x_XF))
 
 
-def smooth_segment_softmax(score_XD: torch.Tensor, weight_X: torch.Tensor, segment_X: torch.Tensor,
-                           n_segments: int) -> torch.Tensor:
-    """Per-channel softmax over the items of each segment, weighted by a cutoff envelope.
+def smooth_attention_sum(score_XD: torch.Tensor, value_XD: torch.Tensor, weight_X: torch.Tensor,
+                         segment_X: torch.Tensor, n_segments: int) -> torch.Tensor:
+    """Σ_x α_x·v_x per segment with a per-channel softmax α weighted by a cutoff envelope.
 
     α_x = w_x·exp(s_x) / (1 + Σ_y w_y·exp(s_y)). The weight w enters numerator and denominator, and
     the 1 keeps the value continuous when the last item of a segment leaves: an item at its
     cutoff (w = 0) contributes nothing, so the energy stays smooth as neighbours come and go.
-    Computed with the per-segment max subtracted (an exact identity, for stability).
+    The per-segment max is subtracted for stability (an exact identity), and the denominator is
+    applied per segment after the sum, so α itself is never materialised per line.
     """
     d = score_XD.shape[1]
     index_XD = segment_X.unsqueeze(1).expand(-1, d)
     max_SD = torch.full((n_segments, d), -torch.inf, dtype=score_XD.dtype, device=score_XD.device)
     max_SD = max_SD.scatter_reduce(0, index_XD, score_XD.detach(), "amax", include_self=True)
     max_SD = max_SD.clamp_min(0.0)  # ≥ 0 (and finite for empty segments) so exp(−max) never overflows
-    num_XD = weight_X.unsqueeze(1) * torch.exp(score_XD - max_SD[segment_X])
+    num_XD = weight_X.unsqueeze(1) * torch.exp(score_XD - max_SD.index_select(0, segment_X))
     den_SD = torch.exp(-max_SD).index_add(0, segment_X, num_XD)
-    return num_XD / den_SD[segment_X]
+    return torch.zeros_like(den_SD).index_add(0, segment_X, num_XD * value_XD) / den_SD
 
 
 class SeparableAttention(nn.Module):
@@ -67,28 +68,29 @@ class SeparableAttention(nn.Module):
     def __init__(self, width: int, line_dim: int):
         super().__init__()
         self.width = width
-        # Per entity and direction: score_self, gate_self, score_other, gate_other, value_other.
+        # Entity projections, laid out so that each line needs one gather per endpoint:
+        #   at the source: [score_0, gate_0 (self) | score_1, gate_1 (other) | value_1]
+        #   at the target: [score_0, gate_0 (other) | score_1, gate_1 (self) | value_0]
+        # Direction 0 aggregates into the source, direction 1 into the target.
         self.entity_proj = nn.Linear(width, 10 * width)
-        # Per line and direction: score and gate contributions of the line's own features.
-        self.line_proj = nn.Linear(line_dim, 4 * width, bias=False)
+        self.line_proj = nn.Linear(line_dim, 4 * width, bias=False)  # score/gate terms of the line itself
 
     def forward(self, entity_SD: torch.Tensor, line_XF: torch.Tensor, weight_X: torch.Tensor,
                 index_2X: torch.Tensor) -> torch.Tensor:
         n_segments, d = entity_SD.shape[0], self.width
-        proj_S10D = self.entity_proj(entity_SD).view(n_segments, 10, d)
-        line_X4D = self.line_proj(line_XF).view(-1, 4, d)
+        at_src_S5D, at_dst_S5D = self.entity_proj(entity_SD).split(5 * d, dim=-1)
         src_X, dst_X = index_2X
-        out = []
-        # Direction 0 aggregates into the source over its lines; direction 1 into the target.
-        for k, (seg_X, other_X) in enumerate(((src_X, dst_X), (dst_X, src_X))):
-            p_SD = proj_S10D[:, 5 * k: 5 * k + 5]
-            score_XD = p_SD[seg_X, 0] + p_SD[other_X, 2] + line_X4D[:, 2 * k]
-            gate_XD = p_SD[seg_X, 1] + p_SD[other_X, 3] + line_X4D[:, 2 * k + 1]
-            value_XD = nn.functional.silu(gate_XD) * p_SD[other_X, 4]
-            alpha_XD = smooth_segment_softmax(score_XD, weight_X, seg_X, n_segments)
-            zeros_SD = torch.zeros(n_segments, d, dtype=value_XD.dtype, device=value_XD.device)
-            out.append(zeros_SD.index_add(0, seg_X, alpha_XD * value_XD))
-        return torch.cat(out, dim=-1)  # (S, 2·D): [into source | into target]
+        from_src_X5D = at_src_S5D.index_select(0, src_X)
+        from_dst_X5D = at_dst_S5D.index_select(0, dst_X)
+        pre_X4D = from_src_X5D[:, :4 * d] + from_dst_X5D[:, :4 * d] + self.line_proj(line_XF)
+        score0_XD, gate0_XD, score1_XD, gate1_XD = pre_X4D.chunk(4, dim=-1)
+        value0_XD = nn.functional.silu(gate0_XD) * from_dst_X5D[:, 4 * d:]
+        value1_XD = nn.functional.silu(gate1_XD) * from_src_X5D[:, 4 * d:]
+        # Both directions in one pass: segments 0..S−1 are sources, S..2S−1 are targets.
+        out_2SD = smooth_attention_sum(torch.cat([score0_XD, score1_XD]), torch.cat([value0_XD, value1_XD]),
+                                       torch.cat([weight_X, weight_X]), torch.cat([src_X, dst_X + n_segments]),
+                                       2 * n_segments)
+        return torch.cat([out_2SD[:n_segments], out_2SD[n_segments:]], dim=-1)  # (S, 2·D)
 
 
 class InteractionBlock(nn.Module):
