@@ -68,9 +68,10 @@ def exaforce_worker(preset: str, batch: int, dtype: torch.dtype, warmup: int, re
                         cfg.model.three_body_cutoff).to("cpu", dtype)
     counts = graph.counts()
 
-    def step() -> None:
+    def step() -> None:  # train_step without the gradient reduction (one process)
         optimizer.zero_grad(set_to_none=True)
         loss_and_gradients(model, graph, cfg, 1.0 / batch, {})
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
         optimizer.step()
 
     flops = count_flops(step)

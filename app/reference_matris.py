@@ -28,6 +28,8 @@ import torch
 from ase import Atoms
 from ase.stress import voigt_6_to_full_3x3_stress
 
+from exaforce.loss import EV_PER_A3_IN_GPA
+
 try:
     from matris.graph import RadiusGraph
     from matris.model import MatRIS
@@ -35,7 +37,6 @@ try:
 except ImportError as err:  # the reference is optional: only benchmarks need it
     raise ImportError(f"{err}: install envs/local/requirements-reference.txt (with --no-deps)") from err
 
-EV_PER_A3_IN_GPA = 160.21766208  # as exaforce.loss and MatRIS's own readout
 # Fixed loss weights and optimizer settings: the defaults of exaforce's LossConfig / OptimConfig.
 ENERGY_WEIGHT, FORCES_WEIGHT, STRESS_WEIGHT = 1.0, 10.0, 1.0
 LR, GRAD_CLIP = 2e-3, 10.0
