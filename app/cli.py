@@ -126,7 +126,8 @@ def cmd_model_info(args: argparse.Namespace) -> None:
     cfg = model_preset(args.preset)
     model = Potential(cfg)
     info = {"preset": args.preset, "params": sum(p.numel() for p in model.parameters()),
-            "width": cfg.width, "blocks": cfg.blocks, "mlp_ratio": cfg.mlp_ratio, "cutoff": cfg.cutoff,
+            "width": cfg.width, "blocks": cfg.blocks, "edge_mlp_ratio": cfg.edge_mlp_ratio,
+            "node_mlp_ratio": cfg.node_mlp_ratio, "cutoff": cfg.cutoff,
             "three_body_cutoff": cfg.three_body_cutoff, "elements": list(cfg.elements)}
     if args.json:
         print(json.dumps(info))

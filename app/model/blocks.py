@@ -26,12 +26,12 @@ class GatedMLP(nn.Module):
 
     def __init__(self, in_dim: int, hidden: int, out_dim: int):
         super().__init__()
-        self.gate = nn.Linear(in_dim, hidden)
-        self.up = nn.Linear(in_dim, hidden)
+        self.gate_up = nn.Linear(in_dim, 2 * hidden)  # one matmul for both halves
         self.down = nn.Linear(hidden, out_dim)
 
     def forward(self, x_XF: torch.Tensor) -> torch.Tensor:
-        return self.down(nn.functional.silu(self.gate(x_XF)) * self.up(x_XF))
+        gate_XH, up_XH = self.gate_up(x_XF).chunk(2, dim=-1)
+        return self.down(nn.functional.silu(gate_XH) * up_XH)
 
 
 def smooth_attention_sum(score_XD: torch.Tensor, value_XD: torch.Tensor, weight_X: torch.Tensor,
@@ -100,14 +100,14 @@ class InteractionBlock(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        d, hidden = cfg.width, cfg.width * cfg.mlp_ratio
+        d = cfg.width
         self.line_attention = SeparableAttention(d, cfg.angle_basis)
         self.edge_norm = RMSNorm(2 * d)
-        self.edge_update = GatedMLP(3 * d, hidden, d)
+        self.edge_update = GatedMLP(3 * d, cfg.edge_mlp_ratio * d, d)
         self.edge_scale = nn.Parameter(torch.ones(d))
         self.atom_attention = SeparableAttention(d, d)
         self.node_norm = RMSNorm(2 * d)
-        self.node_update = GatedMLP(3 * d, hidden, d)
+        self.node_update = GatedMLP(3 * d, cfg.node_mlp_ratio * d, d)
         self.node_scale = nn.Parameter(torch.ones(d))
 
     def forward(self, node_ND: torch.Tensor, edge_ED: torch.Tensor, edge_index_2E: torch.Tensor,
