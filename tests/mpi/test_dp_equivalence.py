@@ -1,19 +1,13 @@
-import json
-from pathlib import Path
-
 import pytest
 
-from conftest import REPO, run_mpi
+from conftest import run_mpi_script
 
 pytestmark = [pytest.mark.mpi, pytest.mark.equivalence]
 
 
 @pytest.mark.parametrize("ranks", [1, 2, 4])
 def test_data_parallel_gradient_equals_serial(tmp_path, ranks):
-    out = tmp_path / "result.json"
-    proc = run_mpi(ranks, [str(REPO / "tests/mpi/dp_gradient_ranks.py"), str(out)], timeout=240)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(out.read_text())
+    result = run_mpi_script(ranks, "dp_gradient_ranks.py", tmp_path)
     assert result["world_size"] == ranks
     assert result["grad_norm"] > 0
     # float64, same global batch: only summation order differs between the runs.
