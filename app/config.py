@@ -44,6 +44,8 @@ class ModelConfig:
     blocks: int = 2                     # interaction blocks
     edge_mlp_ratio: int = 2             # hidden width of the bond update MLP / width (runs on E rows)
     node_mlp_ratio: int = 2             # hidden width of the atom update MLP / width (N rows: cheap)
+    moe_experts: int = 0                # experts per MoE MLP; 0: dense MLPs
+    moe_top_k: int = 1                  # experts per element (plus one always-on shared expert)
     radial_basis: int = 8               # Bessel functions
     angle_basis: int = 8                # Chebyshev polynomials of cos θ
     envelope_p: int = 6                 # smoothness exponent of the polynomial envelope
@@ -93,6 +95,7 @@ class Config:
 MODEL_PRESETS: dict[str, ModelConfig] = {
     "small": ModelConfig(width=16, blocks=2),                 # unit tests
     "demo": ModelConfig(width=32, blocks=2),                  # the bundled demo, minutes on a laptop
+    "small-moe": ModelConfig(width=16, blocks=2, moe_experts=4, moe_top_k=2),  # MoE unit tests
     # MatRIS-10M-like (10.4M): capacity sits in the atom MLPs, which see ~60× fewer rows than bonds.
     "base": ModelConfig(width=128, blocks=10, edge_mlp_ratio=2, node_mlp_ratio=4),
 }
@@ -132,6 +135,9 @@ def validate(cfg: Config) -> Config:
                           f"({cfg.model.cutoff} Å)")
     for key in ("width", "blocks", "edge_mlp_ratio", "node_mlp_ratio", "radial_basis", "angle_basis", "envelope_p"):
         _positive(getattr(cfg.model, key), f"model.{key}")
+    if cfg.model.moe_experts < 0 or (cfg.model.moe_experts and not 1 <= cfg.model.moe_top_k <= cfg.model.moe_experts):
+        raise ConfigError(f"model.moe_experts = {cfg.model.moe_experts}, model.moe_top_k = {cfg.model.moe_top_k}: "
+                          "need moe_experts >= 0 and 1 <= moe_top_k <= moe_experts")
     for key in ("energy_weight", "forces_weight", "stress_weight"):
         if getattr(cfg.loss, key) < 0:
             raise ConfigError(f"loss.{key} = {getattr(cfg.loss, key)}: must be >= 0")

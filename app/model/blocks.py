@@ -9,29 +9,8 @@ import torch
 from torch import nn
 
 from exaforce.config import ModelConfig
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float = 1e-6):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x_XD: torch.Tensor) -> torch.Tensor:
-        return x_XD * torch.rsqrt(x_XD.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
-
-
-class GatedMLP(nn.Module):
-    """SiLU(x·W_g) ⊙ (x·W_u) → W_d: the gated update used for messages and node updates."""
-
-    def __init__(self, in_dim: int, hidden: int, out_dim: int):
-        super().__init__()
-        self.gate_up = nn.Linear(in_dim, 2 * hidden)  # one matmul for both halves
-        self.down = nn.Linear(hidden, out_dim)
-
-    def forward(self, x_XF: torch.Tensor) -> torch.Tensor:
-        gate_XH, up_XH = self.gate_up(x_XF).chunk(2, dim=-1)
-        return self.down(nn.functional.silu(gate_XH) * up_XH)
+from exaforce.model.layers import GatedMLP, RMSNorm
+from exaforce.model.moe import MoEMLP
 
 
 def smooth_attention_sum(score_XD: torch.Tensor, value_XD: torch.Tensor, weight_X: torch.Tensor,
@@ -93,6 +72,21 @@ class SeparableAttention(nn.Module):
         return torch.cat([out_2SD[:n_segments], out_2SD[n_segments:]], dim=-1)  # (S, 2·D)
 
 
+class DenseUpdate(GatedMLP):
+    """The dense update MLP with the MoE's call signature (routing species are ignored)."""
+
+    def forward(self, x_XF: torch.Tensor, species_X: torch.Tensor) -> torch.Tensor:
+        return super().forward(x_XF)
+
+
+def update_mlp(cfg: ModelConfig, in_dim: int, hidden: int, out_dim: int) -> nn.Module:
+    """A dense gated MLP, or an element-routed MoE MLP when model.moe_experts > 0 (two per block,
+    as MatRIS-MoE: bond/message construction and atom update)."""
+    if cfg.moe_experts:
+        return MoEMLP(in_dim, hidden, out_dim, len(cfg.elements), cfg.moe_experts, cfg.moe_top_k)
+    return DenseUpdate(in_dim, hidden, out_dim)
+
+
 class InteractionBlock(nn.Module):
     """Line-graph attention updates bonds from bond pairs (three-body, angle-aware), then
     atom-graph attention updates atoms from bonds; each update is a gated MLP on an RMS-normed
@@ -103,21 +97,23 @@ class InteractionBlock(nn.Module):
         d = cfg.width
         self.line_attention = SeparableAttention(d, cfg.angle_basis)
         self.edge_norm = RMSNorm(2 * d)
-        self.edge_update = GatedMLP(3 * d, cfg.edge_mlp_ratio * d, d)
+        self.edge_update = update_mlp(cfg, 3 * d, cfg.edge_mlp_ratio * d, d)
         self.edge_scale = nn.Parameter(torch.ones(d))
         self.atom_attention = SeparableAttention(d, d)
         self.node_norm = RMSNorm(2 * d)
-        self.node_update = GatedMLP(3 * d, cfg.node_mlp_ratio * d, d)
+        self.node_update = update_mlp(cfg, 3 * d, cfg.node_mlp_ratio * d, d)
         self.node_scale = nn.Parameter(torch.ones(d))
 
-    def forward(self, node_ND: torch.Tensor, edge_ED: torch.Tensor, edge_index_2E: torch.Tensor,
-                edge_weight_E: torch.Tensor, triplet_index_2T: torch.Tensor, angle_TA: torch.Tensor,
-                triplet_weight_T: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, node_ND: torch.Tensor, edge_ED: torch.Tensor, species_N: torch.Tensor,
+                edge_index_2E: torch.Tensor, edge_weight_E: torch.Tensor, triplet_index_2T: torch.Tensor,
+                angle_TA: torch.Tensor, triplet_weight_T: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # Line graph: bonds a and b sharing a centre atom exchange messages shaped by their angle.
         bond_msg_E2D = self.line_attention(edge_ED, angle_TA, triplet_weight_T, triplet_index_2T)
-        edge_ED = edge_ED + self.edge_scale * self.edge_update(torch.cat([edge_ED, self.edge_norm(bond_msg_E2D)], -1))
+        edge_in_E3D = torch.cat([edge_ED, self.edge_norm(bond_msg_E2D)], -1)
+        edge_ED = edge_ED + self.edge_scale * self.edge_update(edge_in_E3D, species_N[edge_index_2E[0]])
 
         # Atom graph: each atom gathers from the bonds it starts and the bonds it ends.
         atom_msg_N2D = self.atom_attention(node_ND, edge_ED, edge_weight_E, edge_index_2E)
-        node_ND = node_ND + self.node_scale * self.node_update(torch.cat([node_ND, self.node_norm(atom_msg_N2D)], -1))
+        node_in_N3D = torch.cat([node_ND, self.node_norm(atom_msg_N2D)], -1)
+        node_ND = node_ND + self.node_scale * self.node_update(node_in_N3D, species_N)
         return node_ND, edge_ED

@@ -14,7 +14,8 @@ from torch import nn
 
 from exaforce.config import ModelConfig
 from exaforce.model.basis import BesselBasis, chebyshev_angle_basis, polynomial_envelope
-from exaforce.model.blocks import GatedMLP, InteractionBlock, RMSNorm
+from exaforce.model.blocks import InteractionBlock
+from exaforce.model.layers import GatedMLP, RMSNorm
 from exaforce.model.graph import GraphBatch
 
 
@@ -58,7 +59,7 @@ class Potential(nn.Module):
         # --- interaction blocks
         node_ND = self.embedding(species_N)
         for block in self.blocks:
-            node_ND, edge_ED = block(node_ND, edge_ED, edge_index_2E, edge_weight_E,
+            node_ND, edge_ED = block(node_ND, edge_ED, species_N, edge_index_2E, edge_weight_E,
                                      triplet_index_2T, angle_TA, triplet_weight_T)
 
         # --- readout: per-atom energies, reference energies, sum per graph
