@@ -10,11 +10,10 @@ from ase import Atoms
 from ase.calculators.calculator import Calculator, all_changes
 
 from exaforce import checkpoint
-from exaforce.config import ModelConfig, model_from_dict, model_preset
+from exaforce.config import DTYPES, ModelConfig, model_from_dict, model_preset
 from exaforce.model.graph import batch_from_atoms
 from exaforce.model.potential import Potential, energy_forces_stress
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 class ExaforceCalculator(Calculator):

@@ -111,8 +111,9 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_perf_report(args: argparse.Namespace) -> None:
     from exaforce.perf.report import format_summary, load_run, summarize, write_report
 
-    path = write_report(Path(args.run_dir), Path(args.out) if args.out else None)
-    _say(format_summary(summarize(load_run(Path(args.run_dir)))))
+    summary = summarize(load_run(Path(args.run_dir)))  # read the logs once
+    path = write_report(Path(args.run_dir), Path(args.out) if args.out else None, summary)
+    _say(format_summary(summary))
     _say(f"report: {path}")
 
 

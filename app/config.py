@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import dataclasses
 import tomllib
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import torch
+
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}  # the names run.dtype and the calculator take
 
 
 class ConfigError(ValueError):
@@ -116,7 +120,7 @@ def validate(cfg: Config) -> Config:
     """Value checks that types alone cannot express; raises ConfigError naming the key."""
     from ase.data import atomic_numbers
 
-    if cfg.run.dtype not in ("float32", "float64"):
+    if cfg.run.dtype not in DTYPES:
         raise ConfigError(f"run.dtype = {cfg.run.dtype!r}: must be 'float32' or 'float64'")
     _positive(cfg.run.steps, "run.steps")
     _positive(cfg.run.log_every, "run.log_every")

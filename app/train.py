@@ -5,7 +5,6 @@ The entry point `train(cfg, topo)` reads as the data flow; `train_step` is one s
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import resource
 import time
@@ -18,7 +17,7 @@ import torch
 
 from exaforce import checkpoint
 from exaforce.comm.mpi import MPIGradReducer, broadcast_parameters
-from exaforce.config import Config, ConfigError
+from exaforce.config import DTYPES, Config, ConfigError
 from exaforce.io.bp import open_bp
 from exaforce.io.sampler import ShardSampler, shard_range, steps_per_epoch
 from exaforce.io.schema import DataError, Frames
@@ -30,7 +29,6 @@ from exaforce.perf.log import PerfLogWriter
 from exaforce.perf.machines import local_machine
 from exaforce.topology import Topology
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 @dataclass
@@ -127,7 +125,7 @@ def loss_and_gradients(model: Potential, batch: GraphBatch, cfg: Config, loss_sc
     (losses["total"].sum() * loss_scale).backward()  # double backward through the forces
     t3 = time.perf_counter()
     times.update(forward=t1 - t0, force_backward=t2 - t1, param_backward=t3 - t2)
-    return {k: float(v.detach().sum()) for k, v in losses.items()}
+    return {k: float(v.detach().sum()) for k, v in losses.items()}  # host sync point (on a GPU), once per step
 
 
 def train_step(model: Potential, batch: GraphBatch, optimizer: torch.optim.Optimizer,

@@ -526,12 +526,12 @@ def _plot_throughput(summary: dict, out_dir: Path) -> str:
     return _save(fig, out_dir, "throughput")
 
 
-def write_report(run_dir: Path, out_dir: Path | None = None) -> Path:
+def write_report(run_dir: Path, out_dir: Path | None = None, summary: dict | None = None) -> Path:
     """Write report.md, summary.json and the plots (PNG and SVG) to out_dir (default
-    RUN_DIR/report); return the path of report.md."""
+    RUN_DIR/report); return the path of report.md. Pass `summary` when already computed."""
     run_dir = Path(run_dir)
     out_dir = Path(out_dir) if out_dir is not None else run_dir / "report"
-    summary = summarize(load_run(run_dir))
+    summary = summary if summary is not None else summarize(load_run(run_dir))
     out_dir.mkdir(parents=True, exist_ok=True)
     plots = []
     if summary["steps"]:

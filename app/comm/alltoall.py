@@ -17,7 +17,6 @@ import torch
 
 
 def _alltoallv(x_XD: torch.Tensor, send_splits: Sequence[int], recv_splits: Sequence[int], comm: Any) -> torch.Tensor:
-    from mpi4py import MPI
 
     if x_XD.shape[0] != sum(send_splits):
         raise ValueError(f"all_to_all: {x_XD.shape[0]} rows but send splits sum to {sum(send_splits)}")

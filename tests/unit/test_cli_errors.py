@@ -11,7 +11,7 @@ from ase.build import molecule
 from ase.calculators.emt import EMT
 from ase.calculators.singlepoint import SinglePointCalculator
 
-from conftest import REPO, run_cli, run_mpi
+from conftest import run_cli, run_mpi
 from exaforce.io.bp import write_bp
 from exaforce.io.extxyz import write_extxyz
 from exaforce.io.schema import Frames

@@ -1,7 +1,6 @@
 """extxyz: lossless round trip, and every kind of bad input named by file, frame and field."""
 
 from collections.abc import Callable
-from pathlib import Path
 
 import ase.io
 import numpy as np
