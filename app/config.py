@@ -31,6 +31,7 @@ class RunConfig:
     steps: int = 100                    # optimizer steps
     log_every: int = 10                 # rank 0 prints progress every N steps
     checkpoint_every: int = 0           # 0: only at the end
+    final_checkpoint: bool = True       # false: no checkpoint at the end (benchmarks of huge models)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -60,6 +61,7 @@ class LossConfig:
     energy_weight: float = 1.0          # on (eV/atom)²
     forces_weight: float = 10.0         # on (eV/Å)², mean over atoms of a structure
     stress_weight: float = 1.0          # on (GPa)²
+    moe_aux_weight: float = 0.01        # load-balancing loss X·Σ f·P per MoE layer (MoE models only)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -142,7 +144,7 @@ def validate(cfg: Config) -> Config:
     if cfg.model.moe_experts < 0 or (cfg.model.moe_experts and not 1 <= cfg.model.moe_top_k <= cfg.model.moe_experts):
         raise ConfigError(f"model.moe_experts = {cfg.model.moe_experts}, model.moe_top_k = {cfg.model.moe_top_k}: "
                           "need moe_experts >= 0 and 1 <= moe_top_k <= moe_experts")
-    for key in ("energy_weight", "forces_weight", "stress_weight"):
+    for key in ("energy_weight", "forces_weight", "stress_weight", "moe_aux_weight"):
         if getattr(cfg.loss, key) < 0:
             raise ConfigError(f"loss.{key} = {getattr(cfg.loss, key)}: must be >= 0")
     _positive(cfg.optim.lr, "optim.lr")
@@ -150,6 +152,12 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"optim.grad_clip = {cfg.optim.grad_clip}: must be >= 0 (0 disables)")
     if cfg.parallel.dp < 0 or cfg.parallel.ep < 1:
         raise ConfigError(f"parallel.dp = {cfg.parallel.dp}, parallel.ep = {cfg.parallel.ep}: need dp >= 0, ep >= 1")
+    ep, experts = cfg.parallel.ep, cfg.model.moe_experts
+    if ep > 1 and not experts:
+        raise ConfigError(f"parallel.ep = {ep}: expert parallelism needs an MoE model (model.moe_experts > 0)")
+    if ep > 1 and (ep > experts or experts % ep):
+        raise ConfigError(f"parallel.ep = {ep}, model.moe_experts = {experts}: every EP rank must hold the same "
+                          f"number of experts (ep <= moe_experts and moe_experts divisible by ep)")
     if cfg.comm.backend != "mpi":
         raise ConfigError(f"comm.backend = {cfg.comm.backend!r}: only 'mpi' is available in this version")
     return cfg

@@ -1,4 +1,4 @@
-"""Data-parallel training: topology → data → model → parallelize → optimizer → loop.
+"""Training over a dp × ep topology: topology → data → model → parallelize → optimizer → loop.
 
 The entry point `train(cfg, topo)` reads as the data flow; `train_step` is one step top to bottom.
 """
@@ -16,14 +16,15 @@ import numpy as np
 import torch
 
 from exaforce import checkpoint
-from exaforce.comm.mpi import MPIGradReducer, broadcast_parameters
 from exaforce.config import DTYPES, Config, ConfigError
 from exaforce.io.bp import open_bp
 from exaforce.io.sampler import ShardSampler, shard_range, steps_per_epoch
 from exaforce.io.schema import DataError, Frames
 from exaforce.loss import structure_losses
 from exaforce.model.graph import GraphBatch, build_batch
-from exaforce.model.potential import Potential, energy, forces_and_stress, strained_geometry
+from exaforce.model.potential import Potential, energy, forces_and_stress, local_routing, strained_geometry
+from exaforce.model.routing import Routing
+from exaforce.parallel import GradientReduction, clip_grad_norm, step_routing, sync_initial_parameters
 from exaforce.perf.flops import count_flops, fit_flop_coefficients, predict_flops
 from exaforce.perf.log import PerfLogWriter
 from exaforce.perf.machines import local_machine
@@ -83,16 +84,22 @@ def fit_energy_normalisation(model: Potential, data: LocalData, topo: Topology) 
     model.energy_scale.fill_(force_rms if force_rms > 0 else 1.0)
 
 
-def calibrate_flops(model: Potential, batches: list[GraphBatch], cfg: Config) -> dict[str, float]:
+def calibrate_flops(model: Potential, batches: list[GraphBatch], cfg: Config, topo: Topology) -> dict[str, float]:
     """FLOPs of one training step as c0 + c_a·atoms + c_e·edges + c_t·angles, fitted to
-    FlopCounterMode counts of full steps (forward, force backward, parameter backward)."""
+    FlopCounterMode counts of full steps (forward, force backward, parameter backward).
+
+    Collective: every rank counts the same number of steps on its own batches (with expert
+    parallelism an expert's work depends on every rank's tokens), and the fit is to the world
+    means of counts and FLOPs, so the coefficients predict a rank's share of the step."""
     samples = []
     for batch in batches:
-        flops = count_flops(lambda: loss_and_gradients(model, batch, cfg, 1.0, {}))
+        routing = step_routing(model, batch, topo)
+        flops = count_flops(lambda: loss_and_gradients(model, batch, cfg, 1.0, {}, routing))
         c = batch.counts()
         samples.append((c["atoms"], c["edges"], c["angles"], float(flops)))
     model.zero_grad(set_to_none=True)
-    return fit_flop_coefficients(samples)
+    mean = np.asarray(topo.world.allreduce(np.asarray(samples))) / topo.world_size  # collective
+    return fit_flop_coefficients([tuple(row) for row in mean])
 
 
 def make_optimizer(model: Potential, cfg: Config) -> tuple[torch.optim.Optimizer, Callable[[int], float]]:
@@ -109,41 +116,57 @@ def make_optimizer(model: Potential, cfg: Config) -> tuple[torch.optim.Optimizer
 
 
 def loss_and_gradients(model: Potential, batch: GraphBatch, cfg: Config, loss_scale: float,
-                       times: dict[str, float]) -> dict[str, float]:
+                       times: dict[str, float], routing: Routing | None = None) -> dict[str, float]:
     """Energy → forces/stress → loss → parameter backward on this rank's batch; fills `times`.
 
     loss_scale = world_size / global_batch_size, so averaging gradients over the world gives the
-    gradient of the mean loss over the global batch (uneven atom counts included).
+    gradient of the mean loss over the global batch (uneven atom counts included). The MoE
+    load-balancing loss is computed from world token counts, so it is the same on every rank and
+    enters unscaled: the world average of its gradient is its gradient. `routing` is the step's
+    plan from `step_routing` (None: one process holds every expert). Returns per-term sums over
+    this rank's structures, plus "moe_aux" (the global aux loss, not a sum).
     """
+    if routing is None and model.moe_layers:
+        routing = local_routing(model, batch)
     t0 = time.perf_counter()
     geometry = strained_geometry(batch)
-    energy_G = energy(model, batch, geometry)
+    energy_G = energy(model, batch, geometry, routing)
     t1 = time.perf_counter()
     pred = forces_and_stress(energy_G, geometry, batch, training=True)  # create_graph=True
     t2 = time.perf_counter()
     losses = structure_losses(pred, batch, cfg.loss)
-    (losses["total"].sum() * loss_scale).backward()  # double backward through the forces
+    objective = losses["total"].sum() * loss_scale
+    if model.moe_layers:
+        losses["moe_aux"] = model.aux_loss(routing)
+        objective = objective + cfg.loss.moe_aux_weight * losses["moe_aux"]
+    objective.backward()  # double backward through the forces
     t3 = time.perf_counter()
     times.update(forward=t1 - t0, force_backward=t2 - t1, param_backward=t3 - t2)
+    if routing is not None:
+        times["alltoall"] = routing.clock.seconds  # inside forward and both backwards
     return {k: float(v.detach().sum()) for k, v in losses.items()}  # host sync point (on a GPU), once per step
 
 
 def train_step(model: Potential, batch: GraphBatch, optimizer: torch.optim.Optimizer,
-               reducer: MPIGradReducer, cfg: Config, loss_scale: float, lr: float) -> tuple[dict, dict]:
-    """One optimizer step on this rank's share of the global batch; returns (loss sums, times)."""
+               reduction: GradientReduction, cfg: Config, topo: Topology, loss_scale: float,
+               lr: float) -> tuple[dict, dict, Routing | None]:
+    """One optimizer step on this rank's share of the global batch; returns (loss sums, times, routing)."""
     times: dict[str, float] = {}
     optimizer.zero_grad(set_to_none=True)
-    loss_sums = loss_and_gradients(model, batch, cfg, loss_scale, times)
     t0 = time.perf_counter()
-    reducer.reduce()  # collective: average over the world
+    routing = step_routing(model, batch, topo)  # collective (MoE only): element counts
+    times["routing"] = time.perf_counter() - t0
+    loss_sums = loss_and_gradients(model, batch, cfg, loss_scale, times, routing)
+    t0 = time.perf_counter()
+    reduction.reduce()  # collectives: dense over the world, experts over their EDP group
     t1 = time.perf_counter()
     if cfg.optim.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        clip_grad_norm(model, topo, cfg.optim.grad_clip)  # collective over the EP group
     for group in optimizer.param_groups:
         group["lr"] = lr
     optimizer.step()
     times.update(comm=t1 - t0, optimizer=time.perf_counter() - t1)
-    return loss_sums, times
+    return loss_sums, times, routing
 
 
 def peak_memory_bytes() -> int:
@@ -154,8 +177,6 @@ def train(cfg: Config, topo: Topology, log: Callable[[str], None]) -> Path:
     """Runs cfg.run.steps optimizer steps; returns the run folder (perf logs, checkpoint)."""
     dtype = DTYPES[cfg.run.dtype]
     world, rank = topo.world_size, topo.rank
-    if cfg.parallel.ep != 1:
-        raise ConfigError(f"parallel.ep = {cfg.parallel.ep}: expert parallelism needs the MoE model (not in this version)")
     if cfg.data.global_batch_size % world:
         raise ConfigError(f"data.global_batch_size = {cfg.data.global_batch_size} is not divisible by "
                          f"the {world} ranks of the job")
@@ -163,7 +184,7 @@ def train(cfg: Config, topo: Topology, log: Callable[[str], None]) -> Path:
 
     # Model first (on every rank, same seed), then data, validated against the model's elements.
     torch.manual_seed(cfg.run.seed)
-    model = Potential(cfg.model).to(dtype)
+    model = Potential(cfg.model, ep_rank=topo.layout.coords(rank)[1], ep_size=topo.layout.ep).to(dtype)
     species_of = model.species_table()
     data = load_local_data(cfg.data.train, species_of, topo)
     steps_in_epoch = steps_per_epoch(data.dataset_sizes, world, per_rank_batch)
@@ -173,9 +194,9 @@ def train(cfg: Config, topo: Topology, log: Callable[[str], None]) -> Path:
     sampler = ShardSampler(len(data.frames), per_rank_batch, steps_in_epoch, cfg.run.seed, rank)
     fit_energy_normalisation(model, data, topo)
 
-    # Parallelize: identical start on every rank, then one reducer over the world.
-    broadcast_parameters(model, topo.world)
-    reducer = MPIGradReducer(list(model.parameters()), topo.world)
+    # Parallelize: identical start on every rank (dense) and EDP group (experts), then the reducers.
+    sync_initial_parameters(model, topo)
+    reduction = GradientReduction(model, topo)
     optimizer, lr_at = make_optimizer(model, cfg)
 
     def batch_at(step: int) -> GraphBatch:
@@ -183,21 +204,20 @@ def train(cfg: Config, topo: Topology, log: Callable[[str], None]) -> Path:
         frames = data.frames.select(sampler.batch(epoch, within))
         return build_batch(frames, species_of, cfg.model.cutoff, cfg.model.three_body_cutoff).to("cpu", dtype)
 
-    # Perf accounting: rank 0 calibrates FLOP coefficients and measures the peak; all ranks agree.
+    # Perf accounting: all ranks calibrate FLOP coefficients together; rank 0 measures the peak.
     run_dir = Path(cfg.run.out_dir)
-    if rank == 0:
-        n = len(data.frames)
-        calibration = [build_batch(data.frames.select(np.arange(i, i + k) % n), species_of,
-                                   cfg.model.cutoff, cfg.model.three_body_cutoff).to("cpu", dtype)
-                       for i, k in ((0, 1), (1, 2), (3, 3), (6, 4), (10, 2), (12, 5))]
-        shared = (calibrate_flops(model, calibration, cfg), local_machine(dtype))
-    else:
-        shared = None
-    flop_coefficients, machine = topo.world.bcast(shared, root=0)  # collective
+    n = len(data.frames)
+    calibration = [build_batch(data.frames.select(np.arange(i, i + k) % n), species_of,
+                               cfg.model.cutoff, cfg.model.three_body_cutoff).to("cpu", dtype)
+                   for i, k in ((0, 1), (1, 2), (3, 3), (6, 4), (10, 2), (12, 5))]
+    flop_coefficients = calibrate_flops(model, calibration, cfg, topo)
+    machine = topo.world.bcast(local_machine(dtype) if rank == 0 else None, root=0)  # collective
     perf = PerfLogWriter(run_dir, rank)
     perf.header(rank=rank, world_size=world, config=cfg.to_dict(), topology=topo.describe(),
                 machine=machine, flop_coefficients=flop_coefficients)
-    log(f"training {sum(p.numel() for p in model.parameters()):,} parameters on {world} rank(s), "
+    n_params = sum(p.numel() for p in model.dense_parameters()) + topo.ep_comm.allreduce(
+        sum(p.numel() for p in model.expert_parameters()))  # collective
+    log(f"training {n_params:,} parameters on {world} rank(s), "
         f"global batch {cfg.data.global_batch_size}, {steps_in_epoch} steps/epoch, {cfg.run.steps} steps")
 
     loss_scale = world / cfg.data.global_batch_size
@@ -207,27 +227,55 @@ def train(cfg: Config, topo: Topology, log: Callable[[str], None]) -> Path:
         batch = batch_at(step)
         t_data = time.perf_counter() - t0
         lr = lr_at(step)
-        loss_sums, times = train_step(model, batch, optimizer, reducer, cfg, loss_scale, lr)
+        loss_sums, times, routing = train_step(model, batch, optimizer, reduction, cfg, topo, loss_scale, lr)
         counts = batch.counts()
         times["data"] = t_data
         times["total"] = time.perf_counter() - t0
+        moe = {"moe_aux": loss_sums.pop("moe_aux"), "expert_load": routing.expert_load()} if routing else {}
         perf.step(step=step, epoch=(step - 1) // steps_in_epoch, times=times, loss_sum=loss_sums,
                   flops=predict_flops(flop_coefficients, counts["atoms"], counts["edges"], counts["angles"]),
-                  peak_mem_bytes=peak_memory_bytes(), lr=lr, **counts)
+                  peak_mem_bytes=peak_memory_bytes(), lr=lr, **counts, **moe)
         if rank == 0 and (step % cfg.run.log_every == 0 or step == 1 or step == cfg.run.steps):
             log(f"step {step:>5}/{cfg.run.steps}  loss(rank 0) {loss_sums['total'] / counts['structures']:.4g}  "
                 f"{times['total'] * 1e3:.0f} ms")
-        if cfg.run.checkpoint_every and step % cfg.run.checkpoint_every == 0 and rank == 0:
-            save_checkpoint(model, optimizer, cfg, step, run_dir)
+        if cfg.run.checkpoint_every and step % cfg.run.checkpoint_every == 0:
+            save_checkpoint(model, optimizer, cfg, step, run_dir, topo)
     perf.end(steps=cfg.run.steps, wall_s=time.perf_counter() - wall0)
     perf.close()
+    peaks = topo.world.gather(peak_memory_bytes(), root=0)  # collective
     if rank == 0:
-        path = save_checkpoint(model, optimizer, cfg, cfg.run.steps, run_dir)
+        log("peak memory per rank (max RSS): " + ", ".join(f"{r}: {b / 2**30:.2f} GiB" for r, b in enumerate(peaks)))
+    if cfg.run.final_checkpoint:
+        path = save_checkpoint(model, optimizer, cfg, cfg.run.steps, run_dir, topo)
         log(f"checkpoint: {path}")
     topo.world.Barrier()  # collective: nobody reports done before the checkpoint exists
     return run_dir
 
 
-def save_checkpoint(model: Potential, optimizer: torch.optim.Optimizer, cfg: Config, step: int, run_dir: Path) -> Path:
-    state = {"step": step, "config": cfg.to_dict(), "model": model.state_dict(), "optimizer": optimizer.state_dict()}
-    return checkpoint.save_atomic(state, run_dir / "checkpoints" / f"step-{step:08d}.pt")
+def full_model_state(model: Potential, topo: Topology) -> dict | None:
+    """The whole model's state on world rank 0 (None elsewhere): with ep > 1 the expert shards of
+    the first EP group are gathered to it (collective over that group)."""
+    state = model.state_dict()
+    if topo.layout.ep == 1:
+        return state if topo.is_root else None
+    if topo.layout.coords(topo.rank)[0] != 0:
+        return None
+    shards = topo.ep_comm.gather({k: v for k, v in state.items() if ".experts." in k}, root=0)  # collective
+    if not topo.is_root:
+        return None
+    for shard in shards:
+        state.update(shard)
+    return state
+
+
+def save_checkpoint(model: Potential, optimizer: torch.optim.Optimizer, cfg: Config, step: int, run_dir: Path,
+                    topo: Topology) -> Path:
+    """One file with the full model. The optimizer state is saved for ep = 1 only: its expert part is
+    sharded with the experts (sharded checkpoints and exact resume: the fault-tolerance issue)."""
+    path = run_dir / "checkpoints" / f"step-{step:08d}.pt"
+    model_state = full_model_state(model, topo)
+    if topo.is_root:
+        state = {"step": step, "config": cfg.to_dict(), "model": model_state,
+                 "optimizer": optimizer.state_dict() if topo.layout.ep == 1 else None}
+        checkpoint.save_atomic(state, path)
+    return path

@@ -22,12 +22,12 @@ def run_mpi(n: int, args: list[str], timeout: float = 300, cwd: Path | None = No
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd or REPO, env=env)
 
 
-def run_mpi_script(n: int, script: str, tmp_path: Path, timeout: float = 240) -> dict:
-    """Runs tests/mpi/<script> on n ranks; the script writes its result as JSON to the path it is given."""
+def run_mpi_script(n: int, script: str, tmp_path: Path, args: tuple = (), timeout: float = 240) -> dict:
+    """Runs tests/mpi/<script> OUT *args on n ranks; the script writes its result as JSON to OUT."""
     import json
 
-    out = tmp_path / f"{Path(script).stem}-{n}.json"
-    proc = run_mpi(n, [str(REPO / "tests/mpi" / script), str(out)], timeout=timeout)
+    out = tmp_path / f"{Path(script).stem}-{n}-{'-'.join(map(str, args))}.json"
+    proc = run_mpi(n, [str(REPO / "tests/mpi" / script), str(out), *map(str, args)], timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(out.read_text())
 

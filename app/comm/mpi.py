@@ -20,17 +20,33 @@ def _as_buffer(tensor: torch.Tensor) -> Any:
 
 
 class MPIGradReducer:
-    """Averages the gradients of `params` over `comm` (every rank issues the same call)."""
+    """Sums the gradients of `params` over `comm` and divides by `divisor` (every rank issues the same call).
 
-    def __init__(self, params: list[torch.nn.Parameter], comm: Any):
+    Dense parameters: comm = world, divisor = world size. Expert parameters: comm = their EDP group,
+    divisor = world size too, because each expert's local gradient already holds the contributions
+    of its whole EP group (they came back through the all-to-all); the result is the global mean.
+    """
+
+    def __init__(self, params: list[torch.nn.Parameter], comm: Any, divisor: int):
         self.params = [p for p in params if p.requires_grad]
         self.comm = comm
-        dtype = self.params[0].dtype
-        self._flat = torch.zeros(sum(p.numel() for p in self.params), dtype=dtype)
+        self.divisor = divisor
+        self._flat: torch.Tensor | None = None  # allocated on first use, reused every step
 
     def reduce(self) -> None:
         from mpi4py import MPI
 
+        if not self.params:
+            return
+        if self.comm.Get_size() == 1:  # nothing to exchange: scale in place, no buffer
+            for p in self.params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                elif self.divisor != 1:
+                    p.grad.div_(self.divisor)
+            return
+        if self._flat is None:
+            self._flat = torch.zeros(sum(p.numel() for p in self.params), dtype=self.params[0].dtype)
         offset = 0
         for p in self.params:
             n = p.numel()
@@ -40,9 +56,8 @@ class MPIGradReducer:
             else:
                 self._flat[offset:offset + n].copy_(p.grad.reshape(-1))
             offset += n
-        if self.comm.Get_size() > 1:
-            self.comm.Allreduce(MPI.IN_PLACE, _as_buffer(self._flat), op=MPI.SUM)  # collective
-            self._flat.div_(self.comm.Get_size())
+        self.comm.Allreduce(MPI.IN_PLACE, _as_buffer(self._flat), op=MPI.SUM)  # collective
+        self._flat.div_(self.divisor)
         offset = 0
         for p in self.params:
             n = p.numel()
@@ -52,9 +67,9 @@ class MPIGradReducer:
             offset += n
 
 
-def broadcast_parameters(module: torch.nn.Module, comm: Any, root: int = 0) -> None:
-    """Makes every rank start from root's parameters and buffers."""
-    for tensor in list(module.parameters()) + list(module.buffers()):
+def broadcast_tensors(tensors: list[torch.Tensor], comm: Any, root: int = 0) -> None:
+    """Makes every rank of `comm` start from root's values (parameters, buffers)."""
+    for tensor in tensors:
         data = tensor.data
         if not data.is_contiguous():
             raise ValueError("parameters must be contiguous to broadcast")

@@ -11,6 +11,7 @@ from torch import nn
 from exaforce.config import ModelConfig
 from exaforce.model.layers import GatedMLP, RMSNorm
 from exaforce.model.moe import MoEMLP
+from exaforce.model.routing import ATOMS, BONDS, Routing
 
 
 def smooth_attention_sum(score_XD: torch.Tensor, value_XD: torch.Tensor, weight_X: torch.Tensor,
@@ -72,19 +73,23 @@ class SeparableAttention(nn.Module):
         return torch.cat([out_2SD[:n_segments], out_2SD[n_segments:]], dim=-1)  # (S, 2·D)
 
 
-class DenseUpdate(GatedMLP):
-    """The dense update MLP with the MoE's call signature (routing species are ignored)."""
-
-    def forward(self, x_XF: torch.Tensor, species_X: torch.Tensor) -> torch.Tensor:
-        return super().forward(x_XF)
-
-
-def update_mlp(cfg: ModelConfig, in_dim: int, hidden: int, out_dim: int) -> nn.Module:
+class UpdateMLP(nn.Module):
     """A dense gated MLP, or an element-routed MoE MLP when model.moe_experts > 0 (two per block,
-    as MatRIS-MoE: bond/message construction and atom update)."""
-    if cfg.moe_experts:
-        return MoEMLP(in_dim, hidden, out_dim, len(cfg.elements), cfg.moe_experts, cfg.moe_top_k)
-    return DenseUpdate(in_dim, hidden, out_dim)
+    as MatRIS-MoE: bond/message construction and atom update); one call signature for both."""
+
+    def __init__(self, cfg: ModelConfig, in_dim: int, hidden: int, out_dim: int, token_kind: int,
+                 ep_rank: int, ep_size: int):
+        super().__init__()
+        if cfg.moe_experts:
+            self.mlp: nn.Module = MoEMLP(in_dim, hidden, out_dim, len(cfg.elements), cfg.moe_experts,
+                                         cfg.moe_top_k, token_kind, ep_rank, ep_size)
+        else:
+            self.mlp = GatedMLP(in_dim, hidden, out_dim)
+
+    def forward(self, x_XF: torch.Tensor, species_X: torch.Tensor, routing: Routing | None) -> torch.Tensor:
+        if isinstance(self.mlp, MoEMLP):
+            return self.mlp(x_XF, species_X, routing.layers[self.mlp.layer_index], routing.comm, routing.clock)
+        return self.mlp(x_XF)
 
 
 class InteractionBlock(nn.Module):
@@ -92,28 +97,29 @@ class InteractionBlock(nn.Module):
     atom-graph attention updates atoms from bonds; each update is a gated MLP on an RMS-normed
     aggregate with a learnable per-channel residual scale."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, ep_rank: int = 0, ep_size: int = 1):
         super().__init__()
         d = cfg.width
         self.line_attention = SeparableAttention(d, cfg.angle_basis)
         self.edge_norm = RMSNorm(2 * d)
-        self.edge_update = update_mlp(cfg, 3 * d, cfg.edge_mlp_ratio * d, d)
+        self.edge_update = UpdateMLP(cfg, 3 * d, cfg.edge_mlp_ratio * d, d, BONDS, ep_rank, ep_size)
         self.edge_scale = nn.Parameter(torch.ones(d))
         self.atom_attention = SeparableAttention(d, d)
         self.node_norm = RMSNorm(2 * d)
-        self.node_update = update_mlp(cfg, 3 * d, cfg.node_mlp_ratio * d, d)
+        self.node_update = UpdateMLP(cfg, 3 * d, cfg.node_mlp_ratio * d, d, ATOMS, ep_rank, ep_size)
         self.node_scale = nn.Parameter(torch.ones(d))
 
     def forward(self, node_ND: torch.Tensor, edge_ED: torch.Tensor, species_N: torch.Tensor,
                 edge_index_2E: torch.Tensor, edge_weight_E: torch.Tensor, triplet_index_2T: torch.Tensor,
-                angle_TA: torch.Tensor, triplet_weight_T: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                angle_TA: torch.Tensor, triplet_weight_T: torch.Tensor,
+                routing: Routing | None) -> tuple[torch.Tensor, torch.Tensor]:
         # Line graph: bonds a and b sharing a centre atom exchange messages shaped by their angle.
         bond_msg_E2D = self.line_attention(edge_ED, angle_TA, triplet_weight_T, triplet_index_2T)
         edge_in_E3D = torch.cat([edge_ED, self.edge_norm(bond_msg_E2D)], -1)
-        edge_ED = edge_ED + self.edge_scale * self.edge_update(edge_in_E3D, species_N[edge_index_2E[0]])
+        edge_ED = edge_ED + self.edge_scale * self.edge_update(edge_in_E3D, species_N[edge_index_2E[0]], routing)
 
         # Atom graph: each atom gathers from the bonds it starts and the bonds it ends.
         atom_msg_N2D = self.atom_attention(node_ND, edge_ED, edge_weight_E, edge_index_2E)
         node_in_N3D = torch.cat([node_ND, self.node_norm(atom_msg_N2D)], -1)
-        node_ND = node_ND + self.node_scale * self.node_update(node_in_N3D, species_N)
+        node_ND = node_ND + self.node_scale * self.node_update(node_in_N3D, species_N, routing)
         return node_ND, edge_ED

@@ -15,6 +15,7 @@ import torch
 import vesin
 
 from exaforce.io.schema import Frames
+from exaforce.model.routing import element_token_counts
 
 
 @dataclass
@@ -34,6 +35,7 @@ class GraphBatch:
     forces_N3: torch.Tensor
     stress_G6: torch.Tensor       # NaN rows: no stress label
     periodic_G: torch.Tensor      # bool: all three directions periodic (stress defined)
+    element_counts_2Z: np.ndarray  # host: atoms per element, bonds per source element (MoE routing)
 
     @property
     def n_graphs(self) -> int:
@@ -48,6 +50,9 @@ class GraphBatch:
         moved = {}
         for f in fields(self):
             t = getattr(self, f.name)
+            if isinstance(t, np.ndarray):  # host-side metadata stays on the host
+                moved[f.name] = t
+                continue
             moved[f.name] = t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device)
         return GraphBatch(**moved)
 
@@ -99,9 +104,10 @@ def build_batch(frames: Frames, species_of: np.ndarray, cutoff: float, three_bod
               + np.einsum("ek,ekx->ex", shifts_E3, frames.cell_S33[graph_N[src_E]]))
     short_E = np.linalg.norm(vec_E3, axis=1) < three_body_cutoff
     periodic_G = frames.pbc_S3.all(axis=1)
+    species_N = species_of[frames.numbers_N].astype(np.int64)
     return GraphBatch(
         numbers_N=torch.from_numpy(frames.numbers_N.astype(np.int64)),
-        species_N=torch.from_numpy(species_of[frames.numbers_N].astype(np.int64)),
+        species_N=torch.from_numpy(species_N),
         positions_N3=torch.from_numpy(frames.positions_N3),
         cell_G33=torch.from_numpy(frames.cell_S33 * periodic_G[:, None, None]),
         graph_N=torch.from_numpy(graph_N.astype(np.int64)),
@@ -113,6 +119,7 @@ def build_batch(frames: Frames, species_of: np.ndarray, cutoff: float, three_bod
         forces_N3=torch.from_numpy(frames.forces_N3),
         stress_G6=torch.from_numpy(frames.stress_S6),
         periodic_G=torch.from_numpy(periodic_G),
+        element_counts_2Z=element_token_counts(species_N, src_E, int(species_of.max()) + 1),
     )
 
 

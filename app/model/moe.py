@@ -1,24 +1,33 @@
-"""Element-routed Mixture-of-Experts MLP: router, local dispatcher, experts.
+"""Element-routed Mixture-of-Experts MLP: router, dispatch (local or expert-parallel), experts.
 
 Routing depends only on a token's element (never on positions), so the potential energy surface
 is as smooth as the dense backbone's and forces stay conservative. Every token goes to its
 element's top-k experts (dropless) plus one always-on shared expert.
 
-Shapes: T tokens (atoms or bonds), F input features, H hidden, D output, X experts, K top-k,
-Z elements. This module holds no collectives: the expert-parallel dispatcher (issue 4) will
-exchange the same per-expert token groups with `exaforce.comm.alltoall.all_to_all`.
+Expert parallelism: the X experts of a layer are split over the ep ranks of an EP group, X/ep
+consecutive experts per rank. Tokens travel to their experts' ranks and back through the
+differentiable all-to-all, with split sizes from the step's `LayerRoute` (host integers). Every
+rank builds the same graph of operations every step (empty expert chunks included), so every
+backward issues its collectives in the same order on every rank.
+
+Shapes: T tokens (atoms or bonds), P = T·K (token, slot) pairs, F input features, H hidden,
+D output, X experts, K top-k, Z elements.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
+from exaforce.comm.alltoall import all_to_all
 from exaforce.model.layers import GatedMLP
+from exaforce.model.routing import LayerRoute
 
 
 class ElementRouter(nn.Module):
-    """Top-k experts and their weights for each element, from a learnable element embedding."""
+    """Router probabilities for each element, from a learnable element embedding."""
 
     def __init__(self, n_elements: int, n_experts: int, top_k: int, dim: int = 16):
         super().__init__()
@@ -28,37 +37,73 @@ class ElementRouter(nn.Module):
         self.element_embedding = nn.Embedding(n_elements, dim)
         self.logits = nn.Linear(dim, n_experts, bias=False)
 
-    def forward(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(expert index Z×K, combine weight Z×K, router probabilities Z×X) for every element."""
-        probs_ZX = torch.softmax(self.logits(self.element_embedding.weight), dim=-1)
-        weight_ZK, expert_ZK = probs_ZX.topk(self.top_k, dim=-1)
-        return expert_ZK, weight_ZK / weight_ZK.sum(-1, keepdim=True), probs_ZX
+    def probabilities(self) -> torch.Tensor:
+        """Z×X softmax over experts for every element."""
+        return torch.softmax(self.logits(self.element_embedding.weight), dim=-1)
+
+    def top_k_table(self) -> torch.Tensor:
+        """Z×K expert indices (not differentiable: the choice of experts, not their weights)."""
+        return self.probabilities().detach().topk(self.top_k, dim=-1).indices
+
+
+def load_balancing_loss(probs_ZX: torch.Tensor, expert_ZK: torch.Tensor, tokens_Z: torch.Tensor) -> torch.Tensor:
+    """X·Σ_e f_e·P_e (Switch Transformer, Fedus et al. 2021, eq. 4) over the step's tokens: f_e the
+    share of routed slots on expert e, P_e the mean router probability. Depends on the tokens only
+    through their element counts, so with world counts it is the same on every rank."""
+    share_Z = tokens_Z.to(probs_ZX.dtype) / tokens_Z.sum().clamp_min(1).to(probs_ZX.dtype)
+    routed_ZX = torch.zeros_like(probs_ZX).scatter(1, expert_ZK, 1.0 / expert_ZK.shape[1])
+    return probs_ZX.shape[1] * ((share_Z @ routed_ZX) * (share_Z @ probs_ZX)).sum()
+
+
+def _init_seed() -> int:
+    """One draw from the global RNG per MoE layer: identical on every rank for any EP size."""
+    return int(torch.randint(0, 2**62, ()))
 
 
 class MoEMLP(nn.Module):
-    """Σ_k w_k·expert_k(x) + shared(x), experts chosen per element; `aux_loss` after each forward."""
+    """Σ_k w_k·expert_k(x) + shared(x), experts chosen per element; holds this rank's experts only.
 
-    def __init__(self, in_dim: int, hidden: int, out_dim: int, n_elements: int, n_experts: int, top_k: int):
+    Expert e is initialised from its own seed (layer seed + e), so a rank holding experts
+    [e0, e0 + X/ep) starts with exactly the weights the single-rank model gives them.
+    """
+
+    def __init__(self, in_dim: int, hidden: int, out_dim: int, n_elements: int, n_experts: int, top_k: int,
+                 token_kind: int, ep_rank: int = 0, ep_size: int = 1):
         super().__init__()
+        if n_experts % ep_size:
+            raise ValueError(f"model.moe_experts = {n_experts} is not divisible by parallel.ep = {ep_size}")
         self.router = ElementRouter(n_elements, n_experts, top_k)
-        self.experts = nn.ModuleList(GatedMLP(in_dim, hidden, out_dim) for _ in range(n_experts))
+        self.token_kind = token_kind
+        self.layer_index = -1  # position among the model's MoE layers, set by the Potential
+        self.experts_per_rank = n_experts // ep_size
+        self.first_expert = ep_rank * self.experts_per_rank
+        seed = _init_seed()
+        experts = {}
+        for e in range(self.first_expert, self.first_expert + self.experts_per_rank):
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed + e)
+                experts[str(e)] = GatedMLP(in_dim, hidden, out_dim)
+        self.experts = nn.ModuleDict(experts)  # keyed by global expert index: shards merge by union
         self.shared = GatedMLP(in_dim, hidden, out_dim)
-        self.out_dim = out_dim
 
-    def forward(self, x_TF: torch.Tensor, species_T: torch.Tensor) -> torch.Tensor:
-        expert_ZK, weight_ZK, probs_ZX = self.router()
-        expert_TK, weight_TK = expert_ZK[species_T], weight_ZK[species_T]
-        out_TD = self.shared(x_TF)
-        # Local dispatch: one contiguous token group per expert (the all-to-all's send order).
-        for e, expert in enumerate(self.experts):
-            token_J, slot_J = (expert_TK == e).nonzero(as_tuple=True)
-            if token_J.numel():
-                y_JD = expert(x_TF.index_select(0, token_J)) * weight_TK[token_J, slot_J].unsqueeze(-1)
-                out_TD = out_TD.index_add(0, token_J, y_JD)
-        # Load-balancing loss X·Σ_e f_e·P_e (Switch Transformer, Fedus et al. 2021, eq. 4), over tokens.
-        n_experts = probs_ZX.shape[1]
-        counts_Z = torch.bincount(species_T, minlength=probs_ZX.shape[0]).to(probs_ZX.dtype)
-        share_Z = counts_Z / counts_Z.sum().clamp_min(1.0)
-        routed_ZX = torch.zeros_like(probs_ZX).scatter(1, expert_ZK, 1.0 / expert_ZK.shape[1])
-        self.aux_loss = n_experts * (share_Z @ routed_ZX * (share_Z @ probs_ZX)).sum()
-        return out_TD
+    def forward(self, x_TF: torch.Tensor, species_T: torch.Tensor, route: LayerRoute, comm: Any | None,
+                clock: Any | None = None) -> torch.Tensor:
+        top_k = route.expert_ZK.shape[1]
+        expert_ZK = torch.from_numpy(route.expert_ZK).to(species_T.device)
+        weight_ZK = self.router.probabilities().gather(1, expert_ZK)
+        weight_ZK = weight_ZK / weight_ZK.sum(-1, keepdim=True)
+        # (token, slot) pairs sorted by expert: contiguous groups in the all-to-all's send order.
+        order_P = torch.argsort(expert_ZK[species_T].reshape(-1), stable=True)
+        token_P = order_P // top_k
+        weight_P = weight_ZK[species_T].reshape(-1).index_select(0, order_P)
+        x_PF = x_TF.index_select(0, token_P)
+
+        rows = x_PF if comm is None else all_to_all(x_PF, route.send_splits, route.recv_splits, comm, clock)
+        if route.to_expert_order is not None:
+            rows = rows.index_select(0, route.to_expert_order.to(rows.device))
+        chunks = rows.split(route.expert_rows)
+        y = torch.cat([expert(chunk) for expert, chunk in zip(self.experts.values(), chunks)])
+        if route.to_receive_order is not None:
+            y = y.index_select(0, route.to_receive_order.to(y.device))
+        y_PD = y if comm is None else all_to_all(y, route.recv_splits, route.send_splits, comm, clock)
+        return self.shared(x_TF).index_add(0, token_P, y_PD * weight_P.unsqueeze(-1))

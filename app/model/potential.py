@@ -6,6 +6,7 @@ Shape legend: N atoms, E edges, T triplets, G graphs, D channels, R radial basis
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,24 +18,55 @@ from exaforce.model.basis import BesselBasis, chebyshev_angle_basis, polynomial_
 from exaforce.model.blocks import InteractionBlock
 from exaforce.model.layers import GatedMLP, RMSNorm
 from exaforce.model.graph import GraphBatch
+from exaforce.model.moe import MoEMLP, load_balancing_loss
+from exaforce.model.routing import Routing, TokenCounts, plan_layer
 
 
 class Potential(nn.Module):
     """Embeddings → blocks × [line-graph attention, atom-graph attention] → per-atom energy → sum."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, ep_rank: int = 0, ep_size: int = 1):
         super().__init__()
         self.cfg = cfg
+        self.ep_rank, self.ep_size = ep_rank, ep_size
         d = cfg.width
         self.embedding = nn.Embedding(len(cfg.elements), d)
         self.radial = BesselBasis(cfg.cutoff, cfg.radial_basis, cfg.envelope_p)
         self.edge_embedding = nn.Linear(cfg.radial_basis, d, bias=False)
-        self.blocks = nn.ModuleList(InteractionBlock(cfg) for _ in range(cfg.blocks))
+        self.blocks = nn.ModuleList(InteractionBlock(cfg, ep_rank, ep_size) for _ in range(cfg.blocks))
         self.readout_norm = RMSNorm(d)
         self.readout = GatedMLP(d, d, 1)
         # Fitted from the training data (trainer), saved with the weights, not trained.
         self.register_buffer("reference_energy_X", torch.zeros(len(cfg.elements)))
         self.register_buffer("energy_scale", torch.ones(()))
+        self.moe_layers: list[MoEMLP] = [m for m in self.modules() if isinstance(m, MoEMLP)]
+        for index, layer in enumerate(self.moe_layers):
+            layer.layer_index = index
+
+    def expert_parameters(self) -> list[nn.Parameter]:
+        """Parameters sharded over the EP group (reduced over the EDP group); the rest is dense."""
+        return [p for layer in self.moe_layers for p in layer.experts.parameters()]
+
+    def dense_parameters(self) -> list[nn.Parameter]:
+        expert = {id(p) for p in self.expert_parameters()}
+        return [p for p in self.parameters() if id(p) not in expert]
+
+    def plan_routing(self, counts: TokenCounts, comm: Any | None = None) -> Routing:
+        """This step's routing for every MoE layer: all top-k tables reach the host in one copy."""
+        tables = torch.stack([m.router.top_k_table() for m in self.moe_layers]).cpu().numpy() \
+            if self.moe_layers else []
+        layers = [plan_layer(table, counts.group_R2Z[:, m.token_kind], counts.world_2Z[m.token_kind],
+                             counts.ep_rank, m.experts_per_rank) for table, m in zip(tables, self.moe_layers)]
+        return Routing(layers=layers, counts=counts, comm=comm)
+
+    def aux_loss(self, routing: Routing) -> torch.Tensor:
+        """Σ over MoE layers of the load-balancing loss on the world's tokens (same on every rank)."""
+        total = self.energy_scale.new_zeros(())
+        for layer, route in zip(self.moe_layers, routing.layers):
+            tokens_Z = torch.from_numpy(routing.counts.world_2Z[layer.token_kind]).to(total.device)
+            expert_ZK = torch.from_numpy(route.expert_ZK).to(total.device)
+            total = total + load_balancing_loss(layer.router.probabilities(), expert_ZK, tokens_Z)
+        return total
 
     def species_table(self) -> np.ndarray:
         """Maps atomic number → element index; −1 for elements the model does not know."""
@@ -44,8 +76,10 @@ class Potential(nn.Module):
         return table
 
     def forward(self, species_N: torch.Tensor, vectors_E3: torch.Tensor, edge_index_2E: torch.Tensor,
-                triplet_index_2T: torch.Tensor, graph_N: torch.Tensor, n_graphs: int) -> torch.Tensor:
-        """Energy of each graph (eV) from edge vectors; all geometry enters through vectors_E3."""
+                triplet_index_2T: torch.Tensor, graph_N: torch.Tensor, n_graphs: int,
+                routing: Routing | None = None) -> torch.Tensor:
+        """Energy of each graph (eV) from edge vectors; all geometry enters through vectors_E3.
+        `routing` (from plan_routing) is required when the model has MoE layers."""
         # --- geometry features
         r_E = vectors_E3.norm(dim=-1)
         edge_weight_E = self.radial.envelope(r_E)
@@ -60,7 +94,7 @@ class Potential(nn.Module):
         node_ND = self.embedding(species_N)
         for block in self.blocks:
             node_ND, edge_ED = block(node_ND, edge_ED, species_N, edge_index_2E, edge_weight_E,
-                                     triplet_index_2T, angle_TA, triplet_weight_T)
+                                     triplet_index_2T, angle_TA, triplet_weight_T, routing)
 
         # --- readout: per-atom energies, reference energies, sum per graph
         atom_energy_N = self.energy_scale * self.readout(self.readout_norm(node_ND)).squeeze(-1)
@@ -100,9 +134,16 @@ def strained_geometry(batch: GraphBatch) -> StrainedGeometry:
     return StrainedGeometry(positions_N3, strain_G33, deformed_N3[dst_E] - deformed_N3[src_E] + shift_E3)
 
 
-def energy(model: Potential, batch: GraphBatch, geometry: StrainedGeometry) -> torch.Tensor:
+def local_routing(model: Potential, batch: GraphBatch) -> Routing:
+    """Routing when one process holds every expert and the whole batch (inference, serial runs)."""
+    return model.plan_routing(TokenCounts.single(batch.element_counts_2Z))
+
+
+def energy(model: Potential, batch: GraphBatch, geometry: StrainedGeometry, routing: Routing | None = None) -> torch.Tensor:
+    if routing is None and model.moe_layers:
+        routing = local_routing(model, batch)
     return model(batch.species_N, geometry.vectors_E3, batch.edge_index_2E, batch.triplet_index_2T,
-                 batch.graph_N, batch.n_graphs)
+                 batch.graph_N, batch.n_graphs, routing)
 
 
 def forces_and_stress(energy_G: torch.Tensor, geometry: StrainedGeometry, batch: GraphBatch,
@@ -121,6 +162,7 @@ def forces_and_stress(energy_G: torch.Tensor, geometry: StrainedGeometry, batch:
     return Prediction(energy_G=energy_G, forces_N3=-grad_pos_N3, stress_G6=stress_G6)
 
 
-def energy_forces_stress(model: Potential, batch: GraphBatch, training: bool) -> Prediction:
+def energy_forces_stress(model: Potential, batch: GraphBatch, training: bool,
+                         routing: Routing | None = None) -> Prediction:
     geometry = strained_geometry(batch)
-    return forces_and_stress(energy(model, batch, geometry), geometry, batch, training)
+    return forces_and_stress(energy(model, batch, geometry, routing), geometry, batch, training)

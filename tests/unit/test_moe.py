@@ -9,36 +9,70 @@ from ase.build import bulk
 from ase.calculators.fd import calculate_numerical_forces, calculate_numerical_stress
 
 from exaforce.calculator import ExaforceCalculator
-from exaforce.model.moe import MoEMLP
+from exaforce.model.moe import MoEMLP, load_balancing_loss
+from exaforce.model.routing import ATOMS, plan_layer
 
 pytestmark = pytest.mark.physics
 
 
+def local_route(moe: MoEMLP, species: torch.Tensor):
+    counts_Z = np.bincount(species.numpy(), minlength=moe.router.element_embedding.num_embeddings)
+    return plan_layer(moe.router.top_k_table().numpy(), counts_Z[None], counts_Z, 0, moe.experts_per_rank)
+
+
 def test_every_token_gets_its_elements_top_k_experts_plus_shared():
     torch.manual_seed(0)
-    moe = MoEMLP(6, 8, 5, n_elements=3, n_experts=4, top_k=2).double()
+    moe = MoEMLP(6, 8, 5, n_elements=3, n_experts=4, top_k=2, token_kind=ATOMS).double()
     x = torch.randn(11, 6, dtype=torch.float64)
     species = torch.tensor([0, 1, 2, 2, 1, 0, 0, 2, 1, 1, 0])
-    expert_ZK, weight_ZK, _ = moe.router()
+    expert_ZK = moe.router.top_k_table()
+    weight_ZK = moe.router.probabilities().gather(1, expert_ZK)
+    weight_ZK = weight_ZK / weight_ZK.sum(-1, keepdim=True)
     expected = torch.stack([
-        moe.shared(x[t]) + sum(weight_ZK[species[t], k] * moe.experts[int(expert_ZK[species[t], k])](x[t])
+        moe.shared(x[t]) + sum(weight_ZK[species[t], k] * moe.experts[str(int(expert_ZK[species[t], k]))](x[t])
                                for k in range(2))
         for t in range(len(x))])
-    torch.testing.assert_close(moe(x, species), expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(moe(x, species, local_route(moe, species), None), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_an_expert_shard_starts_with_the_single_rank_weights():
+    def build(ep_rank: int, ep_size: int) -> MoEMLP:
+        torch.manual_seed(4)
+        return MoEMLP(6, 8, 5, n_elements=3, n_experts=4, top_k=2, token_kind=ATOMS, ep_rank=ep_rank, ep_size=ep_size)
+
+    full = build(0, 1).state_dict()
+    shards = [build(r, 2).state_dict() for r in range(2)]
+    assert set(shards[0]) & {k for k in shards[1] if ".experts." in k} == set()
+    for shard in shards:
+        for key, value in shard.items():
+            torch.testing.assert_close(value, full[key], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="not divisible by parallel.ep = 3"):
+        build(0, 3)
+
+
+def test_split_sizes_follow_from_element_counts_and_top_k_table():
+    # 3 elements, 4 experts on 2 EP ranks (experts 0,1 | 2,3), top-2.
+    table_ZK = np.array([[0, 2], [3, 1], [2, 3]])
+    counts_RZ = np.array([[2, 1, 0],   # rank 0: pairs → e0: 2, e1: 1, e2: 2, e3: 1
+                          [0, 0, 4]])  # rank 1: pairs → e2: 4, e3: 4; nothing for rank 0 (zero split)
+    r0 = plan_layer(table_ZK, counts_RZ, counts_RZ.sum(0), 0, 2)
+    r1 = plan_layer(table_ZK, counts_RZ, counts_RZ.sum(0), 1, 2)
+    assert r0.send_splits == (3, 3) and r0.recv_splits == (3, 0) and r0.expert_rows == (2, 1)
+    assert r1.send_splits == (0, 8) and r1.recv_splits == (3, 8) and r1.expert_rows == (6, 5)
+    # Rank 1 receives [e2 e2 e3 | e2 e2 e2 e2 e3 e3 e3 e3]; expert order takes e2 rows first, sources in order.
+    assert r1.to_expert_order.tolist() == [0, 1, 3, 4, 5, 6, 2, 7, 8, 9, 10]
+    assert r1.to_expert_order[r1.to_receive_order].tolist() == list(range(11))
+    assert r0.world_load_X.tolist() == [2, 1, 6, 5]
 
 
 def test_aux_loss_is_x_times_sum_f_p():
-    moe = MoEMLP(4, 4, 4, n_elements=2, n_experts=4, top_k=1).double()
-    with torch.no_grad():  # both elements prefer expert 2 (logits 0, 0, 0.5·dim, 0)
-        moe.router.element_embedding.weight.fill_(1.0)
-        moe.router.logits.weight.zero_()
-        moe.router.logits.weight[2] = 0.5
-    species = torch.tensor([0, 0, 1, 1, 1])
-    moe(torch.randn(5, 4, dtype=torch.float64), species)
-    _, _, probs = moe.router()
+    probs = torch.softmax(torch.tensor([[0.0, 0.0, 1.0, 0.0], [0.0, 0.0, 2.0, 0.0]], dtype=torch.float64), -1)
+    expert_ZK = probs.topk(1, dim=-1).indices
+    tokens_Z = torch.tensor([2, 3])
     share = torch.tensor([2 / 5, 3 / 5], dtype=torch.float64)
-    assert int(moe.router()[0][0, 0]) == 2 and int(moe.router()[0][1, 0]) == 2
-    assert float(moe.aux_loss.detach()) == pytest.approx(4 * float((share @ probs[:, 2]).detach()), rel=1e-12)
+    assert expert_ZK.reshape(-1).tolist() == [2, 2]  # f = (0, 0, 1, 0)
+    assert float(load_balancing_loss(probs, expert_ZK, tokens_Z)) == pytest.approx(
+        4 * float(share @ probs[:, 2]), rel=1e-12)
 
 
 def test_moe_forces_and_stress_are_exact_derivatives():
@@ -52,3 +86,30 @@ def test_moe_forces_and_stress_are_exact_derivatives():
     assert np.abs(forces).max() > 1e-4
     np.testing.assert_allclose(forces, calculate_numerical_forces(atoms, eps=1e-5), atol=1e-8)  # eV/Å
     np.testing.assert_allclose(atoms.get_stress(), calculate_numerical_stress(atoms, eps=1e-6), atol=1e-9)
+
+
+def test_energy_is_continuous_along_a_path_and_forces_match_finite_differences():
+    """One atom of an 8-atom cell moves 2.4 Å through 121 configurations (neighbours enter and leave both cutoffs):
+    each step's energy change equals the trapezoid integral of −F·u (a routing jump would break
+    it), and −dE/ds by central differences equals F·u at every point."""
+    calc = ExaforceCalculator.from_preset("small-moe", seed=7, dtype="float64", elements=("Cu", "Au", "Ni"))
+    atoms = bulk("Cu", "fcc", a=3.6).repeat((2, 2, 2))
+    atoms.numbers[[2, 7]] = 79
+    atoms.numbers[5] = 28
+    atoms.rattle(0.05, seed=2)
+    atoms.calc = calc
+    u = np.array([1.0, 0.6, 0.3]) / np.linalg.norm([1.0, 0.6, 0.3])
+    start, h, eps = atoms.positions[0].copy(), 0.02, 1e-5
+
+    def at(s: float) -> tuple[float, float]:
+        atoms.positions[0] = start + s * u
+        return atoms.get_potential_energy(), float(atoms.get_forces()[0] @ u)
+
+    path = [at(i * h) for i in range(121)]
+    energies, along = np.array([e for e, _ in path]), np.array([f for _, f in path])
+    assert np.ptp(energies) > 1e-3  # the path does change the energy
+    trapezoid = -h * 0.5 * (along[1:] + along[:-1])
+    np.testing.assert_allclose(np.diff(energies), trapezoid, atol=2e-6)
+    for i in range(0, 121, 10):
+        central = -(at(i * h + eps)[0] - at(i * h - eps)[0]) / (2 * eps)
+        assert central == pytest.approx(along[i], abs=1e-8)

@@ -1,0 +1,68 @@
+"""How a Potential's parameters and tokens map onto the Topology (dp × ep).
+
+Dense parameters are replicated on every rank and averaged over the world. Expert parameters live
+on one rank of each EP group and are summed over their EDP group; both divide by the world size,
+so the result is the gradient of the global mean loss, exactly as one process computes it. The
+global gradient norm counts each expert once per EP group.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from mpi4py import MPI
+
+from exaforce.comm.mpi import MPIGradReducer, broadcast_tensors
+from exaforce.model.graph import GraphBatch
+from exaforce.model.potential import Potential
+from exaforce.model.routing import Routing, TokenCounts
+from exaforce.topology import Topology
+
+
+def sync_initial_parameters(model: Potential, topo: Topology) -> None:
+    """Dense parameters and buffers from world rank 0; each expert shard from its EDP group's first rank."""
+    expert = {id(p) for p in model.expert_parameters()}
+    dense = [t for t in list(model.parameters()) + list(model.buffers()) if id(t) not in expert]
+    broadcast_tensors(dense, topo.world)
+    broadcast_tensors(model.expert_parameters(), topo.edp_comm)
+
+
+class GradientReduction:
+    """Dense gradients over the world, expert gradients over their EDP group (same call order on every rank)."""
+
+    def __init__(self, model: Potential, topo: Topology):
+        self.dense = MPIGradReducer(model.dense_parameters(), topo.world, topo.world_size)
+        self.expert = MPIGradReducer(model.expert_parameters(), topo.edp_comm, topo.world_size)
+
+    def reduce(self) -> None:
+        self.dense.reduce()   # collective: world
+        self.expert.reduce()  # collective: EDP group
+
+
+def clip_grad_norm(model: Potential, topo: Topology, max_norm: float) -> float:
+    """Scales all gradients so that the global norm is at most max_norm; returns the norm before.
+
+    After reduction dense gradients are equal on every rank, and expert gradients are equal across
+    an EDP group, so norm² = dense² + Σ over the EP group of each rank's expert²."""
+    def squares(params: list[torch.nn.Parameter]) -> float:
+        return float(sum(p.grad.pow(2).sum() for p in params if p.grad is not None))
+
+    total = squares(model.dense_parameters()) + topo.ep_comm.allreduce(squares(model.expert_parameters()),
+                                                                     op=MPI.SUM)  # collective
+    norm = math.sqrt(total)
+    if norm > max_norm:
+        scale = max_norm / (norm + 1e-6)
+        for p in model.parameters():
+            if p.grad is not None:
+                p.grad.mul_(scale)
+    return norm
+
+
+def step_routing(model: Potential, batch: GraphBatch, topo: Topology) -> Routing | None:
+    """This step's routing plan on every rank (one host allgather of element counts); None for dense models."""
+    if not model.moe_layers:
+        return None
+    counts = TokenCounts.exchange(batch.element_counts_2Z, topo.world, topo.layout.ep_group(topo.rank),
+                                  topo.layout.coords(topo.rank)[1])
+    return model.plan_routing(counts, comm=topo.ep_comm if topo.layout.ep > 1 else None)

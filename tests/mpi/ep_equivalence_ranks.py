@@ -1,0 +1,101 @@
+"""Run under `mpiexec -n K script OUT DP EP`, float64: an MoE training step on a dp × ep topology
+equals the single-process step on the same global batch — energies, forces, stresses, loss, the
+aux loss and every parameter gradient (dense and expert). Rank 0 writes the comparison as JSON."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import torch
+
+from exaforce.config import from_dict
+from exaforce.io.schema import Frames
+from exaforce.io.synth import synthesize
+from exaforce.model.graph import build_batch
+from exaforce.model.potential import Potential, energy_forces_stress
+from exaforce.parallel import GradientReduction, step_routing, sync_initial_parameters
+from exaforce.topology import Topology
+from exaforce.train import loss_and_gradients
+
+GLOBAL_BATCH = 8
+
+
+def rel_diff(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = np.nan_to_num(np.asarray(a)), np.nan_to_num(np.asarray(b))
+    return float(np.abs(a - b).max(initial=0.0) / max(np.abs(b).max(initial=0.0), 1e-300))
+
+
+def main(out_path: str, dp: int, ep: int) -> None:
+    topo = Topology.from_mpi(dp=dp, ep=ep)
+    cfg = from_dict({"data": {"train": ["unused.bp"], "global_batch_size": GLOBAL_BATCH},
+                     "model": {"preset": "small-moe", "moe_experts": 8, "moe_top_k": 2},
+                     "loss": {"moe_aux_weight": 0.1}, "parallel": {"dp": dp, "ep": ep},
+                     "run": {"dtype": "float64"}})
+    frames = Frames.from_atoms(synthesize(GLOBAL_BATCH, seed=11))  # several elements and sizes
+    dp_index, ep_index = topo.layout.coords(topo.rank)
+
+    def build(ep_rank: int, ep_size: int) -> Potential:
+        torch.manual_seed(5)
+        model = Potential(cfg.model, ep_rank, ep_size).double()
+        with torch.no_grad():
+            model.energy_scale.fill_(0.5)
+        return model
+
+    model = build(ep_index, ep)
+    with torch.no_grad():  # deliberately wrong where the sync must overwrite it
+        for p in model.dense_parameters() if topo.rank else []:
+            p.add_(0.1)
+        for p in model.expert_parameters() if dp_index else []:
+            p.add_(0.1)
+    sync_initial_parameters(model, topo)
+
+    def batch_of(indices):
+        return build_batch(frames.select(np.asarray(indices)), model.species_table(), cfg.model.cutoff,
+                           cfg.model.three_body_cutoff).to("cpu", torch.float64)
+
+    # Distributed: rank r takes a contiguous share of the global batch.
+    batch = batch_of(np.array_split(np.arange(GLOBAL_BATCH), topo.world_size)[topo.rank])
+    pred = energy_forces_stress(model, batch, training=False, routing=step_routing(model, batch, topo))
+    routing = step_routing(model, batch, topo)
+    loss_sums = loss_and_gradients(model, batch, cfg, topo.world_size / GLOBAL_BATCH, {}, routing)
+    GradientReduction(model, topo).reduce()
+    loss = topo.world.allreduce(loss_sums["total"]) / GLOBAL_BATCH
+    grads = {name: p.grad.numpy().copy() for name, p in model.named_parameters()}
+    gathered = topo.world.gather({"energy": pred.energy_G.detach().numpy(), "forces": pred.forces_N3.detach().numpy(),
+                                  "stress": pred.stress_G6.detach().numpy(), "grads": grads,
+                                  "alltoall_calls": routing.clock.calls}, root=0)
+
+    if topo.rank == 0:  # serial reference: the whole global batch, every expert, one process
+        serial = build(0, 1)
+        whole = batch_of(range(GLOBAL_BATCH))
+        ref = energy_forces_stress(serial, whole, training=False)
+        ref_losses = loss_and_gradients(serial, whole, cfg, 1.0 / GLOBAL_BATCH, {})
+        diffs = {
+            "energy": rel_diff(np.concatenate([g["energy"] for g in gathered]), ref.energy_G.detach().numpy()),
+            "forces": rel_diff(np.concatenate([g["forces"] for g in gathered]), ref.forces_N3.detach().numpy()),
+            "stress": rel_diff(np.concatenate([g["stress"] for g in gathered]), ref.stress_G6.detach().numpy()),
+            "loss": rel_diff(loss, ref_losses["total"] / GLOBAL_BATCH),
+            "moe_aux": rel_diff(loss_sums["moe_aux"], ref_losses["moe_aux"]),
+        }
+        grad_diffs, compared = {}, set()
+        for rank_result in gathered:  # every rank's copy of every parameter it holds
+            for name, grad in rank_result["grads"].items():
+                serial_grad = dict(serial.named_parameters())[name].grad.numpy()
+                grad_diffs[name] = max(grad_diffs.get(name, 0.0), rel_diff(grad, serial_grad))
+                compared.add(name)
+        worst = max(grad_diffs, key=grad_diffs.get)
+        result = {"dp": topo.layout.dp, "ep": topo.layout.ep, "world": topo.world_size, **diffs,
+                  "grad_max_rel_diff": grad_diffs[worst], "worst_param": worst,
+                  "params_compared": len(compared), "params_serial": len(list(serial.parameters())),
+                  "expert_params_serial": len(serial.expert_parameters()),
+                  "alltoall_calls": [g["alltoall_calls"] for g in gathered],
+                  "moe_aux_value": ref_losses["moe_aux"], "loss_value": ref_losses["total"] / GLOBAL_BATCH}
+        with open(out_path, "w") as f:
+            json.dump(result, f)
+    topo.world.Barrier()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
