@@ -122,11 +122,13 @@ def cmd_model_info(args: argparse.Namespace) -> None:
     import json
 
     from exaforce.config import model_preset
-    from exaforce.model.potential import Potential
+    from exaforce.model.potential import parameter_counts
 
     cfg = model_preset(args.preset)
-    model = Potential(cfg)
-    info = {"preset": args.preset, "params": sum(p.numel() for p in model.parameters()),
+    counts = parameter_counts(cfg)  # built on the meta device: a 1e9-parameter preset costs no memory
+    info = {"preset": args.preset, "params": counts["total"], "dense_params": counts["dense"],
+            "expert_params": counts["expert"], "active_params_per_atom": counts["active_per_token"],
+            "moe_layers": counts["moe_layers"], "experts": cfg.moe_experts, "top_k": cfg.moe_top_k,
             "width": cfg.width, "blocks": cfg.blocks, "edge_mlp_ratio": cfg.edge_mlp_ratio,
             "node_mlp_ratio": cfg.node_mlp_ratio, "cutoff": cfg.cutoff,
             "three_body_cutoff": cfg.three_body_cutoff, "elements": list(cfg.elements)}
@@ -134,7 +136,7 @@ def cmd_model_info(args: argparse.Namespace) -> None:
         print(json.dumps(info))
     else:
         for key, value in info.items():
-            print(f"{key:>18}: {value:,}" if isinstance(value, int) else f"{key:>18}: {value}")
+            print(f"{key:>22}: {value:,}" if isinstance(value, int) else f"{key:>22}: {value}")
 
 
 def cmd_bench_step(args: argparse.Namespace) -> None:

@@ -104,6 +104,10 @@ MODEL_PRESETS: dict[str, ModelConfig] = {
     "small-moe": ModelConfig(width=16, blocks=2, moe_experts=4, moe_top_k=2),  # MoE unit tests
     # MatRIS-10M-like (10.4M): capacity sits in the atom MLPs, which see ~60× fewer rows than bonds.
     "base": ModelConfig(width=128, blocks=10, edge_mlp_ratio=2, node_mlp_ratio=4),
+    # MoE sizes: experts scale the atom-update MLPs (N rows, cheap per parameter); bond experts stay
+    # narrow because bonds are ~60× more rows and pass the double backward. Counts: `model info`.
+    "moe-100m": ModelConfig(width=128, blocks=4, edge_mlp_ratio=2, node_mlp_ratio=11, moe_experts=16, moe_top_k=2),
+    "moe-1b": ModelConfig(width=128, blocks=4, edge_mlp_ratio=2, node_mlp_ratio=32, moe_experts=64, moe_top_k=2),
 }
 
 

@@ -234,7 +234,7 @@ def train(cfg: Config, topo: Topology, log: Callable[[str], None]) -> Path:
         moe = {"moe_aux": loss_sums.pop("moe_aux"), "expert_load": routing.expert_load()} if routing else {}
         perf.step(step=step, epoch=(step - 1) // steps_in_epoch, times=times, loss_sum=loss_sums,
                   flops=predict_flops(flop_coefficients, counts["atoms"], counts["edges"], counts["angles"]),
-                  peak_mem_bytes=peak_memory_bytes(), lr=lr, **counts, **moe)
+                  peak_mem_bytes=peak_memory_bytes(), lr=lr, moe=moe, **counts)
         if rank == 0 and (step % cfg.run.log_every == 0 or step == 1 or step == cfg.run.steps):
             log(f"step {step:>5}/{cfg.run.steps}  loss(rank 0) {loss_sums['total'] / counts['structures']:.4g}  "
                 f"{times['total'] * 1e3:.0f} ms")

@@ -17,6 +17,9 @@ from typing import Any, TextIO
 
 SCHEMA_VERSION = 1
 STEP_TIME_KEYS = ("data", "forward", "force_backward", "param_backward", "comm", "optimizer")
+# MoE runs only: "routing" (element-count exchange, its own slice of the step) and "alltoall"
+# (expert dispatch, a part of forward + force_backward + param_backward, not an extra slice).
+OPTIONAL_TIME_KEYS = ("routing", "alltoall")
 
 
 def rank_log_path(run_dir: Path, rank: int) -> Path:
@@ -55,16 +58,19 @@ class PerfLogWriter:
 
     def step(self, *, step: int, epoch: int, times: dict[str, float], loss_sum: dict[str, float],
              structures: int, atoms: int, edges: int, angles: int, flops: float,
-             peak_mem_bytes: int, lr: float) -> None:
+             peak_mem_bytes: int, lr: float, moe: dict | None = None) -> None:
+        """`moe` (MoE models): {"moe_aux": float, "expert_load": {...}} as in SCHEMA.md."""
         missing = set(STEP_TIME_KEYS) - set(times)
         if missing:
             raise ValueError(f"perf step record lacks times {sorted(missing)}")
-        self._write({
+        record = {
             "kind": "step", "step": step, "epoch": epoch,
-            "times": {k: times[k] for k in STEP_TIME_KEYS}, "total_time": times.get("total", sum(times[k] for k in STEP_TIME_KEYS)),
+            "times": {k: times[k] for k in STEP_TIME_KEYS + OPTIONAL_TIME_KEYS if k in times},
+            "total_time": times.get("total", sum(times[k] for k in STEP_TIME_KEYS)),
             "loss_sum": loss_sum, "structures": structures, "atoms": atoms, "edges": edges,
             "angles": angles, "flops": flops, "peak_mem_bytes": peak_mem_bytes, "lr": lr,
-        })
+        }
+        self._write({**record, **(moe or {})})
 
     def end(self, *, steps: int, wall_s: float) -> None:
         self._write({"kind": "end", "steps": steps, "wall_s": wall_s})

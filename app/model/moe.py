@@ -57,7 +57,7 @@ def load_balancing_loss(probs_ZX: torch.Tensor, expert_ZK: torch.Tensor, tokens_
 
 def _init_seed() -> int:
     """One draw from the global RNG per MoE layer: identical on every rank for any EP size."""
-    return int(torch.randint(0, 2**62, ()))
+    return int(torch.randint(0, 2**62, (), device="cpu"))
 
 
 class MoEMLP(nn.Module):

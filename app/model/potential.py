@@ -103,6 +103,20 @@ class Potential(nn.Module):
             0, graph_N, atom_energy_N)
 
 
+def parameter_counts(cfg: ModelConfig) -> dict[str, int]:
+    """Total, dense, expert and active-per-token parameter counts, from a model built on the meta
+    device (no memory). Active: what one atom (or bond) passes through — the dense parameters,
+    the shared experts and its top-k experts in each MoE layer."""
+    with torch.device("meta"):
+        model = Potential(cfg)
+    total = sum(p.numel() for p in model.parameters())
+    expert = sum(p.numel() for p in model.expert_parameters())
+    inactive = sum((len(layer.experts) - cfg.moe_top_k) * sum(p.numel() for p in next(iter(layer.experts.values())).parameters())
+                   for layer in model.moe_layers)
+    return {"total": total, "dense": total - expert, "expert": expert, "active_per_token": total - inactive,
+            "moe_layers": len(model.moe_layers), "experts_per_layer": cfg.moe_experts, "top_k": cfg.moe_top_k}
+
+
 @dataclass
 class Prediction:
     energy_G: torch.Tensor   # eV

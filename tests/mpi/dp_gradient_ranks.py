@@ -9,12 +9,12 @@ import sys
 import numpy as np
 import torch
 
-from exaforce.comm.mpi import MPIGradReducer, broadcast_parameters
 from exaforce.config import from_dict
 from exaforce.io.schema import Frames
 from exaforce.io.synth import synthesize
 from exaforce.model.graph import build_batch
 from exaforce.model.potential import Potential
+from exaforce.parallel import GradientReduction, sync_initial_parameters
 from exaforce.topology import Topology
 from exaforce.train import loss_and_gradients
 
@@ -30,7 +30,7 @@ def main(out_path: str) -> None:
     model = Potential(cfg.model).double()
     with torch.no_grad():
         model.energy_scale.fill_(0.5)
-    broadcast_parameters(model, topo.world)
+    sync_initial_parameters(model, topo)
 
     def batch_of(indices) -> object:
         return build_batch(frames.select(np.asarray(indices)), model.species_table(), cfg.model.cutoff,
@@ -39,7 +39,7 @@ def main(out_path: str) -> None:
     # Distributed: rank r takes a contiguous share of the global batch.
     share = np.array_split(np.arange(GLOBAL_BATCH), topo.world_size)[topo.rank]
     loss_sums = loss_and_gradients(model, batch_of(share), cfg, topo.world_size / GLOBAL_BATCH, {})
-    MPIGradReducer(list(model.parameters()), topo.world).reduce()
+    GradientReduction(model, topo).reduce()
     distributed = [p.grad.clone() for p in model.parameters()]
     total_loss = topo.world.allreduce(loss_sums["total"]) / GLOBAL_BATCH
 
