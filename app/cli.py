@@ -151,6 +151,20 @@ def cmd_bench_step(args: argparse.Namespace) -> None:
         print(json.dumps(result))
 
 
+def cmd_bench_ep(args: argparse.Namespace) -> None:
+    import json
+
+    from exaforce.bench_ep import bench_ep
+
+    try:
+        result = bench_ep(args.preset, args.ranks, args.ep, args.experts, args.batch_per_rank, args.steps,
+                          args.warmup, args.dtype, not args.no_baseline, _say)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    if args.json:
+        print(json.dumps(result))
+
+
 def cmd_bench_md(args: argparse.Namespace) -> None:
     import json
 
@@ -218,6 +232,20 @@ def build_parser() -> argparse.ArgumentParser:
     step.add_argument("--compare", choices=["matris"], help="measure the reference model the same way")
     step.add_argument("--json", action="store_true", help="last line: one JSON object")
     step.set_defaults(func=cmd_bench_step)
+    ep = bench_commands.add_parser("ep", help="expert parallel (dp=R/ep, ep) against data parallel (dp=R, ep=1) "
+                                   "at the same per-rank batch: step time, all-to-all and reduction shares")
+    ep.add_argument("--preset", default="small-moe", help="MoE model preset (default small-moe)")
+    ep.add_argument("--experts", type=int, help="override the preset's experts per MoE layer")
+    ep.add_argument("--ranks", type=int, default=2, help="MPI ranks of both runs (default 2)")
+    ep.add_argument("--ep", type=int, default=2, help="expert-parallel degree of the second run (default 2)")
+    ep.add_argument("--batch-per-rank", type=int, default=2, help="structures per rank per step (default 2)")
+    ep.add_argument("--steps", type=int, default=12, help="training steps per run (default 12)")
+    ep.add_argument("--warmup", type=int, default=2, help="steps left out of the median (default 2)")
+    ep.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    ep.add_argument("--no-baseline", action="store_true", help="skip the ep=1 run (a model too big for one rank)")
+    ep.add_argument("--json", action="store_true", help="last line: one JSON object")
+    ep.set_defaults(func=cmd_bench_ep)
+
     md = bench_commands.add_parser("md", help="NVE energy drift: 108-atom Cu, 1 fs steps, through the ASE calculator")
     md.add_argument("--checkpoint", required=True, help="trained checkpoint (e.g. demo/run/checkpoints/…)")
     md.add_argument("--steps", type=int, default=1000, help="1 fs steps (default 1000 = 1 ps)")

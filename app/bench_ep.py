@@ -1,0 +1,116 @@
+"""`exaforce bench ep`: what expert parallelism costs and saves, measured through real training runs.
+
+Two runs on the same ranks with the same per-rank batch: data parallel only (dp = R, ep = 1) and
+expert parallel (dp = R/ep, ep). Each is `mpiexec -n R exaforce train` on EMT data from
+`data synth`; their perf logs give the step time (the slowest rank's, median over the timed
+steps), the share of it spent in the all-to-all and in gradient reduction, and peak memory per rank.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+BENCH_SEED = 0
+
+
+def _write_config(path: Path, data: Path, out_dir: Path, preset: str, experts: int | None, batch: int,
+                  steps: int, dp: int, ep: int, dtype: str) -> None:
+    experts_line = f"moe_experts = {experts}\n" if experts else ""
+    path.write_text(f"""[run]
+out_dir = "{out_dir}"
+steps = {steps}
+log_every = 1
+dtype = "{dtype}"
+final_checkpoint = false
+seed = {BENCH_SEED}
+
+[data]
+train = ["{data}"]
+global_batch_size = {batch}
+
+[model]
+preset = "{preset}"
+{experts_line}
+[loss]
+stress_weight = 0.1
+
+[parallel]
+dp = {dp}
+ep = {ep}
+""")
+
+
+def summarize_run(run_dir: Path, warmup: int) -> dict:
+    """Median step time over the steps after `warmup` (slowest rank per step) and shares of it."""
+    from exaforce.perf.report import load_run
+
+    run = load_run(run_dir)
+    by_step: dict[int, list[dict]] = {}
+    for records in run.steps.values():
+        for record in records:
+            if record["step"] > warmup:
+                by_step.setdefault(record["step"], []).append(record)
+    if not by_step:
+        raise RuntimeError(f"{run_dir}: no step after the {warmup} warm-up step(s); run more steps")
+    step_times = [max(r["total_time"] for r in records) for records in by_step.values()]
+
+    def share(key: str) -> float:
+        """Mean over steps and ranks of time[key] / that step's slowest-rank time."""
+        return statistics.fmean(r["times"].get(key, 0.0) / max(rr["total_time"] for rr in records)
+                                for records in by_step.values() for r in records)
+
+    peaks = {rank: max(r["peak_mem_bytes"] for r in records) for rank, records in run.steps.items()}
+    return {"step_s": statistics.median(step_times), "steps_timed": len(step_times),
+            "alltoall_share": share("alltoall"), "grad_reduction_share": share("comm"),
+            "routing_share": share("routing"),
+            "peak_mem_gib_per_rank": [round(peaks[r] / 2**30, 2) for r in sorted(peaks)]}
+
+
+def bench_ep(preset: str, ranks: int, ep: int, experts: int | None, batch_per_rank: int, steps: int,
+             warmup: int, dtype: str, baseline: bool, log: Callable[[str], None]) -> dict:
+    from exaforce.config import model_preset
+
+    cfg = model_preset(preset)
+    n_experts = experts or cfg.moe_experts
+    if not n_experts or n_experts % ep or ranks % ep:
+        raise ValueError(f"bench ep: need an MoE preset with experts divisible by ep = {ep} and ranks ({ranks}) "
+                         f"divisible by ep; {preset} has {n_experts} experts")
+    mpiexec = shutil.which("mpiexec") or str(Path(sys.executable).parent / "mpiexec")
+    exaforce = str(Path(sys.executable).parent / "exaforce")
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    results = {"preset": preset, "experts": n_experts, "ranks": ranks, "batch_per_rank": batch_per_rank,
+               "steps": steps, "warmup": warmup, "dtype": dtype}
+    with tempfile.TemporaryDirectory(prefix="exaforce-bench-ep-") as tmp:
+        tmp = Path(tmp)
+        structures = max(64, 4 * ranks * batch_per_rank)
+        subprocess.run([exaforce, "data", "synth", "--out", str(tmp / "d.extxyz"), "--structures", str(structures),
+                        "--seed", str(BENCH_SEED)], check=True, capture_output=True, env=env)
+        subprocess.run([exaforce, "data", "convert", str(tmp / "d.extxyz"), "--out", str(tmp / "d.bp"),
+                        "--name", "bench-ep"], check=True, capture_output=True, env=env)
+        layouts = ([("dp_only", ranks, 1)] if baseline else []) + [("expert_parallel", ranks // ep, ep)]
+        for name, dp, ep_size in layouts:
+            run_dir = tmp / name
+            config = tmp / f"{name}.toml"
+            _write_config(config, tmp / "d.bp", run_dir, preset, experts, batch_per_rank * ranks, steps, dp, ep_size,
+                          dtype)
+            log(f"bench ep: {name}: mpiexec -n {ranks} exaforce train (dp={dp}, ep={ep_size}), {steps} steps")
+            proc = subprocess.run([mpiexec, "-n", str(ranks), exaforce, "train", "--config", str(config)],
+                                  capture_output=True, text=True, env=env)
+            if proc.returncode != 0:
+                raise RuntimeError(f"bench ep: the {name} run failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+            results[name] = {"dp": dp, "ep": ep_size, **summarize_run(run_dir, warmup)}
+            r = results[name]
+            log(f"  step {r['step_s'] * 1e3:.0f} ms (median of {r['steps_timed']}), all-to-all "
+                f"{100 * r['alltoall_share']:.1f}%, gradient reduction {100 * r['grad_reduction_share']:.1f}%, "
+                f"routing exchange {100 * r['routing_share']:.1f}%, peak memory/rank {r['peak_mem_gib_per_rank']} GiB")
+    if baseline:
+        results["ep_over_dp_step_time"] = results["expert_parallel"]["step_s"] / results["dp_only"]["step_s"]
+        log(f"bench ep: ep={ep} step time / ep=1 step time = {results['ep_over_dp_step_time']:.3f}")
+    return results
