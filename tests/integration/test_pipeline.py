@@ -36,3 +36,35 @@ def test_demo_pipeline_small(tmp_path):
     report = (tmp_path / "run/report/report.md").read_text()
     assert "atoms/s" in report and "FLOP/s" in report
     assert (tmp_path / "run/report/loss_curve.png").stat().st_size > 10_000
+
+
+def test_expert_parallel_training_through_the_cli(tmp_path):
+    """2 ranks, ep=2: the topology table, the perf log's MoE fields, and a checkpoint holding every expert."""
+    assert run_cli(["data", "synth", "--out", str(tmp_path / "m.extxyz"), "--structures", "16"]).returncode == 0
+    assert run_cli(["data", "convert", str(tmp_path / "m.extxyz"), "--out", str(tmp_path / "m.bp"),
+                    "--name", "m"]).returncode == 0
+    (tmp_path / "ep.toml").write_text(f"""
+[run]
+out_dir = "{tmp_path}/run"
+steps = 3
+[data]
+train = ["{tmp_path}/m.bp"]
+global_batch_size = 4
+[model]
+preset = "small-moe"
+[parallel]
+ep = 2
+""")
+    proc = run_mpi(2, ["-m", "exaforce.cli", "train", "--config", str(tmp_path / "ep.toml")])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "dp=1 ep=2" in proc.stdout and "peak memory per rank" in proc.stdout
+    for rank in (0, 1):
+        steps = [json.loads(line) for line in (tmp_path / f"run/perf/rank-0000{rank}.jsonl").read_text().splitlines()
+                 if '"kind":"step"' in line]
+        assert len(steps) == 3
+        assert all(s["times"]["alltoall"] > 0 and s["moe_aux"] > 0 for s in steps)
+        assert len(steps[0]["expert_load"]["max_over_mean"]) == 4  # 2 blocks × 2 MoE MLPs
+    from exaforce.calculator import ExaforceCalculator
+
+    calc = ExaforceCalculator.from_checkpoint(tmp_path / "run/checkpoints/step-00000003.pt")
+    assert [sorted(layer.experts) for layer in calc.model.moe_layers] == [["0", "1", "2", "3"]] * 4

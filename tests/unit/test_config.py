@@ -52,3 +52,13 @@ def test_model_preset_and_override():
     assert (cfg.model.width, cfg.model.blocks, cfg.model.cutoff) == (128, 10, 5.5)
     with pytest.raises(config.ConfigError, match="model.preset = 'huge': unknown"):
         config.from_dict({**base(), "model": {"preset": "huge"}})
+
+
+@pytest.mark.parametrize("parallel, model, message", [
+    ({"ep": 2}, {"preset": "small"}, "parallel.ep = 2: expert parallelism needs an MoE model"),
+    ({"ep": 8}, {"preset": "small-moe"}, "parallel.ep = 8, model.moe_experts = 4: every EP rank must hold"),
+    ({"ep": 3}, {"preset": "small-moe", "moe_experts": 8}, "moe_experts divisible by ep"),
+])
+def test_expert_parallel_layout_must_fit_the_experts(parallel, model, message):
+    with pytest.raises(config.ConfigError, match=message):
+        config.from_dict({"data": {"train": ["x.bp"]}, "model": model, "parallel": parallel})
