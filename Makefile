@@ -4,15 +4,19 @@ SETUP := bash envs/local/setup.sh $(VENV)
 PY := $(VENV)/bin/python
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: setup demo test clean
+.PHONY: setup horovod demo test clean
 
 setup:
 	@$(SETUP)
 
+# Horovod 0.28.1 built into .venv once (~10 min on 2 cores); the test suite runs every backend.
+horovod: setup
+	@bash envs/local/build-horovod.sh $(VENV)
+
 demo: setup
 	@bash scripts/demo.sh
 
-test: setup
+test: setup horovod
 	@bash scripts/test.sh
 
 clean:

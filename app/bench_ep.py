@@ -67,7 +67,13 @@ def summarize_run(run_dir: Path, warmup: int) -> dict:
                                 for records in by_step.values() for r in records)
 
     peaks = {rank: max(r["peak_mem_bytes"] for r in records) for rank, records in run.steps.items()}
-    return {"step_s": statistics.median(step_times), "steps_timed": len(step_times),
+    every_step: dict[int, list[dict]] = {}
+    for records in run.steps.values():
+        for record in records:
+            every_step.setdefault(record["step"], []).append(record)
+    losses = [sum(r["loss_sum"]["total"] for r in rs) / sum(r["structures"] for r in rs)
+              for _, rs in sorted(every_step.items())]  # global mean loss of each step
+    return {"step_s": statistics.median(step_times), "steps_timed": len(step_times), "losses": losses,
             "alltoall_share": share("alltoall"), "grad_reduction_share": share("comm"),
             "routing_share": share("routing"),
             "peak_mem_gib_per_rank": [round(peaks[r] / 2**30, 2) for r in sorted(peaks)]}
@@ -107,6 +113,7 @@ def bench_ep(preset: str, ranks: int, ep: int, experts: int | None, batch_per_ra
                 raise RuntimeError(f"bench ep: the {name} run failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
             results[name] = {"dp": dp, "ep": ep_size, **summarize_run(run_dir, warmup)}
             r = results[name]
+            log(f"  losses {', '.join(f'{x:.4g}' for x in r['losses'])}")
             log(f"  step {r['step_s'] * 1e3:.0f} ms (median of {r['steps_timed']}), all-to-all "
                 f"{100 * r['alltoall_share']:.1f}%, gradient reduction {100 * r['grad_reduction_share']:.1f}%, "
                 f"routing exchange {100 * r['routing_share']:.1f}%, peak memory/rank {r['peak_mem_gib_per_rank']} GiB")

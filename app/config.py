@@ -38,6 +38,7 @@ class RunConfig:
 class DataConfig:
     train: tuple[str, ...] = ()         # ADIOS2 BP5 datasets (DIR.bp), already staged
     global_batch_size: int = 8          # structures per step over all ranks
+    micro_batches: int = 1              # gradient accumulation: each rank's share in this many passes
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -80,7 +81,9 @@ class ParallelConfig:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class CommConfig:
-    backend: str = "mpi"                # mpi (horovod | torch arrive with the backends issue)
+    backend: str = "mpi"                # mpi | horovod | torch (torch.distributed: gloo on CPU)
+    bucket_mb: float = 25.0             # gradient buckets, reduced while the backward goes on
+    overlap: bool = True                # launch buckets from the backward; false: all after it
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -162,8 +165,10 @@ def validate(cfg: Config) -> Config:
     if ep > 1 and (ep > experts or experts % ep):
         raise ConfigError(f"parallel.ep = {ep}, model.moe_experts = {experts}: every EP rank must hold the same "
                           f"number of experts (ep <= moe_experts and moe_experts divisible by ep)")
-    if cfg.comm.backend != "mpi":
-        raise ConfigError(f"comm.backend = {cfg.comm.backend!r}: only 'mpi' is available in this version")
+    if cfg.comm.backend not in ("mpi", "horovod", "torch"):
+        raise ConfigError(f"comm.backend = {cfg.comm.backend!r}: must be 'mpi', 'horovod' or 'torch'")
+    _positive(cfg.comm.bucket_mb, "comm.bucket_mb", "MiB")
+    _positive(cfg.data.micro_batches, "data.micro_batches")
     return cfg
 
 

@@ -13,31 +13,57 @@ import math
 import torch
 from mpi4py import MPI
 
-from exaforce.comm.mpi import MPIGradReducer, broadcast_tensors
+from exaforce.comm.reducer import GradReducer
+from exaforce.config import CommConfig
 from exaforce.model.graph import GraphBatch
 from exaforce.model.potential import Potential
 from exaforce.model.routing import Routing, TokenCounts
 from exaforce.topology import Topology
 
 
-def sync_initial_parameters(model: Potential, topo: Topology) -> None:
+def sync_initial_parameters(model: Potential, topo: Topology, backend: str = "mpi") -> None:
     """Dense parameters and buffers from world rank 0; each expert shard from its EDP group's first rank."""
+    groups = topo.groups(backend)
     expert = {id(p) for p in model.expert_parameters()}
-    dense = [t for t in list(model.parameters()) + list(model.buffers()) if id(t) not in expert]
-    broadcast_tensors(dense, topo.world)
-    broadcast_tensors(model.expert_parameters(), topo.edp_comm)
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        if id(tensor) not in expert:
+            groups.world.broadcast_(tensor)  # collective
+    for tensor in model.expert_parameters():
+        groups.edp.broadcast_(tensor)  # collective
 
 
 class GradientReduction:
-    """Dense gradients over the world, expert gradients over their EDP group (same call order on every rank)."""
+    """Dense gradients over the world, expert gradients over their EDP group, overlapping the
+    parameter backward (same collective order on every rank). Per step: `arm()` before the last
+    micro-batch's backward, `finish()` after it."""
 
-    def __init__(self, model: Potential, topo: Topology):
-        self.dense = MPIGradReducer(model.dense_parameters(), topo.world, topo.world_size)
-        self.expert = MPIGradReducer(model.expert_parameters(), topo.edp_comm, topo.world_size)
+    def __init__(self, model: Potential, topo: Topology, comm: CommConfig = CommConfig()):
+        groups = topo.groups(comm.backend)
+        bucket_bytes = int(comm.bucket_mb * 2**20)
+        self.reducers = [GradReducer(model.dense_parameters(), groups.world, 1.0 / topo.world_size, bucket_bytes,
+                                     comm.overlap, "dense"),
+                         GradReducer(model.expert_parameters(), groups.edp, 1.0 / topo.world_size, bucket_bytes,
+                                     comm.overlap, "expert")]
+
+    def arm(self) -> None:
+        for reducer in self.reducers:
+            reducer.arm()
+
+    def finish(self) -> None:
+        for reducer in self.reducers:
+            reducer.finish()  # collectives: world, then EDP group
 
     def reduce(self) -> None:
-        self.dense.reduce()   # collective: world
-        self.expert.reduce()  # collective: EDP group
+        """Everything after the backward, without overlap (tests, simple callers)."""
+        self.finish()
+
+    @property
+    def launches(self) -> int:
+        return sum(r.launches for r in self.reducers)
+
+    @property
+    def wait_seconds(self) -> float:
+        return sum(r.wait_seconds for r in self.reducers)
 
 
 def clip_grad_norm(model: Potential, topo: Topology, max_norm: float) -> float:
@@ -59,10 +85,10 @@ def clip_grad_norm(model: Potential, topo: Topology, max_norm: float) -> float:
     return norm
 
 
-def step_routing(model: Potential, batch: GraphBatch, topo: Topology) -> Routing | None:
+def step_routing(model: Potential, batch: GraphBatch, topo: Topology, backend: str = "mpi") -> Routing | None:
     """This step's routing plan on every rank (one host allgather of element counts); None for dense models."""
     if not model.moe_layers:
         return None
     counts = TokenCounts.exchange(batch.element_counts_2Z, topo.world, topo.layout.ep_group(topo.rank),
                                   topo.layout.coords(topo.rank)[1])
-    return model.plan_routing(counts, comm=topo.ep_comm if topo.layout.ep > 1 else None)
+    return model.plan_routing(counts, group=topo.groups(backend).ep if topo.layout.ep > 1 else None)

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import socket
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from exaforce.comm.groups import CommGroups
 
 
 class TopologyError(ValueError):
@@ -73,6 +76,16 @@ class Topology:
         self.hostname = socket.gethostname()
         self.ep_comm = world.Split(self.rank // self.layout.ep, self.rank)
         self.edp_comm = world.Split(self.rank % self.layout.ep, self.rank)
+        self._groups: dict[str, Any] = {}
+
+    def groups(self, backend: str) -> "CommGroups":
+        """World, EP and EDP groups through a communication backend (mpi | horovod | torch), built
+        once per backend (collective the first time) and owned here like every communicator."""
+        from exaforce.comm.groups import build_groups
+
+        if backend not in self._groups:
+            self._groups[backend] = build_groups(backend, self)
+        return self._groups[backend]
 
     @classmethod
     def from_mpi(cls, dp: int = 0, ep: int = 1) -> "Topology":

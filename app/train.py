@@ -93,7 +93,7 @@ def calibrate_flops(model: Potential, batches: list[GraphBatch], cfg: Config, to
     means of counts and FLOPs, so the coefficients predict a rank's share of the step."""
     samples = []
     for batch in batches:
-        routing = step_routing(model, batch, topo)
+        routing = step_routing(model, batch, topo, cfg.comm.backend)
         flops = count_flops(lambda: loss_and_gradients(model, batch, cfg, 1.0, {}, routing))
         c = batch.counts()
         samples.append((c["atoms"], c["edges"], c["angles"], float(flops)))
@@ -116,15 +116,17 @@ def make_optimizer(model: Potential, cfg: Config) -> tuple[torch.optim.Optimizer
 
 
 def loss_and_gradients(model: Potential, batch: GraphBatch, cfg: Config, loss_scale: float,
-                       times: dict[str, float], routing: Routing | None = None) -> dict[str, float]:
-    """Energy → forces/stress → loss → parameter backward on this rank's batch; fills `times`.
+                       times: dict[str, float], routing: Routing | None = None, with_aux: bool = True,
+                       aux_world_2Z: np.ndarray | None = None) -> dict[str, float]:
+    """Energy → forces/stress → loss → parameter backward on this rank's batch; adds to `times`.
 
     loss_scale = world_size / global_batch_size, so averaging gradients over the world gives the
     gradient of the mean loss over the global batch (uneven atom counts included). The MoE
-    load-balancing loss is computed from world token counts, so it is the same on every rank and
-    enters unscaled: the world average of its gradient is its gradient. `routing` is the step's
-    plan from `step_routing` (None: one process holds every expert). Returns per-term sums over
-    this rank's structures, plus "moe_aux" (the global aux loss, not a sum).
+    load-balancing loss depends only on the router and the step's world token counts
+    (`aux_world_2Z`, default this batch's), so it is the same on every rank and enters unscaled:
+    the world average of its gradient is its gradient; with micro-batches it joins the last one
+    (with_aux) over all their counts. `routing` is the plan from `step_routing` (None: one process
+    holds every expert). Returns per-term sums over this rank's structures, plus "moe_aux".
     """
     if routing is None and model.moe_layers:
         routing = local_routing(model, batch)
@@ -132,33 +134,44 @@ def loss_and_gradients(model: Potential, batch: GraphBatch, cfg: Config, loss_sc
     geometry = strained_geometry(batch)
     energy_G = energy(model, batch, geometry, routing)
     t1 = time.perf_counter()
-    pred = forces_and_stress(energy_G, geometry, batch, training=True)  # create_graph=True
+    pred = forces_and_stress(energy_G, geometry, batch, training=True)  # create_graph=True; no reduction
     t2 = time.perf_counter()
     losses = structure_losses(pred, batch, cfg.loss)
     objective = losses["total"].sum() * loss_scale
-    if model.moe_layers:
-        losses["moe_aux"] = model.aux_loss(routing)
+    if model.moe_layers and with_aux:
+        counts = routing.counts.world_2Z if aux_world_2Z is None else aux_world_2Z
+        losses["moe_aux"] = model.aux_loss(routing, counts)
         objective = objective + cfg.loss.moe_aux_weight * losses["moe_aux"]
-    objective.backward()  # double backward through the forces
+    objective.backward()  # double backward through the forces; armed reducers launch from here
     t3 = time.perf_counter()
-    times.update(forward=t1 - t0, force_backward=t2 - t1, param_backward=t3 - t2)
-    if routing is not None:
-        times["alltoall"] = routing.clock.seconds  # inside forward and both backwards
+    for key, seconds in (("forward", t1 - t0), ("force_backward", t2 - t1), ("param_backward", t3 - t2),
+                         ("alltoall", routing.clock.seconds if routing is not None else 0.0)):
+        times[key] = times.get(key, 0.0) + seconds
     return {k: float(v.detach().sum()) for k, v in losses.items()}  # host sync point (on a GPU), once per step
 
 
-def train_step(model: Potential, batch: GraphBatch, optimizer: torch.optim.Optimizer,
+def train_step(model: Potential, micro_batches: list[GraphBatch], optimizer: torch.optim.Optimizer,
                reduction: GradientReduction, cfg: Config, topo: Topology, loss_scale: float,
                lr: float) -> tuple[dict, dict, Routing | None]:
-    """One optimizer step on this rank's share of the global batch; returns (loss sums, times, routing)."""
+    """One optimizer step on this rank's share of the global batch, accumulated over micro-batches;
+    returns (loss sums, times, the last micro-batch's routing)."""
     times: dict[str, float] = {}
     optimizer.zero_grad(set_to_none=True)
     t0 = time.perf_counter()
-    routing = step_routing(model, batch, topo)  # collective (MoE only): element counts
+    routings = [step_routing(model, b, topo, cfg.comm.backend) for b in micro_batches]  # collectives (MoE)
     times["routing"] = time.perf_counter() - t0
-    loss_sums = loss_and_gradients(model, batch, cfg, loss_scale, times, routing)
+    aux_counts = sum(r.counts.world_2Z for r in routings) if model.moe_layers else None
+    loss_sums: dict[str, float] = {}
+    for i, (batch, routing) in enumerate(zip(micro_batches, routings)):
+        last = i == len(micro_batches) - 1
+        if last:
+            reduction.arm()  # this backward launches the gradient buckets as they complete
+        sums = loss_and_gradients(model, batch, cfg, loss_scale, times, routing, with_aux=last,
+                                  aux_world_2Z=aux_counts)
+        for key, value in sums.items():
+            loss_sums[key] = loss_sums.get(key, 0.0) + value
     t0 = time.perf_counter()
-    reduction.reduce()  # collectives: dense over the world, experts over their EDP group
+    reduction.finish()  # collectives: dense over the world, experts over their EDP group
     t1 = time.perf_counter()
     if cfg.optim.grad_clip > 0:
         clip_grad_norm(model, topo, cfg.optim.grad_clip)  # collective over the EP group
@@ -166,7 +179,7 @@ def train_step(model: Potential, batch: GraphBatch, optimizer: torch.optim.Optim
         group["lr"] = lr
     optimizer.step()
     times.update(comm=t1 - t0, optimizer=time.perf_counter() - t1)
-    return loss_sums, times, routing
+    return loss_sums, times, routings[-1]
 
 
 def peak_memory_bytes() -> int:
@@ -181,6 +194,9 @@ def train(cfg: Config, topo: Topology, log: Callable[[str], None]) -> Path:
         raise ConfigError(f"data.global_batch_size = {cfg.data.global_batch_size} is not divisible by "
                          f"the {world} ranks of the job")
     per_rank_batch = cfg.data.global_batch_size // world
+    if per_rank_batch % cfg.data.micro_batches:
+        raise ConfigError(f"data.micro_batches = {cfg.data.micro_batches} does not divide the {per_rank_batch} "
+                          f"structures per rank (data.global_batch_size {cfg.data.global_batch_size} / {world} ranks)")
 
     # Model first (on every rank, same seed), then data, validated against the model's elements.
     torch.manual_seed(cfg.run.seed)
@@ -195,14 +211,15 @@ def train(cfg: Config, topo: Topology, log: Callable[[str], None]) -> Path:
     fit_energy_normalisation(model, data, topo)
 
     # Parallelize: identical start on every rank (dense) and EDP group (experts), then the reducers.
-    sync_initial_parameters(model, topo)
-    reduction = GradientReduction(model, topo)
+    sync_initial_parameters(model, topo, cfg.comm.backend)
+    reduction = GradientReduction(model, topo, cfg.comm)
     optimizer, lr_at = make_optimizer(model, cfg)
 
-    def batch_at(step: int) -> GraphBatch:
+    def micro_batches_at(step: int) -> list[GraphBatch]:
         epoch, within = divmod(step - 1, steps_in_epoch)
-        frames = data.frames.select(sampler.batch(epoch, within))
-        return build_batch(frames, species_of, cfg.model.cutoff, cfg.model.three_body_cutoff).to("cpu", dtype)
+        return [build_batch(data.frames.select(part), species_of, cfg.model.cutoff,
+                            cfg.model.three_body_cutoff).to("cpu", dtype)
+                for part in np.array_split(sampler.batch(epoch, within), cfg.data.micro_batches)]
 
     # Perf accounting: all ranks calibrate FLOP coefficients together; rank 0 measures the peak.
     run_dir = Path(cfg.run.out_dir)
@@ -224,11 +241,11 @@ def train(cfg: Config, topo: Topology, log: Callable[[str], None]) -> Path:
     wall0 = time.perf_counter()
     for step in range(1, cfg.run.steps + 1):
         t0 = time.perf_counter()
-        batch = batch_at(step)
+        micro_batches = micro_batches_at(step)
         t_data = time.perf_counter() - t0
         lr = lr_at(step)
-        loss_sums, times, routing = train_step(model, batch, optimizer, reduction, cfg, topo, loss_scale, lr)
-        counts = batch.counts()
+        loss_sums, times, routing = train_step(model, micro_batches, optimizer, reduction, cfg, topo, loss_scale, lr)
+        counts = {k: sum(b.counts()[k] for b in micro_batches) for k in micro_batches[0].counts()}
         times["data"] = t_data
         times["total"] = time.perf_counter() - t0
         moe = {"moe_aux": loss_sums.pop("moe_aux"), "expert_load": routing.expert_load()} if routing else {}

@@ -86,7 +86,7 @@ class MoEMLP(nn.Module):
         self.experts = nn.ModuleDict(experts)  # keyed by global expert index: shards merge by union
         self.shared = GatedMLP(in_dim, hidden, out_dim)
 
-    def forward(self, x_TF: torch.Tensor, species_T: torch.Tensor, route: LayerRoute, comm: Any | None,
+    def forward(self, x_TF: torch.Tensor, species_T: torch.Tensor, route: LayerRoute, group: Any | None,
                 clock: Any | None = None) -> torch.Tensor:
         top_k = route.expert_ZK.shape[1]
         expert_ZK = torch.from_numpy(route.expert_ZK).to(species_T.device)
@@ -98,12 +98,12 @@ class MoEMLP(nn.Module):
         weight_P = weight_ZK[species_T].reshape(-1).index_select(0, order_P)
         x_PF = x_TF.index_select(0, token_P)
 
-        rows = x_PF if comm is None else all_to_all(x_PF, route.send_splits, route.recv_splits, comm, clock)
+        rows = x_PF if group is None else all_to_all(x_PF, route.send_splits, route.recv_splits, group, clock)
         if route.to_expert_order is not None:
             rows = rows.index_select(0, route.to_expert_order.to(rows.device))
         chunks = rows.split(route.expert_rows)
         y = torch.cat([expert(chunk) for expert, chunk in zip(self.experts.values(), chunks)])
         if route.to_receive_order is not None:
             y = y.index_select(0, route.to_receive_order.to(y.device))
-        y_PD = y if comm is None else all_to_all(y, route.recv_splits, route.send_splits, comm, clock)
+        y_PD = y if group is None else all_to_all(y, route.recv_splits, route.send_splits, group, clock)
         return self.shared(x_TF).index_add(0, token_P, y_PD * weight_P.unsqueeze(-1))

@@ -51,19 +51,21 @@ class Potential(nn.Module):
         expert = {id(p) for p in self.expert_parameters()}
         return [p for p in self.parameters() if id(p) not in expert]
 
-    def plan_routing(self, counts: TokenCounts, comm: Any | None = None) -> Routing:
+    def plan_routing(self, counts: TokenCounts, group: Any | None = None) -> Routing:
         """This step's routing for every MoE layer: all top-k tables reach the host in one copy."""
         tables = torch.stack([m.router.top_k_table() for m in self.moe_layers]).cpu().numpy() \
             if self.moe_layers else []
         layers = [plan_layer(table, counts.group_R2Z[:, m.token_kind], counts.world_2Z[m.token_kind],
                              counts.ep_rank, m.experts_per_rank) for table, m in zip(tables, self.moe_layers)]
-        return Routing(layers=layers, counts=counts, comm=comm)
+        return Routing(layers=layers, counts=counts, group=group)
 
-    def aux_loss(self, routing: Routing) -> torch.Tensor:
-        """Σ over MoE layers of the load-balancing loss on the world's tokens (same on every rank)."""
+    def aux_loss(self, routing: Routing, world_2Z: np.ndarray | None = None) -> torch.Tensor:
+        """Σ over MoE layers of the load-balancing loss on the world's tokens (same on every rank),
+        with the step's top-k tables; `world_2Z` defaults to this routing's world counts."""
+        counts_2Z = routing.counts.world_2Z if world_2Z is None else world_2Z
         total = self.energy_scale.new_zeros(())
         for layer, route in zip(self.moe_layers, routing.layers):
-            tokens_Z = torch.from_numpy(routing.counts.world_2Z[layer.token_kind]).to(total.device)
+            tokens_Z = torch.from_numpy(counts_2Z[layer.token_kind]).to(total.device)
             expert_ZK = torch.from_numpy(route.expert_ZK).to(total.device)
             total = total + load_balancing_loss(layer.router.probabilities(), expert_ZK, tokens_Z)
         return total

@@ -94,11 +94,11 @@ def plan_layer(expert_ZK: np.ndarray, group_RZ: np.ndarray, world_Z: np.ndarray,
 
 @dataclass
 class Routing:
-    """The plan of every MoE layer for one step, the EP communicator, and the all-to-all clock."""
+    """The plan of every MoE layer for one step, the EP group, and the all-to-all clock."""
 
     layers: list[LayerRoute]
     counts: TokenCounts
-    comm: Any | None = None           # EP communicator; None: all experts are local
+    group: Any | None = None          # EP group (exaforce.comm.groups); None: all experts are local
     clock: CommClock = field(default_factory=CommClock)
 
     def expert_load(self) -> dict[str, Any]:

@@ -25,9 +25,10 @@ def split_matrix(world: int) -> np.ndarray:
     return np.array([[(j - i) % world for j in range(world)] for i in range(world)])
 
 
-def main(out_path: str) -> None:
+def main(out_path: str, backend: str) -> None:
     topo = Topology.from_mpi()
-    world, rank, comm = topo.world_size, topo.rank, topo.world
+    world, rank, comm = topo.world_size, topo.rank, topo.world  # comm: host-side gathers of the results
+    group = topo.groups(backend).world  # the exchange under test
     S = split_matrix(world) if world > 1 else np.array([[5]])
     send, recv = S[rank].tolist(), S[:, rank].tolist()
     gen = torch.Generator().manual_seed(100 + rank)
@@ -41,7 +42,7 @@ def main(out_path: str) -> None:
         return [torch.cat([pieces[i][j] for i in range(world)]) for j in range(world)]
 
     # Distributed: second derivative of a scalar through the exchange (as force training does).
-    y = torch.tanh(all_to_all(torch.sin(x) * 1.3, send, recv, comm))
+    y = torch.tanh(all_to_all(torch.sin(x) * 1.3, send, recv, group))
     g = torch.autograd.grad((y * w).sum(), x, create_graph=True)[0]
     gg = torch.autograd.grad(g.pow(2).sum(), x)[0]
     # gradcheck / gradgradcheck style, collectively: every rank moves its input along its own
@@ -51,11 +52,11 @@ def main(out_path: str) -> None:
     eps = 1e-6
 
     def global_f(x_in: torch.Tensor) -> float:
-        return comm.allreduce(float((torch.tanh(all_to_all(torch.sin(x_in) * 1.3, send, recv, comm)) * w).sum()))
+        return comm.allreduce(float((torch.tanh(all_to_all(torch.sin(x_in) * 1.3, send, recv, group)) * w).sum()))
 
     def global_h(x_in: torch.Tensor) -> float:
         x_in = x_in.detach().requires_grad_(True)
-        y_in = torch.tanh(all_to_all(torch.sin(x_in) * 1.3, send, recv, comm))
+        y_in = torch.tanh(all_to_all(torch.sin(x_in) * 1.3, send, recv, group))
         return comm.allreduce(float(torch.autograd.grad((y_in * w).sum(), x_in)[0].pow(2).sum()))
 
     with torch.no_grad():
@@ -89,4 +90,4 @@ def main(out_path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "mpi")

@@ -1,0 +1,261 @@
+"""The collectives the trainer needs, over the Topology's groups, for three interchangeable backends.
+
+`comm.backend = mpi | horovod | torch` picks how tensors move: mpi4py on CPU buffers, Horovod
+(process sets made from the Topology's groups), or torch.distributed (gloo on CPU; NCCL/RCCL/XCCL
+on GPUs) with process groups made from the same groups. Host-side control (element counts, loss
+sums, barriers) always goes through the Topology's MPI communicators.
+
+A `Group` offers exactly what the trainer uses: an asynchronous in-place sum with a post-scale
+(gradient buckets), the variable-split all-to-all (expert dispatch), and broadcast (initial
+parameters). A group of one rank needs no backend at all (`SoloGroup`).
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+from typing import Any, Protocol, Sequence
+
+import numpy as np
+import torch
+
+BACKENDS = ("mpi", "horovod", "torch")
+
+
+class Handle(Protocol):
+    def wait(self) -> None: ...
+
+
+class Group(Protocol):
+    backend: str
+    size: int
+
+    def allreduce_sum_async(self, flat: torch.Tensor, postscale: float, name: str) -> Handle:
+        """flat ← postscale · Σ_ranks flat once `wait()` returns; every rank issues the same sequence."""
+
+    def alltoallv(self, x_XD: torch.Tensor, send_splits: Sequence[int], recv_splits: Sequence[int]) -> torch.Tensor:
+        """Rows [Σ send[:r], +send[r]) go to group rank r; returns recv[r] rows from each rank r, in rank order."""
+
+    def broadcast_(self, tensor: torch.Tensor, root: int = 0) -> None:
+        """tensor ← the value of group rank `root`."""
+
+
+def _check_rows(x_XD: torch.Tensor, send_splits: Sequence[int]) -> None:
+    if x_XD.shape[0] != sum(send_splits):
+        raise ValueError(f"all_to_all: {x_XD.shape[0]} rows but send splits sum to {sum(send_splits)}")
+
+
+@dataclass
+class _Scale:
+    """A finished (or synchronous) reduction: only the post-scale is left to apply at wait()."""
+
+    flat: torch.Tensor
+    postscale: float
+    inner: Any = None  # the backend's request, waited on first
+
+    def wait(self) -> None:
+        if self.inner is not None:
+            self.inner.wait()
+        if self.postscale != 1.0:
+            self.flat.mul_(self.postscale)
+
+
+class SoloGroup:
+    """A group of one rank: sums are the value itself, the all-to-all is a copy."""
+
+    size = 1
+
+    def __init__(self, backend: str):
+        self.backend = backend
+
+    def allreduce_sum_async(self, flat: torch.Tensor, postscale: float, name: str) -> Handle:
+        return _Scale(flat, postscale)
+
+    def alltoallv(self, x_XD, send_splits, recv_splits) -> torch.Tensor:
+        _check_rows(x_XD, send_splits)
+        return x_XD.detach().clone()
+
+    def broadcast_(self, tensor: torch.Tensor, root: int = 0) -> None:
+        return None
+
+
+# ------------------------------------------------------------------------------------------ mpi
+def _numpy(tensor: torch.Tensor) -> np.ndarray:
+    """A NumPy view of the tensor's memory: mpi4py takes the MPI datatype from its dtype."""
+    if tensor.device.type != "cpu" or not tensor.is_contiguous():
+        raise ValueError("MPI buffers must be contiguous CPU tensors")
+    return tensor.detach().numpy()
+
+
+class MPIGroup:
+    backend = "mpi"
+
+    def __init__(self, comm: Any):
+        self.comm = comm
+        self.size = comm.Get_size()
+
+    def allreduce_sum_async(self, flat: torch.Tensor, postscale: float, name: str) -> Handle:
+        from mpi4py import MPI
+
+        return _Scale(flat, postscale, self.comm.Iallreduce(MPI.IN_PLACE, _numpy(flat), op=MPI.SUM))
+
+    def alltoallv(self, x_XD, send_splits, recv_splits) -> torch.Tensor:
+        _check_rows(x_XD, send_splits)
+        x_XD = x_XD.detach().contiguous()
+        row = int(np.prod(x_XD.shape[1:], dtype=np.int64))
+        out = torch.empty((sum(recv_splits), *x_XD.shape[1:]), dtype=x_XD.dtype)
+        send = np.asarray(send_splits, dtype=np.int64) * row
+        recv = np.asarray(recv_splits, dtype=np.int64) * row
+        self.comm.Alltoallv([_numpy(x_XD).reshape(-1), (send, np.r_[0, np.cumsum(send)[:-1]])],
+                            [_numpy(out).reshape(-1), (recv, np.r_[0, np.cumsum(recv)[:-1]])])
+        return out
+
+    def broadcast_(self, tensor: torch.Tensor, root: int = 0) -> None:
+        self.comm.Bcast(_numpy(tensor.data), root=root)
+
+
+# -------------------------------------------------------------------------------------- horovod
+class _HorovodHandle:
+    def __init__(self, handle: Any):
+        self.handle = handle
+
+    def wait(self) -> None:
+        import horovod.torch as hvd
+
+        hvd.synchronize(self.handle)
+
+
+class HorovodGroup:
+    """A Horovod process set. Horovod negotiates by name, so in-flight names must be unique."""
+
+    backend = "horovod"
+
+    def __init__(self, process_set: Any, ranks: Sequence[int]):
+        self.process_set = process_set
+        self.ranks = tuple(ranks)
+        self.size = len(ranks)
+
+    def allreduce_sum_async(self, flat: torch.Tensor, postscale: float, name: str) -> Handle:
+        import horovod.torch as hvd
+
+        return _HorovodHandle(hvd.allreduce_async_(flat, name=name, op=hvd.Sum, postscale_factor=postscale,
+                                                   process_set=self.process_set))
+
+    def alltoallv(self, x_XD, send_splits, recv_splits) -> torch.Tensor:
+        import horovod.torch as hvd
+
+        _check_rows(x_XD, send_splits)
+        out, received = hvd.alltoall(x_XD.detach().contiguous(), splits=torch.tensor(list(send_splits), dtype=torch.int32),
+                                     process_set=self.process_set)
+        if tuple(int(r) for r in received) != tuple(recv_splits):
+            raise RuntimeError(f"horovod alltoall received splits {received.tolist()}, plan said {list(recv_splits)}")
+        return out
+
+    def broadcast_(self, tensor: torch.Tensor, root: int = 0) -> None:
+        import horovod.torch as hvd
+
+        hvd.broadcast_(tensor.data, root_rank=self.ranks[root], process_set=self.process_set)
+
+
+# ---------------------------------------------------------------------------- torch.distributed
+class _Work:
+    def __init__(self, work: Any):
+        self.work = work
+
+    def wait(self) -> None:
+        self.work.wait()
+
+
+class TorchGroup:
+    backend = "torch"
+
+    def __init__(self, process_group: Any, ranks: Sequence[int]):
+        self.process_group = process_group
+        self.ranks = tuple(ranks)
+        self.size = len(ranks)
+
+    def allreduce_sum_async(self, flat: torch.Tensor, postscale: float, name: str) -> Handle:
+        import torch.distributed as dist
+
+        return _Scale(flat, postscale, _Work(dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.process_group,
+                                                             async_op=True)))
+
+    def alltoallv(self, x_XD, send_splits, recv_splits) -> torch.Tensor:
+        import torch.distributed as dist
+
+        _check_rows(x_XD, send_splits)
+        out = x_XD.new_empty((sum(recv_splits), *x_XD.shape[1:]))
+        dist.all_to_all_single(out, x_XD.detach().contiguous(), output_split_sizes=list(recv_splits),
+                               input_split_sizes=list(send_splits), group=self.process_group)
+        return out
+
+    def broadcast_(self, tensor: torch.Tensor, root: int = 0) -> None:
+        import torch.distributed as dist
+
+        dist.broadcast(tensor.data, src=self.ranks[root], group=self.process_group)
+
+
+# ------------------------------------------------------------------------------------ factory
+@dataclass(frozen=True)
+class CommGroups:
+    """The Topology's world, EP and EDP groups through one backend."""
+
+    backend: str
+    world: Group
+    ep: Group
+    edp: Group
+
+
+def build_groups(backend: str, topo: Any) -> CommGroups:
+    """The Topology's groups through `backend`; collective over the world (every rank creates every
+    group in the same order). Called once, by `Topology.groups`."""
+    if backend not in BACKENDS:
+        raise ValueError(f"comm.backend = {backend!r}: must be one of {', '.join(BACKENDS)}")
+    layout, rank = topo.layout, topo.rank
+    world_ranks = tuple(range(topo.world_size))
+    mine = (layout.ep_group(rank), layout.edp_group(rank))
+    if backend == "mpi":
+        world: Group = MPIGroup(topo.world)
+        make: dict[tuple[int, ...], Group] = {mine[0]: MPIGroup(topo.ep_comm), mine[1]: MPIGroup(topo.edp_comm)}
+    else:
+        every = [layout.ep_group(r) for r in range(0, topo.world_size, layout.ep)] + \
+                [layout.edp_group(q) for q in range(layout.ep)]
+        build = _horovod_groups if backend == "horovod" else _torch_groups
+        world, make = build(topo.world, world_ranks, every, rank)
+    ep, edp = (SoloGroup(backend) if len(g) == 1 else make[g] for g in mine)
+    return CommGroups(backend=backend, world=world if len(world_ranks) > 1 else SoloGroup(backend), ep=ep, edp=edp)
+
+
+def _horovod_groups(world_comm: Any, world_ranks: tuple[int, ...], groups: list[tuple[int, ...]], rank: int):
+    import horovod.torch as hvd
+    from horovod.common.process_sets import ProcessSet
+
+    distinct = sorted({g for g in groups if 1 < len(g) < len(world_ranks)})
+    sets = {g: ProcessSet(list(g)) for g in distinct}
+    if not hvd.is_initialized():
+        hvd.init(comm=world_comm, process_sets=list(sets.values()))
+    world = HorovodGroup(hvd.global_process_set, world_ranks)
+    make = {g: HorovodGroup(s, g) for g, s in sets.items()}
+    make[world_ranks] = world
+    return world, make
+
+
+def _torch_groups(world_comm: Any, world_ranks: tuple[int, ...], groups: list[tuple[int, ...]], rank: int):
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        # Rendezvous over a TCP store on rank 0, its address and a free port shared through MPI.
+        if rank == 0:
+            with socket.socket() as s:
+                s.bind(("", 0))
+                address = (socket.gethostbyname(socket.gethostname()), s.getsockname()[1])
+        else:
+            address = None
+        host, port = world_comm.bcast(address, root=0)  # collective
+        dist.init_process_group("gloo", init_method=f"tcp://{host}:{port}", rank=rank, world_size=len(world_ranks))
+    world = TorchGroup(None, world_ranks)
+    make: dict[tuple[int, ...], Group] = {world_ranks: world}
+    for g in sorted({g for g in groups if 1 < len(g) < len(world_ranks)}):
+        pg = dist.new_group(list(g))  # every rank creates every group, in the same order
+        make[g] = TorchGroup(pg, g)
+    return world, make
