@@ -1,4 +1,4 @@
-"""Run under `mpiexec -n K script OUT DP EP`, float64: an MoE training step on a dp × ep topology
+"""Run under `mpiexec -n K script OUT DP EP [BACKEND]`, float64: an MoE training step on a dp × ep topology
 equals the single-process step on the same global batch — energies, forces, stresses, loss, the
 aux loss and every parameter gradient (dense and expert). Rank 0 writes the comparison as JSON."""
 
@@ -27,11 +27,12 @@ def rel_diff(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a - b).max(initial=0.0) / max(np.abs(b).max(initial=0.0), 1e-300))
 
 
-def main(out_path: str, dp: int, ep: int) -> None:
+def main(out_path: str, dp: int, ep: int, backend: str) -> None:
     topo = Topology.from_mpi(dp=dp, ep=ep)
     cfg = from_dict({"data": {"train": ["unused.bp"], "global_batch_size": GLOBAL_BATCH},
                      "model": {"preset": "small-moe", "moe_experts": 8, "moe_top_k": 2},
                      "loss": {"moe_aux_weight": 0.1}, "parallel": {"dp": dp, "ep": ep},
+                     "comm": {"backend": backend, "bucket_mb": 0.05},  # several buckets
                      "run": {"dtype": "float64"}})
     frames = Frames.from_atoms(synthesize(GLOBAL_BATCH, seed=11))  # several elements and sizes
     dp_index, ep_index = topo.layout.coords(topo.rank)
@@ -49,7 +50,7 @@ def main(out_path: str, dp: int, ep: int) -> None:
             p.add_(0.1)
         for p in model.expert_parameters() if dp_index else []:
             p.add_(0.1)
-    sync_initial_parameters(model, topo)
+    sync_initial_parameters(model, topo, backend)
 
     def batch_of(indices):
         return build_batch(frames.select(np.asarray(indices)), model.species_table(), cfg.model.cutoff,
@@ -57,10 +58,12 @@ def main(out_path: str, dp: int, ep: int) -> None:
 
     # Distributed: rank r takes a contiguous share of the global batch.
     batch = batch_of(np.array_split(np.arange(GLOBAL_BATCH), topo.world_size)[topo.rank])
-    pred = energy_forces_stress(model, batch, training=False, routing=step_routing(model, batch, topo))
-    routing = step_routing(model, batch, topo)
+    pred = energy_forces_stress(model, batch, training=False, routing=step_routing(model, batch, topo, backend))
+    routing = step_routing(model, batch, topo, backend)
+    reduction = GradientReduction(model, topo, cfg.comm)
+    reduction.arm()  # buckets launch from the backward's hooks, as in training
     loss_sums = loss_and_gradients(model, batch, cfg, topo.world_size / GLOBAL_BATCH, {}, routing)
-    GradientReduction(model, topo).reduce()
+    reduction.finish()
     loss = topo.world.allreduce(loss_sums["total"]) / GLOBAL_BATCH
     grads = {name: p.grad.numpy().copy() for name, p in model.named_parameters()}
     gathered = topo.world.gather({"energy": pred.energy_G.detach().numpy(), "forces": pred.forces_N3.detach().numpy(),
@@ -86,7 +89,7 @@ def main(out_path: str, dp: int, ep: int) -> None:
                 grad_diffs[name] = max(grad_diffs.get(name, 0.0), rel_diff(grad, serial_grad))
                 compared.add(name)
         worst = max(grad_diffs, key=grad_diffs.get)
-        result = {"dp": topo.layout.dp, "ep": topo.layout.ep, "world": topo.world_size, **diffs,
+        result = {"dp": topo.layout.dp, "ep": topo.layout.ep, "world": topo.world_size, "backend": backend, **diffs,
                   "grad_max_rel_diff": grad_diffs[worst], "worst_param": worst,
                   "params_compared": len(compared), "params_serial": len(list(serial.parameters())),
                   "expert_params_serial": len(serial.expert_parameters()),
@@ -98,4 +101,4 @@ def main(out_path: str, dp: int, ep: int) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
+    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] if len(sys.argv) > 4 else "mpi")
