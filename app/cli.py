@@ -154,13 +154,24 @@ def cmd_bench_step(args: argparse.Namespace) -> None:
 def cmd_bench_ep(args: argparse.Namespace) -> None:
     import json
 
-    from exaforce.bench_ep import bench_ep
+    from exaforce.bench_runs import bench_ep
 
     try:
         result = bench_ep(args.preset, args.ranks, args.ep, args.experts, args.batch_per_rank, args.steps,
                           args.warmup, args.dtype, not args.no_baseline, _say)
     except ValueError as exc:
         raise UserError(str(exc)) from None
+    if args.json:
+        print(json.dumps(result))
+
+
+def cmd_bench_comm(args: argparse.Namespace) -> None:
+    import json
+
+    from exaforce.bench_runs import bench_comm
+
+    result = bench_comm(args.preset, args.ranks, args.batch_per_rank, args.steps, args.warmup, args.dtype,
+                        args.backends.split(","), _say)
     if args.json:
         print(json.dumps(result))
 
@@ -245,6 +256,18 @@ def build_parser() -> argparse.ArgumentParser:
     ep.add_argument("--no-baseline", action="store_true", help="skip the ep=1 run (a model too big for one rank)")
     ep.add_argument("--json", action="store_true", help="last line: one JSON object")
     ep.set_defaults(func=cmd_bench_ep)
+
+    comm = bench_commands.add_parser("comm", help="gradient-reduction time per step for each backend, with the "
+                                     "reduction overlapping the backward and after it")
+    comm.add_argument("--preset", default="base", help="model preset (default base)")
+    comm.add_argument("--ranks", type=int, default=2, help="data-parallel ranks (default 2)")
+    comm.add_argument("--backends", default="mpi,horovod,torch", help="comma-separated (default mpi,horovod,torch)")
+    comm.add_argument("--batch-per-rank", type=int, default=2, help="structures per rank per step (default 2)")
+    comm.add_argument("--steps", type=int, default=10, help="training steps per run (default 10)")
+    comm.add_argument("--warmup", type=int, default=2, help="steps left out of the median (default 2)")
+    comm.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    comm.add_argument("--json", action="store_true", help="last line: one JSON object")
+    comm.set_defaults(func=cmd_bench_comm)
 
     md = bench_commands.add_parser("md", help="NVE energy drift: 108-atom Cu, 1 fs steps, through the ASE calculator")
     md.add_argument("--checkpoint", required=True, help="trained checkpoint (e.g. demo/run/checkpoints/…)")

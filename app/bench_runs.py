@@ -1,0 +1,161 @@
+"""Benchmarks made of real training runs: `mpiexec -n R exaforce train` on EMT data from `data synth`,
+read back from the perf logs (step time = the slowest rank's, median over the timed steps).
+
+`bench ep`: data parallel only (dp = R, ep = 1) against expert parallel (dp = R/ep, ep) at the same
+per-rank batch; shares of the step in the all-to-all and in gradient reduction; peak memory.
+`bench comm`: each backend's gradient-reduction time per step, with the reduction launched from
+the backward (overlap) and after it; the share hidden = 1 − exposed(overlap) / reduction(no overlap).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+BENCH_SEED = 0
+
+
+def _write_config(path: Path, data: Path, out_dir: Path, preset: str, experts: int | None, batch: int,
+                  steps: int, dp: int, ep: int, dtype: str, backend: str = "mpi", overlap: bool = True) -> None:
+    experts_line = f"moe_experts = {experts}\n" if experts else ""
+    path.write_text(f"""[run]
+out_dir = "{out_dir}"
+steps = {steps}
+log_every = 1
+dtype = "{dtype}"
+final_checkpoint = false
+seed = {BENCH_SEED}
+
+[data]
+train = ["{data}"]
+global_batch_size = {batch}
+
+[model]
+preset = "{preset}"
+{experts_line}
+[loss]
+stress_weight = 0.1
+
+[parallel]
+dp = {dp}
+ep = {ep}
+
+[comm]
+backend = "{backend}"
+overlap = {"true" if overlap else "false"}
+""")
+
+
+def summarize_run(run_dir: Path, warmup: int) -> dict:
+    """Median step time over the steps after `warmup` (slowest rank per step) and shares of it."""
+    from exaforce.perf.report import load_run
+
+    run = load_run(run_dir)
+    by_step: dict[int, list[dict]] = {}
+    for records in run.steps.values():
+        for record in records:
+            if record["step"] > warmup:
+                by_step.setdefault(record["step"], []).append(record)
+    if not by_step:
+        raise RuntimeError(f"{run_dir}: no step after the {warmup} warm-up step(s); run more steps")
+    step_times = [max(r["total_time"] for r in records) for records in by_step.values()]
+
+    def share(key: str) -> float:
+        """Mean over steps and ranks of time[key] / that step's slowest-rank time."""
+        return statistics.fmean(r["times"].get(key, 0.0) / max(rr["total_time"] for rr in records)
+                                for records in by_step.values() for r in records)
+
+    peaks = {rank: max(r["peak_mem_bytes"] for r in records) for rank, records in run.steps.items()}
+    every_step: dict[int, list[dict]] = {}
+    for records in run.steps.values():
+        for record in records:
+            every_step.setdefault(record["step"], []).append(record)
+    losses = [sum(r["loss_sum"]["total"] for r in rs) / sum(r["structures"] for r in rs)
+              for _, rs in sorted(every_step.items())]  # global mean loss of each step
+    comm = [statistics.fmean(r["times"]["comm"] for r in records) for records in by_step.values()]
+    return {"step_s": statistics.median(step_times), "steps_timed": len(step_times), "losses": losses,
+            "comm_s": statistics.median(comm),
+            "alltoall_share": share("alltoall"), "grad_reduction_share": share("comm"),
+            "routing_share": share("routing"),
+            "peak_mem_gib_per_rank": [round(peaks[r] / 2**30, 2) for r in sorted(peaks)]}
+
+
+class TrainingRuns:
+    """A temporary folder with one synthesised dataset and the runs made on it."""
+
+    def __init__(self, tmp: Path, ranks: int, batch_per_rank: int, log: Callable[[str], None]):
+        self.tmp, self.ranks, self.log = tmp, ranks, log
+        self.mpiexec = shutil.which("mpiexec") or str(Path(sys.executable).parent / "mpiexec")
+        self.exaforce = str(Path(sys.executable).parent / "exaforce")
+        self.env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+        structures = max(64, 4 * ranks * batch_per_rank)
+        subprocess.run([self.exaforce, "data", "synth", "--out", str(tmp / "d.extxyz"), "--structures",
+                        str(structures), "--seed", str(BENCH_SEED)], check=True, capture_output=True, env=self.env)
+        subprocess.run([self.exaforce, "data", "convert", str(tmp / "d.extxyz"), "--out", str(tmp / "d.bp"),
+                        "--name", "bench"], check=True, capture_output=True, env=self.env)
+
+    def run(self, name: str, warmup: int, **config) -> dict:
+        run_dir, path = self.tmp / name, self.tmp / f"{name}.toml"
+        _write_config(path, self.tmp / "d.bp", run_dir, **config)
+        self.log(f"bench: {name}: mpiexec -n {self.ranks} exaforce train ({config['steps']} steps)")
+        proc = subprocess.run([self.mpiexec, "-n", str(self.ranks), self.exaforce, "train", "--config", str(path)],
+                              capture_output=True, text=True, env=self.env)
+        if proc.returncode != 0:
+            raise RuntimeError(f"bench: the {name} run failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+        return summarize_run(run_dir, warmup)
+
+
+def bench_ep(preset: str, ranks: int, ep: int, experts: int | None, batch_per_rank: int, steps: int,
+             warmup: int, dtype: str, baseline: bool, log: Callable[[str], None]) -> dict:
+    from exaforce.config import model_preset
+
+    cfg = model_preset(preset)
+    n_experts = experts or cfg.moe_experts
+    if not n_experts or n_experts % ep or ranks % ep:
+        raise ValueError(f"bench ep: need an MoE preset with experts divisible by ep = {ep} and ranks ({ranks}) "
+                         f"divisible by ep; {preset} has {n_experts} experts")
+    results = {"preset": preset, "experts": n_experts, "ranks": ranks, "batch_per_rank": batch_per_rank,
+               "steps": steps, "warmup": warmup, "dtype": dtype}
+    with tempfile.TemporaryDirectory(prefix="exaforce-bench-ep-") as tmp:
+        runs = TrainingRuns(Path(tmp), ranks, batch_per_rank, log)
+        layouts = ([("dp_only", ranks, 1)] if baseline else []) + [("expert_parallel", ranks // ep, ep)]
+        for name, dp, ep_size in layouts:
+            r = results[name] = {"dp": dp, "ep": ep_size, **runs.run(
+                name, warmup, preset=preset, experts=experts, batch=batch_per_rank * ranks, steps=steps,
+                dp=dp, ep=ep_size, dtype=dtype)}
+            log(f"  losses {', '.join(f'{x:.4g}' for x in r['losses'])}")
+            log(f"  step {r['step_s'] * 1e3:.0f} ms (median of {r['steps_timed']}), all-to-all "
+                f"{100 * r['alltoall_share']:.1f}%, gradient reduction {100 * r['grad_reduction_share']:.1f}%, "
+                f"routing exchange {100 * r['routing_share']:.1f}%, peak memory/rank {r['peak_mem_gib_per_rank']} GiB")
+    if baseline:
+        results["ep_over_dp_step_time"] = results["expert_parallel"]["step_s"] / results["dp_only"]["step_s"]
+        log(f"bench ep: ep={ep} step time / ep=1 step time = {results['ep_over_dp_step_time']:.3f}")
+    return results
+
+
+def bench_comm(preset: str, ranks: int, batch_per_rank: int, steps: int, warmup: int, dtype: str,
+               backends: list[str], log: Callable[[str], None]) -> dict:
+    """Per backend: exposed reduction time per step with and without overlap (median over steps)."""
+    results: dict = {"preset": preset, "ranks": ranks, "batch_per_rank": batch_per_rank, "steps": steps,
+                     "warmup": warmup, "dtype": dtype}
+    with tempfile.TemporaryDirectory(prefix="exaforce-bench-comm-") as tmp:
+        runs = TrainingRuns(Path(tmp), ranks, batch_per_rank, log)
+        for backend in backends:
+            r = results[backend] = {}
+            for overlap in (False, True):
+                summary = runs.run(f"{backend}-{'overlap' if overlap else 'after'}", warmup, preset=preset,
+                                   experts=None, batch=batch_per_rank * ranks, steps=steps, dp=ranks, ep=1,
+                                   dtype=dtype, backend=backend, overlap=overlap)
+                r["overlap" if overlap else "after_backward"] = summary
+            after, over = r["after_backward"]["comm_s"], r["overlap"]["comm_s"]
+            r["hidden_share"] = max(0.0, 1.0 - over / after) if after > 0 else 0.0
+            log(f"  {backend}: reduction {after * 1e3:.1f} ms/step after the backward, {over * 1e3:.1f} ms exposed "
+                f"with overlap ({100 * r['hidden_share']:.0f}% hidden); step {r['after_backward']['step_s'] * 1e3:.0f}"
+                f" → {r['overlap']['step_s'] * 1e3:.0f} ms")
+    return results
