@@ -84,6 +84,7 @@ class CommConfig:
     backend: str = "mpi"                # mpi | horovod | torch (torch.distributed: gloo on CPU)
     bucket_mb: float = 25.0             # gradient buckets, reduced while the backward goes on
     overlap: bool = True                # launch buckets from the backward; false: all after it
+    sync_before_reduce: bool = False    # benchmarks: a world barrier first, so "comm" excludes load imbalance
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

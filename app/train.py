@@ -170,6 +170,10 @@ def train_step(model: Potential, micro_batches: list[GraphBatch], optimizer: tor
                                   aux_world_2Z=aux_counts)
         for key, value in sums.items():
             loss_sums[key] = loss_sums.get(key, 0.0) + value
+    if cfg.comm.sync_before_reduce:
+        t0 = time.perf_counter()
+        topo.world.Barrier()  # collective: the wait for the slowest rank, timed on its own
+        times["imbalance"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     reduction.finish()  # collectives: dense over the world, experts over their EDP group
     t1 = time.perf_counter()
