@@ -21,29 +21,34 @@ class ExaforceCalculator(Calculator):
 
     implemented_properties = ["energy", "free_energy", "forces", "stress"]
 
-    def __init__(self, model: Potential, dtype: str = "float64", **kwargs):
+    def __init__(self, model: Potential, dtype: str = "float64", head: str | None = None, **kwargs):
         super().__init__(**kwargs)
         if dtype not in DTYPES:
             raise ValueError(f"dtype {dtype!r}: must be one of {sorted(DTYPES)}")
+        heads = model.cfg.heads
+        if head is not None and head not in heads:
+            raise ValueError(f"head {head!r}: this model's heads are {list(heads)}")
+        self.head = heads.index(head) if head is not None else 0  # which dataset/fidelity's energy
         self.dtype = DTYPES[dtype]
         self.model = model.to(self.dtype).eval()
         self._species_of = model.species_table()
 
     @classmethod
-    def from_preset(cls, name: str, seed: int = 0, dtype: str = "float64", **overrides) -> "ExaforceCalculator":
+    def from_preset(cls, name: str, seed: int = 0, dtype: str = "float64", head: str | None = None,
+                    **overrides) -> "ExaforceCalculator":
         """Random weights (for tests and benchmarks) at a named model size."""
         import dataclasses
 
         cfg: ModelConfig = dataclasses.replace(model_preset(name), **overrides)
         torch.manual_seed(seed)
-        return cls(Potential(cfg), dtype=dtype)
+        return cls(Potential(cfg), dtype=dtype, head=head)
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, dtype: str = "float64") -> "ExaforceCalculator":
+    def from_checkpoint(cls, path: str | Path, dtype: str = "float64", head: str | None = None) -> "ExaforceCalculator":
         state = checkpoint.load(Path(path))
         model = Potential(model_from_dict(state["config"]["model"]))
         model.load_state_dict(state["model"])
-        return cls(model, dtype=dtype)
+        return cls(model, dtype=dtype, head=head)
 
     def calculate(self, atoms: Atoms | None = None, properties=("energy",), system_changes=all_changes) -> None:
         super().calculate(atoms, properties, system_changes)
@@ -52,7 +57,8 @@ class ExaforceCalculator(Calculator):
         if unknown:
             raise ValueError(f"elements {unknown} are not in this model's elements {list(self.model.cfg.elements)}")
         cfg = self.model.cfg
-        batch = batch_from_atoms([self.atoms], self._species_of, cfg.cutoff, cfg.three_body_cutoff)
+        batch = batch_from_atoms([self.atoms], self._species_of, cfg.cutoff, cfg.three_body_cutoff,
+                                 self.head, len(cfg.heads))
         pred = energy_forces_stress(self.model, batch.to("cpu", self.dtype), training=False)
         energy = float(pred.energy_G[0].detach())
         self.results = {"energy": energy, "free_energy": energy,

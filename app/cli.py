@@ -48,13 +48,26 @@ def cmd_data_synth(args: argparse.Namespace) -> None:
 
     if args.structures < 1:
         raise UserError(f"--structures {args.structures}: must be >= 1")
+    if args.method is not None and args.source != "molecules":
+        raise UserError(f"--method {args.method}: only for --source molecules (metals are labelled by EMT)")
+    method = "EMT" if args.source == "metals" else args.method or "GFN2-xTB"
     t0 = time.perf_counter()
 
     def progress(done: int, total: int) -> None:
         if done == total or done % max(total // 10, 1) == 0:
-            _say(f"  labelled {done}/{total} structures with EMT")
+            _say(f"  labelled {done}/{total} structures with {method}")
 
-    atoms = synthesize(args.structures, args.seed, progress=progress)
+    if args.source == "metals":
+        atoms = synthesize(args.structures, args.seed, progress=progress)
+    else:
+        from exaforce.io.molecules import synthesize_molecules
+
+        try:
+            atoms = synthesize_molecules(args.structures, args.seed, method=method, progress=progress)
+        except ModuleNotFoundError as err:
+            if err.name != "tblite":
+                raise
+            raise UserError(f"--source molecules: {err}") from None
     write_extxyz(atoms, args.out)
     n_atoms = sum(len(a) for a in atoms)
     _say(f"wrote {len(atoms)} structures ({n_atoms} atoms) to {args.out} in {time.perf_counter() - t0:.1f} s")
@@ -195,7 +208,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = commands.add_parser("data", help="make, convert and inspect datasets")
     data_commands = data.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
-    synth = data_commands.add_parser("synth", help="labelled periodic metal structures from ASE's EMT, as extxyz")
+    synth = data_commands.add_parser("synth", help="labelled structures as extxyz: periodic metals (EMT) "
+                                     "or molecules (GFN2-/GFN1-xTB via tblite)")
+    synth.add_argument("--source", choices=("metals", "molecules"), default="metals",
+                       help="metals: EMT-labelled fcc/bcc/hcp cells with stress; molecules: rattled G2 "
+                            "molecules in vacuum, energy and forces from tblite (default metals)")
+    synth.add_argument("--method", choices=("GFN2-xTB", "GFN1-xTB"), default=None,
+                       help="tblite method for --source molecules (default GFN2-xTB)")
     synth.add_argument("--out", required=True, help="extxyz file to write")
     synth.add_argument("--structures", type=int, default=200, help="number of structures (default 200)")
     synth.add_argument("--seed", type=int, default=0, help="random seed (default 0)")

@@ -35,15 +35,33 @@ class RunConfig:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class DatasetConfig:
+    path: str                           # ADIOS2 BP5 dataset (DIR.bp), already staged
+    head: str = ""                      # its energy head, one of model.heads ("": the first)
+    weight: float = 1.0                 # expected visits of each structure per epoch (> 1 oversamples)
+    val_fraction: float = 0.0           # share held out for validation (seeded choice)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class DataConfig:
-    train: tuple[str, ...] = ()         # ADIOS2 BP5 datasets (DIR.bp), already staged
+    train: tuple[str, ...] = ()         # shorthand: datasets with the first head, weight 1, no validation
+    datasets: tuple[DatasetConfig, ...] = ()  # [[data.datasets]] tables: multi-fidelity training
     global_batch_size: int = 8          # structures per step over all ranks
     micro_batches: int = 1              # gradient accumulation: each rank's share in this many passes
+    balance: bool = True                # deal each step's structures to ranks by predicted cost (else round-robin)
+    sample_store: bool = False          # global shuffling through the MPI one-sided sample store
+
+    def sources(self, heads: tuple[str, ...]) -> tuple[DatasetConfig, ...]:
+        """Every training dataset with its head resolved (`train` paths become plain datasets)."""
+        listed = self.datasets or tuple(DatasetConfig(path=p) for p in self.train)
+        return tuple(DatasetConfig(path=d.path, head=d.head or heads[0], weight=d.weight, val_fraction=d.val_fraction)
+                     for d in listed)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class ModelConfig:
     elements: tuple[str, ...] = ("Al", "Cu", "Ag", "Au", "Ni", "Pd", "Pt")
+    heads: tuple[str, ...] = ("default",)  # energy heads, one per dataset/fidelity (data.datasets[].head)
     cutoff: float = 6.0                 # Å, atom graph
     three_body_cutoff: float = 4.0      # Å, line graph (bond pairs)
     width: int = 64                     # channels D
@@ -136,12 +154,20 @@ def validate(cfg: Config) -> Config:
     _positive(cfg.run.log_every, "run.log_every")
     if cfg.run.checkpoint_every < 0:
         raise ConfigError(f"run.checkpoint_every = {cfg.run.checkpoint_every}: must be >= 0")
-    if not cfg.data.train:
-        raise ConfigError("data.train: at least one dataset is required")
+    if bool(cfg.data.train) == bool(cfg.data.datasets):
+        raise ConfigError("data: give the training datasets either as data.train (paths) or as [[data.datasets]] tables")
+    for i, d in enumerate(cfg.data.datasets):
+        if d.head and d.head not in cfg.model.heads:
+            raise ConfigError(f"data.datasets[{i}].head = {d.head!r}: not in model.heads {list(cfg.model.heads)}")
+        _positive(d.weight, f"data.datasets[{i}].weight")
+        if not 0.0 <= d.val_fraction < 1.0:
+            raise ConfigError(f"data.datasets[{i}].val_fraction = {d.val_fraction}: must be in [0, 1)")
     _positive(cfg.data.global_batch_size, "data.global_batch_size")
     unknown = [e for e in cfg.model.elements if e not in atomic_numbers]
     if unknown or not cfg.model.elements:
         raise ConfigError(f"model.elements = {list(cfg.model.elements)}: unknown element(s) {unknown}")
+    if not cfg.model.heads or len(set(cfg.model.heads)) != len(cfg.model.heads):
+        raise ConfigError(f"model.heads = {list(cfg.model.heads)}: need one or more distinct names")
     _positive(cfg.model.cutoff, "model.cutoff", "Å")
     _positive(cfg.model.three_body_cutoff, "model.three_body_cutoff", "Å")
     if cfg.model.three_body_cutoff > cfg.model.cutoff:
@@ -238,7 +264,12 @@ def load(path: str | Path) -> Config:
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
     base = path.resolve().parent
-    train = tuple(str((base / p).resolve()) if not Path(p).is_absolute() else p for p in cfg.data.train)
+
+    def resolve(p: str) -> str:
+        return p if Path(p).is_absolute() else str((base / p).resolve())
+
+    train = tuple(resolve(p) for p in cfg.data.train)
+    datasets = tuple(dataclasses.replace(d, path=resolve(d.path)) for d in cfg.data.datasets)
     out_dir = cfg.run.out_dir if Path(cfg.run.out_dir).is_absolute() else str(base / cfg.run.out_dir)
-    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, train=train),
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, train=train, datasets=datasets),
                                run=dataclasses.replace(cfg.run, out_dir=out_dir))

@@ -86,9 +86,9 @@ def clip_grad_norm(model: Potential, topo: Topology, max_norm: float) -> float:
 
 
 def step_routing(model: Potential, batch: GraphBatch, topo: Topology, backend: str = "mpi") -> Routing | None:
-    """This step's routing plan on every rank (one host allgather of element counts); None for dense models."""
+    """This step's routing plan on every rank (one host allgather of routing-class counts); None for dense models."""
     if not model.moe_layers:
         return None
-    counts = TokenCounts.exchange(batch.element_counts_2Z, topo.world, topo.layout.ep_group(topo.rank),
+    counts = TokenCounts.exchange(batch.route_counts_2C, topo.world, topo.layout.ep_group(topo.rank),
                                   topo.layout.coords(topo.rank)[1])
     return model.plan_routing(counts, group=topo.groups(backend).ep if topo.layout.ep > 1 else None)

@@ -17,9 +17,10 @@ import torch
 
 from exaforce import checkpoint
 from exaforce.config import DTYPES, Config, ConfigError
-from exaforce.io.bp import open_bp
-from exaforce.io.sampler import ShardSampler, shard_range, steps_per_epoch
-from exaforce.io.schema import DataError, Frames
+from exaforce.dataset import (GlobalIndex, build_global_index, deal, global_batches, lazy_reader, steps_in_epoch,
+                               store_reader, structure_cost)
+from exaforce.io.sampler import shard_range
+from exaforce.io.schema import Frames
 from exaforce.loss import structure_losses
 from exaforce.model.graph import GraphBatch, build_batch
 from exaforce.model.potential import Potential, energy, forces_and_stress, local_routing, strained_geometry
@@ -32,56 +33,34 @@ from exaforce.topology import Topology
 
 
 
-@dataclass
-class LocalData:
-    """This rank's contiguous shards of every training dataset, concatenated."""
-
-    frames: Frames
-    dataset_sizes: list[int]
-
-
-def load_local_data(paths: tuple[str, ...], species_of: np.ndarray, topo: Topology) -> LocalData:
-    """Reads this rank's hyperslab of each dataset and checks every structure the model will see."""
-    parts, sizes = [], []
-    for path in paths:
-        with open_bp(path) as dataset:
-            start, count = shard_range(dataset.n_structures, topo.rank, topo.world_size)
-            frames = dataset.read(start, count)
-            sizes.append(dataset.n_structures)
-        unknown_N = species_of[frames.numbers_N] < 0
-        if unknown_N.any():
-            atom = int(np.flatnonzero(unknown_N)[0])
-            sample = start + int(np.searchsorted(frames.offsets_S, atom, side="right") - 1)
-            raise DataError(path, f"element Z={frames.numbers_N[atom]} is not in model.elements", frame=sample,
-                            field="numbers")
-        for field, array in (("energy", frames.energy_S), ("forces", frames.forces_N3)):
-            if not np.isfinite(array).all():
-                bad = np.flatnonzero(~np.isfinite(array.reshape(len(array), -1)).all(-1))[0]
-                sample = start + (int(bad) if field == "energy" else
-                                  int(np.searchsorted(frames.offsets_S, bad, side="right") - 1))
-                raise DataError(path, "non-finite label", frame=sample, field=field)
-        parts.append(frames)
-    return LocalData(frames=Frames.concatenate(parts), dataset_sizes=sizes)
-
-
-def fit_energy_normalisation(model: Potential, data: LocalData, topo: Topology) -> None:
-    """Per-element reference energies by least squares over the whole training set, and the
-    energy scale as the RMS force component; built from all-reduced sums, so every rank (and any
-    number of ranks) gets the same values."""
-    n_elements = len(model.cfg.elements)
-    species_N = model.species_table()[data.frames.numbers_N]
-    graph_N = np.repeat(np.arange(len(data.frames)), data.frames.natoms_S)
-    counts_SX = np.zeros((len(data.frames), n_elements))
-    np.add.at(counts_SX, (graph_N, species_N), 1.0)
-    sums = np.concatenate([(counts_SX.T @ counts_SX).ravel(), counts_SX.T @ data.frames.energy_S,
-                           [np.square(data.frames.forces_N3).sum(), data.frames.forces_N3.size]])
-    sums = topo.world.allreduce(sums)  # collective: normal equations and force moments
-    ata = sums[: n_elements**2].reshape(n_elements, n_elements)
-    atb = sums[n_elements**2: n_elements**2 + n_elements]
-    reference_X = np.linalg.lstsq(ata, atb, rcond=None)[0]  # elements absent from the data get 0
-    force_rms = math.sqrt(sums[-2] / max(sums[-1], 1.0))
-    model.reference_energy_X.copy_(torch.from_numpy(reference_X))
-    model.energy_scale.fill_(force_rms if force_rms > 0 else 1.0)
+def fit_energy_normalisation(model: Potential, shards: list[Frames], index: GlobalIndex, topo: Topology) -> None:
+    """Per head: per-element reference energies by least squares over its training structures, and
+    the energy scale as their RMS force component; from all-reduced sums, so every rank (and any
+    number of ranks) gets the same values. Validation structures take no part."""
+    n_heads, n_elements = len(model.cfg.heads), len(model.cfg.elements)
+    species_of = model.species_table()
+    sums = np.zeros((n_heads, n_elements**2 + n_elements + 2))
+    first = np.r_[0, np.cumsum(np.bincount(index.dataset_G, minlength=len(shards)))[:-1]]
+    for d, frames in enumerate(shards):
+        start, _ = shard_range(int(np.sum(index.dataset_G == d)), topo.rank, topo.world_size)
+        g = first[d] + start + np.arange(len(frames))
+        keep_S = ~index.is_val_G[g]
+        head = int(index.head_G[first[d]]) if len(index.head_G) else 0
+        graph_N = np.repeat(np.arange(len(frames)), frames.natoms_S)
+        counts_SX = np.zeros((len(frames), n_elements))
+        np.add.at(counts_SX, (graph_N, species_of[frames.numbers_N]), 1.0)
+        counts_SX, energy_S = counts_SX[keep_S], frames.energy_S[keep_S]
+        forces = frames.forces_N3[keep_S[graph_N]]
+        sums[head] += np.concatenate([(counts_SX.T @ counts_SX).ravel(), counts_SX.T @ energy_S,
+                                      [np.square(forces).sum(), forces.size]])
+    sums = topo.world.allreduce(sums)  # collective: normal equations and force moments per head
+    for h in range(n_heads):
+        ata = sums[h, :n_elements**2].reshape(n_elements, n_elements)
+        atb = sums[h, n_elements**2:n_elements**2 + n_elements]
+        reference_X = np.linalg.lstsq(ata, atb, rcond=None)[0]  # elements absent from the data get 0
+        force_rms = math.sqrt(sums[h, -2] / max(sums[h, -1], 1.0))
+        model.reference_energy_HX[h].copy_(torch.from_numpy(reference_X))
+        model.energy_scale_H[h].fill_(force_rms if force_rms > 0 else 1.0)
 
 
 def calibrate_flops(model: Potential, batches: list[GraphBatch], cfg: Config, topo: Topology) -> dict[str, float]:
@@ -102,6 +81,26 @@ def calibrate_flops(model: Potential, batches: list[GraphBatch], cfg: Config, to
     return fit_flop_coefficients([tuple(row) for row in mean])
 
 
+def calibrate_cost(model: Potential, batches: list[GraphBatch], cfg: Config, topo: Topology,
+                   flop_coefficients: dict[str, float]) -> dict[str, float]:
+    """Seconds of a step as c0 + a·atoms + b·edges + c·angles, from timed steps on the calibration
+    batches (world means, collective). The sampler deals structures by this cost. A noisy fit with
+    a negative slope falls back to the FLOP coefficients, which are proportional to the work."""
+    samples = []
+    for batch in batches:
+        routing = step_routing(model, batch, topo, cfg.comm.backend)
+        t0 = time.perf_counter()
+        loss_and_gradients(model, batch, cfg, 1.0, {}, routing)
+        c = batch.counts()
+        samples.append((c["atoms"], c["edges"], c["angles"], time.perf_counter() - t0))
+    model.zero_grad(set_to_none=True)
+    mean = np.asarray(topo.world.allreduce(np.asarray(samples))) / topo.world_size  # collective
+    seconds = fit_flop_coefficients([tuple(row) for row in mean])
+    if min(seconds["atoms"], seconds["edges"], seconds["angles"]) < 0:
+        return flop_coefficients
+    return seconds
+
+
 def make_optimizer(model: Potential, cfg: Config) -> tuple[torch.optim.Optimizer, Callable[[int], float]]:
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
 
@@ -117,13 +116,13 @@ def make_optimizer(model: Potential, cfg: Config) -> tuple[torch.optim.Optimizer
 
 def loss_and_gradients(model: Potential, batch: GraphBatch, cfg: Config, loss_scale: float,
                        times: dict[str, float], routing: Routing | None = None, with_aux: bool = True,
-                       aux_world_2Z: np.ndarray | None = None) -> dict[str, float]:
+                       aux_world_2C: np.ndarray | None = None) -> dict[str, float]:
     """Energy → forces/stress → loss → parameter backward on this rank's batch; adds to `times`.
 
     loss_scale = world_size / global_batch_size, so averaging gradients over the world gives the
     gradient of the mean loss over the global batch (uneven atom counts included). The MoE
     load-balancing loss depends only on the router and the step's world token counts
-    (`aux_world_2Z`, default this batch's), so it is the same on every rank and enters unscaled:
+    (`aux_world_2C`, default this batch's), so it is the same on every rank and enters unscaled:
     the world average of its gradient is its gradient; with micro-batches it joins the last one
     (with_aux) over all their counts. `routing` is the plan from `step_routing` (None: one process
     holds every expert). Returns per-term sums over this rank's structures, plus "moe_aux".
@@ -139,7 +138,7 @@ def loss_and_gradients(model: Potential, batch: GraphBatch, cfg: Config, loss_sc
     losses = structure_losses(pred, batch, cfg.loss)
     objective = losses["total"].sum() * loss_scale
     if model.moe_layers and with_aux:
-        counts = routing.counts.world_2Z if aux_world_2Z is None else aux_world_2Z
+        counts = routing.counts.world_2C if aux_world_2C is None else aux_world_2C
         losses["moe_aux"] = model.aux_loss(routing, counts)
         objective = objective + cfg.loss.moe_aux_weight * losses["moe_aux"]
     objective.backward()  # double backward through the forces; armed reducers launch from here
@@ -160,14 +159,14 @@ def train_step(model: Potential, micro_batches: list[GraphBatch], optimizer: tor
     t0 = time.perf_counter()
     routings = [step_routing(model, b, topo, cfg.comm.backend) for b in micro_batches]  # collectives (MoE)
     times["routing"] = time.perf_counter() - t0
-    aux_counts = sum(r.counts.world_2Z for r in routings) if model.moe_layers else None
+    aux_counts = sum(r.counts.world_2C for r in routings) if model.moe_layers else None
     loss_sums: dict[str, float] = {}
     for i, (batch, routing) in enumerate(zip(micro_batches, routings)):
         last = i == len(micro_batches) - 1
         if last:
             reduction.arm()  # this backward launches the gradient buckets as they complete
         sums = loss_and_gradients(model, batch, cfg, loss_scale, times, routing, with_aux=last,
-                                  aux_world_2Z=aux_counts)
+                                  aux_world_2C=aux_counts)
         for key, value in sums.items():
             loss_sums[key] = loss_sums.get(key, 0.0) + value
     if cfg.comm.sync_before_reduce:
@@ -194,68 +193,77 @@ def train(cfg: Config, topo: Topology, log: Callable[[str], None]) -> Path:
     """Runs cfg.run.steps optimizer steps; returns the run folder (perf logs, checkpoint)."""
     dtype = DTYPES[cfg.run.dtype]
     world, rank = topo.world_size, topo.rank
-    if cfg.data.global_batch_size % world:
-        raise ConfigError(f"data.global_batch_size = {cfg.data.global_batch_size} is not divisible by "
-                         f"the {world} ranks of the job")
-    per_rank_batch = cfg.data.global_batch_size // world
-    if per_rank_batch % cfg.data.micro_batches:
-        raise ConfigError(f"data.micro_batches = {cfg.data.micro_batches} does not divide the {per_rank_batch} "
-                          f"structures per rank (data.global_batch_size {cfg.data.global_batch_size} / {world} ranks)")
+    if cfg.data.global_batch_size < world * cfg.data.micro_batches:
+        raise ConfigError(f"data.global_batch_size = {cfg.data.global_batch_size}: need at least "
+                          f"{cfg.data.micro_batches} structure(s) per rank on {world} ranks (data.micro_batches)")
 
     # Model first (on every rank, same seed), then data, validated against the model's elements.
     torch.manual_seed(cfg.run.seed)
     model = Potential(cfg.model, ep_rank=topo.layout.coords(rank)[1], ep_size=topo.layout.ep).to(dtype)
     species_of = model.species_table()
-    data = load_local_data(cfg.data.train, species_of, topo)
-    steps_in_epoch = steps_per_epoch(data.dataset_sizes, world, per_rank_batch)
-    if steps_in_epoch < 1:
-        raise ConfigError(f"data.global_batch_size = {cfg.data.global_batch_size}: some rank holds fewer than "
-                          f"{per_rank_batch} structures of {list(cfg.data.train)}; lower it or use fewer ranks")
-    sampler = ShardSampler(len(data.frames), per_rank_batch, steps_in_epoch, cfg.run.seed, rank)
-    fit_energy_normalisation(model, data, topo)
+    sources = cfg.data.sources(cfg.model.heads)
+    index, shards = build_global_index(sources, cfg.model.heads, species_of, cfg.model.cutoff,
+                                       cfg.model.three_body_cutoff, cfg.run.seed, topo.world)
+    n_train = int((~index.is_val_G).sum())
+    if n_train < cfg.data.global_batch_size:
+        raise ConfigError(f"data.global_batch_size = {cfg.data.global_batch_size}: only {n_train} training "
+                          f"structures in {[s.path for s in sources]}; lower it")
+    fit_energy_normalisation(model, shards, index, topo)
+    reader = store_reader(shards, index, topo.world) if cfg.data.sample_store else lazy_reader(sources, index)
+    del shards
 
     # Parallelize: identical start on every rank (dense) and EDP group (experts), then the reducers.
     sync_initial_parameters(model, topo, cfg.comm.backend)
     reduction = GradientReduction(model, topo, cfg.comm)
     optimizer, lr_at = make_optimizer(model, cfg)
 
-    def micro_batches_at(step: int) -> list[GraphBatch]:
-        epoch, within = divmod(step - 1, steps_in_epoch)
-        return [build_batch(data.frames.select(part), species_of, cfg.model.cutoff,
-                            cfg.model.three_body_cutoff).to("cpu", dtype)
-                for part in np.array_split(sampler.batch(epoch, within), cfg.data.micro_batches)]
+    def to_batch(global_indices: np.ndarray) -> GraphBatch:
+        return build_batch(reader.fetch(global_indices), species_of, cfg.model.cutoff, cfg.model.three_body_cutoff,
+                           index.head_G[global_indices], len(cfg.model.heads)).to("cpu", dtype)
 
-    # Perf accounting: all ranks calibrate FLOP coefficients together; rank 0 measures the peak.
+    # Perf accounting and the cost model: all ranks calibrate together; rank 0 measures the peak.
     run_dir = Path(cfg.run.out_dir)
-    n = len(data.frames)
-    calibration = [build_batch(data.frames.select(np.arange(i, i + k) % n), species_of,
-                               cfg.model.cutoff, cfg.model.three_body_cutoff).to("cpu", dtype)
+    mine = np.flatnonzero(~index.is_val_G)[rank::world]
+    calibration = [to_batch(mine[np.arange(i, i + k) % len(mine)])
                    for i, k in ((0, 1), (1, 2), (3, 3), (6, 4), (10, 2), (12, 5))]
     flop_coefficients = calibrate_flops(model, calibration, cfg, topo)
+    cost_coefficients = calibrate_cost(model, calibration, cfg, topo, flop_coefficients)
+    cost_G = structure_cost(index, cost_coefficients)
     machine = topo.world.bcast(local_machine(dtype) if rank == 0 else None, root=0)  # collective
     perf = PerfLogWriter(run_dir, rank)
     perf.header(rank=rank, world_size=world, config=cfg.to_dict(), topology=topo.describe(),
                 machine=machine, flop_coefficients=flop_coefficients)
     n_params = sum(p.numel() for p in model.dense_parameters()) + topo.ep_comm.allreduce(
         sum(p.numel() for p in model.expert_parameters()))  # collective
-    log(f"training {n_params:,} parameters on {world} rank(s), "
-        f"global batch {cfg.data.global_batch_size}, {steps_in_epoch} steps/epoch, {cfg.run.steps} steps")
+    epoch_steps = steps_in_epoch(index, cfg.data.global_batch_size)
+    log(f"training {n_params:,} parameters on {world} rank(s), {len(sources)} dataset(s) "
+        f"({n_train} training structures), global batch {cfg.data.global_batch_size}, "
+        f"~{epoch_steps} steps/epoch, {cfg.run.steps} steps; cost/structure = "
+        f"{cost_coefficients['atoms']:.3g}·atoms + {cost_coefficients['edges']:.3g}·edges + "
+        f"{cost_coefficients['angles']:.3g}·angles")
+    batches = global_batches(index, cfg.data.global_batch_size, world, cfg.run.seed)
 
-    loss_scale = world / cfg.data.global_batch_size
     wall0 = time.perf_counter()
     for step in range(1, cfg.run.steps + 1):
         t0 = time.perf_counter()
-        micro_batches = micro_batches_at(step)
+        epoch, global_batch = next(batches)
+        shares = deal(global_batch, cost_G[global_batch], world, cfg.data.balance)
+        n_micro = min(cfg.data.micro_batches, min(len(share) for share in shares))  # the same on every rank
+        micro_batches = [to_batch(part) for part in np.array_split(shares[rank], n_micro)]
+        loss_scale = world / len(global_batch)  # the mean over this step's global batch
         t_data = time.perf_counter() - t0
         lr = lr_at(step)
         loss_sums, times, routing = train_step(model, micro_batches, optimizer, reduction, cfg, topo, loss_scale, lr)
         counts = {k: sum(b.counts()[k] for b in micro_batches) for k in micro_batches[0].counts()}
         times["data"] = t_data
         times["total"] = time.perf_counter() - t0
-        moe = {"moe_aux": loss_sums.pop("moe_aux"), "expert_load": routing.expert_load()} if routing else {}
-        perf.step(step=step, epoch=(step - 1) // steps_in_epoch, times=times, loss_sum=loss_sums,
+        share_cost = [float(cost_G[share].sum()) for share in shares]  # predicted seconds per rank
+        extra = {"cost": share_cost[rank], "cost_max_over_mean": max(share_cost) / max(np.mean(share_cost), 1e-30)}
+        if routing:
+            extra.update(moe_aux=loss_sums.pop("moe_aux"), expert_load=routing.expert_load())
+        perf.step(step=step, epoch=epoch, times=times, loss_sum=loss_sums,
                   flops=predict_flops(flop_coefficients, counts["atoms"], counts["edges"], counts["angles"]),
-                  peak_mem_bytes=peak_memory_bytes(), lr=lr, moe=moe, **counts)
+                  peak_mem_bytes=peak_memory_bytes(), lr=lr, extra=extra, **counts)
         if rank == 0 and (step % cfg.run.log_every == 0 or step == 1 or step == cfg.run.steps):
             log(f"step {step:>5}/{cfg.run.steps}  loss(rank 0) {loss_sums['total'] / counts['structures']:.4g}  "
                 f"{times['total'] * 1e3:.0f} ms")
@@ -263,6 +271,7 @@ def train(cfg: Config, topo: Topology, log: Callable[[str], None]) -> Path:
             save_checkpoint(model, optimizer, cfg, step, run_dir, topo)
     perf.end(steps=cfg.run.steps, wall_s=time.perf_counter() - wall0)
     perf.close()
+    reader.close()
     peaks = topo.world.gather(peak_memory_bytes(), root=0)  # collective
     if rank == 0:
         log("peak memory per rank (max RSS): " + ", ".join(f"{r}: {b / 2**30:.2f} GiB" for r, b in enumerate(peaks)))

@@ -59,8 +59,8 @@ class PerfLogWriter:
 
     def step(self, *, step: int, epoch: int, times: dict[str, float], loss_sum: dict[str, float],
              structures: int, atoms: int, edges: int, angles: int, flops: float,
-             peak_mem_bytes: int, lr: float, moe: dict | None = None) -> None:
-        """`moe` (MoE models): {"moe_aux": float, "expert_load": {...}} as in SCHEMA.md."""
+             peak_mem_bytes: int, lr: float, extra: dict | None = None) -> None:
+        """`extra`: the optional fields of SCHEMA.md (sampler cost; MoE aux loss and expert load)."""
         missing = set(STEP_TIME_KEYS) - set(times)
         if missing:
             raise ValueError(f"perf step record lacks times {sorted(missing)}")
@@ -71,7 +71,7 @@ class PerfLogWriter:
             "loss_sum": loss_sum, "structures": structures, "atoms": atoms, "edges": edges,
             "angles": angles, "flops": flops, "peak_mem_bytes": peak_mem_bytes, "lr": lr,
         }
-        self._write({**record, **(moe or {})})
+        self._write({**record, **(extra or {})})
 
     def end(self, *, steps: int, wall_s: float) -> None:
         self._write({"kind": "end", "steps": steps, "wall_s": wall_s})

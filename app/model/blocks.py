@@ -82,13 +82,13 @@ class UpdateMLP(nn.Module):
         super().__init__()
         if cfg.moe_experts:
             self.mlp: nn.Module = MoEMLP(in_dim, hidden, out_dim, len(cfg.elements), cfg.moe_experts,
-                                         cfg.moe_top_k, token_kind, ep_rank, ep_size)
+                                         cfg.moe_top_k, token_kind, ep_rank, ep_size, len(cfg.heads))
         else:
             self.mlp = GatedMLP(in_dim, hidden, out_dim)
 
-    def forward(self, x_XF: torch.Tensor, species_X: torch.Tensor, routing: Routing | None) -> torch.Tensor:
+    def forward(self, x_XF: torch.Tensor, class_X: torch.Tensor, routing: Routing | None) -> torch.Tensor:
         if isinstance(self.mlp, MoEMLP):
-            return self.mlp(x_XF, species_X, routing.layers[self.mlp.layer_index], routing.group, routing.clock)
+            return self.mlp(x_XF, class_X, routing.layers[self.mlp.layer_index], routing.group, routing.clock)
         return self.mlp(x_XF)
 
 
@@ -109,17 +109,17 @@ class InteractionBlock(nn.Module):
         self.node_update = UpdateMLP(cfg, 3 * d, cfg.node_mlp_ratio * d, d, ATOMS, ep_rank, ep_size)
         self.node_scale = nn.Parameter(torch.ones(d))
 
-    def forward(self, node_ND: torch.Tensor, edge_ED: torch.Tensor, species_N: torch.Tensor,
+    def forward(self, node_ND: torch.Tensor, edge_ED: torch.Tensor, class_N: torch.Tensor,
                 edge_index_2E: torch.Tensor, edge_weight_E: torch.Tensor, triplet_index_2T: torch.Tensor,
                 angle_TA: torch.Tensor, triplet_weight_T: torch.Tensor,
                 routing: Routing | None) -> tuple[torch.Tensor, torch.Tensor]:
         # Line graph: bonds a and b sharing a centre atom exchange messages shaped by their angle.
         bond_msg_E2D = self.line_attention(edge_ED, angle_TA, triplet_weight_T, triplet_index_2T)
         edge_in_E3D = torch.cat([edge_ED, self.edge_norm(bond_msg_E2D)], -1)
-        edge_ED = edge_ED + self.edge_scale * self.edge_update(edge_in_E3D, species_N[edge_index_2E[0]], routing)
+        edge_ED = edge_ED + self.edge_scale * self.edge_update(edge_in_E3D, class_N[edge_index_2E[0]], routing)
 
         # Atom graph: each atom gathers from the bonds it starts and the bonds it ends.
         atom_msg_N2D = self.atom_attention(node_ND, edge_ED, edge_weight_E, edge_index_2E)
         node_in_N3D = torch.cat([node_ND, self.node_norm(atom_msg_N2D)], -1)
-        node_ND = node_ND + self.node_scale * self.node_update(node_in_N3D, species_N, routing)
+        node_ND = node_ND + self.node_scale * self.node_update(node_in_N3D, class_N, routing)
         return node_ND, edge_ED

@@ -15,7 +15,7 @@ import torch
 import vesin
 
 from exaforce.io.schema import Frames
-from exaforce.model.routing import element_token_counts
+from exaforce.model.routing import route_class_counts
 
 
 @dataclass
@@ -35,7 +35,8 @@ class GraphBatch:
     forces_N3: torch.Tensor
     stress_G6: torch.Tensor       # NaN rows: no stress label
     periodic_G: torch.Tensor      # bool: all three directions periodic (stress defined)
-    element_counts_2Z: np.ndarray  # host: atoms per element, bonds per source element (MoE routing)
+    head_G: torch.Tensor          # int64 energy head (dataset/fidelity) of each graph
+    route_counts_2C: np.ndarray   # host: atoms and bonds (by source atom) per routing class head·Z + element
 
     @property
     def n_graphs(self) -> int:
@@ -86,8 +87,10 @@ def _triplets(src_E: np.ndarray, short_E: np.ndarray) -> np.ndarray:
     return np.stack([order[a[keep]], order[b[keep]]])
 
 
-def build_batch(frames: Frames, species_of: np.ndarray, cutoff: float, three_body_cutoff: float) -> GraphBatch:
-    """Collates structures into one graph batch; `species_of[Z]` maps atomic number → element index."""
+def build_batch(frames: Frames, species_of: np.ndarray, cutoff: float, three_body_cutoff: float,
+                head_S: np.ndarray | None = None, n_heads: int = 1) -> GraphBatch:
+    """Collates structures into one graph batch; `species_of[Z]` maps atomic number → element index,
+    `head_S` gives each structure's energy head (default 0) out of `n_heads`."""
     offsets = frames.offsets_S
     src, dst, shifts = [], [], []
     for s in range(len(frames)):
@@ -105,6 +108,9 @@ def build_batch(frames: Frames, species_of: np.ndarray, cutoff: float, three_bod
     short_E = np.linalg.norm(vec_E3, axis=1) < three_body_cutoff
     periodic_G = frames.pbc_S3.all(axis=1)
     species_N = species_of[frames.numbers_N].astype(np.int64)
+    n_elements = int(species_of.max()) + 1
+    head_S = np.zeros(len(frames), np.int64) if head_S is None else np.asarray(head_S, np.int64)
+    class_N = head_S[graph_N] * n_elements + species_N
     return GraphBatch(
         numbers_N=torch.from_numpy(frames.numbers_N.astype(np.int64)),
         species_N=torch.from_numpy(species_N),
@@ -119,12 +125,14 @@ def build_batch(frames: Frames, species_of: np.ndarray, cutoff: float, three_bod
         forces_N3=torch.from_numpy(frames.forces_N3),
         stress_G6=torch.from_numpy(frames.stress_S6),
         periodic_G=torch.from_numpy(periodic_G),
-        element_counts_2Z=element_token_counts(species_N, src_E, int(species_of.max()) + 1),
+        head_G=torch.from_numpy(head_S),
+        route_counts_2C=route_class_counts(class_N, src_E, n_heads * n_elements),
     )
 
 
-def batch_from_atoms(atoms_list: list, species_of: np.ndarray, cutoff: float, three_body_cutoff: float) -> GraphBatch:
-    """A batch of unlabelled ase.Atoms (for inference and tests): labels are zeros/NaN."""
+def batch_from_atoms(atoms_list: list, species_of: np.ndarray, cutoff: float, three_body_cutoff: float,
+                     head: int = 0, n_heads: int = 1) -> GraphBatch:
+    """A batch of unlabelled ase.Atoms (for inference and tests), all on one head: labels are zeros/NaN."""
     natoms_S = np.array([len(a) for a in atoms_list], dtype=np.int64)
     n_atoms, n_structures = int(natoms_S.sum()), len(atoms_list)
     frames = Frames(
@@ -137,4 +145,15 @@ def batch_from_atoms(atoms_list: list, species_of: np.ndarray, cutoff: float, th
         stress_S6=np.full((n_structures, 6), np.nan),
         natoms_S=natoms_S,
     )
-    return build_batch(frames, species_of, cutoff, three_body_cutoff)
+    return build_batch(frames, species_of, cutoff, three_body_cutoff, np.full(len(atoms_list), head), n_heads)
+
+
+def structure_counts(frames: Frames, cutoff: float, three_body_cutoff: float) -> np.ndarray:
+    """S×3 (atoms, edges, angles) of each structure's graphs: the inputs of the step-cost model."""
+    out = np.zeros((len(frames), 3), np.int64)
+    for s, (lo, n) in enumerate(zip(frames.offsets_S.tolist(), frames.natoms_S.tolist())):
+        pos = frames.positions_N3[lo:lo + n]
+        i, j, sh = _neighbours(pos, frames.cell_S33[s], frames.pbc_S3[s], cutoff)
+        vec = pos[j] - pos[i] + sh @ frames.cell_S33[s]
+        out[s] = n, len(i), _triplets(i, np.linalg.norm(vec, axis=1) < three_body_cutoff).shape[1]
+    return out

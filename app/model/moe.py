@@ -27,32 +27,37 @@ from exaforce.model.routing import LayerRoute
 
 
 class ElementRouter(nn.Module):
-    """Router probabilities for each element, from a learnable element embedding."""
+    """Router probabilities for each routing class c = head·Z + element, from learnable element and
+    dataset/fidelity embeddings (never positions)."""
 
-    def __init__(self, n_elements: int, n_experts: int, top_k: int, dim: int = 16):
+    def __init__(self, n_elements: int, n_experts: int, top_k: int, n_heads: int = 1, dim: int = 16):
         super().__init__()
         if not 1 <= top_k <= n_experts:
             raise ValueError(f"model.moe_top_k = {top_k}: must be between 1 and model.moe_experts = {n_experts}")
         self.top_k = top_k
         self.element_embedding = nn.Embedding(n_elements, dim)
+        self.head_embedding = nn.Embedding(n_heads, dim) if n_heads > 1 else None
         self.logits = nn.Linear(dim, n_experts, bias=False)
 
     def probabilities(self) -> torch.Tensor:
-        """Z×X softmax over experts for every element."""
-        return torch.softmax(self.logits(self.element_embedding.weight), dim=-1)
+        """C×X softmax over experts for every routing class (C = heads × elements)."""
+        embedding_CD = self.element_embedding.weight
+        if self.head_embedding is not None:
+            embedding_CD = (self.head_embedding.weight[:, None, :] + embedding_CD[None]).reshape(-1, embedding_CD.shape[1])
+        return torch.softmax(self.logits(embedding_CD), dim=-1)
 
     def top_k_table(self) -> torch.Tensor:
-        """Z×K expert indices (not differentiable: the choice of experts, not their weights)."""
+        """C×K expert indices (not differentiable: the choice of experts, not their weights)."""
         return self.probabilities().detach().topk(self.top_k, dim=-1).indices
 
 
-def load_balancing_loss(probs_ZX: torch.Tensor, expert_ZK: torch.Tensor, tokens_Z: torch.Tensor) -> torch.Tensor:
+def load_balancing_loss(probs_CX: torch.Tensor, expert_CK: torch.Tensor, tokens_C: torch.Tensor) -> torch.Tensor:
     """X·Σ_e f_e·P_e (Switch Transformer, Fedus et al. 2021, eq. 4) over the step's tokens: f_e the
     share of routed slots on expert e, P_e the mean router probability. Depends on the tokens only
     through their element counts, so with world counts it is the same on every rank."""
-    share_Z = tokens_Z.to(probs_ZX.dtype) / tokens_Z.sum().clamp_min(1).to(probs_ZX.dtype)
-    routed_ZX = torch.zeros_like(probs_ZX).scatter(1, expert_ZK, 1.0 / expert_ZK.shape[1])
-    return probs_ZX.shape[1] * ((share_Z @ routed_ZX) * (share_Z @ probs_ZX)).sum()
+    share_C = tokens_C.to(probs_CX.dtype) / tokens_C.sum().clamp_min(1).to(probs_CX.dtype)
+    routed_CX = torch.zeros_like(probs_CX).scatter(1, expert_CK, 1.0 / expert_CK.shape[1])
+    return probs_CX.shape[1] * ((share_C @ routed_CX) * (share_C @ probs_CX)).sum()
 
 
 def _init_seed() -> int:
@@ -68,11 +73,11 @@ class MoEMLP(nn.Module):
     """
 
     def __init__(self, in_dim: int, hidden: int, out_dim: int, n_elements: int, n_experts: int, top_k: int,
-                 token_kind: int, ep_rank: int = 0, ep_size: int = 1):
+                 token_kind: int, ep_rank: int = 0, ep_size: int = 1, n_heads: int = 1):
         super().__init__()
         if n_experts % ep_size:
             raise ValueError(f"model.moe_experts = {n_experts} is not divisible by parallel.ep = {ep_size}")
-        self.router = ElementRouter(n_elements, n_experts, top_k)
+        self.router = ElementRouter(n_elements, n_experts, top_k, n_heads)
         self.token_kind = token_kind
         self.layer_index = -1  # position among the model's MoE layers, set by the Potential
         self.experts_per_rank = n_experts // ep_size
@@ -86,16 +91,17 @@ class MoEMLP(nn.Module):
         self.experts = nn.ModuleDict(experts)  # keyed by global expert index: shards merge by union
         self.shared = GatedMLP(in_dim, hidden, out_dim)
 
-    def forward(self, x_TF: torch.Tensor, species_T: torch.Tensor, route: LayerRoute, group: Any | None,
+    def forward(self, x_TF: torch.Tensor, class_T: torch.Tensor, route: LayerRoute, group: Any | None,
                 clock: Any | None = None) -> torch.Tensor:
-        top_k = route.expert_ZK.shape[1]
-        expert_ZK = torch.from_numpy(route.expert_ZK).to(species_T.device)
-        weight_ZK = self.router.probabilities().gather(1, expert_ZK)
-        weight_ZK = weight_ZK / weight_ZK.sum(-1, keepdim=True)
+        """class_T: each token's routing class (head·Z + element)."""
+        top_k = route.expert_CK.shape[1]
+        expert_CK = torch.from_numpy(route.expert_CK).to(class_T.device)
+        weight_CK = self.router.probabilities().gather(1, expert_CK)
+        weight_CK = weight_CK / weight_CK.sum(-1, keepdim=True)
         # (token, slot) pairs sorted by expert: contiguous groups in the all-to-all's send order.
-        order_P = torch.argsort(expert_ZK[species_T].reshape(-1), stable=True)
+        order_P = torch.argsort(expert_CK[class_T].reshape(-1), stable=True)
         token_P = order_P // top_k
-        weight_P = weight_ZK[species_T].reshape(-1).index_select(0, order_P)
+        weight_P = weight_CK[class_T].reshape(-1).index_select(0, order_P)
         x_PF = x_TF.index_select(0, token_P)
 
         rows = x_PF if group is None else all_to_all(x_PF, route.send_splits, route.recv_splits, group, clock)

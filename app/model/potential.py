@@ -34,11 +34,13 @@ class Potential(nn.Module):
         self.radial = BesselBasis(cfg.cutoff, cfg.radial_basis, cfg.envelope_p)
         self.edge_embedding = nn.Linear(cfg.radial_basis, d, bias=False)
         self.blocks = nn.ModuleList(InteractionBlock(cfg, ep_rank, ep_size) for _ in range(cfg.blocks))
+        n_heads = len(cfg.heads)
+        self.head_embedding = nn.Embedding(n_heads, d) if n_heads > 1 else None  # dataset/fidelity
         self.readout_norm = RMSNorm(d)
-        self.readout = GatedMLP(d, d, 1)
-        # Fitted from the training data (trainer), saved with the weights, not trained.
-        self.register_buffer("reference_energy_X", torch.zeros(len(cfg.elements)))
-        self.register_buffer("energy_scale", torch.ones(()))
+        self.readout = GatedMLP(d, d, n_heads)  # one energy column per head on a shared backbone
+        # Fitted per head from the training data (trainer), saved with the weights, not trained.
+        self.register_buffer("reference_energy_HX", torch.zeros(n_heads, len(cfg.elements)))
+        self.register_buffer("energy_scale_H", torch.ones(n_heads))
         self.moe_layers: list[MoEMLP] = [m for m in self.modules() if isinstance(m, MoEMLP)]
         for index, layer in enumerate(self.moe_layers):
             layer.layer_index = index
@@ -55,19 +57,19 @@ class Potential(nn.Module):
         """This step's routing for every MoE layer: all top-k tables reach the host in one copy."""
         tables = torch.stack([m.router.top_k_table() for m in self.moe_layers]).cpu().numpy() \
             if self.moe_layers else []
-        layers = [plan_layer(table, counts.group_R2Z[:, m.token_kind], counts.world_2Z[m.token_kind],
+        layers = [plan_layer(table, counts.group_R2C[:, m.token_kind], counts.world_2C[m.token_kind],
                              counts.ep_rank, m.experts_per_rank) for table, m in zip(tables, self.moe_layers)]
         return Routing(layers=layers, counts=counts, group=group)
 
-    def aux_loss(self, routing: Routing, world_2Z: np.ndarray | None = None) -> torch.Tensor:
+    def aux_loss(self, routing: Routing, world_2C: np.ndarray | None = None) -> torch.Tensor:
         """Σ over MoE layers of the load-balancing loss on the world's tokens (same on every rank),
-        with the step's top-k tables; `world_2Z` defaults to this routing's world counts."""
-        counts_2Z = routing.counts.world_2Z if world_2Z is None else world_2Z
-        total = self.energy_scale.new_zeros(())
+        with the step's top-k tables; `world_2C` defaults to this routing's world counts."""
+        counts_2C = routing.counts.world_2C if world_2C is None else world_2C
+        total = self.energy_scale_H.new_zeros(())
         for layer, route in zip(self.moe_layers, routing.layers):
-            tokens_Z = torch.from_numpy(counts_2Z[layer.token_kind]).to(total.device)
-            expert_ZK = torch.from_numpy(route.expert_ZK).to(total.device)
-            total = total + load_balancing_loss(layer.router.probabilities(), expert_ZK, tokens_Z)
+            tokens_C = torch.from_numpy(counts_2C[layer.token_kind]).to(total.device)
+            expert_CK = torch.from_numpy(route.expert_CK).to(total.device)
+            total = total + load_balancing_loss(layer.router.probabilities(), expert_CK, tokens_C)
         return total
 
     def species_table(self) -> np.ndarray:
@@ -78,10 +80,10 @@ class Potential(nn.Module):
         return table
 
     def forward(self, species_N: torch.Tensor, vectors_E3: torch.Tensor, edge_index_2E: torch.Tensor,
-                triplet_index_2T: torch.Tensor, graph_N: torch.Tensor, n_graphs: int,
+                triplet_index_2T: torch.Tensor, graph_N: torch.Tensor, n_graphs: int, head_G: torch.Tensor,
                 routing: Routing | None = None) -> torch.Tensor:
-        """Energy of each graph (eV) from edge vectors; all geometry enters through vectors_E3.
-        `routing` (from plan_routing) is required when the model has MoE layers."""
+        """Energy of each graph (eV) with its head's readout and references; all geometry enters
+        through vectors_E3. `routing` (from plan_routing) is required when the model has MoE layers."""
         # --- geometry features
         r_E = vectors_E3.norm(dim=-1)
         edge_weight_E = self.radial.envelope(r_E)
@@ -93,14 +95,19 @@ class Potential(nn.Module):
         triplet_weight_T = polynomial_envelope(x3_a, self.cfg.envelope_p) * polynomial_envelope(x3_b, self.cfg.envelope_p)
 
         # --- interaction blocks
+        head_N = head_G[graph_N]
         node_ND = self.embedding(species_N)
+        if self.head_embedding is not None:
+            node_ND = node_ND + self.head_embedding(head_N)
+        class_N = head_N * len(self.cfg.elements) + species_N  # MoE routing class: fidelity × element
         for block in self.blocks:
-            node_ND, edge_ED = block(node_ND, edge_ED, species_N, edge_index_2E, edge_weight_E,
+            node_ND, edge_ED = block(node_ND, edge_ED, class_N, edge_index_2E, edge_weight_E,
                                      triplet_index_2T, angle_TA, triplet_weight_T, routing)
 
         # --- readout: per-atom energies, reference energies, sum per graph
-        atom_energy_N = self.energy_scale * self.readout(self.readout_norm(node_ND)).squeeze(-1)
-        atom_energy_N = atom_energy_N + self.reference_energy_X[species_N]
+        readout_NH = self.readout(self.readout_norm(node_ND))
+        atom_energy_N = self.energy_scale_H[head_N] * readout_NH.gather(1, head_N[:, None]).squeeze(-1)
+        atom_energy_N = atom_energy_N + self.reference_energy_HX[head_N, species_N]
         return torch.zeros(n_graphs, dtype=atom_energy_N.dtype, device=atom_energy_N.device).index_add(
             0, graph_N, atom_energy_N)
 
@@ -152,14 +159,14 @@ def strained_geometry(batch: GraphBatch) -> StrainedGeometry:
 
 def local_routing(model: Potential, batch: GraphBatch) -> Routing:
     """Routing when one process holds every expert and the whole batch (inference, serial runs)."""
-    return model.plan_routing(TokenCounts.single(batch.element_counts_2Z))
+    return model.plan_routing(TokenCounts.single(batch.route_counts_2C))
 
 
 def energy(model: Potential, batch: GraphBatch, geometry: StrainedGeometry, routing: Routing | None = None) -> torch.Tensor:
     if routing is None and model.moe_layers:
         routing = local_routing(model, batch)
     return model(batch.species_N, geometry.vectors_E3, batch.edge_index_2E, batch.triplet_index_2T,
-                 batch.graph_N, batch.n_graphs, routing)
+                 batch.graph_N, batch.n_graphs, batch.head_G, routing)
 
 
 def forces_and_stress(energy_G: torch.Tensor, geometry: StrainedGeometry, batch: GraphBatch,

@@ -1,13 +1,13 @@
 """The routing plan of one step: how many tokens go to which expert on which rank, as host integers.
 
-Routing is by element, so every split size of the expert-parallel all-to-all follows from two
+Routing is by element (and dataset/fidelity head: a routing class is head·Z + element), so every split size of the expert-parallel all-to-all follows from two
 things known before the forward starts: the number of tokens of each element on each rank of the
 EP group (from the batch's composition, exchanged once per step on the host), and each MoE
-layer's top-k table (Z×K expert indices, copied to the host once per step for all layers). No
+layer's top-k table (C×K expert indices, copied to the host once per step for all layers). No
 split size is read back from the device in the middle of the forward.
 
 Token kinds: the edge-update MoE routes bonds (by their source atom's element), the node-update
-MoE routes atoms. Shapes: R ranks of the EP group, Z elements, K top-k, X experts.
+MoE routes atoms. Shapes: R ranks of the EP group, C routing classes (heads × elements), K top-k, X experts.
 """
 
 from __future__ import annotations
@@ -20,34 +20,34 @@ import torch
 
 from exaforce.comm.alltoall import CommClock
 
-ATOMS, BONDS = 0, 1  # token kinds: rows of a 2×Z count table
+ATOMS, BONDS = 0, 1  # token kinds: rows of a 2×C count table
 
 
-def element_token_counts(species_N: np.ndarray, src_E: np.ndarray, n_elements: int) -> np.ndarray:
-    """2×Z table: atoms of each element, bonds by the element of their source atom."""
-    atoms_Z = np.bincount(species_N, minlength=n_elements)
-    bonds_Z = np.bincount(species_N[src_E], minlength=n_elements)
-    return np.stack([atoms_Z, bonds_Z]).astype(np.int64)
+def route_class_counts(class_N: np.ndarray, src_E: np.ndarray, n_classes: int) -> np.ndarray:
+    """2×C table: atoms of each routing class (head·Z + element), bonds by their source atom's class."""
+    atoms_C = np.bincount(class_N, minlength=n_classes)
+    bonds_C = np.bincount(class_N[src_E], minlength=n_classes)
+    return np.stack([atoms_C, bonds_C]).astype(np.int64)
 
 
 @dataclass(frozen=True)
 class TokenCounts:
-    """Tokens per element and kind on every rank of this rank's EP group, and over the world."""
+    """Tokens per routing class and kind on every rank of this rank's EP group, and over the world."""
 
-    group_R2Z: np.ndarray  # row r: EP-group rank r
-    world_2Z: np.ndarray   # summed over every rank (aux loss, expert-load statistics)
+    group_R2C: np.ndarray  # row r: EP-group rank r
+    world_2C: np.ndarray   # summed over every rank (aux loss, expert-load statistics)
     ep_rank: int
 
     @classmethod
-    def single(cls, counts_2Z: np.ndarray) -> "TokenCounts":
+    def single(cls, counts_2C: np.ndarray) -> "TokenCounts":
         """One process holds everything (inference, serial reference)."""
-        return cls(group_R2Z=counts_2Z[None], world_2Z=counts_2Z, ep_rank=0)
+        return cls(group_R2C=counts_2C[None], world_2C=counts_2C, ep_rank=0)
 
     @classmethod
-    def exchange(cls, counts_2Z: np.ndarray, world: Any, ep_group: tuple[int, ...], ep_rank: int) -> "TokenCounts":
+    def exchange(cls, counts_2C: np.ndarray, world: Any, ep_group: tuple[int, ...], ep_rank: int) -> "TokenCounts":
         """One allgather over the world (host integers) gives both the EP group's and the world's counts."""
-        all_W2Z = np.asarray(world.allgather(counts_2Z))  # collective
-        return cls(group_R2Z=all_W2Z[list(ep_group)], world_2Z=all_W2Z.sum(0), ep_rank=ep_rank)
+        all_W2Z = np.asarray(world.allgather(counts_2C))  # collective
+        return cls(group_R2C=all_W2Z[list(ep_group)], world_2C=all_W2Z.sum(0), ep_rank=ep_rank)
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,7 @@ class LayerRoute:
     on rows grouped by expert (`to_expert_order`), and results go back in receive order.
     """
 
-    expert_ZK: np.ndarray             # top-k table used on every rank this step
+    expert_CK: np.ndarray             # top-k table used on every rank this step
     send_splits: tuple[int, ...]      # pairs to each EP rank
     recv_splits: tuple[int, ...]      # pairs from each EP rank
     expert_rows: tuple[int, ...]      # rows per local expert, all sources together
@@ -68,28 +68,28 @@ class LayerRoute:
     world_load_X: np.ndarray          # pairs per expert over the world
 
 
-def plan_layer(expert_ZK: np.ndarray, group_RZ: np.ndarray, world_Z: np.ndarray, ep_rank: int,
+def plan_layer(expert_CK: np.ndarray, group_RC: np.ndarray, world_C: np.ndarray, ep_rank: int,
                experts_per_rank: int) -> LayerRoute:
     """Split sizes and the receive-side permutation for one layer, from counts and the top-k table."""
-    n_elements, top_k = expert_ZK.shape
-    n_experts = experts_per_rank * group_RZ.shape[0]
-    routed_ZX = np.zeros((n_elements, n_experts), dtype=np.int64)
-    np.put_along_axis(routed_ZX, expert_ZK, 1, axis=1)
-    pairs_RX = group_RZ @ routed_ZX                       # pairs each rank sends to each expert
-    pairs_RPM = pairs_RX.reshape(len(group_RZ), -1, experts_per_rank)  # by owner rank P, local expert M
+    n_classes, top_k = expert_CK.shape
+    n_experts = experts_per_rank * group_RC.shape[0]
+    routed_CX = np.zeros((n_classes, n_experts), dtype=np.int64)
+    np.put_along_axis(routed_CX, expert_CK, 1, axis=1)
+    pairs_RX = group_RC @ routed_CX                       # pairs each rank sends to each expert
+    pairs_RPM = pairs_RX.reshape(len(group_RC), -1, experts_per_rank)  # by owner rank P, local expert M
     send = pairs_RPM[ep_rank].sum(-1)
     mine_RM = pairs_RPM[:, ep_rank]                       # pairs for my experts, by source rank
     recv = mine_RM.sum(-1)
     to_expert = to_receive = None
-    if len(group_RZ) > 1:
+    if len(group_RC) > 1:
         # Each received row's local expert; a stable sort groups them by expert, sources in order.
-        expert_of_row = np.repeat(np.tile(np.arange(experts_per_rank), len(group_RZ)), mine_RM.reshape(-1))
+        expert_of_row = np.repeat(np.tile(np.arange(experts_per_rank), len(group_RC)), mine_RM.reshape(-1))
         order = np.argsort(expert_of_row, kind="stable")
         to_expert = torch.from_numpy(order)
         to_receive = torch.from_numpy(np.argsort(order, kind="stable"))
-    return LayerRoute(expert_ZK=expert_ZK, send_splits=tuple(int(s) for s in send),
+    return LayerRoute(expert_CK=expert_CK, send_splits=tuple(int(s) for s in send),
                       recv_splits=tuple(int(s) for s in recv), expert_rows=tuple(int(s) for s in mine_RM.sum(0)),
-                      to_expert_order=to_expert, to_receive_order=to_receive, world_load_X=world_Z @ routed_ZX)
+                      to_expert_order=to_expert, to_receive_order=to_receive, world_load_X=world_C @ routed_CX)
 
 
 @dataclass

@@ -29,7 +29,7 @@ def main(out_path: str) -> None:
     torch.manual_seed(topo.rank)  # deliberately different per rank: the broadcast must fix it
     model = Potential(cfg.model).double()
     with torch.no_grad():
-        model.energy_scale.fill_(0.5)
+        model.energy_scale_H.fill_(0.5)
     sync_initial_parameters(model, topo)
 
     def batch_of(indices) -> object:

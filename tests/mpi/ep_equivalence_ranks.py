@@ -41,7 +41,7 @@ def main(out_path: str, dp: int, ep: int, backend: str) -> None:
         torch.manual_seed(5)
         model = Potential(cfg.model, ep_rank, ep_size).double()
         with torch.no_grad():
-            model.energy_scale.fill_(0.5)
+            model.energy_scale_H.fill_(0.5)
         return model
 
     model = build(ep_index, ep)

@@ -21,8 +21,8 @@ def model() -> Potential:
     torch.manual_seed(0)
     m = Potential(CFG).double()
     with torch.no_grad():  # non-trivial readout scale and references, as after fitting
-        m.energy_scale.fill_(0.7)
-        m.reference_energy_X.copy_(torch.linspace(-3.0, -1.0, len(CFG.elements)))
+        m.energy_scale_H.fill_(0.7)
+        m.reference_energy_HX[0].copy_(torch.linspace(-3.0, -1.0, len(CFG.elements)))
     return m
 
 

@@ -18,7 +18,7 @@ ELEMENTS = ("H", "C", "O", "Cu", "Au")
 @pytest.fixture(scope="module")
 def calc() -> ExaforceCalculator:
     c = ExaforceCalculator.from_preset("small", seed=1, dtype="float64", elements=ELEMENTS)
-    c.model.energy_scale.fill_(0.8)
+    c.model.energy_scale_H.fill_(0.8)
     return c
 
 
