@@ -3,6 +3,9 @@ read back from the perf logs (step time = the slowest rank's, median over the ti
 
 `bench ep`: data parallel only (dp = R, ep = 1) against expert parallel (dp = R/ep, ep) at the same
 per-rank batch; shares of the step in the all-to-all and in gradient reduction; peak memory.
+`bench balance`: the demo's multi-fidelity data (EMT metals, GFN2/GFN1 molecules) with the
+cost-balanced deal and with round-robin: max/mean over ranks of predicted cost and of measured
+compute time (forward + both backwards) per step.
 `bench comm`: each backend's gradient-reduction time per step, with the reduction launched from
 the backward (overlap) and after it; the share hidden = 1 − exposed(overlap) / reduction(no overlap).
 A world barrier before the reduction (comm.sync_before_reduce) keeps the slowest rank's lateness
@@ -163,4 +166,50 @@ def bench_comm(preset: str, ranks: int, batch_per_rank: int, steps: int, warmup:
             log(f"  {backend}: reduction {after * 1e3:.1f} ms/step after the backward, {over * 1e3:.1f} ms exposed "
                 f"with overlap ({100 * r['hidden_share']:.0f}% hidden); step {r['after_backward']['step_s'] * 1e3:.0f}"
                 f" → {r['overlap']['step_s'] * 1e3:.0f} ms; load imbalance {r['overlap']['imbalance_s'] * 1e3:.0f} ms")
+    return results
+
+
+def bench_balance(structures: int, ranks: int, steps: int, warmup: int, log: Callable[[str], None]) -> dict:
+    """configs/demo.toml on freshly synthesised demo data, balanced and round-robin deal."""
+    from exaforce.perf.report import load_run
+
+    demo = Path(__file__).resolve().parents[1] / "configs" / "demo.toml"
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    exaforce = str(Path(sys.executable).parent / "exaforce")
+    mpiexec = shutil.which("mpiexec") or str(Path(sys.executable).parent / "mpiexec")
+    results: dict = {"structures": structures, "ranks": ranks, "steps": steps, "warmup": warmup}
+    with tempfile.TemporaryDirectory(prefix="exaforce-bench-balance-") as tmp:
+        tmp = Path(tmp)
+        for name, n, extra in (("emt", structures, []),
+                               ("gfn2", structures, ["--source", "molecules", "--method", "GFN2-xTB"]),
+                               ("gfn1", structures // 2, ["--source", "molecules", "--method", "GFN1-xTB"])):
+            subprocess.run([exaforce, "data", "synth", "--out", str(tmp / f"{name}.extxyz"), "--structures", str(n),
+                            "--seed", str(BENCH_SEED), *extra], check=True, capture_output=True, env=env)
+            subprocess.run([exaforce, "data", "convert", str(tmp / f"{name}.extxyz"), "--out", str(tmp / f"{name}.bp"),
+                            "--name", name], check=True, capture_output=True, env=env)
+        for balance in (True, False):
+            name = "balanced" if balance else "round_robin"
+            config = demo.read_text().replace('path = "../demo/', f'path = "{tmp}/')
+            config = config.replace('out_dir = "../demo/run"', f'out_dir = "{tmp / name}"')
+            config = config.replace("balance = true", f"balance = {'true' if balance else 'false'}")
+            (tmp / f"{name}.toml").write_text(config)
+            log(f"bench balance: {name}: mpiexec -n {ranks} exaforce train, {steps} steps")
+            proc = subprocess.run([mpiexec, "-n", str(ranks), exaforce, "train", "--config", str(tmp / f"{name}.toml"),
+                                   "--steps", str(steps)], capture_output=True, text=True, env=env)
+            if proc.returncode != 0:
+                raise RuntimeError(f"bench balance: the {name} run failed:\n{proc.stderr[-3000:]}")
+            run = load_run(tmp / name)
+            by_step: dict[int, list[dict]] = {}
+            for records in run.steps.values():
+                for record in records:
+                    if record["step"] > warmup:
+                        by_step.setdefault(record["step"], []).append(record)
+            compute = [[sum(r["times"][k] for k in ("forward", "force_backward", "param_backward")) for r in rs]
+                       for rs in by_step.values()]
+            r = results[name] = {
+                "cost_max_over_mean": statistics.median(rs[0]["cost_max_over_mean"] for rs in by_step.values()),
+                "time_max_over_mean": statistics.median(max(c) / statistics.fmean(c) for c in compute),
+                "step_s": statistics.median(max(x["total_time"] for x in rs) for rs in by_step.values())}
+            log(f"  per-rank cost max/mean {r['cost_max_over_mean']:.3f} (predicted), compute time max/mean "
+                f"{r['time_max_over_mean']:.3f} (measured), step {r['step_s'] * 1e3:.0f} ms (medians over steps)")
     return results

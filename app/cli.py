@@ -189,6 +189,16 @@ def cmd_bench_comm(args: argparse.Namespace) -> None:
         print(json.dumps(result))
 
 
+def cmd_bench_balance(args: argparse.Namespace) -> None:
+    import json
+
+    from exaforce.bench_runs import bench_balance
+
+    result = bench_balance(args.structures, args.ranks, args.steps, args.warmup, _say)
+    if args.json:
+        print(json.dumps(result))
+
+
 def cmd_bench_md(args: argparse.Namespace) -> None:
     import json
 
@@ -287,6 +297,15 @@ def build_parser() -> argparse.ArgumentParser:
     comm.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     comm.add_argument("--json", action="store_true", help="last line: one JSON object")
     comm.set_defaults(func=cmd_bench_comm)
+
+    balance = bench_commands.add_parser("balance", help="per-rank cost and time imbalance on the demo's "
+                                        "multi-fidelity data: cost-balanced deal against round-robin")
+    balance.add_argument("--structures", type=int, default=200, help="metals and GFN2 molecules each; GFN1: half")
+    balance.add_argument("--ranks", type=int, default=2, help="MPI ranks (default 2)")
+    balance.add_argument("--steps", type=int, default=30, help="training steps per run (default 30)")
+    balance.add_argument("--warmup", type=int, default=3, help="steps left out of the medians (default 3)")
+    balance.add_argument("--json", action="store_true", help="last line: one JSON object")
+    balance.set_defaults(func=cmd_bench_balance)
 
     md = bench_commands.add_parser("md", help="NVE energy drift: 108-atom Cu, 1 fs steps, through the ASE calculator")
     md.add_argument("--checkpoint", required=True, help="trained checkpoint (e.g. demo/run/checkpoints/…)")

@@ -1,5 +1,5 @@
 """The training data as every rank sees it: several datasets (fidelities) in one global index space,
-a validation split, per-structure cost, and each step's structures dealt to ranks by cost.
+a validation split, per-structure cost, and readers that fetch any structure by global index.
 
 Global index g runs over the datasets in config order. Every rank knows, for every structure, its
 dataset, head, atom/edge/angle counts (built from its own contiguous shard, then one allgather)
@@ -7,20 +7,13 @@ and whether it is held out for validation, so every rank computes the same epoch
 same deal without further communication. A rank then fetches its structures: lazily from the
 (staged) BP5 files by hyperslab, or through the MPI one-sided sample store (`data.sample_store`).
 
-Epoch: each training structure of a dataset with weight w appears ⌊w⌋ times plus once more with
-probability w − ⌊w⌋ (a seeded choice), so weight 1 visits every structure exactly once per epoch
-and weights oversample small datasets; the list is shuffled and cut into global batches (the last
-one takes the remainder). Deal: longest-processing-time first — structures by decreasing cost,
-each to the rank with the least cost so far — so per-rank cost per step is nearly equal.
+Which structures a step takes and which rank takes them: `exaforce.io.sampler`.
 """
 
 from __future__ import annotations
 
-import itertools
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass
-
 from typing import Callable
 
 import numpy as np
@@ -100,45 +93,10 @@ def check_frames(frames: Frames, path: str, start: int, species_of: np.ndarray) 
             raise DataError(path, "non-finite label", frame=sample, field=field)
 
 
-def epoch_order(index: GlobalIndex, seed: int, epoch: int) -> np.ndarray:
-    """This epoch's training structures (global indices, repeated by weight), shuffled; the same on every rank."""
-    rng = np.random.default_rng([seed, epoch, 11])
-    train = np.flatnonzero(~index.is_val_G)
-    weight = index.weight_G[train]
-    whole = np.floor(weight).astype(np.int64)
-    extra = rng.random(len(train)) < weight - whole
-    order = np.repeat(train, whole + extra)
-    return order[rng.permutation(len(order))]
-
-
 def steps_in_epoch(index: GlobalIndex, global_batch: int) -> int:
     """Expected steps per epoch (the epoch's length varies with fractional weights by a few structures)."""
     expected = float(index.weight_G[~index.is_val_G].sum())
     return max(1, math.ceil(expected / global_batch))
-
-
-def global_batches(index: GlobalIndex, global_batch: int, world: int, seed: int) -> Iterator[tuple[int, np.ndarray]]:
-    """(epoch, global indices) of every step, forever; a last batch smaller than the world joins the one before."""
-    for epoch in itertools.count():
-        order = epoch_order(index, seed, epoch)
-        cuts = list(range(global_batch, len(order), global_batch))
-        if cuts and len(order) - cuts[-1] < world:
-            cuts.pop()
-        for batch in np.split(order, cuts):
-            yield epoch, batch
-
-
-def deal(indices: np.ndarray, cost: np.ndarray, world: int, balance: bool) -> list[np.ndarray]:
-    """Structures of one global batch → ranks: by cost (longest first to the least-loaded rank), or round-robin."""
-    if not balance:
-        return [indices[r::world] for r in range(world)]
-    load = np.zeros(world)
-    shares: list[list[int]] = [[] for _ in range(world)]
-    for i in np.argsort(-cost, kind="stable"):
-        r = int(np.argmin(load))
-        shares[r].append(int(indices[i]))
-        load[r] += cost[i]
-    return [np.asarray(sorted(s), dtype=np.int64) for s in shares]
 
 
 def structure_cost(index: GlobalIndex, coefficients: dict[str, float]) -> np.ndarray:

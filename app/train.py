@@ -17,9 +17,9 @@ import torch
 
 from exaforce import checkpoint
 from exaforce.config import DTYPES, Config, ConfigError
-from exaforce.dataset import (GlobalIndex, build_global_index, deal, global_batches, lazy_reader, steps_in_epoch,
-                               store_reader, structure_cost)
-from exaforce.io.sampler import shard_range
+from exaforce.dataset import (GlobalIndex, build_global_index, lazy_reader, steps_in_epoch, store_reader,
+                               structure_cost)
+from exaforce.io.sampler import deal, global_batches, shard_range
 from exaforce.io.schema import Frames
 from exaforce.loss import structure_losses
 from exaforce.model.graph import GraphBatch, build_batch
@@ -241,7 +241,7 @@ def train(cfg: Config, topo: Topology, log: Callable[[str], None]) -> Path:
         f"~{epoch_steps} steps/epoch, {cfg.run.steps} steps; cost/structure = "
         f"{cost_coefficients['atoms']:.3g}·atoms + {cost_coefficients['edges']:.3g}·edges + "
         f"{cost_coefficients['angles']:.3g}·angles")
-    batches = global_batches(index, cfg.data.global_batch_size, world, cfg.run.seed)
+    batches = global_batches(index.weight_G, ~index.is_val_G, cfg.data.global_batch_size, world, cfg.run.seed)
 
     wall0 = time.perf_counter()
     for step in range(1, cfg.run.steps + 1):

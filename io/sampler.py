@@ -1,11 +1,19 @@
-"""Which local structures each rank trains on at each step.
+"""Which structures each step trains on, and which rank takes which: pure functions of the
+replicated per-structure facts, so every rank computes the same answer without communicating.
 
-Every rank holds a contiguous shard of each dataset and draws its share of the global batch from
-it, reshuffled each epoch. Steps per epoch are the same on every rank (the smallest shard
-decides), computed from dataset sizes alone, so ranks agree without communicating.
+Epoch: each training structure with weight w appears ⌊w⌋ times plus once more with probability
+w − ⌊w⌋ (a seeded choice), so weight 1 visits every structure exactly once per epoch and larger
+weights oversample small datasets; the list is shuffled (seeded by seed and epoch) and cut into
+global batches, the last one taking the remainder (a remainder smaller than the world joins the
+batch before it, so every rank always gets a structure). Deal: longest-processing-time first —
+structures by decreasing predicted cost, each to the rank with the least cost so far — or
+round-robin (`balance = False`, the naive baseline).
 """
 
 from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -18,22 +26,39 @@ def shard_range(n: int, rank: int, world: int) -> tuple[int, int]:
     return rank * base + min(rank, extra), base + (rank < extra)
 
 
-def steps_per_epoch(dataset_sizes: list[int], world: int, per_rank_batch: int) -> int:
-    smallest_shard = min(sum(shard_range(n, r, world)[1] for n in dataset_sizes) for r in range(world))
-    return smallest_shard // per_rank_batch
+def epoch_order(weight_G: np.ndarray, train_G: np.ndarray, seed: int, epoch: int) -> np.ndarray:
+    """This epoch's training structures (global indices, repeated by weight), shuffled."""
+    rng = np.random.default_rng([seed, epoch, 11])
+    train = np.flatnonzero(train_G)
+    weight = weight_G[train]
+    whole = np.floor(weight).astype(np.int64)
+    extra = rng.random(len(train)) < weight - whole
+    order = np.repeat(train, whole + extra)
+    return order[rng.permutation(len(order))]
 
 
-class ShardSampler:
-    """Batches of local indices for (epoch, step); deterministic in (seed, rank, epoch)."""
+def global_batches(weight_G: np.ndarray, train_G: np.ndarray, global_batch: int, world: int,
+                   seed: int) -> Iterator[tuple[int, np.ndarray]]:
+    """(epoch, global indices) of every step, forever."""
+    if global_batch < world:
+        raise ValueError(f"data.global_batch_size = {global_batch}: must be >= the {world} ranks")
+    for epoch in itertools.count():
+        order = epoch_order(weight_G, train_G, seed, epoch)
+        cuts = list(range(global_batch, len(order), global_batch))
+        if cuts and len(order) - cuts[-1] < world:
+            cuts.pop()
+        for batch in np.split(order, cuts):
+            yield epoch, batch
 
-    def __init__(self, n_local: int, per_rank_batch: int, steps: int, seed: int, rank: int):
-        if steps < 1:
-            raise ValueError(f"a rank holds {n_local} structures, fewer than its batch of {per_rank_batch}: "
-                             "lower data.global_batch_size or use fewer ranks")
-        self.n_local, self.per_rank_batch, self.steps = n_local, per_rank_batch, steps
-        self.seed, self.rank = seed, rank
 
-    def batch(self, epoch: int, step_in_epoch: int) -> np.ndarray:
-        order = np.random.default_rng([self.seed, self.rank, epoch]).permutation(self.n_local)
-        lo = step_in_epoch * self.per_rank_batch
-        return order[lo:lo + self.per_rank_batch]
+def deal(indices: np.ndarray, cost: np.ndarray, world: int, balance: bool = True) -> list[np.ndarray]:
+    """One step's structures → ranks: by cost (longest first to the least-loaded rank), or round-robin."""
+    if not balance:
+        return [np.sort(indices[r::world]) for r in range(world)]
+    load = np.zeros(world)
+    shares: list[list[int]] = [[] for _ in range(world)]
+    for i in np.argsort(-np.asarray(cost), kind="stable"):
+        r = int(np.argmin(load))
+        shares[r].append(int(indices[i]))
+        load[r] += cost[i]
+    return [np.asarray(sorted(s), dtype=np.int64) for s in shares]

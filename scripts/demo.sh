@@ -11,17 +11,21 @@ mkdir -p "$out"
 t0=$SECONDS
 step() { printf '\n== [%4ds] %s\n' $((SECONDS - t0)) "$*"; }
 
-step "1/5 synthesise $structures EMT-labelled metal structures"
+step "1/5 synthesise: $structures EMT metals, $structures GFN2-xTB and $((structures / 2)) GFN1-xTB molecules (tblite)"
 exaforce data synth --out "$out/emt.extxyz" --structures "$structures" --seed 0
+exaforce data synth --source molecules --method GFN2-xTB --out "$out/gfn2.extxyz" --structures "$structures" --seed 1
+exaforce data synth --source molecules --method GFN1-xTB --out "$out/gfn1.extxyz" --structures $((structures / 2)) --seed 2
 
-step "2/5 convert extxyz → ADIOS2 BP5"
+step "2/5 convert extxyz → ADIOS2 BP5 (one dataset per fidelity)"
 exaforce data convert "$out/emt.extxyz" --out "$out/emt.bp" --name emt-metals --overwrite
+exaforce data convert "$out/gfn2.extxyz" --out "$out/gfn2.bp" --name gfn2-molecules --overwrite
+exaforce data convert "$out/gfn1.extxyz" --out "$out/gfn1.bp" --name gfn1-molecules --overwrite
 
 step "3/5 stage to node-local storage ($stage_dir), 2 ranks"
-mpiexec -n 2 exaforce stage "$out/emt.bp" --to "$stage_dir"
+mpiexec -n 2 exaforce stage "$out/emt.bp" "$out/gfn2.bp" "$out/gfn1.bp" --to "$stage_dir"
 
-step "4/5 train on 2 ranks (configs/demo.toml)"
-sed -e "s#^train = .*#train = [\"$stage_dir/emt.bp\"]#" \
+step "4/5 train on 2 ranks (configs/demo.toml: three datasets, three heads)"
+sed -e "s#^path = \"../demo/#path = \"$stage_dir/#" \
     -e "s#^out_dir = .*#out_dir = \"$(pwd)/$out/run\"#" configs/demo.toml > "$out/train.toml"
 rm -rf "$out/run"
 mpiexec -n 2 exaforce train --config "$out/train.toml" ${DEMO_STEPS:+--steps "$DEMO_STEPS"}

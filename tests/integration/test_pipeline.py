@@ -11,14 +11,20 @@ pytestmark = [pytest.mark.mpi, pytest.mark.cli]
 
 
 def test_demo_pipeline_small(tmp_path):
-    assert run_cli(["data", "synth", "--out", str(tmp_path / "m.extxyz"), "--structures", "24"]).returncode == 0
-    proc = run_cli(["data", "convert", str(tmp_path / "m.extxyz"), "--out", str(tmp_path / "m.bp"), "--name", "m"])
+    """The demo's three fidelities (EMT metals, GFN2-xTB and GFN1-xTB molecules), small."""
+    for name, extra in (("emt", []), ("gfn2", ["--source", "molecules", "--method", "GFN2-xTB"]),
+                        ("gfn1", ["--source", "molecules", "--method", "GFN1-xTB"])):
+        proc = run_cli(["data", "synth", "--out", str(tmp_path / f"{name}.extxyz"), "--structures", "24", *extra])
+        assert proc.returncode == 0, proc.stderr
+        proc = run_cli(["data", "convert", str(tmp_path / f"{name}.extxyz"), "--out", str(tmp_path / f"{name}.bp"),
+                        "--name", name])
+        assert proc.returncode == 0, proc.stderr
+    proc = run_mpi(2, ["-m", "exaforce.cli", "stage", *(str(tmp_path / f"{n}.bp") for n in ("emt", "gfn2", "gfn1")),
+                       "--to", str(tmp_path / "nvme")])
     assert proc.returncode == 0, proc.stderr
-    proc = run_mpi(2, ["-m", "exaforce.cli", "stage", str(tmp_path / "m.bp"), "--to", str(tmp_path / "nvme")])
-    assert proc.returncode == 0, proc.stderr
-    assert (tmp_path / "nvme" / "m.bp").is_dir()
+    assert (tmp_path / "nvme" / "gfn1.bp").is_dir()
     config = (REPO / "configs/demo.toml").read_text()
-    config = config.replace('train = ["../demo/emt.bp"]', f'train = ["{tmp_path}/nvme/m.bp"]')
+    config = config.replace('path = "../demo/', f'path = "{tmp_path}/nvme/')
     config = config.replace('out_dir = "../demo/run"', f'out_dir = "{tmp_path}/run"')
     (tmp_path / "train.toml").write_text(config)
     proc = run_mpi(2, ["-m", "exaforce.cli", "train", "--config", str(tmp_path / "train.toml"), "--steps", "4"])
