@@ -32,6 +32,7 @@ class RunConfig:
     log_every: int = 10                 # rank 0 prints progress every N steps
     checkpoint_every: int = 0           # 0: only at the end
     final_checkpoint: bool = True       # false: no checkpoint at the end (benchmarks of huge models)
+    val_every: int = 0                  # validation MAE every N steps (0: at the end only), if any is held out
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -152,6 +153,8 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"run.dtype = {cfg.run.dtype!r}: must be 'float32' or 'float64'")
     _positive(cfg.run.steps, "run.steps")
     _positive(cfg.run.log_every, "run.log_every")
+    if cfg.run.val_every < 0:
+        raise ConfigError(f"run.val_every = {cfg.run.val_every}: must be >= 0")
     if cfg.run.checkpoint_every < 0:
         raise ConfigError(f"run.checkpoint_every = {cfg.run.checkpoint_every}: must be >= 0")
     if bool(cfg.data.train) == bool(cfg.data.datasets):

@@ -19,6 +19,7 @@ from exaforce import checkpoint
 from exaforce.config import DTYPES, Config, ConfigError
 from exaforce.dataset import (GlobalIndex, build_global_index, lazy_reader, steps_in_epoch, store_reader,
                                structure_cost)
+from exaforce.evaluate import validation_mae
 from exaforce.io.sampler import deal, global_batches, shard_range
 from exaforce.io.schema import Frames
 from exaforce.loss import structure_losses
@@ -261,6 +262,12 @@ def train(cfg: Config, topo: Topology, log: Callable[[str], None]) -> Path:
         extra = {"cost": share_cost[rank], "cost_max_over_mean": max(share_cost) / max(np.mean(share_cost), 1e-30)}
         if routing:
             extra.update(moe_aux=loss_sums.pop("moe_aux"), expert_load=routing.expert_load())
+        if (cfg.run.val_every and step % cfg.run.val_every == 0) or step == cfg.run.steps:
+            extra["val"] = validation_mae(model, index, to_batch, cost_G, max(1, len(global_batch) // world), topo,
+                                          cfg.comm.backend)  # collective
+            for head, m in extra["val"].items():
+                log(f"validation {head}: energy MAE {m['energy_mev_per_atom']:.1f} meV/atom, forces MAE "
+                    f"{m['forces_mev_per_a']:.1f} meV/Å ({m['structures']} structures)")
         perf.step(step=step, epoch=epoch, times=times, loss_sum=loss_sums,
                   flops=predict_flops(flop_coefficients, counts["atoms"], counts["edges"], counts["angles"]),
                   peak_mem_bytes=peak_memory_bytes(), lr=lr, extra=extra, **counts)

@@ -30,6 +30,8 @@ def test_demo_pipeline_small(tmp_path):
     proc = run_mpi(2, ["-m", "exaforce.cli", "train", "--config", str(tmp_path / "train.toml"), "--steps", "4"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "topology: world=2" in proc.stdout
+    for head in ("emt", "gfn2", "gfn1"):  # the held-out 10% of each fidelity, after the last step
+        assert f"validation {head}: energy MAE" in proc.stdout, proc.stdout[-2000:]
     logs = sorted((tmp_path / "run/perf").glob("rank-*.jsonl"))
     assert [p.name for p in logs] == ["rank-00000.jsonl", "rank-00001.jsonl"]
     records = [json.loads(line) for line in logs[1].read_text().splitlines()]

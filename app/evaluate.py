@@ -1,0 +1,50 @@
+"""Validation metrics on the held-out structures, per head, computed by all ranks together.
+
+Every rank takes the same number of chunks (so MoE collectives line up), each chunk dealt by cost
+like a training step; a rank with nothing left in a chunk runs its first structure again with
+weight 0. Errors are summed locally and all-reduced once: energy MAE per atom and force MAE per
+component, in meV/atom and meV/Å.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import numpy as np
+import torch
+
+from exaforce.dataset import GlobalIndex
+from exaforce.io.sampler import deal
+from exaforce.model.graph import GraphBatch
+from exaforce.model.potential import Potential, energy_forces_stress
+from exaforce.parallel import step_routing
+from exaforce.topology import Topology
+
+
+def validation_mae(model: Potential, index: GlobalIndex, to_batch: Callable[[np.ndarray], GraphBatch],
+                   cost_G: np.ndarray, chunk: int, topo: Topology, backend: str) -> dict[str, dict[str, float]]:
+    """{head: {"energy_mev_per_atom", "forces_mev_per_a", "structures"}} over the validation split (collective)."""
+    val = np.flatnonzero(index.is_val_G)
+    heads = model.cfg.heads
+    sums = np.zeros((len(heads), 4))  # Σ|ΔE|/atoms, structures, Σ|ΔF|, force components
+    if len(val):
+        per_chunk = chunk * topo.world_size
+        for c in range(math.ceil(len(val) / per_chunk)):
+            part = val[c * per_chunk:(c + 1) * per_chunk]
+            share = deal(part, cost_G[part], topo.world_size)[topo.rank]
+            weight = 1.0 if len(share) else 0.0
+            batch = to_batch(share if len(share) else val[:1])
+            pred = energy_forces_stress(model, batch, training=False, routing=step_routing(model, batch, topo, backend))
+            with torch.no_grad():
+                head_G = batch.head_G.numpy()
+                e_err = ((pred.energy_G - batch.energy_G).abs() / batch.natoms_G).numpy()
+                f_err_N = (pred.forces_N3 - batch.forces_N3).abs().sum(-1).numpy()
+                f_err_G = np.bincount(batch.graph_N.numpy(), f_err_N, minlength=batch.n_graphs)
+                for h in range(len(heads)):
+                    mine = head_G == h
+                    sums[h] += weight * np.array([e_err[mine].sum(), mine.sum(), f_err_G[mine].sum(),
+                                                  3 * batch.natoms_G.numpy()[mine].sum()])
+    sums = topo.world.allreduce(sums)  # collective
+    return {head: {"energy_mev_per_atom": 1e3 * s[0] / s[1], "forces_mev_per_a": 1e3 * s[2] / s[3],
+                   "structures": int(s[1])} for head, s in zip(heads, sums) if s[1] > 0}
