@@ -30,13 +30,15 @@ class StageError(RuntimeError):
 
 
 def stage_datasets(paths: list[Path], dest: Path, node_comm: "MPI.Intracomm | None",
-                   log: Callable[[str], None] = print) -> list[Path]:
+                   log: Callable[[str], None] = print, fallback: bool = False) -> list[Path]:
     """Copy every dataset (a file or a .bp directory) to dest/<basename>, once per node.
 
     `node_comm` is the communicator of the ranks on one node (None: a single process, which is
-    its own leader). The leader skips datasets already present and identical (sizes, then sha256
-    of every file), else copies to a temp name, verifies, renames into place. Every rank returns
-    the same staged paths, or raises the same StageError.
+    its own leader). The leader first checks that what must be copied fits in dest's free space,
+    skips datasets already present and identical (sizes, then sha256 of every file), else copies
+    to a temp name, verifies, renames into place. Every rank returns the same staged paths, or
+    raises the same StageError — or, with `fallback`, warns and returns the source paths (the job
+    then reads from the shared file system).
     """
     leader = node_comm is None or node_comm.Get_rank() == 0
     outcome: tuple[bool, list[str] | str] = (True, [])
@@ -47,13 +49,32 @@ def stage_datasets(paths: list[Path], dest: Path, node_comm: "MPI.Intracomm | No
         outcome = node_comm.bcast(outcome, root=0)
     ok, payload = outcome
     if not ok:
+        if fallback:
+            log(f"stage: WARNING: {payload}; falling back to the shared file system (reading the sources)")
+            return [Path(p) for p in paths]
         raise StageError(payload)
     return [Path(p) for p in payload]
+
+
+def _check_space(paths: list[Path], dest: Path) -> None:
+    """Fail before copying anything when the datasets that still need a copy do not fit."""
+    needed = {src: sum(f.stat().st_size for f in ([src] if src.is_file() else _files(src)))
+              for src in paths if src.exists() and not ((dest / src.name).exists() and _same_sizes(src, dest / src.name))}
+    probe = dest if dest.exists() else next(p for p in dest.parents if p.exists())
+    free = shutil.disk_usage(probe).free
+    if sum(needed.values()) > free:
+        biggest = max(needed, key=needed.get)
+        raise StageError(f"{biggest}: the datasets to stage need {sum(needed.values()) / 1e6:.1f} MB "
+                         f"({biggest.name}: {needed[biggest] / 1e6:.1f} MB) but {dest} has {free / 1e6:.1f} MB free")
 
 
 def _stage_all(paths: list[Path], dest: Path, log: Callable[[str], None]) -> tuple[bool, list[str] | str]:
     """(True, staged paths) or (False, error message naming the dataset); never raises."""
     staged = []
+    try:
+        _check_space(paths, dest)
+    except StageError as err:
+        return False, str(err)
     for src in paths:
         try:
             staged.append(str(_stage_one(src, dest, log)))

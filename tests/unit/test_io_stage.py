@@ -111,3 +111,23 @@ def test_unexpected_error_becomes_stage_error_naming_the_file(tmp_path, sources,
     with pytest.raises(StageError, match="syn.xyz.*PermissionError.*read-only"):
         _stage(sources[1:], tmp_path / "nvme")
     assert list((tmp_path / "nvme").iterdir()) == []
+
+
+def test_a_dataset_that_does_not_fit_fails_before_copying_or_falls_back(tmp_path, monkeypatch):
+    """Free space is faked (filling a real disk is not possible here): the check runs before any copy."""
+    import collections
+
+    from exaforce.io import stage as stage_mod
+
+    src = tmp_path / "big.bp"
+    src.mkdir()
+    (src / "data.0").write_bytes(b"x" * 5000)
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(stage_mod.shutil, "disk_usage", lambda path: usage(10_000, 9_000, 1_000))
+    dest = tmp_path / "nvme"
+    with pytest.raises(stage_mod.StageError, match=r"big.bp: the datasets to stage need 0.0 MB .* has 0.0 MB free"):
+        stage_mod.stage_datasets([src], dest, None, log=lambda m: None)
+    assert not dest.exists() or not any(dest.iterdir())  # nothing half-written
+    messages = []
+    assert stage_mod.stage_datasets([src], dest, None, log=messages.append, fallback=True) == [src]
+    assert "falling back to the shared file system" in messages[-1]
