@@ -92,7 +92,8 @@ def cmd_stage(args: argparse.Namespace) -> None:
     topo = Topology.from_mpi()
     try:
         log = _say if topo.local_rank == 0 else (lambda message: None)
-        staged = stage_datasets([Path(p) for p in args.datasets], Path(args.to), topo.node, log=log)
+        staged = stage_datasets([Path(p) for p in args.datasets], Path(args.to), topo.node, log=log,
+                                fallback=args.fallback)
     except _user_errors() as exc:
         _fail(str(exc), topo)
     if topo.is_root:
@@ -239,6 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     stage = commands.add_parser("stage", help="copy datasets to node-local storage (node leaders copy, all verify)")
     stage.add_argument("datasets", nargs="+", help="datasets (DIR.bp) or files to stage")
     stage.add_argument("--to", required=True, help="node-local folder, e.g. /mnt/bb/$USER or $TMPDIR")
+    stage.add_argument("--fallback", action="store_true",
+                       help="when staging fails (no space, no permission), warn and use the sources in place")
     stage.set_defaults(func=cmd_stage)
 
     train = commands.add_parser("train", help="train a potential (run under mpiexec -n N)")
