@@ -74,14 +74,43 @@ def cmd_data_synth(args: argparse.Namespace) -> None:
 
 
 def cmd_data_convert(args: argparse.Namespace) -> None:
-    from exaforce.io.bp import write_bp
-    from exaforce.io.extxyz import read_extxyz
+    from exaforce.io.convert import Converted, convert
+    from exaforce.io.schema import DataError
+    from exaforce.topology import Topology
 
+    topo = Topology.from_mpi()
     t0 = time.perf_counter()
-    frames = read_extxyz(args.input)
-    write_bp(frames, args.out, name=args.name, attrs={"source": str(args.input)}, overwrite=args.overwrite)
-    _say(f"converted {len(frames)} structures ({frames.n_atoms} atoms) from {args.input} to {args.out} "
-         f"in {time.perf_counter() - t0:.1f} s")
+    tag = f"rank {topo.rank}: " if topo.world_size > 1 else ""
+
+    def log(done: Converted) -> None:
+        _say(f"{tag}converted {done.n_structures} structures ({done.n_atoms} atoms, method {done.method}) "
+             f"from {done.source} to {done.out} in {time.perf_counter() - t0:.1f} s")
+
+    sources = [Path(p) for p in args.inputs]
+    try:
+        outcome = convert(sources, Path(args.out), args.name, args.method, args.overwrite, topo.world, log)
+    except DataError as exc:  # the same refusal on every rank: one of them says it
+        if topo.is_root:
+            print(f"exaforce: error: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_BAD_INPUT) from None
+    for message in outcome.failures:  # every rank reports its own
+        print(f"exaforce: error: {message}", file=sys.stderr, flush=True)
+    if outcome.n_failed:  # every rank knows the total, so every rank exits with the same status
+        if topo.is_root and len(sources) > 1:
+            print(f"exaforce: error: {outcome.n_failed} of {len(sources)} inputs failed; nothing written to "
+                  f"{args.out}", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_BAD_INPUT)
+    if topo.is_root and len(sources) > 1:
+        _say(f"wrote {len(sources)} datasets to {args.out} in {time.perf_counter() - t0:.1f} s")
+
+
+def cmd_data_inspect(args: argparse.Namespace) -> None:
+    import json
+
+    from exaforce.io.summary import format_summary, summarize
+
+    info = summarize(args.dataset)
+    print(json.dumps(info) if args.json else format_summary(info), flush=True)
 
 
 # ---------------------------------------------------------------- stage
@@ -230,12 +259,24 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--structures", type=int, default=200, help="number of structures (default 200)")
     synth.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     synth.set_defaults(func=cmd_data_synth)
-    convert = data_commands.add_parser("convert", help="extxyz → ADIOS2 BP5 dataset")
-    convert.add_argument("input", help="extxyz file with energy, forces (and stress) per frame")
-    convert.add_argument("--out", required=True, help="dataset directory to write (DIR.bp)")
-    convert.add_argument("--name", required=True, help="dataset name (a fidelity/source label)")
-    convert.add_argument("--overwrite", action="store_true", help="replace an existing dataset atomically")
+    convert = data_commands.add_parser("convert", help="extxyz / ASE db / HDF5 → ADIOS2 BP5 dataset(s); "
+                                       "several inputs are converted in parallel under mpiexec")
+    convert.add_argument("inputs", nargs="+", metavar="INPUT",
+                         help="labelled structures, format by suffix: .xyz/.extxyz, .db (ASE SQLite database), "
+                              ".h5/.hdf5 (layout in io/SCHEMA.md)")
+    convert.add_argument("--out", required=True, help="one input: the dataset directory to write (DIR.bp); "
+                         "several: a folder that receives OUT/<stem>.bp for each, all or none")
+    convert.add_argument("--name", required=True, help="dataset name (a fidelity/source label), given to every output")
+    convert.add_argument("--method", help="level of theory of the labels, e.g. EMT, PBE, GFN2-xTB "
+                         "(default: the input's own, as an HDF5 file stores it, else 'unknown')")
+    convert.add_argument("--overwrite", action="store_true", help="replace an existing dataset (or folder of "
+                         "datasets) atomically")
     convert.set_defaults(func=cmd_data_convert)
+    inspect = data_commands.add_parser("inspect", help="counts, elements, method, schema version, label "
+                                       "statistics and attributes of a BP5 dataset")
+    inspect.add_argument("dataset", help="dataset directory (DIR.bp)")
+    inspect.add_argument("--json", action="store_true", help="one JSON object instead of the table")
+    inspect.set_defaults(func=cmd_data_inspect)
 
     stage = commands.add_parser("stage", help="copy datasets to node-local storage (node leaders copy, all verify)")
     stage.add_argument("datasets", nargs="+", help="datasets (DIR.bp) or files to stage")

@@ -116,7 +116,8 @@ class DatasetReader:
         by_dataset = self.index.dataset_G[global_indices]
         for d in np.unique(by_dataset):
             picked = np.flatnonzero(by_dataset == d)
-            parts.append(self._fetch_one[d](self.index.local_G[global_indices[picked]]))
+            # The model takes no charge/spin/magmoms yet: drop them so datasets with and without mix.
+            parts.append(self._fetch_one[d](self.index.local_G[global_indices[picked]]).without_optional())
             order.append(picked)
         return Frames.concatenate(parts).select(np.argsort(np.concatenate(order), kind="stable"))
 

@@ -5,14 +5,20 @@ Layout (S structures, N atoms; structure s owns atoms offsets[s] : offsets[s] + 
     numbers [N] int64      positions [N,3] f64   forces [N,3] f64
     cell [S,3,3] f64       pbc [S,3] uint8       energy [S] f64     stress [S,6] f64 (NaN row: none)
     natoms [S] int64       offsets [S] int64
+    optional (schema 2): charge [S] f64   spin [S] f64   magmoms [N] f64
+
+The full schema (attributes, version history) is io/SCHEMA.md.
 
 Why this layout: a contiguous range of structures is a contiguous range of atoms, so a rank
 reads its shard with one selection per variable and never touches anyone else's bytes.
 Why the temp-directory dance: a crashed conversion must never leave a dataset that opens.
+Why a manifest of file sizes: ADIOS2 waits forever for bytes past the end of a truncated data
+file, so a dataset cut short by a failed copy must be caught before ADIOS2 reads it.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from types import TracebackType
@@ -24,9 +30,14 @@ from ase.data import chemical_symbols
 
 from exaforce.io.atomic import fsync_tree, remove, replace_path, sibling
 from exaforce.io.schema import SCHEMA_VERSION, VOIGT_ORDER, DataError, Frames
+from exaforce.io.stats import STAT_KEYS, label_stats
 
 ENGINE = "BP5"
-UNITS = "positions=Angstrom cell=Angstrom energy=eV forces=eV/Angstrom stress=eV/Angstrom^3"
+UNITS = ("positions=Angstrom cell=Angstrom energy=eV forces=eV/Angstrom stress=eV/Angstrom^3 charge=e "
+         "magmoms=mu_B")
+UNITS_V1 = "positions=Angstrom cell=Angstrom energy=eV forces=eV/Angstrom stress=eV/Angstrom^3"
+MANIFEST = "manifest.json"  # {"files": {name: bytes}} of the ADIOS2 files, written after they are closed
+ADIOS_FILES = ("md.idx", "md.0", "mmd.0", "data.0")  # what every BP5 dataset has (checked when no manifest)
 # variable -> (Frames field, ADIOS type, "atom" or "structure" rows, trailing shape)
 VARIABLES = {
     "numbers": ("numbers_N", "int64_t", "atom", ()),
@@ -39,9 +50,20 @@ VARIABLES = {
     "natoms": ("natoms_S", "int64_t", "structure", ()),
     "offsets": (None, "int64_t", "structure", ()),
 }
-RESERVED_ATTRS = ("name", "schema_version", "units", "voigt_order", "elements", "n_structures",
-                  "n_atoms", "energy_mean", "energy_std", "energy_per_atom_mean",
-                  "energy_per_atom_std", "created_by")
+OPTIONAL_VARIABLES = {  # written when the Frames carries them (schema 2)
+    "charge": ("charge_S", "double", "structure", ()),
+    "spin": ("spin_S", "double", "structure", ()),
+    "magmoms": ("magmoms_N", "double", "atom", ()),
+}
+
+
+def _all_variables() -> dict[str, tuple[str | None, str, str, tuple[int, ...]]]:
+    """Required then optional variables, merged at call time (tests patch VARIABLES)."""
+    return {**VARIABLES, **OPTIONAL_VARIABLES}
+
+
+RESERVED_ATTRS = ("name", "method", "schema_version", "units", "voigt_order", "elements", "optional_fields",
+                  "created_by", *STAT_KEYS)
 Attr = str | int | float
 
 
@@ -49,22 +71,26 @@ Attr = str | int | float
 
 
 def write_bp(frames: Frames, path: str | os.PathLike, name: str,
-             attrs: dict[str, Attr] | None = None, *, overwrite: bool = False) -> None:
-    """Write `frames` as a BP5 dataset directory at `path`, atomically.
+             attrs: dict[str, Attr] | None = None, *, method: str = "unknown", overwrite: bool = False) -> None:
+    """Write `frames` as a BP5 dataset directory at `path`, atomically; `method` is the fidelity label
+    of its labels (e.g. "EMT", "PBE", "GFN2-xTB").
 
     The data goes to a sibling temp directory that is fsynced and renamed into place; any failure
     removes it. An existing `path` is refused unless `overwrite`, and then swapped out atomically.
+    NaN/inf coordinates or labels are refused (DataError naming the structure) before any write.
     """
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path}: dataset already exists (pass overwrite=True to replace it)")
     frames.validate(path)
+    frames.check_finite(path)
     if len(frames) == 0:
         raise DataError(path, "refusing to write a dataset with no structures")
-    all_attrs = dataset_attrs(frames, name, attrs or {})
+    all_attrs = dataset_attrs(frames, name, attrs or {}, method=method)
     tmp = sibling(path, "tmp")
     try:
         _write_engine(frames, all_attrs, tmp)
+        _write_manifest(tmp)
         fsync_tree(tmp)
         replace_path(tmp, path)
     except BaseException:
@@ -72,7 +98,7 @@ def write_bp(frames: Frames, path: str | os.PathLike, name: str,
         raise
 
 
-def dataset_attrs(frames: Frames, name: str, extra: dict[str, Attr]) -> dict[str, Attr]:
+def dataset_attrs(frames: Frames, name: str, extra: dict[str, Attr], *, method: str = "unknown") -> dict[str, Attr]:
     """Self-description stored with the data: provenance, units, conventions, summary statistics."""
     clash = sorted(set(extra) & set(RESERVED_ATTRS))
     if clash:
@@ -80,20 +106,19 @@ def dataset_attrs(frames: Frames, name: str, extra: dict[str, Attr]) -> dict[str
     bad = [k for k, v in extra.items() if not isinstance(v, (str, int, float)) or isinstance(v, bool)]
     if bad:
         raise TypeError(f"attrs {bad}: values must be str, int or float")
-    per_atom = frames.energy_S / frames.natoms_S
+    if not isinstance(method, str) or not method.strip():
+        raise ValueError(f"method = {method!r}: must be a non-empty fidelity label, e.g. 'EMT' or 'PBE'")
     elements = sorted(set(frames.numbers_N.tolist()))
+    optional = [var for var, (field, *_) in OPTIONAL_VARIABLES.items() if getattr(frames, field) is not None]
     return {
         "name": name,
+        "method": method,
         "schema_version": SCHEMA_VERSION,
         "units": UNITS,
         "voigt_order": " ".join(VOIGT_ORDER),
         "elements": " ".join(chemical_symbols[z] for z in elements),
-        "n_structures": len(frames),
-        "n_atoms": frames.n_atoms,
-        "energy_mean": float(frames.energy_S.mean()),
-        "energy_std": float(frames.energy_S.std()),
-        "energy_per_atom_mean": float(per_atom.mean()),
-        "energy_per_atom_std": float(per_atom.std()),
+        "optional_fields": " ".join(optional),
+        **label_stats(frames),
         "created_by": "exaforce",
         **extra,
     }
@@ -102,10 +127,21 @@ def dataset_attrs(frames: Frames, name: str, extra: dict[str, Attr]) -> dict[str
 def _columns(frames: Frames) -> dict[str, np.ndarray]:
     """The arrays as stored: contiguous, fixed dtypes, pbc as uint8 (ADIOS has no bool)."""
     out = {}
-    for var, (field, _, _, _) in VARIABLES.items():
+    for var, (field, _, _, _) in _all_variables().items():
         value = frames.offsets_S if field is None else getattr(frames, field)
-        out[var] = np.ascontiguousarray(value.astype(np.uint8) if var == "pbc" else value)
+        if value is not None:
+            out[var] = np.ascontiguousarray(value.astype(np.uint8) if var == "pbc" else value)
     return out
+
+
+def _write_manifest(directory: Path) -> None:
+    """Record every ADIOS2 file's size, so that open_bp can refuse a truncated copy before ADIOS2 hangs on it."""
+    sizes = {p.name: p.stat().st_size for p in sorted(directory.iterdir()) if p.is_file() and _is_adios_file(p.name)}
+    (directory / MANIFEST).write_text(json.dumps({"files": sizes}, indent=1) + "\n")
+
+
+def _is_adios_file(name: str) -> bool:
+    return name == "md.idx" or name.split(".")[0] in ("md", "mmd", "data")
 
 
 def _write_engine(frames: Frames, attrs: dict[str, Attr], directory: Path) -> None:
@@ -150,6 +186,7 @@ class BPDataset:
         self.path = path
         if not path.exists():
             raise DataError(path, "no such dataset")
+        self._has_manifest = _check_files(path)  # before ADIOS2 sees a truncated file (it would hang)
         self._adios = adios2.Adios()
         self._io = self._adios.declare_io("exaforce.read")
         self._io.set_engine(ENGINE)
@@ -162,6 +199,7 @@ class BPDataset:
             self.attrs = self._read_attrs()
             self._check_schema_version()
             self.n_structures, self.n_atoms = self._check_variables()
+            self._check_data_size()
             self.natoms_S = self._get("natoms", 0, self.n_structures)
             self._offsets_S = self._get("offsets", 0, self.n_structures)
             self._check_offsets()
@@ -169,6 +207,7 @@ class BPDataset:
             self.close()
             raise
         self.name = str(self.attrs.get("name", path.name))
+        self.method = str(self.attrs.get("method", "unknown"))  # schema 1 had no method
 
     # -- validation on open
 
@@ -189,14 +228,25 @@ class BPDataset:
         if version > SCHEMA_VERSION:
             raise DataError(self.path, f"schema_version {version} is newer than this exaforce supports "
                             f"({SCHEMA_VERSION}); upgrade exaforce", field="schema_version")
+        if version < 1:
+            raise DataError(self.path, f"schema_version {version} is not a version of this schema "
+                            f"(1 .. {SCHEMA_VERSION})", field="schema_version")
+        if version >= 2 and not self._has_manifest:
+            raise DataError(self.path, f"missing {MANIFEST} (incomplete copy?)", field=MANIFEST)
+        self.schema_version = version
 
     def _check_variables(self) -> tuple[int, int]:
-        """Every required variable exists with the right type and a shape consistent with S and N."""
-        sizes = {}
-        for var, (_, adios_type, rows, trailing) in VARIABLES.items():
+        """Every required variable exists with the right type and a shape consistent with S and N;
+        so does every optional one present, whose Frames fields become `self.optional`."""
+        sizes, optional = {}, []
+        for var, (field, adios_type, rows, trailing) in _all_variables().items():
             variable = self._io.inquire_variable(var)
+            if variable is None and var in OPTIONAL_VARIABLES:
+                continue
             if variable is None:
                 raise DataError(self.path, "missing variable", field=var)
+            if var in OPTIONAL_VARIABLES:
+                optional.append(field)
             if variable.type() != adios_type:
                 raise DataError(self.path, f"type {variable.type()}, expected {adios_type}", field=var)
             shape = tuple(variable.shape())
@@ -206,7 +256,19 @@ class BPDataset:
             if sizes.setdefault(rows, shape[0]) != shape[0]:
                 raise DataError(self.path, f"{shape[0]} rows, other {rows} variables have {sizes[rows]}",
                                 field=var)
+        self.optional = tuple(optional)
         return sizes["structure"], sizes["atom"]
+
+    def _check_data_size(self) -> None:
+        """The data files must hold at least every variable's bytes (catches truncation without a manifest)."""
+        payload = sum(int(np.prod(self._io.inquire_variable(var).shape())) *
+                      np.dtype(adios2.type_adios_to_numpy(spec[1])).itemsize
+                      for var, spec in _all_variables().items()
+                      if self._io.inquire_variable(var) is not None)
+        on_disk = sum(p.stat().st_size for p in self.path.glob("data.*"))
+        if on_disk < payload:
+            raise DataError(self.path, f"data files hold {on_disk} bytes, the variables need {payload}: "
+                            "truncated dataset", field="data")
 
     def _check_offsets(self) -> None:
         expected = np.concatenate([[0], np.cumsum(self.natoms_S)[:-1]])
@@ -221,12 +283,12 @@ class BPDataset:
             raise IndexError(f"{self.path}: structures [{start}, {start + count}) outside "
                              f"[0, {self.n_structures})")
         if count == 0:
-            return Frames.empty()
+            return Frames.empty(self.optional)
         natoms = self.natoms_S[start:start + count]
         atom_start, atom_count = int(self._offsets_S[start]), int(natoms.sum())
         arrays = {}
-        for var, (field, _, rows, _) in VARIABLES.items():
-            if field is None or var == "natoms":
+        for var, (field, _, rows, _) in _all_variables().items():
+            if field is None or var == "natoms" or (var in OPTIONAL_VARIABLES and field not in self.optional):
                 continue
             row0, nrows = (atom_start, atom_count) if rows == "atom" else (start, count)
             arrays[field] = self._get(var, row0, nrows)
@@ -235,7 +297,7 @@ class BPDataset:
 
     def _get(self, var: str, row0: int, nrows: int) -> np.ndarray:
         """Rows row0 .. row0+nrows-1 of one variable: one selection, one read."""
-        _, adios_type, _, trailing = VARIABLES[var]
+        _, adios_type, _, trailing = _all_variables()[var]
         variable = self._io.inquire_variable(var)
         variable.set_selection([[row0] + [0] * len(trailing), [nrows, *trailing]])
         out = np.empty((nrows, *trailing), dtype=adios2.type_adios_to_numpy(adios_type))
@@ -260,4 +322,29 @@ class BPDataset:
         return self.n_structures
 
     def __repr__(self) -> str:
-        return f"BPDataset({str(self.path)!r}, name={self.name!r}, structures={self.n_structures}, atoms={self.n_atoms})"
+        return (f"BPDataset({str(self.path)!r}, name={self.name!r}, method={self.method!r}, "
+                f"structures={self.n_structures}, atoms={self.n_atoms})")
+
+
+def _check_files(path: Path) -> bool:
+    """Every file the manifest lists exists with its recorded size (True), or, for a dataset without
+    a manifest (schema 1), the files every BP5 dataset has exist (False)."""
+    manifest = path / MANIFEST
+    if not manifest.is_file():
+        missing = [name for name in ADIOS_FILES if not (path / name).is_file()]
+        if 0 < len(missing) < len(ADIOS_FILES):  # none at all: not a dataset, which ADIOS2 reports
+            raise DataError(path, f"missing file {missing[0]}: incomplete or damaged dataset", field=missing[0])
+        return False
+    try:
+        sizes = json.loads(manifest.read_text())["files"]
+        sizes = {str(name): int(size) for name, size in sizes.items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise DataError(path, f"unreadable manifest: {err}", field=MANIFEST) from None
+    for name, size in sizes.items():
+        item = path / name
+        if not item.is_file():
+            raise DataError(path, f"missing file {name}: incomplete or damaged dataset", field=name)
+        if item.stat().st_size != size:
+            raise DataError(path, f"file {name} has {item.stat().st_size} bytes, the manifest says {size}: "
+                            "truncated or damaged dataset", field=name)
+    return True

@@ -49,8 +49,14 @@ def _format_frame(frames: Frames, s: int) -> str:
     comment = []
     if frames.cell_S33[s].any():
         comment.append(f'Lattice="{_floats(frames.cell_S33[s].ravel())}"')
-    comment.append(f"Properties={WRITE_PROPERTIES}")
+    magmoms = None if frames.magmoms_N is None else frames.magmoms_N[start:start + n, None]
+    if magmoms is not None and np.isnan(magmoms).any():  # NaN: not given for this structure
+        magmoms = None
+    comment.append(f"Properties={WRITE_PROPERTIES}" + (":magmoms:R:1" if magmoms is not None else ""))
     comment.append(f"energy={float(frames.energy_S[s])!r}")
+    for key, value_S in (("charge", frames.charge_S), ("spin", frames.spin_S)):
+        if value_S is not None and not np.isnan(value_S[s]):
+            comment.append(f"{key}={float(value_S[s])!r}")
     stress = frames.stress_S6[s]
     if not np.isnan(stress).any():
         xx, yy, zz, yz, xz, xy = stress.tolist()
@@ -58,7 +64,8 @@ def _format_frame(frames: Frames, s: int) -> str:
         comment.append(f'stress="{_floats([xx, xy, xz, xy, yy, yz, xz, yz, zz])}"')
     comment.append('pbc="{}"'.format(" ".join("T" if p else "F" for p in frames.pbc_S3[s])))
     lines = [str(n), " ".join(comment)]
-    columns = np.concatenate([frames.positions_N3[start:start + n], frames.forces_N3[start:start + n]], axis=1)
+    columns = np.concatenate([frames.positions_N3[start:start + n], frames.forces_N3[start:start + n],
+                              *([magmoms] if magmoms is not None else [])], axis=1)
     for z, row in zip(frames.numbers_N[start:start + n].tolist(), columns.tolist()):
         lines.append(f"{chemical_symbols[z]} {_floats(row)}")
     return "\n".join(lines) + "\n"

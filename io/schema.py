@@ -2,7 +2,11 @@
 
 Shapes: S structures, N atoms in total (all structures concatenated).
 Units: Å, eV, eV/Å, eV/Å³; stress in Voigt order xx, yy, zz, yz, xz, xy with ASE's sign
-(stress = (1/V)·∂E/∂ε, positive under tension).
+(stress = (1/V)·∂E/∂ε, positive under tension); charge in e, magnetic moments in μ_B.
+
+Optional fields (charge, spin, magnetic moments) are None when the whole dataset lacks them, and
+NaN for a structure that lacks them while others have them, as a NaN stress row means "no stress".
+The on-disk form of all this is documented in io/SCHEMA.md.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: optional charge/spin/magmoms, method, force RMS (io/SCHEMA.md)
 VOIGT_ORDER = ("xx", "yy", "zz", "yz", "xz", "xy")
 
 
@@ -27,7 +31,7 @@ class DataError(ValueError):
         if field is not None:
             where += f": field '{field}'"
         super().__init__(f"{where}: {message}")
-        self.path, self.frame, self.field = str(path), frame, field
+        self.path, self.frame, self.field, self.message = str(path), frame, field, message
 
 
 @dataclass
@@ -42,6 +46,23 @@ class Frames:
     energy_S: np.ndarray      # float64 eV (total energy)
     stress_S6: np.ndarray     # float64 eV/Å³, Voigt; NaN rows where a structure has no stress
     natoms_S: np.ndarray      # int64
+    # Optional labels, keyword-only in practice: positional callers pass just the eight above.
+    charge_S: np.ndarray | None = None   # float64 e, total charge
+    spin_S: np.ndarray | None = None     # float64, spin multiplicity or total spin, as the source gives it
+    magmoms_N: np.ndarray | None = None  # float64 μ_B, collinear per-atom magnetic moments
+
+    @property
+    def optional(self) -> tuple[str, ...]:
+        """The optional fields this Frames carries, in OPTIONAL_FIELDS order."""
+        return tuple(f for f in OPTIONAL_FIELDS if getattr(self, f) is not None)
+
+    def columns(self) -> dict[str, np.ndarray]:
+        """Every field that is present (required ones, then the optional ones carried)."""
+        return {f: getattr(self, f) for f in (*REQUIRED_FIELDS, *self.optional)}
+
+    def without_optional(self) -> "Frames":
+        """The same structures with only the required fields (to combine datasets that differ in optionals)."""
+        return Frames(**{f: getattr(self, f) for f in REQUIRED_FIELDS})
 
     @property
     def offsets_S(self) -> np.ndarray:
@@ -62,31 +83,33 @@ class Frames:
         atom_idx = np.concatenate(
             [np.arange(offsets[s], offsets[s] + self.natoms_S[s]) for s in indices]
         ) if len(indices) else np.zeros(0, dtype=np.int64)
-        return Frames(
-            numbers_N=self.numbers_N[atom_idx],
-            positions_N3=self.positions_N3[atom_idx],
-            forces_N3=self.forces_N3[atom_idx],
-            cell_S33=self.cell_S33[indices],
-            pbc_S3=self.pbc_S3[indices],
-            energy_S=self.energy_S[indices],
-            stress_S6=self.stress_S6[indices],
-            natoms_S=self.natoms_S[indices],
-        )
+        return Frames(**{f: value[indices] if f in _PER_STRUCTURE else value[atom_idx]
+                         for f, value in self.columns().items()})
 
     @staticmethod
-    def concatenate(parts: list["Frames"]) -> "Frames":
-        return Frames(*(np.concatenate([getattr(p, f) for p in parts]) for f in Frames.__dataclass_fields__))
+    def concatenate(parts: list["Frames"], path: object = "<memory>") -> "Frames":
+        """One Frames holding `parts` in order; they must carry the same optional fields.
+
+        Why refuse rather than fill with NaN: a dataset without charges is not a dataset whose
+        charges are unknown; the caller decides (e.g. `without_optional()` on every part).
+        """
+        if not parts:
+            raise ValueError("Frames.concatenate: no parts")
+        for k, part in enumerate(parts):
+            if part.optional != parts[0].optional:
+                raise DataError(path, f"cannot concatenate: part 0 has optional fields "
+                                f"{list(parts[0].optional)}, part {k} has {list(part.optional)}")
+        return Frames(**{f: np.concatenate([getattr(p, f) for p in parts]) for f in parts[0].columns()})
 
     @staticmethod
-    def empty() -> "Frames":
-        """Zero structures with the right dtypes and trailing shapes (an empty shard is legal)."""
-        f64 = np.float64
-        return Frames(
-            numbers_N=np.zeros(0, np.int64), positions_N3=np.zeros((0, 3), f64),
-            forces_N3=np.zeros((0, 3), f64), cell_S33=np.zeros((0, 3, 3), f64),
-            pbc_S3=np.zeros((0, 3), bool), energy_S=np.zeros(0, f64),
-            stress_S6=np.zeros((0, 6), f64), natoms_S=np.zeros(0, np.int64),
-        )
+    def empty(optional: Iterable[str] = ()) -> "Frames":
+        """Zero structures with the right dtypes and trailing shapes (an empty shard is legal),
+        carrying the `optional` fields so that it concatenates with its dataset's other shards."""
+        unknown = sorted(set(optional) - set(OPTIONAL_FIELDS))
+        if unknown:
+            raise ValueError(f"unknown optional fields {unknown}; known: {list(OPTIONAL_FIELDS)}")
+        return Frames(**{f: np.zeros((0, *shape), dtype) for f, (dtype, shape) in _TRAILING.items()
+                         if f in REQUIRED_FIELDS or f in optional})
 
     def validate(self, path: object) -> None:
         """Raise DataError unless every column has the dtype and shape its name promises.
@@ -94,20 +117,44 @@ class Frames:
         Writers call this so a malformed Frames fails before any byte reaches disk.
         """
         n_structures, n_atoms = len(self.natoms_S), int(self.natoms_S.sum())
-        expected = {
-            "numbers_N": (np.int64, (n_atoms,)), "positions_N3": (np.float64, (n_atoms, 3)),
-            "forces_N3": (np.float64, (n_atoms, 3)), "cell_S33": (np.float64, (n_structures, 3, 3)),
-            "pbc_S3": (np.bool_, (n_structures, 3)), "energy_S": (np.float64, (n_structures,)),
-            "stress_S6": (np.float64, (n_structures, 6)), "natoms_S": (np.int64, (n_structures,)),
-        }
-        for field, (dtype, shape) in expected.items():
+        for field, (dtype, trailing) in _TRAILING.items():
             value = getattr(self, field)
-            if value.dtype != dtype or value.shape != shape:
-                raise DataError(path, f"dtype {value.dtype} shape {value.shape}, expected "
+            if value is None and field in OPTIONAL_FIELDS:
+                continue
+            shape = ((n_structures if field in _PER_STRUCTURE else n_atoms), *trailing)
+            if not isinstance(value, np.ndarray) or value.dtype != dtype or value.shape != shape:
+                raise DataError(path, f"dtype {getattr(value, 'dtype', type(value).__name__)} shape "
+                                f"{getattr(value, 'shape', None)}, expected "
                                 f"{np.dtype(dtype)} {shape}", field=field)
         if n_structures and self.natoms_S.min() < 1:
             frame = int(np.argmin(self.natoms_S))
             raise DataError(path, "structure has no atoms", frame=frame, field="natoms")
+
+    def check_finite(self, path: object) -> None:
+        """Raise DataError naming the first structure with a NaN or inf coordinate or label.
+
+        NaN means "not given" only as a whole stress row, a charge/spin value, or all magnetic
+        moments of a structure; anything else non-finite would poison training silently.
+        """
+        for field, value in self.columns().items():
+            if value.dtype.kind != "f":
+                continue
+            rows = value.reshape(len(value), -1)
+            if field in _NAN_MEANS_ABSENT:
+                nan_R = np.isnan(rows).any(axis=1)
+                bad_R = np.isinf(rows).any(axis=1) | (nan_R & ~np.isnan(rows).all(axis=1))
+                if field not in _PER_STRUCTURE and len(self.natoms_S):  # all of a structure's atoms or none
+                    nan_S = np.add.reduceat(nan_R.astype(np.int64), self.offsets_S)
+                    partial_S = (nan_S > 0) & (nan_S < self.natoms_S)
+                    bad_R = bad_R | np.repeat(partial_S, self.natoms_S)
+            else:
+                bad_R = ~np.isfinite(rows).all(axis=1)
+            if bad_R.any():
+                row = int(np.flatnonzero(bad_R)[0])
+                frame = row if field in _PER_STRUCTURE else int(np.searchsorted(self.offsets_S, row, "right") - 1)
+                what = ("non-finite value (nan or inf)" if field not in _NAN_MEANS_ABSENT else
+                        "inf, or nan in part of the values (nan means 'not given' only for all of them)")
+                raise DataError(path, what, frame=frame, field=field.rsplit("_", 1)[0])
 
     @staticmethod
     def from_atoms(atoms_list: "Iterable[Any]", path: object = "<memory>") -> "Frames":
@@ -119,12 +166,18 @@ class Frames:
         rows = [_frame_row(atoms, path, k) for k, atoms in enumerate(atoms_list)]
         if not rows:
             return Frames.empty()
+        for field in OPTIONAL_FIELDS:  # given for some structures only: NaN ("not given") for the rest
+            if any(field in row for row in rows):
+                for row in rows:
+                    row.setdefault(field, np.float64(np.nan) if field in _PER_STRUCTURE
+                                   else np.full(len(row["numbers_N"]), np.nan))
         columns = {field: np.stack([row[field] for row in rows]) if field in _PER_STRUCTURE
                    else np.concatenate([row[field] for row in rows]) for field in rows[0]}
         return Frames(**columns)
 
     def to_atoms(self) -> list:
-        """ase.Atoms with SinglePointCalculator labels (stress only where the row is not NaN)."""
+        """ase.Atoms with SinglePointCalculator labels (stress, magmoms only where not NaN);
+        charge and spin go to atoms.info, where from_atoms looks for them."""
         from ase import Atoms
         from ase.calculators.singlepoint import SinglePointCalculator
 
@@ -135,12 +188,28 @@ class Frames:
             labels = {"energy": float(self.energy_S[s]), "forces": self.forces_N3[start:start + n].copy()}
             if not np.isnan(self.stress_S6[s]).any():
                 labels["stress"] = self.stress_S6[s].copy()
+            if self.magmoms_N is not None and not np.isnan(self.magmoms_N[start:start + n]).any():
+                labels["magmoms"] = self.magmoms_N[start:start + n].copy()
+            for key, value_S in (("charge", self.charge_S), ("spin", self.spin_S)):
+                if value_S is not None and not np.isnan(value_S[s]):
+                    atoms.info[key] = float(value_S[s])
             atoms.calc = SinglePointCalculator(atoms, **labels)
             out.append(atoms)
         return out
 
 
-_PER_STRUCTURE = ("cell_S33", "pbc_S3", "energy_S", "stress_S6", "natoms_S")
+REQUIRED_FIELDS = ("numbers_N", "positions_N3", "forces_N3", "cell_S33", "pbc_S3", "energy_S", "stress_S6",
+                   "natoms_S")
+OPTIONAL_FIELDS = ("charge_S", "spin_S", "magmoms_N")
+_PER_STRUCTURE = ("cell_S33", "pbc_S3", "energy_S", "stress_S6", "natoms_S", "charge_S", "spin_S")
+_NAN_MEANS_ABSENT = ("stress_S6", "charge_S", "spin_S", "magmoms_N")
+# field -> (dtype, shape after the leading S or N)
+_TRAILING = {
+    "numbers_N": (np.int64, ()), "positions_N3": (np.float64, (3,)), "forces_N3": (np.float64, (3,)),
+    "cell_S33": (np.float64, (3, 3)), "pbc_S3": (np.bool_, (3,)), "energy_S": (np.float64, ()),
+    "stress_S6": (np.float64, (6,)), "natoms_S": (np.int64, ()), "charge_S": (np.float64, ()),
+    "spin_S": (np.float64, ()), "magmoms_N": (np.float64, ()),
+}
 MAX_ATOMIC_NUMBER = 118
 
 
@@ -212,4 +281,35 @@ def _frame_row(atoms: Any, path: object, frame: int) -> dict[str, np.ndarray]:
         "energy_S": _finite(path, frame, "energy", np.atleast_1d(energy))[0],
         "stress_S6": stress,
         "natoms_S": np.int64(n),
+        **_optional_labels(atoms, path, frame, n),
     }
+
+
+def _optional_labels(atoms: Any, path: object, frame: int, n: int) -> dict[str, np.ndarray]:
+    """Charge and spin from atoms.info, magnetic moments from the calculator's results, if given.
+
+    Initial moments (atoms.get_initial_magnetic_moments) are a calculation's starting guess, not a
+    label: ase.build.bulk seeds 0.6 μ_B on every Ni cell, so reading them would invent labels.
+    """
+    out: dict[str, np.ndarray] = {}
+    for key in ("charge", "spin"):
+        if atoms.info.get(key) is not None:
+            value = _numeric(path, frame, key, atoms.info[key])
+            if value.shape != ():
+                raise DataError(path, f"shape {value.shape}, expected a single number", frame=frame, field=key)
+            out[f"{key}_S"] = _finite(path, frame, key, value)[()]
+    magmoms = (getattr(atoms.calc, "results", None) or {}).get("magmoms")
+    if magmoms is not None:
+        magmoms = _numeric(path, frame, "magmoms", magmoms)
+        if magmoms.shape != (n,):
+            raise DataError(path, f"shape {magmoms.shape}, expected ({n},) (collinear moments only)",
+                            frame=frame, field="magmoms")
+        out["magmoms_N"] = _finite(path, frame, "magmoms", magmoms)
+    return out
+
+
+def _numeric(path: object, frame: int, field: str, value: Any) -> np.ndarray:
+    try:
+        return np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError) as err:
+        raise DataError(path, f"not numeric: {err}", frame=frame, field=field) from None

@@ -17,9 +17,9 @@ exaforce data synth --source molecules --method GFN2-xTB --out "$out/gfn2.extxyz
 exaforce data synth --source molecules --method GFN1-xTB --out "$out/gfn1.extxyz" --structures $((structures / 2)) --seed 2
 
 step "2/5 convert extxyz → ADIOS2 BP5 (one dataset per fidelity)"
-exaforce data convert "$out/emt.extxyz" --out "$out/emt.bp" --name emt-metals --overwrite
-exaforce data convert "$out/gfn2.extxyz" --out "$out/gfn2.bp" --name gfn2-molecules --overwrite
-exaforce data convert "$out/gfn1.extxyz" --out "$out/gfn1.bp" --name gfn1-molecules --overwrite
+exaforce data convert "$out/emt.extxyz" --out "$out/emt.bp" --name emt-metals --method EMT --overwrite
+exaforce data convert "$out/gfn2.extxyz" --out "$out/gfn2.bp" --name gfn2-molecules --method GFN2-xTB --overwrite
+exaforce data convert "$out/gfn1.extxyz" --out "$out/gfn1.bp" --name gfn1-molecules --method GFN1-xTB --overwrite
 
 step "3/5 stage to node-local storage ($stage_dir), 2 ranks"
 mpiexec -n 2 exaforce stage "$out/emt.bp" "$out/gfn2.bp" "$out/gfn1.bp" --to "$stage_dir"

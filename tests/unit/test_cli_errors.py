@@ -117,6 +117,7 @@ def test_train_bad_config_key(tmp_path):
 
 def test_every_subcommand_has_help():
     for args in (["--help"], ["data", "--help"], ["data", "synth", "--help"], ["data", "convert", "--help"],
+                 ["data", "inspect", "--help"],
                  ["stage", "--help"], ["train", "--help"], ["perf", "--help"], ["perf", "report", "--help"]):
         proc = run_cli(args)
         assert proc.returncode == 0 and "usage: exaforce" in proc.stdout, args

@@ -20,8 +20,9 @@ def frames() -> Frames:
 
 
 def _assert_bit_equal(a: Frames, b: Frames) -> None:
-    for field in Frames.__dataclass_fields__:
-        x, y = getattr(a, field), getattr(b, field)
+    assert a.optional == b.optional
+    for field, x in a.columns().items():
+        y = getattr(b, field)
         assert x.dtype == y.dtype, field
         assert x.shape == y.shape, field
         assert np.array_equal(x, y, equal_nan=True), field

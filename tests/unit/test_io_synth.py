@@ -13,7 +13,8 @@ pytestmark = pytest.mark.data
 
 
 def _equal(a: Frames, b: Frames) -> bool:
-    return all(np.array_equal(getattr(a, f), getattr(b, f), equal_nan=True) for f in Frames.__dataclass_fields__)
+    return a.optional == b.optional and all(np.array_equal(x, getattr(b, f), equal_nan=True)
+                                            for f, x in a.columns().items())
 
 
 def test_same_seed_same_data_other_seed_other_data():

@@ -1,0 +1,62 @@
+"""ASE databases (ase.db, SQLite `.db` files) in: one structure per row, in row-id order.
+
+Labels come from each row's stored calculator results (energy, forces, stress, magmoms), the
+total charge from a `charge` key-value pair or else the sum of the row's initial charges, the
+spin from a `spin` key-value pair. Errors name the file, the structure (its position in the
+file) and the row id, so the bad row can be found with `ase db FILE id=K`.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import ase.db
+from ase import Atoms
+
+from exaforce.io.schema import DataError, Frames
+
+
+def read_asedb(path: str | os.PathLike) -> tuple[Frames, dict[str, str]]:
+    """All rows of an ASE SQLite database as checked Frames, and {"method"} when its metadata names one."""
+    path = Path(path)
+    # connect() would silently create a new, empty database at a mistyped path.
+    if not path.is_file():
+        raise DataError(path, "no such file" if not path.exists() else "not a regular file")
+    try:
+        db = ase.db.connect(path, type="db", create_indices=False, use_lock_file=False)
+        # Under mpiexec ASE would read on its rank 0 and broadcast to all ranks of its world: a
+        # collective that deadlocks when each rank converts a different file.
+        db.serial = True
+        rows = list(db.select())
+        metadata = db.metadata
+    except (sqlite3.Error, ValueError, KeyError) as err:
+        raise DataError(path, f"not a readable ASE database: {type(err).__name__}: {err}") from None
+    if not rows:
+        raise DataError(path, "database has no rows")
+    try:
+        frames = Frames.from_atoms([_atoms(row) for row in rows], path)
+    except DataError as err:
+        if err.frame is None:
+            raise
+        raise DataError(path, f"{err.message} (ase.db row id {rows[err.frame].id})", frame=err.frame,
+                        field=err.field) from None
+    method = metadata.get("method") if isinstance(metadata, dict) else None
+    return frames, ({"method": str(method)} if method else {})
+
+
+def _atoms(row: Any) -> Atoms:
+    """The row as Atoms with its results; charge and spin in info, where Frames.from_atoms looks."""
+    atoms = row.toatoms()
+    atoms.info = {}
+    # A `charge` key-value pair is shadowed by AtomsRow.charge (the sum of initial charges): read it directly.
+    pairs = row.key_value_pairs
+    if "charge" in pairs:
+        atoms.info["charge"] = row.__dict__["charge"]
+    elif row.get("initial_charges") is not None:
+        atoms.info["charge"] = float(row.initial_charges.sum())
+    if "spin" in pairs:
+        atoms.info["spin"] = pairs["spin"]
+    return atoms
