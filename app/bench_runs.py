@@ -192,6 +192,7 @@ def bench_balance(structures: int, ranks: int, steps: int, warmup: int, log: Cal
             config = demo.read_text().replace('path = "../demo/', f'path = "{tmp}/')
             config = config.replace('out_dir = "../demo/run"', f'out_dir = "{tmp / name}"')
             config = config.replace("balance = true", f"balance = {'true' if balance else 'false'}")
+            config = config.replace("dp = 2", "dp = 0")  # the demo pins 2 ranks: take whatever --ranks gives
             (tmp / f"{name}.toml").write_text(config)
             log(f"bench balance: {name}: mpiexec -n {ranks} exaforce train, {steps} steps")
             proc = subprocess.run([mpiexec, "-n", str(ranks), exaforce, "train", "--config", str(tmp / f"{name}.toml"),

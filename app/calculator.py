@@ -28,7 +28,7 @@ class ExaforceCalculator(Calculator):
         heads = model.cfg.heads
         if head is not None and head not in heads:
             raise ValueError(f"head {head!r}: this model's heads are {list(heads)}")
-        self.head = heads.index(head) if head is not None else 0  # which dataset/fidelity's energy
+        self.head_index = heads.index(head) if head is not None else 0  # which dataset/fidelity's energy
         self.dtype = DTYPES[dtype]
         self.model = model.to(self.dtype).eval()
         self._species_of = model.species_table()
@@ -58,7 +58,7 @@ class ExaforceCalculator(Calculator):
             raise ValueError(f"elements {unknown} are not in this model's elements {list(self.model.cfg.elements)}")
         cfg = self.model.cfg
         batch = batch_from_atoms([self.atoms], self._species_of, cfg.cutoff, cfg.three_body_cutoff,
-                                 self.head, len(cfg.heads))
+                                 self.head_index, len(cfg.heads))
         pred = energy_forces_stress(self.model, batch.to("cpu", self.dtype), training=False)
         energy = float(pred.energy_G[0].detach())
         self.results = {"energy": energy, "free_energy": energy,

@@ -229,6 +229,16 @@ def cmd_bench_balance(args: argparse.Namespace) -> None:
         print(json.dumps(result))
 
 
+def cmd_bench_io(args: argparse.Namespace) -> None:
+    import json
+
+    from exaforce.bench_io import bench_io
+
+    result = bench_io(args.structures, [int(r) for r in args.ranks.split(",")], args.repeats, _say)
+    if args.json:
+        print(json.dumps(result))
+
+
 def cmd_bench_md(args: argparse.Namespace) -> None:
     import json
 
@@ -300,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     model = commands.add_parser("model", help="model presets and sizes")
     model_commands = model.add_subparsers(dest="model_command", required=True, metavar="SUBCOMMAND")
     info = model_commands.add_parser("info", help="parameter count and shape of a preset")
-    info.add_argument("--preset", required=True, help="small | demo | base")
+    info.add_argument("--preset", required=True, help="small | demo | small-moe | base | moe-100m | moe-1b")
     info.add_argument("--json", action="store_true", help="one JSON object")
     info.set_defaults(func=cmd_model_info)
 
@@ -350,6 +360,14 @@ def build_parser() -> argparse.ArgumentParser:
     balance.add_argument("--warmup", type=int, default=3, help="steps left out of the medians (default 3)")
     balance.add_argument("--json", action="store_true", help="last line: one JSON object")
     balance.set_defaults(func=cmd_bench_balance)
+
+    bio = bench_commands.add_parser("io", help="reader throughput (BP5, HDF5 via h5py, extxyz via ASE) on 1 and 2 "
+                                    "ranks, and staging bandwidth against cp")
+    bio.add_argument("--structures", type=int, default=2000, help="EMT structures from data synth (default 2000)")
+    bio.add_argument("--ranks", default="1,2", help="comma-separated rank counts (default 1,2)")
+    bio.add_argument("--repeats", type=int, default=5, help="repeats; medians are reported (default 5)")
+    bio.add_argument("--json", action="store_true", help="last line: one JSON object")
+    bio.set_defaults(func=cmd_bench_io)
 
     md = bench_commands.add_parser("md", help="NVE energy drift: 108-atom Cu, 1 fs steps, through the ASE calculator")
     md.add_argument("--checkpoint", required=True, help="trained checkpoint (e.g. demo/run/checkpoints/…)")

@@ -17,6 +17,7 @@ import torch
 
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}  # the names run.dtype and the calculator take
+BACKENDS = ("mpi", "horovod", "torch")  # comm.backend: exaforce.comm.groups implements each
 
 
 class ConfigError(ValueError):
@@ -195,7 +196,7 @@ def validate(cfg: Config) -> Config:
     if ep > 1 and (ep > experts or experts % ep):
         raise ConfigError(f"parallel.ep = {ep}, model.moe_experts = {experts}: every EP rank must hold the same "
                           f"number of experts (ep <= moe_experts and moe_experts divisible by ep)")
-    if cfg.comm.backend not in ("mpi", "horovod", "torch"):
+    if cfg.comm.backend not in BACKENDS:
         raise ConfigError(f"comm.backend = {cfg.comm.backend!r}: must be 'mpi', 'horovod' or 'torch'")
     _positive(cfg.comm.bucket_mb, "comm.bucket_mb", "MiB")
     _positive(cfg.data.micro_batches, "data.micro_batches")

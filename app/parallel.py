@@ -53,17 +53,9 @@ class GradientReduction:
         for reducer in self.reducers:
             reducer.finish()  # collectives: world, then EDP group
 
-    def reduce(self) -> None:
-        """Everything after the backward, without overlap (tests, simple callers)."""
-        self.finish()
-
     @property
     def launches(self) -> int:
         return sum(r.launches for r in self.reducers)
-
-    @property
-    def wait_seconds(self) -> float:
-        return sum(r.wait_seconds for r in self.reducers)
 
 
 def clip_grad_norm(model: Potential, topo: Topology, max_norm: float) -> float:

@@ -1,4 +1,4 @@
-"""Training over a dp × ep topology: topology → data → model → parallelize → optimizer → loop.
+"""Training over a dp × ep topology: model → data → parallelize → optimizer → cost calibration → loop.
 
 The entry point `train(cfg, topo)` reads as the data flow; `train_step` is one step top to bottom.
 """
@@ -8,7 +8,6 @@ from __future__ import annotations
 import math
 import resource
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -33,7 +32,6 @@ from exaforce.perf.machines import local_machine
 from exaforce.topology import Topology
 
 
-
 def fit_energy_normalisation(model: Potential, shards: list[Frames], index: GlobalIndex, topo: Topology) -> None:
     """Per head: per-element reference energies by least squares over its training structures, and
     the energy scale as their RMS force component; from all-reduced sums, so every rank (and any
@@ -46,7 +44,9 @@ def fit_energy_normalisation(model: Potential, shards: list[Frames], index: Glob
         start, _ = shard_range(int(np.sum(index.dataset_G == d)), topo.rank, topo.world_size)
         g = first[d] + start + np.arange(len(frames))
         keep_S = ~index.is_val_G[g]
-        head = int(index.head_G[first[d]]) if len(index.head_G) else 0
+        if not len(frames):
+            continue
+        head = int(index.head_G[first[d]])
         graph_N = np.repeat(np.arange(len(frames)), frames.natoms_S)
         counts_SX = np.zeros((len(frames), n_elements))
         np.add.at(counts_SX, (graph_N, species_of[frames.numbers_N]), 1.0)
@@ -126,7 +126,7 @@ def loss_and_gradients(model: Potential, batch: GraphBatch, cfg: Config, loss_sc
     (`aux_world_2C`, default this batch's), so it is the same on every rank and enters unscaled:
     the world average of its gradient is its gradient; with micro-batches it joins the last one
     (with_aux) over all their counts. `routing` is the plan from `step_routing` (None: one process
-    holds every expert). Returns per-term sums over this rank's structures, plus "moe_aux".
+    holds every expert). Returns per-term sums over this rank's structures, plus "moe_aux" (MoE, with_aux).
     """
     if routing is None and model.moe_layers:
         routing = local_routing(model, batch)
@@ -139,8 +139,7 @@ def loss_and_gradients(model: Potential, batch: GraphBatch, cfg: Config, loss_sc
     losses = structure_losses(pred, batch, cfg.loss)
     objective = losses["total"].sum() * loss_scale
     if model.moe_layers and with_aux:
-        counts = routing.counts.world_2C if aux_world_2C is None else aux_world_2C
-        losses["moe_aux"] = model.aux_loss(routing, counts)
+        losses["moe_aux"] = model.aux_loss(routing, aux_world_2C)
         objective = objective + cfg.loss.moe_aux_weight * losses["moe_aux"]
     objective.backward()  # double backward through the forces; armed reducers launch from here
     t3 = time.perf_counter()
@@ -209,6 +208,9 @@ def train(cfg: Config, topo: Topology, log: Callable[[str], None]) -> Path:
     if n_train < cfg.data.global_batch_size:
         raise ConfigError(f"data.global_batch_size = {cfg.data.global_batch_size}: only {n_train} training "
                           f"structures in {[s.path for s in sources]}; lower it")
+    if float(index.weight_G[~index.is_val_G].sum()) < world:
+        raise ConfigError(f"data.datasets: an epoch holds about {index.weight_G[~index.is_val_G].sum():.1f} "
+                          f"structures (weights × training structures), fewer than the {world} ranks")
     fit_energy_normalisation(model, shards, index, topo)
     reader = store_reader(shards, index, topo.world) if cfg.data.sample_store else lazy_reader(sources, index)
     del shards
@@ -222,7 +224,7 @@ def train(cfg: Config, topo: Topology, log: Callable[[str], None]) -> Path:
         return build_batch(reader.fetch(global_indices), species_of, cfg.model.cutoff, cfg.model.three_body_cutoff,
                            index.head_G[global_indices], len(cfg.model.heads)).to("cpu", dtype)
 
-    # Perf accounting and the cost model: all ranks calibrate together; rank 0 measures the peak.
+    # Perf accounting and the cost model: all ranks calibrate together; rank 0 measures the peak FLOP/s.
     run_dir = Path(cfg.run.out_dir)
     mine = np.flatnonzero(~index.is_val_G)[rank::world]
     calibration = [to_batch(mine[np.arange(i, i + k) % len(mine)])

@@ -172,6 +172,3 @@ class _Solo:
     def allreduce(self, value: int) -> int:
         return value
 
-    def Barrier(self) -> None:  # noqa: N802
-        pass
-

@@ -44,6 +44,8 @@ def global_batches(weight_G: np.ndarray, train_G: np.ndarray, global_batch: int,
         raise ValueError(f"data.global_batch_size = {global_batch}: must be >= the {world} ranks")
     for epoch in itertools.count():
         order = epoch_order(weight_G, train_G, seed, epoch)
+        if len(order) < world:  # an epoch drawn shorter than the world (weights < 1): draw the next
+            continue
         cuts = list(range(global_batch, len(order), global_batch))
         if cuts and len(order) - cuts[-1] < world:
             cuts.pop()

@@ -17,8 +17,8 @@ from typing import Any, TextIO
 
 SCHEMA_VERSION = 1
 STEP_TIME_KEYS = ("data", "forward", "force_backward", "param_backward", "comm", "optimizer")
-# MoE runs: "routing" (element-count exchange, its own slice of the step) and "alltoall" (expert
-# dispatch, a part of forward + force_backward + param_backward, not an extra slice); with
+# "routing" (routing-class count exchange, its own slice of the step) and "alltoall" (expert dispatch,
+# a part of forward + force_backward + param_backward, not an extra slice): both ~0 without MoE; with
 # comm.sync_before_reduce: "imbalance" (the barrier before the reduction, its own slice).
 OPTIONAL_TIME_KEYS = ("routing", "alltoall", "imbalance")
 

@@ -19,7 +19,8 @@ from typing import Any, Protocol, Sequence
 import numpy as np
 import torch
 
-BACKENDS = ("mpi", "horovod", "torch")
+from exaforce.config import BACKENDS
+
 
 
 class Handle(Protocol):

@@ -13,8 +13,6 @@ create_graph=True) never fires these hooks, and micro-batches before the last ar
 
 from __future__ import annotations
 
-import time
-
 import torch
 
 from exaforce.comm.groups import Group, Handle
@@ -35,7 +33,7 @@ class GradReducer:
 
     def __init__(self, params: list[torch.nn.Parameter], group: Group, postscale: float, bucket_bytes: int,
                  overlap: bool = True, name: str = "grads"):
-        self.group, self.postscale, self.overlap, self.name = group, postscale, overlap, name
+        self.group, self.postscale, self.name = group, postscale, name
         params = [p for p in params if p.requires_grad][::-1]
         self.buckets: list[_Bucket] = []
         current: list[torch.nn.Parameter] = []
@@ -49,7 +47,6 @@ class GradReducer:
         self._armed = False
         self._next = 0            # next bucket index to launch
         self.launches = 0         # reductions launched since construction (tests read this)
-        self.wait_seconds = 0.0   # time finish() spent waiting: the part of the reduction not hidden
         if overlap and group.size > 1:
             for index, bucket in enumerate(self.buckets):
                 for p in bucket.params:
@@ -101,7 +98,6 @@ class GradReducer:
         for bucket in self.buckets[self._next:]:
             self._launch(bucket)
         self._next = len(self.buckets)
-        t0 = time.perf_counter()
         for bucket in self.buckets:
             bucket.handle.wait()
             offset = 0
@@ -111,5 +107,4 @@ class GradReducer:
                     p.grad = torch.empty_like(p)
                 p.grad.copy_(bucket.flat[offset:offset + n].view_as(p))
                 offset += n
-        self.wait_seconds = time.perf_counter() - t0
         self._armed = False

@@ -1,8 +1,8 @@
 """Element-routed Mixture-of-Experts MLP: router, dispatch (local or expert-parallel), experts.
 
-Routing depends only on a token's element (never on positions), so the potential energy surface
-is as smooth as the dense backbone's and forces stay conservative. Every token goes to its
-element's top-k experts (dropless) plus one always-on shared expert.
+Routing depends only on a token's routing class, head·Z + element (never on positions), so the
+potential energy surface is as smooth as the dense backbone's and forces stay conservative. Every
+token goes to its class's top-k experts (dropless) plus one always-on shared expert.
 
 Expert parallelism: the X experts of a layer are split over the ep ranks of an EP group, X/ep
 consecutive experts per rank. Tokens travel to their experts' ranks and back through the
@@ -11,7 +11,7 @@ rank builds the same graph of operations every step (empty expert chunks include
 backward issues its collectives in the same order on every rank.
 
 Shapes: T tokens (atoms or bonds), P = T·K (token, slot) pairs, F input features, H hidden,
-D output, X experts, K top-k, Z elements.
+D output, X experts, K top-k, Z elements, C routing classes (heads × elements).
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def _init_seed() -> int:
 
 
 class MoEMLP(nn.Module):
-    """Σ_k w_k·expert_k(x) + shared(x), experts chosen per element; holds this rank's experts only.
+    """Σ_k w_k·expert_k(x) + shared(x), experts chosen per routing class; holds this rank's experts only.
 
     Expert e is initialised from its own seed (layer seed + e), so a rank holding experts
     [e0, e0 + X/ep) starts with exactly the weights the single-rank model gives them.

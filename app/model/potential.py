@@ -1,6 +1,7 @@
 """The interatomic potential: energy of a batch of structures, and forces/stress as its derivatives.
 
-Shape legend: N atoms, E edges, T triplets, G graphs, D channels, R radial basis, A angle basis.
+Shape legend: N atoms, E edges, T triplets, G graphs, D channels, R radial basis, A angle basis,
+H energy heads, X elements (reference_energy_HX).
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ class Potential(nn.Module):
     def __init__(self, cfg: ModelConfig, ep_rank: int = 0, ep_size: int = 1):
         super().__init__()
         self.cfg = cfg
-        self.ep_rank, self.ep_size = ep_rank, ep_size
         d = cfg.width
         self.embedding = nn.Embedding(len(cfg.elements), d)
         self.radial = BesselBasis(cfg.cutoff, cfg.radial_basis, cfg.envelope_p)

@@ -1,13 +1,15 @@
 """The routing plan of one step: how many tokens go to which expert on which rank, as host integers.
 
-Routing is by element (and dataset/fidelity head: a routing class is head·Z + element), so every split size of the expert-parallel all-to-all follows from two
-things known before the forward starts: the number of tokens of each element on each rank of the
-EP group (from the batch's composition, exchanged once per step on the host), and each MoE
-layer's top-k table (C×K expert indices, copied to the host once per step for all layers). No
-split size is read back from the device in the middle of the forward.
+Routing is by routing class c = head·Z + element (element and dataset/fidelity head), so every
+split size of the expert-parallel all-to-all follows from two things known before the forward
+starts: the number of tokens of each routing class on each rank of the EP group (from the
+batch's composition, exchanged once per step on the host), and each MoE layer's top-k table (C×K
+expert indices, copied to the host once per step for all layers). No split size is read back
+from the device in the middle of the forward.
 
-Token kinds: the edge-update MoE routes bonds (by their source atom's element), the node-update
-MoE routes atoms. Shapes: R ranks of the EP group, C routing classes (heads × elements), K top-k, X experts.
+Token kinds: the edge-update MoE routes bonds (by their source atom's class), the node-update
+MoE routes atoms. Shapes: R ranks of the EP group, W world ranks, C routing classes (heads × elements),
+K top-k, X experts, Z elements.
 """
 
 from __future__ import annotations
@@ -46,8 +48,8 @@ class TokenCounts:
     @classmethod
     def exchange(cls, counts_2C: np.ndarray, world: Any, ep_group: tuple[int, ...], ep_rank: int) -> "TokenCounts":
         """One allgather over the world (host integers) gives both the EP group's and the world's counts."""
-        all_W2Z = np.asarray(world.allgather(counts_2C))  # collective
-        return cls(group_R2C=all_W2Z[list(ep_group)], world_2C=all_W2Z.sum(0), ep_rank=ep_rank)
+        all_W2C = np.asarray(world.allgather(counts_2C))  # collective
+        return cls(group_R2C=all_W2C[list(ep_group)], world_2C=all_W2C.sum(0), ep_rank=ep_rank)
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,7 @@ def main(out_path: str) -> None:
     # Distributed: rank r takes a contiguous share of the global batch.
     share = np.array_split(np.arange(GLOBAL_BATCH), topo.world_size)[topo.rank]
     loss_sums = loss_and_gradients(model, batch_of(share), cfg, topo.world_size / GLOBAL_BATCH, {})
-    GradientReduction(model, topo).reduce()
+    GradientReduction(model, topo).finish()
     distributed = [p.grad.clone() for p in model.parameters()]
     total_loss = topo.world.allreduce(loss_sums["total"]) / GLOBAL_BATCH
 
