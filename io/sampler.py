@@ -42,6 +42,8 @@ def global_batches(weight_G: np.ndarray, train_G: np.ndarray, global_batch: int,
     """(epoch, global indices) of every step, forever."""
     if global_batch < world:
         raise ValueError(f"data.global_batch_size = {global_batch}: must be >= the {world} ranks")
+    if float(weight_G[train_G].sum()) < world:
+        raise ValueError(f"an epoch holds about {weight_G[train_G].sum():.1f} structures, fewer than the {world} ranks")
     for epoch in itertools.count():
         order = epoch_order(weight_G, train_G, seed, epoch)
         if len(order) < world:  # an epoch drawn shorter than the world (weights < 1): draw the next

@@ -96,7 +96,10 @@ def main(out_path: str, n: int) -> None:
         # (b) global shuffling: identify what was fetched by its (unique) energy, count per epoch.
         by_energy = {float(e): s for s, e in enumerate(full.energy_S)}
         ones, every = np.ones(n), np.ones(n, bool)
-        steps = global_batches(ones, every, max(GLOBAL_BATCH, world), world, SEED)
+        if n >= world:
+            steps = global_batches(ones, every, max(GLOBAL_BATCH, world), world, SEED)
+        else:  # fewer structures than ranks (training refuses this): one batch per epoch, some ranks idle
+            steps = ((e, epoch_order(ones, every, SEED, e)) for e in itertools.count())
         seen_store, seen_plain, fetched_ok = [], [], True
         for epoch, epoch_steps in itertools.groupby(steps, key=lambda step: step[0]):
             if epoch == EPOCHS:
