@@ -9,7 +9,7 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 setup:
 	@$(SETUP)
 
-# Horovod 0.28.1 built into .venv once (~10 min on 2 cores); the test suite runs every backend.
+# Horovod 0.28.1 built into .venv once (a few minutes on 2 cores); the test suite runs every backend.
 horovod: setup
 	@bash envs/local/build-horovod.sh $(VENV)
 
