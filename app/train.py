@@ -64,39 +64,38 @@ def fit_energy_normalisation(model: Potential, shards: list[Frames], index: Glob
         model.energy_scale_H[h].fill_(force_rms if force_rms > 0 else 1.0)
 
 
-def calibrate_flops(model: Potential, batches: list[GraphBatch], cfg: Config, topo: Topology) -> dict[str, float]:
-    """FLOPs of one training step as c0 + c_a·atoms + c_e·edges + c_t·angles, fitted to
-    FlopCounterMode counts of full steps (forward, force backward, parameter backward).
-
-    Collective: every rank counts the same number of steps on its own batches (with expert
-    parallelism an expert's work depends on every rank's tokens), and the fit is to the world
-    means of counts and FLOPs, so the coefficients predict a rank's share of the step."""
+def _fit_world_mean(model: Potential, batches: list[GraphBatch], cfg: Config, topo: Topology,
+                    measure: Callable[[Callable[[], object]], float]) -> dict[str, float]:
+    """Runs one training step per calibration batch through `measure` (FLOPs or seconds) and fits
+    c0 + c_a·atoms + c_e·edges + c_t·angles to the world means (collective: every rank runs the
+    same number of steps on its own batches; with expert parallelism an expert's work depends on
+    every rank's tokens, so the coefficients predict a rank's share of the step)."""
     samples = []
     for batch in batches:
         routing = step_routing(model, batch, topo, cfg.comm.backend)
-        flops = count_flops(lambda: loss_and_gradients(model, batch, cfg, 1.0, {}, routing))
+        value = measure(lambda: loss_and_gradients(model, batch, cfg, 1.0, {}, routing))
         c = batch.counts()
-        samples.append((c["atoms"], c["edges"], c["angles"], float(flops)))
+        samples.append((c["atoms"], c["edges"], c["angles"], float(value)))
     model.zero_grad(set_to_none=True)
     mean = np.asarray(topo.world.allreduce(np.asarray(samples))) / topo.world_size  # collective
     return fit_flop_coefficients([tuple(row) for row in mean])
 
 
+def calibrate_flops(model: Potential, batches: list[GraphBatch], cfg: Config, topo: Topology) -> dict[str, float]:
+    """FLOPs of one training step (forward, force backward, parameter backward) from FlopCounterMode."""
+    return _fit_world_mean(model, batches, cfg, topo, count_flops)
+
+
 def calibrate_cost(model: Potential, batches: list[GraphBatch], cfg: Config, topo: Topology,
                    flop_coefficients: dict[str, float]) -> dict[str, float]:
-    """Seconds of a step as c0 + a·atoms + b·edges + c·angles, from timed steps on the calibration
-    batches (world means, collective). The sampler deals structures by this cost. A noisy fit with
-    a negative slope falls back to the FLOP coefficients, which are proportional to the work."""
-    samples = []
-    for batch in batches:
-        routing = step_routing(model, batch, topo, cfg.comm.backend)
+    """Seconds of a step from timed steps; the sampler deals structures by this cost. A noisy fit
+    with a negative slope falls back to the FLOP coefficients, which are proportional to the work."""
+    def seconds_of(step: Callable[[], object]) -> float:
         t0 = time.perf_counter()
-        loss_and_gradients(model, batch, cfg, 1.0, {}, routing)
-        c = batch.counts()
-        samples.append((c["atoms"], c["edges"], c["angles"], time.perf_counter() - t0))
-    model.zero_grad(set_to_none=True)
-    mean = np.asarray(topo.world.allreduce(np.asarray(samples))) / topo.world_size  # collective
-    seconds = fit_flop_coefficients([tuple(row) for row in mean])
+        step()
+        return time.perf_counter() - t0
+
+    seconds = _fit_world_mean(model, batches, cfg, topo, seconds_of)
     if min(seconds["atoms"], seconds["edges"], seconds["angles"]) < 0:
         return flop_coefficients
     return seconds
