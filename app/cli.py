@@ -152,12 +152,20 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 # ---------------------------------------------------------------- perf
 def cmd_perf_report(args: argparse.Namespace) -> None:
+    from exaforce.perf.campaign import CAMPAIGN_FILE, format_campaign, summarize_campaign, write_campaign_report
     from exaforce.perf.report import format_summary, load_run, summarize, write_report
 
-    summary = summarize(load_run(Path(args.run_dir)))  # read the logs once
-    path = write_report(Path(args.run_dir), Path(args.out) if args.out else None, summary)
-    _say(format_summary(summary))
-    _say(f"report: {path}")
+    target = Path(args.run_dir)
+    out = Path(args.out) if args.out else None
+    if (target / CAMPAIGN_FILE).is_file():
+        summary = summarize_campaign(target)
+        path = write_campaign_report(target, out, summary)
+        _say(format_campaign(summary))
+    else:
+        summary = summarize(load_run(target))  # read the logs once
+        path = write_report(target, out, summary)
+        _say(format_summary(summary))
+    _say(f"report: {path} (and report.html beside it)")
 
 
 # ---------------------------------------------------------------- model, bench
@@ -303,9 +311,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     perf = commands.add_parser("perf", help="performance reports from per-rank perf logs")
     perf_commands = perf.add_subparsers(dest="perf_command", required=True, metavar="SUBCOMMAND")
-    report = perf_commands.add_parser("report", help="Markdown report with plots from a run folder")
-    report.add_argument("run_dir", help="run folder (holds perf/rank-*.jsonl)")
-    report.add_argument("--out", help="report folder (default RUN_DIR/report)")
+    report = perf_commands.add_parser("report", help="Markdown + HTML report with plots (PNG, SVG) of a run, or of a "
+                                      "scaling campaign (speed-up, efficiency, EFLOPS, full-machine projection)")
+    report.add_argument("run_dir", metavar="RUN_OR_CAMPAIGN_DIR",
+                        help="run folder (holds perf/rank-*.jsonl) or campaign folder (holds campaign.json)")
+    report.add_argument("--out", help="report folder (default RUN_OR_CAMPAIGN_DIR/report)")
     report.set_defaults(func=cmd_perf_report)
     model = commands.add_parser("model", help="model presets and sizes")
     model_commands = model.add_subparsers(dest="model_command", required=True, metavar="SUBCOMMAND")

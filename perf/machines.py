@@ -28,12 +28,16 @@ TERA = 1e12
 
 @dataclass(frozen=True, slots=True)
 class MachinePeak:
-    """Peak FLOP/s of the device one rank drives, keyed by precision (see module docstring)."""
+    """Peak FLOP/s of the device one rank drives, keyed by precision (see module docstring), and
+    the size of the whole system, for full-machine projections of a scaling campaign."""
 
     name: str
     device: str
     peak_flops_per_s: dict[str, float]
     source: str
+    ranks_per_node: int                 # one rank per device (GCD, stack, GPU)
+    system_nodes: int | None = None     # compute nodes of the whole machine; None: no fixed system
+    system_source: str = ""
 
     def peak(self, precision: str) -> float:
         if precision not in self.peak_flops_per_s:
@@ -55,6 +59,10 @@ MACHINES: dict[str, MachinePeak] = {
         },
         source="AMD Instinct MI250X datasheet (amd.com/en/products/accelerators/instinct/mi200/mi250x), "
                "package peaks / 2 per GCD, 1.7 GHz",
+        ranks_per_node=8,  # 4 MI250X = 8 GCDs per node
+        system_nodes=9408,
+        system_source="OLCF Frontier User Guide (docs.olcf.ornl.gov/systems/frontier_user_guide.html): "
+                      "9,408 compute nodes, 4 MI250X (8 GCDs) each",
     ),
     "aurora": MachinePeak(
         name="aurora",
@@ -72,6 +80,10 @@ MACHINES: dict[str, MachinePeak] = {
         source="Intel Data Center GPU Max 1550 product specifications (ark.intel.com; 52.4 TFLOP/s "
                "FP64/FP32, 419 TF32, 839 BF16 for 128 Xe cores at 1.6 GHz) scaled to the 448 active "
                "EUs per stack of Aurora's parts (ALCF Aurora overview, docs.alcf.anl.gov)",
+        ranks_per_node=12,  # 6 Max 1550 GPUs = 12 stacks per node
+        system_nodes=10624,
+        system_source="ALCF Aurora documentation (docs.alcf.anl.gov/aurora/): 10,624 nodes, "
+                      "6 Intel Data Center GPU Max 1550 (12 stacks) each",
     ),
     "perlmutter": MachinePeak(
         name="perlmutter",
@@ -83,6 +95,10 @@ MACHINES: dict[str, MachinePeak] = {
         },
         source="NVIDIA A100 Tensor Core GPU datasheet (nvidia.com, 'A100 40GB SXM'), dense rates "
                "(TF32 312 and BF16 624 are with 2:4 sparsity)",
+        ranks_per_node=4,  # 4 A100 per GPU node
+        system_nodes=1792,
+        system_source="NERSC Perlmutter architecture (docs.nersc.gov/systems/perlmutter/architecture/): "
+                      "1,536 GPU nodes with A100 40GB + 256 with A100 80GB, 4 GPUs each",
     ),
     "h100": MachinePeak(
         name="h100",
@@ -94,6 +110,7 @@ MACHINES: dict[str, MachinePeak] = {
         },
         source="NVIDIA H100 Tensor Core GPU datasheet (nvidia.com, 'H100 SXM'), dense rates "
                "= half of the quoted with-sparsity 989 TF32 / 1979 BF16 TFLOP/s",
+        ranks_per_node=8,  # an HGX/DGX H100 node; no fixed system size
     ),
     "h200": MachinePeak(
         name="h200",
@@ -105,6 +122,7 @@ MACHINES: dict[str, MachinePeak] = {
         },
         source="NVIDIA H200 Tensor Core GPU datasheet (nvidia.com, 'H200 SXM'), dense rates "
                "= half of the quoted with-sparsity 989 TF32 / 1979 BF16 TFLOP/s (same die as H100)",
+        ranks_per_node=8,  # an HGX H200 node; no fixed system size
     ),
 }
 

@@ -2,7 +2,7 @@
 
     load_run(run_dir) -> Run            every rank file, tolerant of a crash's leftovers
     summarize(run) -> dict              per-step aggregation and steady-state figures
-    write_report(run_dir) -> Path       report.md, summary.json and plots (PNG + SVG)
+    write_report(run_dir) -> Path       report.md, report.html, summary.json and plots (PNG + SVG)
     format_summary(summary) -> str      a few lines for the terminal
 
 Aggregation rules (also printed in each report):
@@ -293,7 +293,7 @@ def _ranges(values: list[int]) -> str:
     return ", ".join(parts)
 
 
-def _si_parts(value: float | None, unit: str, digits: int = 3) -> tuple[str, str]:
+def si_parts(value: float | None, unit: str, digits: int = 3) -> tuple[str, str]:
     """1.234e12, 'FLOP/s' -> ('1.23', 'TFLOP/s')."""
     if value is None:
         return "n/a", unit
@@ -303,9 +303,9 @@ def _si_parts(value: float | None, unit: str, digits: int = 3) -> tuple[str, str
     return f"{value:.{digits}g}", unit
 
 
-def _si(value: float | None, unit: str, digits: int = 3) -> str:
+def si(value: float | None, unit: str, digits: int = 3) -> str:
     """1.234e12, 'FLOP/s' -> '1.23 TFLOP/s'."""
-    return " ".join(_si_parts(value, unit, digits))
+    return " ".join(si_parts(value, unit, digits))
 
 
 def _rate(value: float | None) -> str:
@@ -315,7 +315,7 @@ def _rate(value: float | None) -> str:
     return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}"
 
 
-def _fmt(value: float | None, spec: str = ".4g") -> str:
+def fmt(value: float | None, spec: str = ".4g") -> str:
     return "n/a" if value is None else format(value, spec)
 
 
@@ -331,14 +331,14 @@ def format_summary(summary: dict[str, Any]) -> str:
     loss = summary["final_loss"]
     lines = [
         f"run {summary['run_dir']}: {ranks}, {steps}",
-        f"step time {_fmt(summary['step_time_s'], '.4g')} s (max over ranks, mean of steady steps), "
-        f"imbalance {_fmt(summary['imbalance_mean'], '.3f')} (max/mean), peak memory {_gib(summary['peak_mem_bytes'])}",
+        f"step time {fmt(summary['step_time_s'], '.4g')} s (max over ranks, mean of steady steps), "
+        f"imbalance {fmt(summary['imbalance_mean'], '.3f')} (max/mean), peak memory {_gib(summary['peak_mem_bytes'])}",
         f"throughput {_rate(summary['atoms_per_s'])} atoms/s, {_rate(summary['structures_per_s'])} structures/s, "
-        f"{_si(summary['flops_per_s'], 'FLOP/s')} = {_fmt(summary['percent_of_peak'], '.3g')} % of peak "
-        f"({_si(summary['peak_flops_per_s'], 'FLOP/s')}, {machine.get('name', '?')})",
+        f"{si(summary['flops_per_s'], 'FLOP/s')} = {fmt(summary['percent_of_peak'], '.3g')} % of peak "
+        f"({si(summary['peak_flops_per_s'], 'FLOP/s')}, {machine.get('name', '?')})",
     ]
     if loss:
-        lines.append("final loss " + ", ".join(f"{t} {_fmt(v, '.4g')}" for t, v in loss.items()))
+        lines.append("final loss " + ", ".join(f"{t} {fmt(v, '.4g')}" for t, v in loss.items()))
     if summary["warnings"]:
         lines.append(f"{len(summary['warnings'])} warning(s): " + "; ".join(summary["warnings"]))
     return "\n".join(lines)
@@ -356,26 +356,26 @@ def _markdown(summary: dict[str, Any], plots: list[str]) -> str:
             + (f" (missing: {_ranges(s['missing_ranks'])})" if s["missing_ranks"] else "") + " |",
             "| topology | " + (", ".join(f"{k} = {v}" for k, v in topo.items()) or "n/a") + " |",
             f"| device (per rank) | {machine.get('name', '?')}: {machine.get('device', '?')}; "
-            f"peak {_si(machine.get('peak_flops_per_s'), 'FLOP/s')} ({machine.get('peak_source', 'no source')}) |",
+            f"peak {si(machine.get('peak_flops_per_s'), 'FLOP/s')} ({machine.get('peak_source', 'no source')}) |",
             f"| steps | {s['n_steps']} common to all ranks read; the first {s['warmup_steps']} excluded as warm-up"
             + (f"; steady state = steps {s['steady_first_step']}-{s['steady_last_step']}" if s["steady_first_step"] else "")
             + " |",
-            f"| wall time (end record, max over ranks) | {_fmt(s['wall_s'], '.4g')} s |",
+            f"| wall time (end record, max over ranks) | {fmt(s['wall_s'], '.4g')} s |",
             "| versions | " + (", ".join(f"{k} {v}" for k, v in s["versions"].items()) or "n/a") + " |",
-            "| FLOP coefficients (per step) | " + (", ".join(f"{k} {_fmt(v, '.4g')}" for k, v in s["flop_coefficients"].items()) or "n/a") + " |",
+            "| FLOP coefficients (per step) | " + (", ".join(f"{k} {fmt(v, '.4g')}" for k, v in s["flop_coefficients"].items()) or "n/a") + " |",
             ""]
 
     out += ["## Summary (steady state)", "", "| quantity | value | unit |", "|---|---:|---|",
-            f"| step time, mean (max over ranks per step) | {_fmt(step_time)} | s |",
-            f"| step time, median | {_fmt(s['step_time_median_s'])} | s |",
-            f"| load imbalance, mean / worst step (max / mean rank time) | {_fmt(s['imbalance_mean'], '.3f')} / "
-            f"{_fmt(s['imbalance_max'], '.3f')} | 1 |",
+            f"| step time, mean (max over ranks per step) | {fmt(step_time)} | s |",
+            f"| step time, median | {fmt(s['step_time_median_s'])} | s |",
+            f"| load imbalance, mean / worst step (max / mean rank time) | {fmt(s['imbalance_mean'], '.3f')} / "
+            f"{fmt(s['imbalance_max'], '.3f')} | 1 |",
             f"| throughput | {_rate(s['atoms_per_s'])} | atoms/s |",
             f"| throughput | {_rate(s['structures_per_s'])} | structures/s |",
-            "| compute rate | %s | %s |" % _si_parts(s["flops_per_s"], "FLOP/s"),
-            "| peak of the ranks read (Σ per-rank peaks) | %s | %s |" % _si_parts(s["peak_flops_per_s"], "FLOP/s"),
-            f"| fraction of peak | {_fmt(s['percent_of_peak'], '.3g')} | % |",
-            f"| peak memory, max over ranks | {_fmt(s['peak_mem_bytes'] / 2**30 if s['peak_mem_bytes'] is not None else None, '.3g')} | GiB |",
+            "| compute rate | %s | %s |" % si_parts(s["flops_per_s"], "FLOP/s"),
+            "| peak of the ranks read (Σ per-rank peaks) | %s | %s |" % si_parts(s["peak_flops_per_s"], "FLOP/s"),
+            f"| fraction of peak | {fmt(s['percent_of_peak'], '.3g')} | % |",
+            f"| peak memory, max over ranks | {fmt(s['peak_mem_bytes'] / 2**30 if s['peak_mem_bytes'] is not None else None, '.3g')} | GiB |",
             ""]
 
     if s["time_breakdown_mean_s"]:
@@ -387,14 +387,14 @@ def _markdown(summary: dict[str, Any], plots: list[str]) -> str:
         for k in BREAKDOWN_KEYS:
             mean, worst = s["time_breakdown_mean_s"][k], s["time_breakdown_max_s"][k]
             share = 100.0 * mean / step_time if step_time else None
-            out.append(f"| {k} | {mean:.4g} | {worst:.4g} | {_fmt(share, '.3g')} |")
+            out.append(f"| {k} | {mean:.4g} | {worst:.4g} | {fmt(share, '.3g')} |")
         out += [f"| **step (max over ranks)** | | {step_time:.4g} | 100 |", ""]
 
     if s["final_loss"]:
         out += [f"## Loss at the last step ({s['steps'][-1]['step']})", "",
                 "Global mean per structure: Σ_ranks loss_sum / Σ_ranks structures.", "",
                 "| term | value |", "|---|---:|"]
-        out += [f"| {t} | {_fmt(v, '.6g')} |" for t, v in s["final_loss"].items()] + [""]
+        out += [f"| {t} | {fmt(v, '.6g')} |" for t, v in s["final_loss"].items()] + [""]
 
     if plots:
         out += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
@@ -418,11 +418,11 @@ def _markdown(summary: dict[str, Any], plots: list[str]) -> str:
 # --------------------------------------------------------------------------------------------
 # Plots (matplotlib's object API with the Agg canvas: no pyplot, no global backend switch)
 
-_COLORS = {"data": "#8c564b", "forward": "#1f77b4", "force_backward": "#ff7f0e", "param_backward": "#2ca02c",
+COLORS = {"data": "#8c564b", "forward": "#1f77b4", "force_backward": "#ff7f0e", "param_backward": "#2ca02c",
            "comm": "#d62728", "optimizer": "#9467bd", OTHER: "#bbbbbb"}
 
 
-def _figure():
+def figure():
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
@@ -442,7 +442,7 @@ def _shade_warmup(ax, steps: list[dict], n_warm: int) -> None:
                    label=f"warm-up (excluded, {n_warm} step{'s' if n_warm > 1 else ''})")
 
 
-def _save(fig, out_dir: Path, stem: str) -> str:
+def save_plot(fig, out_dir: Path, stem: str) -> str:
     fig.savefig(out_dir / f"{stem}.png", dpi=120)
     fig.savefig(out_dir / f"{stem}.svg")
     return f"{stem}.png"
@@ -453,7 +453,7 @@ def _plot_loss(summary: dict, out_dir: Path) -> str | None:
     terms = list(summary["final_loss"])
     if not terms:
         return None
-    fig, ax = _figure()
+    fig, ax = figure()
     x = [s["step"] for s in steps]
     for term in terms:
         y = [s["loss"].get(term) for s in steps]
@@ -472,7 +472,7 @@ def _plot_loss(summary: dict, out_dir: Path) -> str | None:
     ax.set_ylabel("loss per structure (global mean, log scale)")
     ax.set_title("Training loss by term")
     ax.legend(loc="best")
-    return _save(fig, out_dir, "loss_curve")
+    return save_plot(fig, out_dir, "loss_curve")
 
 
 def _bins(steps: list[dict], max_bars: int = 120) -> tuple[list[list[dict]], int]:
@@ -483,13 +483,13 @@ def _bins(steps: list[dict], max_bars: int = 120) -> tuple[list[list[dict]], int
 def _plot_breakdown(summary: dict, out_dir: Path) -> str:
     steps = summary["steps"]
     groups, width = _bins(steps)
-    fig, ax = _figure()
+    fig, ax = figure()
     x = [statistics.fmean(s["step"] for s in g) for g in groups]
     bottom = [0.0] * len(groups)
     for key in BREAKDOWN_KEYS:
         h = [statistics.fmean(s["times_mean_s"][key] for s in g) for g in groups]
         label = "other (untimed)" if key == OTHER else key
-        ax.bar(x, h, width=0.85 * width, bottom=bottom, color=_COLORS[key], label=label, zorder=2)
+        ax.bar(x, h, width=0.85 * width, bottom=bottom, color=COLORS[key], label=label, zorder=2)
         bottom = [b + v for b, v in zip(bottom, h)]
     # A black cap over each bar: the slowest rank's step time; the gap below it is imbalance.
     tops = [statistics.fmean(s["step_time_s"] for s in g) for g in groups]
@@ -503,14 +503,14 @@ def _plot_breakdown(summary: dict, out_dir: Path) -> str:
     order = [0] + list(range(len(handles) - 1, 0, -1))
     ax.legend([handles[i] for i in order], [labels[i] for i in order],
               loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
-    return _save(fig, out_dir, "step_time_breakdown")
+    return save_plot(fig, out_dir, "step_time_breakdown")
 
 
 def _plot_throughput(summary: dict, out_dir: Path) -> str:
     from matplotlib.ticker import EngFormatter
 
     steps = summary["steps"]
-    fig, ax = _figure()
+    fig, ax = figure()
     _shade_warmup(ax, steps, summary["warmup_steps"])
     x = [s["step"] for s in steps]
     y = [s["atoms"] / s["step_time_s"] if s["step_time_s"] > 0 else float("nan") for s in steps]
@@ -523,11 +523,11 @@ def _plot_throughput(summary: dict, out_dir: Path) -> str:
     ax.set_ylabel("throughput (atoms/s, all ranks)")
     ax.set_title("Training throughput (Σ atoms over ranks / step time)")
     ax.legend(loc="lower right")
-    return _save(fig, out_dir, "throughput")
+    return save_plot(fig, out_dir, "throughput")
 
 
 def write_report(run_dir: Path, out_dir: Path | None = None, summary: dict | None = None) -> Path:
-    """Write report.md, summary.json and the plots (PNG and SVG) to out_dir (default
+    """Write report.md, report.html, summary.json and the plots (PNG and SVG) to out_dir (default
     RUN_DIR/report); return the path of report.md. Pass `summary` when already computed."""
     run_dir = Path(run_dir)
     out_dir = Path(out_dir) if out_dir is not None else run_dir / "report"
@@ -538,6 +538,26 @@ def write_report(run_dir: Path, out_dir: Path | None = None, summary: dict | Non
         plots = [p for p in (_plot_loss(summary, out_dir), _plot_breakdown(summary, out_dir),
                              _plot_throughput(summary, out_dir)) if p]
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
+    text = _markdown(summary, plots)
     path = out_dir / "report.md"
-    path.write_text(_markdown(summary, plots), encoding="utf-8")
+    path.write_text(text, encoding="utf-8")
+    write_html(out_dir / "report.html", text, f"Performance report: {Path(summary['run_dir']).name}")
     return path
+
+
+_HTML_STYLE = """body{font-family:system-ui,sans-serif;max-width:72rem;margin:2rem auto;padding:0 1rem;color:#222}
+table{border-collapse:collapse;margin:1rem 0}th,td{border:1px solid #ccc;padding:.25rem .6rem}
+th{background:#f3f3f3}td{text-align:right}td:first-child{text-align:left}img{max-width:100%}
+code{background:#f3f3f3;padding:0 .2rem}"""
+
+
+def write_html(path: Path, markdown_text: str, title: str) -> None:
+    """The Markdown report as a standalone HTML page (plots stay beside it as PNG files)."""
+    import html
+
+    import markdown
+
+    body = markdown.markdown(markdown_text.replace("/report.md)", "/report.html)"), extensions=["tables"])
+    path.write_text(f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+                    f"<title>{html.escape(title)}</title><style>{_HTML_STYLE}</style></head>\n"
+                    f"<body>\n{body}\n</body></html>\n", encoding="utf-8")
