@@ -11,6 +11,7 @@ venv="${1:-$root/.venv-aurora}"
 
 module load frameworks
 python3 -m venv --system-site-packages "$venv"   # keep the module's torch/IPEX/oneCCL/mpi4py/horovod
+# shellcheck disable=SC1091  # the venv is created just above
 source "$venv/bin/activate"
 pip install -r "$root/envs/aurora/requirements.txt"
 # If the module lacks Horovod, Intel's build (intel-optimization-for-horovod) takes these flags:

@@ -15,6 +15,7 @@ module load cray-python
 export MPICH_GPU_SUPPORT_ENABLED=1        # GPU-aware Cray MPICH (device buffers in MPI calls)
 
 python3 -m venv "$venv"
+# shellcheck disable=SC1091  # the venv is created just above
 source "$venv/bin/activate"
 pip install --upgrade pip
 # ROCm build of torch 2.13.0 from the PyTorch wheel index for the loaded ROCm.
@@ -26,6 +27,7 @@ pip install -r "$root/envs/frontier/requirements.txt"
 # Horovod 0.28.1: ROCm + RCCL for GPU collectives, MPI for the rest. Its CMake pins C++14 but
 # torch ≥ 2.1 needs C++17: the same compiler wrapper as envs/local/build-horovod.sh.
 wrap="$(mktemp -d)"
+# shellcheck disable=SC2016  # the wrapper's own $@ and $a
 printf '#!/usr/bin/env bash\nargs=()\nfor a in "$@"; do case "$a" in -std=c++14|-std=gnu++14) args+=(-std=gnu++17);; *) args+=("$a");; esac; done\nexec CC "${args[@]}"\n' > "$wrap/c++17"
 chmod +x "$wrap/c++17"
 CXX="$wrap/c++17" CC=cc \

@@ -14,6 +14,7 @@ module load cray-python
 export MPICH_GPU_SUPPORT_ENABLED=1
 
 python3 -m venv "$venv"
+# shellcheck disable=SC1091  # the venv is created just above
 source "$venv/bin/activate"
 pip install --upgrade pip
 pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cu124
@@ -21,6 +22,7 @@ MPICC="cc -target-accel=nvidia80 -shared" pip install --no-cache-dir --no-binary
 pip install -r "$root/envs/perlmutter/requirements.txt"
 
 wrap="$(mktemp -d)"
+# shellcheck disable=SC2016  # the wrapper's own $@ and $a
 printf '#!/usr/bin/env bash\nargs=()\nfor a in "$@"; do case "$a" in -std=c++14|-std=gnu++14) args+=(-std=gnu++17);; *) args+=("$a");; esac; done\nexec CC "${args[@]}"\n' > "$wrap/c++17"
 chmod +x "$wrap/c++17"
 CXX="$wrap/c++17" CC=cc \

@@ -1,0 +1,162 @@
+"""Job templates and campaigns: renders pass bash -n and shellcheck and match each machine's facts."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from exaforce.jobs import AURORA_CPU_BIND, JOB_MACHINES, JobError, JobRequest, render_campaign, render_job
+from exaforce.perf.machines import MACHINES
+
+pytestmark = pytest.mark.jobs
+
+CONFIG = """
+[run]
+out_dir = "runs/tiny"
+steps = 4
+[model]
+preset = "small"
+[data]
+train = ["emt.bp"]
+global_batch_size = 96
+"""
+
+
+@pytest.fixture()
+def config(tmp_path) -> Path:
+    path = tmp_path / "tiny.toml"
+    path.write_text(CONFIG)
+    return path
+
+
+def _render(machine: str, config: Path, nodes: int = 3, **kw) -> str:
+    kw.setdefault("account", "ABC123" if JOB_MACHINES[machine].needs_account else "")
+    return render_job(machine, JobRequest(config=config, nodes=nodes, walltime="02:00:00", **kw))
+
+
+def _launch(script: str, marker: str) -> list[str]:
+    """The launcher line that runs `exaforce <marker>`, split into words, $N and $((…)) evaluated."""
+    nodes = int(re.search(r"^N=(\d+)$", script, re.M).group(1))
+    line = next(line for line in script.splitlines() if f"exaforce {marker}" in line).rstrip(" \\&")
+    line = re.sub(r"\$\(\((.*?)\)\)", lambda m: str(eval(m.group(1).replace("N", str(nodes)))), line)
+    return shlex.split(line.replace('"$N"', str(nodes)).replace("$N", str(nodes)))
+
+
+def _flag(words: list[str], *names: str) -> str:
+    for i, word in enumerate(words):
+        for name in names:
+            if word == name:
+                return words[i + 1]
+            if word.startswith(name) and len(word) > len(name):
+                return word[len(name):].lstrip("=")
+    raise AssertionError(f"none of {names} in {words}")
+
+
+def _world(script: str) -> int:
+    """dp × ep the training is told to use (ep = 1 in these configs)."""
+    return int(re.search(r"--set parallel\.dp=(\d+)", script).group(1))
+
+
+@pytest.mark.parametrize("machine", sorted(JOB_MACHINES))
+def test_every_render_passes_bash_n_and_shellcheck(machine, config, tmp_path):
+    if shutil.which("shellcheck") is None:
+        pytest.fail("shellcheck is missing: `make test` installs it (envs/local/install-slurm.sh)")
+    script = tmp_path / f"{machine}.sh"
+    script.write_text(_render(machine, config, nodes=1 if machine == "local" else 3, ranks_per_node=None))
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    result = subprocess.run(["shellcheck", "--severity=info", str(script)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout
+
+
+def test_env_scripts_pass_shellcheck():
+    envs = sorted(Path(__file__).resolve().parents[2].glob("envs/*/*.sh"))
+    assert len(envs) >= 8
+    result = subprocess.run(["shellcheck", *map(str, envs)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout
+
+
+def test_frontier_render_matches_the_machine(config):
+    script = _render("frontier", config, nodes=3)
+    assert "#SBATCH --nodes=3" in script and "#SBATCH --constraint=nvme" in script
+    assert "#SBATCH --account=ABC123" in script and "#SBATCH --signal=B:USR1@120" in script
+    words = _launch(script, "train")
+    assert words[0] == "srun" and _flag(words, "-N") == "3"
+    ranks = int(_flag(words, "-n"))
+    assert ranks == 3 * MACHINES["frontier"].ranks_per_node == 24 == _world(script)
+    assert _flag(words, "-c") == "7" and 8 * 7 <= JOB_MACHINES["frontier"].cores_per_node
+    assert _flag(words, "--gpus-per-task") == "1" and _flag(words, "--gpu-bind") == "closest"
+    assert 'STAGE_DIR="/mnt/bb/$USER/exaforce-stage"' in script
+    assert "NCCL_SOCKET_IFNAME" in (Path(__file__).resolve().parents[2] / "envs/frontier/env.sh").read_text()
+
+
+def test_aurora_render_matches_the_machine(config):
+    script = _render("aurora", config, nodes=2)
+    assert "#PBS -l select=2" in script and "#PBS -l place=scatter" in script
+    assert "#PBS -l walltime=02:00:00" in script and "#PBS -A ABC123" in script and "#PBS -q prod" in script
+    assert "#PBS -l filesystems=" in script
+    words = _launch(script, "train")
+    assert words[0] == "mpiexec" and _flag(words, "--ppn") == "12"
+    ranks = int(_flag(words, "-n"))
+    assert ranks == 2 * MACHINES["aurora"].ranks_per_node == 24 == _world(script)
+    cpu_list = _flag(words, "--cpu-bind")
+    assert cpu_list == f"list:{AURORA_CPU_BIND}"
+    cores = [set(range(int(a), int(b) + 1)) for a, b in (r.split("-") for r in cpu_list[5:].split(":"))]
+    assert len(cores) == 12  # one core set per rank of the node
+    assert sum(map(len, cores)) == len(set().union(*cores))  # distinct cores: no two ranks share one
+    assert set().union(*cores) <= set(range(JOB_MACHINES["aurora"].cores_per_node)) - {0, 52}
+    assert "ZE_AFFINITY_MASK" in script and "tile-bind.sh" in " ".join(words)
+
+
+def test_perlmutter_render_matches_the_machine(config):
+    script = _render("perlmutter", config, nodes=4)
+    assert "#SBATCH --constraint=gpu" in script and "#SBATCH --ntasks-per-node=4" in script
+    assert "#SBATCH --gpus-per-node=4" in script and "#SBATCH --nodes=4" in script
+    words = _launch(script, "train")
+    ranks = int(_flag(words, "-n"))
+    assert ranks == 4 * MACHINES["perlmutter"].ranks_per_node == 16 == _world(script)
+    assert _flag(words, "--gpus-per-task") == "1"
+    assert int(_flag(words, "-c")) * 4 <= 2 * JOB_MACHINES["perlmutter"].cores_per_node  # logical CPUs
+
+
+def test_generic_slurm_and_local(config):
+    script = _render("slurm", config, nodes=2, ranks_per_node=3)
+    assert "#SBATCH --ntasks-per-node=3" in script and _world(script) == 6
+    assert int(_flag(_launch(script, "train"), "-n")) == 6
+    local = _render("local", config, nodes=1, ranks_per_node=2)
+    assert _launch(local, "train")[:3] == ["mpiexec", "-n", "2"]
+
+
+def test_bad_requests_fail_clearly(config):
+    with pytest.raises(JobError, match="--account is required on frontier"):
+        render_job("frontier", JobRequest(config=config))
+    with pytest.raises(JobError, match="--walltime '2h'"):
+        render_job("slurm", JobRequest(config=config, walltime="2h"))
+    with pytest.raises(JobError, match="one rank per device, 8 per node"):
+        _render("frontier", config, ranks_per_node=4)
+    with pytest.raises(JobError, match="--machine 'summit'"):
+        render_job("summit", JobRequest(config=config))
+
+
+def test_campaigns_keep_the_global_or_the_per_rank_batch(config, tmp_path):
+    strong = render_campaign("frontier", "strong", [1, 2, 4], JobRequest(config=config, account="A"), tmp_path / "s")
+    manifest = json.loads((strong / "campaign.json").read_text())
+    assert [p["global_batch"] for p in manifest["points"]] == [96, 96, 96]
+    assert [p["ranks"] for p in manifest["points"]] == [8, 16, 32]
+    weak = render_campaign("frontier", "weak", [1, 2, 4], JobRequest(config=config, account="A"), tmp_path / "w")
+    manifest = json.loads((weak / "campaign.json").read_text())
+    assert [p["global_batch"] for p in manifest["points"]] == [96, 192, 384]  # 12 per rank
+    for p in manifest["points"]:
+        job = (weak / p["job"]).read_text()
+        assert f"data.global_batch_size={p['global_batch']}" in job and str(weak / p["run_dir"]) in job
+        assert (weak / p["run_dir"]).is_dir()
+    assert "sbatch --parsable" in (weak / "submit.sh").read_text()
+    with pytest.raises(JobError, match="already holds a campaign"):
+        render_campaign("frontier", "weak", [1], JobRequest(config=config, account="A"), tmp_path / "w")
+    with pytest.raises(JobError, match="fewer structures than the largest point's 128 ranks"):
+        render_campaign("frontier", "strong", [16], JobRequest(config=config, account="A"), tmp_path / "x")
