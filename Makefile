@@ -4,7 +4,7 @@ SETUP := bash envs/local/setup.sh $(VENV)
 PY := $(VENV)/bin/python
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: setup horovod demo test clean
+.PHONY: setup horovod slurm demo test clean
 
 setup:
 	@$(SETUP)
@@ -13,10 +13,15 @@ setup:
 horovod: setup
 	@bash envs/local/build-horovod.sh $(VENV)
 
+# Slurm + munge (and shellcheck) from apt for the real single-host cluster of the `slurm` tests;
+# without root or apt-get it warns and those tests skip.
+slurm:
+	@bash envs/local/install-slurm.sh
+
 demo: setup
 	@bash scripts/demo.sh
 
-test: setup horovod
+test: setup horovod slurm
 	@bash scripts/test.sh
 
 clean:
