@@ -20,10 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from exaforce import config as config_mod
+from exaforce.faults import REQUEUE_EXIT_CODE
 from exaforce.perf.campaign import CAMPAIGN_FILE, CAMPAIGN_SCHEMA, MODES
 from exaforce.perf.machines import MACHINES
 
-REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: checkpointed after SIGTERM/SIGUSR1, run again to resume
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATES = Path(__file__).resolve().parent.parent / "jobscripts"
 

@@ -41,8 +41,9 @@ SCALE_UNITS = ("nodes", "ranks")
 # Scaling arithmetic (pure functions; tests check them on known answers)
 
 
-def speedup(t_base: float, t: float) -> float:
-    return t_base / t
+def speedup(t_base: float, n_base: int, t: float, n: int, mode: str) -> float:
+    """Work per second relative to the base point: T_base/T_N, times N/N_base when the work grows with N."""
+    return t_base / t * (n / n_base if mode == "weak" else 1.0)
 
 
 def strong_efficiency(t_base: float, n_base: int, t: float, n: int) -> float:
@@ -182,7 +183,7 @@ def summarize_campaign(campaign_dir: Path) -> dict[str, Any]:
         row["speedup"] = row["efficiency"] = None
         if s and base is not None:
             t_base, n_base, t, n = base.summary["step_time_s"], base.scale(unit), s["step_time_s"], p.scale(unit)
-            row["speedup"] = speedup(t_base, t)
+            row["speedup"] = speedup(t_base, n_base, t, n, mode)
             row["efficiency"] = (strong_efficiency(t_base, n_base, t, n) if mode == "strong"
                                  else weak_efficiency(t_base, t))
         rows.append(row)
@@ -205,20 +206,22 @@ def _pct(value: float | None) -> str:
 
 
 def format_campaign(summary: dict[str, Any]) -> str:
-    unit = summary["scale_unit"]
+    by_nodes = summary["scale_unit"] == "nodes"
     lines = [f"campaign {summary['campaign_dir']}: {summary['mode']} scaling on {summary['machine']}, "
              f"base point {summary['base_point']}",
-             f"{unit:>6} {'ranks':>6} {'step s':>9} {'speed-up':>9} {'eff %':>7} {'FLOP/s':>12} {'% peak':>7}"]
+             ("nodes " if by_nodes else "") + f"{'ranks':>5} {'step s':>9} {'speed-up':>9} {'eff %':>7} {'FLOP/s':>13} {'% peak':>7}"]
     for r in summary["points"]:
+        first = (f"{r['nodes']:>5} " if by_nodes else "") + f"{r['ranks']:>5}"
         if r["problem"]:
-            lines.append(f"{r['scale']:>6} {r['ranks']:>6}  missing: {r['problem']}")
+            lines.append(f"{first}  missing: {r['problem']}")
             continue
-        lines.append(f"{r['scale']:>6} {r['ranks']:>6} {fmt(r['step_time_s'], '9.4g')} {fmt(r['speedup'], '9.3f')} "
-                     f"{_pct(r['efficiency']):>7} {si(r['flops_per_s'], 'FLOP/s'):>12} {fmt(r['percent_of_peak'], '7.3g')}")
+        lines.append(f"{first} {fmt(r['step_time_s'], '9.4g')} {fmt(r['speedup'], '9.3f')} {_pct(r['efficiency']):>7} "
+                     f"{si(r['flops_per_s'], 'FLOP/s'):>13} {fmt(r['percent_of_peak'], '7.3g')}")
     proj = summary["projection"]
     if proj["available"]:
         lines.append(f"full-machine projection ({proj['machine']}, {proj['nodes']:,} nodes): "
-                     f"{proj['eflops']:.4g} EFLOPS at {_pct(proj['efficiency'])} % efficiency ({proj['basis']})")
+                     f"{si(proj['flops_per_s'], 'FLOP/s')} = {proj['eflops']:.4g} EFLOPS at {_pct(proj['efficiency'])} % "
+                     f"efficiency ({proj['basis']})")
     if summary["warnings"]:
         lines.append(f"{len(summary['warnings'])} warning(s): " + "; ".join(summary["warnings"]))
     return "\n".join(lines)
@@ -231,17 +234,18 @@ def _markdown(summary: dict[str, Any], plots: list[str]) -> str:
            f"{mode.capitalize()} scaling on **{summary['machine']}**, scale counted in {unit}; "
            f"base point `{summary['base_point']}`; config `{summary['config']}`.", "",
            "## Points", "",
-           f"| point | {unit} | ranks | global batch | step time (s) | speed-up | {mode} efficiency (%) | "
-           "FLOP/s | EFLOPS | % of peak | atoms/s | imbalance | peak memory (GiB) |",
-           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+           f"| point | {'nodes | ' if unit == 'nodes' else ''}ranks | global batch | step time (s) | speed-up | "
+           f"{mode} efficiency (%) | FLOP/s | EFLOPS | % of peak | atoms/s | imbalance | peak memory (GiB) |",
+           "|---|" + "---:|" * (12 if unit == "nodes" else 11)]
     for r in summary["points"]:
+        nodes = f"{r['nodes']} | " if unit == "nodes" else ""
         if r["problem"]:
-            out.append(f"| {r['name']} | {r['scale']} | {r['ranks']} | {r['global_batch']} | missing: {r['problem']} "
+            out.append(f"| {r['name']} | {nodes}{r['ranks']} | {r['global_batch']} | missing: {r['problem']} "
                        "| | | | | | | | |")
             continue
         mem = r["peak_mem_bytes"] / 2**30 if r["peak_mem_bytes"] is not None else None
         note = f" (ranks {r['missing_ranks']} missing)" if r["missing_ranks"] else ""
-        out.append(f"| [{r['name']}](points/{r['name']}/report.md){note} | {r['scale']} | {r['ranks']} | "
+        out.append(f"| [{r['name']}](points/{r['name']}/report.md){note} | {nodes}{r['ranks']} | "
                    f"{r['global_batch']} | {fmt(r['step_time_s'])} | {fmt(r['speedup'], '.3f')} | "
                    f"{_pct(r['efficiency'])} | %s %s | {fmt(r['eflops'], '.3g')} | {fmt(r['percent_of_peak'], '.3g')} | "
                    f"{fmt(r['atoms_per_s'], ',.0f')} | {fmt(r['imbalance_mean'], '.3f')} | {fmt(mem, '.3g')} |"
@@ -266,7 +270,8 @@ def _markdown(summary: dict[str, Any], plots: list[str]) -> str:
     out += ["## Method", "",
             f"- T = steady-state step time of a point (max over ranks per step, mean over steps after warm-up); "
             f"N = {unit}; base = the smallest readable point.",
-            f"- Speed-up = T_base / T_N; {mode} efficiency = {eff}.",
+            "- Speed-up = " + ("T_base / T_N" if mode == "strong" else "(N / N_base) · T_base / T_N (scaled speed-up: "
+                                "work per second relative to the base)") + f"; {mode} efficiency = {eff}.",
             "- FLOP/s = Σ FLOPs over ranks / Σ step time (FLOPs from coefficients calibrated with "
             "torch.utils.flop_counter); EFLOPS = FLOP/s / 1e18; % of peak against Σ per-rank device peaks.",
             "- Projection: the base point's FLOP/s per node × the machine's nodes × the efficiency extrapolated "
@@ -291,6 +296,21 @@ def _scale_axis(ax, rows: list[dict], unit: str) -> None:
     ax.set_xlabel(unit)
 
 
+def _y_axis(ax, values: list[float], formatter) -> None:
+    """Log y axis over more than a decade (ticks as plain numbers, no 6×10^0), else linear from 0."""
+    from matplotlib.ticker import LogLocator, NullFormatter
+
+    ax.yaxis.set_major_formatter(formatter)
+    if max(values) < 10 * min(values):
+        ax.set_ylim(bottom=0, top=1.1 * max(values))
+        return
+    ax.set_yscale("log")
+    ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 1.5, 2.0, 3.0, 5.0, 7.0)))
+    ax.yaxis.set_minor_locator(LogLocator(base=10, subs=(4.0, 6.0, 8.0, 9.0)))
+    ax.yaxis.set_major_formatter(formatter)
+    ax.yaxis.set_minor_formatter(NullFormatter())
+
+
 def _plot_step_time(summary: dict, rows: list[dict], out_dir: Path) -> str:
     fig, ax = figure()
     unit, mode = summary["scale_unit"], summary["mode"]
@@ -300,10 +320,9 @@ def _plot_step_time(summary: dict, rows: list[dict], out_dir: Path) -> str:
     ideal = [t0 * n0 / n for n in x] if mode == "strong" else [t0] * len(x)
     ax.plot(x, ideal, linestyle="--", color="0.4", label="ideal (" + ("T_base·N_base/N" if mode == "strong" else "constant") + ")")
     _scale_axis(ax, rows, unit)
-    if mode == "strong" and len(x) > 1:
-        ax.set_yscale("log")
-    else:
-        ax.set_ylim(bottom=0)
+    from matplotlib.ticker import FuncFormatter
+
+    _y_axis(ax, [r["step_time_s"] for r in rows] + ideal, FuncFormatter(lambda v, _: f"{v:g}"))
     ax.set_ylabel("step time (s, max over ranks)")
     ax.set_title(f"Time per step, {mode} scaling")
     ax.legend(loc="best")
@@ -335,16 +354,15 @@ def _plot_flops(summary: dict, rows: list[dict], out_dir: Path) -> str:
     x = [r["scale"] for r in rows]
     ax.plot(x, [r["flops_per_s"] for r in rows], marker="o", color="#d62728", label="measured", zorder=3)
     f0, n0 = rows[0]["flops_per_s"], rows[0]["scale"]
-    ax.plot(x, [f0 * n / n0 for n in x], linestyle="--", color="0.4", label="ideal (linear in " + unit + ")")
+    ideal = [f0 * n / n0 for n in x]
+    ax.plot(x, ideal, linestyle="--", color="0.4", label="ideal (linear in " + unit + ")")
     _scale_axis(ax, rows, unit)
-    if len(x) > 1:
-        ax.set_yscale("log")
-    ax.yaxis.set_major_formatter(EngFormatter(unit="FLOP/s"))
+    _y_axis(ax, [r["flops_per_s"] for r in rows] + ideal, EngFormatter(unit="FLOP/s"))
     ax.set_ylabel("sustained rate, all ranks")
     title = f"Sustained FLOP/s, {mode} scaling"
     proj = summary["projection"]
     if proj["available"]:
-        title += f" (full {proj['machine']}: {proj['eflops']:.3g} EFLOPS projected)"
+        title += f"\nfull {proj['machine']} projected: {si(proj['flops_per_s'], 'FLOP/s')} at {_pct(proj['efficiency'])} % efficiency"
     ax.set_title(title)
     ax.legend(loc="upper left")
     return save_plot(fig, out_dir, "scaling_flops")
@@ -353,7 +371,11 @@ def _plot_flops(summary: dict, rows: list[dict], out_dir: Path) -> str:
 def _plot_breakdown(summary: dict, rows: list[dict], out_dir: Path) -> str:
     fig, ax = figure()
     unit = summary["scale_unit"]
-    labels = [f"{r['scale']:,} {unit}\n{r['ranks']:,} ranks" for r in rows]
+    def plural(n: int, word: str) -> str:
+        return f"{n:,} {word if n == 1 else word + 's'}"
+
+    labels = [plural(r["ranks"], "rank") if unit == "ranks" else f"{plural(r['nodes'], 'node')}\n{plural(r['ranks'], 'rank')}"
+              for r in rows]
     x = list(range(len(rows)))
     bottom = [0.0] * len(rows)
     for key in BREAKDOWN_KEYS:

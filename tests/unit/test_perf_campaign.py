@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from exaforce.perf.campaign import (extrapolate_efficiency, strong_efficiency, summarize_campaign,
+from exaforce.perf.campaign import (extrapolate_efficiency, speedup, strong_efficiency, summarize_campaign,
                                     weak_efficiency, write_campaign_report)
 from exaforce.perf.log import PerfLogWriter, rank_log_path
 from exaforce.perf.machines import MACHINES
@@ -56,6 +56,7 @@ def test_efficiency_formulas():
     assert strong_efficiency(8.0, 1, 4.0, 2) == 1.0
     assert strong_efficiency(8.0, 1, 2.5, 4) == 0.8
     assert strong_efficiency(6.0, 2, 2.0, 8) == 0.75  # base need not be one node: T1·N1/(TN·N)
+    assert speedup(8.0, 1, 2.5, 4, "strong") == 3.2 and speedup(2.0, 1, 2.5, 4, "weak") == 3.2
     assert weak_efficiency(2.0, 2.5) == 0.8
     assert extrapolate_efficiency([1, 2, 4], [1.0, 0.9, 0.8], 16) == pytest.approx(0.6)
     assert extrapolate_efficiency([1, 2], [1.0, 0.5], 1024) == 0.0  # clamped
@@ -87,7 +88,7 @@ def test_weak_campaign_known_answers(tmp_path):
     s = summarize_campaign(_campaign(tmp_path, "weak", {1: 2.0, 2: 2.5}))
     rows = {r["nodes"]: r for r in s["points"]}
     assert rows[2]["efficiency"] == pytest.approx(0.8, rel=1e-12)
-    assert rows[2]["speedup"] == pytest.approx(0.8, rel=1e-12)
+    assert rows[2]["speedup"] == pytest.approx(1.6, rel=1e-12)  # scaled: twice the work at 80 % efficiency
     proj = s["projection"]
     assert proj["efficiency"] == pytest.approx(extrapolate_efficiency([1, 2], [1.0, 0.8], 9408))
     assert "caveat" not in proj

@@ -72,3 +72,37 @@ def test_fitted_coefficients_predict_held_out_counter_within_1_percent():
     held_out = (64, 700, 2100)  # well outside the calibration range
     counted = _toy_step_flops(*held_out)
     assert predict_flops(coeffs, *held_out) == pytest.approx(counted, rel=0.01)
+
+
+@pytest.mark.parametrize("preset", ["small", "small-moe"])
+def test_trainer_calibration_predicts_the_real_step_within_1_percent(preset):
+    """The trainer's own calibration (six batches of 1-5 structures, as train() uses) predicts the
+    counter on held-out batches of other sizes: forward, forces/stress with create_graph, parameter
+    backward of the real model (dense and MoE)."""
+    from exaforce.config import Config, DataConfig, model_preset
+    from exaforce.io.schema import Frames
+    from exaforce.io.synth import synthesize
+    from exaforce.model.graph import build_batch
+    from exaforce.model.potential import Potential
+    from exaforce.parallel import step_routing
+    from exaforce.topology import Topology
+    from exaforce.train import calibrate_flops, loss_and_gradients
+
+    cfg = Config(model=model_preset(preset), data=DataConfig(train=("unused",)))
+    torch.manual_seed(0)
+    model = Potential(cfg.model).double()
+    topo = Topology.from_mpi(dp=1, ep=1)
+    structures = synthesize(40, seed=3)
+
+    def batch(first: int, count: int):
+        frames = Frames.from_atoms(structures[first:first + count])
+        return build_batch(frames, model.species_table(), cfg.model.cutoff, cfg.model.three_body_cutoff).to("cpu", torch.float64)
+
+    calibration = [batch(i, k) for i, k in ((0, 1), (1, 2), (3, 3), (6, 4), (10, 2), (12, 5))]
+    coeffs = calibrate_flops(model, calibration, cfg, topo)
+    for held_out in (batch(17, 8), batch(25, 12)):
+        routing = step_routing(model, held_out, topo, cfg.comm.backend)
+        counted = count_flops(lambda: loss_and_gradients(model, held_out, cfg, 1.0, {}, routing))
+        c = held_out.counts()
+        predicted = predict_flops(coeffs, c["atoms"], c["edges"], c["angles"])
+        assert predicted == pytest.approx(counted, rel=0.01), (c, predicted, counted)

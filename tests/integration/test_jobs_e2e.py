@@ -1,0 +1,89 @@
+"""Rendered jobs run for real: a local weak-scaling campaign (1 and 2 ranks) and a `slurm` job of the
+demo's multi-fidelity training on 2 ranks under a real single-host Slurm; both end in perf reports."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from slurm_cluster import running_cluster
+
+pytestmark = [pytest.mark.jobs, pytest.mark.mpi, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parents[2]
+VENV_BIN = Path(sys.executable).parent
+EXAFORCE = str(VENV_BIN / "exaforce")
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}"}
+
+
+def _run(*args: str, cwd: Path, timeout: int = 300) -> str:
+    result = subprocess.run(args, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"{args} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
+    return result.stdout
+
+
+def _demo_data(root: Path) -> Path:
+    """The demo's three fidelities, small: configs/demo.toml copied to ROOT/configs reads ROOT/demo/*.bp."""
+    (root / "demo").mkdir(parents=True)
+    (root / "configs").mkdir()
+    shutil.copy(ROOT / "configs" / "demo.toml", root / "configs" / "demo.toml")
+    for name, source, method, n in (("emt", "metals", "EMT", 24), ("gfn2", "molecules", "GFN2-xTB", 24),
+                                    ("gfn1", "molecules", "GFN1-xTB", 12)):
+        extra = ["--method", method] if source == "molecules" else []
+        _run(EXAFORCE, "data", "synth", "--source", source, *extra, "--out", f"demo/{name}.extxyz",
+             "--structures", str(n), "--seed", "0", cwd=root)
+        _run(EXAFORCE, "data", "convert", f"demo/{name}.extxyz", "--out", f"demo/{name}.bp", "--name", name,
+             "--method", method, cwd=root)
+    return root / "configs" / "demo.toml"
+
+
+@pytest.mark.perf
+def test_local_weak_campaign_runs_and_reports_efficiency(tmp_path):
+    _run(EXAFORCE, "data", "synth", "--out", "emt.extxyz", "--structures", "48", "--seed", "1", cwd=tmp_path)
+    _run(EXAFORCE, "data", "convert", "emt.extxyz", "--out", "emt.bp", "--name", "emt", cwd=tmp_path)
+    (tmp_path / "tiny.toml").write_text('[run]\nsteps = 8\nlog_every = 4\nfinal_checkpoint = false\n'
+                                        '[model]\npreset = "small"\n[data]\ntrain = ["emt.bp"]\nglobal_batch_size = 4\n')
+    _run(EXAFORCE, "jobs", "campaign", "--machine", "local", "--mode", "weak", "--nodes", "1,2",
+         "--config", "tiny.toml", "--stage-dir", str(tmp_path / "stage"), "--out", "camp", cwd=tmp_path)
+    _run("bash", "camp/submit.sh", cwd=tmp_path, timeout=600)
+    out = _run(EXAFORCE, "perf", "report", "camp", cwd=tmp_path)
+    assert "weak scaling on local" in out, out
+
+    report = tmp_path / "camp" / "report"
+    summary = json.loads((report / "summary.json").read_text())
+    points = {p["ranks"]: p for p in summary["points"]}
+    assert set(points) == {1, 2} and all(p["problem"] is None and not p["missing_ranks"] for p in points.values())
+    assert points[2]["global_batch"] == 2 * points[1]["global_batch"]  # weak: same batch per rank
+    assert points[2]["efficiency"] == pytest.approx(points[1]["step_time_s"] / points[2]["step_time_s"], rel=1e-12)
+    for name in ("report.md", "report.html", "scaling_efficiency.png", "scaling_efficiency.svg",
+                 "scaling_step_time.png", "scaling_flops.png", "scaling_breakdown.png", "points/r00002/report.html"):
+        assert (report / name).is_file(), name
+
+
+@pytest.mark.slurm
+def test_slurm_job_trains_the_demo_on_two_ranks_and_reports(tmp_path):
+    config = _demo_data(tmp_path)
+    run_dir = tmp_path / "run"
+    _run(EXAFORCE, "jobs", "render", "--machine", "slurm", "--ranks-per-node", "2", "--config", str(config),
+         "--run-dir", str(run_dir), "--stage-dir", str(tmp_path / "stage"), "--walltime", "00:10:00",
+         "--set", "run.steps=10", "--set", "run.log_every=5", "--set", "run.val_every=0",
+         "--out", "job.sbatch", cwd=tmp_path)
+    with running_cluster() as cluster:
+        job_id = cluster.sbatch(tmp_path / "job.sbatch", cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
+        state = cluster.wait(job_id, timeout_s=420)
+        log = next(run_dir.glob("job-*.out"), None)
+        assert state == "COMPLETED", (log.read_text() if log else "no job log") + cluster.log_tails()
+    text = log.read_text()
+    assert "exaforce job: 1 node(s), 2 ranks" in text and "staged:" in text, text
+
+    out = _run(EXAFORCE, "perf", "report", str(run_dir), cwd=tmp_path)
+    summary = json.loads((run_dir / "report" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["ranks_read"] == [0, 1] and summary["n_steps"] == 10, out
+    assert summary["warnings"] == [], summary["warnings"]
+    assert (run_dir / "report" / "report.html").is_file()
