@@ -1,15 +1,52 @@
-"""Checkpoints written atomically: temporary name → fsync → rename, so a crash never leaves a torn file."""
+"""Checkpoints: one folder per step, written in parallel by the ranks that own a part and published
+atomically; enough to continue a run exactly (the same losses and parameters as without the stop).
+
+    RUN/checkpoints/step-00000010/
+        dense.pt            world rank 0: dense parameters and buffers, their optimizer state, and the
+                            trainer's `meta` (config, step = sampler position = LR-schedule step, ...)
+        experts-ep0.pt …    the rank at dp coordinate 0 of each EP index: its experts (keyed by global
+                            expert index) and their optimizer state
+        rng-rank00000.pt …  every rank: its torch, numpy and python RNG states
+        COMPLETE            rank 0, last: {"step", "world_size", "dp", "ep", "files": {name: bytes}}
+    RUN/checkpoints/step-00000100.pt   after the last step only: the whole model in one file, for
+                                       inference and fine-tuning (no optimizer state)
+
+Publishing: the parts go into a hidden `.step-00000010.partial/` (each file: temporary name, fsync,
+rename), the ranks meet, rank 0 writes COMPLETE, renames the folder to `step-00000010` and fsyncs
+the parent. A crash at any moment leaves the earlier checkpoints untouched and at worst a
+`.partial` folder, which is never read and is deleted by the next save; a `step-*` folder without a
+valid COMPLETE (say, a copy cut short) is ignored and deleted too. The newest `keep` are kept.
+
+Optimizer state is stored by parameter name, never by position, so a checkpoint restores onto any
+dp × ep layout: every rank gets the dense part, and each rank takes its experts from whichever
+expert files hold them (re-sharding when ep changed).
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import random
+import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+import numpy as np
 import torch
 
-from exaforce.io.atomic import write_file_atomically
+from exaforce.config import ConfigError
+from exaforce.io.atomic import remove, replace_path, write_file_atomically
+
+FORMAT = 1
+MARKER = "COMPLETE"
+STEP_DIR = re.compile(r"step-(\d{8})")
 
 
+class CheckpointError(ConfigError):
+    """A checkpoint that cannot be used as asked; the message names the path and what to do."""
+
+
+# ---------------------------------------------------------------- files
 def save_atomic(state: dict[str, Any], path: Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -17,8 +54,259 @@ def save_atomic(state: dict[str, Any], path: Path) -> Path:
     return path
 
 
+def step_folder(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"step-{step:08d}"
+
+
+def complete(folder: Path) -> dict[str, Any] | None:
+    """The COMPLETE marker of a checkpoint folder whose every listed file has its listed size, else None."""
+    try:
+        marker = json.loads((Path(folder) / MARKER).read_text())
+        if all((Path(folder) / name).stat().st_size == size for name, size in marker["files"].items()):
+            return marker
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass
+    return None
+
+
+def checkpoints(run_dir: Path) -> list[Path]:
+    """The run's complete checkpoint folders, oldest first."""
+    root = Path(run_dir) / "checkpoints"
+    found = [p for p in root.iterdir() if STEP_DIR.fullmatch(p.name) and p.is_dir()] if root.is_dir() else []
+    return sorted((p for p in found if complete(p) is not None), key=lambda p: p.name)
+
+
+def latest(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint folder of a run, or None."""
+    found = checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+# ---------------------------------------------------------------- save (collective)
+def _expert_keys(model: torch.nn.Module) -> set[str]:
+    """state_dict keys of the experts this rank holds (MoE layers' `experts` ModuleDicts)."""
+    layers = {id(m) for m in getattr(model, "moe_layers", [])}
+    prefixes = tuple(f"{name}.experts." for name, m in model.named_modules() if id(m) in layers)
+    return {k for k in model.state_dict() if prefixes and k.startswith(prefixes)}
+
+
+def _optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, keys: set[str]) -> dict[str, dict]:
+    """Per-parameter optimizer state (AdamW: step, exp_avg, exp_avg_sq) by parameter name."""
+    return {name: dict(optimizer.state[p]) for name, p in model.named_parameters()
+            if name in keys and p in optimizer.state}
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _write_part(folder: Path, name: str, state: dict[str, Any]) -> tuple[str, int]:
+    write_file_atomically(folder / name, lambda f: torch.save(state, f))
+    return name, (folder / name).stat().st_size
+
+
+def save(run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, topo: Any,
+         meta: dict[str, Any], keep: int = 0) -> Path:
+    """Collective over the world: writes checkpoint `step` (see the module docstring), keeps the
+    newest `keep` (0: all); returns its folder. `meta` goes into dense.pt as it is."""
+    root = Path(run_dir) / "checkpoints"
+    final, partial = step_folder(run_dir, step), root / f".step-{step:08d}.partial"
+    if topo.is_root:
+        root.mkdir(parents=True, exist_ok=True)
+        remove(partial)  # debris of an earlier attempt at this step
+        partial.mkdir()
+    topo.world.Barrier()  # collective: the folder exists before anybody writes into it
+
+    dp_index, ep_index = topo.layout.coords(topo.rank)
+    state = model.state_dict()
+    expert_keys = _expert_keys(model)
+    written = [_write_part(partial, f"rng-rank{topo.rank:05d}.pt", rng_state())]
+    if topo.is_root:
+        dense = {k: v for k, v in state.items() if k not in expert_keys}
+        written.append(_write_part(partial, "dense.pt", {
+            "format": FORMAT, "model": dense, "optimizer": _optimizer_state(model, optimizer, set(dense)),
+            "meta": meta}))
+    if dp_index == 0 and expert_keys:  # one copy of each expert shard: the first of its EDP group
+        experts = {k: v for k, v in state.items() if k in expert_keys}
+        written.append(_write_part(partial, f"experts-ep{ep_index}.pt", {
+            "format": FORMAT, "model": experts, "optimizer": _optimizer_state(model, optimizer, expert_keys)}))
+    files = topo.world.gather(written, root=0)  # collective: every part is on disk (fsynced) from here
+
+    if topo.is_root:
+        marker = {"format": FORMAT, "step": step, "world_size": topo.world_size, "dp": topo.layout.dp,
+                  "ep": topo.layout.ep, "files": dict(sorted(item for part in files for item in part))}
+        write_file_atomically(partial / MARKER, lambda f: f.write(json.dumps(marker, indent=1).encode()))
+        replace_path(partial, final)  # the atomic publication (and an fsync of the parent)
+        _prune(root, keep)
+    topo.world.Barrier()  # collective: nobody goes on, or exits, before the checkpoint is published
+    return final
+
+
+def _prune(root: Path, keep: int) -> None:
+    """Deletes unpublished debris, step folders without a valid COMPLETE, and all but the newest `keep`."""
+    for entry in root.iterdir():
+        if entry.name.startswith(".step-") or (STEP_DIR.fullmatch(entry.name) and entry.is_dir()
+                                               and complete(entry) is None):
+            remove(entry)
+    done = checkpoints(root.parent)
+    for old in done[:-keep] if keep else []:
+        remove(old)
+
+
+# ---------------------------------------------------------------- resume (collective)
+def resume_point(run_dir: Path, spec: str, world: Any) -> Path | None:
+    """Collective: the checkpoint folder a run continues from (rank 0 looks, everybody gets the answer).
+
+    spec "": a new run, refused if the run folder already holds checkpoints (two trajectories would
+    mix); "latest": the newest complete checkpoint, None when there is none (the first submission
+    of a job that is resubmitted with the same command); otherwise a checkpoint folder, or a run
+    folder meaning its newest."""
+    answer: tuple[str, str | None] = ("ok", None)
+    if world.Get_rank() == 0:
+        try:
+            found = _resume_point(Path(run_dir), spec)
+            answer = ("ok", str(found) if found else None)
+        except CheckpointError as err:
+            answer = ("error", str(err))
+    status, value = world.bcast(answer, root=0)  # collective
+    if status == "error":
+        raise CheckpointError(value)
+    return Path(value) if value else None
+
+
+def _resume_point(run_dir: Path, spec: str) -> Path | None:
+    newest = latest(run_dir)
+    if spec == "":
+        if newest is not None:
+            raise CheckpointError(f"run.out_dir = {run_dir} already holds checkpoints (newest: {newest.name}): "
+                                  f"continue that run with --resume, or train into an empty run.out_dir")
+        return None
+    if spec == "latest":
+        return newest
+    path = Path(spec)
+    if (path / "checkpoints").is_dir():
+        path = latest(path)
+        if path is None:
+            raise CheckpointError(f"--resume {spec}: no complete checkpoint in {Path(spec) / 'checkpoints'}")
+    if path.is_file():
+        raise CheckpointError(f"--resume {spec}: a single-file model export holds no optimizer or sampler state; "
+                              f"resume from a checkpoint folder (…/checkpoints/step-NNNNNNNN)")
+    marker = complete(path)
+    if marker is None:
+        raise CheckpointError(f"--resume {spec}: not a complete checkpoint (no valid {MARKER} marker: "
+                              f"missing, or a save that was cut short)")
+    newer = [p.name for p in checkpoints(run_dir) if int(STEP_DIR.fullmatch(p.name).group(1)) > marker["step"]]
+    if newer:
+        raise CheckpointError(f"--resume {spec}: {run_dir / 'checkpoints'} holds newer checkpoints "
+                              f"({', '.join(newer)}); continuing from step {marker['step']} would mix two "
+                              f"trajectories: delete them, or resume from latest")
+    return path
+
+
+def _read(path: Path) -> dict[str, Any]:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except (OSError, RuntimeError, EOFError) as err:
+        raise CheckpointError(f"{path}: unreadable ({err})") from None
+
+
+def restore(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, topo: Any,
+            log: Callable[[str], None]) -> dict[str, Any]:
+    """Collective over the world: loads checkpoint `folder` into `model` and `optimizer` on this
+    topology (re-sharding the experts if ep changed) and this rank's RNG states (when the world size
+    is the one that saved them); returns the `meta` given to `save`. Rank 0 reads the dense part and
+    broadcasts it; the first rank of each EDP group reads the expert files holding its experts and
+    broadcasts them over the group, so a large job does not read each file thousands of times."""
+    folder = Path(folder)
+    marker = complete(folder)
+    if marker is None:
+        raise CheckpointError(f"{folder}: not a complete checkpoint")
+    dense = _read(folder / "dense.pt") if topo.is_root else None
+    dense = topo.world.bcast(dense, root=0)  # collective
+    _check_model_config(folder, dense["meta"]["config"]["model"], model)
+
+    expert_keys = _expert_keys(model)
+    experts: dict[str, Any] = {"model": {}, "optimizer": {}}
+    if topo.layout.coords(topo.rank)[0] == 0 and expert_keys:
+        per_file = model.cfg.moe_experts // marker["ep"]
+        mine = {int(k.split(".experts.")[1].split(".")[0]) for k in expert_keys}
+        for shard in sorted({e // per_file for e in mine}):  # the old EP ranks that held my experts
+            part = _read(folder / f"experts-ep{shard}.pt")
+            experts["model"].update({k: v for k, v in part["model"].items() if k in expert_keys})
+            experts["optimizer"].update({k: v for k, v in part["optimizer"].items() if k in expert_keys})
+    experts = topo.edp_comm.bcast(experts, root=0)  # collective over the EDP group
+
+    try:
+        model.load_state_dict({**dense["model"], **experts["model"]}, strict=True)
+    except RuntimeError as err:
+        raise CheckpointError(f"{folder}: the weights do not fit this model: {str(err).splitlines()[0]}") from None
+    _load_optimizer_state(folder, model, optimizer, {**dense["optimizer"], **experts["optimizer"]})
+    if marker["world_size"] == topo.world_size:
+        set_rng_state(_read(folder / f"rng-rank{topo.rank:05d}.pt"))
+    else:
+        log(f"resume: saved on {marker['world_size']} rank(s), now {topo.world_size}: RNG states start from the seed "
+            f"(the training step draws no random numbers, so the trajectory is unaffected)")
+    if (marker["dp"], marker["ep"]) != (topo.layout.dp, topo.layout.ep):
+        log(f"resume: dp × ep = {marker['dp']} × {marker['ep']} → {topo.layout.dp} × {topo.layout.ep}"
+            + (" (experts re-sharded)" if marker["ep"] != topo.layout.ep and expert_keys else ""))
+    return dense["meta"]
+
+
+def _check_model_config(folder: Path, saved: dict[str, Any], model: torch.nn.Module) -> None:
+    def plain(d: dict) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+    now, then = plain(dataclasses.asdict(model.cfg)), plain(saved)
+    differ = [f"model.{k} = {then.get(k)!r} in the checkpoint, {now.get(k)!r} now"
+              for k in sorted(set(now) | set(then)) if now.get(k) != then.get(k)]
+    if differ:
+        raise CheckpointError(f"{folder}: the checkpoint's model differs from this config's: {'; '.join(differ)}")
+
+
+def _load_optimizer_state(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                          saved: dict[str, dict]) -> None:
+    """Per-name state onto this optimizer's parameters (through load_state_dict: dtype and device
+    follow the parameters)."""
+    names = {id(p): name for name, p in model.named_parameters()}
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    missing = sorted(trainable - saved.keys())
+    if saved and missing:
+        raise CheckpointError(f"{folder}: no optimizer state for {len(missing)} parameter(s), e.g. {missing[0]}")
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    state = {i: saved[names[id(p)]] for i, p in enumerate(params) if names.get(id(p)) in saved}
+    optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
+
+
+# ---------------------------------------------------------------- the whole model (inference)
 def load(path: Path) -> dict[str, Any]:
+    """{"step", "config", "model"} with the whole model (every expert) from a checkpoint folder, or
+    a single-file checkpoint as saved (the final-step export, or an older exaforce's checkpoint)."""
     path = Path(path)
+    if path.is_dir():
+        if complete(path) is None:
+            raise FileNotFoundError(f"{path}: not a complete checkpoint (no valid {MARKER} marker)")
+        dense = _read(path / "dense.pt")
+        model = dict(dense["model"])
+        for part in sorted(path.glob("experts-ep*.pt")):
+            model.update(_read(part)["model"])
+        return {"step": dense["meta"]["step"], "config": dense["meta"]["config"], "model": model}
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such checkpoint")
     return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def export_model(folder: Path, path: Path) -> Path:
+    """The whole model of checkpoint `folder` as one file (read back from disk: it also proves the
+    folder loads)."""
+    return save_atomic(load(folder), path)

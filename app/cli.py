@@ -132,21 +132,34 @@ def cmd_stage(args: argparse.Namespace) -> None:
 
 # ---------------------------------------------------------------- train
 def cmd_train(args: argparse.Namespace) -> None:
+    """Exit status: 0 done; REQUEUE_EXIT_CODE (75) checkpointed after SIGTERM/SIGUSR1, resubmit with
+    --resume; NONFINITE_EXIT_CODE (3) stopped on a non-finite step; 2 bad input; 1 a rank failed
+    (every rank aborted). See exaforce.faults."""
     from exaforce import config as config_mod
+    from exaforce.faults import RunStopped, StopSignals, abort_job
     from exaforce.topology import Topology
     from exaforce.train import train
 
     topo = None
-    try:
-        cfg = config_mod.load(args.config)
-        overrides = {k: v for k, v in (("out_dir", args.out_dir), ("steps", args.steps)) if v is not None}
-        cfg = config_mod.validate(dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, **overrides)))
-        topo = Topology.from_mpi(dp=cfg.parallel.dp, ep=cfg.parallel.ep)
-        log: Callable[[str], None] = _say if topo.is_root else (lambda message: None)
-        log(topo.table())
-        run_dir = train(cfg, topo, log)
-    except _user_errors() as exc:
-        _fail(str(exc), topo)
+    resume = args.resume if args.resume in (None, "latest") else str(Path(args.resume).resolve())
+    with StopSignals() as signals:  # from here SIGTERM/SIGUSR1 mean: checkpoint at the next step boundary
+        try:
+            cfg = config_mod.load(args.config)
+            overrides = {k: v for k, v in (("out_dir", args.out_dir), ("steps", args.steps), ("resume", resume))
+                         if v is not None}
+            cfg = config_mod.validate(dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, **overrides)))
+            topo = Topology.from_mpi(dp=cfg.parallel.dp, ep=cfg.parallel.ep)
+            log: Callable[[str], None] = _say if topo.is_root else (lambda message: None)
+            log(topo.table())
+            run_dir = train(cfg, topo, log, signals)
+        except _user_errors() as exc:
+            _fail(str(exc), topo)
+        except RunStopped as stop:  # every rank decided it together: a clean exit with its code, no abort
+            raise SystemExit(stop.exit_code) from None
+        except Exception as exc:  # perhaps on this rank alone: abort them all rather than leave them waiting
+            if topo is None:
+                raise
+            abort_job(topo.world, exc)
     log(f"run folder: {run_dir}")
 
 
@@ -307,6 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", required=True, help="TOML run configuration")
     train.add_argument("--out-dir", help="override run.out_dir")
     train.add_argument("--steps", type=int, help="override run.steps")
+    train.add_argument("--resume", nargs="?", const="latest", metavar="latest|PATH",
+                       help="override run.resume: continue from the run folder's newest complete checkpoint "
+                            "(latest, the default; a new run when there is none) or from checkpoint folder PATH")
     train.set_defaults(func=cmd_train)
 
     perf = commands.add_parser("perf", help="performance reports from per-rank perf logs")

@@ -33,6 +33,13 @@ class RunConfig:
     log_every: int = 10                 # rank 0 prints progress every N steps
     checkpoint_every: int = 0           # 0: only at the end
     final_checkpoint: bool = True       # false: no checkpoint at the end (benchmarks of huge models)
+    keep_checkpoints: int = 3           # checkpoint folders kept (the newest); 0: all
+    resume: str = ""                    # "": a new run; "latest": continue out_dir's newest complete checkpoint
+                                        # (a new run if there is none); or a checkpoint folder (CLI: --resume)
+    nonfinite: str = "stop"             # NaN/inf loss or gradient norm: "stop" (checkpoint of the last good
+                                        # state, exit 3) or "skip" (no update for that step, counted)
+    step_timeout_s: float = 1800.0      # watchdog: abort the job when a step (with its validation and
+                                        # checkpoint) makes no progress for this long; 0: off
     val_every: int = 0                  # validation MAE every N steps (0: at the end only), if any is held out
 
 
@@ -158,6 +165,12 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"run.val_every = {cfg.run.val_every}: must be >= 0")
     if cfg.run.checkpoint_every < 0:
         raise ConfigError(f"run.checkpoint_every = {cfg.run.checkpoint_every}: must be >= 0")
+    if cfg.run.keep_checkpoints < 0:
+        raise ConfigError(f"run.keep_checkpoints = {cfg.run.keep_checkpoints}: must be >= 0 (0 keeps all)")
+    if cfg.run.nonfinite not in ("stop", "skip"):
+        raise ConfigError(f"run.nonfinite = {cfg.run.nonfinite!r}: must be 'stop' or 'skip'")
+    if not cfg.run.step_timeout_s >= 0:
+        raise ConfigError(f"run.step_timeout_s = {cfg.run.step_timeout_s}: must be >= 0 (0: no watchdog)")
     if bool(cfg.data.train) == bool(cfg.data.datasets):
         raise ConfigError("data: give the training datasets either as data.train (paths) or as [[data.datasets]] tables")
     for i, d in enumerate(cfg.data.datasets):
@@ -253,6 +266,11 @@ def model_from_dict(table: dict[str, Any]) -> ModelConfig:
     return _build(ModelConfig, plain, "model")
 
 
+def resolve_resume(resume: str, base: Path) -> str:
+    """run.resume as given ("" or "latest"), or its checkpoint path made absolute against `base`."""
+    return resume if resume in ("", "latest") or Path(resume).is_absolute() else str((base / resume).resolve())
+
+
 def load(path: str | Path) -> Config:
     """Reads and validates a TOML config; relative dataset paths resolve against the config's folder."""
     path = Path(path)
@@ -276,4 +294,5 @@ def load(path: str | Path) -> Config:
     datasets = tuple(dataclasses.replace(d, path=resolve(d.path)) for d in cfg.data.datasets)
     out_dir = cfg.run.out_dir if Path(cfg.run.out_dir).is_absolute() else str(base / cfg.run.out_dir)
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, train=train, datasets=datasets),
-                               run=dataclasses.replace(cfg.run, out_dir=out_dir))
+                               run=dataclasses.replace(cfg.run, out_dir=out_dir,
+                                                       resume=resolve_resume(cfg.run.resume, base)))

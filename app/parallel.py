@@ -58,18 +58,25 @@ class GradientReduction:
         return sum(r.launches for r in self.reducers)
 
 
-def clip_grad_norm(model: Potential, topo: Topology, max_norm: float) -> float:
-    """Scales all gradients so that the global norm is at most max_norm; returns the norm before.
+def grad_norm(model: Potential, topo: Topology) -> float:
+    """The global gradient norm, the same on every rank (collective over the EP group).
 
     After reduction dense gradients are equal on every rank, and expert gradients are equal across
-    an EDP group, so norm² = dense² + Σ over the EP group of each rank's expert²."""
+    an EDP group, so norm² = dense² + Σ over the EP group of each rank's expert². A NaN or inf in
+    any rank's gradients makes it non-finite everywhere (the reductions spread it)."""
     def squares(params: list[torch.nn.Parameter]) -> float:
         return float(sum(p.grad.pow(2).sum() for p in params if p.grad is not None))
 
     total = squares(model.dense_parameters()) + topo.ep_comm.allreduce(squares(model.expert_parameters()),
                                                                      op=MPI.SUM)  # collective
-    norm = math.sqrt(total)
-    if norm > max_norm:
+    return math.sqrt(total)
+
+
+def clip_grad_norm(model: Potential, topo: Topology, max_norm: float) -> float:
+    """Scales all gradients so that the global norm is at most max_norm (0: never); returns the norm
+    before (collective over the EP group)."""
+    norm = grad_norm(model, topo)
+    if max_norm > 0 and norm > max_norm:
         scale = max_norm / (norm + 1e-6)
         for p in model.parameters():
             if p.grad is not None:

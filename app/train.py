@@ -1,13 +1,18 @@
-"""Training over a dp × ep topology: model → data → parallelize → optimizer → cost calibration → loop.
+"""Training over a dp × ep topology: model → data → parallelize → optimizer → restore → calibration → loop.
 
-The entry point `train(cfg, topo)` reads as the data flow; `train_step` is one step top to bottom.
+The entry point `train(cfg, topo, log)` reads as the data flow; `train_step` is one step top to
+bottom. Faults (exaforce.faults): scheduler signals end a run with a checkpoint at a step boundary
+and REQUEUE_EXIT_CODE; a non-finite step is skipped or stops the run (run.nonfinite); a watchdog
+aborts a job whose step makes no progress. Checkpoints and resume: exaforce.checkpoint.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import resource
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -18,7 +23,9 @@ from exaforce import checkpoint
 from exaforce.config import DTYPES, Config, ConfigError
 from exaforce.dataset import (GlobalIndex, build_global_index, lazy_reader, steps_in_epoch, store_reader,
                                structure_cost)
+from exaforce.checkpoint import step_folder
 from exaforce.evaluate import validation_mae
+from exaforce.faults import NONFINITE_EXIT_CODE, REQUEUE_EXIT_CODE, RunStopped, StopSignals, Watchdog
 from exaforce.io.sampler import deal, global_batches, shard_range
 from exaforce.io.schema import Frames
 from exaforce.loss import structure_losses
@@ -79,6 +86,16 @@ def _fit_world_mean(model: Potential, batches: list[GraphBatch], cfg: Config, to
     model.zero_grad(set_to_none=True)
     mean = np.asarray(topo.world.allreduce(np.asarray(samples))) / topo.world_size  # collective
     return fit_flop_coefficients([tuple(row) for row in mean])
+
+
+def calibrate(model: Potential, index: GlobalIndex, to_batch: Callable[[np.ndarray], GraphBatch], cfg: Config,
+              topo: Topology) -> tuple[dict[str, float], dict[str, float]]:
+    """(FLOP, cost) coefficients from six calibration steps per rank on batches of 1 to 5 of its structures."""
+    mine = np.flatnonzero(~index.is_val_G)[topo.rank::topo.world_size]
+    batches = [to_batch(mine[np.arange(i, i + k) % len(mine)])
+               for i, k in ((0, 1), (1, 2), (3, 3), (6, 4), (10, 2), (12, 5))]
+    flop_coefficients = calibrate_flops(model, batches, cfg, topo)
+    return flop_coefficients, calibrate_cost(model, batches, cfg, topo, flop_coefficients)
 
 
 def calibrate_flops(model: Potential, batches: list[GraphBatch], cfg: Config, topo: Topology) -> dict[str, float]:
@@ -148,11 +165,22 @@ def loss_and_gradients(model: Potential, batch: GraphBatch, cfg: Config, loss_sc
     return {k: float(v.detach().sum()) for k, v in losses.items()}  # host sync point (on a GPU), once per step
 
 
+@dataclass
+class StepResult:
+    loss_sums: dict[str, float]       # this rank's per-term sums over its structures (+ "moe_aux")
+    loss: float                       # the step's global mean loss: the same on every rank
+    grad_norm: float                  # global gradient norm before clipping: the same on every rank
+    updated: bool                     # False: non-finite loss or gradient norm, so no optimizer step
+    times: dict[str, float]
+    routing: Routing | None           # the last micro-batch's
+
+
 def train_step(model: Potential, micro_batches: list[GraphBatch], optimizer: torch.optim.Optimizer,
                reduction: GradientReduction, cfg: Config, topo: Topology, loss_scale: float,
-               lr: float) -> tuple[dict, dict, Routing | None]:
-    """One optimizer step on this rank's share of the global batch, accumulated over micro-batches;
-    returns (loss sums, times, the last micro-batch's routing)."""
+               lr: float) -> StepResult:
+    """One optimizer step on this rank's share of the global batch, accumulated over micro-batches.
+    A non-finite loss or gradient norm skips the update on every rank alike (the caller applies
+    run.nonfinite)."""
     times: dict[str, float] = {}
     optimizer.zero_grad(set_to_none=True)
     t0 = time.perf_counter()
@@ -174,27 +202,53 @@ def train_step(model: Potential, micro_batches: list[GraphBatch], optimizer: tor
         times["imbalance"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     reduction.finish()  # collectives: dense over the world, experts over their EDP group
+    loss = topo.world.allreduce(loss_sums["total"]) * loss_scale / topo.world_size  # collective: global mean
     t1 = time.perf_counter()
-    if cfg.optim.grad_clip > 0:
-        clip_grad_norm(model, topo, cfg.optim.grad_clip)  # collective over the EP group
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    optimizer.step()
+    norm = clip_grad_norm(model, topo, cfg.optim.grad_clip)  # collective over the EP group
+    # Ranks agree before they act: the loss, the norm and the aux loss (world counts) are equal everywhere.
+    updated = all(math.isfinite(x) for x in (loss, norm, loss_sums.get("moe_aux", 0.0)))
+    if updated:
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.step()
+    else:
+        optimizer.zero_grad(set_to_none=True)
     times.update(comm=t1 - t0, optimizer=time.perf_counter() - t1)
-    return loss_sums, times, routings[-1]
+    return StepResult(loss_sums, loss, norm, updated, times, routings[-1])
 
 
 def peak_memory_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def train(cfg: Config, topo: Topology, log: Callable[[str], None]) -> Path:
-    """Runs cfg.run.steps optimizer steps; returns the run folder (perf logs, checkpoint)."""
+@dataclass
+class Progress:
+    """What a checkpoint holds besides weights, optimizer state and RNG states."""
+
+    step: int = 0                     # optimizer steps taken = global batches consumed (the sampler's
+                                      # position) = the LR schedule's step
+    skipped_steps: int = 0            # steps without an update (non-finite, run.nonfinite = "skip")
+    layout: tuple[int, int, int] = (0, 0, 0)   # (world, dp, ep) the coefficients below were measured on
+    flop_coefficients: dict[str, float] = field(default_factory=dict)
+    cost_coefficients: dict[str, float] = field(default_factory=dict)  # the sampler's deal
+
+
+def train(cfg: Config, topo: Topology, log: Callable[[str], None], signals: StopSignals | None = None) -> Path:
+    """Trains up to step cfg.run.steps, from scratch or from a checkpoint (run.resume); returns the
+    run folder (perf logs, checkpoints).
+
+    Ends early, on every rank alike, by raising RunStopped: after a scheduler signal caught by the
+    entry point's `signals` (checkpoint, REQUEUE_EXIT_CODE), or on a non-finite step under
+    run.nonfinite = "stop" (checkpoint of the last good state, NONFINITE_EXIT_CODE)."""
+    signals = signals or StopSignals(install=False)
     dtype = DTYPES[cfg.run.dtype]
     world, rank = topo.world_size, topo.rank
+    layout = (world, topo.layout.dp, topo.layout.ep)
     if cfg.data.global_batch_size < world * cfg.data.micro_batches:
         raise ConfigError(f"data.global_batch_size = {cfg.data.global_batch_size}: need at least "
                           f"{cfg.data.micro_batches} structure(s) per rank on {world} ranks (data.micro_batches)")
+    run_dir = Path(cfg.run.out_dir)
+    resume_from = checkpoint.resume_point(run_dir, cfg.run.resume, topo.world)  # collective; None: a new run
 
     # Model first (on every rank, same seed), then data, validated against the model's elements.
     torch.manual_seed(cfg.run.seed)
@@ -219,101 +273,148 @@ def train(cfg: Config, topo: Topology, log: Callable[[str], None]) -> Path:
     reduction = GradientReduction(model, topo, cfg.comm)
     optimizer, lr_at = make_optimizer(model, cfg)
 
+    # Restore after the optimizer exists (its state is restored too); weights overwrite the synced start.
+    progress = Progress()
+    if resume_from:
+        progress = Progress(**checkpoint.restore(resume_from, model, optimizer, topo, log)["progress"])
+        log(f"resumed from {resume_from} at step {progress.step}")
+    elif cfg.run.resume == "latest":
+        log(f"resume: no complete checkpoint in {run_dir / 'checkpoints'}: a new run")
+
     def to_batch(global_indices: np.ndarray) -> GraphBatch:
         return build_batch(reader.fetch(global_indices), species_of, cfg.model.cutoff, cfg.model.three_body_cutoff,
                            index.head_G[global_indices], len(cfg.model.heads)).to("cpu", dtype)
 
-    # Perf accounting and the cost model: all ranks calibrate together; rank 0 measures the peak FLOP/s.
-    run_dir = Path(cfg.run.out_dir)
-    mine = np.flatnonzero(~index.is_val_G)[rank::world]
-    calibration = [to_batch(mine[np.arange(i, i + k) % len(mine)])
-                   for i, k in ((0, 1), (1, 2), (3, 3), (6, 4), (10, 2), (12, 5))]
-    flop_coefficients = calibrate_flops(model, calibration, cfg, topo)
-    cost_coefficients = calibrate_cost(model, calibration, cfg, topo, flop_coefficients)
+    # Perf accounting and the cost model: all ranks calibrate together, once per layout (a resumed run
+    # reuses the checkpoint's, so it deals every step exactly as the interrupted run would have).
+    if progress.layout != layout:
+        progress.flop_coefficients, progress.cost_coefficients = calibrate(model, index, to_batch, cfg, topo)
+        progress.layout = layout
+    flop_coefficients, cost_coefficients = progress.flop_coefficients, progress.cost_coefficients
     cost_G = structure_cost(index, cost_coefficients)
     machine = topo.world.bcast(local_machine(dtype) if rank == 0 else None, root=0)  # collective
-    perf = PerfLogWriter(run_dir, rank)
-    perf.header(rank=rank, world_size=world, config=cfg.to_dict(), topology=topo.describe(),
-                machine=machine, flop_coefficients=flop_coefficients)
+    perf = PerfLogWriter(run_dir, rank, append=resume_from is not None)
+    perf.header(rank=rank, world_size=world, config=cfg.to_dict(), topology=topo.describe(), machine=machine,
+                flop_coefficients=flop_coefficients, resumed_from_step=progress.step if resume_from else None)
     n_params = sum(p.numel() for p in model.dense_parameters()) + topo.ep_comm.allreduce(
         sum(p.numel() for p in model.expert_parameters()))  # collective
     epoch_steps = steps_in_epoch(index, cfg.data.global_batch_size)
     log(f"training {n_params:,} parameters on {world} rank(s), {len(sources)} dataset(s) "
         f"({n_train} training structures), global batch {cfg.data.global_batch_size}, "
-        f"~{epoch_steps} steps/epoch, {cfg.run.steps} steps; cost/structure = "
+        f"~{epoch_steps} steps/epoch, steps {progress.step + 1}–{cfg.run.steps}; cost/structure = "
         f"{cost_coefficients['atoms']:.3g}·atoms + {cost_coefficients['edges']:.3g}·edges + "
         f"{cost_coefficients['angles']:.3g}·angles")
-    batches = global_batches(index.weight_G, ~index.is_val_G, cfg.data.global_batch_size, world, cfg.run.seed)
+    batches = global_batches(index.weight_G, ~index.is_val_G, cfg.data.global_batch_size, world, cfg.run.seed,
+                             start_step=progress.step)
 
+    saved = resume_from  # the newest checkpoint of this trajectory
+
+    def save(state: Progress) -> Path:  # collective; a step already on disk is not written again
+        nonlocal saved
+        if saved != step_folder(run_dir, state.step):
+            saved = checkpoint.save(run_dir, state.step, model, optimizer, topo, checkpoint_meta(cfg, state),
+                                    cfg.run.keep_checkpoints)
+        return saved
+
+    stop: RunStopped | None = None
     wall0 = time.perf_counter()
-    for step in range(1, cfg.run.steps + 1):
-        t0 = time.perf_counter()
-        epoch, global_batch = next(batches)
-        shares = deal(global_batch, cost_G[global_batch], world, cfg.data.balance)
-        n_micro = min(cfg.data.micro_batches, min(len(share) for share in shares))  # the same on every rank
-        micro_batches = [to_batch(part) for part in np.array_split(shares[rank], n_micro)]
-        loss_scale = world / len(global_batch)  # the mean over this step's global batch
-        t_data = time.perf_counter() - t0
-        lr = lr_at(step)
-        loss_sums, times, routing = train_step(model, micro_batches, optimizer, reduction, cfg, topo, loss_scale, lr)
-        counts = {k: sum(b.counts()[k] for b in micro_batches) for k in micro_batches[0].counts()}
-        times["data"] = t_data
-        times["total"] = time.perf_counter() - t0
-        share_cost = [float(cost_G[share].sum()) for share in shares]  # predicted seconds per rank
-        extra = {"cost": share_cost[rank], "cost_max_over_mean": max(share_cost) / max(np.mean(share_cost), 1e-30)}
-        if routing:
-            extra.update(moe_aux=loss_sums.pop("moe_aux"), expert_load=routing.expert_load())
-        if (cfg.run.val_every and step % cfg.run.val_every == 0) or step == cfg.run.steps:
-            extra["val"] = validation_mae(model, index, to_batch, cost_G, max(1, len(global_batch) // world), topo,
-                                          cfg.comm.backend)  # collective
-            for head, m in extra["val"].items():
-                log(f"validation {head}: energy MAE {m['energy_mev_per_atom']:.1f} meV/atom, forces MAE "
-                    f"{m['forces_mev_per_a']:.1f} meV/Å ({m['structures']} structures)")
-        perf.step(step=step, epoch=epoch, times=times, loss_sum=loss_sums,
-                  flops=predict_flops(flop_coefficients, counts["atoms"], counts["edges"], counts["angles"]),
-                  peak_mem_bytes=peak_memory_bytes(), lr=lr, extra=extra, **counts)
-        if rank == 0 and (step % cfg.run.log_every == 0 or step == 1 or step == cfg.run.steps):
-            log(f"step {step:>5}/{cfg.run.steps}  loss(rank 0) {loss_sums['total'] / counts['structures']:.4g}  "
-                f"{times['total'] * 1e3:.0f} ms")
-        if cfg.run.checkpoint_every and step % cfg.run.checkpoint_every == 0:
-            save_checkpoint(model, optimizer, cfg, step, run_dir, topo)
-    perf.end(steps=cfg.run.steps, wall_s=time.perf_counter() - wall0)
+    with Watchdog(topo.world, cfg.run.step_timeout_s) as watchdog:
+        for step in range(progress.step + 1, cfg.run.steps + 1):
+            watchdog.beat(f"step {step}")
+            t0 = time.perf_counter()
+            epoch, global_batch = next(batches)
+            shares = deal(global_batch, cost_G[global_batch], world, cfg.data.balance)
+            n_micro = min(cfg.data.micro_batches, min(len(share) for share in shares))  # the same on every rank
+            micro_batches = [to_batch(part) for part in np.array_split(shares[rank], n_micro)]
+            loss_scale = world / len(global_batch)  # the mean over this step's global batch
+            t_data = time.perf_counter() - t0
+            lr = lr_at(step)
+            result = train_step(model, micro_batches, optimizer, reduction, cfg, topo, loss_scale, lr)
+            if not result.updated and cfg.run.nonfinite == "skip":
+                progress.skipped_steps += 1
+            times, loss_sums = result.times, result.loss_sums
+            counts = {k: sum(b.counts()[k] for b in micro_batches) for k in micro_batches[0].counts()}
+            times["data"] = t_data
+            times["total"] = time.perf_counter() - t0
+            share_cost = [float(cost_G[share].sum()) for share in shares]  # predicted seconds per rank
+            extra = {"cost": share_cost[rank], "cost_max_over_mean": max(share_cost) / max(np.mean(share_cost), 1e-30),
+                     "loss": result.loss, "grad_norm": result.grad_norm, "skipped_steps": progress.skipped_steps}
+            if not result.updated:
+                extra["skipped"] = True
+            if result.routing:
+                extra.update(moe_aux=loss_sums.pop("moe_aux"), expert_load=result.routing.expert_load())
+            if (cfg.run.val_every and step % cfg.run.val_every == 0) or step == cfg.run.steps:
+                watchdog.beat(f"validation at step {step}")
+                extra["val"] = validation_mae(model, index, to_batch, cost_G, max(1, len(global_batch) // world), topo,
+                                              cfg.comm.backend)  # collective
+                for head, m in extra["val"].items():
+                    log(f"validation {head}: energy MAE {m['energy_mev_per_atom']:.1f} meV/atom, forces MAE "
+                        f"{m['forces_mev_per_a']:.1f} meV/Å ({m['structures']} structures)")
+            perf.step(step=step, epoch=epoch, times=times, loss_sum=loss_sums,
+                      flops=predict_flops(flop_coefficients, counts["atoms"], counts["edges"], counts["angles"]),
+                      peak_mem_bytes=peak_memory_bytes(), lr=lr, extra=extra, **counts)
+            if step % cfg.run.log_every == 0 or step == 1 or step == cfg.run.steps:
+                log(f"step {step:>5}/{cfg.run.steps}  loss {result.loss:.4g}  {times['total'] * 1e3:.0f} ms")
+
+            # Faults: every rank takes the same decision (the loss and the norm are global, signals agreed).
+            if not result.updated:
+                what = f"step {step}: non-finite loss ({result.loss:.6g}) or gradient norm ({result.grad_norm:.6g})"
+                if cfg.run.nonfinite == "stop":
+                    watchdog.beat(f"checkpoint of step {progress.step}")
+                    stop = RunStopped(f"{what}: stopping (run.nonfinite = \"stop\"); the last good state (step "
+                                      f"{progress.step}) is in {save(progress)}; exiting {NONFINITE_EXIT_CODE}",
+                                      NONFINITE_EXIT_CODE)
+                    break
+                log(f"{what}: step skipped, no parameter update (run.nonfinite = \"skip\"; "
+                    f"{progress.skipped_steps} skipped so far)")
+            progress.step = step
+            if cfg.run.checkpoint_every and step % cfg.run.checkpoint_every == 0:
+                watchdog.beat(f"checkpoint of step {step}")
+                save(progress)
+            signal_name = signals.agreed(topo.world)  # collective: 8 bytes once a step, the whole cost of signals
+            if signal_name:
+                watchdog.beat(f"checkpoint of step {step}")
+                stop = RunStopped(f"signal {signal_name} received at step {step}: checkpoint written to "
+                                  f"{save(progress)}; exiting {REQUEUE_EXIT_CODE} for requeue", REQUEUE_EXIT_CODE)
+                break
+
+        if stop is None:
+            perf.end(steps=cfg.run.steps, wall_s=time.perf_counter() - wall0, skipped_steps=progress.skipped_steps)
+            peaks = topo.world.gather(peak_memory_bytes(), root=0)  # collective
+            if rank == 0:
+                log("peak memory per rank (max RSS): " + ", ".join(f"{r}: {b / 2**30:.2f} GiB"
+                                                                   for r, b in enumerate(peaks)))
+            if cfg.run.final_checkpoint:
+                watchdog.beat("final checkpoint")
+                folder = save(progress)
+                log(f"checkpoint: {folder}; model: {export_model(folder, topo)}")  # collective
     perf.close()
     reader.close()
-    peaks = topo.world.gather(peak_memory_bytes(), root=0)  # collective
-    if rank == 0:
-        log("peak memory per rank (max RSS): " + ", ".join(f"{r}: {b / 2**30:.2f} GiB" for r, b in enumerate(peaks)))
-    if cfg.run.final_checkpoint:
-        path = save_checkpoint(model, optimizer, cfg, cfg.run.steps, run_dir, topo)
-        log(f"checkpoint: {path}")
-    topo.world.Barrier()  # collective: nobody reports done before the checkpoint exists
+    if stop is not None:
+        log(str(stop))
+        raise stop
     return run_dir
 
 
-def full_model_state(model: Potential, topo: Topology) -> dict | None:
-    """The whole model's state on world rank 0 (None elsewhere): with ep > 1 the expert shards of
-    the first EP group are gathered to it (collective over that group)."""
-    state = model.state_dict()
-    if topo.layout.ep == 1:
-        return state if topo.is_root else None
-    if topo.layout.coords(topo.rank)[0] != 0:
-        return None
-    shards = topo.ep_comm.gather({k: v for k, v in state.items() if ".experts." in k}, root=0)  # collective
-    if not topo.is_root:
-        return None
-    for shard in shards:
-        state.update(shard)
-    return state
+def checkpoint_meta(cfg: Config, progress: Progress) -> dict:
+    """What dense.pt carries besides the weights: `step` and `config` (read by exaforce.checkpoint.load), progress."""
+    return {"step": progress.step, "config": cfg.to_dict(), "progress": dataclasses.asdict(progress)}
+
+
+def export_model(folder: Path, topo: Topology) -> Path:
+    """Collective: rank 0 writes the whole model of checkpoint `folder` as one file beside it (what the
+    ASE calculator, `exaforce predict` and fine-tuning read); returns its path."""
+    path = folder.with_suffix(".pt")
+    if topo.is_root:
+        checkpoint.export_model(folder, path)
+    topo.world.Barrier()  # collective: nobody reports the file before it exists
+    return path
 
 
 def save_checkpoint(model: Potential, optimizer: torch.optim.Optimizer, cfg: Config, step: int, run_dir: Path,
                     topo: Topology) -> Path:
-    """One file with the full model. The optimizer state is saved for ep = 1 only: its expert part is
-    sharded with the experts (sharded checkpoints and exact resume: the fault-tolerance issue)."""
-    path = run_dir / "checkpoints" / f"step-{step:08d}.pt"
-    model_state = full_model_state(model, topo)
-    if topo.is_root:
-        state = {"step": step, "config": cfg.to_dict(), "model": model_state,
-                 "optimizer": optimizer.state_dict() if topo.layout.ep == 1 else None}
-        checkpoint.save_atomic(state, path)
-    return path
+    """Collective: checkpoint folder `step` of a model trained outside train() (no sampler progress:
+    resuming from it recalibrates), and the whole model in one file beside it; returns that file."""
+    folder = checkpoint.save(Path(run_dir), step, model, optimizer, topo, checkpoint_meta(cfg, Progress(step=step)),
+                             cfg.run.keep_checkpoints)
+    return export_model(folder, topo)

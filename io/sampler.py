@@ -3,11 +3,14 @@ replicated per-structure facts, so every rank computes the same answer without c
 
 Epoch: each training structure with weight w appears ⌊w⌋ times plus once more with probability
 w − ⌊w⌋ (a seeded choice), so weight 1 visits every structure exactly once per epoch and larger
-weights oversample small datasets; the list is shuffled (seeded by seed and epoch) and cut into
-global batches, the last one taking the remainder (a remainder smaller than the world joins the
-batch before it, so every rank always gets a structure). Deal: longest-processing-time first —
-structures by decreasing predicted cost, each to the rank with the least cost so far — or
-round-robin (`balance = False`, the naive baseline).
+weights oversample small datasets; the list of n structures is shuffled (seeded by seed and epoch)
+and cut into ⌊n / global_batch⌋ global batches of near-equal size (global_batch to
+2·global_batch − 1 structures, the remainder spread over them; one batch if n < global_batch).
+Step k's global batch is therefore a pure function of (seed, epoch, k), never of the number of
+ranks: a run resumed on a different number of ranks trains on the same global batches (the one
+exception: an epoch drawn with fewer structures than ranks, possible only with weights < 1, is
+skipped). Deal: longest-processing-time first — structures by decreasing predicted cost, each to
+the rank with the least cost so far — or round-robin (`balance = False`, the naive baseline).
 """
 
 from __future__ import annotations
@@ -38,21 +41,27 @@ def epoch_order(weight_G: np.ndarray, train_G: np.ndarray, seed: int, epoch: int
 
 
 def global_batches(weight_G: np.ndarray, train_G: np.ndarray, global_batch: int, world: int,
-                   seed: int) -> Iterator[tuple[int, np.ndarray]]:
-    """(epoch, global indices) of every step, forever."""
+                   seed: int, start_step: int = 0) -> Iterator[tuple[int, np.ndarray]]:
+    """(epoch, global indices) of every step after the first `start_step` (the sampler position of
+    a resumed run), forever. `world` is checked, and used only to skip a degenerate epoch."""
     if global_batch < world:
         raise ValueError(f"data.global_batch_size = {global_batch}: must be >= the {world} ranks")
     if float(weight_G[train_G].sum()) < world:
         raise ValueError(f"an epoch holds about {weight_G[train_G].sum():.1f} structures, fewer than the {world} ranks")
+    if start_step < 0:
+        raise ValueError(f"start_step = {start_step}: must be >= 0")
+    skip = start_step
     for epoch in itertools.count():
         order = epoch_order(weight_G, train_G, seed, epoch)
         if len(order) < world:  # an epoch drawn shorter than the world (weights < 1): draw the next
             continue
-        cuts = list(range(global_batch, len(order), global_batch))
-        if cuts and len(order) - cuts[-1] < world:
-            cuts.pop()
-        for batch in np.split(order, cuts):
+        batches = np.array_split(order, max(1, len(order) // global_batch))
+        if skip >= len(batches):  # resuming: this whole epoch was trained on before
+            skip -= len(batches)
+            continue
+        for batch in batches[skip:]:
             yield epoch, batch
+        skip = 0
 
 
 def deal(indices: np.ndarray, cost: np.ndarray, world: int, balance: bool = True) -> list[np.ndarray]:

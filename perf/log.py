@@ -1,7 +1,8 @@
 """Per-rank JSONL performance logs: one header record, one record per step, one end record.
 
 Each rank appends to RUN_DIR/perf/rank-RRRRR.jsonl and flushes every record, so a run that
-crashes half-way leaves every complete line readable. The schema is in perf/SCHEMA.md.
+crashes half-way leaves every complete line readable. A resumed run appends to the same file: a
+new header (with `resumed_from_step`) starts its segment. The schema is in perf/SCHEMA.md.
 """
 
 from __future__ import annotations
@@ -37,25 +38,32 @@ def software_versions() -> dict[str, str]:
 
 
 class PerfLogWriter:
-    """Appends records for one rank; every record is one flushed line."""
+    """Writes records for one rank; every record is one flushed line. A new run truncates the file;
+    a resumed one (`append=True`) keeps it, dropping a last line torn by the crash it resumes from."""
 
-    def __init__(self, run_dir: Path, rank: int):
+    def __init__(self, run_dir: Path, rank: int, append: bool = False):
         self.path = rank_log_path(run_dir, rank)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file: TextIO = open(self.path, "w", encoding="utf-8")
+        if append and self.path.exists():
+            _drop_torn_last_line(self.path)
+        self._file: TextIO = open(self.path, "a" if append else "w", encoding="utf-8")
 
     def _write(self, record: dict[str, Any]) -> None:
         self._file.write(json.dumps(record, separators=(",", ":")) + "\n")
         self._file.flush()
 
     def header(self, *, rank: int, world_size: int, config: dict, topology: dict,
-               machine: dict, flop_coefficients: dict[str, float]) -> None:
-        self._write({
+               machine: dict, flop_coefficients: dict[str, float], resumed_from_step: int | None = None) -> None:
+        """`resumed_from_step`: the checkpoint's step when this segment continues an earlier run."""
+        record = {
             "kind": "header", "schema": SCHEMA_VERSION, "rank": rank, "world_size": world_size,
             "hostname": socket.gethostname(), "pid": os.getpid(), "unix_time": time.time(),
             "config": config, "topology": topology, "machine": machine,
             "versions": software_versions(), "flop_coefficients": flop_coefficients,
-        })
+        }
+        if resumed_from_step is not None:
+            record["resumed_from_step"] = resumed_from_step
+        self._write(record)
 
     def step(self, *, step: int, epoch: int, times: dict[str, float], loss_sum: dict[str, float],
              structures: int, atoms: int, edges: int, angles: int, flops: float,
@@ -73,8 +81,28 @@ class PerfLogWriter:
         }
         self._write({**record, **(extra or {})})
 
-    def end(self, *, steps: int, wall_s: float) -> None:
-        self._write({"kind": "end", "steps": steps, "wall_s": wall_s})
+    def end(self, *, steps: int, wall_s: float, skipped_steps: int = 0) -> None:
+        self._write({"kind": "end", "steps": steps, "wall_s": wall_s, "skipped_steps": skipped_steps})
 
     def close(self) -> None:
         self._file.close()
+
+
+def _drop_torn_last_line(path: Path) -> None:
+    """Cut a file after its last newline: a record half-written when the process died is not a record,
+    and appending after it would glue the next record onto it."""
+    with open(path, "rb+") as f:
+        end = f.seek(0, os.SEEK_END)
+        position = end
+        while position > 0:  # backwards in chunks: the log of a long run is large
+            start = max(0, position - 65536)
+            f.seek(start)
+            chunk = f.read(position - start)
+            if position == end and chunk.endswith(b"\n"):
+                return
+            newline = chunk.rfind(b"\n")
+            if newline >= 0:
+                f.truncate(start + newline + 1)
+                return
+            position = start
+        f.truncate(0)

@@ -61,7 +61,7 @@ def main(out_path: str, backend: str) -> None:
     scale = topo.world_size / GLOBAL_BATCH
 
     def step_grads(micro: list) -> tuple[dict[str, np.ndarray], float]:
-        sums, _, _ = train_step(model, micro, optimizer, reduction, cfg, topo, scale, 0.0)
+        sums = train_step(model, micro, optimizer, reduction, cfg, topo, scale, 0.0).loss_sums
         return {n: p.grad.numpy().copy() for n, p in model.named_parameters()}, sums["total"]
 
     union, loss_union = step_grads([batch])
