@@ -225,15 +225,17 @@ def restore(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimiz
             log: Callable[[str], None]) -> dict[str, Any]:
     """Collective over the world: loads checkpoint `folder` into `model` and `optimizer` on this
     topology (re-sharding the experts if ep changed) and this rank's RNG states (when the world size
-    is the one that saved them); returns the `meta` given to `save`. Rank 0 reads the dense part and
-    broadcasts it; the first rank of each EDP group reads the expert files holding its experts and
-    broadcasts them over the group, so a large job does not read each file thousands of times."""
+    is the one that saved them); returns the `meta` given to `save`. Rank 0 reads the marker and the
+    dense part and broadcasts them; the first rank of each EDP group reads the expert files holding
+    its experts and broadcasts them over the group; every rank reads only its own RNG file."""
     folder = Path(folder)
-    marker = complete(folder)
+    marker, dense = None, None
+    if topo.is_root:  # one reader: a job of thousands of ranks must not stat and read every file thousands of times
+        marker = complete(folder)
+        dense = _read(folder / "dense.pt") if marker is not None else None
+    marker, dense = broadcast_state((marker, dense), topo.world)  # collective
     if marker is None:
         raise CheckpointError(f"{folder}: not a complete checkpoint")
-    dense = _read(folder / "dense.pt") if topo.is_root else None
-    dense = topo.world.bcast(dense, root=0)  # collective
     _check_model_config(folder, dense["meta"]["config"]["model"], model)
 
     expert_keys = _expert_keys(model)
@@ -245,7 +247,7 @@ def restore(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimiz
             part = _read(folder / f"experts-ep{shard}.pt")
             experts["model"].update({k: v for k, v in part["model"].items() if k in expert_keys})
             experts["optimizer"].update({k: v for k, v in part["optimizer"].items() if k in expert_keys})
-    experts = topo.edp_comm.bcast(experts, root=0)  # collective over the EDP group
+    experts = broadcast_state(experts, topo.edp_comm)  # collective over the EDP group
 
     try:
         model.load_state_dict({**dense["model"], **experts["model"]}, strict=True)
@@ -261,6 +263,50 @@ def restore(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimiz
         log(f"resume: dp × ep = {marker['dp']} × {marker['ep']} → {topo.layout.dp} × {topo.layout.ep}"
             + (" (experts re-sharded)" if marker["ep"] != topo.layout.ep and expert_keys else ""))
     return dense["meta"]
+
+
+class _Slot:
+    """Where a tensor sits in a broadcast state: its index, dtype and shape."""
+
+    def __init__(self, index: int, tensor: torch.Tensor):
+        self.index, self.dtype, self.shape = index, tensor.dtype, tuple(tensor.shape)
+
+
+def broadcast_state(state: Any, comm: Any, chunk_bytes: int = 2**30) -> Any:
+    """Collective: `state` (nested dicts, lists, tuples with tensors inside) from comm rank 0 to every
+    rank. The structure travels pickled; tensor bytes travel as raw buffers (MPI Bcast, in chunks of
+    at most 1 GiB), so a multi-GB state is neither pickled nor copied more than once."""
+    if comm.Get_size() == 1:
+        return state
+    tensors: list[torch.Tensor] = []
+
+    def strip(obj: Any) -> Any:
+        if isinstance(obj, torch.Tensor):
+            tensors.append(obj.detach().contiguous())
+            return _Slot(len(tensors) - 1, obj)
+        if isinstance(obj, dict):
+            return {k: strip(v) for k, v in obj.items()}
+        if isinstance(obj, (list, tuple)):
+            return type(obj)(strip(v) for v in obj)
+        return obj
+
+    root = comm.Get_rank() == 0
+    skeleton = comm.bcast(strip(state) if root else None, root=0)  # collective: structure and slots
+
+    def fill(obj: Any) -> Any:
+        if isinstance(obj, _Slot):
+            tensor = tensors[obj.index] if root else torch.empty(obj.shape, dtype=obj.dtype)
+            raw = tensor.reshape(-1).view(torch.uint8).numpy()
+            for start in range(0, raw.size, chunk_bytes):
+                comm.Bcast(raw[start:start + chunk_bytes], root=0)  # collective: raw bytes
+            return tensor
+        if isinstance(obj, dict):
+            return {k: fill(v) for k, v in obj.items()}
+        if isinstance(obj, (list, tuple)):
+            return type(obj)(fill(v) for v in obj)
+        return obj
+
+    return fill(skeleton)
 
 
 def _check_model_config(folder: Path, saved: dict[str, Any], model: torch.nn.Module) -> None:

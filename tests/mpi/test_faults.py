@@ -291,3 +291,60 @@ def test_nan_stops_with_the_last_good_state(dataset, root, tmp_path):
     assert checkpoint.latest(run_dir) == folder
     got, want = parameters(run_dir, 2), parameters(reference, 2)
     assert all(float((got[k] - v).abs().max()) <= 1e-12 * float(v.abs().max()) for k, v in want.items())
+
+
+# ---------------------------------------------------------------- the pieces, without MPI
+def test_global_batches_depend_on_the_step_only():
+    """The sampler position is the step: starting at step k gives steps k+1, k+2, … of the full sequence,
+    and the global batches are the same for any number of ranks (fractional weights: epochs of varying
+    length are crossed)."""
+    import itertools
+
+    import numpy as np
+
+    from exaforce.io.sampler import global_batches
+
+    weight, train_G = np.r_[np.ones(30), np.full(10, 0.5), np.full(5, 2.5)], np.ones(45, bool)
+    full = list(itertools.islice(global_batches(weight, train_G, 8, 1, seed=7), 40))
+    assert len({epoch for epoch, _ in full}) >= 5 and min(len(b) for _, b in full) >= 8
+    for world in (2, 4, 8):
+        other = list(itertools.islice(global_batches(weight, train_G, 8, world, seed=7), 40))
+        assert all(e == f and np.array_equal(b, c) for (e, b), (f, c) in zip(full, other))
+    for start in (1, 5, 6, 17, 33):
+        resumed = list(itertools.islice(global_batches(weight, train_G, 8, 2, seed=7, start_step=start), 40 - start))
+        assert all(e == f and np.array_equal(b, c) for (e, b), (f, c) in zip(full[start:], resumed))
+
+
+def test_perf_log_appends_after_a_torn_line(tmp_path):
+    from exaforce.perf.log import PerfLogWriter, rank_log_path
+
+    log = PerfLogWriter(tmp_path, 0)
+    log.header(rank=0, world_size=1, config={}, topology={}, machine={}, flop_coefficients={})
+    log.close()
+    with open(rank_log_path(tmp_path, 0), "a") as f:
+        f.write('{"kind":"step","step":1,"epo')  # killed mid-write
+    log = PerfLogWriter(tmp_path, 0, append=True)
+    log.header(rank=0, world_size=1, config={}, topology={}, machine={}, flop_coefficients={}, resumed_from_step=0)
+    log.close()
+    lines = [json.loads(line) for line in rank_log_path(tmp_path, 0).read_text().splitlines()]
+    assert [(r["kind"], r.get("resumed_from_step")) for r in lines] == [("header", None), ("header", 0)]
+
+
+def test_only_complete_checkpoint_folders_count(tmp_path):
+    """A folder counts when COMPLETE lists every file with its size: not when a file is missing or cut
+    short, not when COMPLETE is absent or torn, never a hidden .partial folder."""
+    root = tmp_path / "checkpoints"
+    for step, damage in ((2, None), (4, "truncated"), (6, "no marker"), (8, "torn marker"), (10, "missing file")):
+        folder = root / f"step-{step:08d}"
+        folder.mkdir(parents=True)
+        (folder / "dense.pt").write_bytes(b"x" * 100)
+        marker = json.dumps({"step": step, "files": {"dense.pt": 100}})
+        if damage == "truncated":
+            (folder / "dense.pt").write_bytes(b"x" * 50)
+        if damage == "missing file":
+            (folder / "dense.pt").unlink()
+        if damage != "no marker":
+            (folder / "COMPLETE").write_text(marker[:10] if damage == "torn marker" else marker)
+    (root / ".step-00000012.partial").mkdir()
+    assert checkpoint.checkpoints(tmp_path) == [root / "step-00000002"]
+    assert checkpoint.latest(tmp_path) == root / "step-00000002"
