@@ -90,17 +90,43 @@ def _read_records(path: Path, warnings: list[str]) -> list[dict[str, Any]]:
     return records
 
 
+def _segments(path: Path, rank: int, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Split one rank file at its headers: [{"header", "steps": {step: record}, "end"}] (perf/SCHEMA.md,
+    'Resumed runs: segments')."""
+    segments: list[dict[str, Any]] = []
+    for lineno, record in enumerate(records, start=1):
+        kind = record.get("kind")
+        if kind == "header":
+            if record.get("schema") != SCHEMA_VERSION:
+                raise ValueError(f"{path}:{lineno}: perf schema {record.get('schema')!r}; this reader knows {SCHEMA_VERSION}")
+            if record.get("rank") != rank:
+                raise ValueError(f"{path}:{lineno}: header says rank {record.get('rank')!r} but the file name says {rank}")
+            segments.append({"header": record, "steps": {}, "end": None})
+        elif not segments:
+            raise ValueError(f"{path}:1: first record has kind {kind!r}, expected 'header'")
+        elif kind == "step":
+            if record["step"] in segments[-1]["steps"]:
+                raise ValueError(f"{path}: step {record['step']} recorded twice in one segment")
+            segments[-1]["steps"][record["step"]] = record
+        elif kind == "end":
+            segments[-1]["end"] = record
+        else:
+            raise ValueError(f"{path}:{lineno}: unknown record kind {kind!r}")
+    return segments
+
+
 def load_run(run_dir: Path) -> Run:
     """Read every RUN_DIR/perf/rank-RRRRR.jsonl. Missing ranks and cut-short files become warnings;
-    a run without any readable rank file, or with contradicting headers, raises."""
+    a run without any readable rank file, or with contradicting headers, raises.
+
+    A resumed run (several segments per file) reads as one run in its latest layout: a step's
+    record is the latest segment's, and steps run on a different world size are left out."""
     run_dir = Path(run_dir)
     perf_dir = run_dir / "perf"
     if not perf_dir.is_dir():
         raise FileNotFoundError(f"no perf logs in run directory {run_dir}: {perf_dir} does not exist")
     warnings: list[str] = []
-    headers: dict[int, dict] = {}
-    steps: dict[int, list[dict]] = {}
-    ends: dict[int, dict] = {}
+    segments_of: dict[int, list[dict]] = {}
     for path in sorted(perf_dir.iterdir()):
         match = RANK_FILE_RE.match(path.name)
         if not match:
@@ -110,39 +136,53 @@ def load_run(run_dir: Path) -> Run:
         if not records:
             warnings.append(f"{path.name}: no complete record (the rank died before writing its header)")
             continue
-        header = records[0]
-        if header.get("kind") != "header":
-            raise ValueError(f"{path}:1: first record has kind {header.get('kind')!r}, expected 'header'")
-        if header.get("schema") != SCHEMA_VERSION:
-            raise ValueError(f"{path}:1: perf schema {header.get('schema')!r}; this reader knows {SCHEMA_VERSION}")
-        if header.get("rank") != rank:
-            raise ValueError(f"{path}:1: header says rank {header.get('rank')!r} but the file name says {rank}")
-        rank_steps: list[dict] = []
-        seen: set[int] = set()
-        for lineno, record in enumerate(records[1:], start=2):
-            kind = record.get("kind")
-            if kind == "step":
-                if record["step"] in seen:
-                    raise ValueError(f"{path}: step {record['step']} recorded twice")
-                seen.add(record["step"])
-                rank_steps.append(record)
-            elif kind == "end":
-                ends[rank] = record
-            else:
-                raise ValueError(f"{path}:{lineno}: unknown record kind {kind!r}")
-        headers[rank], steps[rank] = header, rank_steps
-    if not headers:
+        segments_of[rank] = _segments(path, rank, records)
+    if not segments_of:
         raise FileNotFoundError(f"no readable perf log (rank-RRRRR.jsonl with a header) in {perf_dir}"
                                 + (f"; {'; '.join(warnings)}" if warnings else ""))
 
-    sizes = {h["world_size"] for h in headers.values()}
-    if len(sizes) != 1:
-        raise ValueError(f"perf logs in {perf_dir} disagree on world_size ({sorted(sizes)}): "
-                         f"files of different runs are mixed")
-    world_size = sizes.pop()
-    strays = [r for r in headers if r >= world_size]
-    if strays:
-        raise ValueError(f"perf logs in {perf_dir} for ranks {strays} exceed world_size {world_size}")
+    # The run's current layout is that of its latest segment (the highest resumed_from_step).
+    def started(segment: dict) -> int:
+        return segment["header"].get("resumed_from_step") or 0
+
+    latest = max((segs[-1] for segs in segments_of.values()), key=started)
+    world_size, resumed_at = latest["header"]["world_size"], started(latest)
+    headers: dict[int, dict] = {}
+    steps: dict[int, list[dict]] = {}
+    ends: dict[int, dict] = {}
+    other_layout: set[int] = set()
+    for rank, segments in segments_of.items():
+        if rank >= world_size:
+            if started(segments[-1]) == resumed_at and segments[-1]["header"]["world_size"] == world_size:
+                raise ValueError(f"perf logs in {perf_dir} for rank {rank} exceed world_size {world_size}")
+            warnings.append(f"rank {rank}: its log holds only segments before the resume at step {resumed_at} "
+                            f"(world size then {segments[-1]['header']['world_size']}, now {world_size}); not read")
+            continue
+        if started(segments[-1]) != resumed_at:
+            warnings.append(f"rank {rank}: no segment for the resume at step {resumed_at} (the rank died first?)")
+            continue
+        by_step: dict[int, dict] = {}
+        for segment in segments:  # later segments replace the steps they ran again
+            for step, record in segment["steps"].items():
+                if segment["header"]["world_size"] == world_size:
+                    by_step[step] = record
+                else:
+                    by_step.pop(step, None)
+                    other_layout.add(step)
+        headers[rank], steps[rank] = segments[-1]["header"], [by_step[k] for k in sorted(by_step)]
+        if segments[-1]["end"] is not None:
+            ends[rank] = segments[-1]["end"]
+    if len({h["world_size"] for h in headers.values()}) > 1:
+        raise ValueError(f"perf logs in {perf_dir} disagree on world_size: files of different runs are mixed")
+    resumes = sorted({started(s) for segs in segments_of.values() for s in segs if started(s)})
+    if resumes:
+        warnings.append(f"resumed from checkpoints at step(s) {', '.join(map(str, resumes))}: steps run again "
+                        f"after a resume count once (the latest record)")
+    if other_layout:
+        warnings.append(f"steps {_ranges(sorted(other_layout))} ran on a different world size before a resume "
+                        f"and are left out")
+    if not headers:
+        raise FileNotFoundError(f"no rank of the latest segment (world size {world_size}) has a readable log in {perf_dir}")
     run = Run(run_dir, world_size, headers, steps, ends, warnings)
     if run.missing_ranks:
         warnings.append(f"ranks {_ranges(run.missing_ranks)} of world_size {world_size} have no readable "

@@ -87,3 +87,39 @@ def test_slurm_job_trains_the_demo_on_two_ranks_and_reports(tmp_path):
     assert summary["world_size"] == 2 and summary["ranks_read"] == [0, 1] and summary["n_steps"] == 10, out
     assert summary["warnings"] == [], summary["warnings"]
     assert (run_dir / "report" / "report.html").is_file()
+
+
+@pytest.mark.faults
+def test_local_job_checkpoints_on_the_warning_signal_and_resumes(tmp_path):
+    """SIGUSR1 to the job script (what Slurm's --signal=B:USR1 does) → ranks checkpoint, exit 75; the same
+    script run again resumes, and the report reads the two segments as one run."""
+    import signal
+    import time
+
+    _run(EXAFORCE, "data", "synth", "--out", "emt.extxyz", "--structures", "32", "--seed", "2", cwd=tmp_path)
+    _run(EXAFORCE, "data", "convert", "emt.extxyz", "--out", "emt.bp", "--name", "emt", cwd=tmp_path)
+    (tmp_path / "tiny.toml").write_text('[run]\nsteps = 40\nlog_every = 5\n[model]\npreset = "small"\n'
+                                        '[data]\ntrain = ["emt.bp"]\nglobal_batch_size = 4\n')
+    _run(EXAFORCE, "jobs", "render", "--machine", "local", "--ranks-per-node", "2", "--config", "tiny.toml",
+         "--run-dir", "run", "--stage-dir", str(tmp_path / "stage"), "--out", "job.sh", cwd=tmp_path)
+    job = subprocess.Popen(["bash", "job.sh"], cwd=tmp_path, env=ENV, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
+    perf = tmp_path / "run" / "perf" / "rank-00000.jsonl"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and (not perf.exists() or perf.read_text().count('"kind":"step"') < 3):
+        time.sleep(0.2)
+    job.send_signal(signal.SIGUSR1)
+    out, _ = job.communicate(timeout=120)
+    assert job.returncode == 75, out
+    assert "exiting 75" in out or "requeue" in out, out
+    checkpoints = sorted((tmp_path / "run" / "checkpoints").glob("step-*/COMPLETE"))
+    assert checkpoints, out
+    stopped_at = int(checkpoints[-1].parent.name.split("-")[1])
+    assert 3 <= stopped_at < 40
+
+    out = _run("bash", "job.sh", cwd=tmp_path, timeout=300)  # the requeued job
+    assert f"resume" in out and "step    40/40" in out, out
+    report = _run(EXAFORCE, "perf", "report", "run", cwd=tmp_path)
+    summary = json.loads((tmp_path / "run" / "report" / "summary.json").read_text())
+    assert summary["n_steps"] == 40 and summary["ranks_read"] == [0, 1], report
+    assert any(f"resumed from checkpoints at step(s) {stopped_at}" in w for w in summary["warnings"]), summary["warnings"]

@@ -188,3 +188,42 @@ def test_perf_imports_no_model_trainer_or_cli():
             "bad = [m for m in ('exaforce.model', 'exaforce.train', 'exaforce.cli') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def _segment(run_dir: Path, rank: int, world_size: int, steps: range, resumed_from: int | None, end: bool,
+             step_time: float) -> None:
+    log = PerfLogWriter(run_dir, rank, append=resumed_from is not None)
+    log.header(rank=rank, world_size=world_size, config={}, topology={"dp": world_size, "ep": 1},
+               machine={"name": "test", "peak_flops_per_s": PEAK}, flop_coefficients=COEFFS,
+               resumed_from_step=resumed_from)
+    c = COUNTS[0]
+    for step in steps:
+        log.step(step=step, epoch=0, times={**TIMES[0], "total": step_time}, loss_sum={"total": 1.0},
+                 flops=_flops(c), peak_mem_bytes=1, lr=1e-3, **c)
+    if end:
+        log.end(steps=steps[-1], wall_s=1.0)
+    log.close()
+
+
+def test_resumed_run_reads_as_one_run_with_redone_steps_counted_once(tmp_path):
+    for rank in (0, 1):  # steps 1-6, crash; resume from the checkpoint at step 4: steps 5-8 again at 3 s
+        _segment(tmp_path, rank, 2, range(1, 7), None, end=False, step_time=2.0)
+        _segment(tmp_path, rank, 2, range(5, 9), 4, end=True, step_time=3.0)
+    s = summarize(load_run(tmp_path))
+    assert [st["step"] for st in s["steps"]] == list(range(1, 9))
+    assert [st["step_time_s"] for st in s["steps"]] == [2.0] * 4 + [3.0] * 4  # steps 5, 6: the resumed records
+    assert any("resumed from checkpoints at step(s) 4" in w for w in s["warnings"])
+    assert not any("no end record" in w for w in s["warnings"])
+
+
+def test_resume_on_fewer_ranks_reads_the_latest_layout(tmp_path):
+    for rank in (0, 1):
+        _segment(tmp_path, rank, 2, range(1, 5), None, end=False, step_time=2.0)
+    _segment(tmp_path, 0, 1, range(5, 9), 4, end=True, step_time=3.0)  # resumed on one rank
+    run = load_run(tmp_path)
+    assert run.world_size == 1 and run.ranks == [0]
+    s = summarize(run)
+    assert [st["step"] for st in s["steps"]] == [5, 6, 7, 8]
+    text = " ".join(s["warnings"])
+    assert "rank 1: its log holds only segments before the resume at step 4" in text
+    assert "steps 1-4 ran on a different world size" in text
