@@ -114,10 +114,10 @@ def _launch_lines(machine: JobMachine, ranks: int, rpn: int) -> tuple[str, str, 
     """(staging launcher, training launcher, OpenMP threads per rank)."""
     if machine.name == "frontier":
         return ('srun -N"$N" -n"$N" --ntasks-per-node=1 -c7',
-                'srun -N"$N" -n$((N*8)) -c7 --gpus-per-task=1 --gpu-bind=closest', 7)
+                'srun -N"$N" -n$((N*8)) -c7 --gpus-per-task=1 --gpu-bind=closest --kill-on-bad-exit=1', 7)
     if machine.name == "perlmutter":
         return ('srun -N"$N" -n"$N" --ntasks-per-node=1 -c32',
-                'srun -N"$N" -n$((N*4)) --ntasks-per-node=4 -c32 --cpu-bind=cores --gpus-per-task=1', 16)
+                'srun -N"$N" -n$((N*4)) --ntasks-per-node=4 -c32 --cpu-bind=cores --gpus-per-task=1 --kill-on-bad-exit=1', 16)
     if machine.name == "aurora":
         return ('mpiexec -n "$N" --ppn 1',
                 f'mpiexec -n $((N*12)) --ppn 12 --cpu-bind list:{AURORA_CPU_BIND} "$RUN_DIR/tile-bind.sh"', 8)

@@ -29,7 +29,7 @@ from typing import Any
 
 from .machines import MACHINES
 from .report import (BREAKDOWN_KEYS, COLORS, OTHER, figure, fmt, load_run, save_plot, si, si_parts,
-                     summarize, write_html, write_report)
+                     summarize, write_documents, write_report)
 
 CAMPAIGN_FILE = "campaign.json"
 CAMPAIGN_SCHEMA = 1
@@ -411,9 +411,4 @@ def write_campaign_report(campaign_dir: Path, out_dir: Path | None = None,
                  _plot_flops(summary, rows, out_dir), _plot_breakdown(summary, rows, out_dir)]
     for r in rows:
         write_report(Path(r["run_dir"]), out_dir / "points" / r["name"])
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
-    text = _markdown(summary, plots)
-    path = out_dir / "report.md"
-    path.write_text(text, encoding="utf-8")
-    write_html(out_dir / "report.html", text, f"Scaling report: {campaign_dir.name}")
-    return path
+    return write_documents(out_dir, summary, _markdown(summary, plots), f"Scaling report: {campaign_dir.name}")

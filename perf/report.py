@@ -577,11 +577,15 @@ def write_report(run_dir: Path, out_dir: Path | None = None, summary: dict | Non
     if summary["steps"]:
         plots = [p for p in (_plot_loss(summary, out_dir), _plot_breakdown(summary, out_dir),
                              _plot_throughput(summary, out_dir)) if p]
+    return write_documents(out_dir, summary, _markdown(summary, plots), f"Performance report: {run_dir.name}")
+
+
+def write_documents(out_dir: Path, summary: dict, markdown_text: str, title: str) -> Path:
+    """summary.json, report.md and report.html in out_dir; returns the path of report.md."""
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
-    text = _markdown(summary, plots)
     path = out_dir / "report.md"
-    path.write_text(text, encoding="utf-8")
-    write_html(out_dir / "report.html", text, f"Performance report: {Path(summary['run_dir']).name}")
+    path.write_text(markdown_text, encoding="utf-8")
+    write_html(out_dir / "report.html", markdown_text, title)
     return path
 
 

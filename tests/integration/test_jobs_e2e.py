@@ -43,10 +43,15 @@ def _demo_data(root: Path) -> Path:
     return root / "configs" / "demo.toml"
 
 
+def _emt_dataset(root: Path, structures: int, seed: int) -> None:
+    """root/emt.bp: EMT metals from data synth."""
+    _run(EXAFORCE, "data", "synth", "--out", "emt.extxyz", "--structures", str(structures), "--seed", str(seed), cwd=root)
+    _run(EXAFORCE, "data", "convert", "emt.extxyz", "--out", "emt.bp", "--name", "emt", cwd=root)
+
+
 @pytest.mark.perf
 def test_local_weak_campaign_runs_and_reports_efficiency(tmp_path):
-    _run(EXAFORCE, "data", "synth", "--out", "emt.extxyz", "--structures", "48", "--seed", "1", cwd=tmp_path)
-    _run(EXAFORCE, "data", "convert", "emt.extxyz", "--out", "emt.bp", "--name", "emt", cwd=tmp_path)
+    _emt_dataset(tmp_path, 48, seed=1)
     (tmp_path / "tiny.toml").write_text('[run]\nsteps = 8\nlog_every = 4\nfinal_checkpoint = false\n'
                                         '[model]\npreset = "small"\n[data]\ntrain = ["emt.bp"]\nglobal_batch_size = 4\n')
     _run(EXAFORCE, "jobs", "campaign", "--machine", "local", "--mode", "weak", "--nodes", "1,2",
@@ -96,8 +101,7 @@ def test_local_job_checkpoints_on_the_warning_signal_and_resumes(tmp_path):
     import signal
     import time
 
-    _run(EXAFORCE, "data", "synth", "--out", "emt.extxyz", "--structures", "32", "--seed", "2", cwd=tmp_path)
-    _run(EXAFORCE, "data", "convert", "emt.extxyz", "--out", "emt.bp", "--name", "emt", cwd=tmp_path)
+    _emt_dataset(tmp_path, 32, seed=2)
     (tmp_path / "tiny.toml").write_text('[run]\nsteps = 40\nlog_every = 5\n[model]\npreset = "small"\n'
                                         '[data]\ntrain = ["emt.bp"]\nglobal_batch_size = 4\n')
     _run(EXAFORCE, "jobs", "render", "--machine", "local", "--ranks-per-node", "2", "--config", "tiny.toml",
@@ -118,7 +122,7 @@ def test_local_job_checkpoints_on_the_warning_signal_and_resumes(tmp_path):
     assert 3 <= stopped_at < 40
 
     out = _run("bash", "job.sh", cwd=tmp_path, timeout=300)  # the requeued job
-    assert f"resume" in out and "step    40/40" in out, out
+    assert "resume" in out and "step    40/40" in out, out
     report = _run(EXAFORCE, "perf", "report", "run", cwd=tmp_path)
     summary = json.loads((tmp_path / "run" / "report" / "summary.json").read_text())
     assert summary["n_steps"] == 40 and summary["ranks_read"] == [0, 1], report
