@@ -180,7 +180,7 @@ def test_machine_table_and_local_peak():
     local = local_machine(torch.float32, size=128, repeats=3)
     assert local["name"] == "local-cpu" and local["device"]
     assert local["peak_flops_per_s"] > 1e6
-    assert local["peak_source"].startswith("measured: torch.matmul n=128 median of 3")
+    assert local["peak_source"].startswith("measured: torch.matmul n=128, best of 3")
 
 
 def test_perf_imports_no_model_trainer_or_cli():
