@@ -1,7 +1,17 @@
-"""ASE calculator: energy, forces and stress of an exaforce potential (no create_graph: inference)."""
+"""ASE calculator: energy, forces and stress of an exaforce potential (no create_graph: inference).
+
+    calc = ExaforceCalculator.from_checkpoint("runs/x/checkpoints/step-00001000.pt", head="pbe")
+    calc = ExaforceCalculator.from_preset("small", seed=0)      # random weights: tests, benchmarks
+
+Energy in eV, forces in eV/Å, stress in eV/Å³ (ASE sign, Voigt order xx yy zz yz xz xy). Stress is
+defined for fully periodic cells only; asking for it on a molecule raises ASE's
+PropertyNotImplementedError. Every structure is evaluated with one energy head (dataset/fidelity),
+chosen by name when the calculator is made.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -9,46 +19,55 @@ import torch
 from ase import Atoms
 from ase.calculators.calculator import Calculator, all_changes
 
-from exaforce import checkpoint
-from exaforce.config import DTYPES, ModelConfig, model_from_dict, model_preset
+from exaforce.config import DTYPES, ModelConfig, model_preset
 from exaforce.model.graph import batch_from_atoms
 from exaforce.model.potential import Potential, energy_forces_stress
+from exaforce.pretrained import load_trained
 
+
+def head_index(model: Potential, head: str | None) -> int:
+    """The position of energy head `head` (None: the first) in the model's heads; a clear error otherwise."""
+    heads = model.cfg.heads
+    if head is None:
+        return 0
+    if head not in heads:
+        raise ValueError(f"head {head!r}: this model's heads are {list(heads)}")
+    return heads.index(head)
 
 
 class ExaforceCalculator(Calculator):
-    """Stress is reported for fully periodic cells only (ASE sign and Voigt order, eV/Å³)."""
+    """Takes the model over: converts it to `dtype` and `device`, eval mode, parameters frozen
+    (only positions and strain need gradients)."""
 
     implemented_properties = ["energy", "free_energy", "forces", "stress"]
 
-    def __init__(self, model: Potential, dtype: str = "float64", head: str | None = None, **kwargs):
+    def __init__(self, model: Potential, dtype: str = "float64", head: str | None = None,
+                 device: str = "cpu", **kwargs):
         super().__init__(**kwargs)
         if dtype not in DTYPES:
             raise ValueError(f"dtype {dtype!r}: must be one of {sorted(DTYPES)}")
-        heads = model.cfg.heads
-        if head is not None and head not in heads:
-            raise ValueError(f"head {head!r}: this model's heads are {list(heads)}")
-        self.head_index = heads.index(head) if head is not None else 0  # which dataset/fidelity's energy
-        self.dtype = DTYPES[dtype]
-        self.model = model.to(self.dtype).eval()
+        self.head = head if head is not None else model.cfg.heads[0]
+        self.head_index = head_index(model, head)
+        self.dtype, self.device = DTYPES[dtype], torch.device(device)
+        self.model = model.to(device=self.device, dtype=self.dtype).eval().requires_grad_(False)
         self._species_of = model.species_table()
 
     @classmethod
     def from_preset(cls, name: str, seed: int = 0, dtype: str = "float64", head: str | None = None,
-                    **overrides) -> "ExaforceCalculator":
-        """Random weights (for tests and benchmarks) at a named model size."""
-        import dataclasses
-
+                    device: str = "cpu", **overrides) -> "ExaforceCalculator":
+        """Random weights (for tests and benchmarks) at a named model size; keyword arguments
+        override fields of the preset's ModelConfig (e.g. elements=("Cu", "Au"))."""
         cfg: ModelConfig = dataclasses.replace(model_preset(name), **overrides)
-        torch.manual_seed(seed)
-        return cls(Potential(cfg), dtype=dtype, head=head)
+        with torch.random.fork_rng(devices=[]):  # the caller's RNG stream is left as it was
+            torch.manual_seed(seed)
+            model = Potential(cfg)
+        return cls(model, dtype=dtype, head=head, device=device)
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, dtype: str = "float64", head: str | None = None) -> "ExaforceCalculator":
-        state = checkpoint.load(Path(path))
-        model = Potential(model_from_dict(state["config"]["model"]))
-        model.load_state_dict(state["model"])
-        return cls(model, dtype=dtype, head=head)
+    def from_checkpoint(cls, path: str | Path, dtype: str = "float64", head: str | None = None,
+                        device: str = "cpu") -> "ExaforceCalculator":
+        """The trained model of a checkpoint file, or of a run folder's latest checkpoint."""
+        return cls(load_trained(path).build(), dtype=dtype, head=head, device=device)
 
     def calculate(self, atoms: Atoms | None = None, properties=("energy",), system_changes=all_changes) -> None:
         super().calculate(atoms, properties, system_changes)
@@ -59,9 +78,9 @@ class ExaforceCalculator(Calculator):
         cfg = self.model.cfg
         batch = batch_from_atoms([self.atoms], self._species_of, cfg.cutoff, cfg.three_body_cutoff,
                                  self.head_index, len(cfg.heads))
-        pred = energy_forces_stress(self.model, batch.to("cpu", self.dtype), training=False)
-        energy = float(pred.energy_G[0].detach())
+        pred = energy_forces_stress(self.model, batch.to(self.device, self.dtype), training=False)
+        energy = float(pred.energy_G[0].detach())  # a device→host sync (on a GPU), once per call
         self.results = {"energy": energy, "free_energy": energy,
-                        "forces": pred.forces_N3.detach().numpy().astype(np.float64)}
+                        "forces": pred.forces_N3.detach().cpu().numpy().astype(np.float64)}
         if self.atoms.pbc.all():
-            self.results["stress"] = pred.stress_G6[0].detach().numpy().astype(np.float64)
+            self.results["stress"] = pred.stress_G6[0].detach().cpu().numpy().astype(np.float64)

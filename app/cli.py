@@ -145,8 +145,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     with StopSignals() as signals:  # from here SIGTERM/SIGUSR1 mean: checkpoint at the next step boundary
         try:
             cfg = config_mod.load(args.config)
-            overrides = {k: v for k, v in (("out_dir", args.out_dir), ("steps", args.steps), ("resume", resume))
-                         if v is not None}
+            overrides = {k: v for k, v in (("out_dir", args.out_dir), ("steps", args.steps), ("resume", resume),
+                                           ("init_from", args.init_from), ("freeze", args.freeze)) if v is not None}
             cfg = config_mod.validate(dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, **overrides)))
             topo = Topology.from_mpi(dp=cfg.parallel.dp, ep=cfg.parallel.ep)
             log: Callable[[str], None] = _say if topo.is_root else (lambda message: None)
@@ -161,6 +161,26 @@ def cmd_train(args: argparse.Namespace) -> None:
                 raise
             abort_job(topo.world, exc)
     log(f"run folder: {run_dir}")
+
+
+# ---------------------------------------------------------------- predict
+def cmd_predict(args: argparse.Namespace) -> None:
+    import json
+
+    from exaforce.predict import ModelSource, PredictError, predict
+    from exaforce.topology import Topology
+
+    topo = None
+    try:
+        topo = Topology.from_mpi()
+        log: Callable[[str], None] = _say if topo.is_root else (lambda message: None)
+        source = ModelSource(checkpoint=args.checkpoint, preset=args.preset, seed=args.seed)
+        summary = predict(source, args.data, args.out, topo, batch_size=args.batch_size, head=args.head,
+                          dtype=args.dtype, overwrite=args.overwrite, log=log)
+    except (*_user_errors(), PredictError) as exc:
+        _fail(str(exc), topo)
+    if args.json and topo.is_root:
+        print(json.dumps(summary), flush=True)
 
 
 # ---------------------------------------------------------------- perf
@@ -260,6 +280,19 @@ def cmd_bench_io(args: argparse.Namespace) -> None:
         print(json.dumps(result))
 
 
+def cmd_bench_predict(args: argparse.Namespace) -> None:
+    import json
+
+    from exaforce.bench_predict import bench_predict
+    from exaforce.config import model_preset
+
+    model_preset(args.preset)  # a bad name fails before any work
+    result = bench_predict(args.preset, args.structures, [int(r) for r in args.ranks.split(",")], args.batch_size,
+                           args.repeats, args.dtype, args.compare, _say)
+    if args.json:
+        print(json.dumps(result))
+
+
 def cmd_bench_md(args: argparse.Namespace) -> None:
     import json
 
@@ -323,7 +356,27 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", nargs="?", const="latest", metavar="latest|PATH",
                        help="override run.resume: continue from the run folder's newest complete checkpoint "
                             "(latest, the default; a new run when there is none) or from checkpoint folder PATH")
+    train.add_argument("--init-from", metavar="CHECKPOINT", help="override run.init_from: fine-tune from this "
+                       "checkpoint (file or run folder); heads missing from it start as the mean of its heads")
+    train.add_argument("--freeze", choices=("none", "backbone"), help="override run.freeze: with --init-from, "
+                       "train everything (none) or only the readout and head embeddings (backbone)")
     train.set_defaults(func=cmd_train)
+
+    pred = commands.add_parser("predict", help="energies, forces and stress of every structure of a BP5 dataset "
+                               "(run under mpiexec -n N), written as a BP5 dataset; throughput reported")
+    which = pred.add_mutually_exclusive_group(required=True)
+    which.add_argument("--checkpoint", help="trained checkpoint (file, or a run folder: its latest)")
+    which.add_argument("--preset", help="a model preset with seeded random weights (benchmarks)")
+    pred.add_argument("--seed", type=int, default=0, help="seed of --preset's random weights (default 0)")
+    pred.add_argument("--data", required=True, help="input dataset (DIR.bp)")
+    pred.add_argument("--out", required=True, help="output dataset (DIR.bp): the input's structures, predicted labels")
+    pred.add_argument("--head", help="energy head (dataset/fidelity) to predict with (default: the model's first)")
+    pred.add_argument("--batch-size", type=int, default=16, help="structures per batch (default 16); the numbers "
+                      "depend on it, never on the number of ranks")
+    pred.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    pred.add_argument("--overwrite", action="store_true", help="replace an existing --out atomically")
+    pred.add_argument("--json", action="store_true", help="last line: one JSON object (counts, seconds, throughput)")
+    pred.set_defaults(func=cmd_predict)
 
     perf = commands.add_parser("perf", help="performance reports from per-rank perf logs")
     perf_commands = perf.add_subparsers(dest="perf_command", required=True, metavar="SUBCOMMAND")
@@ -394,6 +447,18 @@ def build_parser() -> argparse.ArgumentParser:
     bio.add_argument("--repeats", type=int, default=5, help="repeats; medians are reported (default 5)")
     bio.add_argument("--json", action="store_true", help="last line: one JSON object")
     bio.set_defaults(func=cmd_bench_io)
+
+    bpred = bench_commands.add_parser("predict", help="`exaforce predict` throughput on 1, 2, … ranks (EMT structures "
+                                      "from data synth), optionally beside the MatRIS reference model's inference")
+    bpred.add_argument("--preset", default="base", help="model preset, random weights (default base)")
+    bpred.add_argument("--structures", type=int, default=200, help="EMT structures, synth seed 0 (default 200)")
+    bpred.add_argument("--ranks", default="1,2", help="comma-separated rank counts (default 1,2)")
+    bpred.add_argument("--batch-size", type=int, default=16, help="structures per batch (default 16)")
+    bpred.add_argument("--repeats", type=int, default=3, help="runs per rank count; medians are reported (default 3)")
+    bpred.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    bpred.add_argument("--compare", choices=["matris"], help="also time the reference model on the same structures")
+    bpred.add_argument("--json", action="store_true", help="last line: one JSON object")
+    bpred.set_defaults(func=cmd_bench_predict)
 
     md = bench_commands.add_parser("md", help="NVE energy drift: 108-atom Cu, 1 fs steps, through the ASE calculator")
     md.add_argument("--checkpoint", required=True, help="trained checkpoint (e.g. demo/run/checkpoints/…)")

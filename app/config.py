@@ -41,6 +41,8 @@ class RunConfig:
     step_timeout_s: float = 1800.0      # watchdog: abort the job when a step (with its validation and
                                         # checkpoint) makes no progress for this long; 0: off
     val_every: int = 0                  # validation MAE every N steps (0: at the end only), if any is held out
+    init_from: str = ""                 # fine-tuning: start from this checkpoint (file or run folder); "": from scratch
+    freeze: str = "none"                # with init_from: "none" trains all, "backbone" only readout + head embeddings
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -165,6 +167,8 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"run.val_every = {cfg.run.val_every}: must be >= 0")
     if cfg.run.checkpoint_every < 0:
         raise ConfigError(f"run.checkpoint_every = {cfg.run.checkpoint_every}: must be >= 0")
+    if cfg.run.freeze not in ("none", "backbone") or (cfg.run.freeze != "none" and not cfg.run.init_from):
+        raise ConfigError(f"run.freeze = {cfg.run.freeze!r}: must be 'none' or 'backbone' (the latter with run.init_from)")
     if cfg.run.keep_checkpoints < 0:
         raise ConfigError(f"run.keep_checkpoints = {cfg.run.keep_checkpoints}: must be >= 0 (0 keeps all)")
     if cfg.run.nonfinite not in ("stop", "skip"):
@@ -295,4 +299,5 @@ def load(path: str | Path) -> Config:
     out_dir = cfg.run.out_dir if Path(cfg.run.out_dir).is_absolute() else str(base / cfg.run.out_dir)
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, train=train, datasets=datasets),
                                run=dataclasses.replace(cfg.run, out_dir=out_dir,
+                                                       init_from=cfg.run.init_from and resolve(cfg.run.init_from),
                                                        resume=resolve_resume(cfg.run.resume, base)))

@@ -19,7 +19,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from exaforce import checkpoint
+from exaforce import checkpoint, finetune
 from exaforce.config import DTYPES, Config, ConfigError
 from exaforce.dataset import (GlobalIndex, build_global_index, lazy_reader, steps_in_epoch, store_reader,
                                structure_cost)
@@ -265,6 +265,7 @@ def train(cfg: Config, topo: Topology, log: Callable[[str], None], signals: Stop
         raise ConfigError(f"data.datasets: an epoch holds about {index.weight_G[~index.is_val_G].sum():.1f} "
                           f"structures (weights × training structures), fewer than the {world} ranks")
     fit_energy_normalisation(model, shards, index, topo)
+    finetune.initialise(model, cfg, log)  # run.init_from, after the fit: inherited heads keep their references
     reader = store_reader(shards, index, topo.world) if cfg.data.sample_store else lazy_reader(sources, index)
     del shards
 

@@ -1,0 +1,179 @@
+"""`exaforce predict` under mpiexec: 1, 2 and 4 ranks write bit-identical predictions, equal to the
+ASE calculator's; the output keeps the input's schema; bad requests fail on every rank with nothing written."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from ase.build import molecule
+
+from conftest import run_mpi
+
+pytestmark = [pytest.mark.inference, pytest.mark.mpi]
+ELEMENTS = ("H", "C", "N", "O", "Al", "Cu", "Ag", "Au", "Ni", "Pd", "Pt")
+N_METALS = 11
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    """11 EMT cells + 3 molecules (no stress) as one BP5 dataset with a charge column, and a two-head
+    model trained on it for 2 steps by `exaforce train` (whatever checkpoint layout the trainer writes)."""
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    from exaforce.io.bp import write_bp
+    from exaforce.io.schema import Frames
+    from exaforce.io.synth import synthesize
+
+    tmp = tmp_path_factory.mktemp("predict")
+    atoms = synthesize(N_METALS, seed=5)
+    for name in ("CH4", "H2O", "CH3CH2OH"):
+        m = molecule(name)
+        m.calc = SinglePointCalculator(m, energy=-10.0 * len(m), forces=np.zeros((len(m), 3)))
+        atoms.append(m)
+    for i, a in enumerate(atoms):
+        a.info["charge"] = float(i % 2)
+    write_bp(Frames.from_atoms(atoms), tmp / "d.bp", "mixed", {"source": "test"}, method="EMT")
+    (tmp / "train.toml").write_text(f"""
+[run]
+out_dir = "{tmp / 'run'}"
+steps = 2
+[data]
+global_batch_size = 4
+[[data.datasets]]
+path = "{tmp / 'd.bp'}"
+head = "pbe"
+[model]
+preset = "small"
+elements = {list(ELEMENTS)!r}
+heads = ["emt", "pbe"]
+""".replace("'", '"'))
+    proc = run_mpi(1, ["-m", "exaforce.cli", "train", "--config", str(tmp / "train.toml")], timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return tmp
+
+
+def predict(work: Path, ranks: int, out: str, *extra: str) -> subprocess.CompletedProcess:
+    return run_mpi(ranks, ["-m", "exaforce.cli", "predict", "--checkpoint", str(work / "run"), "--data",
+                           str(work / "d.bp"), "--out", str(work / out), *extra], timeout=180)
+
+
+def read(path: Path):
+    from exaforce.io.bp import open_bp
+
+    with open_bp(path) as d:
+        return d.read(0, d.n_structures), d.attrs
+
+
+def test_ranks_write_identical_numbers_and_the_input_schema(work):
+    """Batches of 4 over 14 structures: 4 batches on 1, 2 (2 + 2) and 4 ranks (1 each), float64."""
+    outputs = {}
+    for ranks in (1, 2, 4):
+        proc = predict(work, ranks, f"p{ranks}.bp", "--batch-size", "4", "--dtype", "float64", "--head", "pbe",
+                       "--json")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        summary = json.loads(proc.stdout.strip().splitlines()[-1])
+        assert summary["ranks"] == ranks and summary["structures"] == 14 and summary["head"] == "pbe"
+        assert summary["structures_per_s"] > 0 and summary["atoms_per_s"] > summary["structures_per_s"]
+        assert "structures/s" in proc.stdout and "atoms/s" in proc.stdout
+        outputs[ranks] = read(work / f"p{ranks}.bp")
+    one, attrs = outputs[1]
+    for ranks in (2, 4):
+        other, _ = outputs[ranks]
+        for field in ("energy_S", "forces_N3", "stress_S6"):  # exact: same batches, whatever the rank count
+            assert np.array_equal(getattr(one, field), getattr(other, field), equal_nan=True), (ranks, field)
+    source, source_attrs = read(work / "d.bp")
+    for field in ("numbers_N", "positions_N3", "cell_S33", "pbc_S3", "natoms_S", "charge_S"):
+        assert np.array_equal(getattr(one, field), getattr(source, field)), field
+    assert one.magmoms_N is None
+    assert not np.array_equal(one.energy_S, source.energy_S)
+    assert np.isnan(one.stress_S6[N_METALS:]).all() and np.isfinite(one.stress_S6[:N_METALS]).all()
+    from exaforce.pretrained import load_trained
+
+    assert attrs["method"] == f"exaforce:{load_trained(work / 'run').path.resolve()}"
+    assert attrs["name"] == "mixed" and attrs["source"] == "test" and attrs["head"] == "pbe"
+    assert attrs["predicted_from"] == str((work / "d.bp").resolve()) and attrs["schema_version"] == source_attrs[
+        "schema_version"]
+
+
+def test_predictions_equal_the_calculator(work):
+    """float64, any batch size: each structure as the ASE calculator gives it alone (summation order
+    differs between batch compositions, so to 1e-10, not bitwise)."""
+    from exaforce.calculator import ExaforceCalculator
+
+    proc = predict(work, 2, "p-b5.bp", "--batch-size", "5", "--dtype", "float64", "--head", "pbe")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    pred, _ = read(work / "p-b5.bp")
+    calc = ExaforceCalculator.from_checkpoint(work / "run", head="pbe")
+    for s, atoms in enumerate(pred.to_atoms()):
+        atoms.calc = calc
+        assert atoms.get_potential_energy() == pytest.approx(pred.energy_S[s], rel=1e-10, abs=1e-10)
+        lo = pred.offsets_S[s]
+        np.testing.assert_allclose(atoms.get_forces(), pred.forces_N3[lo:lo + len(atoms)], atol=1e-10)
+        if atoms.pbc.all():
+            np.testing.assert_allclose(atoms.get_stress(), pred.stress_S6[s], atol=1e-12)
+
+
+def test_bad_requests_fail_on_every_rank_and_write_nothing(work):
+    proc = predict(work, 2, "p-exists.bp")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    before = sorted(p.name for p in work.iterdir())
+    cases = [
+        ((2, "p-exists.bp"), "already exists (pass --overwrite"),
+        ((2, "d.bp"), "is the input dataset"),
+        ((2, "x.bp", "--head", "b97"), "head 'b97': this model's heads are ['emt', 'pbe']"),
+        ((1, "x.bp", "--batch-size", "0"), "--batch-size 0: must be >= 1"),
+    ]
+    for (ranks, *args), message in cases:
+        proc = predict(work, ranks, *args)
+        assert proc.returncode != 0 and message in proc.stderr, (args, proc.stderr[-2000:])
+    proc = run_mpi(2, ["-m", "exaforce.cli", "predict", "--checkpoint", str(work / "nope.pt"), "--data",
+                       str(work / "d.bp"), "--out", str(work / "x.bp")], timeout=120)
+    assert proc.returncode != 0 and "nope.pt: no such checkpoint" in proc.stderr
+    assert sorted(p.name for p in work.iterdir()) == before  # no output, no temp directory left
+
+
+def test_unknown_element_names_the_sample(work, tmp_path):
+    """A structure the model cannot evaluate stops the job on every rank; nothing is written."""
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    from exaforce.io.bp import write_bp
+    from exaforce.io.schema import Frames
+
+    atoms = [molecule(n) for n in ("CH4", "H2O", "CH4", "PH3")]  # P: not in the model's elements
+    for a in atoms:
+        a.calc = SinglePointCalculator(a, energy=0.0, forces=np.zeros((len(a), 3)))
+    write_bp(Frames.from_atoms(atoms), tmp_path / "p.bp", "p", method="none")
+    proc = run_mpi(2, ["-m", "exaforce.cli", "predict", "--checkpoint", str(work / "run"), "--data",
+                       str(tmp_path / "p.bp"), "--out", str(tmp_path / "o.bp"), "--batch-size", "1"], timeout=120)
+    assert proc.returncode != 0 and "frame 3" in proc.stderr and "Z=15" in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "o.bp").exists() and [p.name for p in tmp_path.iterdir()] == ["p.bp"]
+
+
+def test_batch_plan_is_contiguous_balanced_and_rank_independent():
+    from exaforce.predict import batch_plan
+
+    natoms = np.array([1, 8, 2, 2, 30, 1, 1, 4, 4, 4, 16])
+    for world in (1, 2, 3, 4, 16):
+        plan = batch_plan(natoms, 3, world)
+        starts = np.concatenate(plan)
+        assert np.array_equal(starts, np.arange(0, 11, 3))  # the same batches, in order, each once
+    counts = [len(p) for p in batch_plan(np.ones(100, int), 10, 4)]  # equal atoms: 10 batches over 4 ranks
+    assert sum(counts) == 10 and max(counts) - min(counts) <= 1
+    heavy = batch_plan(np.r_[np.full(10, 50), np.ones(90, int)], 10, 2)  # first batch: 500 of 590 atoms
+    assert [len(p) for p in heavy] == [1, 9]
+
+
+def test_bench_predict_json_line():
+    """`exaforce bench predict` as a user runs it (sizes and format only; speed is shown, never asserted)."""
+    from conftest import run_cli
+
+    proc = run_cli(["bench", "predict", "--preset", "small", "--structures", "12", "--batch-size", "4",
+                    "--repeats", "1", "--json"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["ranks_identical"] is True and result["reference"] is None
+    assert set(result["exaforce"]) == {"1", "2"} and result["exaforce"]["2"]["atoms_per_s"] > 0
