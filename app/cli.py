@@ -36,9 +36,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from exaforce.config import ConfigError
     from exaforce.io.schema import DataError
     from exaforce.io.stage import StageError
+    from exaforce.jobs import JobError
     from exaforce.topology import TopologyError
 
-    return (ConfigError, DataError, StageError, TopologyError, UserError)
+    return (ConfigError, DataError, JobError, StageError, TopologyError, UserError)
 
 
 # ---------------------------------------------------------------- data
@@ -115,14 +116,19 @@ def cmd_data_inspect(args: argparse.Namespace) -> None:
 
 # ---------------------------------------------------------------- stage
 def cmd_stage(args: argparse.Namespace) -> None:
+    from exaforce import config as config_mod
     from exaforce.io.stage import stage_datasets
     from exaforce.topology import Topology
 
     topo = Topology.from_mpi()
     try:
+        sources = [Path(p) for p in args.datasets]
+        if args.config:
+            sources += [Path(d.path) for d in config_mod.load(args.config).data.listed()]
+        if not sources:
+            raise config_mod.ConfigError("nothing to stage: name datasets or --config")
         log = _say if topo.local_rank == 0 else (lambda message: None)
-        staged = stage_datasets([Path(p) for p in args.datasets], Path(args.to), topo.node, log=log,
-                                fallback=args.fallback)
+        staged = stage_datasets(sources, Path(args.to), topo.node, log=log, fallback=args.fallback)
     except _user_errors() as exc:
         _fail(str(exc), topo)
     if topo.is_root:
@@ -144,7 +150,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     resume = args.resume if args.resume in (None, "latest") else str(Path(args.resume).resolve())
     with StopSignals() as signals:  # from here SIGTERM/SIGUSR1 mean: checkpoint at the next step boundary
         try:
-            cfg = config_mod.load(args.config)
+            cfg = config_mod.load(args.config, args.set)
             overrides = {k: v for k, v in (("out_dir", args.out_dir), ("steps", args.steps), ("resume", resume),
                                            ("init_from", args.init_from), ("freeze", args.freeze)) if v is not None}
             cfg = config_mod.validate(dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, **overrides)))
@@ -199,6 +205,44 @@ def cmd_perf_report(args: argparse.Namespace) -> None:
         path = write_report(target, out, summary)
         _say(format_summary(summary))
     _say(f"report: {path} (and report.html beside it)")
+
+
+# ---------------------------------------------------------------- jobs
+def _job_request(args: argparse.Namespace):
+    from exaforce.jobs import JobRequest
+
+    return JobRequest(config=Path(args.config), ranks_per_node=args.ranks_per_node, walltime=args.walltime,
+                      account=args.account or "", partition=args.partition or "", job_name=args.job_name,
+                      stage_dir=args.stage_dir or "", overrides=tuple(args.set), signal_lead_s=args.signal_lead,
+                      nodes=getattr(args, "nodes", 1),
+                      run_dir=Path(args.run_dir) if getattr(args, "run_dir", None) else None)
+
+
+def cmd_jobs_render(args: argparse.Namespace) -> None:
+    from exaforce.jobs import render_job
+
+    request = _job_request(args)
+    script = render_job(args.machine, request)
+    if request.run_dir:
+        request.run_dir.mkdir(parents=True, exist_ok=True)  # the scheduler opens the job's output file there
+    if args.out:
+        Path(args.out).write_text(script, encoding="utf-8")
+        Path(args.out).chmod(0o755)
+        _say(f"job script: {args.out}")
+    else:
+        print(script, end="")
+
+
+def cmd_jobs_campaign(args: argparse.Namespace) -> None:
+    from exaforce.jobs import JobError, render_campaign
+
+    try:
+        nodes = [int(n) for n in args.node_list.split(",")]
+    except ValueError:
+        raise JobError(f"--nodes {args.node_list!r}: a comma-separated list of node counts, e.g. 1,2,4,8") from None
+    out = render_campaign(args.machine, args.mode, nodes, _job_request(args), Path(args.out), args.batch_per_rank)
+    _say(f"campaign: {out} ({len(nodes)} jobs, {args.mode} scaling on {args.machine}); submit with {out}/submit.sh, "
+         f"then `exaforce perf report {out}`")
 
 
 # ---------------------------------------------------------------- model, bench
@@ -343,7 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.set_defaults(func=cmd_data_inspect)
 
     stage = commands.add_parser("stage", help="copy datasets to node-local storage (node leaders copy, all verify)")
-    stage.add_argument("datasets", nargs="+", help="datasets (DIR.bp) or files to stage")
+    stage.add_argument("datasets", nargs="*", help="datasets (DIR.bp) or files to stage")
+    stage.add_argument("--config", help="also stage every dataset of this run config (train with --set data.stage_dir=DIR)")
     stage.add_argument("--to", required=True, help="node-local folder, e.g. /mnt/bb/$USER or $TMPDIR")
     stage.add_argument("--fallback", action="store_true",
                        help="when staging fails (no space, no permission), warn and use the sources in place")
@@ -360,6 +405,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "checkpoint (file or run folder); heads missing from it start as the mean of its heads")
     train.add_argument("--freeze", choices=("none", "backbone"), help="override run.freeze: with --init-from, "
                        "train everything (none) or only the readout and head embeddings (backbone)")
+    train.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                       help="override one config value (TOML syntax), repeatable: --set data.global_batch_size=64")
     train.set_defaults(func=cmd_train)
 
     pred = commands.add_parser("predict", help="energies, forces and stress of every structure of a BP5 dataset "
@@ -386,6 +433,36 @@ def build_parser() -> argparse.ArgumentParser:
                         help="run folder (holds perf/rank-*.jsonl) or campaign folder (holds campaign.json)")
     report.add_argument("--out", help="report folder (default RUN_OR_CAMPAIGN_DIR/report)")
     report.set_defaults(func=cmd_perf_report)
+    jobs = commands.add_parser("jobs", help="job scripts for Frontier, Aurora, Perlmutter, any Slurm, this host; "
+                               "scaling campaigns")
+    jobs_commands = jobs.add_subparsers(dest="jobs_command", required=True, metavar="SUBCOMMAND")
+    render = jobs_commands.add_parser("render", help="one ready job script (sbatch, PBS or bash)")
+    campaign = jobs_commands.add_parser("campaign", help="one job per point of a strong- or weak-scaling campaign, "
+                                        "a manifest and a submit script")
+    for sub in (render, campaign):
+        sub.add_argument("--machine", required=True, choices=("frontier", "aurora", "perlmutter", "slurm", "local"))
+        sub.add_argument("--config", required=True, help="TOML run configuration")
+        sub.add_argument("--account", help="allocation to charge (Frontier, Aurora, Perlmutter)")
+        sub.add_argument("--partition", help="partition (Slurm), QOS (Perlmutter) or queue (PBS)")
+        sub.add_argument("--walltime", default="01:00:00", help="HH:MM:SS (default 01:00:00)")
+        sub.add_argument("--ranks-per-node", type=int, help="slurm and local only (one rank per GPU elsewhere)")
+        sub.add_argument("--job-name", default="exaforce")
+        sub.add_argument("--stage-dir", help="node-local dataset copies (default: the machine's NVMe or /tmp)")
+        sub.add_argument("--signal-lead", type=int, default=120,
+                         help="seconds before the walltime at which the job checkpoints and requeues (default 120)")
+        sub.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                         help="config override passed to `exaforce train`, repeatable")
+    render.add_argument("--nodes", type=int, default=1)
+    render.add_argument("--run-dir", help="run folder (default: the config's run.out_dir)")
+    render.add_argument("--out", help="write the script here (default: standard output)")
+    render.set_defaults(func=cmd_jobs_render)
+    campaign.add_argument("--mode", required=True, choices=("strong", "weak"),
+                          help="strong: fixed global batch; weak: fixed batch per rank")
+    campaign.add_argument("--nodes", dest="node_list", required=True,
+                          help="node counts, e.g. 1,2,4,8 (local: groups of --ranks-per-node ranks on this host)")
+    campaign.add_argument("--batch-per-rank", type=int, help="weak mode (default: global batch / smallest point's ranks)")
+    campaign.add_argument("--out", required=True, help="campaign folder to create")
+    campaign.set_defaults(func=cmd_jobs_campaign)
     model = commands.add_parser("model", help="model presets and sizes")
     model_commands = model.add_subparsers(dest="model_command", required=True, metavar="SUBCOMMAND")
     info = model_commands.add_parser("info", help="parameter count and shape of a preset")

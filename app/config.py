@@ -6,12 +6,13 @@ so a misspelt option never silently falls back to a default.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -61,12 +62,21 @@ class DataConfig:
     micro_batches: int = 1              # gradient accumulation: each rank's share in this many passes
     balance: bool = True                # deal each step's structures to ranks by predicted cost (else round-robin)
     sample_store: bool = False          # global shuffling through the MPI one-sided sample store
+    stage_dir: str = ""                 # node-local copies made by `exaforce stage --to DIR`: read DIR/<name>.bp
+
+    def listed(self) -> tuple[DatasetConfig, ...]:
+        """The datasets as configured, at their shared-file-system paths (what `exaforce stage` copies)."""
+        return self.datasets or tuple(DatasetConfig(path=p) for p in self.train)
 
     def sources(self, heads: tuple[str, ...]) -> tuple[DatasetConfig, ...]:
-        """Every training dataset with its head resolved (`train` paths become plain datasets)."""
-        listed = self.datasets or tuple(DatasetConfig(path=p) for p in self.train)
-        return tuple(DatasetConfig(path=d.path, head=d.head or heads[0], weight=d.weight, val_fraction=d.val_fraction)
-                     for d in listed)
+        """Every training dataset with its head resolved, read from stage_dir when it holds a copy
+        (when staging failed, `exaforce stage --fallback` has warned and the shared path is read)."""
+        def read_from(path: str) -> str:
+            staged = Path(self.stage_dir) / Path(path).name
+            return str(staged) if self.stage_dir and staged.exists() else path
+
+        return tuple(DatasetConfig(path=read_from(d.path), head=d.head or heads[0], weight=d.weight,
+                                   val_fraction=d.val_fraction) for d in self.listed())
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -167,14 +177,14 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"run.val_every = {cfg.run.val_every}: must be >= 0")
     if cfg.run.checkpoint_every < 0:
         raise ConfigError(f"run.checkpoint_every = {cfg.run.checkpoint_every}: must be >= 0")
-    if cfg.run.freeze not in ("none", "backbone") or (cfg.run.freeze != "none" and not cfg.run.init_from):
-        raise ConfigError(f"run.freeze = {cfg.run.freeze!r}: must be 'none' or 'backbone' (the latter with run.init_from)")
     if cfg.run.keep_checkpoints < 0:
         raise ConfigError(f"run.keep_checkpoints = {cfg.run.keep_checkpoints}: must be >= 0 (0 keeps all)")
     if cfg.run.nonfinite not in ("stop", "skip"):
         raise ConfigError(f"run.nonfinite = {cfg.run.nonfinite!r}: must be 'stop' or 'skip'")
     if not cfg.run.step_timeout_s >= 0:
         raise ConfigError(f"run.step_timeout_s = {cfg.run.step_timeout_s}: must be >= 0 (0: no watchdog)")
+    if cfg.run.freeze not in ("none", "backbone") or (cfg.run.freeze != "none" and not cfg.run.init_from):
+        raise ConfigError(f"run.freeze = {cfg.run.freeze!r}: must be 'none' or 'backbone' (the latter with run.init_from)")
     if bool(cfg.data.train) == bool(cfg.data.datasets):
         raise ConfigError("data: give the training datasets either as data.train (paths) or as [[data.datasets]] tables")
     for i, d in enumerate(cfg.data.datasets):
@@ -270,17 +280,40 @@ def model_from_dict(table: dict[str, Any]) -> ModelConfig:
     return _build(ModelConfig, plain, "model")
 
 
+def apply_overrides(table: dict[str, Any], assignments: Sequence[str]) -> dict[str, Any]:
+    """A copy of a TOML table with `section.key=value` assignments applied (value in TOML syntax;
+    a bare word is a string): how job templates and campaigns vary one config per point."""
+    table = copy.deepcopy(table)
+    for assignment in assignments:
+        key, sep, text = assignment.partition("=")
+        parts = key.strip().split(".")
+        if not sep or not all(parts):
+            raise ConfigError(f"override {assignment!r}: expected SECTION.KEY=VALUE, e.g. data.global_batch_size=64")
+        try:
+            value = tomllib.loads(f"v = {text.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = text.strip()
+        node = table
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {assignment!r}: {part!r} is not a table")
+        node[parts[-1]] = value
+    return table
+
+
 def resolve_resume(resume: str, base: Path) -> str:
     """run.resume as given ("" or "latest"), or its checkpoint path made absolute against `base`."""
     return resume if resume in ("", "latest") or Path(resume).is_absolute() else str((base / resume).resolve())
 
 
-def load(path: str | Path) -> Config:
-    """Reads and validates a TOML config; relative dataset paths resolve against the config's folder."""
+def load(path: str | Path, overrides: Sequence[str] = ()) -> Config:
+    """Reads and validates a TOML config, with `section.key=value` overrides applied; relative
+    dataset paths resolve against the config's folder."""
     path = Path(path)
     try:
         with open(path, "rb") as f:
-            table = tomllib.load(f)
+            table = apply_overrides(tomllib.load(f), overrides)
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such config file") from None
     except tomllib.TOMLDecodeError as exc:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The main job on the bundled default: synth → convert → stage → 2-rank training → report.
+# The main job on the bundled default: synth → convert → job script (stage + 2-rank training) → report.
 # Run through `make demo` (which sets up .venv first). Override sizes with DEMO_STRUCTURES / DEMO_STEPS.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,14 +21,13 @@ exaforce data convert "$out/emt.extxyz" --out "$out/emt.bp" --name emt-metals --
 exaforce data convert "$out/gfn2.extxyz" --out "$out/gfn2.bp" --name gfn2-molecules --method GFN2-xTB --overwrite
 exaforce data convert "$out/gfn1.extxyz" --out "$out/gfn1.bp" --name gfn1-molecules --method GFN1-xTB --overwrite
 
-step "3/5 stage to node-local storage ($stage_dir), 2 ranks"
-mpiexec -n 2 exaforce stage "$out/emt.bp" "$out/gfn2.bp" "$out/gfn1.bp" --to "$stage_dir"
-
-step "4/5 train on 2 ranks (configs/demo.toml: three datasets, three heads)"
-sed -e "s#^path = \"../demo/#path = \"$stage_dir/#" \
-    -e "s#^out_dir = .*#out_dir = \"$(pwd)/$out/run\"#" configs/demo.toml > "$out/train.toml"
+step "3/5 render the job: exaforce jobs render --machine local (2 ranks) → $out/job.sh"
 rm -rf "$out/run"
-mpiexec -n 2 exaforce train --config "$out/train.toml" ${DEMO_STEPS:+--steps "$DEMO_STEPS"}
+exaforce jobs render --machine local --ranks-per-node 2 --config configs/demo.toml --run-dir "$out/run" \
+  --stage-dir "$stage_dir" ${DEMO_STEPS:+--set run.steps=$DEMO_STEPS} --out "$out/job.sh"
+
+step "4/5 run it: stage to node-local storage ($stage_dir), train on 2 ranks (three datasets, three heads)"
+bash "$out/job.sh"
 
 step "5/5 performance report"
 exaforce perf report "$out/run"

@@ -62,3 +62,20 @@ def test_model_preset_and_override():
 def test_expert_parallel_layout_must_fit_the_experts(parallel, model, message):
     with pytest.raises(config.ConfigError, match=message):
         config.from_dict({"data": {"train": ["x.bp"]}, "model": model, "parallel": parallel})
+
+
+def test_overrides_and_stage_dir(tmp_path):
+    (tmp_path / "stage").mkdir()
+    (tmp_path / "stage" / "emt.bp").mkdir()
+    path = tmp_path / "c.toml"
+    path.write_text('[data]\ntrain = ["data/emt.bp", "data/gfn2.bp"]\nglobal_batch_size = 8\n')
+    cfg = config.load(path, ["data.global_batch_size=64", f'data.stage_dir="{tmp_path / "stage"}"', "run.dtype=float64"])
+    assert cfg.data.global_batch_size == 64 and cfg.run.dtype == "float64"  # a bare word is a string
+    sources = [d.path for d in cfg.data.sources(cfg.model.heads)]
+    # staged copy read where it exists; a dataset that was not staged is read in place
+    assert sources == [str(tmp_path / "stage" / "emt.bp"), str((tmp_path / "data" / "gfn2.bp").resolve())]
+    assert [d.path for d in cfg.data.listed()] == [str((tmp_path / "data" / p).resolve()) for p in ("emt.bp", "gfn2.bp")]
+    with pytest.raises(config.ConfigError, match="expected SECTION.KEY=VALUE"):
+        config.load(path, ["global_batch_size"])
+    with pytest.raises(config.ConfigError, match="'global_batch_size' is not a table"):
+        config.load(path, ["data.global_batch_size.x=1"])
