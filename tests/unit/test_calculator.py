@@ -110,7 +110,7 @@ def test_unknown_element_and_dtype_are_clear_errors():
 def test_from_checkpoint_file_and_run_folder(tmp_path):
     """A single-file model as the trainer exports it ({step, config, model}) gives back the same
     potential, by file and by run folder; a missing one is a clear error. (Checkpoints written by a
-    real training run: tests/mpi/test_predict.py, tests/integration/test_finetune.py.)"""
+    real training run: tests/mpi/test_predict.py, tests/integration/test_finetune_transfer.py.)"""
     from exaforce import checkpoint
 
     cfg = Config(model=dataclasses.replace(model_preset("small"), elements=ELEMENTS, heads=("a", "b")),
