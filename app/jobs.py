@@ -25,7 +25,7 @@ from exaforce.perf.campaign import CAMPAIGN_FILE, CAMPAIGN_SCHEMA, MODES
 from exaforce.perf.machines import MACHINES
 
 ROOT = Path(__file__).resolve().parent.parent
-TEMPLATES = Path(__file__).resolve().parent.parent / "jobscripts"
+TEMPLATES = ROOT / "jobscripts"
 
 AURORA_CPU_BIND = "1-8:9-16:17-24:25-32:33-40:41-48:53-60:61-68:69-76:77-84:85-92:93-100"
 
