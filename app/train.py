@@ -23,7 +23,6 @@ from exaforce import checkpoint, finetune
 from exaforce.config import DTYPES, Config, ConfigError
 from exaforce.dataset import (GlobalIndex, build_global_index, lazy_reader, steps_in_epoch, store_reader,
                                structure_cost)
-from exaforce.checkpoint import step_folder
 from exaforce.evaluate import validation_mae
 from exaforce.faults import NONFINITE_EXIT_CODE, REQUEUE_EXIT_CODE, RunStopped, StopSignals, Watchdog
 from exaforce.io.sampler import deal, global_batches, shard_range
@@ -312,7 +311,7 @@ def train(cfg: Config, topo: Topology, log: Callable[[str], None], signals: Stop
 
     def save(state: Progress) -> Path:  # collective; a step already on disk is not written again
         nonlocal saved
-        if saved != step_folder(run_dir, state.step):
+        if saved != checkpoint.step_folder(run_dir, state.step):
             saved = checkpoint.save(run_dir, state.step, model, optimizer, topo, checkpoint_meta(cfg, state),
                                     cfg.run.keep_checkpoints)
         return saved
