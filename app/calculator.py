@@ -11,7 +11,6 @@ chosen by name when the calculator is made.
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -19,10 +18,10 @@ import torch
 from ase import Atoms
 from ase.calculators.calculator import Calculator, all_changes
 
-from exaforce.config import DTYPES, ModelConfig, model_preset
-from exaforce.model.graph import batch_from_atoms
+from exaforce.config import DTYPES
+from exaforce.graph import batch_from_atoms
 from exaforce.model.potential import Potential, energy_forces_stress
-from exaforce.pretrained import load_trained
+from exaforce.model_io import load_trained, preset_model
 
 
 def head_index(model: Potential, head: str | None) -> int:
@@ -57,11 +56,7 @@ class ExaforceCalculator(Calculator):
                     device: str = "cpu", **overrides) -> "ExaforceCalculator":
         """Random weights (for tests and benchmarks) at a named model size; keyword arguments
         override fields of the preset's ModelConfig (e.g. elements=("Cu", "Au"))."""
-        cfg: ModelConfig = dataclasses.replace(model_preset(name), **overrides)
-        with torch.random.fork_rng(devices=[]):  # the caller's RNG stream is left as it was
-            torch.manual_seed(seed)
-            model = Potential(cfg)
-        return cls(model, dtype=dtype, head=head, device=device)
+        return cls(preset_model(name, seed, **overrides), dtype=dtype, head=head, device=device)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, dtype: str = "float64", head: str | None = None,

@@ -76,10 +76,15 @@ def checkpoints(run_dir: Path) -> list[Path]:
     return sorted((p for p in found if complete(p) is not None), key=lambda p: p.name)
 
 
-def latest(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint folder of a run, or None."""
+def latest(run_dir: Path, model_files: bool = False) -> Path | None:
+    """The newest complete checkpoint folder of a run, or None: what `--resume` continues from.
+    With `model_files`, single-file model exports count too, and one wins over its step's folder
+    (one read instead of one per part): what inference and fine-tuning read (exaforce.model_io)."""
     found = checkpoints(run_dir)
-    return found[-1] if found else None
+    if model_files:
+        found += [p for p in (Path(run_dir) / "checkpoints").glob("step-*.pt") if STEP_DIR.fullmatch(p.stem)
+                  and p.is_file()]
+    return max(found, key=lambda p: (p.stem, p.is_file()), default=None)  # stem: step-NNNNNNNN either way
 
 
 # ---------------------------------------------------------------- save (collective)
@@ -126,7 +131,7 @@ def save(run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.opti
         root.mkdir(parents=True, exist_ok=True)
         remove(partial)  # debris of an earlier attempt at this step
         partial.mkdir()
-    topo.world.Barrier()  # collective: the folder exists before anybody writes into it
+    topo.barrier()  # collective: the folder exists before anybody writes into it
 
     dp_index, ep_index = topo.layout.coords(topo.rank)
     state = model.state_dict()
@@ -141,7 +146,7 @@ def save(run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.opti
         experts = {k: v for k, v in state.items() if k in expert_keys}
         written.append(_write_part(partial, f"experts-ep{ep_index}.pt", {
             "format": FORMAT, "model": experts, "optimizer": _optimizer_state(model, optimizer, expert_keys)}))
-    files = topo.world.gather(written, root=0)  # collective: every part is on disk (fsynced) from here
+    files = topo.gather_to_root(written)  # collective: every part is on disk (fsynced) from here
 
     if topo.is_root:
         marker = {"format": FORMAT, "step": step, "world_size": topo.world_size, "dp": topo.layout.dp,
@@ -149,7 +154,7 @@ def save(run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.opti
         write_file_atomically(partial / MARKER, lambda f: f.write(json.dumps(marker, indent=1).encode()))
         replace_path(partial, final)  # the atomic publication (and an fsync of the parent)
         _prune(root, keep)
-    topo.world.Barrier()  # collective: nobody goes on, or exits, before the checkpoint is published
+    topo.barrier()  # collective: nobody goes on, or exits, before the checkpoint is published
     return final
 
 
@@ -165,7 +170,7 @@ def _prune(root: Path, keep: int) -> None:
 
 
 # ---------------------------------------------------------------- resume (collective)
-def resume_point(run_dir: Path, spec: str, world: Any) -> Path | None:
+def resume_point(run_dir: Path, spec: str, topo: Any) -> Path | None:
     """Collective: the checkpoint folder a run continues from (rank 0 looks, everybody gets the answer).
 
     spec "": a new run, refused if the run folder already holds checkpoints (two trajectories would
@@ -173,13 +178,13 @@ def resume_point(run_dir: Path, spec: str, world: Any) -> Path | None:
     of a job that is resubmitted with the same command); otherwise a checkpoint folder, or a run
     folder meaning its newest."""
     answer: tuple[str, str | None] = ("ok", None)
-    if world.Get_rank() == 0:
+    if topo.is_root:
         try:
             found = _resume_point(Path(run_dir), spec)
             answer = ("ok", str(found) if found else None)
         except CheckpointError as err:
             answer = ("error", str(err))
-    status, value = world.bcast(answer, root=0)  # collective
+    status, value = topo.from_root(answer)  # collective
     if status == "error":
         raise CheckpointError(value)
     return Path(value) if value else None
@@ -309,13 +314,21 @@ def broadcast_state(state: Any, comm: Any, chunk_bytes: int = 2**30) -> Any:
     return fill(skeleton)
 
 
-def _check_model_config(folder: Path, saved: dict[str, Any], model: torch.nn.Module) -> None:
-    def plain(d: dict) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
 
-    now, then = plain(dataclasses.asdict(model.cfg)), plain(saved)
-    differ = [f"model.{k} = {then.get(k)!r} in the checkpoint, {now.get(k)!r} now"
-              for k in sorted(set(now) | set(then)) if now.get(k) != then.get(k)]
+
+def model_config_differences(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """{field: (saved value, current value)} of every model-config field that differs, in `current`'s
+    order, then fields only `saved` has. A tuple equals the list it becomes when a config is saved.
+    Restore needs equality; fine-tuning (exaforce.finetune) lets the heads differ."""
+    keys = [*current, *(k for k in saved if k not in current)]
+    return {k: (saved.get(k), current.get(k)) for k in keys if _plain(saved.get(k)) != _plain(current.get(k))}
+
+
+def _check_model_config(folder: Path, saved: dict[str, Any], model: torch.nn.Module) -> None:
+    differ = [f"model.{k} = {_plain(then)!r} in the checkpoint, {_plain(now)!r} now"
+              for k, (then, now) in sorted(model_config_differences(saved, dataclasses.asdict(model.cfg)).items())]
     if differ:
         raise CheckpointError(f"{folder}: the checkpoint's model differs from this config's: {'; '.join(differ)}")
 

@@ -3,16 +3,26 @@
 Every bad input ends with one line `exaforce: error: <file>: frame K: ...` on stderr and a
 non-zero exit; under MPI a failing rank aborts the whole job instead of leaving the others
 waiting in a collective.
+
+Each command is a handler registered with `@command(path…, help=…, arguments=…)` beside the
+function that adds its arguments; `build_parser` walks the table, `run_command` owns the errors.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
+import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
+
+if TYPE_CHECKING:
+    from exaforce.bench.commands import Benchmark
+    from exaforce.parallel.topology import Topology
 
 EXIT_BAD_INPUT = 2
 
@@ -21,12 +31,57 @@ class UserError(Exception):
     """An error the user can fix; printed without a traceback."""
 
 
+@dataclass
+class Context:
+    """What a handler leaves for run_command: the job's Topology once it exists, so that a failure
+    aborts the other ranks instead of leaving them in a collective."""
+
+    topo: Topology | None = None
+
+
+Handler = Callable[[argparse.Namespace, Context], None]
+AddArguments = Callable[[argparse.ArgumentParser], None]
+
+
+@dataclass(frozen=True)
+class Command:
+    path: tuple[str, ...]  # ("data", "synth") is `exaforce data synth`
+    help: str
+    add_arguments: AddArguments
+    handler: Handler
+
+
+GROUP_HELP = {"data": "make, convert and inspect datasets",
+              "perf": "performance reports from per-rank perf logs",
+              "jobs": "job scripts for Frontier, Aurora, Perlmutter, any Slurm, this host; scaling campaigns",
+              "model": "model presets and sizes",
+              "bench": "benchmarks"}
+COMMANDS: list[Command] = []  # in the order `exaforce --help` lists them
+
+
+def command(*path: str, help: str, arguments: AddArguments) -> Callable[[Handler], Handler]:
+    """Registers the decorated handler as `exaforce PATH…`."""
+    def register(handler: Handler) -> Handler:
+        COMMANDS.append(Command(path, help, arguments, handler))
+        return handler
+
+    return register
+
+
 def _say(message: str) -> None:
     print(message, flush=True)
 
 
-def _fail(message: str, topo=None) -> None:
+def _quiet(message: str) -> None:
+    """What every rank but the one that speaks says."""
+
+
+def _error(message: str) -> None:
     print(f"exaforce: error: {message}", file=sys.stderr, flush=True)
+
+
+def _fail(message: str, topo: Topology | None) -> None:
+    _error(message)
     if topo is not None and topo.world_size > 1:
         topo.world.Abort(EXIT_BAD_INPUT)  # the other ranks may be inside a collective
     raise SystemExit(EXIT_BAD_INPUT)
@@ -37,13 +92,46 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from exaforce.io.schema import DataError
     from exaforce.io.stage import StageError
     from exaforce.jobs import JobError
-    from exaforce.topology import TopologyError
+    from exaforce.parallel.topology import TopologyError
+    from exaforce.predict import PredictError
 
-    return (ConfigError, DataError, JobError, StageError, TopologyError, UserError)
+    return (ConfigError, DataError, JobError, StageError, TopologyError, PredictError, UserError)
+
+
+def run_command(handler: Handler, args: argparse.Namespace) -> None:
+    """Runs one handler; the one place a failure becomes an exit status. A user error is one line
+    and exit 2 (aborting the other ranks); RunStopped exits with its code on every rank alike; any
+    other exception once a topology exists aborts the whole job with this rank's traceback."""
+    from exaforce.faults import RunStopped, abort_job
+
+    ctx = Context()
+    try:
+        handler(args, ctx)
+    except _user_errors() as exc:  # imported only when something went wrong
+        _fail(str(exc), ctx.topo)
+    except RunStopped as stop:  # every rank decided it together: a clean exit with its code, no abort
+        raise SystemExit(stop.exit_code) from None
+    except Exception as exc:  # perhaps on this rank alone: abort them all rather than leave them waiting
+        if ctx.topo is None:
+            raise
+        abort_job(ctx.topo.world, exc)
 
 
 # ---------------------------------------------------------------- data
-def cmd_data_synth(args: argparse.Namespace) -> None:
+def _synth_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--source", choices=("metals", "molecules"), default="metals",
+                   help="metals: EMT-labelled fcc/bcc/hcp cells with stress; molecules: rattled G2 "
+                        "molecules in vacuum, energy and forces from tblite (default metals)")
+    p.add_argument("--method", choices=("GFN2-xTB", "GFN1-xTB"), default=None,
+                   help="tblite method for --source molecules (default GFN2-xTB)")
+    p.add_argument("--out", required=True, help="extxyz file to write")
+    p.add_argument("--structures", type=int, default=200, help="number of structures (default 200)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+
+
+@command("data", "synth", arguments=_synth_arguments,
+         help="labelled structures as extxyz: periodic metals (EMT) or molecules (GFN2-/GFN1-xTB via tblite)")
+def cmd_data_synth(args: argparse.Namespace, ctx: Context) -> None:
     from exaforce.io.extxyz import write_extxyz
     from exaforce.io.synth import synthesize
 
@@ -74,12 +162,28 @@ def cmd_data_synth(args: argparse.Namespace) -> None:
     _say(f"wrote {len(atoms)} structures ({n_atoms} atoms) to {args.out} in {time.perf_counter() - t0:.1f} s")
 
 
-def cmd_data_convert(args: argparse.Namespace) -> None:
+def _convert_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="labelled structures, format by suffix: .xyz/.extxyz, .db (ASE SQLite database), "
+                        ".h5/.hdf5 (layout in io/SCHEMA.md)")
+    p.add_argument("--out", required=True, help="one input: the dataset directory to write (DIR.bp); "
+                   "several: a folder that receives OUT/<stem>.bp for each, all or none")
+    p.add_argument("--name", required=True, help="dataset name (a fidelity/source label), given to every output")
+    p.add_argument("--method", help="level of theory of the labels, e.g. EMT, PBE, GFN2-xTB "
+                   "(default: the input's own, as an HDF5 file stores it, else 'unknown')")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset (or folder of "
+                   "datasets) atomically")
+
+
+@command("data", "convert", arguments=_convert_arguments,
+         help="extxyz / ASE db / HDF5 → ADIOS2 BP5 dataset(s); several inputs are converted in parallel "
+              "under mpiexec")
+def cmd_data_convert(args: argparse.Namespace, ctx: Context) -> None:
     from exaforce.io.convert import Converted, convert
     from exaforce.io.schema import DataError
-    from exaforce.topology import Topology
+    from exaforce.parallel.topology import Topology
 
-    topo = Topology.from_mpi()
+    ctx.topo = topo = Topology.from_mpi()
     t0 = time.perf_counter()
     tag = f"rank {topo.rank}: " if topo.world_size > 1 else ""
 
@@ -92,22 +196,26 @@ def cmd_data_convert(args: argparse.Namespace) -> None:
         outcome = convert(sources, Path(args.out), args.name, args.method, args.overwrite, topo.world, log)
     except DataError as exc:  # the same refusal on every rank: one of them says it
         if topo.is_root:
-            print(f"exaforce: error: {exc}", file=sys.stderr, flush=True)
+            _error(str(exc))
         raise SystemExit(EXIT_BAD_INPUT) from None
     for message in outcome.failures:  # every rank reports its own
-        print(f"exaforce: error: {message}", file=sys.stderr, flush=True)
+        _error(message)
     if outcome.n_failed:  # every rank knows the total, so every rank exits with the same status
         if topo.is_root and len(sources) > 1:
-            print(f"exaforce: error: {outcome.n_failed} of {len(sources)} inputs failed; nothing written to "
-                  f"{args.out}", file=sys.stderr, flush=True)
+            _error(f"{outcome.n_failed} of {len(sources)} inputs failed; nothing written to {args.out}")
         raise SystemExit(EXIT_BAD_INPUT)
     if topo.is_root and len(sources) > 1:
         _say(f"wrote {len(sources)} datasets to {args.out} in {time.perf_counter() - t0:.1f} s")
 
 
-def cmd_data_inspect(args: argparse.Namespace) -> None:
-    import json
+def _inspect_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dataset", help="dataset directory (DIR.bp)")
+    p.add_argument("--json", action="store_true", help="one JSON object instead of the table")
 
+
+@command("data", "inspect", arguments=_inspect_arguments,
+         help="counts, elements, method, schema version, label statistics and attributes of a BP5 dataset")
+def cmd_data_inspect(args: argparse.Namespace, ctx: Context) -> None:
     from exaforce.io.summary import format_summary, summarize
 
     info = summarize(args.dataset)
@@ -115,84 +223,123 @@ def cmd_data_inspect(args: argparse.Namespace) -> None:
 
 
 # ---------------------------------------------------------------- stage
-def cmd_stage(args: argparse.Namespace) -> None:
+def _stage_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("datasets", nargs="*", help="datasets (DIR.bp) or files to stage")
+    p.add_argument("--config", help="also stage every dataset of this run config (train with --set data.stage_dir=DIR)")
+    p.add_argument("--to", required=True, help="node-local folder, e.g. /mnt/bb/$USER or $TMPDIR")
+    p.add_argument("--fallback", action="store_true",
+                   help="when staging fails (no space, no permission), warn and use the sources in place")
+
+
+@command("stage", arguments=_stage_arguments,
+         help="copy datasets to node-local storage (node leaders copy, all verify)")
+def cmd_stage(args: argparse.Namespace, ctx: Context) -> None:
     from exaforce import config as config_mod
     from exaforce.io.stage import stage_datasets
-    from exaforce.topology import Topology
+    from exaforce.parallel.topology import Topology
 
-    topo = Topology.from_mpi()
-    try:
-        sources = [Path(p) for p in args.datasets]
-        if args.config:
-            sources += [Path(d.path) for d in config_mod.load(args.config).data.listed()]
-        if not sources:
-            raise config_mod.ConfigError("nothing to stage: name datasets or --config")
-        log = _say if topo.local_rank == 0 else (lambda message: None)
-        staged = stage_datasets(sources, Path(args.to), topo.node, log=log, fallback=args.fallback)
-    except _user_errors() as exc:
-        _fail(str(exc), topo)
+    ctx.topo = topo = Topology.from_mpi()
+    sources = [Path(p) for p in args.datasets]
+    if args.config:
+        sources += [Path(d.path) for d in config_mod.load(args.config).data.listed()]
+    if not sources:
+        raise config_mod.ConfigError("nothing to stage: name datasets or --config")
+    log = _say if topo.local_rank == 0 else _quiet
+    staged = stage_datasets(sources, Path(args.to), topo.node, log=log, fallback=args.fallback)
     if topo.is_root:
         for path in staged:
             _say(f"staged: {path}")
 
 
 # ---------------------------------------------------------------- train
-def cmd_train(args: argparse.Namespace) -> None:
+def _train_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="TOML run configuration")
+    p.add_argument("--out-dir", help="override run.out_dir")
+    p.add_argument("--steps", type=int, help="override run.steps")
+    p.add_argument("--resume", nargs="?", const="latest", metavar="latest|PATH",
+                   help="override run.resume: continue from the run folder's newest complete checkpoint "
+                        "(latest, the default; a new run when there is none) or from checkpoint folder PATH")
+    p.add_argument("--init-from", metavar="CHECKPOINT", help="override run.init_from: fine-tune from this "
+                   "checkpoint (file or run folder); heads missing from it start as the mean of its heads")
+    p.add_argument("--freeze", choices=("none", "backbone"), help="override run.freeze: with --init-from, "
+                   "train everything (none) or only the readout and head embeddings (backbone)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one config value (TOML syntax), repeatable: --set data.global_batch_size=64")
+
+
+@command("train", arguments=_train_arguments, help="train a potential (run under mpiexec -n N)")
+def cmd_train(args: argparse.Namespace, ctx: Context) -> None:
     """Exit status: 0 done; REQUEUE_EXIT_CODE (75) checkpointed after SIGTERM/SIGUSR1, resubmit with
     --resume; NONFINITE_EXIT_CODE (3) stopped on a non-finite step; 2 bad input; 1 a rank failed
     (every rank aborted). See exaforce.faults."""
     from exaforce import config as config_mod
-    from exaforce.faults import RunStopped, StopSignals, abort_job
-    from exaforce.topology import Topology
-    from exaforce.train import train
+    from exaforce.comm.groups import build_groups
+    from exaforce.faults import StopSignals
+    from exaforce.parallel.topology import Topology
+    from exaforce.training.run import train
 
-    topo = None
     resume = args.resume if args.resume in (None, "latest") else str(Path(args.resume).resolve())
     with StopSignals() as signals:  # from here SIGTERM/SIGUSR1 mean: checkpoint at the next step boundary
-        try:
-            cfg = config_mod.load(args.config, args.set)
-            overrides = {k: v for k, v in (("out_dir", args.out_dir), ("steps", args.steps), ("resume", resume),
-                                           ("init_from", args.init_from), ("freeze", args.freeze)) if v is not None}
-            cfg = config_mod.validate(dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, **overrides)))
-            topo = Topology.from_mpi(dp=cfg.parallel.dp, ep=cfg.parallel.ep)
-            log: Callable[[str], None] = _say if topo.is_root else (lambda message: None)
-            log(topo.table())
-            run_dir = train(cfg, topo, log, signals)
-        except _user_errors() as exc:
-            _fail(str(exc), topo)
-        except RunStopped as stop:  # every rank decided it together: a clean exit with its code, no abort
-            raise SystemExit(stop.exit_code) from None
-        except Exception as exc:  # perhaps on this rank alone: abort them all rather than leave them waiting
-            if topo is None:
-                raise
-            abort_job(topo.world, exc)
+        cfg = config_mod.load(args.config, args.set)
+        overrides = {k: v for k, v in (("out_dir", args.out_dir), ("steps", args.steps), ("resume", resume),
+                                       ("init_from", args.init_from), ("freeze", args.freeze)) if v is not None}
+        cfg = config_mod.validate(dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, **overrides)))
+        ctx.topo = topo = Topology.from_mpi(dp=cfg.parallel.dp, ep=cfg.parallel.ep)
+        groups = build_groups(cfg.comm.backend, topo)  # collective: once per run, right after the topology
+        log = _say if topo.is_root else _quiet
+        log(topo.table())
+        log(groups.describe())
+        run_dir = train(cfg, topo, groups, log, signals)
     log(f"run folder: {run_dir}")
 
 
 # ---------------------------------------------------------------- predict
-def cmd_predict(args: argparse.Namespace) -> None:
-    import json
+def _predict_arguments(p: argparse.ArgumentParser) -> None:
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--checkpoint", help="trained checkpoint (file, or a run folder: its latest)")
+    which.add_argument("--preset", help="a model preset with seeded random weights (benchmarks)")
+    p.add_argument("--seed", type=int, default=0, help="seed of --preset's random weights (default 0)")
+    p.add_argument("--data", required=True, help="input dataset (DIR.bp)")
+    p.add_argument("--out", required=True, help="output dataset (DIR.bp): the input's structures, predicted labels")
+    p.add_argument("--head", help="energy head (dataset/fidelity) to predict with (default: the model's first)")
+    p.add_argument("--batch-size", type=int, default=16, help="structures per batch (default 16); the numbers "
+                   "depend on it, never on the number of ranks")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out atomically")
+    p.add_argument("--json", action="store_true", help="last line: one JSON object (counts, seconds, throughput)")
 
-    from exaforce.predict import ModelSource, PredictError, predict
-    from exaforce.topology import Topology
 
-    topo = None
-    try:
-        topo = Topology.from_mpi()
-        log: Callable[[str], None] = _say if topo.is_root else (lambda message: None)
-        source = ModelSource(checkpoint=args.checkpoint, preset=args.preset, seed=args.seed)
-        summary = predict(source, args.data, args.out, topo, batch_size=args.batch_size, head=args.head,
-                          dtype=args.dtype, overwrite=args.overwrite, log=log)
-    except (*_user_errors(), PredictError) as exc:
-        _fail(str(exc), topo)
+@command("predict", arguments=_predict_arguments,
+         help="energies, forces and stress of every structure of a BP5 dataset (run under mpiexec -n N), "
+              "written as a BP5 dataset; throughput reported")
+def cmd_predict(args: argparse.Namespace, ctx: Context) -> None:
+    from exaforce.parallel.topology import Topology
+    from exaforce.predict import ModelSource, predict
+
+    ctx.topo = topo = Topology.from_mpi()
+    log = _say if topo.is_root else _quiet
+    source = ModelSource(checkpoint=args.checkpoint, preset=args.preset, seed=args.seed)
+    summary = predict(source, args.data, args.out, topo, batch_size=args.batch_size, head=args.head,
+                      dtype=args.dtype, overwrite=args.overwrite, log=log)
     if args.json and topo.is_root:
         print(json.dumps(summary), flush=True)
 
 
 # ---------------------------------------------------------------- perf
-def cmd_perf_report(args: argparse.Namespace) -> None:
-    from exaforce.perf.campaign import CAMPAIGN_FILE, format_campaign, summarize_campaign, write_campaign_report
-    from exaforce.perf.report import format_summary, load_run, summarize, write_report
+def _report_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", metavar="RUN_OR_CAMPAIGN_DIR",
+                   help="run folder (holds perf/rank-*.jsonl) or campaign folder (holds campaign.json)")
+    p.add_argument("--out", help="report folder (default RUN_OR_CAMPAIGN_DIR/report)")
+
+
+@command("perf", "report", arguments=_report_arguments,
+         help="Markdown + HTML report with plots (PNG, SVG) of a run, or of a scaling campaign (speed-up, "
+              "efficiency, EFLOPS, full-machine projection)")
+def cmd_perf_report(args: argparse.Namespace, ctx: Context) -> None:
+    from exaforce.perf.campaign import CAMPAIGN_FILE, summarize_campaign
+    from exaforce.perf.render import format_campaign, format_summary, write_campaign_report, write_report
+    from exaforce.perf.runlog import load_run
+    from exaforce.perf.summary import summarize
 
     target = Path(args.run_dir)
     out = Path(args.out) if args.out else None
@@ -208,6 +355,22 @@ def cmd_perf_report(args: argparse.Namespace) -> None:
 
 
 # ---------------------------------------------------------------- jobs
+def _job_arguments(p: argparse.ArgumentParser) -> None:
+    """What every job script needs, one job or a campaign."""
+    p.add_argument("--machine", required=True, choices=("frontier", "aurora", "perlmutter", "slurm", "local"))
+    p.add_argument("--config", required=True, help="TOML run configuration")
+    p.add_argument("--account", help="allocation to charge (Frontier, Aurora, Perlmutter)")
+    p.add_argument("--partition", help="partition (Slurm), QOS (Perlmutter) or queue (PBS)")
+    p.add_argument("--walltime", default="01:00:00", help="HH:MM:SS (default 01:00:00)")
+    p.add_argument("--ranks-per-node", type=int, help="slurm and local only (one rank per GPU elsewhere)")
+    p.add_argument("--job-name", default="exaforce")
+    p.add_argument("--stage-dir", help="node-local dataset copies (default: the machine's NVMe or /tmp)")
+    p.add_argument("--signal-lead", type=int, default=120,
+                   help="seconds before the walltime at which the job checkpoints and requeues (default 120)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="config override passed to `exaforce train`, repeatable")
+
+
 def _job_request(args: argparse.Namespace):
     from exaforce.jobs import JobRequest
 
@@ -218,7 +381,15 @@ def _job_request(args: argparse.Namespace):
                       run_dir=Path(args.run_dir) if getattr(args, "run_dir", None) else None)
 
 
-def cmd_jobs_render(args: argparse.Namespace) -> None:
+def _render_arguments(p: argparse.ArgumentParser) -> None:
+    _job_arguments(p)
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--run-dir", help="run folder (default: the config's run.out_dir)")
+    p.add_argument("--out", help="write the script here (default: standard output)")
+
+
+@command("jobs", "render", arguments=_render_arguments, help="one ready job script (sbatch, PBS or bash)")
+def cmd_jobs_render(args: argparse.Namespace, ctx: Context) -> None:
     from exaforce.jobs import render_job
 
     request = _job_request(args)
@@ -233,7 +404,19 @@ def cmd_jobs_render(args: argparse.Namespace) -> None:
         print(script, end="")
 
 
-def cmd_jobs_campaign(args: argparse.Namespace) -> None:
+def _campaign_arguments(p: argparse.ArgumentParser) -> None:
+    _job_arguments(p)
+    p.add_argument("--mode", required=True, choices=("strong", "weak"),
+                   help="strong: fixed global batch; weak: fixed batch per rank")
+    p.add_argument("--nodes", dest="node_list", required=True,
+                   help="node counts, e.g. 1,2,4,8 (local: groups of --ranks-per-node ranks on this host)")
+    p.add_argument("--batch-per-rank", type=int, help="weak mode (default: global batch / smallest point's ranks)")
+    p.add_argument("--out", required=True, help="campaign folder to create")
+
+
+@command("jobs", "campaign", arguments=_campaign_arguments,
+         help="one job per point of a strong- or weak-scaling campaign, a manifest and a submit script")
+def cmd_jobs_campaign(args: argparse.Namespace, ctx: Context) -> None:
     from exaforce.jobs import JobError, render_campaign
 
     try:
@@ -245,10 +428,14 @@ def cmd_jobs_campaign(args: argparse.Namespace) -> None:
          f"then `exaforce perf report {out}`")
 
 
-# ---------------------------------------------------------------- model, bench
-def cmd_model_info(args: argparse.Namespace) -> None:
-    import json
+# ---------------------------------------------------------------- model
+def _info_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", required=True, help="small | demo | small-moe | base | moe-100m | moe-1b")
+    p.add_argument("--json", action="store_true", help="one JSON object")
 
+
+@command("model", "info", arguments=_info_arguments, help="parameter count and shape of a preset")
+def cmd_model_info(args: argparse.Namespace, ctx: Context) -> None:
     from exaforce.config import model_preset
     from exaforce.model.potential import parameter_counts
 
@@ -267,292 +454,52 @@ def cmd_model_info(args: argparse.Namespace) -> None:
             print(f"{key:>22}: {value:,}" if isinstance(value, int) else f"{key:>22}: {value}")
 
 
-def cmd_bench_step(args: argparse.Namespace) -> None:
-    import json
+# ---------------------------------------------------------------- bench
+def _bench_arguments(bench: Benchmark, p: argparse.ArgumentParser) -> None:
+    bench.add_arguments(p)
+    p.add_argument("--json", action="store_true", help="last line: one JSON object")
 
-    from exaforce.bench import bench_step
-    from exaforce.config import model_preset
 
-    model_preset(args.preset)  # a bad name fails before any work
-    result = bench_step(args.preset, args.batch, args.dtype, args.warmup, args.repeats, args.compare, _say)
+def cmd_bench(bench: Benchmark, args: argparse.Namespace, ctx: Context) -> None:
+    """Every `exaforce bench NAME`: the table entry's run, its result as JSON on request."""
+    result = bench.run(args, _say)
     if args.json:
         print(json.dumps(result))
 
 
-def cmd_bench_ep(args: argparse.Namespace) -> None:
-    import json
+def _bench_commands() -> list[Command]:
+    """`exaforce bench NAME` for each entry of exaforce.bench.commands (each with --json)."""
+    from exaforce.bench.commands import BENCHMARKS
 
-    from exaforce.bench_runs import bench_ep
-
-    try:
-        result = bench_ep(args.preset, args.ranks, args.ep, args.experts, args.batch_per_rank, args.steps,
-                          args.warmup, args.dtype, not args.no_baseline, _say)
-    except ValueError as exc:
-        raise UserError(str(exc)) from None
-    if args.json:
-        print(json.dumps(result))
-
-
-def cmd_bench_comm(args: argparse.Namespace) -> None:
-    import json
-
-    from exaforce.bench_runs import bench_comm
-
-    result = bench_comm(args.preset, args.ranks, args.batch_per_rank, args.steps, args.warmup, args.dtype,
-                        args.backends.split(","), _say)
-    if args.json:
-        print(json.dumps(result))
-
-
-def cmd_bench_balance(args: argparse.Namespace) -> None:
-    import json
-
-    from exaforce.bench_runs import bench_balance
-
-    result = bench_balance(args.structures, args.ranks, args.steps, args.warmup, _say)
-    if args.json:
-        print(json.dumps(result))
-
-
-def cmd_bench_io(args: argparse.Namespace) -> None:
-    import json
-
-    from exaforce.bench_io import bench_io
-
-    result = bench_io(args.structures, [int(r) for r in args.ranks.split(",")], args.repeats, _say)
-    if args.json:
-        print(json.dumps(result))
-
-
-def cmd_bench_predict(args: argparse.Namespace) -> None:
-    import json
-
-    from exaforce.bench_predict import bench_predict
-    from exaforce.config import model_preset
-
-    model_preset(args.preset)  # a bad name fails before any work
-    result = bench_predict(args.preset, args.structures, [int(r) for r in args.ranks.split(",")], args.batch_size,
-                           args.repeats, args.dtype, args.compare, _say)
-    if args.json:
-        print(json.dumps(result))
-
-
-def cmd_bench_md(args: argparse.Namespace) -> None:
-    import json
-
-    from exaforce.bench import bench_md
-
-    result = bench_md(args.checkpoint, args.steps, args.temperature, args.dtype, _say)
-    if args.json:
-        print(json.dumps(result))
+    return [Command(("bench", b.name), b.help, functools.partial(_bench_arguments, b),
+                    functools.partial(cmd_bench, b)) for b in BENCHMARKS]
 
 
 # ---------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="exaforce", description=__doc__.splitlines()[0])
     from exaforce import __version__
+
+    parser = argparse.ArgumentParser(prog="exaforce", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"exaforce {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    data = commands.add_parser("data", help="make, convert and inspect datasets")
-    data_commands = data.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
-    synth = data_commands.add_parser("synth", help="labelled structures as extxyz: periodic metals (EMT) "
-                                     "or molecules (GFN2-/GFN1-xTB via tblite)")
-    synth.add_argument("--source", choices=("metals", "molecules"), default="metals",
-                       help="metals: EMT-labelled fcc/bcc/hcp cells with stress; molecules: rattled G2 "
-                            "molecules in vacuum, energy and forces from tblite (default metals)")
-    synth.add_argument("--method", choices=("GFN2-xTB", "GFN1-xTB"), default=None,
-                       help="tblite method for --source molecules (default GFN2-xTB)")
-    synth.add_argument("--out", required=True, help="extxyz file to write")
-    synth.add_argument("--structures", type=int, default=200, help="number of structures (default 200)")
-    synth.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    synth.set_defaults(func=cmd_data_synth)
-    convert = data_commands.add_parser("convert", help="extxyz / ASE db / HDF5 → ADIOS2 BP5 dataset(s); "
-                                       "several inputs are converted in parallel under mpiexec")
-    convert.add_argument("inputs", nargs="+", metavar="INPUT",
-                         help="labelled structures, format by suffix: .xyz/.extxyz, .db (ASE SQLite database), "
-                              ".h5/.hdf5 (layout in io/SCHEMA.md)")
-    convert.add_argument("--out", required=True, help="one input: the dataset directory to write (DIR.bp); "
-                         "several: a folder that receives OUT/<stem>.bp for each, all or none")
-    convert.add_argument("--name", required=True, help="dataset name (a fidelity/source label), given to every output")
-    convert.add_argument("--method", help="level of theory of the labels, e.g. EMT, PBE, GFN2-xTB "
-                         "(default: the input's own, as an HDF5 file stores it, else 'unknown')")
-    convert.add_argument("--overwrite", action="store_true", help="replace an existing dataset (or folder of "
-                         "datasets) atomically")
-    convert.set_defaults(func=cmd_data_convert)
-    inspect = data_commands.add_parser("inspect", help="counts, elements, method, schema version, label "
-                                       "statistics and attributes of a BP5 dataset")
-    inspect.add_argument("dataset", help="dataset directory (DIR.bp)")
-    inspect.add_argument("--json", action="store_true", help="one JSON object instead of the table")
-    inspect.set_defaults(func=cmd_data_inspect)
-
-    stage = commands.add_parser("stage", help="copy datasets to node-local storage (node leaders copy, all verify)")
-    stage.add_argument("datasets", nargs="*", help="datasets (DIR.bp) or files to stage")
-    stage.add_argument("--config", help="also stage every dataset of this run config (train with --set data.stage_dir=DIR)")
-    stage.add_argument("--to", required=True, help="node-local folder, e.g. /mnt/bb/$USER or $TMPDIR")
-    stage.add_argument("--fallback", action="store_true",
-                       help="when staging fails (no space, no permission), warn and use the sources in place")
-    stage.set_defaults(func=cmd_stage)
-
-    train = commands.add_parser("train", help="train a potential (run under mpiexec -n N)")
-    train.add_argument("--config", required=True, help="TOML run configuration")
-    train.add_argument("--out-dir", help="override run.out_dir")
-    train.add_argument("--steps", type=int, help="override run.steps")
-    train.add_argument("--resume", nargs="?", const="latest", metavar="latest|PATH",
-                       help="override run.resume: continue from the run folder's newest complete checkpoint "
-                            "(latest, the default; a new run when there is none) or from checkpoint folder PATH")
-    train.add_argument("--init-from", metavar="CHECKPOINT", help="override run.init_from: fine-tune from this "
-                       "checkpoint (file or run folder); heads missing from it start as the mean of its heads")
-    train.add_argument("--freeze", choices=("none", "backbone"), help="override run.freeze: with --init-from, "
-                       "train everything (none) or only the readout and head embeddings (backbone)")
-    train.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                       help="override one config value (TOML syntax), repeatable: --set data.global_batch_size=64")
-    train.set_defaults(func=cmd_train)
-
-    pred = commands.add_parser("predict", help="energies, forces and stress of every structure of a BP5 dataset "
-                               "(run under mpiexec -n N), written as a BP5 dataset; throughput reported")
-    which = pred.add_mutually_exclusive_group(required=True)
-    which.add_argument("--checkpoint", help="trained checkpoint (file, or a run folder: its latest)")
-    which.add_argument("--preset", help="a model preset with seeded random weights (benchmarks)")
-    pred.add_argument("--seed", type=int, default=0, help="seed of --preset's random weights (default 0)")
-    pred.add_argument("--data", required=True, help="input dataset (DIR.bp)")
-    pred.add_argument("--out", required=True, help="output dataset (DIR.bp): the input's structures, predicted labels")
-    pred.add_argument("--head", help="energy head (dataset/fidelity) to predict with (default: the model's first)")
-    pred.add_argument("--batch-size", type=int, default=16, help="structures per batch (default 16); the numbers "
-                      "depend on it, never on the number of ranks")
-    pred.add_argument("--dtype", default="float32", choices=["float32", "float64"])
-    pred.add_argument("--overwrite", action="store_true", help="replace an existing --out atomically")
-    pred.add_argument("--json", action="store_true", help="last line: one JSON object (counts, seconds, throughput)")
-    pred.set_defaults(func=cmd_predict)
-
-    perf = commands.add_parser("perf", help="performance reports from per-rank perf logs")
-    perf_commands = perf.add_subparsers(dest="perf_command", required=True, metavar="SUBCOMMAND")
-    report = perf_commands.add_parser("report", help="Markdown + HTML report with plots (PNG, SVG) of a run, or of a "
-                                      "scaling campaign (speed-up, efficiency, EFLOPS, full-machine projection)")
-    report.add_argument("run_dir", metavar="RUN_OR_CAMPAIGN_DIR",
-                        help="run folder (holds perf/rank-*.jsonl) or campaign folder (holds campaign.json)")
-    report.add_argument("--out", help="report folder (default RUN_OR_CAMPAIGN_DIR/report)")
-    report.set_defaults(func=cmd_perf_report)
-    jobs = commands.add_parser("jobs", help="job scripts for Frontier, Aurora, Perlmutter, any Slurm, this host; "
-                               "scaling campaigns")
-    jobs_commands = jobs.add_subparsers(dest="jobs_command", required=True, metavar="SUBCOMMAND")
-    render = jobs_commands.add_parser("render", help="one ready job script (sbatch, PBS or bash)")
-    campaign = jobs_commands.add_parser("campaign", help="one job per point of a strong- or weak-scaling campaign, "
-                                        "a manifest and a submit script")
-    for sub in (render, campaign):
-        sub.add_argument("--machine", required=True, choices=("frontier", "aurora", "perlmutter", "slurm", "local"))
-        sub.add_argument("--config", required=True, help="TOML run configuration")
-        sub.add_argument("--account", help="allocation to charge (Frontier, Aurora, Perlmutter)")
-        sub.add_argument("--partition", help="partition (Slurm), QOS (Perlmutter) or queue (PBS)")
-        sub.add_argument("--walltime", default="01:00:00", help="HH:MM:SS (default 01:00:00)")
-        sub.add_argument("--ranks-per-node", type=int, help="slurm and local only (one rank per GPU elsewhere)")
-        sub.add_argument("--job-name", default="exaforce")
-        sub.add_argument("--stage-dir", help="node-local dataset copies (default: the machine's NVMe or /tmp)")
-        sub.add_argument("--signal-lead", type=int, default=120,
-                         help="seconds before the walltime at which the job checkpoints and requeues (default 120)")
-        sub.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                         help="config override passed to `exaforce train`, repeatable")
-    render.add_argument("--nodes", type=int, default=1)
-    render.add_argument("--run-dir", help="run folder (default: the config's run.out_dir)")
-    render.add_argument("--out", help="write the script here (default: standard output)")
-    render.set_defaults(func=cmd_jobs_render)
-    campaign.add_argument("--mode", required=True, choices=("strong", "weak"),
-                          help="strong: fixed global batch; weak: fixed batch per rank")
-    campaign.add_argument("--nodes", dest="node_list", required=True,
-                          help="node counts, e.g. 1,2,4,8 (local: groups of --ranks-per-node ranks on this host)")
-    campaign.add_argument("--batch-per-rank", type=int, help="weak mode (default: global batch / smallest point's ranks)")
-    campaign.add_argument("--out", required=True, help="campaign folder to create")
-    campaign.set_defaults(func=cmd_jobs_campaign)
-    model = commands.add_parser("model", help="model presets and sizes")
-    model_commands = model.add_subparsers(dest="model_command", required=True, metavar="SUBCOMMAND")
-    info = model_commands.add_parser("info", help="parameter count and shape of a preset")
-    info.add_argument("--preset", required=True, help="small | demo | small-moe | base | moe-100m | moe-1b")
-    info.add_argument("--json", action="store_true", help="one JSON object")
-    info.set_defaults(func=cmd_model_info)
-
-    bench = commands.add_parser("bench", help="benchmarks")
-    bench_commands = bench.add_subparsers(dest="bench_command", required=True, metavar="SUBCOMMAND")
-    step = bench_commands.add_parser("step", help="median full training step (forward, forces/stress with "
-                                                  "create_graph, loss, backward, optimizer) after warm-up")
-    step.add_argument("--preset", default="base", help="model preset (default base)")
-    step.add_argument("--batch", type=int, default=4, help="structures per step from `data synth` seed 0 (default 4)")
-    step.add_argument("--dtype", default="float32", choices=["float32", "float64"])
-    step.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
-    step.add_argument("--repeats", type=int, default=10, help="timed steps; the median is reported (default 10)")
-    step.add_argument("--compare", choices=["matris"], help="measure the reference model the same way")
-    step.add_argument("--json", action="store_true", help="last line: one JSON object")
-    step.set_defaults(func=cmd_bench_step)
-    ep = bench_commands.add_parser("ep", help="expert parallel (dp=R/ep, ep) against data parallel (dp=R, ep=1) "
-                                   "at the same per-rank batch: step time, all-to-all and reduction shares")
-    ep.add_argument("--preset", default="small-moe", help="MoE model preset (default small-moe)")
-    ep.add_argument("--experts", type=int, help="override the preset's experts per MoE layer")
-    ep.add_argument("--ranks", type=int, default=2, help="MPI ranks of both runs (default 2)")
-    ep.add_argument("--ep", type=int, default=2, help="expert-parallel degree of the second run (default 2)")
-    ep.add_argument("--batch-per-rank", type=int, default=2, help="structures per rank per step (default 2)")
-    ep.add_argument("--steps", type=int, default=12, help="training steps per run (default 12)")
-    ep.add_argument("--warmup", type=int, default=2, help="steps left out of the median (default 2)")
-    ep.add_argument("--dtype", default="float32", choices=["float32", "float64"])
-    ep.add_argument("--no-baseline", action="store_true", help="skip the ep=1 run (a model too big for one rank)")
-    ep.add_argument("--json", action="store_true", help="last line: one JSON object")
-    ep.set_defaults(func=cmd_bench_ep)
-
-    comm = bench_commands.add_parser("comm", help="gradient-reduction time per step for each backend, with the "
-                                     "reduction overlapping the backward and after it")
-    comm.add_argument("--preset", default="base", help="model preset (default base)")
-    comm.add_argument("--ranks", type=int, default=2, help="data-parallel ranks (default 2)")
-    comm.add_argument("--backends", default="mpi,horovod,torch", help="comma-separated (default mpi,horovod,torch)")
-    comm.add_argument("--batch-per-rank", type=int, default=2, help="structures per rank per step (default 2)")
-    comm.add_argument("--steps", type=int, default=10, help="training steps per run (default 10)")
-    comm.add_argument("--warmup", type=int, default=2, help="steps left out of the median (default 2)")
-    comm.add_argument("--dtype", default="float32", choices=["float32", "float64"])
-    comm.add_argument("--json", action="store_true", help="last line: one JSON object")
-    comm.set_defaults(func=cmd_bench_comm)
-
-    balance = bench_commands.add_parser("balance", help="per-rank cost and time imbalance on the demo's "
-                                        "multi-fidelity data: cost-balanced deal against round-robin")
-    balance.add_argument("--structures", type=int, default=200, help="metals and GFN2 molecules each; GFN1: half")
-    balance.add_argument("--ranks", type=int, default=2, help="MPI ranks (default 2)")
-    balance.add_argument("--steps", type=int, default=30, help="training steps per run (default 30)")
-    balance.add_argument("--warmup", type=int, default=3, help="steps left out of the medians (default 3)")
-    balance.add_argument("--json", action="store_true", help="last line: one JSON object")
-    balance.set_defaults(func=cmd_bench_balance)
-
-    bio = bench_commands.add_parser("io", help="reader throughput (BP5, HDF5 via h5py, extxyz via ASE) on 1 and 2 "
-                                    "ranks, and staging bandwidth against cp")
-    bio.add_argument("--structures", type=int, default=2000, help="EMT structures from data synth (default 2000)")
-    bio.add_argument("--ranks", default="1,2", help="comma-separated rank counts (default 1,2)")
-    bio.add_argument("--repeats", type=int, default=5, help="repeats; medians are reported (default 5)")
-    bio.add_argument("--json", action="store_true", help="last line: one JSON object")
-    bio.set_defaults(func=cmd_bench_io)
-
-    bpred = bench_commands.add_parser("predict", help="`exaforce predict` throughput on 1, 2, … ranks (EMT structures "
-                                      "from data synth), optionally beside the MatRIS reference model's inference")
-    bpred.add_argument("--preset", default="base", help="model preset, random weights (default base)")
-    bpred.add_argument("--structures", type=int, default=200, help="EMT structures, synth seed 0 (default 200)")
-    bpred.add_argument("--ranks", default="1,2", help="comma-separated rank counts (default 1,2)")
-    bpred.add_argument("--batch-size", type=int, default=16, help="structures per batch (default 16)")
-    bpred.add_argument("--repeats", type=int, default=3, help="runs per rank count; medians are reported (default 3)")
-    bpred.add_argument("--dtype", default="float32", choices=["float32", "float64"])
-    bpred.add_argument("--compare", choices=["matris"], help="also time the reference model on the same structures")
-    bpred.add_argument("--json", action="store_true", help="last line: one JSON object")
-    bpred.set_defaults(func=cmd_bench_predict)
-
-    md = bench_commands.add_parser("md", help="NVE energy drift: 108-atom Cu, 1 fs steps, through the ASE calculator")
-    md.add_argument("--checkpoint", required=True, help="trained checkpoint (e.g. demo/run/checkpoints/…)")
-    md.add_argument("--steps", type=int, default=1000, help="1 fs steps (default 1000 = 1 ps)")
-    md.add_argument("--temperature", type=float, default=300.0, help="initial Maxwell-Boltzmann temperature, K")
-    md.add_argument("--dtype", default="float64", choices=["float32", "float64"])
-    md.add_argument("--json", action="store_true", help="last line: one JSON object")
-    md.set_defaults(func=cmd_bench_md)
+    top = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    groups: dict[str, argparse._SubParsersAction] = {}
+    for cmd in [*COMMANDS, *_bench_commands()]:
+        parent = top
+        if len(cmd.path) == 2:
+            group = cmd.path[0]
+            if group not in groups:  # a group's parser comes with its first subcommand
+                groups[group] = top.add_parser(group, help=GROUP_HELP[group]).add_subparsers(
+                    dest=f"{group}_command", required=True, metavar="SUBCOMMAND")
+            parent = groups[group]
+        sub = parent.add_parser(cmd.path[-1], help=cmd.help)
+        cmd.add_arguments(sub)
+        sub.set_defaults(handler=cmd.handler)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    try:
-        args.func(args)
-    except _user_errors() as exc:
-        _fail(str(exc))
+    run_command(args.handler, args)
 
 
 if __name__ == "__main__":

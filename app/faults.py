@@ -62,11 +62,9 @@ class StopSignals:
     def _record(self, signum: int, frame: FrameType | None) -> None:
         self.received = signum
 
-    def agreed(self, world: Any) -> str | None:
+    def agreed(self, topo: Any) -> str | None:
         """Collective (every rank, every step): the name of the signal any rank received, else None."""
-        from mpi4py import MPI
-
-        signum = world.allreduce(self.received, op=MPI.MAX)  # collective: 8 bytes
+        signum = topo.max(self.received)  # collective: 8 bytes
         return signal.Signals(signum).name if signum else None
 
 

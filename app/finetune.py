@@ -19,9 +19,10 @@ from typing import Callable
 
 import torch
 
+from exaforce.checkpoint import model_config_differences
 from exaforce.config import Config, ConfigError, ModelConfig
 from exaforce.model.potential import Potential
-from exaforce.pretrained import TrainedModel, load_trained
+from exaforce.model_io import TrainedModel, load_trained
 
 HEAD_ROWS = re.compile(r"(^|\.)head_embedding\.weight$|^readout\.down\.(weight|bias)$|^reference_energy_HX$|"
                        r"^energy_scale_H$")  # state entries whose rows are the energy heads
@@ -50,9 +51,9 @@ def initialise(model: Potential, cfg: Config, log: Callable[[str], None]) -> Non
 
 def check_compatible(trained: TrainedModel, model_cfg: ModelConfig) -> None:
     """The run's model must have the checkpoint's shape; heads may be added, none removed."""
-    ours, theirs = dataclasses.asdict(model_cfg), dataclasses.asdict(trained.config)
-    differ = [f"model.{k} = {ours[k]!r} (the checkpoint's: {theirs[k]!r})" for k in ours
-              if k != "heads" and ours[k] != theirs[k]]
+    differences = model_config_differences(dataclasses.asdict(trained.config), dataclasses.asdict(model_cfg))
+    differ = [f"model.{k} = {ours!r} (the checkpoint's: {theirs!r})" for k, (theirs, ours) in differences.items()
+              if k != "heads"]
     if differ:
         raise ConfigError(f"run.init_from = {str(trained.path)!r}: the model differs from the checkpoint's: "
                           + "; ".join(differ))

@@ -8,6 +8,11 @@ the per-rank device peaks and system sizes in perf/machines.py. Every job writes
 under its run folder, which `exaforce perf report` reads back (a campaign folder as a whole).
 A job that receives the scheduler's warning signal checkpoints, exits REQUEUE_EXIT_CODE and
 requeues itself; the next run resumes from the newest checkpoint.
+
+The templates and each HPC machine's envs/<machine>/env.sh are data of the `exaforce.jobscripts`
+package, so a pip-installed exaforce renders the same jobs as a checkout. A job runs the Python
+environment that rendered it: local and slurm put its bin folder on PATH, the HPC jobs source the
+shipped env.sh (modules, network variables) with EXAFORCE_VENV set to it.
 """
 
 from __future__ import annotations
@@ -16,7 +21,9 @@ import dataclasses
 import json
 import re
 import shlex
+import sys
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 from exaforce import config as config_mod
@@ -24,8 +31,7 @@ from exaforce.faults import REQUEUE_EXIT_CODE
 from exaforce.perf.campaign import CAMPAIGN_FILE, CAMPAIGN_SCHEMA, MODES
 from exaforce.perf.machines import MACHINES
 
-ROOT = Path(__file__).resolve().parent.parent
-TEMPLATES = ROOT / "jobscripts"
+JOBSCRIPTS = resources.files("exaforce.jobscripts")
 
 AURORA_CPU_BIND = "1-8:9-16:17-24:25-32:33-40:41-48:53-60:61-68:69-76:77-84:85-92:93-100"
 
@@ -50,15 +56,25 @@ class JobMachine:
 
 
 def _env(machine: str) -> tuple[str, ...]:
+    """Sources the machine's env.sh (modules, network variables, then the venv's activate). From a
+    checkout (jobscripts/envs links to the repository's envs/) it is the repository's file with its
+    own venv default (envs/<machine>/setup.sh builds it); from an installed wheel it is the shipped
+    copy, whose relative default means nothing there, so EXAFORCE_VENV defaults to the environment
+    rendering this job."""
+    envs = JOBSCRIPTS / "envs"
+    in_checkout = Path(str(envs)).is_symlink()
+    env_sh = Path(str(envs / machine / "env.sh")).resolve()
+    venv = () if in_checkout else (f'export EXAFORCE_VENV="${{EXAFORCE_VENV:-{shlex.quote(sys.prefix)}}}"',)
     # SC1091: the file is shellchecked on its own (its modules exist only on that machine).
-    return ("# shellcheck disable=SC1091", f"source {shlex.quote(str(ROOT / 'envs' / machine / 'env.sh'))}")
+    return (*venv, "# shellcheck disable=SC1091", f"source {shlex.quote(str(env_sh))}")
 
 
-def _venv() -> tuple[str, ...]:
-    venv = ROOT / ".venv"
-    return (f'export PATH={shlex.quote(str(venv / "bin"))}:"$PATH"',)
+def _interpreter_path() -> tuple[str, ...]:
+    """The bin folder of the interpreter rendering this job (its exaforce and mpiexec) on PATH."""
+    return (f'export PATH={shlex.quote(str(Path(sys.executable).parent))}:"$PATH"',)
 
 
+RENDERING_ENV = f"the Python environment that rendered this job ({sys.prefix})"
 JOB_MACHINES: dict[str, JobMachine] = {
     "frontier": JobMachine("frontier", "frontier.sbatch.j2", "slurm", MACHINES["frontier"].ranks_per_node, 56,
                            '"/mnt/bb/$USER/exaforce-stage"', _env("frontier"),
@@ -70,9 +86,9 @@ JOB_MACHINES: dict[str, JobMachine] = {
                          '"/tmp/$USER/exaforce-stage"', _env("aurora"),
                          "envs/aurora/env.sh (frameworks module: XPU PyTorch, oneCCL)", True, "prod"),
     "slurm": JobMachine("slurm", "slurm.sbatch.j2", "slurm", None, None,
-                        '"${TMPDIR:-/tmp}/$USER/exaforce-stage"', _venv(), "this repository's .venv", False),
+                        '"${TMPDIR:-/tmp}/$USER/exaforce-stage"', _interpreter_path(), RENDERING_ENV, False),
     "local": JobMachine("local", "local.sh.j2", "local", None, None,
-                        '"${TMPDIR:-/tmp}/$USER/exaforce-stage"', _venv(), "this repository's .venv", False,
+                        '"${TMPDIR:-/tmp}/$USER/exaforce-stage"', _interpreter_path(), RENDERING_ENV, False,
                         scale_unit="ranks"),
 }
 
@@ -124,6 +140,12 @@ def _launch_lines(machine: JobMachine, ranks: int, rpn: int) -> tuple[str, str, 
     return f'mpiexec -n {ranks} -ppn {rpn}', f'mpiexec -n {ranks} -ppn {rpn}', 1
 
 
+def _template(name: str) -> str | None:
+    """A template of the exaforce.jobscripts package (None: jinja2 raises TemplateNotFound)."""
+    path = JOBSCRIPTS / name
+    return path.read_text(encoding="utf-8") if path.is_file() else None
+
+
 def render_job(machine_name: str, request: JobRequest) -> str:
     """The job script for one run: environment, staging, training with requeue on the warning signal."""
     import jinja2
@@ -158,7 +180,7 @@ def render_job(machine_name: str, request: JobRequest) -> str:
     signal_note = {"slurm": f"Slurm sends SIGUSR1 {lead} s before the walltime (--signal), the trap forwards it",
                    "pbs": "a timer sends SIGUSR1 before the walltime, the trap forwards it",
                    "local": "SIGUSR1/SIGTERM to this script is forwarded to the ranks"}[machine.scheduler]
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), undefined=jinja2.StrictUndefined,
+    env = jinja2.Environment(loader=jinja2.FunctionLoader(_template), undefined=jinja2.StrictUndefined,
                              trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
     env.filters["q"] = lambda value: shlex.quote(str(value))
     return env.get_template(machine.template).render(

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from exaforce.config import LossConfig
-from exaforce.model.graph import GraphBatch
+from exaforce.graph import GraphBatch
 from exaforce.model.potential import Prediction
 
 EV_PER_A3_IN_GPA = 160.21766208  # 1 eV/Å³ in GPa (CODATA 2014, as ase.units.GPa)

@@ -26,12 +26,13 @@ import torch
 
 from exaforce.calculator import head_index
 from exaforce.config import DTYPES
-from exaforce.dataset import check_frames
+from exaforce.training.data import check_frames
 from exaforce.io.bp import RESERVED_ATTRS, open_bp, write_bp
 from exaforce.io.schema import DataError, Frames
-from exaforce.model.graph import build_batch
+from exaforce.graph import build_batch
 from exaforce.model.potential import Potential, energy_forces_stress
-from exaforce.topology import Topology
+from exaforce.model_io import load_trained, preset_model
+from exaforce.parallel.topology import Topology
 
 
 class PredictError(ValueError):
@@ -49,17 +50,10 @@ class ModelSource:
     def load(self, dtype: torch.dtype) -> tuple[Potential, str]:
         """The model in eval mode with frozen parameters, and its label for the output's `method`."""
         if self.checkpoint is not None:
-            from exaforce.pretrained import load_trained
-
             trained = load_trained(self.checkpoint)
             model, label = trained.build(dtype), str(trained.path.resolve())
         else:
-            from exaforce.config import model_preset
-
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(self.seed)
-                model = Potential(model_preset(self.preset)).to(dtype)
-            label = f"preset:{self.preset}:seed{self.seed}"
+            model, label = preset_model(self.preset, self.seed).to(dtype), f"preset:{self.preset}:seed{self.seed}"
         return model.eval().requires_grad_(False), label
 
 
@@ -78,27 +72,11 @@ def batch_plan(natoms_S: np.ndarray, batch_size: int, world: int) -> list[np.nda
     return [starts_B[rank_B == r] for r in range(world)]
 
 
-def _gather_rows(comm, local: np.ndarray, rows_W: list[int], trailing: tuple[int, ...]) -> np.ndarray | None:
-    """Rank-ordered concatenation of every rank's float64 rows on rank 0 (collective, Gatherv)."""
-    from mpi4py import MPI
-
-    width = int(np.prod(trailing, dtype=np.int64))
-    send = np.ascontiguousarray(local, dtype=np.float64).reshape(-1)
-    if comm.Get_rank() != 0:
-        comm.Gatherv(send, None, root=0)
-        return None
-    counts = np.asarray(rows_W, dtype=np.int64) * width
-    out = np.empty((sum(rows_W), *trailing), dtype=np.float64)
-    comm.Gatherv(send, [out.reshape(-1), counts, np.r_[0, np.cumsum(counts)[:-1]], MPI.DOUBLE], root=0)
-    return out
-
-
 def predict(source: ModelSource, data: str | Path, out: str | Path, topo: Topology, batch_size: int = 16,
             head: str | None = None, dtype: str = "float32", overwrite: bool = False,
             log: Callable[[str], None] = print) -> dict:
     """Collective. Writes the predictions to `out` (rank 0 writes) and returns the summary on every
     rank: counts, seconds, throughput (structures/s and atoms/s over the slowest rank's loop)."""
-    from mpi4py import MPI
 
     data, out = Path(data), Path(out)
     if out.resolve() == data.resolve():
@@ -124,12 +102,12 @@ def predict(source: ModelSource, data: str | Path, out: str | Path, topo: Topolo
         mine.times["loop"] += read_s
 
         # Collectives: the slowest rank sets the throughput; predictions gather to rank 0 in input order.
-        times = {k: topo.world.allreduce(v, op=MPI.MAX) for k, v in mine.times.items()}
+        times = {k: topo.max(v) for k, v in mine.times.items()}
         structures_W = [int(sum(min(batch_size, dataset.n_structures - s) for s in p)) for p in plan]
         atoms_W = [int(sum(dataset.natoms_S[s:s + batch_size].sum() for s in p)) for p in plan]
-        energy_S = _gather_rows(topo.world, mine.energy_S, structures_W, ())
-        forces_N3 = _gather_rows(topo.world, mine.forces_N3, atoms_W, (3,))
-        stress_S6 = _gather_rows(topo.world, mine.stress_S6, structures_W, (6,))
+        energy_S = topo.gather_rows_to_root(mine.energy_S, structures_W, ())
+        forces_N3 = topo.gather_rows_to_root(mine.forces_N3, atoms_W, (3,))
+        stress_S6 = topo.gather_rows_to_root(mine.stress_S6, structures_W, (6,))
         error = None
         if topo.is_root:
             try:
@@ -138,7 +116,7 @@ def predict(source: ModelSource, data: str | Path, out: str | Path, topo: Topolo
                               "batch_size": batch_size})
             except Exception as err:  # noqa: BLE001 — every rank must learn of it, not only the writer
                 error = f"{out}: writing the predictions failed: {err}"
-        error = topo.world.bcast(error, root=0)  # collective: all ranks fail alike, or none
+        error = topo.from_root(error)  # collective: all ranks fail alike, or none
         if error:
             raise PredictError(error)
         n_structures, n_atoms = dataset.n_structures, dataset.n_atoms
@@ -167,7 +145,7 @@ def _read_shard(dataset, starts: np.ndarray, batch_size: int, species_of: np.nda
         problem = None
     except DataError as err:
         problem = str(err)
-    problems = [p for p in topo.world.allgather(problem) if p]  # collective
+    problems = [p for p in topo.allgather(problem) if p]  # collective
     if problems:
         raise PredictError(problems[0])
     return first, shard

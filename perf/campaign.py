@@ -1,8 +1,13 @@
 """Scaling campaigns: one run per point, a manifest, and the scaling figures of the points.
 
+    summarize_campaign(campaign_dir) -> dict    per-point figures, scaling, full-machine projection
+
+The numbers only: the report (text, Markdown, plots) is perf.render's and perf.plots', so that
+`exaforce jobs`, which writes the manifests, imports the manifest's constants without matplotlib.
+
 A campaign folder (rendered by `exaforce jobs campaign`) holds `campaign.json` (perf/SCHEMA.md)
-and one run folder per point. Each point is read with perf.report (a point that never ran, or
-whose ranks died, is reported, not fatal), then:
+and one run folder per point. Each point is read with perf.runlog and perf.summary (a point that
+never ran, or whose ranks died, is reported, not fatal), then:
 
     speed-up            S_N = T_base / T_N
     strong efficiency   E_N = T_base · N_base / (T_N · N)     (fixed global batch)
@@ -28,8 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from .machines import MACHINES
-from .report import (BREAKDOWN_KEYS, COLORS, OTHER, figure, fmt, load_run, save_plot, si, si_parts,
-                     summarize, write_documents, write_report)
+from .runlog import load_run
+from .summary import summarize
 
 CAMPAIGN_FILE = "campaign.json"
 CAMPAIGN_SCHEMA = 1
@@ -195,220 +200,3 @@ def summarize_campaign(campaign_dir: Path) -> dict[str, Any]:
         "scale_unit": unit, "config": manifest.get("config"), "base_point": base.name if base else None,
         "points": rows, "projection": _projection(manifest, base_row, rows), "warnings": warnings,
     }
-
-
-# --------------------------------------------------------------------------------------------
-# Formatting
-
-
-def _pct(value: float | None) -> str:
-    return "n/a" if value is None else f"{100 * value:.1f}"
-
-
-def format_campaign(summary: dict[str, Any]) -> str:
-    by_nodes = summary["scale_unit"] == "nodes"
-    lines = [f"campaign {summary['campaign_dir']}: {summary['mode']} scaling on {summary['machine']}, "
-             f"base point {summary['base_point']}",
-             ("nodes " if by_nodes else "") + f"{'ranks':>5} {'step s':>9} {'speed-up':>9} {'eff %':>7} {'FLOP/s':>13} {'% peak':>7}"]
-    for r in summary["points"]:
-        first = (f"{r['nodes']:>5} " if by_nodes else "") + f"{r['ranks']:>5}"
-        if r["problem"]:
-            lines.append(f"{first}  missing: {r['problem']}")
-            continue
-        lines.append(f"{first} {fmt(r['step_time_s'], '9.4g')} {fmt(r['speedup'], '9.3f')} {_pct(r['efficiency']):>7} "
-                     f"{si(r['flops_per_s'], 'FLOP/s'):>13} {fmt(r['percent_of_peak'], '7.3g')}")
-    proj = summary["projection"]
-    if proj["available"]:
-        lines.append(f"full-machine projection ({proj['machine']}, {proj['nodes']:,} nodes): "
-                     f"{si(proj['flops_per_s'], 'FLOP/s')} = {proj['eflops']:.4g} EFLOPS at {_pct(proj['efficiency'])} % "
-                     f"efficiency ({proj['basis']})")
-    if summary["warnings"]:
-        lines.append(f"{len(summary['warnings'])} warning(s): " + "; ".join(summary["warnings"]))
-    return "\n".join(lines)
-
-
-def _markdown(summary: dict[str, Any], plots: list[str]) -> str:
-    unit, mode = summary["scale_unit"], summary["mode"]
-    eff = "T_base·N_base / (T_N·N)" if mode == "strong" else "T_base / T_N"
-    out = [f"# Scaling report: {Path(summary['campaign_dir']).name}", "",
-           f"{mode.capitalize()} scaling on **{summary['machine']}**, scale counted in {unit}; "
-           f"base point `{summary['base_point']}`; config `{summary['config']}`.", "",
-           "## Points", "",
-           f"| point | {'nodes | ' if unit == 'nodes' else ''}ranks | global batch | step time (s) | speed-up | "
-           f"{mode} efficiency (%) | FLOP/s | EFLOPS | % of peak | atoms/s | imbalance | peak memory (GiB) |",
-           "|---|" + "---:|" * (12 if unit == "nodes" else 11)]
-    for r in summary["points"]:
-        nodes = f"{r['nodes']} | " if unit == "nodes" else ""
-        if r["problem"]:
-            out.append(f"| {r['name']} | {nodes}{r['ranks']} | {r['global_batch']} | missing: {r['problem']} "
-                       "| | | | | | | | |")
-            continue
-        mem = r["peak_mem_bytes"] / 2**30 if r["peak_mem_bytes"] is not None else None
-        note = f" (ranks {r['missing_ranks']} missing)" if r["missing_ranks"] else ""
-        out.append(f"| [{r['name']}](points/{r['name']}/report.md){note} | {nodes}{r['ranks']} | "
-                   f"{r['global_batch']} | {fmt(r['step_time_s'])} | {fmt(r['speedup'], '.3f')} | "
-                   f"{_pct(r['efficiency'])} | %s %s | {fmt(r['eflops'], '.3g')} | {fmt(r['percent_of_peak'], '.3g')} | "
-                   f"{fmt(r['atoms_per_s'], ',.0f')} | {fmt(r['imbalance_mean'], '.3f')} | {fmt(mem, '.3g')} |"
-                   % si_parts(r["flops_per_s"], "FLOP/s"))
-    proj = summary["projection"]
-    out += ["", "## Full-machine projection", ""]
-    if proj["available"]:
-        out += ["| quantity | value |", "|---|---:|",
-                f"| machine | {proj['machine']}: {proj['nodes']:,} nodes, {proj['ranks']:,} ranks |",
-                f"| efficiency at full scale | {_pct(proj['efficiency'])} % ({proj['basis']}) |",
-                "| sustained rate | %s %s |" % si_parts(proj["flops_per_s"], "FLOP/s"),
-                f"| EFLOPS | {proj['eflops']:.4g} |",
-                f"| % of the machine's peak | {fmt(proj.get('percent_of_peak'), '.3g')} |",
-                f"| system size source | {proj['source']} |", ""]
-        if "caveat" in proj:
-            out += [f"Caveat: {proj['caveat']}.", ""]
-    else:
-        out += [f"Not available: {proj['why']}.", ""]
-    if plots:
-        out += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
-    out += ["## Warnings", ""] + ([f"- {w}" for w in summary["warnings"]] or ["None."]) + [""]
-    out += ["## Method", "",
-            f"- T = steady-state step time of a point (max over ranks per step, mean over steps after warm-up); "
-            f"N = {unit}; base = the smallest readable point.",
-            "- Speed-up = " + ("T_base / T_N" if mode == "strong" else "(N / N_base) · T_base / T_N (scaled speed-up: "
-                                "work per second relative to the base)") + f"; {mode} efficiency = {eff}.",
-            "- FLOP/s = Σ FLOPs over ranks / Σ step time (FLOPs from coefficients calibrated with "
-            "torch.utils.flop_counter); EFLOPS = FLOP/s / 1e18; % of peak against Σ per-rank device peaks.",
-            "- Projection: the base point's FLOP/s per node × the machine's nodes × the efficiency extrapolated "
-            "to that node count (least-squares line in log2 N, clamped to [0, 1]).",
-            "- Each point's own report (time breakdown, loss, throughput) is under `points/NAME/`.", ""]
-    return "\n".join(out)
-
-
-# --------------------------------------------------------------------------------------------
-# Plots
-
-
-def _scale_axis(ax, rows: list[dict], unit: str) -> None:
-    from matplotlib.ticker import FixedLocator, NullLocator
-
-    scales = sorted({r["scale"] for r in rows})
-    if len(scales) > 1:
-        ax.set_xscale("log", base=2)
-    ax.xaxis.set_major_locator(FixedLocator(scales))
-    ax.xaxis.set_minor_locator(NullLocator())
-    ax.set_xticklabels([f"{n:,}" for n in scales])
-    ax.set_xlabel(unit)
-
-
-def _y_axis(ax, values: list[float], formatter) -> None:
-    """Log y axis over more than a decade (ticks as plain numbers, no 6×10^0), else linear from 0."""
-    from matplotlib.ticker import LogLocator, NullFormatter
-
-    ax.yaxis.set_major_formatter(formatter)
-    if max(values) < 10 * min(values):
-        ax.set_ylim(bottom=0, top=1.1 * max(values))
-        return
-    ax.set_yscale("log")
-    ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 1.5, 2.0, 3.0, 5.0, 7.0)))
-    ax.yaxis.set_minor_locator(LogLocator(base=10, subs=(4.0, 6.0, 8.0, 9.0)))
-    ax.yaxis.set_major_formatter(formatter)
-    ax.yaxis.set_minor_formatter(NullFormatter())
-
-
-def _plot_step_time(summary: dict, rows: list[dict], out_dir: Path) -> str:
-    fig, ax = figure()
-    unit, mode = summary["scale_unit"], summary["mode"]
-    x = [r["scale"] for r in rows]
-    ax.plot(x, [r["step_time_s"] for r in rows], marker="o", color="#1f77b4", label="measured", zorder=3)
-    t0, n0 = rows[0]["step_time_s"], rows[0]["scale"]
-    ideal = [t0 * n0 / n for n in x] if mode == "strong" else [t0] * len(x)
-    ax.plot(x, ideal, linestyle="--", color="0.4", label="ideal (" + ("T_base·N_base/N" if mode == "strong" else "constant") + ")")
-    _scale_axis(ax, rows, unit)
-    from matplotlib.ticker import FuncFormatter
-
-    _y_axis(ax, [r["step_time_s"] for r in rows] + ideal, FuncFormatter(lambda v, _: f"{v:g}"))
-    ax.set_ylabel("step time (s, max over ranks)")
-    ax.set_title(f"Time per step, {mode} scaling")
-    ax.legend(loc="best")
-    return save_plot(fig, out_dir, "scaling_step_time")
-
-
-def _plot_efficiency(summary: dict, rows: list[dict], out_dir: Path) -> str:
-    fig, ax = figure()
-    unit, mode = summary["scale_unit"], summary["mode"]
-    x = [r["scale"] for r in rows]
-    y = [100 * r["efficiency"] for r in rows]
-    ax.plot(x, y, marker="o", color="#2ca02c", label=f"{mode} efficiency", zorder=3)
-    for n, e in zip(x, y):
-        ax.annotate(f"{e:.0f}%", (n, e), textcoords="offset points", xytext=(0, 7), ha="center", fontsize="small")
-    ax.axhline(100, linestyle="--", color="0.4", label="ideal (100 %)")
-    _scale_axis(ax, rows, unit)
-    ax.set_ylim(0, max(110, max(y) + 10))
-    ax.set_ylabel("parallel efficiency (%)")
-    ax.set_title(f"{mode.capitalize()}-scaling efficiency: " + ("T_base·N_base/(T_N·N)" if mode == "strong" else "T_base/T_N"))
-    ax.legend(loc="lower left")
-    return save_plot(fig, out_dir, "scaling_efficiency")
-
-
-def _plot_flops(summary: dict, rows: list[dict], out_dir: Path) -> str:
-    from matplotlib.ticker import EngFormatter
-
-    fig, ax = figure()
-    unit, mode = summary["scale_unit"], summary["mode"]
-    x = [r["scale"] for r in rows]
-    ax.plot(x, [r["flops_per_s"] for r in rows], marker="o", color="#d62728", label="measured", zorder=3)
-    f0, n0 = rows[0]["flops_per_s"], rows[0]["scale"]
-    ideal = [f0 * n / n0 for n in x]
-    ax.plot(x, ideal, linestyle="--", color="0.4", label="ideal (linear in " + unit + ")")
-    _scale_axis(ax, rows, unit)
-    _y_axis(ax, [r["flops_per_s"] for r in rows] + ideal, EngFormatter(unit="FLOP/s"))
-    ax.set_ylabel("sustained rate, all ranks")
-    title = f"Sustained FLOP/s, {mode} scaling"
-    proj = summary["projection"]
-    if proj["available"]:
-        title += f"\nfull {proj['machine']} projected: {si(proj['flops_per_s'], 'FLOP/s')} at {_pct(proj['efficiency'])} % efficiency"
-    ax.set_title(title)
-    ax.legend(loc="upper left")
-    return save_plot(fig, out_dir, "scaling_flops")
-
-
-def _plot_breakdown(summary: dict, rows: list[dict], out_dir: Path) -> str:
-    fig, ax = figure()
-    unit = summary["scale_unit"]
-    def plural(n: int, word: str) -> str:
-        return f"{n:,} {word if n == 1 else word + 's'}"
-
-    labels = [plural(r["ranks"], "rank") if unit == "ranks" else f"{plural(r['nodes'], 'node')}\n{plural(r['ranks'], 'rank')}"
-              for r in rows]
-    x = list(range(len(rows)))
-    bottom = [0.0] * len(rows)
-    for key in BREAKDOWN_KEYS:
-        h = [r["time_breakdown_mean_s"][key] for r in rows]
-        ax.bar(x, h, bottom=bottom, width=0.6, color=COLORS[key], label="other (untimed)" if key == OTHER else key, zorder=2)
-        bottom = [b + v for b, v in zip(bottom, h)]
-    ax.hlines([r["step_time_s"] for r in rows], [v - 0.32 for v in x], [v + 0.32 for v in x], color="black",
-              linewidth=1.8, zorder=3, label="step time (max over ranks)")
-    ax.set_xticks(x, labels)
-    ax.set_xlabel("")
-    ax.set_ylabel("time per step (s)")
-    ax.set_ylim(bottom=0)
-    ax.set_title("Where the time goes (bars: mean over ranks, steady state)")
-    handles, names = ax.get_legend_handles_labels()
-    order = [0] + list(range(len(handles) - 1, 0, -1))
-    ax.legend([handles[i] for i in order], [names[i] for i in order], loc="upper left",
-              bbox_to_anchor=(1.01, 1.0), fontsize="small")
-    return save_plot(fig, out_dir, "scaling_breakdown")
-
-
-def write_campaign_report(campaign_dir: Path, out_dir: Path | None = None,
-                          summary: dict | None = None) -> Path:
-    """report.md, report.html, summary.json and plots (PNG + SVG) in out_dir (default
-    CAMPAIGN/report), plus each readable point's own report under points/NAME/."""
-    campaign_dir = Path(campaign_dir)
-    out_dir = Path(out_dir) if out_dir is not None else campaign_dir / "report"
-    summary = summary if summary is not None else summarize_campaign(campaign_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    rows = [r for r in summary["points"] if r["problem"] is None]
-    plots = []
-    if rows:
-        plots = [_plot_step_time(summary, rows, out_dir), _plot_efficiency(summary, rows, out_dir),
-                 _plot_flops(summary, rows, out_dir), _plot_breakdown(summary, rows, out_dir)]
-    for r in rows:
-        write_report(Path(r["run_dir"]), out_dir / "points" / r["name"])
-    return write_documents(out_dir, summary, _markdown(summary, plots), f"Scaling report: {campaign_dir.name}")

@@ -12,26 +12,25 @@ Shapes: X rows (tokens) × D channels.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
-from typing import Sequence
+from typing import Protocol, Sequence
 
 import torch
 
 from exaforce.comm.groups import Group
 
 
-@dataclass
-class CommClock:
-    """Seconds spent inside the all-to-all collective (forward and every backward), for the perf log."""
+class Clock(Protocol):
+    """Where the seconds spent inside the collective (forward and every backward) add up, for the
+    perf log (exaforce.model.routing.DispatchClock)."""
 
-    seconds: float = 0.0
-    calls: int = 0
+    seconds: float
+    calls: int
 
 
 class _AllToAll(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_XD: torch.Tensor, send_splits: tuple[int, ...], recv_splits: tuple[int, ...], group: Group,
-                clock: CommClock | None):
+                clock: Clock | None):
         ctx.send_splits, ctx.recv_splits, ctx.group, ctx.clock = send_splits, recv_splits, group, clock
         t0 = time.perf_counter()
         out = group.alltoallv(x_XD, send_splits, recv_splits)  # collective
@@ -47,7 +46,7 @@ class _AllToAll(torch.autograd.Function):
 
 
 def all_to_all(x_XD: torch.Tensor, send_splits: Sequence[int], recv_splits: Sequence[int], group: Group,
-               clock: CommClock | None = None) -> torch.Tensor:
+               clock: Clock | None = None) -> torch.Tensor:
     """Rows [Σ send_splits[:r], +send_splits[r]) go to group rank r; the result holds recv_splits[r] rows from rank r."""
     if len(send_splits) != group.size or len(recv_splits) != group.size:
         raise ValueError(f"all_to_all: {len(send_splits)} send / {len(recv_splits)} receive splits "

@@ -22,7 +22,6 @@ import torch
 from exaforce.config import BACKENDS
 
 
-
 class Handle(Protocol):
     def wait(self) -> None: ...
 
@@ -206,10 +205,15 @@ class CommGroups:
     ep: Group
     edp: Group
 
+    def describe(self) -> str:
+        """One line for the start-up table: which backend carries tensors over which group sizes."""
+        return (f"comm: backend {self.backend}: world {self.world.size} rank(s), EP group {self.ep.size}, "
+                f"EDP group {self.edp.size}; host control over MPI")
+
 
 def build_groups(backend: str, topo: Any) -> CommGroups:
     """The Topology's groups through `backend`; collective over the world (every rank creates every
-    group in the same order). Called once, by `Topology.groups`."""
+    group in the same order). Called once per run, by the entry point, right after the Topology."""
     if backend not in BACKENDS:
         raise ValueError(f"comm.backend = {backend!r}: must be one of {', '.join(BACKENDS)}")
     layout, rank = topo.layout, topo.rank

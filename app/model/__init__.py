@@ -1,1 +1,1 @@
-"""The interatomic potential: graphs, bases, blocks, the energy model, forces and stress."""
+"""The interatomic potential as pure modules: bases, blocks, MoE (router, local dispatcher, experts), routing plan, energy, forces and stress. No collective: exaforce.parallel hands in what communicates."""

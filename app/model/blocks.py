@@ -88,7 +88,7 @@ class UpdateMLP(nn.Module):
 
     def forward(self, x_XF: torch.Tensor, class_X: torch.Tensor, routing: Routing | None) -> torch.Tensor:
         if isinstance(self.mlp, MoEMLP):
-            return self.mlp(x_XF, class_X, routing.layers[self.mlp.layer_index], routing.group, routing.clock)
+            return self.mlp(x_XF, class_X, routing.layers[self.mlp.layer_index], routing.clock)
         return self.mlp(x_XF)
 
 

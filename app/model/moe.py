@@ -4,26 +4,28 @@ Routing depends only on a token's routing class, head·Z + element (never on pos
 potential energy surface is as smooth as the dense backbone's and forces stay conservative. Every
 token goes to its class's top-k experts (dropless) plus one always-on shared expert.
 
-Expert parallelism: the X experts of a layer are split over the ep ranks of an EP group, X/ep
-consecutive experts per rank. Tokens travel to their experts' ranks and back through the
-differentiable all-to-all, with split sizes from the step's `LayerRoute` (host integers). Every
-rank builds the same graph of operations every step (empty expert chunks included), so every
-backward issues its collectives in the same order on every rank.
+Three parts, as torchtitan's MoE: the router (class → top-k experts and weights), the dispatcher
+(moves (token, slot) rows to the experts and back), the experts. This module holds no collective:
+a layer starts with a `LocalDispatcher` (every expert in this process: the serial reference), and
+expert parallelism (exaforce.parallel.expert_parallel) hands it an all-to-all dispatcher with the
+same `dispatch()`/`combine()`. Then the X experts of a layer are split over the ep ranks of an EP
+group, X/ep consecutive experts per rank, and every rank builds the same graph of operations
+every step (empty expert chunks included), so every backward issues its collectives in the same
+order on every rank.
 
-Shapes: T tokens (atoms or bonds), P = T·K (token, slot) pairs, F input features, H hidden,
+Shapes: T tokens (atoms or bonds), P = T·K (token, slot) pairs, R rows this rank's experts run, F input features, H hidden,
 D output, X experts, K top-k, Z elements, C routing classes (heads × elements).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Protocol
 
 import torch
 from torch import nn
 
-from exaforce.comm.alltoall import all_to_all
 from exaforce.model.layers import GatedMLP
-from exaforce.model.routing import LayerRoute
+from exaforce.model.routing import DispatchClock, LayerRoute
 
 
 class ElementRouter(nn.Module):
@@ -60,6 +62,25 @@ def load_balancing_loss(probs_CX: torch.Tensor, expert_CK: torch.Tensor, tokens_
     return probs_CX.shape[1] * ((share_C @ routed_CX) * (share_C @ probs_CX)).sum()
 
 
+class Dispatcher(Protocol):
+    """Moves a layer's (token, slot) rows, sorted by expert, to the rows its local experts run on
+    (grouped by local expert, `route.expert_rows` each), and the experts' outputs back."""
+
+    def dispatch(self, x_PF: torch.Tensor, route: LayerRoute, clock: DispatchClock) -> torch.Tensor: ...
+
+    def combine(self, y_RD: torch.Tensor, route: LayerRoute, clock: DispatchClock) -> torch.Tensor: ...
+
+
+class LocalDispatcher:
+    """Every expert is in this process: the rows already are in expert order, nothing moves."""
+
+    def dispatch(self, x_PF: torch.Tensor, route: LayerRoute, clock: DispatchClock) -> torch.Tensor:
+        return x_PF
+
+    def combine(self, y_RD: torch.Tensor, route: LayerRoute, clock: DispatchClock) -> torch.Tensor:
+        return y_RD
+
+
 def _init_seed() -> int:
     """One draw from the global RNG per MoE layer: identical on every rank for any EP size."""
     return int(torch.randint(0, 2**62, (), device="cpu"))
@@ -90,9 +111,10 @@ class MoEMLP(nn.Module):
                 experts[str(e)] = GatedMLP(in_dim, hidden, out_dim)
         self.experts = nn.ModuleDict(experts)  # keyed by global expert index: shards merge by union
         self.shared = GatedMLP(in_dim, hidden, out_dim)
+        self.dispatcher: Dispatcher = LocalDispatcher()  # replaced by exaforce.parallel for ep > 1
 
-    def forward(self, x_TF: torch.Tensor, class_T: torch.Tensor, route: LayerRoute, group: Any | None,
-                clock: Any | None = None) -> torch.Tensor:
+    def forward(self, x_TF: torch.Tensor, class_T: torch.Tensor, route: LayerRoute,
+                clock: DispatchClock) -> torch.Tensor:
         """class_T: each token's routing class (head·Z + element)."""
         top_k = route.expert_CK.shape[1]
         expert_CK = torch.from_numpy(route.expert_CK).to(class_T.device)
@@ -104,12 +126,8 @@ class MoEMLP(nn.Module):
         weight_P = weight_CK[class_T].reshape(-1).index_select(0, order_P)
         x_PF = x_TF.index_select(0, token_P)
 
-        rows = x_PF if group is None else all_to_all(x_PF, route.send_splits, route.recv_splits, group, clock)
-        if route.to_expert_order is not None:
-            rows = rows.index_select(0, route.to_expert_order.to(rows.device))
-        chunks = rows.split(route.expert_rows)
-        y = torch.cat([expert(chunk) for expert, chunk in zip(self.experts.values(), chunks)])
-        if route.to_receive_order is not None:
-            y = y.index_select(0, route.to_receive_order.to(y.device))
-        y_PD = y if group is None else all_to_all(y, route.recv_splits, route.send_splits, group, clock)
+        rows_RF = self.dispatcher.dispatch(x_PF, route, clock)
+        chunks = rows_RF.split(route.expert_rows)
+        y_RD = torch.cat([expert(chunk) for expert, chunk in zip(self.experts.values(), chunks)])
+        y_PD = self.dispatcher.combine(y_RD, route, clock)
         return self.shared(x_TF).index_add(0, token_P, y_PD * weight_P.unsqueeze(-1))

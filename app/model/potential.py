@@ -7,7 +7,6 @@ H energy heads, X elements (reference_energy_HX).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -18,7 +17,7 @@ from exaforce.config import ModelConfig
 from exaforce.model.basis import BesselBasis, chebyshev_angle_basis, polynomial_envelope
 from exaforce.model.blocks import InteractionBlock
 from exaforce.model.layers import GatedMLP, RMSNorm
-from exaforce.model.graph import GraphBatch
+from exaforce.graph import GraphBatch
 from exaforce.model.moe import MoEMLP, load_balancing_loss
 from exaforce.model.routing import Routing, TokenCounts, plan_layer
 
@@ -53,13 +52,13 @@ class Potential(nn.Module):
         expert = {id(p) for p in self.expert_parameters()}
         return [p for p in self.parameters() if id(p) not in expert]
 
-    def plan_routing(self, counts: TokenCounts, group: Any | None = None) -> Routing:
+    def plan_routing(self, counts: TokenCounts) -> Routing:
         """This step's routing for every MoE layer: all top-k tables reach the host in one copy."""
         tables = torch.stack([m.router.top_k_table() for m in self.moe_layers]).cpu().numpy() \
             if self.moe_layers else []
         layers = [plan_layer(table, counts.group_R2C[:, m.token_kind], counts.world_2C[m.token_kind],
                              counts.ep_rank, m.experts_per_rank) for table, m in zip(tables, self.moe_layers)]
-        return Routing(layers=layers, counts=counts, group=group)
+        return Routing(layers=layers, counts=counts)
 
     def aux_loss(self, routing: Routing, world_2C: np.ndarray | None = None) -> torch.Tensor:
         """Σ over MoE layers of the load-balancing loss on the world's tokens (same on every rank),

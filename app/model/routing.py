@@ -20,16 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from exaforce.comm.alltoall import CommClock
-
-ATOMS, BONDS = 0, 1  # token kinds: rows of a 2×C count table
-
-
-def route_class_counts(class_N: np.ndarray, src_E: np.ndarray, n_classes: int) -> np.ndarray:
-    """2×C table: atoms of each routing class (head·Z + element), bonds by their source atom's class."""
-    atoms_C = np.bincount(class_N, minlength=n_classes)
-    bonds_C = np.bincount(class_N[src_E], minlength=n_classes)
-    return np.stack([atoms_C, bonds_C]).astype(np.int64)
+ATOMS, BONDS = 0, 1  # token kinds: rows of a 2×C count table (exaforce.graph.route_class_counts)
 
 
 @dataclass(frozen=True)
@@ -45,11 +36,6 @@ class TokenCounts:
         """One process holds everything (inference, serial reference)."""
         return cls(group_R2C=counts_2C[None], world_2C=counts_2C, ep_rank=0)
 
-    @classmethod
-    def exchange(cls, counts_2C: np.ndarray, world: Any, ep_group: tuple[int, ...], ep_rank: int) -> "TokenCounts":
-        """One allgather over the world (host integers) gives both the EP group's and the world's counts."""
-        all_W2C = np.asarray(world.allgather(counts_2C))  # collective
-        return cls(group_R2C=all_W2C[list(ep_group)], world_2C=all_W2C.sum(0), ep_rank=ep_rank)
 
 
 @dataclass(frozen=True)
@@ -95,13 +81,20 @@ def plan_layer(expert_CK: np.ndarray, group_RC: np.ndarray, world_C: np.ndarray,
 
 
 @dataclass
+class DispatchClock:
+    """Seconds spent moving tokens between ranks (every dispatch and combine, forward and backward), for the perf log."""
+
+    seconds: float = 0.0
+    calls: int = 0
+
+
+@dataclass
 class Routing:
-    """The plan of every MoE layer for one step, the EP group, and the all-to-all clock."""
+    """The plan of every MoE layer for one step, and the clock its dispatchers add to."""
 
     layers: list[LayerRoute]
     counts: TokenCounts
-    group: Any | None = None          # EP group (exaforce.comm.groups); None: all experts are local
-    clock: CommClock = field(default_factory=CommClock)
+    clock: DispatchClock = field(default_factory=DispatchClock)
 
     def expert_load(self) -> dict[str, Any]:
         """Per-step statistics for the perf log: world load max/mean per layer, rows this rank's experts ran."""

@@ -84,7 +84,7 @@ def test_fine_tuned_beats_scratch_at_equal_steps(pretrained):
 def test_frozen_backbone_stays_bit_identical(pretrained):
     """--init-from/--freeze on the command line; only readout and head embeddings move."""
     from exaforce.finetune import TRAINABLE_WITH_FROZEN_BACKBONE
-    from exaforce.pretrained import load_trained
+    from exaforce.model_io import load_trained
 
     tmp = pretrained
     config = write_config(tmp / "frozen.toml", tmp / "frozen", tmp / "new.bp", ["old", "new"], "new", 10)

@@ -14,7 +14,8 @@ import numpy as np
 import torch
 
 from exaforce.comm.alltoall import all_to_all
-from exaforce.topology import Topology
+from exaforce.comm.groups import build_groups
+from exaforce.parallel.topology import Topology
 
 D = 3
 
@@ -28,7 +29,7 @@ def split_matrix(world: int) -> np.ndarray:
 def main(out_path: str, backend: str) -> None:
     topo = Topology.from_mpi()
     world, rank, comm = topo.world_size, topo.rank, topo.world  # comm: host-side gathers of the results
-    group = topo.groups(backend).world  # the exchange under test
+    group = build_groups(backend, topo).world  # the exchange under test
     S = split_matrix(world) if world > 1 else np.array([[5]])
     send, recv = S[rank].tolist(), S[:, rank].tolist()
     gen = torch.Generator().manual_seed(100 + rank)

@@ -13,16 +13,16 @@ import sys
 
 import numpy as np
 import torch
-from mpi4py import MPI
 
+from exaforce.comm.groups import build_groups
 from exaforce.config import from_dict
+from exaforce.graph import build_batch
 from exaforce.io.schema import Frames
 from exaforce.io.synth import synthesize
-from exaforce.model.graph import build_batch
-from exaforce.model.potential import Potential, forces_and_stress, energy, strained_geometry
-from exaforce.parallel import GradientReduction, step_routing, sync_initial_parameters
-from exaforce.topology import Topology
-from exaforce.train import train_step
+from exaforce.model.potential import Potential, energy, forces_and_stress, strained_geometry
+from exaforce.parallel.parallelize import parallelize
+from exaforce.parallel.topology import Topology
+from exaforce.training.step import train_step
 
 GLOBAL_BATCH = 8
 
@@ -36,8 +36,8 @@ def main(out_path: str, backend: str) -> None:
     frames = Frames.from_atoms(synthesize(GLOBAL_BATCH, seed=12))
     torch.manual_seed(3)
     model = Potential(cfg.model, topo.layout.coords(topo.rank)[1], 2).double()
-    sync_initial_parameters(model, topo, backend)
-    reduction = GradientReduction(model, topo, cfg.comm)
+    parallel = parallelize(model, topo, build_groups(backend, topo), cfg)
+    reduction = parallel.reduction
     share = np.array_split(np.arange(GLOBAL_BATCH), topo.world_size)[topo.rank]
 
     def batch_of(indices):
@@ -46,7 +46,7 @@ def main(out_path: str, backend: str) -> None:
 
     # 1. Forces trigger no reduction; the parameter backward does (overlap).
     batch = batch_of(share)
-    routing = step_routing(model, batch, topo, backend)
+    routing = parallel.routing(model, batch)
     reduction.arm()
     geometry = strained_geometry(batch)
     pred = forces_and_stress(energy(model, batch, geometry, routing), geometry, batch, training=True)
@@ -61,15 +61,15 @@ def main(out_path: str, backend: str) -> None:
     scale = topo.world_size / GLOBAL_BATCH
 
     def step_grads(micro: list) -> tuple[dict[str, np.ndarray], float]:
-        sums = train_step(model, micro, optimizer, reduction, cfg, topo, scale, 0.0).loss_sums
+        sums = train_step(model, micro, optimizer, parallel, cfg, scale, 0.0).loss_sums
         return {n: p.grad.numpy().copy() for n, p in model.named_parameters()}, sums["total"]
 
     union, loss_union = step_grads([batch])
     halves, loss_halves = step_grads([batch_of(part) for part in np.array_split(share, 2)])
     micro_rel = max(float(np.abs(union[n] - halves[n]).max() / max(np.abs(union[n]).max(), 1e-300)) for n in union)
-    micro_rel = topo.world.allreduce(micro_rel, op=MPI.MAX)
+    micro_rel = topo.max(micro_rel)
 
-    gathered = topo.world.gather(union, root=0)
+    gathered = topo.gather_to_root(union)
     if topo.rank == 0:
         full = {}
         for grads in gathered:
@@ -80,7 +80,7 @@ def main(out_path: str, backend: str) -> None:
                        "launches_after_backward": launches_after_backward, "buckets": [len(r.buckets) for r in reduction.reducers],
                        "micro_batch_max_rel_diff": micro_rel, "loss_union": loss_union, "loss_halves": loss_halves,
                        "n_params": len(full)}, f)
-    topo.world.Barrier()
+    topo.barrier()
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Run under `mpiexec -n K script OUT DP EP [BACKEND]`, float64: an MoE training step on a dp × ep topology
 equals the single-process step on the same global batch — energies, forces, stresses, loss, the
-aux loss and every parameter gradient (dense and expert). Rank 0 writes the comparison as JSON."""
+aux loss and every parameter gradient (dense and expert). Both run the production `train_step`
+(lr 0 keeps the weights). Rank 0 writes the comparison as JSON."""
 
 from __future__ import annotations
 
@@ -10,14 +11,16 @@ import sys
 import numpy as np
 import torch
 
+from exaforce.comm.groups import build_groups
 from exaforce.config import from_dict
+from exaforce.graph import build_batch
 from exaforce.io.schema import Frames
 from exaforce.io.synth import synthesize
-from exaforce.model.graph import build_batch
 from exaforce.model.potential import Potential, energy_forces_stress
-from exaforce.parallel import GradientReduction, step_routing, sync_initial_parameters
-from exaforce.topology import Topology
-from exaforce.train import loss_and_gradients
+from exaforce.parallel.parallelize import parallelize
+from exaforce.parallel.topology import Topology
+from exaforce.training.schedule import make_optimizer
+from exaforce.training.step import train_step
 
 GLOBAL_BATCH = 8
 
@@ -50,7 +53,8 @@ def main(out_path: str, dp: int, ep: int, backend: str) -> None:
             p.add_(0.1)
         for p in model.expert_parameters() if dp_index else []:
             p.add_(0.1)
-    sync_initial_parameters(model, topo, backend)
+    parallel = parallelize(model, topo, build_groups(backend, topo), cfg)  # must overwrite the wrong start
+    optimizer, _ = make_optimizer(model, cfg)
 
     def batch_of(indices):
         return build_batch(frames.select(np.asarray(indices)), model.species_table(), cfg.model.cutoff,
@@ -58,29 +62,28 @@ def main(out_path: str, dp: int, ep: int, backend: str) -> None:
 
     # Distributed: rank r takes a contiguous share of the global batch.
     batch = batch_of(np.array_split(np.arange(GLOBAL_BATCH), topo.world_size)[topo.rank])
-    pred = energy_forces_stress(model, batch, training=False, routing=step_routing(model, batch, topo, backend))
-    routing = step_routing(model, batch, topo, backend)
-    reduction = GradientReduction(model, topo, cfg.comm)
-    reduction.arm()  # buckets launch from the backward's hooks, as in training
-    loss_sums = loss_and_gradients(model, batch, cfg, topo.world_size / GLOBAL_BATCH, {}, routing)
-    reduction.finish()
-    loss = topo.world.allreduce(loss_sums["total"]) / GLOBAL_BATCH
+    pred = energy_forces_stress(model, batch, training=False, routing=parallel.routing(model, batch))
+    step = train_step(model, [batch], optimizer, parallel, cfg, topo.world_size / GLOBAL_BATCH, lr=0.0)
     grads = {name: p.grad.numpy().copy() for name, p in model.named_parameters()}
-    gathered = topo.world.gather({"energy": pred.energy_G.detach().numpy(), "forces": pred.forces_N3.detach().numpy(),
-                                  "stress": pred.stress_G6.detach().numpy(), "grads": grads,
-                                  "alltoall_calls": routing.clock.calls}, root=0)
+    gathered = topo.gather_to_root({"energy": pred.energy_G.detach().numpy(), "forces": pred.forces_N3.detach().numpy(),
+                                    "stress": pred.stress_G6.detach().numpy(), "grads": grads,
+                                    "alltoall_calls": step.routing.clock.calls})
 
     if topo.rank == 0:  # serial reference: the whole global batch, every expert, one process
         serial = build(0, 1)
+        solo = Topology.single_process()
+        serial_parallel = parallelize(serial, solo, build_groups(backend, solo), cfg)
+        serial_optimizer, _ = make_optimizer(serial, cfg)
         whole = batch_of(range(GLOBAL_BATCH))
         ref = energy_forces_stress(serial, whole, training=False)
-        ref_losses = loss_and_gradients(serial, whole, cfg, 1.0 / GLOBAL_BATCH, {})
+        ref_step = train_step(serial, [whole], serial_optimizer, serial_parallel, cfg, 1.0 / GLOBAL_BATCH, lr=0.0)
+        ref_losses = ref_step.loss_sums
         diffs = {
             "energy": rel_diff(np.concatenate([g["energy"] for g in gathered]), ref.energy_G.detach().numpy()),
             "forces": rel_diff(np.concatenate([g["forces"] for g in gathered]), ref.forces_N3.detach().numpy()),
             "stress": rel_diff(np.concatenate([g["stress"] for g in gathered]), ref.stress_G6.detach().numpy()),
-            "loss": rel_diff(loss, ref_losses["total"] / GLOBAL_BATCH),
-            "moe_aux": rel_diff(loss_sums["moe_aux"], ref_losses["moe_aux"]),
+            "loss": rel_diff(step.loss, ref_step.loss),
+            "moe_aux": rel_diff(step.loss_sums["moe_aux"], ref_losses["moe_aux"]),
         }
         grad_diffs, compared = {}, set()
         for rank_result in gathered:  # every rank's copy of every parameter it holds
@@ -94,10 +97,10 @@ def main(out_path: str, dp: int, ep: int, backend: str) -> None:
                   "params_compared": len(compared), "params_serial": len(list(serial.parameters())),
                   "expert_params_serial": len(serial.expert_parameters()),
                   "alltoall_calls": [g["alltoall_calls"] for g in gathered],
-                  "moe_aux_value": ref_losses["moe_aux"], "loss_value": ref_losses["total"] / GLOBAL_BATCH}
+                  "moe_aux_value": ref_losses["moe_aux"], "loss_value": ref_step.loss}
         with open(out_path, "w") as f:
             json.dump(result, f)
-    topo.world.Barrier()
+    topo.barrier()
 
 
 if __name__ == "__main__":

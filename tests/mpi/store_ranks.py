@@ -19,7 +19,7 @@ from exaforce.io.sampler import deal, epoch_order, global_batches, shard_range
 from exaforce.io.schema import Frames
 from exaforce.io.store import SampleStore
 from exaforce.io.synth import synthesize
-from exaforce.topology import Topology
+from exaforce.parallel.topology import Topology
 
 EPOCHS, GLOBAL_BATCH, SEED = 2, 5, 7
 OWNER_WAIT_S = 30.0

@@ -91,7 +91,7 @@ def test_ranks_write_identical_numbers_and_the_input_schema(work):
     assert one.magmoms_N is None
     assert not np.array_equal(one.energy_S, source.energy_S)
     assert np.isnan(one.stress_S6[N_METALS:]).all() and np.isfinite(one.stress_S6[:N_METALS]).all()
-    from exaforce.pretrained import load_trained
+    from exaforce.model_io import load_trained
 
     assert attrs["method"] == f"exaforce:{load_trained(work / 'run').path.resolve()}"
     assert attrs["name"] == "mixed" and attrs["source"] == "test" and attrs["head"] == "pbe"

@@ -134,6 +134,32 @@ def test_from_checkpoint_file_and_run_folder(tmp_path):
         ExaforceCalculator.from_checkpoint(tmp_path / "empty")
 
 
+def test_run_folder_means_its_newest_checkpoint(tmp_path):
+    """A complete checkpoint folder newer than the export is read; at one step the export wins (one
+    read); a folder without its COMPLETE marker is not a checkpoint."""
+    import json
+
+    from exaforce import checkpoint
+
+    cfg = Config(model=dataclasses.replace(model_preset("small"), elements=ELEMENTS), data=DataConfig(train=("u.bp",)))
+    root = tmp_path / "run/checkpoints"
+    checkpoint.save_atomic({"step": 7, "config": cfg.to_dict(), "model": Potential(cfg.model).state_dict()},
+                           root / "step-00000007.pt")
+    for step, marker in ((9, True), (12, False)):
+        folder = checkpoint.step_folder(tmp_path / "run", step)
+        checkpoint.save_atomic({"model": Potential(cfg.model).state_dict(), "optimizer": {},
+                                "meta": {"step": step, "config": cfg.to_dict()}}, folder / "dense.pt")
+        if marker:
+            sizes = {"dense.pt": (folder / "dense.pt").stat().st_size}
+            (folder / checkpoint.MARKER).write_text(json.dumps({"files": sizes}))
+    assert checkpoint.latest(tmp_path / "run") == root / "step-00000009"
+    assert checkpoint.latest(tmp_path / "run", model_files=True) == root / "step-00000009"
+    assert ExaforceCalculator.from_checkpoint(tmp_path / "run").model.cfg == cfg.model
+    checkpoint.export_model(root / "step-00000009", root / "step-00000009.pt")
+    assert checkpoint.latest(tmp_path / "run") == root / "step-00000009"  # --resume needs the optimizer state
+    assert checkpoint.latest(tmp_path / "run", model_files=True) == root / "step-00000009.pt"
+
+
 def test_from_preset_leaves_the_callers_random_stream_alone():
     torch.manual_seed(11)
     expected = torch.rand(3)

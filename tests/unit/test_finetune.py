@@ -14,9 +14,9 @@ from ase.build import bulk
 from exaforce import config
 from exaforce.config import ConfigError, model_preset
 from exaforce.finetune import check_compatible, copy_weights, freeze_backbone
-from exaforce.model.graph import batch_from_atoms
+from exaforce.graph import batch_from_atoms
 from exaforce.model.potential import Potential, energy_forces_stress
-from exaforce.pretrained import TrainedModel
+from exaforce.model_io import TrainedModel
 
 pytestmark = pytest.mark.inference
 ELEMENTS = ("Cu", "Au", "Ni")
@@ -88,6 +88,25 @@ def test_shape_mismatch_and_dropped_heads_are_clear_errors():
     with pytest.raises(ConfigError, match=r"must keep the checkpoint's heads \['emt'\] \(missing \['emt'\]\)"):
         check_compatible(ckpt, dataclasses.replace(ckpt.config, heads=("pbe",)))
     check_compatible(ckpt, dataclasses.replace(ckpt.config, heads=("pbe", "emt")))  # adding is fine
+
+
+def test_restore_and_fine_tuning_share_one_comparison():
+    """Restore wants the very model (heads included); a saved config's lists equal the tuples."""
+    from types import SimpleNamespace
+
+    from exaforce.checkpoint import CheckpointError, _check_model_config
+
+    ckpt = trained("small", ("emt",))
+    saved = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(ckpt.config).items()}
+    _check_model_config(Path("ckpt"), saved, SimpleNamespace(cfg=ckpt.config))
+    wider = dataclasses.replace(ckpt.config, width=32, heads=("emt", "pbe"))
+    with pytest.raises(CheckpointError, match=r"^ckpt: the checkpoint's model differs from this config's: "
+                       r"model.heads = \['emt'\] in the checkpoint, \['emt', 'pbe'\] now; "
+                       r"model.width = 16 in the checkpoint, 32 now$"):
+        _check_model_config(Path("ckpt"), saved, SimpleNamespace(cfg=wider))
+    with pytest.raises(ConfigError, match=r"^run.init_from = 'ckpt.pt': the model differs from the checkpoint's: "
+                       r"model.width = 32 \(the checkpoint's: 16\)$"):
+        check_compatible(ckpt, wider)
 
 
 def test_config_init_from_and_freeze(tmp_path):

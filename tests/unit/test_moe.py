@@ -10,7 +10,7 @@ from ase.calculators.fd import calculate_numerical_forces, calculate_numerical_s
 
 from exaforce.calculator import ExaforceCalculator
 from exaforce.model.moe import MoEMLP, load_balancing_loss
-from exaforce.model.routing import ATOMS, plan_layer
+from exaforce.model.routing import ATOMS, DispatchClock, plan_layer
 
 pytestmark = pytest.mark.physics
 
@@ -32,7 +32,7 @@ def test_every_token_gets_its_elements_top_k_experts_plus_shared():
         moe.shared(x[t]) + sum(weight_ZK[species[t], k] * moe.experts[str(int(expert_ZK[species[t], k]))](x[t])
                                for k in range(2))
         for t in range(len(x))])
-    torch.testing.assert_close(moe(x, species, local_route(moe, species), None), expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(moe(x, species, local_route(moe, species), DispatchClock()), expected, rtol=1e-12, atol=1e-12)
 
 
 def test_an_expert_shard_starts_with_the_single_rank_weights():

@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 
 from exaforce.perf.campaign import (extrapolate_efficiency, speedup, strong_efficiency, summarize_campaign,
-                                    weak_efficiency, write_campaign_report)
+                                    weak_efficiency)
 from exaforce.perf.log import PerfLogWriter, rank_log_path
 from exaforce.perf.machines import MACHINES
+from exaforce.perf.render import write_campaign_report
 
 pytestmark = pytest.mark.perf
 

@@ -79,19 +79,22 @@ def test_trainer_calibration_predicts_the_real_step_within_1_percent(preset):
     """The trainer's own calibration (six batches of 1-5 structures, as train() uses) predicts the
     counter on held-out batches of other sizes: forward, forces/stress with create_graph, parameter
     backward of the real model (dense and MoE)."""
+    from exaforce.comm.groups import build_groups
     from exaforce.config import Config, DataConfig, model_preset
+    from exaforce.graph import build_batch
     from exaforce.io.schema import Frames
     from exaforce.io.synth import synthesize
-    from exaforce.model.graph import build_batch
     from exaforce.model.potential import Potential
-    from exaforce.parallel import step_routing
-    from exaforce.topology import Topology
-    from exaforce.train import calibrate_flops, loss_and_gradients
+    from exaforce.parallel.parallelize import parallelize
+    from exaforce.parallel.topology import Topology
+    from exaforce.training.calibrate import calibrate_flops
+    from exaforce.training.step import loss_and_gradients
 
     cfg = Config(model=model_preset(preset), data=DataConfig(train=("unused",)))
     torch.manual_seed(0)
     model = Potential(cfg.model).double()
     topo = Topology.from_mpi(dp=1, ep=1)
+    parallel = parallelize(model, topo, build_groups(cfg.comm.backend, topo), cfg)
     structures = synthesize(40, seed=3)
 
     def batch(first: int, count: int):
@@ -99,9 +102,9 @@ def test_trainer_calibration_predicts_the_real_step_within_1_percent(preset):
         return build_batch(frames, model.species_table(), cfg.model.cutoff, cfg.model.three_body_cutoff).to("cpu", torch.float64)
 
     calibration = [batch(i, k) for i, k in ((0, 1), (1, 2), (3, 3), (6, 4), (10, 2), (12, 5))]
-    coeffs = calibrate_flops(model, calibration, cfg, topo)
+    coeffs = calibrate_flops(model, calibration, cfg, parallel)
     for held_out in (batch(17, 8), batch(25, 12)):
-        routing = step_routing(model, held_out, topo, cfg.comm.backend)
+        routing = parallel.routing(model, held_out)
         counted = count_flops(lambda: loss_and_gradients(model, held_out, cfg, 1.0, {}, routing))
         c = held_out.counts()
         predicted = predict_flops(coeffs, c["atoms"], c["edges"], c["angles"])

@@ -9,7 +9,7 @@ from ase import Atoms
 from ase.build import bulk, molecule
 
 from exaforce.config import ModelConfig
-from exaforce.model.graph import batch_from_atoms
+from exaforce.graph import batch_from_atoms
 from exaforce.model.potential import Potential, energy_forces_stress
 
 pytestmark = pytest.mark.physics

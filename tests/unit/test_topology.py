@@ -1,6 +1,6 @@
 import pytest
 
-from exaforce.topology import TopologyError, grid_layout
+from exaforce.parallel.topology import TopologyError, grid_layout
 
 
 def test_grid_groups():

@@ -14,63 +14,41 @@ out of both figures; it is reported apart as load imbalance.
 
 from __future__ import annotations
 
-import os
-import shutil
+import dataclasses
 import statistics
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-BENCH_SEED = 0
+from exaforce.bench import BENCH_SEED
+from exaforce.bench.config_file import write_config
+from exaforce.bench.launcher import environment, exaforce_command, launch, on_ranks
 
+if TYPE_CHECKING:
+    from exaforce.config import Config
+    from exaforce.perf.runlog import Run
 
-def _write_config(path: Path, data: Path, out_dir: Path, preset: str, experts: int | None, batch: int,
-                  steps: int, dp: int, ep: int, dtype: str, backend: str = "mpi", overlap: bool = True,
-                  sync: bool = False) -> None:
-    experts_line = f"moe_experts = {experts}\n" if experts else ""
-    path.write_text(f"""[run]
-out_dir = "{out_dir}"
-steps = {steps}
-log_every = 1
-dtype = "{dtype}"
-final_checkpoint = false
-seed = {BENCH_SEED}
-
-[data]
-train = ["{data}"]
-global_batch_size = {batch}
-
-[model]
-preset = "{preset}"
-{experts_line}
-[loss]
-stress_weight = 0.1
-
-[parallel]
-dp = {dp}
-ep = {ep}
-
-[comm]
-backend = "{backend}"
-overlap = {"true" if overlap else "false"}
-sync_before_reduce = {"true" if sync else "false"}
-""")
+DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.toml"
 
 
-def summarize_run(run_dir: Path, warmup: int) -> dict:
-    """Median step time over the steps after `warmup` (slowest rank per step) and shares of it."""
-    from exaforce.perf.report import load_run
-
-    run = load_run(run_dir)
+def _timed_steps(run: Run, warmup: int) -> dict[int, list[dict]]:
+    """Every rank's record of each step after `warmup`, by step."""
     by_step: dict[int, list[dict]] = {}
     for records in run.steps.values():
         for record in records:
             if record["step"] > warmup:
                 by_step.setdefault(record["step"], []).append(record)
     if not by_step:
-        raise RuntimeError(f"{run_dir}: no step after the {warmup} warm-up step(s); run more steps")
+        raise RuntimeError(f"{run.run_dir}: no step after the {warmup} warm-up step(s); run more steps")
+    return by_step
+
+
+def summarize_run(run_dir: Path, warmup: int) -> dict:
+    """Median step time over the steps after `warmup` (slowest rank per step) and shares of it."""
+    from exaforce.perf.runlog import load_run
+
+    run = load_run(run_dir)
+    by_step = _timed_steps(run, warmup)
     step_times = [max(r["total_time"] for r in records) for records in by_step.values()]
 
     def share(key: str) -> float:
@@ -95,48 +73,68 @@ def summarize_run(run_dir: Path, warmup: int) -> dict:
 
 
 class TrainingRuns:
-    """A temporary folder with one synthesised dataset and the runs made on it."""
+    """A temporary folder of synthesised datasets and the runs made on them, each in TMP/<name>."""
 
-    def __init__(self, tmp: Path, ranks: int, batch_per_rank: int, log: Callable[[str], None]):
+    def __init__(self, tmp: Path, ranks: int, log: Callable[[str], None]):
         self.tmp, self.ranks, self.log = tmp, ranks, log
-        self.mpiexec = shutil.which("mpiexec") or str(Path(sys.executable).parent / "mpiexec")
-        self.exaforce = str(Path(sys.executable).parent / "exaforce")
-        self.env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-        structures = max(64, 4 * ranks * batch_per_rank)
-        subprocess.run([self.exaforce, "data", "synth", "--out", str(tmp / "d.extxyz"), "--structures",
-                        str(structures), "--seed", str(BENCH_SEED)], check=True, capture_output=True, env=self.env)
-        subprocess.run([self.exaforce, "data", "convert", str(tmp / "d.extxyz"), "--out", str(tmp / "d.bp"),
-                        "--name", "bench"], check=True, capture_output=True, env=self.env)
+        self.env = environment(OMP_NUM_THREADS="1")
 
-    def run(self, name: str, warmup: int, **config) -> dict:
+    def dataset(self, name: str, structures: int, *synth_options: str) -> Path:
+        """`exaforce data synth` (seed BENCH_SEED), then `data convert` to TMP/<name>.bp, named `name`."""
+        extxyz, bp = self.tmp / f"{name}.extxyz", self.tmp / f"{name}.bp"
+        launch(exaforce_command("data", "synth", "--out", str(extxyz), "--structures", str(structures),
+                                "--seed", str(BENCH_SEED), *synth_options), f"bench: data synth of {name}", self.env)
+        launch(exaforce_command("data", "convert", str(extxyz), "--out", str(bp), "--name", name),
+               f"bench: data convert of {name}", self.env)
+        return bp
+
+    def train(self, name: str, cfg: Config) -> Path:
+        """`mpiexec -n R exaforce train` of `cfg` with its run folder TMP/<name>; returns the folder."""
         run_dir, path = self.tmp / name, self.tmp / f"{name}.toml"
-        _write_config(path, self.tmp / "d.bp", run_dir, **config)
-        self.log(f"bench: {name}: mpiexec -n {self.ranks} exaforce train ({config['steps']} steps)")
-        proc = subprocess.run([self.mpiexec, "-n", str(self.ranks), self.exaforce, "train", "--config", str(path)],
-                              capture_output=True, text=True, env=self.env)
-        if proc.returncode != 0:
-            raise RuntimeError(f"bench: the {name} run failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-        return summarize_run(run_dir, warmup)
+        write_config(dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, out_dir=str(run_dir))), path)
+        launch(on_ranks(self.ranks, exaforce_command("train", "--config", str(path))), f"bench: the {name} run",
+               self.env)
+        return run_dir
+
+    def timed(self, name: str, warmup: int, cfg: Config) -> dict:
+        """train(), then summarize_run() of its perf logs."""
+        self.log(f"bench: {name}: mpiexec -n {self.ranks} exaforce train ({cfg.run.steps} steps)")
+        return summarize_run(self.train(name, cfg), warmup)
+
+
+def synthetic_run_config(data: Path, preset: str, experts: int | None, batch: int, steps: int, dp: int, ep: int,
+                         dtype: str, backend: str = "mpi", overlap: bool = True, sync: bool = False) -> Config:
+    """A run on one synthesised dataset, every step logged, no checkpoint at the end."""
+    from exaforce.config import from_dict
+
+    return from_dict({
+        "run": {"steps": steps, "log_every": 1, "dtype": dtype, "final_checkpoint": False, "seed": BENCH_SEED},
+        "data": {"train": [str(data)], "global_batch_size": batch},
+        "model": {"preset": preset, **({"moe_experts": experts} if experts else {})},
+        "loss": {"stress_weight": 0.1},
+        "parallel": {"dp": dp, "ep": ep},
+        "comm": {"backend": backend, "overlap": overlap, "sync_before_reduce": sync},
+    })
 
 
 def bench_ep(preset: str, ranks: int, ep: int, experts: int | None, batch_per_rank: int, steps: int,
              warmup: int, dtype: str, baseline: bool, log: Callable[[str], None]) -> dict:
-    from exaforce.config import model_preset
+    from exaforce.config import ConfigError, model_preset
 
     cfg = model_preset(preset)
     n_experts = experts or cfg.moe_experts
     if not n_experts or n_experts % ep or ranks % ep:
-        raise ValueError(f"bench ep: need an MoE preset with experts divisible by ep = {ep} and ranks ({ranks}) "
-                         f"divisible by ep; {preset} has {n_experts} experts")
+        raise ConfigError(f"bench ep: need an MoE preset with experts divisible by ep = {ep} and ranks ({ranks}) "
+                          f"divisible by ep; {preset} has {n_experts} experts")
     results = {"preset": preset, "experts": n_experts, "ranks": ranks, "batch_per_rank": batch_per_rank,
                "steps": steps, "warmup": warmup, "dtype": dtype}
     with tempfile.TemporaryDirectory(prefix="exaforce-bench-ep-") as tmp:
-        runs = TrainingRuns(Path(tmp), ranks, batch_per_rank, log)
+        runs = TrainingRuns(Path(tmp), ranks, log)
+        data = runs.dataset("bench", max(64, 4 * ranks * batch_per_rank))
         layouts = ([("dp_only", ranks, 1)] if baseline else []) + [("expert_parallel", ranks // ep, ep)]
         for name, dp, ep_size in layouts:
-            r = results[name] = {"dp": dp, "ep": ep_size, **runs.run(
-                name, warmup, preset=preset, experts=experts, batch=batch_per_rank * ranks, steps=steps,
-                dp=dp, ep=ep_size, dtype=dtype)}
+            run_cfg = synthetic_run_config(data, preset, experts, batch_per_rank * ranks, steps, dp, ep_size, dtype)
+            r = results[name] = {"dp": dp, "ep": ep_size, **runs.timed(name, warmup, run_cfg)}
             log(f"  losses {', '.join(f'{x:.4g}' for x in r['losses'])}")
             log(f"  step {r['step_s'] * 1e3:.0f} ms (median of {r['steps_timed']}), all-to-all "
                 f"{100 * r['alltoall_share']:.1f}%, gradient reduction {100 * r['grad_reduction_share']:.1f}%, "
@@ -153,13 +151,14 @@ def bench_comm(preset: str, ranks: int, batch_per_rank: int, steps: int, warmup:
     results: dict = {"preset": preset, "ranks": ranks, "batch_per_rank": batch_per_rank, "steps": steps,
                      "warmup": warmup, "dtype": dtype}
     with tempfile.TemporaryDirectory(prefix="exaforce-bench-comm-") as tmp:
-        runs = TrainingRuns(Path(tmp), ranks, batch_per_rank, log)
+        runs = TrainingRuns(Path(tmp), ranks, log)
+        data = runs.dataset("bench", max(64, 4 * ranks * batch_per_rank))
         for backend in backends:
             r = results[backend] = {}
             for overlap in (False, True):
-                summary = runs.run(f"{backend}-{'overlap' if overlap else 'after'}", warmup, preset=preset,
-                                   experts=None, batch=batch_per_rank * ranks, steps=steps, dp=ranks, ep=1,
-                                   dtype=dtype, backend=backend, overlap=overlap, sync=True)
+                run_cfg = synthetic_run_config(data, preset, None, batch_per_rank * ranks, steps, ranks, 1, dtype,
+                                               backend=backend, overlap=overlap, sync=True)
+                summary = runs.timed(f"{backend}-{'overlap' if overlap else 'after'}", warmup, run_cfg)
                 r["overlap" if overlap else "after_backward"] = summary
             after, over = r["after_backward"]["comm_s"], r["overlap"]["comm_s"]
             r["hidden_share"] = max(0.0, 1.0 - over / after) if after > 0 else 0.0
@@ -169,42 +168,34 @@ def bench_comm(preset: str, ranks: int, batch_per_rank: int, steps: int, warmup:
     return results
 
 
+def demo_run_config(datasets_dir: Path, steps: int, balance: bool) -> Config:
+    """configs/demo.toml reading its datasets from `datasets_dir`, for `steps` steps, dealing by cost
+    (balance) or round-robin."""
+    from exaforce.config import load
+
+    cfg = load(DEMO_CONFIG)
+    datasets = tuple(dataclasses.replace(d, path=str(datasets_dir / Path(d.path).name)) for d in cfg.data.datasets)
+    return dataclasses.replace(
+        cfg, run=dataclasses.replace(cfg.run, steps=steps),
+        data=dataclasses.replace(cfg.data, datasets=datasets, balance=balance),
+        parallel=dataclasses.replace(cfg.parallel, dp=0))  # the demo pins 2 ranks: take whatever --ranks gives
+
+
 def bench_balance(structures: int, ranks: int, steps: int, warmup: int, log: Callable[[str], None]) -> dict:
     """configs/demo.toml on freshly synthesised demo data, balanced and round-robin deal."""
-    from exaforce.perf.report import load_run
+    from exaforce.perf.runlog import load_run
 
-    demo = Path(__file__).resolve().parents[1] / "configs" / "demo.toml"
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    exaforce = str(Path(sys.executable).parent / "exaforce")
-    mpiexec = shutil.which("mpiexec") or str(Path(sys.executable).parent / "mpiexec")
     results: dict = {"structures": structures, "ranks": ranks, "steps": steps, "warmup": warmup}
     with tempfile.TemporaryDirectory(prefix="exaforce-bench-balance-") as tmp:
-        tmp = Path(tmp)
-        for name, n, extra in (("emt", structures, []),
-                               ("gfn2", structures, ["--source", "molecules", "--method", "GFN2-xTB"]),
-                               ("gfn1", structures // 2, ["--source", "molecules", "--method", "GFN1-xTB"])):
-            subprocess.run([exaforce, "data", "synth", "--out", str(tmp / f"{name}.extxyz"), "--structures", str(n),
-                            "--seed", str(BENCH_SEED), *extra], check=True, capture_output=True, env=env)
-            subprocess.run([exaforce, "data", "convert", str(tmp / f"{name}.extxyz"), "--out", str(tmp / f"{name}.bp"),
-                            "--name", name], check=True, capture_output=True, env=env)
+        runs = TrainingRuns(Path(tmp), ranks, log)
+        runs.dataset("emt", structures)
+        runs.dataset("gfn2", structures, "--source", "molecules", "--method", "GFN2-xTB")
+        runs.dataset("gfn1", structures // 2, "--source", "molecules", "--method", "GFN1-xTB")
         for balance in (True, False):
             name = "balanced" if balance else "round_robin"
-            config = demo.read_text().replace('path = "../demo/', f'path = "{tmp}/')
-            config = config.replace('out_dir = "../demo/run"', f'out_dir = "{tmp / name}"')
-            config = config.replace("balance = true", f"balance = {'true' if balance else 'false'}")
-            config = config.replace("dp = 2", "dp = 0")  # the demo pins 2 ranks: take whatever --ranks gives
-            (tmp / f"{name}.toml").write_text(config)
             log(f"bench balance: {name}: mpiexec -n {ranks} exaforce train, {steps} steps")
-            proc = subprocess.run([mpiexec, "-n", str(ranks), exaforce, "train", "--config", str(tmp / f"{name}.toml"),
-                                   "--steps", str(steps)], capture_output=True, text=True, env=env)
-            if proc.returncode != 0:
-                raise RuntimeError(f"bench balance: the {name} run failed:\n{proc.stderr[-3000:]}")
-            run = load_run(tmp / name)
-            by_step: dict[int, list[dict]] = {}
-            for records in run.steps.values():
-                for record in records:
-                    if record["step"] > warmup:
-                        by_step.setdefault(record["step"], []).append(record)
+            run_dir = runs.train(name, demo_run_config(runs.tmp, steps, balance))
+            by_step = _timed_steps(load_run(run_dir), warmup)
             compute = [[sum(r["times"][k] for k in ("forward", "force_backward", "param_backward")) for r in rs]
                        for rs in by_step.values()]
             r = results[name] = {

@@ -14,17 +14,17 @@ from typing import Callable
 import numpy as np
 import torch
 
-from exaforce.dataset import GlobalIndex
+from exaforce.training.data import GlobalIndex
 from exaforce.io.sampler import deal
-from exaforce.model.graph import GraphBatch
+from exaforce.graph import GraphBatch
 from exaforce.model.potential import Potential, energy_forces_stress
-from exaforce.parallel import step_routing
-from exaforce.topology import Topology
+from exaforce.parallel.parallelize import Parallel
 
 
 def validation_mae(model: Potential, index: GlobalIndex, to_batch: Callable[[np.ndarray], GraphBatch],
-                   cost_G: np.ndarray, chunk: int, topo: Topology, backend: str) -> dict[str, dict[str, float]]:
+                   cost_G: np.ndarray, chunk: int, parallel: Parallel) -> dict[str, dict[str, float]]:
     """{head: {"energy_mev_per_atom", "forces_mev_per_a", "structures"}} over the validation split (collective)."""
+    topo = parallel.topo
     val = np.flatnonzero(index.is_val_G)
     heads = model.cfg.heads
     sums = np.zeros((len(heads), 4))  # Σ|ΔE|/atoms, structures, Σ|ΔF|, force components
@@ -35,7 +35,7 @@ def validation_mae(model: Potential, index: GlobalIndex, to_batch: Callable[[np.
             share = deal(part, cost_G[part], topo.world_size)[topo.rank]
             weight = 1.0 if len(share) else 0.0
             batch = to_batch(share if len(share) else val[:1])
-            pred = energy_forces_stress(model, batch, training=False, routing=step_routing(model, batch, topo, backend))
+            pred = energy_forces_stress(model, batch, training=False, routing=parallel.routing(model, batch))
             with torch.no_grad():
                 head_G = batch.head_G.numpy()
                 e_err = ((pred.energy_G - batch.energy_G).abs() / batch.natoms_G).numpy()
@@ -45,6 +45,6 @@ def validation_mae(model: Potential, index: GlobalIndex, to_batch: Callable[[np.
                     mine = head_G == h
                     sums[h] += weight * np.array([e_err[mine].sum(), mine.sum(), f_err_G[mine].sum(),
                                                   3 * batch.natoms_G.numpy()[mine].sum()])
-    sums = topo.world.allreduce(sums)  # collective
+    sums = topo.sum(sums)  # collective
     return {head: {"energy_mev_per_atom": 1e3 * s[0] / s[1], "forces_mev_per_a": 1e3 * s[2] / s[3],
                    "structures": int(s[1])} for head, s in zip(heads, sums) if s[1] > 0}

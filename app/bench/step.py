@@ -1,5 +1,7 @@
 """`exaforce bench step`: the full training step's speed, memory and FLOP/s, optionally beside MatRIS.
 
+The step is the trainer's own: `exaforce.training.step.train_step` on a one-rank topology, with
+the run's optimizer, schedule, clipping and gradient reduction (over one rank: no communication).
 Each model is measured in its own subprocess, so one model's peak memory never hides the
 other's. Peak memory is the growth of the process's peak RSS over its RSS just before the first
 step: the step's own working set (activations, double-backward graph, optimizer state), the
@@ -9,18 +11,22 @@ CPU analogue of torch.cuda.max_memory_allocated.
 from __future__ import annotations
 
 import json
-import os
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from typing import Callable
 
-import numpy as np
 import torch
 
-BENCH_SEED = 0
+from exaforce.bench import BENCH_SEED
+from exaforce.bench.launcher import environment, launch_json, module_command
+
+# glibc malloc settings for both workers alike: keep freed memory in the heap instead of returning
+# it to the kernel, because fresh pages are slow to come by on these VMs (measured on the base
+# preset, 2 cores: 1.78 s → 1.70 s per step). A value already in the environment wins.
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(2**32), "MALLOC_TRIM_THRESHOLD_": str(2**36),
+              "MALLOC_TOP_PAD_": str(2**28)}
 
 
 def _rss_bytes() -> int:
@@ -52,28 +58,37 @@ def bench_structures(batch: int):
     return synthesize(batch, seed=BENCH_SEED)
 
 
-def exaforce_worker(preset: str, batch: int, dtype: torch.dtype, warmup: int, repeats: int) -> dict:
-    from exaforce.config import Config, DataConfig, model_preset
+def exaforce_worker(preset: str, batch: int, dtype: str, warmup: int, repeats: int) -> dict:
+    """The trainer's step (exaforce.training.step.train_step) on one rank, timed and FLOP-counted."""
+    from exaforce.comm.groups import build_groups
+    from exaforce.config import DTYPES, Config, DataConfig, RunConfig, model_preset
+    from exaforce.graph import build_batch
     from exaforce.io.schema import Frames
-    from exaforce.model.graph import build_batch
     from exaforce.model.potential import Potential
+    from exaforce.parallel.parallelize import parallelize
+    from exaforce.parallel.topology import Topology
     from exaforce.perf.flops import count_flops
-    from exaforce.train import loss_and_gradients
+    from exaforce.training.schedule import make_optimizer
+    from exaforce.training.step import train_step
 
     atoms = bench_structures(batch)
-    cfg = Config(model=model_preset(preset), data=DataConfig(train=("bench",), global_batch_size=batch))
+    steps = 1 + warmup + repeats  # the FLOP count's step, then the timed ones: the schedule spans them all
+    cfg = Config(run=RunConfig(steps=steps, dtype=dtype), model=model_preset(preset),
+                 data=DataConfig(train=("bench",), global_batch_size=batch))
     torch.manual_seed(BENCH_SEED)
-    model = Potential(cfg.model).to(dtype)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    model = Potential(cfg.model).to(DTYPES[dtype])
+    topo = Topology.single_process()
+    parallel = parallelize(model, topo, build_groups(cfg.comm.backend, topo), cfg)
+    optimizer, schedule = make_optimizer(model, cfg)  # after parallelize, as the trainer does
     graph = build_batch(Frames.from_atoms(atoms), model.species_table(), cfg.model.cutoff,
-                        cfg.model.three_body_cutoff).to("cpu", dtype)
+                        cfg.model.three_body_cutoff).to("cpu", DTYPES[dtype])
     counts = graph.counts()
+    taken = 0
 
-    def step() -> None:  # train_step without the gradient reduction (one process)
-        optimizer.zero_grad(set_to_none=True)
-        loss_and_gradients(model, graph, cfg, 1.0 / batch, {})
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-        optimizer.step()
+    def step() -> None:
+        nonlocal taken
+        taken += 1
+        train_step(model, [graph], optimizer, parallel, cfg, 1.0 / batch, schedule.lr_at(taken))  # 1 / global batch
 
     flops = count_flops(step)
     seconds, peak = _time_steps(step, warmup, repeats)
@@ -83,13 +98,14 @@ def exaforce_worker(preset: str, batch: int, dtype: torch.dtype, warmup: int, re
             "peak_mem_bytes": peak, **counts}
 
 
-def matris_worker(preset: str, batch: int, dtype: torch.dtype, warmup: int, repeats: int) -> dict:
-    from exaforce.config import model_preset
-    from exaforce.reference_matris import build_matris, make_matris_step, matris_param_count
+def matris_worker(preset: str, batch: int, dtype: str, warmup: int, repeats: int) -> dict:
+    """The MatRIS reference's training step at the preset's width, depth and cutoffs, timed alike."""
+    from exaforce.bench.reference import build_matris, make_matris_step, matris_param_count
+    from exaforce.config import DTYPES, model_preset
 
     cfg = model_preset(preset)
     atoms = bench_structures(batch)
-    model = build_matris(cfg.width, cfg.blocks, cfg.cutoff, cfg.three_body_cutoff, dtype, seed=BENCH_SEED)
+    model = build_matris(cfg.width, cfg.blocks, cfg.cutoff, cfg.three_body_cutoff, DTYPES[dtype], seed=BENCH_SEED)
     step = make_matris_step(model, atoms,
                             energies=[a.get_potential_energy() for a in atoms],
                             forces=[a.get_forces() for a in atoms],
@@ -102,20 +118,11 @@ def matris_worker(preset: str, batch: int, dtype: torch.dtype, warmup: int, repe
 
 WORKERS = {"exaforce": exaforce_worker, "matris": matris_worker}
 
-# glibc malloc settings for both workers alike: keep freed memory in the heap instead of returning
-# it to the kernel, because fresh pages are slow to come by on these VMs (measured on the base
-# preset, 2 cores: 1.78 s → 1.70 s per step). A value already in the environment wins.
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(2**32), "MALLOC_TRIM_THRESHOLD_": str(2**36),
-              "MALLOC_TOP_PAD_": str(2**28)}
-
 
 def run_worker(model: str, preset: str, batch: int, dtype: str, warmup: int, repeats: int) -> dict:
     """One model's measurement in a fresh Python process; its last stdout line is JSON."""
-    cmd = [sys.executable, "-m", "exaforce.bench", model, preset, str(batch), dtype, str(warmup), str(repeats)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**MALLOC_ENV, **os.environ})
-    if proc.returncode != 0:
-        raise RuntimeError(f"bench worker for {model} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    command = module_command("exaforce.bench.step", model, preset, str(batch), dtype, str(warmup), str(repeats))
+    return launch_json(command, f"bench worker for {model}", environment(**MALLOC_ENV))
 
 
 def bench_step(preset: str, batch: int, dtype: str, warmup: int, repeats: int, compare: str | None,
@@ -151,47 +158,4 @@ def bench_step(preset: str, batch: int, dtype: str, warmup: int, repeats: int, c
 
 if __name__ == "__main__":  # worker entry: model preset batch dtype warmup repeats
     name, preset_name, n, dt, w, r = sys.argv[1:7]
-    print(json.dumps(WORKERS[name](preset_name, int(n), getattr(torch, dt), int(w), int(r))))
-
-
-def bench_md(checkpoint_path: str, steps: int, temperature_k: float, dtype: str,
-             log: Callable[[str], None]) -> dict:
-    """NVE velocity-Verlet on a 108-atom fcc Cu cell (3×3×3 conventional), 1 fs steps, through the
-    ASE calculator; reports the total-energy drift per atom (a check of smoothness and of forces
-    being the exact gradient of the energy)."""
-    from ase import units
-    from ase.build import bulk
-    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary
-    from ase.md.verlet import VelocityVerlet
-
-    from exaforce.calculator import ExaforceCalculator
-
-    atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((3, 3, 3))
-    atoms.calc = ExaforceCalculator.from_checkpoint(checkpoint_path, dtype=dtype)
-    MaxwellBoltzmannDistribution(atoms, temperature_K=temperature_k, rng=np.random.default_rng(BENCH_SEED))
-    Stationary(atoms)
-    dyn = VelocityVerlet(atoms, timestep=1.0 * units.fs)
-    n = len(atoms)
-    totals, t0 = [], time.perf_counter()
-
-    def record() -> None:
-        totals.append(atoms.get_potential_energy() + atoms.get_kinetic_energy())
-        if len(totals) % max(steps // 10, 1) == 1 or len(totals) == steps + 1:
-            log(f"  step {len(totals) - 1:>6}/{steps}  E_tot {totals[-1]:.6f} eV  "
-                f"T {atoms.get_temperature():6.1f} K  {time.perf_counter() - t0:6.1f} s")
-
-    dyn.attach(record, interval=1)
-    record()
-    dyn.run(steps)
-    totals_arr = np.array(totals[1:]) if len(totals) > steps + 1 else np.array(totals)
-    deviation = np.abs(totals_arr - totals_arr[0]) / n
-    slope = np.polyfit(np.arange(len(totals_arr)) * 1e-3, totals_arr / n, 1)[0]  # eV/atom per ps
-    result = {"atoms": n, "steps": steps, "timestep_fs": 1.0, "temperature_k": temperature_k,
-              "max_abs_drift_mev_per_atom": 1e3 * float(deviation.max()),
-              "final_drift_mev_per_atom": 1e3 * float((totals_arr[-1] - totals_arr[0]) / n),
-              "linear_drift_mev_per_atom_per_ps": 1e3 * float(slope),
-              "seconds": time.perf_counter() - t0}
-    log(f"NVE {n} atoms, {steps} × 1 fs: max |E_tot(t) − E_tot(0)| = {result['max_abs_drift_mev_per_atom']:.4f} "
-        f"meV/atom, final {result['final_drift_mev_per_atom']:+.4f} meV/atom, "
-        f"linear fit {result['linear_drift_mev_per_atom_per_ps']:+.4f} meV/atom/ps, {result['seconds']:.0f} s")
-    return result
+    print(json.dumps(WORKERS[name](preset_name, int(n), dt, int(w), int(r))))

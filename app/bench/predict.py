@@ -13,10 +13,7 @@ runs start cold).
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,14 +23,15 @@ from typing import Callable
 import numpy as np
 import torch
 
-BENCH_SEED = 0
+from exaforce.bench import BENCH_SEED
+from exaforce.bench.launcher import environment, exaforce_command, launch_json, module_command, on_ranks
 
 
 def matris_worker(preset: str, structures: int, batch_size: int, dtype: str, repeats: int) -> dict:
     """Seconds (median over repeats) for MatRIS to predict E, F, S for all structures in batches."""
     from exaforce.config import model_preset
     from exaforce.io.synth import synthesize
-    from exaforce.reference_matris import _as_dtype, build_matris, matris_param_count
+    from exaforce.bench.reference import build_matris, matris_graphs, matris_param_count
     from pymatgen.io.ase import AseAtomsAdaptor
 
     cfg = model_preset(preset)
@@ -47,10 +45,7 @@ def matris_worker(preset: str, structures: int, batch_size: int, dtype: str, rep
         graph_s = model_s = 0.0
         for lo in range(0, stop, batch_size):
             t0 = time.perf_counter()
-            graphs = [_as_dtype(model.graph_converter(s, atomic_numbers=a.numbers,
-                                                      frac_coords=a.get_scaled_positions(False),
-                                                      lattice_matrix=a.cell.array, mode="torch"), torch_dtype)
-                      for s, a in zip(pymatgen[lo:lo + batch_size], atoms[lo:lo + batch_size])]
+            graphs = matris_graphs(model, pymatgen[lo:lo + batch_size], atoms[lo:lo + batch_size], torch_dtype)
             t1 = time.perf_counter()
             pred = model(graphs, task="efs", is_training=False, mode="torch")  # forces/stress, no create_graph
             float(pred["e"].detach().sum())
@@ -71,9 +66,7 @@ def bench_predict(preset: str, structures: int, ranks: list[int], batch_size: in
     from exaforce.io.schema import Frames
     from exaforce.io.synth import synthesize
 
-    mpiexec = shutil.which("mpiexec") or str(Path(sys.executable).parent / "mpiexec")
-    exaforce = str(Path(sys.executable).parent / "exaforce")
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    env = environment(OMP_NUM_THREADS="1")
     result: dict = {"preset": preset, "structures": structures, "batch_size": batch_size, "dtype": dtype,
                     "threads_per_rank": int(env["OMP_NUM_THREADS"]), "repeats": repeats, "exaforce": {},
                     "reference": None}
@@ -89,14 +82,10 @@ def bench_predict(preset: str, structures: int, ranks: list[int], batch_size: in
             runs = []
             for i in range(repeats):
                 out = tmp / f"pred-{r}-{i}.bp"
-                cmd = [mpiexec, "-n", str(r), exaforce, "predict", "--preset", preset, "--seed", str(BENCH_SEED),
-                       "--data", str(tmp / "d.bp"), "--out", str(out), "--batch-size", str(batch_size),
-                       "--dtype", dtype, "--json"]
-                proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-                if proc.returncode != 0:
-                    raise RuntimeError(f"bench predict: {r} rank(s) failed (exit {proc.returncode}):\n"
-                                       f"{proc.stderr[-3000:]}")
-                runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+                command = exaforce_command("predict", "--preset", preset, "--seed", str(BENCH_SEED), "--data",
+                                           str(tmp / "d.bp"), "--out", str(out), "--batch-size", str(batch_size),
+                                           "--dtype", dtype, "--json")
+                runs.append(launch_json(on_ranks(r, command), f"bench predict: {r} rank(s)", env))
             outputs[r] = tmp / f"pred-{r}-0.bp"
             med = {k: statistics.median(run[k] for run in runs)
                    for k in ("loop_s", "graph_s", "model_s", "structures_per_s", "atoms_per_s")}
@@ -108,11 +97,9 @@ def bench_predict(preset: str, structures: int, ranks: list[int], batch_size: in
         result["ranks_identical"] = _identical([outputs[r] for r in ranks], open_bp)
         log(f"  predictions identical on {', '.join(map(str, ranks))} rank(s): {result['ranks_identical']}")
     if compare:
-        proc = subprocess.run([sys.executable, "-m", "exaforce.bench_predict", compare, preset, str(structures),
-                               str(batch_size), dtype, str(repeats)], capture_output=True, text=True, env=env)
-        if proc.returncode != 0:
-            raise RuntimeError(f"bench predict: the {compare} worker failed:\n{proc.stderr[-3000:]}")
-        ref = json.loads(proc.stdout.strip().splitlines()[-1])
+        command = module_command("exaforce.bench.predict", compare, preset, str(structures), str(batch_size), dtype,
+                                 str(repeats))
+        ref = launch_json(command, f"bench predict: the {compare} worker", env)
         ref.update(structures_per_s=structures / ref["loop_s"], atoms_per_s=result["atoms"] / ref["loop_s"])
         result["reference"] = ref
         log(f"  {compare}, 1 process:      {ref['structures_per_s']:8.1f} structures/s {ref['atoms_per_s']:9.0f} "

@@ -22,6 +22,9 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from exaforce.bench import BENCH_SEED
+from exaforce.bench.launcher import launch_json, module_command, on_ranks
+
 
 def _dir_bytes(path: Path) -> int:
     return path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
@@ -55,20 +58,19 @@ def _read_share(fmt: str, path: Path, n: int, rank: int, world: int) -> int:
 
 def worker(fmt: str, path: str, n: int, repeats: int) -> None:
     """Run under mpiexec: rank 0 prints the median over repeats of the slowest rank's seconds."""
-    from mpi4py import MPI
+    from exaforce.parallel.topology import Topology
 
-    from exaforce.topology import Topology
-
-    comm = Topology.from_mpi().world
+    topo = Topology.from_mpi()
     seconds = []
     for _ in range(repeats):
-        comm.Barrier()
+        topo.barrier()  # collective: every rank starts together
         t0 = time.perf_counter()
-        got = _read_share(fmt, Path(path), n, comm.Get_rank(), comm.Get_size())
-        seconds.append(comm.allreduce(time.perf_counter() - t0, op=MPI.MAX))
-        if comm.allreduce(got) != n:
-            raise RuntimeError(f"{fmt}: read {comm.allreduce(got)} structures, expected {n}")
-    if comm.Get_rank() == 0:
+        got = _read_share(fmt, Path(path), n, topo.rank, topo.world_size)
+        seconds.append(topo.max(time.perf_counter() - t0))  # collective: the slowest rank's time
+        total = topo.sum(got)  # collective
+        if total != n:
+            raise RuntimeError(f"{fmt}: read {total} structures, expected {n}")
+    if topo.is_root:
         print(json.dumps({"seconds": statistics.median(seconds)}))
 
 
@@ -80,13 +82,12 @@ def bench_io(structures: int, ranks: list[int], repeats: int, log: Callable[[str
     from exaforce.io.stage import stage_datasets
     from exaforce.io.synth import synthesize
 
-    mpiexec = shutil.which("mpiexec") or str(Path(sys.executable).parent / "mpiexec")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread per reader, whatever the user's setting
     results: dict = {"structures": structures, "repeats": repeats, "read": {}, "stage": {}}
     with tempfile.TemporaryDirectory(prefix="exaforce-bench-io-") as tmp:
         tmp = Path(tmp)
         log(f"bench io: synthesising {structures} EMT structures")
-        frames = Frames.from_atoms(synthesize(structures, seed=0))
+        frames = Frames.from_atoms(synthesize(structures, seed=BENCH_SEED))
         files = {"extxyz": tmp / "d.extxyz", "bp5": tmp / "d.bp", "hdf5": tmp / "d.h5"}
         write_extxyz(frames, files["extxyz"])
         write_bp(frames, files["bp5"], "bench", method="EMT")
@@ -94,11 +95,8 @@ def bench_io(structures: int, ranks: list[int], repeats: int, log: Callable[[str
         for fmt, path in files.items():
             mb = _dir_bytes(path) / 1e6
             for r in ranks:
-                proc = subprocess.run([mpiexec, "-n", str(r), sys.executable, "-m", "exaforce.bench_io", fmt, str(path),
-                                       str(structures), str(repeats)], capture_output=True, text=True, env=env)
-                if proc.returncode != 0:
-                    raise RuntimeError(f"bench io: {fmt} on {r} rank(s) failed:\n{proc.stderr[-3000:]}")
-                s = json.loads(proc.stdout.strip().splitlines()[-1])["seconds"]
+                command = module_command("exaforce.bench.readers", fmt, str(path), str(structures), str(repeats))
+                s = launch_json(on_ranks(r, command), f"bench io: {fmt} on {r} rank(s)", env)["seconds"]
                 results["read"][f"{fmt}/{r}"] = {"seconds": s, "structures_per_s": structures / s,
                                                  "mb_per_s": mb / s, "mb": mb}
                 log(f"  read {fmt:>6} on {r} rank(s): {structures / s:>10,.0f} structures/s  {mb / s:8.1f} MB/s "

@@ -1,21 +1,24 @@
-"""A trained model read back from a checkpoint: the one place that loads weights for inference and
-fine-tuning (the ASE calculator, `exaforce predict`, `run.init_from`).
+"""A whole model for use: read back from a checkpoint for inference and fine-tuning (the ASE
+calculator, `exaforce predict`, `run.init_from`), or a preset with seeded random weights (tests,
+benchmarks).
 
-Why one function: the checkpoint layout belongs to the trainer and `exaforce.checkpoint` (sharded
-folders, and a single-file model export); everything that reads a model back goes through
-`load_trained`, so a change of layout touches only this function and `checkpoint.load`.
+Why one module: a caller names a checkpoint folder, a single-file model export, or a run folder
+(its newest checkpoint, found by `checkpoint.latest`, the same function `--resume` uses) and gets
+the same TrainedModel; what lies on disk, and which checkpoint is newest, stay the business of
+`exaforce.checkpoint`, so a change of layout touches that module alone. Restoring a run onto its
+dp × ep layout with optimizer state is `checkpoint.restore`, not this.
 """
 
 from __future__ import annotations
 
-import re
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from exaforce import checkpoint
-from exaforce.config import ConfigError, ModelConfig, model_from_dict
+from exaforce.config import ConfigError, ModelConfig, model_from_dict, model_preset
 from exaforce.model.potential import Potential
 
 
@@ -42,12 +45,15 @@ class TrainedModel:
 
 
 def load_trained(path: str | Path) -> TrainedModel:
-    """Reads a checkpoint as `exaforce.checkpoint.load` understands it (a checkpoint folder
+    """Reads a checkpoint as `checkpoint.load` understands it (a checkpoint folder
     `RUN/checkpoints/step-NNNNNNNN/`, or a single-file model `step-NNNNNNNN.pt`), or a run folder,
-    meaning its newest complete checkpoint."""
+    meaning its newest complete checkpoint (a single-file model where its step has one)."""
     path = Path(path)
     if (path / "checkpoints").is_dir():
-        path = _newest(path / "checkpoints")
+        newest = checkpoint.latest(path, model_files=True)
+        if newest is None:
+            raise ConfigError(f"{path}: run folder without a complete checkpoint in {path / 'checkpoints'}")
+        path = newest
     if not path.exists():
         raise ConfigError(f"{path}: no such checkpoint")
     try:
@@ -60,14 +66,10 @@ def load_trained(path: str | Path) -> TrainedModel:
                         state=state["model"])
 
 
-def _newest(folder: Path) -> Path:
-    """The newest step's checkpoint in RUN/checkpoints: its single-file model if there is one (one read),
-    else its folder if complete (a valid COMPLETE marker)."""
-    found = []
-    for entry in folder.iterdir():
-        match = re.fullmatch(r"step-(\d{8})(\.pt)?", entry.name)
-        if match and (entry.is_file() or checkpoint.complete(entry) is not None):
-            found.append((int(match.group(1)), entry.is_file(), entry))
-    if not found:
-        raise ConfigError(f"{folder.parent}: run folder without a complete checkpoint in {folder}")
-    return max(found)[2]
+def preset_model(name: str, seed: int = 0, **overrides) -> Potential:
+    """Random weights, drawn from `seed`, at a named model size; keyword arguments override fields
+    of the preset's ModelConfig (e.g. elements=("Cu", "Au")). The caller's RNG stream is left as it was."""
+    cfg = dataclasses.replace(model_preset(name), **overrides)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return Potential(cfg)

@@ -86,15 +86,10 @@ def make_matris_step(model: torch.nn.Module, atoms_list: Sequence[Atoms], energi
         np.stack([voigt_6_to_full_3x3_stress(s) for s in stresses]) * EV_PER_A3_IN_GPA, dtype=dtype)
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
 
-    def graphs() -> list[RadiusGraph]:
-        return [_as_dtype(model.graph_converter(s, atomic_numbers=a.numbers, frac_coords=a.get_scaled_positions(False),
-                                                lattice_matrix=a.cell.array, mode="torch"), dtype)
-                for s, a in zip(structures, atoms_list)]
-
-    fixed_graphs = None if convert_each_step else graphs()
+    fixed_graphs = None if convert_each_step else matris_graphs(model, structures, atoms_list, dtype)
 
     def step() -> None:
-        batch = graphs() if convert_each_step else fixed_graphs
+        batch = matris_graphs(model, structures, atoms_list, dtype) if convert_each_step else fixed_graphs
         optimizer.zero_grad(set_to_none=True)
         # is_training=True: MatRIS's own create_graph=True path for forces and stress.
         pred = model(batch, task="efs", is_training=True, mode="torch")
@@ -106,6 +101,14 @@ def make_matris_step(model: torch.nn.Module, atoms_list: Sequence[Atoms], energi
         optimizer.step()
 
     return step
+
+
+def matris_graphs(model: torch.nn.Module, structures: Sequence, atoms_list: Sequence[Atoms],
+                  dtype: torch.dtype) -> list[RadiusGraph]:
+    """MatRIS's own graphs of a batch (its CPU converter on the pymatgen Structures), in `dtype`."""
+    return [_as_dtype(model.graph_converter(s, atomic_numbers=a.numbers, frac_coords=a.get_scaled_positions(False),
+                                            lattice_matrix=a.cell.array, mode="torch"), dtype)
+            for s, a in zip(structures, atoms_list)]
 
 
 def _as_dtype(graph: RadiusGraph, dtype: torch.dtype) -> RadiusGraph:

@@ -15,7 +15,14 @@ import torch
 import vesin
 
 from exaforce.io.schema import Frames
-from exaforce.model.routing import route_class_counts
+
+
+def route_class_counts(class_N: np.ndarray, src_E: np.ndarray, n_classes: int) -> np.ndarray:
+    """2×C table: atoms of each routing class (head·Z + element), bonds by their source atom's class
+    (rows: exaforce.model.routing.ATOMS, BONDS). The MoE's split sizes follow from it before the forward."""
+    atoms_C = np.bincount(class_N, minlength=n_classes)
+    bonds_C = np.bincount(class_N[src_E], minlength=n_classes)
+    return np.stack([atoms_C, bonds_C]).astype(np.int64)
 
 
 @dataclass

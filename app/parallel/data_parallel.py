@@ -1,4 +1,5 @@
-"""How a Potential's parameters and tokens map onto the Topology (dp × ep).
+"""Data parallelism over the Topology (dp × ep): identical starting parameters, gradient reduction,
+and the global gradient norm.
 
 Dense parameters are replicated on every rank and averaged over the world. Expert parameters live
 on one rank of each EP group and are summed over their EDP group; both divide by the world size,
@@ -11,19 +12,16 @@ from __future__ import annotations
 import math
 
 import torch
-from mpi4py import MPI
 
+from exaforce.comm.groups import CommGroups
 from exaforce.comm.reducer import GradReducer
 from exaforce.config import CommConfig
-from exaforce.model.graph import GraphBatch
 from exaforce.model.potential import Potential
-from exaforce.model.routing import Routing, TokenCounts
-from exaforce.topology import Topology
+from exaforce.parallel.topology import Topology
 
 
-def sync_initial_parameters(model: Potential, topo: Topology, backend: str = "mpi") -> None:
+def sync_initial_parameters(model: Potential, groups: CommGroups) -> None:
     """Dense parameters and buffers from world rank 0; each expert shard from its EDP group's first rank."""
-    groups = topo.groups(backend)
     expert = {id(p) for p in model.expert_parameters()}
     for tensor in list(model.parameters()) + list(model.buffers()):
         if id(tensor) not in expert:
@@ -37,12 +35,11 @@ class GradientReduction:
     parameter backward (same collective order on every rank). Per step: `arm()` before the last
     micro-batch's backward, `finish()` after it."""
 
-    def __init__(self, model: Potential, topo: Topology, comm: CommConfig = CommConfig()):
-        groups = topo.groups(comm.backend)
+    def __init__(self, model: Potential, groups: CommGroups, world_size: int, comm: CommConfig):
         bucket_bytes = int(comm.bucket_mb * 2**20)
-        self.reducers = [GradReducer(model.dense_parameters(), groups.world, 1.0 / topo.world_size, bucket_bytes,
+        self.reducers = [GradReducer(model.dense_parameters(), groups.world, 1.0 / world_size, bucket_bytes,
                                      comm.overlap, "dense"),
-                         GradReducer(model.expert_parameters(), groups.edp, 1.0 / topo.world_size, bucket_bytes,
+                         GradReducer(model.expert_parameters(), groups.edp, 1.0 / world_size, bucket_bytes,
                                      comm.overlap, "expert")]
 
     def arm(self) -> None:
@@ -59,17 +56,16 @@ class GradientReduction:
 
 
 def grad_norm(model: Potential, topo: Topology) -> float:
-    """The global gradient norm, the same on every rank (collective over the EP group).
+    """The global gradient norm, the same on every rank (collective over the EP group, on the host:
+    one float, like every control value).
 
     After reduction dense gradients are equal on every rank, and expert gradients are equal across
     an EDP group, so norm² = dense² + Σ over the EP group of each rank's expert². A NaN or inf in
     any rank's gradients makes it non-finite everywhere (the reductions spread it)."""
     def squares(params: list[torch.nn.Parameter]) -> float:
-        return float(sum(p.grad.pow(2).sum() for p in params if p.grad is not None))
+        return float(sum(p.grad.pow(2).sum() for p in params if p.grad is not None))  # host sync point
 
-    total = squares(model.dense_parameters()) + topo.ep_comm.allreduce(squares(model.expert_parameters()),
-                                                                     op=MPI.SUM)  # collective
-    return math.sqrt(total)
+    return math.sqrt(squares(model.dense_parameters()) + topo.ep_sum(squares(model.expert_parameters())))
 
 
 def clip_grad_norm(model: Potential, topo: Topology, max_norm: float) -> float:
@@ -82,12 +78,3 @@ def clip_grad_norm(model: Potential, topo: Topology, max_norm: float) -> float:
             if p.grad is not None:
                 p.grad.mul_(scale)
     return norm
-
-
-def step_routing(model: Potential, batch: GraphBatch, topo: Topology, backend: str = "mpi") -> Routing | None:
-    """This step's routing plan on every rank (one host allgather of routing-class counts); None for dense models."""
-    if not model.moe_layers:
-        return None
-    counts = TokenCounts.exchange(batch.route_counts_2C, topo.world, topo.layout.ep_group(topo.rank),
-                                  topo.layout.coords(topo.rank)[1])
-    return model.plan_routing(counts, group=topo.groups(backend).ep if topo.layout.ep > 1 else None)

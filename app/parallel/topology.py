@@ -1,18 +1,23 @@
-"""The rank/communicator topology. One `Topology` owns every communicator of a run.
+"""The rank/communicator topology. One `Topology` owns every MPI communicator of a run.
 
-The world is a grid dp × ep. EP groups are consecutive ranks (so an EP group sits inside a node
-when ep <= ranks_per_node); expert-data-parallel (EDP) groups are strided. The layout is a pure
-function of the sizes (`grid_layout`), tested without MPI; communicators are built from it once.
+The world is a grid dp × ep (pp and gp will join it here). EP groups are consecutive ranks (so an
+EP group sits inside a node when ep <= ranks_per_node); expert-data-parallel (EDP) groups are
+strided. The layout is a pure function of the sizes (`grid_layout`), tested without MPI;
+communicators are built from it once.
+
+Host-side control (counts, loss sums, flags, barriers) goes through the Topology's named
+collectives below, so a reader finds every exchange outside exaforce.parallel and exaforce.comm by
+its name (`topo.sum`, `topo.allgather`, ...). Tensors move through the backend groups
+(exaforce.comm.groups), built once per run by `exaforce.parallel.build_groups`.
 """
 
 from __future__ import annotations
 
 import socket
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from exaforce.comm.groups import CommGroups
+import numpy as np
 
 
 class TopologyError(ValueError):
@@ -76,16 +81,6 @@ class Topology:
         self.hostname = socket.gethostname()
         self.ep_comm = world.Split(self.rank // self.layout.ep, self.rank)
         self.edp_comm = world.Split(self.rank % self.layout.ep, self.rank)
-        self._groups: dict[str, Any] = {}
-
-    def groups(self, backend: str) -> "CommGroups":
-        """World, EP and EDP groups through a communication backend (mpi | horovod | torch), built
-        once per backend (collective the first time) and owned here like every communicator."""
-        from exaforce.comm.groups import build_groups
-
-        if backend not in self._groups:
-            self._groups[backend] = build_groups(backend, self)
-        return self._groups[backend]
 
     @classmethod
     def from_mpi(cls, dp: int = 0, ep: int = 1) -> "Topology":
@@ -93,6 +88,59 @@ class Topology:
         from mpi4py import MPI
 
         return cls(MPI.COMM_WORLD, dp=dp, ep=ep)
+
+    @classmethod
+    def single_process(cls) -> "Topology":
+        """A world of this process alone (MPI.COMM_SELF): benchmarks and serial references run the
+        production code paths on it."""
+        from mpi4py import MPI
+
+        return cls(MPI.COMM_SELF)
+
+    # -------------------------------------------------- host-side collectives (every rank calls each)
+    def sum(self, value: Any) -> Any:
+        """Σ over the world of a number or NumPy array (collective)."""
+        return self.world.allreduce(value)
+
+    def max(self, value: Any) -> Any:
+        """Maximum over the world (collective)."""
+        from mpi4py import MPI
+
+        return self.world.allreduce(value, op=MPI.MAX)
+
+    def ep_sum(self, value: Any) -> Any:
+        """Σ over this rank's EP group (collective over the group)."""
+        return self.ep_comm.allreduce(value)
+
+    def allgather(self, value: Any) -> list[Any]:
+        """Every rank's value, in rank order, on every rank (collective)."""
+        return self.world.allgather(value)
+
+    def gather_to_root(self, value: Any) -> list[Any] | None:
+        """Every rank's value on world rank 0, None elsewhere (collective)."""
+        return self.world.gather(value, root=0)
+
+    def from_root(self, value: Any) -> Any:
+        """World rank 0's value on every rank (collective)."""
+        return self.world.bcast(value, root=0)
+
+    def barrier(self) -> None:
+        self.world.Barrier()  # collective
+
+    def gather_rows_to_root(self, local: np.ndarray, rows_W: list[int], trailing: tuple[int, ...]) -> np.ndarray | None:
+        """Rank-ordered concatenation of every rank's float64 rows on rank 0, None elsewhere
+        (collective, one Gatherv: no pickling of large arrays)."""
+        from mpi4py import MPI
+
+        width = int(np.prod(trailing, dtype=np.int64))
+        send = np.ascontiguousarray(local, dtype=np.float64).reshape(-1)
+        if not self.is_root:
+            self.world.Gatherv(send, None, root=0)
+            return None
+        counts = np.asarray(rows_W, dtype=np.int64) * width
+        out = np.empty((sum(rows_W), *trailing), dtype=np.float64)
+        self.world.Gatherv(send, [out.reshape(-1), counts, np.r_[0, np.cumsum(counts)[:-1]], MPI.DOUBLE], root=0)
+        return out
 
     @property
     def is_root(self) -> bool:

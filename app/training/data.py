@@ -14,16 +14,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
+import torch
 
 from exaforce.config import DatasetConfig
+from exaforce.graph import GraphBatch, build_batch, structure_counts
 from exaforce.io.bp import open_bp
 from exaforce.io.sampler import shard_range
 from exaforce.io.schema import DataError, Frames
 from exaforce.io.store import SampleStore
-from exaforce.model.graph import structure_counts
 
 
 @dataclass
@@ -49,11 +50,11 @@ def validation_mask(n: int, fraction: float, seed: int, dataset: int) -> np.ndar
 
 
 def build_global_index(sources: tuple[DatasetConfig, ...], heads: tuple[str, ...], species_of: np.ndarray,
-                       cutoff: float, three_body_cutoff: float, seed: int, world) -> tuple[GlobalIndex, list[Frames]]:
+                       cutoff: float, three_body_cutoff: float, seed: int, topo: Any) -> tuple[GlobalIndex, list[Frames]]:
     """Collective: each rank reads its contiguous shard of every dataset (one read per variable),
     checks it, counts its graphs; one allgather makes the per-structure counts global.
     Returns the index and this rank's shards (for the normalisation fit and the sample store)."""
-    rank, size = world.Get_rank(), world.Get_size()
+    rank, size = topo.rank, topo.world_size
     shards, sizes, local_counts = [], [], []
     for source in sources:
         with open_bp(source.path) as dataset:
@@ -63,7 +64,7 @@ def build_global_index(sources: tuple[DatasetConfig, ...], heads: tuple[str, ...
         check_frames(frames, source.path, start, species_of)
         shards.append(frames)
         local_counts.append(structure_counts(frames, cutoff, three_body_cutoff))
-    gathered = world.allgather(local_counts)  # collective: [rank][dataset] → S×3 counts
+    gathered = topo.allgather(local_counts)  # collective: [rank][dataset] → S×3 counts
     dataset_G, local_G, head_G, counts, is_val, weight = [], [], [], [], [], []
     for d, (source, n) in enumerate(zip(sources, sizes)):
         dataset_G.append(np.full(n, d))
@@ -140,10 +141,34 @@ def lazy_reader(sources: tuple[DatasetConfig, ...], index: GlobalIndex) -> Datas
     return DatasetReader(index, [reader(d) for d in datasets], lambda: [d.close() for d in datasets] and None)
 
 
-def store_reader(shards: list[Frames], index: GlobalIndex, world) -> DatasetReader:
+def store_reader(shards: list[Frames], index: GlobalIndex, topo: Any) -> DatasetReader:
     """Collective: one MPI one-sided sample store per dataset, built from this rank's shards."""
     stores = []
     for d, shard in enumerate(shards):
-        start, _ = shard_range(int(np.sum(index.dataset_G == d)), world.Get_rank(), world.Get_size())
-        stores.append(SampleStore(shard, start, world))
+        start, _ = shard_range(int(np.sum(index.dataset_G == d)), topo.rank, topo.world_size)
+        stores.append(SampleStore(shard, start, topo.world))  # the store's window lives on the world
     return DatasetReader(index, [store.fetch for store in stores], lambda: [store.free() for store in stores] and None)
+
+
+@dataclass
+class TrainingData:
+    """The run's datasets as the step loop sees them: the replicated index, this rank's reader, and
+    how structures become graph batches for this model."""
+
+    sources: tuple[DatasetConfig, ...]
+    index: GlobalIndex
+    reader: DatasetReader
+    species_of: np.ndarray
+    cutoff: float
+    three_body_cutoff: float
+    n_heads: int
+    dtype: torch.dtype
+
+    def batch(self, global_indices: np.ndarray) -> GraphBatch:
+        """Graphs of these structures (neighbour lists built here, on the host), in the run's dtype."""
+        return build_batch(self.reader.fetch(global_indices), self.species_of, self.cutoff, self.three_body_cutoff,
+                           self.index.head_G[global_indices], self.n_heads).to("cpu", self.dtype)
+
+    @property
+    def n_train(self) -> int:
+        return int((~self.index.is_val_G).sum())

@@ -1,0 +1,7 @@
+"""Benchmarks that run production code: the training step, training runs, readers, inference, MD.
+
+`exaforce.bench.commands` is the table the CLI reads; each benchmark lives in its own module and
+starts its subprocesses through `exaforce.bench.launcher`.
+"""
+
+BENCH_SEED = 0  # every benchmark's structures are `exaforce data synth --seed 0`, its models seeded alike

@@ -1,0 +1,157 @@
+"""The table of `exaforce bench` subcommands: name, help, the arguments, the run.
+
+The CLI walks BENCHMARKS to build `exaforce bench …` (adding `--json` to each) and calls the
+chosen entry's `run(args, log)`, which returns the result it prints as JSON. Importing this
+module is cheap: each run imports its benchmark module only when it is called.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from typing import Callable
+
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace, Log], dict]
+
+
+def _dtype(parser: argparse.ArgumentParser, default: str = "float32") -> None:
+    parser.add_argument("--dtype", default=default, choices=["float32", "float64"])
+
+
+def _rank_counts(text: str) -> list[int]:
+    return [int(r) for r in text.split(",")]
+
+
+def _step_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="base", help="model preset (default base)")
+    p.add_argument("--batch", type=int, default=4, help="structures per step from `data synth` seed 0 (default 4)")
+    _dtype(p)
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
+    p.add_argument("--repeats", type=int, default=10, help="timed steps; the median is reported (default 10)")
+    p.add_argument("--compare", choices=["matris"], help="measure the reference model the same way")
+
+
+def _run_step(args: argparse.Namespace, log: Log) -> dict:
+    from exaforce.bench.step import bench_step
+    from exaforce.config import model_preset
+
+    model_preset(args.preset)  # a bad name fails before any work
+    return bench_step(args.preset, args.batch, args.dtype, args.warmup, args.repeats, args.compare, log)
+
+
+def _ep_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="small-moe", help="MoE model preset (default small-moe)")
+    p.add_argument("--experts", type=int, help="override the preset's experts per MoE layer")
+    p.add_argument("--ranks", type=int, default=2, help="MPI ranks of both runs (default 2)")
+    p.add_argument("--ep", type=int, default=2, help="expert-parallel degree of the second run (default 2)")
+    p.add_argument("--batch-per-rank", type=int, default=2, help="structures per rank per step (default 2)")
+    p.add_argument("--steps", type=int, default=12, help="training steps per run (default 12)")
+    p.add_argument("--warmup", type=int, default=2, help="steps left out of the median (default 2)")
+    _dtype(p)
+    p.add_argument("--no-baseline", action="store_true", help="skip the ep=1 run (a model too big for one rank)")
+
+
+def _run_ep(args: argparse.Namespace, log: Log) -> dict:
+    from exaforce.bench.runs import bench_ep
+
+    return bench_ep(args.preset, args.ranks, args.ep, args.experts, args.batch_per_rank, args.steps, args.warmup,
+                    args.dtype, not args.no_baseline, log)
+
+
+def _comm_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="base", help="model preset (default base)")
+    p.add_argument("--ranks", type=int, default=2, help="data-parallel ranks (default 2)")
+    p.add_argument("--backends", default="mpi,horovod,torch", help="comma-separated (default mpi,horovod,torch)")
+    p.add_argument("--batch-per-rank", type=int, default=2, help="structures per rank per step (default 2)")
+    p.add_argument("--steps", type=int, default=10, help="training steps per run (default 10)")
+    p.add_argument("--warmup", type=int, default=2, help="steps left out of the median (default 2)")
+    _dtype(p)
+
+
+def _run_comm(args: argparse.Namespace, log: Log) -> dict:
+    from exaforce.bench.runs import bench_comm
+
+    return bench_comm(args.preset, args.ranks, args.batch_per_rank, args.steps, args.warmup, args.dtype,
+                      args.backends.split(","), log)
+
+
+def _balance_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--structures", type=int, default=200, help="metals and GFN2 molecules each; GFN1: half")
+    p.add_argument("--ranks", type=int, default=2, help="MPI ranks (default 2)")
+    p.add_argument("--steps", type=int, default=30, help="training steps per run (default 30)")
+    p.add_argument("--warmup", type=int, default=3, help="steps left out of the medians (default 3)")
+
+
+def _run_balance(args: argparse.Namespace, log: Log) -> dict:
+    from exaforce.bench.runs import bench_balance
+
+    return bench_balance(args.structures, args.ranks, args.steps, args.warmup, log)
+
+
+def _io_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--structures", type=int, default=2000, help="EMT structures from data synth (default 2000)")
+    p.add_argument("--ranks", default="1,2", help="comma-separated rank counts (default 1,2)")
+    p.add_argument("--repeats", type=int, default=5, help="repeats; medians are reported (default 5)")
+
+
+def _run_io(args: argparse.Namespace, log: Log) -> dict:
+    from exaforce.bench.readers import bench_io
+
+    return bench_io(args.structures, _rank_counts(args.ranks), args.repeats, log)
+
+
+def _predict_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="base", help="model preset, random weights (default base)")
+    p.add_argument("--structures", type=int, default=200, help="EMT structures, synth seed 0 (default 200)")
+    p.add_argument("--ranks", default="1,2", help="comma-separated rank counts (default 1,2)")
+    p.add_argument("--batch-size", type=int, default=16, help="structures per batch (default 16)")
+    p.add_argument("--repeats", type=int, default=3, help="runs per rank count; medians are reported (default 3)")
+    _dtype(p)
+    p.add_argument("--compare", choices=["matris"], help="also time the reference model on the same structures")
+
+
+def _run_predict(args: argparse.Namespace, log: Log) -> dict:
+    from exaforce.bench.predict import bench_predict
+    from exaforce.config import model_preset
+
+    model_preset(args.preset)  # a bad name fails before any work
+    return bench_predict(args.preset, args.structures, _rank_counts(args.ranks), args.batch_size, args.repeats,
+                         args.dtype, args.compare, log)
+
+
+def _md_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="trained checkpoint (e.g. demo/run/checkpoints/…)")
+    p.add_argument("--steps", type=int, default=1000, help="1 fs steps (default 1000 = 1 ps)")
+    p.add_argument("--temperature", type=float, default=300.0, help="initial Maxwell-Boltzmann temperature, K")
+    _dtype(p, default="float64")
+
+
+def _run_md(args: argparse.Namespace, log: Log) -> dict:
+    from exaforce.bench.md import bench_md
+
+    return bench_md(args.checkpoint, args.steps, args.temperature, args.dtype, log)
+
+
+BENCHMARKS: tuple[Benchmark, ...] = (
+    Benchmark("step", "median full training step (forward, forces/stress with create_graph, loss, backward, "
+              "optimizer) after warm-up", _step_arguments, _run_step),
+    Benchmark("ep", "expert parallel (dp=R/ep, ep) against data parallel (dp=R, ep=1) at the same per-rank batch: "
+              "step time, all-to-all and reduction shares", _ep_arguments, _run_ep),
+    Benchmark("comm", "gradient-reduction time per step for each backend, with the reduction overlapping the "
+              "backward and after it", _comm_arguments, _run_comm),
+    Benchmark("balance", "per-rank cost and time imbalance on the demo's multi-fidelity data: cost-balanced deal "
+              "against round-robin", _balance_arguments, _run_balance),
+    Benchmark("io", "reader throughput (BP5, HDF5 via h5py, extxyz via ASE) on 1 and 2 ranks, and staging "
+              "bandwidth against cp", _io_arguments, _run_io),
+    Benchmark("predict", "`exaforce predict` throughput on 1, 2, … ranks (EMT structures from data synth), "
+              "optionally beside the MatRIS reference model's inference", _predict_arguments, _run_predict),
+    Benchmark("md", "NVE energy drift: 108-atom Cu, 1 fs steps, through the ASE calculator", _md_arguments, _run_md),
+)

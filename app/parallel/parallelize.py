@@ -1,0 +1,50 @@
+"""`parallelize(model, topo, groups, cfg)`: the model's parallel dimensions applied in a fixed order,
+and what the training step needs of them afterwards.
+
+Order (each step assumes the one before):
+1. expert parallel: MoE layers dispatch over the EP group (their experts are already this rank's
+   shard: the Potential is built with its EP coordinate);
+2. identical start: dense parameters from world rank 0, expert shards from their EDP group's first
+   rank — after fine-tuning weights are loaded (rank 0's copy wins) and before the reducers exist;
+3. gradient reduction: the bucketed reducers register their hooks last, on the final parameters
+   (frozen ones are skipped).
+Pipeline (pp) and graph (gp) parallelism join here, between 1 and 2.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from exaforce.comm.groups import CommGroups
+from exaforce.config import Config
+from exaforce.graph import GraphBatch
+from exaforce.model.potential import Potential
+from exaforce.model.routing import Routing
+from exaforce.parallel.data_parallel import GradientReduction, clip_grad_norm, sync_initial_parameters
+from exaforce.parallel.expert_parallel import apply_expert_parallel, step_routing
+from exaforce.parallel.topology import Topology
+
+
+@dataclass
+class Parallel:
+    """The parallel pieces of one run: the topology, its backend groups and the gradient reduction."""
+
+    topo: Topology
+    groups: CommGroups
+    reduction: GradientReduction
+
+    def routing(self, model: Potential, batch: GraphBatch) -> Routing | None:
+        """This step's MoE routing plan (collective: one host allgather); None for dense models."""
+        return step_routing(model, batch, self.topo)
+
+    def clip_grad_norm(self, model: Potential, max_norm: float) -> float:
+        """The global gradient norm before clipping (collective over the EP group)."""
+        return clip_grad_norm(model, self.topo, max_norm)
+
+
+def parallelize(model: Potential, topo: Topology, groups: CommGroups, cfg: Config) -> Parallel:
+    """Collective: applies the parallel dimensions to `model` in place (see the module docstring)."""
+    if topo.layout.ep > 1:
+        apply_expert_parallel(model, groups.ep)
+    sync_initial_parameters(model, groups)
+    return Parallel(topo=topo, groups=groups, reduction=GradientReduction(model, groups, topo.world_size, cfg.comm))

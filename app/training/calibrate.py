@@ -1,0 +1,72 @@
+"""Start-up calibration: FLOPs and seconds of a training step as c0 + c_a·atoms + c_e·edges + c_t·angles.
+
+The FLOP coefficients turn each step's counts into FLOPs for the perf log (FlopCounterMode is exact
+for matmul-bound models: FLOPs are linear in the counts); the cost coefficients are what the
+sampler deals structures by. All ranks calibrate together, once per layout (a resumed run reuses
+the checkpoint's).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import numpy as np
+
+from exaforce.config import Config
+from exaforce.graph import GraphBatch
+from exaforce.model.potential import Potential
+from exaforce.parallel.parallelize import Parallel
+from exaforce.perf.flops import count_flops, fit_flop_coefficients
+from exaforce.training.data import GlobalIndex
+from exaforce.training.step import loss_and_gradients
+
+Coefficients = dict[str, float]
+
+
+def _fit_world_mean(model: Potential, batches: list[GraphBatch], cfg: Config, parallel: Parallel,
+                    measure: Callable[[Callable[[], object]], float]) -> Coefficients:
+    """Runs one training step's forward and backward per calibration batch through `measure` (FLOPs
+    or seconds) and fits the coefficients to the world means (collective: every rank runs the same
+    number of steps on its own batches; with expert parallelism an expert's work depends on every
+    rank's tokens, so the coefficients predict a rank's share of the step)."""
+    samples = []
+    for batch in batches:
+        routing = parallel.routing(model, batch)
+        value = measure(lambda: loss_and_gradients(model, batch, cfg, 1.0, {}, routing))
+        c = batch.counts()
+        samples.append((c["atoms"], c["edges"], c["angles"], float(value)))
+    model.zero_grad(set_to_none=True)
+    mean = np.asarray(parallel.topo.sum(np.asarray(samples))) / parallel.topo.world_size  # collective
+    return fit_flop_coefficients([tuple(row) for row in mean])
+
+
+def calibrate(model: Potential, index: GlobalIndex, to_batch: Callable[[np.ndarray], GraphBatch], cfg: Config,
+              parallel: Parallel) -> tuple[Coefficients, Coefficients]:
+    """(FLOP, cost) coefficients from six calibration steps per rank on batches of 1 to 5 of its structures."""
+    topo = parallel.topo
+    mine = np.flatnonzero(~index.is_val_G)[topo.rank::topo.world_size]
+    batches = [to_batch(mine[np.arange(i, i + k) % len(mine)])
+               for i, k in ((0, 1), (1, 2), (3, 3), (6, 4), (10, 2), (12, 5))]
+    flop_coefficients = calibrate_flops(model, batches, cfg, parallel)
+    return flop_coefficients, calibrate_cost(model, batches, cfg, parallel, flop_coefficients)
+
+
+def calibrate_flops(model: Potential, batches: list[GraphBatch], cfg: Config, parallel: Parallel) -> Coefficients:
+    """FLOPs of one training step (forward, force backward, parameter backward) from FlopCounterMode."""
+    return _fit_world_mean(model, batches, cfg, parallel, count_flops)
+
+
+def calibrate_cost(model: Potential, batches: list[GraphBatch], cfg: Config, parallel: Parallel,
+                   flop_coefficients: Coefficients) -> Coefficients:
+    """Seconds of a step from timed steps. A noisy fit with a negative slope falls back to the FLOP
+    coefficients, which are proportional to the work."""
+    def seconds_of(step: Callable[[], object]) -> float:
+        t0 = time.perf_counter()
+        step()
+        return time.perf_counter() - t0
+
+    seconds = _fit_world_mean(model, batches, cfg, parallel, seconds_of)
+    if min(seconds["atoms"], seconds["edges"], seconds["angles"]) < 0:
+        return flop_coefficients
+    return seconds

@@ -1,0 +1,135 @@
+"""`train()`: the training loop over a dp × ep topology, from a new run or a checkpoint.
+
+Read it top to bottom: build the run (exaforce.training.setup), then per step: deal the global
+batch, take the step (exaforce.training.step), report it, and decide — on every rank alike — whether
+to checkpoint or stop. Faults (exaforce.faults): scheduler signals end a run with a checkpoint at a
+step boundary and REQUEUE_EXIT_CODE; a non-finite step is skipped or stops the run (run.nonfinite);
+a watchdog aborts a job whose step makes no progress.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from exaforce.comm.groups import CommGroups
+from exaforce.config import Config
+from exaforce.faults import NONFINITE_EXIT_CODE, REQUEUE_EXIT_CODE, RunStopped, StopSignals, Watchdog
+from exaforce.io.sampler import deal, global_batches
+from exaforce.parallel.topology import Topology
+from exaforce.perf.flops import predict_flops
+from exaforce.training.progress import peak_memory_bytes, step_log_line, validation_log_lines
+from exaforce.training.setup import Run, build_run
+from exaforce.training.step import StepResult, train_step
+from exaforce.training.validation import validation_mae
+
+
+def train(cfg: Config, topo: Topology, groups: CommGroups, log: Callable[[str], None],
+          signals: StopSignals | None = None) -> Path:
+    """Trains up to step cfg.run.steps; returns the run folder (perf logs, checkpoints).
+
+    Ends early, on every rank alike, by raising RunStopped: after a scheduler signal caught by the
+    entry point's `signals` (checkpoint, REQUEUE_EXIT_CODE), or on a non-finite step under
+    run.nonfinite = "stop" (checkpoint of the last good state, NONFINITE_EXIT_CODE)."""
+    signals = signals or StopSignals(install=False)
+    run = build_run(cfg, topo, groups, log)
+    index = run.data.index
+    batches = global_batches(index.weight_G, ~index.is_val_G, cfg.data.global_batch_size, topo.world_size,
+                             cfg.run.seed, start_step=run.progress.step)
+    stop: RunStopped | None = None
+    wall0 = time.perf_counter()
+    with Watchdog(topo.world, cfg.run.step_timeout_s) as watchdog:
+        for step in range(run.progress.step + 1, cfg.run.steps + 1):
+            watchdog.beat(f"step {step}")
+            epoch, global_batch = next(batches)
+            result = take_step(run, step, epoch, global_batch, watchdog)
+            stop = decide(run, step, result, signals, watchdog)  # collective: the same answer on every rank
+            if stop is not None:
+                break
+        if stop is None:
+            finish(run, time.perf_counter() - wall0, watchdog)
+    run.perf.close()
+    run.data.reader.close()
+    if stop is not None:
+        log(str(stop))
+        raise stop
+    return Path(cfg.run.out_dir)
+
+
+def take_step(run: Run, step: int, epoch: int, global_batch: np.ndarray, watchdog: Watchdog) -> StepResult:
+    """Collective: this rank's cost-balanced share of the global batch → one optimizer step → its
+    perf record (with validation every run.val_every steps) and log line."""
+    cfg, topo = run.cfg, run.topo
+    t0 = time.perf_counter()
+    shares = deal(global_batch, run.cost_G[global_batch], topo.world_size, cfg.data.balance)
+    n_micro = min(cfg.data.micro_batches, min(len(share) for share in shares))  # the same on every rank
+    micro_batches = [run.data.batch(part) for part in np.array_split(shares[topo.rank], n_micro)]
+    loss_scale = topo.world_size / len(global_batch)  # the mean over this step's global batch
+    t_data = time.perf_counter() - t0
+    lr = run.schedule.lr_at(step)
+    result = train_step(run.model, micro_batches, run.optimizer, run.parallel, cfg, loss_scale, lr)
+    if not result.updated and cfg.run.nonfinite == "skip":
+        run.progress.skipped_steps += 1
+    times, loss_sums = result.times, result.loss_sums
+    counts = {k: sum(b.counts()[k] for b in micro_batches) for k in micro_batches[0].counts()}
+    times["data"] = t_data
+    times["total"] = time.perf_counter() - t0
+    share_cost = [float(run.cost_G[share].sum()) for share in shares]  # predicted seconds per rank
+    extra = {"cost": share_cost[topo.rank], "cost_max_over_mean": max(share_cost) / max(np.mean(share_cost), 1e-30),
+             "loss": result.loss, "grad_norm": result.grad_norm, "skipped_steps": run.progress.skipped_steps}
+    if not result.updated:
+        extra["skipped"] = True
+    if result.routing:
+        extra.update(moe_aux=loss_sums.pop("moe_aux"), expert_load=result.routing.expert_load())
+    if (cfg.run.val_every and step % cfg.run.val_every == 0) or step == cfg.run.steps:
+        watchdog.beat(f"validation at step {step}")
+        extra["val"] = validation_mae(run.model, run.data.index, run.data.batch, run.cost_G,
+                                      max(1, len(global_batch) // topo.world_size), run.parallel)  # collective
+        for line in validation_log_lines(extra["val"]):
+            run.log(line)
+    run.perf.step(step=step, epoch=epoch, times=times, loss_sum=loss_sums,
+                  flops=predict_flops(run.progress.flop_coefficients, counts["atoms"], counts["edges"], counts["angles"]),
+                  peak_mem_bytes=peak_memory_bytes(), lr=lr, extra=extra, **counts)
+    if step % cfg.run.log_every == 0 or step == 1 or step == cfg.run.steps:
+        run.log(step_log_line(step, cfg.run.steps, result.loss, times["total"]))
+    return result
+
+
+def decide(run: Run, step: int, result: StepResult, signals: StopSignals, watchdog: Watchdog) -> RunStopped | None:
+    """Collective: after step `step`, checkpoint when due, and stop on a non-finite step (run.nonfinite =
+    "stop") or a scheduler signal. Every rank decides alike: the loss and the norm are global, signals agreed."""
+    cfg, progress = run.cfg, run.progress
+    if not result.updated:
+        what = f"step {step}: non-finite loss ({result.loss:.6g}) or gradient norm ({result.grad_norm:.6g})"
+        if cfg.run.nonfinite == "stop":
+            watchdog.beat(f"checkpoint of step {progress.step}")
+            return RunStopped(f"{what}: stopping (run.nonfinite = \"stop\"); the last good state (step "
+                              f"{progress.step}) is in {run.checkpoints.save(progress)}; exiting {NONFINITE_EXIT_CODE}",
+                              NONFINITE_EXIT_CODE)
+        run.log(f"{what}: step skipped, no parameter update (run.nonfinite = \"skip\"; "
+                f"{progress.skipped_steps} skipped so far)")
+    progress.step = step
+    if cfg.run.checkpoint_every and step % cfg.run.checkpoint_every == 0:
+        watchdog.beat(f"checkpoint of step {step}")
+        run.checkpoints.save(progress)
+    signal_name = signals.agreed(run.topo)  # collective: 8 bytes once a step, the whole cost of signals
+    if signal_name:
+        watchdog.beat(f"checkpoint of step {step}")
+        return RunStopped(f"signal {signal_name} received at step {step}: checkpoint written to "
+                          f"{run.checkpoints.save(progress)}; exiting {REQUEUE_EXIT_CODE} for requeue", REQUEUE_EXIT_CODE)
+    return None
+
+
+def finish(run: Run, wall_s: float, watchdog: Watchdog) -> None:
+    """Collective: the perf log's end record, peak memory per rank, the final checkpoint and model file."""
+    run.perf.end(steps=run.cfg.run.steps, wall_s=wall_s, skipped_steps=run.progress.skipped_steps)
+    peaks = run.topo.gather_to_root(peak_memory_bytes())  # collective
+    if run.topo.is_root:
+        run.log("peak memory per rank (max RSS): " + ", ".join(f"{r}: {b / 2**30:.2f} GiB" for r, b in enumerate(peaks)))
+    if run.cfg.run.final_checkpoint:
+        watchdog.beat("final checkpoint")
+        folder = run.checkpoints.save(run.progress)
+        run.log(f"checkpoint: {folder}; model: {run.checkpoints.export_model()}")  # collective

@@ -1,0 +1,32 @@
+"""The optimizer and its learning-rate schedule: linear warm-up, then cosine decay to 10 % of the peak."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from exaforce.config import Config, OptimConfig
+from exaforce.model.potential import Potential
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Learning rate at optimizer step `step` (1-based) of a run of `total_steps`."""
+
+    optim: OptimConfig
+    total_steps: int
+
+    def lr_at(self, step: int) -> float:
+        warmup, peak = self.optim.warmup_steps, self.optim.lr
+        if step <= warmup:
+            return peak * step / max(warmup, 1)
+        progress = (step - warmup) / max(self.total_steps - warmup, 1)
+        return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+def make_optimizer(model: Potential, cfg: Config) -> tuple[torch.optim.Optimizer, Schedule]:
+    """AdamW over every parameter (frozen ones never get a gradient) and the run's schedule."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    return optimizer, Schedule(cfg.optim, cfg.run.steps)

@@ -1,0 +1,129 @@
+"""Everything a training run holds, built in the order the data flow needs:
+model → data → normalisation → fine-tuning weights → parallelize → optimizer → restore → calibration → perf log.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from exaforce import checkpoint, finetune
+from exaforce.comm.groups import CommGroups
+from exaforce.config import DTYPES, Config, ConfigError
+from exaforce.model.potential import Potential
+from exaforce.parallel.parallelize import Parallel, parallelize
+from exaforce.parallel.topology import Topology
+from exaforce.perf.log import PerfLogWriter
+from exaforce.perf.machines import local_machine
+from exaforce.training.calibrate import calibrate
+from exaforce.training.data import (GlobalIndex, TrainingData, build_global_index, lazy_reader, steps_in_epoch, store_reader,
+                                    structure_cost)
+from exaforce.training.normalisation import fit_energy_normalisation
+from exaforce.training.progress import Checkpointer, Progress
+from exaforce.training.schedule import Schedule, make_optimizer
+
+
+@dataclass
+class Run:
+    """One training run on this rank, ready for its first (or next) step."""
+
+    cfg: Config
+    topo: Topology
+    model: Potential
+    data: TrainingData
+    cost_G: np.ndarray                # predicted seconds per structure: the sampler's deal
+    parallel: Parallel
+    optimizer: torch.optim.Optimizer
+    schedule: Schedule
+    progress: Progress
+    checkpoints: Checkpointer
+    perf: PerfLogWriter
+    log: Callable[[str], None]
+
+
+def check_batch_fits(cfg: Config, world: int, sources: tuple, index: GlobalIndex) -> None:
+    n_train = int((~index.is_val_G).sum())
+    if n_train < cfg.data.global_batch_size:
+        raise ConfigError(f"data.global_batch_size = {cfg.data.global_batch_size}: only {n_train} training "
+                          f"structures in {[s.path for s in sources]}; lower it")
+    if float(index.weight_G[~index.is_val_G].sum()) < world:
+        raise ConfigError(f"data.datasets: an epoch holds about {index.weight_G[~index.is_val_G].sum():.1f} "
+                          f"structures (weights × training structures), fewer than the {world} ranks")
+
+
+def build_model_and_data(cfg: Config, topo: Topology, log: Callable[[str], None]) -> tuple[Potential, TrainingData]:
+    """Collective. The model first (on every rank, same seed), then the data, validated against the
+    model's elements; reference energies fitted, then fine-tuning weights over them (inherited heads
+    keep their references)."""
+    torch.manual_seed(cfg.run.seed)
+    model = Potential(cfg.model, ep_rank=topo.layout.coords(topo.rank)[1], ep_size=topo.layout.ep).to(DTYPES[cfg.run.dtype])
+    species_of = model.species_table()
+    sources = cfg.data.sources(cfg.model.heads)
+    index, shards = build_global_index(sources, cfg.model.heads, species_of, cfg.model.cutoff,
+                                       cfg.model.three_body_cutoff, cfg.run.seed, topo)
+    check_batch_fits(cfg, topo.world_size, sources, index)
+    fit_energy_normalisation(model, shards, index, topo)
+    finetune.initialise(model, cfg, log)
+    reader = store_reader(shards, index, topo) if cfg.data.sample_store else lazy_reader(sources, index)
+    data = TrainingData(sources, index, reader, species_of, cfg.model.cutoff, cfg.model.three_body_cutoff,
+                        len(cfg.model.heads), DTYPES[cfg.run.dtype])
+    return model, data
+
+
+def build_run(cfg: Config, topo: Topology, groups: CommGroups, log: Callable[[str], None]) -> Run:
+    """Collective: a new run, or the continuation of the checkpoint run.resume names."""
+    world, layout = topo.world_size, (topo.world_size, topo.layout.dp, topo.layout.ep)
+    if cfg.data.global_batch_size < world * cfg.data.micro_batches:
+        raise ConfigError(f"data.global_batch_size = {cfg.data.global_batch_size}: need at least "
+                          f"{cfg.data.micro_batches} structure(s) per rank on {world} ranks (data.micro_batches)")
+    run_dir = Path(cfg.run.out_dir)
+    resume_from = checkpoint.resume_point(run_dir, cfg.run.resume, topo)  # collective; None: a new run
+    model, data = build_model_and_data(cfg, topo, log)
+    parallel = parallelize(model, topo, groups, cfg)
+    optimizer, schedule = make_optimizer(model, cfg)  # after parallelize: the reducers hook the final parameters
+
+    # Restore after the optimizer exists (its state is restored too); weights overwrite the synced start.
+    progress = Progress()
+    if resume_from:
+        progress = Progress(**checkpoint.restore(resume_from, model, optimizer, topo, log)["progress"])
+        log(f"resumed from {resume_from} at step {progress.step}")
+    elif cfg.run.resume == "latest":
+        log(f"resume: no complete checkpoint in {run_dir / 'checkpoints'}: a new run")
+
+    # All ranks calibrate together, once per layout (a resumed run reuses the checkpoint's, so it
+    # deals every step exactly as the interrupted run would have).
+    if progress.layout != layout:
+        progress.flop_coefficients, progress.cost_coefficients = calibrate(model, data.index, data.batch, cfg, parallel)
+        progress.layout = layout
+    run = Run(cfg=cfg, topo=topo, model=model, data=data, cost_G=structure_cost(data.index, progress.cost_coefficients),
+              parallel=parallel, optimizer=optimizer, schedule=schedule, progress=progress,
+              checkpoints=Checkpointer(cfg, topo, model, optimizer, resume_from),
+              perf=open_perf_log(cfg, topo, progress, resumed=resume_from is not None), log=log)
+    log_start(run)
+    return run
+
+
+def open_perf_log(cfg: Config, topo: Topology, progress: Progress, resumed: bool) -> PerfLogWriter:
+    """Collective: this rank's perf log, its header naming the machine rank 0 measured."""
+    machine = topo.from_root(local_machine(DTYPES[cfg.run.dtype]) if topo.is_root else None)  # collective
+    perf = PerfLogWriter(Path(cfg.run.out_dir), topo.rank, append=resumed)
+    perf.header(rank=topo.rank, world_size=topo.world_size, config=cfg.to_dict(), topology=topo.describe(),
+                machine=machine, flop_coefficients=progress.flop_coefficients,
+                resumed_from_step=progress.step if resumed else None)
+    return perf
+
+
+def log_start(run: Run) -> None:
+    """Collective: the one line that says what this run trains on."""
+    cfg, topo, model, cost = run.cfg, run.topo, run.model, run.progress.cost_coefficients
+    n_params = sum(p.numel() for p in model.dense_parameters()) + topo.ep_sum(
+        sum(p.numel() for p in model.expert_parameters()))  # collective
+    run.log(f"training {n_params:,} parameters on {topo.world_size} rank(s), {len(run.data.sources)} dataset(s) "
+            f"({run.data.n_train} training structures), global batch {cfg.data.global_batch_size}, "
+            f"~{steps_in_epoch(run.data.index, cfg.data.global_batch_size)} steps/epoch, steps "
+            f"{run.progress.step + 1}–{cfg.run.steps}; cost/structure = {cost['atoms']:.3g}·atoms + "
+            f"{cost['edges']:.3g}·edges + {cost['angles']:.3g}·angles")

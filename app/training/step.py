@@ -1,0 +1,110 @@
+"""One training step, top to bottom: routing → energy → forces/stress → loss → double backward →
+gradient reduction → clip → optimizer step.
+
+`loss_and_gradients` is one micro-batch's forward and backward on this rank; `train_step` is the
+optimizer step over this rank's micro-batches, with every collective the step needs. Benchmarks,
+calibration and the equivalence tests run these same two functions.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from exaforce.config import Config
+from exaforce.graph import GraphBatch
+from exaforce.loss import structure_losses
+from exaforce.model.potential import Potential, energy, forces_and_stress, local_routing, strained_geometry
+from exaforce.model.routing import Routing
+from exaforce.parallel.parallelize import Parallel
+
+
+def loss_and_gradients(model: Potential, batch: GraphBatch, cfg: Config, loss_scale: float,
+                       times: dict[str, float], routing: Routing | None = None, with_aux: bool = True,
+                       aux_world_2C: np.ndarray | None = None) -> dict[str, float]:
+    """Energy → forces/stress → loss → parameter backward on this rank's batch; adds to `times`.
+
+    loss_scale = world_size / global_batch_size, so averaging gradients over the world gives the
+    gradient of the mean loss over the global batch (uneven atom counts included). The MoE
+    load-balancing loss depends only on the router and the step's world token counts
+    (`aux_world_2C`, default this batch's), so it is the same on every rank and enters unscaled:
+    the world average of its gradient is its gradient; with micro-batches it joins the last one
+    (with_aux) over all their counts. `routing` is the plan from `Parallel.routing` (None: one
+    process holds every expert). Returns per-term sums over this rank's structures, plus "moe_aux"
+    (MoE, with_aux).
+    """
+    if routing is None and model.moe_layers:
+        routing = local_routing(model, batch)
+    t0 = time.perf_counter()
+    geometry = strained_geometry(batch)
+    energy_G = energy(model, batch, geometry, routing)
+    t1 = time.perf_counter()
+    pred = forces_and_stress(energy_G, geometry, batch, training=True)  # create_graph=True; no reduction
+    t2 = time.perf_counter()
+    losses = structure_losses(pred, batch, cfg.loss)
+    objective = losses["total"].sum() * loss_scale
+    if model.moe_layers and with_aux:
+        losses["moe_aux"] = model.aux_loss(routing, aux_world_2C)
+        objective = objective + cfg.loss.moe_aux_weight * losses["moe_aux"]
+    objective.backward()  # double backward through the forces; armed reducers launch from here
+    t3 = time.perf_counter()
+    for key, seconds in (("forward", t1 - t0), ("force_backward", t2 - t1), ("param_backward", t3 - t2),
+                         ("alltoall", routing.clock.seconds if routing is not None else 0.0)):
+        times[key] = times.get(key, 0.0) + seconds
+    return {k: float(v.detach().sum()) for k, v in losses.items()}  # host sync point (on a GPU), once per step
+
+
+@dataclass
+class StepResult:
+    loss_sums: dict[str, float]       # this rank's per-term sums over its structures (+ "moe_aux")
+    loss: float                       # the step's global mean loss: the same on every rank
+    grad_norm: float                  # global gradient norm before clipping: the same on every rank
+    updated: bool                     # False: non-finite loss or gradient norm, so no optimizer step
+    times: dict[str, float]
+    routing: Routing | None           # the last micro-batch's
+
+
+def train_step(model: Potential, micro_batches: list[GraphBatch], optimizer: torch.optim.Optimizer,
+               parallel: Parallel, cfg: Config, loss_scale: float, lr: float) -> StepResult:
+    """One optimizer step on this rank's share of the global batch, accumulated over micro-batches.
+    A non-finite loss or gradient norm skips the update on every rank alike (the caller applies
+    run.nonfinite)."""
+    topo, reduction = parallel.topo, parallel.reduction
+    times: dict[str, float] = {}
+    optimizer.zero_grad(set_to_none=True)
+    t0 = time.perf_counter()
+    routings = [parallel.routing(model, b) for b in micro_batches]  # collectives (MoE)
+    times["routing"] = time.perf_counter() - t0
+    aux_counts = sum(r.counts.world_2C for r in routings) if model.moe_layers else None
+    loss_sums: dict[str, float] = {}
+    for i, (batch, routing) in enumerate(zip(micro_batches, routings)):
+        last = i == len(micro_batches) - 1
+        if last:
+            reduction.arm()  # this backward launches the gradient buckets as they complete
+        sums = loss_and_gradients(model, batch, cfg, loss_scale, times, routing, with_aux=last,
+                                  aux_world_2C=aux_counts)
+        for key, value in sums.items():
+            loss_sums[key] = loss_sums.get(key, 0.0) + value
+    if cfg.comm.sync_before_reduce:
+        t0 = time.perf_counter()
+        topo.barrier()  # collective: the wait for the slowest rank, timed on its own
+        times["imbalance"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    reduction.finish()  # collectives: dense over the world, experts over their EDP group
+    loss = topo.sum(loss_sums["total"]) * loss_scale / topo.world_size  # collective: global mean
+    t1 = time.perf_counter()
+    norm = parallel.clip_grad_norm(model, cfg.optim.grad_clip)  # collective over the EP group
+    # Ranks agree before they act: the loss, the norm and the aux loss (world counts) are equal everywhere.
+    updated = all(math.isfinite(x) for x in (loss, norm, loss_sums.get("moe_aux", 0.0)))
+    if updated:
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.step()
+    else:
+        optimizer.zero_grad(set_to_none=True)
+    times.update(comm=t1 - t0, optimizer=time.perf_counter() - t1)
+    return StepResult(loss_sums, loss, norm, updated, times, routings[-1])
