@@ -4,4 +4,4 @@
 starts its subprocesses through `exaforce.bench.launcher`.
 """
 
-BENCH_SEED = 0  # every benchmark's structures are `exaforce data synth --seed 0`, its models seeded alike
+BENCH_SEED = 0  # every benchmark's structures (bench.workloads: dense cells, or `data synth`'s) and models are seeded by it

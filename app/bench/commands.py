@@ -32,11 +32,28 @@ def _rank_counts(text: str) -> list[int]:
 
 def _step_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="base", help="model preset (default base)")
-    p.add_argument("--batch", type=int, default=4, help="structures per step from `data synth` seed 0 (default 4)")
+    p.add_argument("--workload", default="dense", choices=["dense", "small"],
+                   help="dense: fcc/bcc/hcp metal and alloy cells of 32-108 atoms (default); "
+                        "small: `data synth` seed 0 cells")
+    p.add_argument("--batch", type=int, help="structures per step: one batch size (default: --batches)")
+    p.add_argument("--batches", type=_rank_counts,
+                   help="comma-separated batch sizes, one worker process each (default 1,2,4,8 for dense, "
+                        "--batch or 4 for small)")
     _dtype(p)
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
     p.add_argument("--repeats", type=int, default=10, help="timed steps; the median is reported (default 10)")
     p.add_argument("--compare", choices=["matris"], help="measure the reference model the same way")
+    p.add_argument("--mem-limit-gib", type=float, default=20.0,
+                   help="address-space cap per worker (RLIMIT_AS), GiB; a batch over it is reported as out "
+                        "of memory (default 20). Peak memory is each worker's true peak RSS from its start")
+
+
+def _step_batches(args: argparse.Namespace) -> list[int]:
+    if args.batches:
+        return args.batches
+    if args.batch is not None:
+        return [args.batch]
+    return [1, 2, 4, 8] if args.workload == "dense" else [4]
 
 
 def _run_step(args: argparse.Namespace, log: Log) -> dict:
@@ -44,7 +61,8 @@ def _run_step(args: argparse.Namespace, log: Log) -> dict:
     from exaforce.config import model_preset
 
     model_preset(args.preset)  # a bad name fails before any work
-    return bench_step(args.preset, args.batch, args.dtype, args.warmup, args.repeats, args.compare, log)
+    return bench_step(args.preset, args.workload, _step_batches(args), args.dtype, args.warmup, args.repeats,
+                      args.compare, args.mem_limit_gib, log)
 
 
 def _ep_arguments(p: argparse.ArgumentParser) -> None:

@@ -66,19 +66,20 @@ def matris_param_count(model: torch.nn.Module) -> int:
 
 def make_matris_step(model: torch.nn.Module, atoms_list: Sequence[Atoms], energies: Sequence[float],
                      forces: Sequence[np.ndarray], stresses: Sequence[np.ndarray],
-                     convert_each_step: bool = True) -> Callable[[], None]:
+                     graphs: Sequence[RadiusGraph] | None = None) -> Callable[[], None]:
     """A closure doing one full training step of `model` on the batch `atoms_list`.
 
     Labels: total energy (eV), forces (N, 3) eV/Å, stress as ASE Voigt 6 in eV/Å³.
     Graph conversion: MatRIS ships no trainer, but its converter states that "training and
     DataLoader workers always build on CPU", i.e. per sample as the dataset is read (the CHGNet
-    `StructureData.__getitem__` pattern it is derived from); exaforce also builds its batch each step.
-    Its data sets hold pymatgen Structures, so ase → Structure happens once, here, not per step.
-    So by default the neighbour lists are built inside the closure and timed with the step;
-    `convert_each_step=False` builds them once, outside, to time the model alone.
+    `StructureData.__getitem__` pattern it is derived from). With `graphs=None` the closure does
+    that: it builds the neighbour lists itself, inside the step. `graphs` (from `matris_graphs`,
+    built once by the caller) keeps graph building out of the step, the treatment `exaforce bench
+    step` gives every model. Its data sets hold pymatgen Structures, so ase → Structure happens
+    once, here, not per step.
     """
     dtype = next(model.parameters()).dtype
-    structures = [AseAtomsAdaptor.get_structure(atoms) for atoms in atoms_list]
+    structures = matris_structures(atoms_list) if graphs is None else None
     natoms_G = torch.tensor([len(atoms) for atoms in atoms_list], dtype=dtype)
     energy_per_atom_G = torch.as_tensor(np.asarray(energies), dtype=dtype) / natoms_G
     forces_N3 = torch.as_tensor(np.concatenate(forces), dtype=dtype)
@@ -86,10 +87,8 @@ def make_matris_step(model: torch.nn.Module, atoms_list: Sequence[Atoms], energi
         np.stack([voigt_6_to_full_3x3_stress(s) for s in stresses]) * EV_PER_A3_IN_GPA, dtype=dtype)
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
 
-    fixed_graphs = None if convert_each_step else matris_graphs(model, structures, atoms_list, dtype)
-
     def step() -> None:
-        batch = matris_graphs(model, structures, atoms_list, dtype) if convert_each_step else fixed_graphs
+        batch = matris_graphs(model, structures, atoms_list, dtype) if graphs is None else graphs
         optimizer.zero_grad(set_to_none=True)
         # is_training=True: MatRIS's own create_graph=True path for forces and stress.
         pred = model(batch, task="efs", is_training=True, mode="torch")
@@ -101,6 +100,11 @@ def make_matris_step(model: torch.nn.Module, atoms_list: Sequence[Atoms], energi
         optimizer.step()
 
     return step
+
+
+def matris_structures(atoms_list: Sequence[Atoms]) -> list:
+    """The batch as the pymatgen Structures MatRIS's converter reads."""
+    return [AseAtomsAdaptor.get_structure(atoms) for atoms in atoms_list]
 
 
 def matris_graphs(model: torch.nn.Module, structures: Sequence, atoms_list: Sequence[Atoms],

@@ -2,45 +2,73 @@
 
 The step is the trainer's own: `exaforce.training.step.train_step` on a one-rank topology, with
 the run's optimizer, schedule, clipping and gradient reduction (over one rank: no communication).
-Each model is measured in its own subprocess, so one model's peak memory never hides the
-other's. Peak memory is the growth of the process's peak RSS over its RSS just before the first
-step: the step's own working set (activations, double-backward graph, optimizer state), the
-CPU analogue of torch.cuda.max_memory_allocated.
+Every (model, batch size) pair is measured in its own worker process under an address-space cap
+(RLIMIT_AS), so one measurement's peak never mixes with another's and a batch that does not fit
+is reported as out of memory instead of taking the machine down.
+
+What a worker measures, in this order (DESIGN.md §6, "Benchmarks tell the truth"):
+1. `start_rss_bytes`: VmRSS as the worker's code starts (before torch is imported).
+2. Setup: structures, model, optimizer, and the batch's graphs, built once, outside any timed
+   step, for every model alike (`graph_build_s_per_structure`: exaforce's `build_batch`, MatRIS's
+   own converter).
+3. `baseline_rss_bytes`: VmRSS after setup and before any step of any kind. AdamW allocates its
+   moments lazily, so they (2 × params × dtype size) are part of the step's memory.
+4. Warm-up and timed steps; `step_s` is the median timed step.
+5. `peak_rss_bytes` (= `peak_mem_bytes`): ru_maxrss, the process's true peak RSS from its start,
+   read right after the timed steps; `step_mem_bytes` = peak − baseline.
+6. The FLOP count (exaforce only): one more step under torch's FlopCounterMode, after the peak
+   was read, so neither its own overhead nor its timing enters the numbers above.
+The CPU analogue of torch.cuda.max_memory_allocated is the process's peak RSS; no malloc tuning
+is set, since keeping freed pages in the heap would move the peak.
 """
 
 from __future__ import annotations
 
-import json
 import resource
-import statistics
-import sys
-import time
-from typing import Callable
-
-import torch
-
-from exaforce.bench import BENCH_SEED
-from exaforce.bench.launcher import environment, launch_json, module_command
-
-# glibc malloc settings for both workers alike: keep freed memory in the heap instead of returning
-# it to the kernel, because fresh pages are slow to come by on these VMs (measured on the base
-# preset, 2 cores: 1.78 s → 1.70 s per step). A value already in the environment wins.
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(2**32), "MALLOC_TRIM_THRESHOLD_": str(2**36),
-              "MALLOC_TOP_PAD_": str(2**28)}
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
+def _vm_rss_bytes() -> int:
+    """This process's resident set now (/proc/self/status VmRSS)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("/proc/self/status has no VmRSS line")
+
+
+START_RSS_BYTES = _vm_rss_bytes()  # first thing on import: the worker's RSS at its start, before torch
+
+import json  # noqa: E402  (after the start RSS on purpose)
+import re  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from typing import Callable  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from exaforce.bench import BENCH_SEED  # noqa: E402
+from exaforce.bench.launcher import STDERR_TAIL, environment, module_command  # noqa: E402
+from exaforce.bench.workloads import workload_structures  # noqa: E402
+
+DENSE_BATCHES = (1, 2, 4, 8)
+SMALL_BATCH = 4
+MEM_LIMIT_GIB = 20.0
+# What a process that hit its RLIMIT_AS says on the way out (Python, PyTorch's allocator, C++, ld.so).
+OOM_PATTERN = re.compile(r"MemoryError|can't allocate memory|Cannot allocate memory|bad_alloc|"
+                         r"failed to map segment|out of memory", re.IGNORECASE)
 
 
 def _peak_rss_bytes() -> int:
+    """The process's peak RSS since it started (Linux reports ru_maxrss in KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _time_steps(step: Callable[[], None], warmup: int, repeats: int) -> tuple[float, int]:
-    """Median seconds per step after warm-up, and the step's peak memory growth in bytes."""
-    baseline = _rss_bytes()
+def _measure(step: Callable[[], None], warmup: int, repeats: int) -> dict:
+    """Baseline, warm-up, timed steps, true peak: the memory and time fields of a worker's record."""
+    baseline = _vm_rss_bytes()  # nothing has stepped yet
     for _ in range(warmup):
         step()
     seconds = []
@@ -48,18 +76,14 @@ def _time_steps(step: Callable[[], None], warmup: int, repeats: int) -> tuple[fl
         t0 = time.perf_counter()
         step()
         seconds.append(time.perf_counter() - t0)
-    return statistics.median(seconds), max(_peak_rss_bytes() - baseline, 0)
+    peak = _peak_rss_bytes()
+    return {"step_s": statistics.median(seconds), "start_rss_bytes": START_RSS_BYTES,
+            "baseline_rss_bytes": baseline, "peak_rss_bytes": peak, "peak_mem_bytes": peak,
+            "step_mem_bytes": peak - baseline}
 
 
-def bench_structures(batch: int):
-    """The benchmark's structures: `exaforce data synth` with seed 0, EMT labels."""
-    from exaforce.io.synth import synthesize
-
-    return synthesize(batch, seed=BENCH_SEED)
-
-
-def exaforce_worker(preset: str, batch: int, dtype: str, warmup: int, repeats: int) -> dict:
-    """The trainer's step (exaforce.training.step.train_step) on one rank, timed and FLOP-counted."""
+def exaforce_worker(preset: str, workload: str, batch: int, dtype: str, warmup: int, repeats: int) -> dict:
+    """The trainer's step (exaforce.training.step.train_step) on one rank, timed, then FLOP-counted."""
     from exaforce.comm.groups import build_groups
     from exaforce.config import DTYPES, Config, DataConfig, RunConfig, model_preset
     from exaforce.graph import build_batch
@@ -71,8 +95,8 @@ def exaforce_worker(preset: str, batch: int, dtype: str, warmup: int, repeats: i
     from exaforce.training.schedule import make_optimizer
     from exaforce.training.step import train_step
 
-    atoms = bench_structures(batch)
-    steps = 1 + warmup + repeats  # the FLOP count's step, then the timed ones: the schedule spans them all
+    atoms = workload_structures(workload, batch, BENCH_SEED)
+    steps = warmup + repeats + 1  # the timed steps, then the FLOP count's: the schedule spans them all
     cfg = Config(run=RunConfig(steps=steps, dtype=dtype), model=model_preset(preset),
                  data=DataConfig(train=("bench",), global_batch_size=batch))
     torch.manual_seed(BENCH_SEED)
@@ -80,9 +104,11 @@ def exaforce_worker(preset: str, batch: int, dtype: str, warmup: int, repeats: i
     topo = Topology.single_process()
     parallel = parallelize(model, topo, build_groups(cfg.comm.backend, topo), cfg)
     optimizer, schedule = make_optimizer(model, cfg)  # after parallelize, as the trainer does
-    graph = build_batch(Frames.from_atoms(atoms), model.species_table(), cfg.model.cutoff,
+    frames = Frames.from_atoms(atoms)
+    t0 = time.perf_counter()
+    graph = build_batch(frames, model.species_table(), cfg.model.cutoff,
                         cfg.model.three_body_cutoff).to("cpu", DTYPES[dtype])
-    counts = graph.counts()
+    graph_build_s = time.perf_counter() - t0
     taken = 0
 
     def step() -> None:
@@ -90,72 +116,182 @@ def exaforce_worker(preset: str, batch: int, dtype: str, warmup: int, repeats: i
         taken += 1
         train_step(model, [graph], optimizer, parallel, cfg, 1.0 / batch, schedule.lr_at(taken))  # 1 / global batch
 
-    flops = count_flops(step)
-    seconds, peak = _time_steps(step, warmup, repeats)
+    measured = _measure(step, warmup, repeats)
+    flops = count_flops(step)  # after the peak was read: its own extra step
     return {"model": "exaforce", "preset": preset, "params": sum(p.numel() for p in model.parameters()),
             "width": cfg.model.width, "blocks": cfg.model.blocks, "cutoff": cfg.model.cutoff,
-            "three_body_cutoff": cfg.model.three_body_cutoff, "step_s": seconds, "flops": flops,
-            "peak_mem_bytes": peak, **counts}
+            "three_body_cutoff": cfg.model.three_body_cutoff, **measured, "flops": flops,
+            "graph_build_s_per_structure": graph_build_s / batch, **graph.counts()}
 
 
-def matris_worker(preset: str, batch: int, dtype: str, warmup: int, repeats: int) -> dict:
-    """The MatRIS reference's training step at the preset's width, depth and cutoffs, timed alike."""
-    from exaforce.bench.reference import build_matris, make_matris_step, matris_param_count
+def matris_worker(preset: str, workload: str, batch: int, dtype: str, warmup: int, repeats: int) -> dict:
+    """The MatRIS reference's training step at the preset's width, depth and cutoffs, measured alike."""
+    from exaforce.bench.reference import (build_matris, make_matris_step, matris_graphs, matris_param_count,
+                                          matris_structures)
     from exaforce.config import DTYPES, model_preset
 
     cfg = model_preset(preset)
-    atoms = bench_structures(batch)
+    atoms = workload_structures(workload, batch, BENCH_SEED)
     model = build_matris(cfg.width, cfg.blocks, cfg.cutoff, cfg.three_body_cutoff, DTYPES[dtype], seed=BENCH_SEED)
-    step = make_matris_step(model, atoms,
-                            energies=[a.get_potential_energy() for a in atoms],
-                            forces=[a.get_forces() for a in atoms],
-                            stresses=[a.get_stress() for a in atoms])
-    seconds, peak = _time_steps(step, warmup, repeats)
+    structures = matris_structures(atoms)
+    t0 = time.perf_counter()
+    graphs = matris_graphs(model, structures, atoms, DTYPES[dtype])
+    graph_build_s = time.perf_counter() - t0
+    step = make_matris_step(model, atoms, energies=[a.get_potential_energy() for a in atoms],
+                            forces=[a.get_forces() for a in atoms], stresses=[a.get_stress() for a in atoms],
+                            graphs=graphs)
     return {"model": "matris", "params": matris_param_count(model), "width": cfg.width, "blocks": cfg.blocks,
-            "cutoff": cfg.cutoff, "three_body_cutoff": cfg.three_body_cutoff, "step_s": seconds,
-            "peak_mem_bytes": peak, "structures": batch, "atoms": sum(len(a) for a in atoms)}
+            "cutoff": cfg.cutoff, "three_body_cutoff": cfg.three_body_cutoff, **_measure(step, warmup, repeats),
+            "graph_build_s_per_structure": graph_build_s / batch, "structures": batch,
+            "atoms": sum(len(a) for a in atoms)}
 
 
 WORKERS = {"exaforce": exaforce_worker, "matris": matris_worker}
 
 
-def run_worker(model: str, preset: str, batch: int, dtype: str, warmup: int, repeats: int) -> dict:
-    """One model's measurement in a fresh Python process; its last stdout line is JSON."""
-    command = module_command("exaforce.bench.step", model, preset, str(batch), dtype, str(warmup), str(repeats))
-    return launch_json(command, f"bench worker for {model}", environment(**MALLOC_ENV))
+def run_worker(model: str, preset: str, workload: str, batch: int, dtype: str, warmup: int, repeats: int,
+               mem_limit_gib: float) -> dict:
+    """One (model, batch) measurement in a fresh Python process capped at `mem_limit_gib` of address
+    space; its last stdout line is JSON. A worker that ran out of memory comes back as
+    {"oom": True, ...}; any other failure raises RuntimeError with the end of its stderr."""
+    cap = int(mem_limit_gib * 2**30)
+
+    def limit_address_space() -> None:  # runs in the child, between fork and exec
+        resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+
+    command = module_command("exaforce.bench.step", model, preset, workload, str(batch), dtype, str(warmup),
+                             str(repeats))
+    # Not launcher.launch: that one cannot set a limit in the child.
+    proc = subprocess.run(command, capture_output=True, text=True, env=environment(),
+                          preexec_fn=limit_address_space)
+    if proc.returncode == 0:
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+    if proc.returncode == -9 or OOM_PATTERN.search(proc.stderr):
+        return {"model": model, "structures": batch, "oom": True, "mem_limit_gib": mem_limit_gib,
+                "error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"}
+    raise RuntimeError(f"bench worker for {model}, batch {batch} failed (exit {proc.returncode}):\n"
+                       f"{proc.stderr[-STDERR_TAIL:]}")
 
 
-def bench_step(preset: str, batch: int, dtype: str, warmup: int, repeats: int, compare: str | None,
-               log: Callable[[str], None]) -> dict:
+def memory_fit(rows: list[dict], key: str) -> tuple[float, float] | None:
+    """Least-squares slope (bytes per atom) and intercept (bytes) of `key` against atoms; None below 2
+    distinct atom counts."""
+    ran = [r for r in rows if not r.get("oom")]
+    if len({r["atoms"] for r in ran}) < 2:
+        return None
+    slope, intercept = np.polyfit([r["atoms"] for r in ran], [r[key] for r in ran], 1)
+    return float(slope), float(intercept)
+
+
+def _sweep(model: str, preset: str, workload: str, batches: list[int], dtype: str, warmup: int, repeats: int,
+           mem_limit_gib: float, log: Callable[[str], None]) -> dict:
+    """One worker per batch size for `model`; per-batch rows, the memory fits, the largest batch that ran."""
+    rows = []
+    for batch in batches:
+        log(f"  {model}: batch {batch} starting (worker process, cap {mem_limit_gib:g} GiB) …")
+        t0 = time.perf_counter()
+        row = run_worker(model, preset, workload, batch, dtype, warmup, repeats, mem_limit_gib)
+        if row.get("oom"):
+            log(f"  {model}: batch {batch} out of memory (cap {mem_limit_gib:g} GiB): {row['error']}")
+        else:
+            row["atoms_per_s"] = row["atoms"] / row["step_s"]
+            log(f"  {model}: batch {batch} done in {time.perf_counter() - t0:.0f} s: {row['atoms']} atoms, "
+                f"{row['step_s'] * 1e3:.1f} ms/step, peak {row['peak_rss_bytes'] / 2**20:.1f} MiB")
+        rows.append(row)
+    ran = [r for r in rows if not r.get("oom")]
+    peak_fit, step_fit = memory_fit(rows, "peak_rss_bytes"), memory_fit(rows, "step_mem_bytes")
+    return {"batches": rows, "largest_batch_ran": max((r["structures"] for r in ran), default=None),
+            "peak_mem_slope_bytes_per_atom": peak_fit and peak_fit[0],
+            "peak_mem_intercept_bytes": peak_fit and peak_fit[1],
+            "step_mem_slope_bytes_per_atom": step_fit and step_fit[0],
+            "step_mem_intercept_bytes": step_fit and step_fit[1]}
+
+
+def _row_line(r: dict, mem_limit_gib: float) -> str:
+    if r.get("oom"):
+        return f"{r['structures']:>6}  out of memory (cap {mem_limit_gib:g} GiB)"
+    edges = f"{r['edges']:>9,} {r['angles']:>10,}" if "edges" in r else f"{'-':>9} {'-':>10}"
+    return (f"{r['structures']:>6} {r['atoms']:>6} {edges} {r['step_s'] * 1e3:>10.1f} {r['atoms_per_s']:>9.1f} "
+            f"{r['graph_build_s_per_structure'] * 1e3:>9.2f} {r['peak_rss_bytes'] / 2**20:>9.1f} "
+            f"{r['baseline_rss_bytes'] / 2**20:>9.1f} {r['step_mem_bytes'] / 2**20:>9.1f}")
+
+
+def _log_sweep(name: str, sweep: dict, mem_limit_gib: float, log: Callable[[str], None]) -> None:
+    log(f"{name}, per batch size (ms/graph: graph build per structure, outside the step):")
+    log(f"{'batch':>6} {'atoms':>6} {'edges':>9} {'angles':>10} {'ms/step':>10} {'atoms/s':>9} {'ms/graph':>9} "
+        f"{'peak MiB':>9} {'base MiB':>9} {'step MiB':>9}")
+    for r in sweep["batches"]:
+        log(_row_line(r, mem_limit_gib))
+    slope = sweep["peak_mem_slope_bytes_per_atom"]
+    if slope is not None:
+        log(f"{name}: peak memory ≈ {sweep['peak_mem_intercept_bytes'] / 2**20:.1f} MiB "
+            f"+ {slope / 2**20:.3f} MiB/atom "
+            f"(step memory {sweep['step_mem_slope_bytes_per_atom'] / 2**20:.3f} MiB/atom; least squares)")
+    log(f"{name}: largest batch that ran: {sweep['largest_batch_ran']}")
+
+
+def bench_step(preset: str, workload: str, batches: list[int], dtype: str, warmup: int, repeats: int,
+               compare: str | None, mem_limit_gib: float, log: Callable[[str], None]) -> dict:
+    """The sweep over `batches` for exaforce (and `compare`); the top-level keys describe the largest
+    batch that ran, `batches` every one of them."""
     from exaforce.perf.machines import local_machine
 
-    log(f"bench step: preset {preset}, batch {batch} (synth seed {BENCH_SEED}), {dtype}, "
-        f"{warmup} warm-up + {repeats} timed steps, {torch.get_num_threads()} thread(s)")
-    ours = run_worker("exaforce", preset, batch, dtype, warmup, repeats)
-    peak = local_machine(getattr(torch, dtype))["peak_flops_per_s"]
-    result = {
-        "preset": preset, "params": ours["params"], "batch": batch, "atoms": ours["atoms"],
-        "edges": ours["edges"], "angles": ours["angles"], "step_s": ours["step_s"],
-        "atoms_per_s": ours["atoms"] / ours["step_s"], "structures_per_s": batch / ours["step_s"],
-        "peak_mem_bytes": ours["peak_mem_bytes"], "flops_per_step": ours["flops"],
-        "flops_per_s": ours["flops"] / ours["step_s"], "peak_flops_per_s": peak, "reference": None,
-    }
-    log(f"exaforce  {ours['params']:>12,} params  {result['step_s'] * 1e3:9.1f} ms/step  "
-        f"{result['atoms_per_s']:9.1f} atoms/s  {result['structures_per_s']:7.2f} structures/s  "
-        f"peak mem {result['peak_mem_bytes'] / 2**20:8.1f} MiB  "
-        f"{result['flops_per_s'] / 1e9:.2f} GFLOP/s = {100 * result['flops_per_s'] / peak:.1f}% of "
-        f"the local matmul peak {peak / 1e9:.1f} GFLOP/s")
+    log(f"bench step: preset {preset}, workload {workload} (seed {BENCH_SEED}), batches {batches}, {dtype}, "
+        f"{warmup} warm-up + {repeats} timed steps, {torch.get_num_threads()} thread(s), "
+        f"memory cap {mem_limit_gib:g} GiB per worker")
+    ours = _sweep("exaforce", preset, workload, batches, dtype, warmup, repeats, mem_limit_gib, log)
+    peak_flops = local_machine(getattr(torch, dtype))["peak_flops_per_s"]
+    for r in ours["batches"]:
+        if not r.get("oom"):
+            r["flops_per_s"] = r["flops"] / r["step_s"]
+    result = {"preset": preset, "workload": workload, "dtype": dtype, "mem_limit_gib": mem_limit_gib,
+              "peak_flops_per_s": peak_flops, **ours, "reference": None}
+    ran = [r for r in ours["batches"] if not r.get("oom")]
+    _log_sweep("exaforce", ours, mem_limit_gib, log)
+    if ran:
+        top = max(ran, key=lambda r: r["structures"])
+        result.update({
+            "params": top["params"], "batch": top["structures"], "atoms": top["atoms"], "edges": top["edges"],
+            "angles": top["angles"], "step_s": top["step_s"], "atoms_per_s": top["atoms_per_s"],
+            "structures_per_s": top["structures"] / top["step_s"], "peak_mem_bytes": top["peak_mem_bytes"],
+            "peak_rss_bytes": top["peak_rss_bytes"], "baseline_rss_bytes": top["baseline_rss_bytes"],
+            "step_mem_bytes": top["step_mem_bytes"], "graph_build_s_per_structure": top["graph_build_s_per_structure"],
+            "flops_per_step": top["flops"], "flops_per_atom": top["flops"] / top["atoms"],
+            "flops_per_edge": top["flops"] / max(top["edges"], 1),
+            "flops_per_angle": top["flops"] / max(top["angles"], 1),
+            "flops_per_s": top["flops_per_s"]})
+        log(f"exaforce  {top['params']:>12,} params, batch {top['structures']}: {top['step_s'] * 1e3:.1f} ms/step, "
+            f"{result['atoms_per_s']:.1f} atoms/s, {result['structures_per_s']:.2f} structures/s, "
+            f"{top['flops'] / 1e9:.2f} GFLOP/step = {result['flops_per_atom'] / 1e6:.2f} MFLOP/atom, "
+            f"{result['flops_per_edge'] / 1e6:.3f} MFLOP/edge, {result['flops_per_angle'] / 1e6:.3f} MFLOP/angle; "
+            f"{result['flops_per_s'] / 1e9:.2f} GFLOP/s = {100 * result['flops_per_s'] / peak_flops:.1f}% of "
+            f"the local matmul peak {peak_flops / 1e9:.1f} GFLOP/s")
+    else:
+        log(f"exaforce: no batch ran within the {mem_limit_gib:g} GiB cap")
     if compare:
-        ref = run_worker(compare, preset, batch, dtype, warmup, repeats)
-        result["reference"] = {"model": compare, "params": ref["params"], "step_s": ref["step_s"],
-                               "atoms_per_s": ref["atoms"] / ref["step_s"], "peak_mem_bytes": ref["peak_mem_bytes"]}
-        log(f"{compare:<9} {ref['params']:>12,} params  {ref['step_s'] * 1e3:9.1f} ms/step  "
-            f"{result['reference']['atoms_per_s']:9.1f} atoms/s  peak mem {ref['peak_mem_bytes'] / 2**20:8.1f} MiB")
-        log(f"speed-up {result['atoms_per_s'] / result['reference']['atoms_per_s']:.2f}x, "
-            f"memory ratio {result['peak_mem_bytes'] / max(ref['peak_mem_bytes'], 1):.3f}")
+        ref = _sweep(compare, preset, workload, batches, dtype, warmup, repeats, mem_limit_gib, log)
+        result["reference"] = {"model": compare, **ref}
+        _log_sweep(compare, ref, mem_limit_gib, log)
+        ref_ran = [r for r in ref["batches"] if not r.get("oom")]
+        if ref_ran:
+            top = max(ref_ran, key=lambda r: r["structures"])
+            result["reference"].update({
+                "params": top["params"], "batch": top["structures"], "step_s": top["step_s"],
+                "atoms_per_s": top["atoms_per_s"], "peak_mem_bytes": top["peak_mem_bytes"],
+                "peak_rss_bytes": top["peak_rss_bytes"], "baseline_rss_bytes": top["baseline_rss_bytes"],
+                "step_mem_bytes": top["step_mem_bytes"],
+                "graph_build_s_per_structure": top["graph_build_s_per_structure"]})
+        ours_by_batch = {r["structures"]: r for r in ran}
+        for r in ref_ran:
+            mine = ours_by_batch.get(r["structures"])
+            if mine:
+                log(f"batch {r['structures']}: speed-up {mine['atoms_per_s'] / r['atoms_per_s']:.2f}x, "
+                    f"peak memory ratio {mine['peak_rss_bytes'] / r['peak_rss_bytes']:.3f}, "
+                    f"step memory ratio {mine['step_mem_bytes'] / max(r['step_mem_bytes'], 1):.3f}, "
+                    f"graph build ratio {mine['graph_build_s_per_structure'] / r['graph_build_s_per_structure']:.3f}")
     return result
 
 
-if __name__ == "__main__":  # worker entry: model preset batch dtype warmup repeats
-    name, preset_name, n, dt, w, r = sys.argv[1:7]
-    print(json.dumps(WORKERS[name](preset_name, int(n), dt, int(w), int(r))))
+if __name__ == "__main__":  # worker entry: model preset workload batch dtype warmup repeats
+    name, preset_name, workload_name, n, dt, w, r = sys.argv[1:8]
+    print(json.dumps(WORKERS[name](preset_name, workload_name, int(n), dt, int(w), int(r))))
