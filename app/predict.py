@@ -77,7 +77,6 @@ def predict(source: ModelSource, data: str | Path, out: str | Path, topo: Topolo
             log: Callable[[str], None] = print) -> dict:
     """Collective. Writes the predictions to `out` (rank 0 writes) and returns the summary on every
     rank: counts, seconds, throughput (structures/s and atoms/s over the slowest rank's loop)."""
-
     data, out = Path(data), Path(out)
     if out.resolve() == data.resolve():
         raise PredictError(f"--out {out}: is the input dataset; write the predictions elsewhere")

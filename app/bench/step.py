@@ -52,6 +52,7 @@ import torch  # noqa: E402
 from exaforce.bench import BENCH_SEED  # noqa: E402
 from exaforce.bench.launcher import STDERR_TAIL, environment, module_command  # noqa: E402
 from exaforce.bench.workloads import workload_structures  # noqa: E402
+from exaforce.training.progress import peak_memory_bytes  # noqa: E402
 
 DENSE_BATCHES = (1, 2, 4, 8)
 SMALL_BATCH = 4
@@ -59,11 +60,6 @@ MEM_LIMIT_GIB = 20.0
 # What a process that hit its RLIMIT_AS says on the way out (Python, PyTorch's allocator, C++, ld.so).
 OOM_PATTERN = re.compile(r"MemoryError|can't allocate memory|Cannot allocate memory|bad_alloc|"
                          r"failed to map segment|out of memory", re.IGNORECASE)
-
-
-def _peak_rss_bytes() -> int:
-    """The process's peak RSS since it started (Linux reports ru_maxrss in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _measure(step: Callable[[], None], warmup: int, repeats: int) -> dict:
@@ -76,7 +72,7 @@ def _measure(step: Callable[[], None], warmup: int, repeats: int) -> dict:
         t0 = time.perf_counter()
         step()
         seconds.append(time.perf_counter() - t0)
-    peak = _peak_rss_bytes()
+    peak = peak_memory_bytes()  # ru_maxrss: the process's true peak since it started
     return {"step_s": statistics.median(seconds), "start_rss_bytes": START_RSS_BYTES,
             "baseline_rss_bytes": baseline, "peak_rss_bytes": peak, "peak_mem_bytes": peak,
             "step_mem_bytes": peak - baseline}

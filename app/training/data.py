@@ -41,6 +41,10 @@ class GlobalIndex:
     def __len__(self) -> int:
         return len(self.dataset_G)
 
+    @property
+    def n_train(self) -> int:
+        return int((~self.is_val_G).sum())
+
 
 def validation_mask(n: int, fraction: float, seed: int, dataset: int) -> np.ndarray:
     """A seeded choice of round(fraction·n) structures of one dataset (the same on every rank)."""
@@ -168,7 +172,3 @@ class TrainingData:
         """Graphs of these structures (neighbour lists built here, on the host), in the run's dtype."""
         return build_batch(self.reader.fetch(global_indices), self.species_of, self.cutoff, self.three_body_cutoff,
                            self.index.head_G[global_indices], self.n_heads).to("cpu", self.dtype)
-
-    @property
-    def n_train(self) -> int:
-        return int((~self.index.is_val_G).sum())

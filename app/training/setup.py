@@ -46,9 +46,8 @@ class Run:
 
 
 def check_batch_fits(cfg: Config, world: int, sources: tuple, index: GlobalIndex) -> None:
-    n_train = int((~index.is_val_G).sum())
-    if n_train < cfg.data.global_batch_size:
-        raise ConfigError(f"data.global_batch_size = {cfg.data.global_batch_size}: only {n_train} training "
+    if index.n_train < cfg.data.global_batch_size:
+        raise ConfigError(f"data.global_batch_size = {cfg.data.global_batch_size}: only {index.n_train} training "
                           f"structures in {[s.path for s in sources]}; lower it")
     if float(index.weight_G[~index.is_val_G].sum()) < world:
         raise ConfigError(f"data.datasets: an epoch holds about {index.weight_G[~index.is_val_G].sum():.1f} "
@@ -123,7 +122,7 @@ def log_start(run: Run) -> None:
     n_params = sum(p.numel() for p in model.dense_parameters()) + topo.ep_sum(
         sum(p.numel() for p in model.expert_parameters()))  # collective
     run.log(f"training {n_params:,} parameters on {topo.world_size} rank(s), {len(run.data.sources)} dataset(s) "
-            f"({run.data.n_train} training structures), global batch {cfg.data.global_batch_size}, "
+            f"({run.data.index.n_train} training structures), global batch {cfg.data.global_batch_size}, "
             f"~{steps_in_epoch(run.data.index, cfg.data.global_batch_size)} steps/epoch, steps "
             f"{run.progress.step + 1}–{cfg.run.steps}; cost/structure = {cost['atoms']:.3g}·atoms + "
             f"{cost['edges']:.3g}·edges + {cost['angles']:.3g}·angles")

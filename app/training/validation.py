@@ -14,11 +14,11 @@ from typing import Callable
 import numpy as np
 import torch
 
-from exaforce.training.data import GlobalIndex
-from exaforce.io.sampler import deal
 from exaforce.graph import GraphBatch
+from exaforce.io.sampler import deal
 from exaforce.model.potential import Potential, energy_forces_stress
 from exaforce.parallel.parallelize import Parallel
+from exaforce.training.data import GlobalIndex
 
 
 def validation_mae(model: Potential, index: GlobalIndex, to_batch: Callable[[np.ndarray], GraphBatch],
