@@ -30,6 +30,9 @@ class RunConfig:
     out_dir: str = "runs/default"       # run folder: perf logs, checkpoints, report
     seed: int = 0
     dtype: str = "float32"              # float32 | float64
+    recompute_lines: int = 32768        # training: blocks store only their inputs and recompute the rest,
+                                        # line-graph/bond lines in chunks of this many rows (memory: about
+                                        # one chunk's intermediates); 0: store everything (more memory, less compute)
     steps: int = 100                    # optimizer steps
     log_every: int = 10                 # rank 0 prints progress every N steps
     checkpoint_every: int = 0           # 0: only at the end
@@ -173,6 +176,8 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"run.dtype = {cfg.run.dtype!r}: must be 'float32' or 'float64'")
     _positive(cfg.run.steps, "run.steps")
     _positive(cfg.run.log_every, "run.log_every")
+    if cfg.run.recompute_lines < 0:
+        raise ConfigError(f"run.recompute_lines = {cfg.run.recompute_lines}: must be >= 0 (0: store every intermediate)")
     if cfg.run.val_every < 0:
         raise ConfigError(f"run.val_every = {cfg.run.val_every}: must be >= 0")
     if cfg.run.checkpoint_every < 0:

@@ -5,33 +5,36 @@ Shape legend: N atoms, E edges, T triplets, D channels, F input features.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import nn
 
 from exaforce.config import ModelConfig
 from exaforce.model.layers import GatedMLP, RMSNorm
 from exaforce.model.moe import MoEMLP
+from exaforce.model.recompute import recompute
 from exaforce.model.routing import ATOMS, BONDS, Routing
 
 
-def smooth_attention_sum(score_XD: torch.Tensor, value_XD: torch.Tensor, weight_X: torch.Tensor,
-                         segment_X: torch.Tensor, n_segments: int) -> torch.Tensor:
-    """Σ_x α_x·v_x per segment with a per-channel softmax α weighted by a cutoff envelope.
+def segment_softmax_sums(score_XD: torch.Tensor, value_XD: torch.Tensor, weight_X: torch.Tensor,
+                         segment_X: torch.Tensor, max_SD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per segment, Σ_x w_x·exp(s_x − m)·v_x and Σ_x w_x·exp(s_x − m), with m the segment's max
+    (a constant: subtracting it is an exact identity that keeps exp from overflowing). Sums over
+    any split of the lines add up, so the lines can be processed in chunks."""
+    exp_XD = weight_X.unsqueeze(1) * torch.exp(score_XD - max_SD.index_select(0, segment_X))
+    zeros_SD = torch.zeros_like(max_SD)
+    return zeros_SD.index_add(0, segment_X, exp_XD * value_XD), zeros_SD.index_add(0, segment_X, exp_XD)
 
-    α_x = w_x·exp(s_x) / (1 + Σ_y w_y·exp(s_y)). The weight w enters numerator and denominator, and
-    the 1 keeps the value continuous when the last item of a segment leaves: an item at its
-    cutoff (w = 0) contributes nothing, so the energy stays smooth as neighbours come and go.
-    The per-segment max is subtracted for stability (an exact identity), and the denominator is
-    applied per segment after the sum, so α itself is never materialised per line.
-    """
-    d = score_XD.shape[1]
-    index_XD = segment_X.unsqueeze(1).expand(-1, d)
-    max_SD = torch.full((n_segments, d), -torch.inf, dtype=score_XD.dtype, device=score_XD.device)
-    max_SD = max_SD.scatter_reduce(0, index_XD, score_XD.detach(), "amax", include_self=True)
-    max_SD = max_SD.clamp_min(0.0)  # ≥ 0 (and finite for empty segments) so exp(−max) never overflows
-    num_XD = weight_X.unsqueeze(1) * torch.exp(score_XD - max_SD.index_select(0, segment_X))
-    den_SD = torch.exp(-max_SD).index_add(0, segment_X, num_XD)
-    return torch.zeros_like(den_SD).index_add(0, segment_X, num_XD * value_XD) / den_SD
+
+def smooth_attention(num_SD: torch.Tensor, den_SD: torch.Tensor, max_SD: torch.Tensor) -> torch.Tensor:
+    """Σ_x α_x·v_x with α_x = w_x·exp(s_x) / (1 + Σ_y w_y·exp(s_y)), from the sums above.
+
+    The weight w enters numerator and denominator, and the 1 keeps the value continuous when the
+    last item of a segment leaves: an item at its cutoff (w = 0) contributes nothing, so the energy
+    stays smooth as neighbours come and go. The denominator is applied per segment after the sum,
+    so α itself is never materialised per line."""
+    return num_SD / (torch.exp(-max_SD) + den_SD)
 
 
 class SeparableAttention(nn.Module):
@@ -43,6 +46,11 @@ class SeparableAttention(nn.Module):
     input (A or D columns), and a line only gathers, adds and multiplies D-vectors. A line costs
     O(D) instead of the O(D²) of an MLP on concatenated features — the line graph has several
     times more rows than the atom graph, and the double backward triples that work.
+
+    With line_chunk > 0 (training with recomputation, inside a recomputed block) more lines than
+    that run in chunks of line_chunk rows, each a `recompute` unit of its own: per-line
+    intermediates then exist for one chunk at a time, in the forward, the force backward and the
+    loss backward alike.
     """
 
     def __init__(self, width: int, line_dim: int):
@@ -56,21 +64,53 @@ class SeparableAttention(nn.Module):
         self.line_proj = nn.Linear(line_dim, 4 * width, bias=False)  # score/gate terms of the line itself
 
     def forward(self, entity_SD: torch.Tensor, line_XF: torch.Tensor, weight_X: torch.Tensor,
-                index_2X: torch.Tensor) -> torch.Tensor:
+                index_2X: torch.Tensor, line_chunk: int = 0) -> torch.Tensor:
         n_segments, d = entity_SD.shape[0], self.width
-        at_src_S5D, at_dst_S5D = self.entity_proj(entity_SD).split(5 * d, dim=-1)
+        # unbind, not split/chunk/slice: their backward zero-fills a full-size tensor per piece.
+        at_src_S5D, at_dst_S5D = self.entity_proj(entity_SD).unflatten(-1, (2, 5 * d)).unbind(1)
         src_X, dst_X = index_2X
-        from_src_X5D = at_src_S5D.index_select(0, src_X)
-        from_dst_X5D = at_dst_S5D.index_select(0, dst_X)
-        pre_X4D = from_src_X5D[:, :4 * d] + from_dst_X5D[:, :4 * d] + self.line_proj(line_XF)
-        score0_XD, gate0_XD, score1_XD, gate1_XD = pre_X4D.chunk(4, dim=-1)
-        value0_XD = nn.functional.silu(gate0_XD) * from_dst_X5D[:, 4 * d:]
-        value1_XD = nn.functional.silu(gate1_XD) * from_src_X5D[:, 4 * d:]
-        # Both directions in one pass: segments 0..S−1 are sources, S..2S−1 are targets.
-        out_2SD = smooth_attention_sum(torch.cat([score0_XD, score1_XD]), torch.cat([value0_XD, value1_XD]),
-                                       torch.cat([weight_X, weight_X]), torch.cat([src_X, dst_X + n_segments]),
-                                       2 * n_segments)
-        return torch.cat([out_2SD[:n_segments], out_2SD[n_segments:]], dim=-1)  # (S, 2·D)
+        n_lines = src_X.shape[0]
+        step = line_chunk or max(n_lines, 1)
+        chunks = [slice(lo, lo + step) for lo in range(0, max(n_lines, 1), step)]
+        with torch.no_grad():  # per-segment maxima of the scores: constants of every later pass
+            max0_SD = torch.full((n_segments, d), -torch.inf, dtype=entity_SD.dtype, device=entity_SD.device)
+            max1_SD = max0_SD.clone()
+            at_src, at_dst, lines = at_src_S5D.detach(), at_dst_S5D.detach(), line_XF.detach()
+            for c in chunks:
+                score0_XD, _, score1_XD, _ = self._lines(at_src, at_dst, lines[c], src_X[c], dst_X[c])
+                max0_SD.scatter_reduce_(0, src_X[c].unsqueeze(1).expand_as(score0_XD), score0_XD, "amax")
+                max1_SD.scatter_reduce_(0, dst_X[c].unsqueeze(1).expand_as(score1_XD), score1_XD, "amax")
+            max0_SD, max1_SD = max0_SD.clamp_min(0.0), max1_SD.clamp_min(0.0)  # ≥ 0: exp(−max) never overflows
+
+        def sums(at_src_S5D: torch.Tensor, at_dst_S5D: torch.Tensor, line_XF: torch.Tensor, weight_X: torch.Tensor,
+                 src_X: torch.Tensor, dst_X: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            score0_XD, value0_XD, score1_XD, value1_XD = self._lines(at_src_S5D, at_dst_S5D, line_XF, src_X, dst_X)
+            return (*segment_softmax_sums(score0_XD, value0_XD, weight_X, src_X, max0_SD),
+                    *segment_softmax_sums(score1_XD, value1_XD, weight_X, dst_X, max1_SD))
+
+        if len(chunks) == 1:  # nothing to bound: a recomputed block holds one chunk's lines anyway
+            num0_SD, den0_SD, num1_SD, den1_SD = sums(at_src_S5D, at_dst_S5D, line_XF, weight_X, src_X, dst_X)
+        else:
+            totals = [0.0] * 4
+            for c in chunks:
+                part = recompute(partial(sums, src_X=src_X[c], dst_X=dst_X[c]),
+                                 (at_src_S5D, at_dst_S5D, line_XF[c], weight_X[c]), [self.line_proj.weight])
+                totals = [t + p for t, p in zip(totals, part)]
+            num0_SD, den0_SD, num1_SD, den1_SD = totals
+        # Direction 0 aggregates into the source, direction 1 into the target: (S, 2·D).
+        return torch.cat([smooth_attention(num0_SD, den0_SD, max0_SD), smooth_attention(num1_SD, den1_SD, max1_SD)], -1)
+
+    def _lines(self, at_src_S5D: torch.Tensor, at_dst_S5D: torch.Tensor, line_XF: torch.Tensor, src_X: torch.Tensor,
+               dst_X: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Score and value of each line in direction 0 (into its source) and 1 (into its target)."""
+        d = self.width
+        src_0, src_1, src_2, src_3, src_value = at_src_S5D.index_select(0, src_X).unflatten(-1, (5, d)).unbind(1)
+        dst_0, dst_1, dst_2, dst_3, dst_value = at_dst_S5D.index_select(0, dst_X).unflatten(-1, (5, d)).unbind(1)
+        line_0, line_1, line_2, line_3 = self.line_proj(line_XF).unflatten(-1, (4, d)).unbind(1)
+        score0_XD, score1_XD = src_0 + dst_0 + line_0, src_2 + dst_2 + line_2
+        value0_XD = nn.functional.silu(src_1 + dst_1 + line_1) * dst_value
+        value1_XD = nn.functional.silu(src_3 + dst_3 + line_3) * src_value
+        return score0_XD, value0_XD, score1_XD, value1_XD
 
 
 class UpdateMLP(nn.Module):
@@ -112,14 +152,14 @@ class InteractionBlock(nn.Module):
     def forward(self, node_ND: torch.Tensor, edge_ED: torch.Tensor, class_N: torch.Tensor,
                 edge_index_2E: torch.Tensor, edge_weight_E: torch.Tensor, triplet_index_2T: torch.Tensor,
                 angle_TA: torch.Tensor, triplet_weight_T: torch.Tensor,
-                routing: Routing | None) -> tuple[torch.Tensor, torch.Tensor]:
+                routing: Routing | None, line_chunk: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         # Line graph: bonds a and b sharing a centre atom exchange messages shaped by their angle.
-        bond_msg_E2D = self.line_attention(edge_ED, angle_TA, triplet_weight_T, triplet_index_2T)
+        bond_msg_E2D = self.line_attention(edge_ED, angle_TA, triplet_weight_T, triplet_index_2T, line_chunk)
         edge_in_E3D = torch.cat([edge_ED, self.edge_norm(bond_msg_E2D)], -1)
         edge_ED = edge_ED + self.edge_scale * self.edge_update(edge_in_E3D, class_N[edge_index_2E[0]], routing)
 
         # Atom graph: each atom gathers from the bonds it starts and the bonds it ends.
-        atom_msg_N2D = self.atom_attention(node_ND, edge_ED, edge_weight_E, edge_index_2E)
+        atom_msg_N2D = self.atom_attention(node_ND, edge_ED, edge_weight_E, edge_index_2E, line_chunk)
         node_in_N3D = torch.cat([node_ND, self.node_norm(atom_msg_N2D)], -1)
         node_ND = node_ND + self.node_scale * self.node_update(node_in_N3D, class_N, routing)
         return node_ND, edge_ED

@@ -19,6 +19,7 @@ from exaforce.model.blocks import InteractionBlock
 from exaforce.model.layers import GatedMLP, RMSNorm
 from exaforce.graph import GraphBatch
 from exaforce.model.moe import MoEMLP, load_balancing_loss
+from exaforce.model.recompute import recompute
 from exaforce.model.routing import Routing, TokenCounts, plan_layer
 
 
@@ -80,9 +81,14 @@ class Potential(nn.Module):
 
     def forward(self, species_N: torch.Tensor, vectors_E3: torch.Tensor, edge_index_2E: torch.Tensor,
                 triplet_index_2T: torch.Tensor, graph_N: torch.Tensor, n_graphs: int, head_G: torch.Tensor,
-                routing: Routing | None = None) -> torch.Tensor:
+                routing: Routing | None = None, recompute_chunk: int = 0) -> torch.Tensor:
         """Energy of each graph (eV) with its head's readout and references; all geometry enters
-        through vectors_E3. `routing` (from plan_routing) is required when the model has MoE layers."""
+        through vectors_E3. `routing` (from plan_routing) is required when the model has MoE layers.
+
+        recompute_chunk > 0 (training): every interaction block is a `recompute` unit that stores
+        only its inputs, and inside it the lines of both attentions run in recomputed chunks of
+        that many rows, so neither the forward nor the force backward's graph keeps per-line or
+        per-block intermediates for the loss's backward (exaforce.model.recompute)."""
         # --- geometry features
         r_E = vectors_E3.norm(dim=-1)
         edge_weight_E = self.radial.envelope(r_E)
@@ -100,8 +106,16 @@ class Potential(nn.Module):
             node_ND = node_ND + self.head_embedding(head_N)
         class_N = head_N * len(self.cfg.elements) + species_N  # MoE routing class: fidelity × element
         for block in self.blocks:
-            node_ND, edge_ED = block(node_ND, edge_ED, class_N, edge_index_2E, edge_weight_E,
-                                     triplet_index_2T, angle_TA, triplet_weight_T, routing)
+            if not recompute_chunk:
+                node_ND, edge_ED = block(node_ND, edge_ED, class_N, edge_index_2E, edge_weight_E,
+                                         triplet_index_2T, angle_TA, triplet_weight_T, routing)
+                continue
+
+            def run_block(node_ND, edge_ED, edge_weight_E, angle_TA, triplet_weight_T, block=block):
+                return block(node_ND, edge_ED, class_N, edge_index_2E, edge_weight_E, triplet_index_2T,
+                             angle_TA, triplet_weight_T, routing, recompute_chunk)
+            node_ND, edge_ED = recompute(run_block, (node_ND, edge_ED, edge_weight_E, angle_TA, triplet_weight_T),
+                                         list(block.parameters()))
 
         # --- readout: per-atom energies, reference energies, sum per graph
         readout_NH = self.readout(self.readout_norm(node_ND))
@@ -161,11 +175,12 @@ def local_routing(model: Potential, batch: GraphBatch) -> Routing:
     return model.plan_routing(TokenCounts.single(batch.route_counts_2C))
 
 
-def energy(model: Potential, batch: GraphBatch, geometry: StrainedGeometry, routing: Routing | None = None) -> torch.Tensor:
+def energy(model: Potential, batch: GraphBatch, geometry: StrainedGeometry, routing: Routing | None = None,
+           recompute_chunk: int = 0) -> torch.Tensor:
     if routing is None and model.moe_layers:
         routing = local_routing(model, batch)
     return model(batch.species_N, geometry.vectors_E3, batch.edge_index_2E, batch.triplet_index_2T,
-                 batch.graph_N, batch.n_graphs, batch.head_G, routing)
+                 batch.graph_N, batch.n_graphs, batch.head_G, routing, recompute_chunk)
 
 
 def forces_and_stress(energy_G: torch.Tensor, geometry: StrainedGeometry, batch: GraphBatch,

@@ -41,7 +41,7 @@ def loss_and_gradients(model: Potential, batch: GraphBatch, cfg: Config, loss_sc
         routing = local_routing(model, batch)
     t0 = time.perf_counter()
     geometry = strained_geometry(batch)
-    energy_G = energy(model, batch, geometry, routing)
+    energy_G = energy(model, batch, geometry, routing, cfg.run.recompute_lines)
     t1 = time.perf_counter()
     pred = forces_and_stress(energy_G, geometry, batch, training=True)  # create_graph=True; no reduction
     t2 = time.perf_counter()

@@ -4,6 +4,7 @@ single-process gradient of the same global batch (float64). Both go through the 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 
@@ -27,7 +28,9 @@ GLOBAL_BATCH = 6
 def main(out_path: str) -> None:
     topo = Topology.from_mpi()
     cfg = from_dict({"data": {"train": ["unused.bp"], "global_batch_size": GLOBAL_BATCH},
-                     "model": {"width": 16, "blocks": 2}, "run": {"dtype": "float64"}})
+                     "model": {"width": 16, "blocks": 2},
+                     "run": {"dtype": "float64", "recompute_lines": 50}})  # distributed: recomputed, many chunks
+    stored_cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, recompute_lines=0))  # serial: stored
     frames = Frames.from_atoms(synthesize(GLOBAL_BATCH, seed=11))  # structures of different sizes
     torch.manual_seed(topo.rank)  # deliberately different per rank: parallelize's broadcast must fix it
     model = Potential(cfg.model).double()
@@ -49,7 +52,7 @@ def main(out_path: str) -> None:
     if topo.rank == 0:
         solo = Topology.single_process()
         serial_parallel = parallelize(model, solo, build_groups(cfg.comm.backend, solo), cfg)
-        serial_result = train_step(model, [batch_of(range(GLOBAL_BATCH))], optimizer, serial_parallel, cfg,
+        serial_result = train_step(model, [batch_of(range(GLOBAL_BATCH))], optimizer, serial_parallel, stored_cfg,
                                    1.0 / GLOBAL_BATCH, lr=0.0)
         serial = [p.grad for p in model.parameters()]
         rel = max(float((d - s).norm() / s.norm()) for d, s in zip(distributed, serial) if s.norm() > 0)

@@ -5,6 +5,7 @@ aux loss and every parameter gradient (dense and expert). Both run the productio
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 
@@ -36,7 +37,8 @@ def main(out_path: str, dp: int, ep: int, backend: str) -> None:
                      "model": {"preset": "small-moe", "moe_experts": 8, "moe_top_k": 2},
                      "loss": {"moe_aux_weight": 0.1}, "parallel": {"dp": dp, "ep": ep},
                      "comm": {"backend": backend, "bucket_mb": 0.05},  # several buckets
-                     "run": {"dtype": "float64"}})
+                     "run": {"dtype": "float64", "recompute_lines": 50}})  # distributed: recomputed, many chunks
+    stored_cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, recompute_lines=0))  # serial: stored
     frames = Frames.from_atoms(synthesize(GLOBAL_BATCH, seed=11))  # several elements and sizes
     dp_index, ep_index = topo.layout.coords(topo.rank)
 
@@ -76,7 +78,8 @@ def main(out_path: str, dp: int, ep: int, backend: str) -> None:
         serial_optimizer, _ = make_optimizer(serial, cfg)
         whole = batch_of(range(GLOBAL_BATCH))
         ref = energy_forces_stress(serial, whole, training=False)
-        ref_step = train_step(serial, [whole], serial_optimizer, serial_parallel, cfg, 1.0 / GLOBAL_BATCH, lr=0.0)
+        ref_step = train_step(serial, [whole], serial_optimizer, serial_parallel, stored_cfg, 1.0 / GLOBAL_BATCH,
+                              lr=0.0)
         ref_losses = ref_step.loss_sums
         diffs = {
             "energy": rel_diff(np.concatenate([g["energy"] for g in gathered]), ref.energy_G.detach().numpy()),
