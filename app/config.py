@@ -30,7 +30,7 @@ class RunConfig:
     out_dir: str = "runs/default"       # run folder: perf logs, checkpoints, report
     seed: int = 0
     dtype: str = "float32"              # float32 | float64
-    recompute_lines: int = 32768        # training: blocks store only their inputs and recompute the rest,
+    recompute_lines: int = 8192         # training: blocks store only their inputs and recompute the rest,
                                         # line-graph/bond lines in chunks of this many rows (memory: about
                                         # one chunk's intermediates); 0: store everything (more memory, less compute)
     steps: int = 100                    # optimizer steps

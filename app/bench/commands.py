@@ -42,10 +42,25 @@ def _step_arguments(p: argparse.ArgumentParser) -> None:
     _dtype(p)
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
     p.add_argument("--repeats", type=int, default=10, help="timed steps; the median is reported (default 10)")
-    p.add_argument("--compare", choices=["matris"], help="measure the reference model the same way")
+    p.add_argument("--compare", type=_compare_names, default=[],
+                   help="comma-separated, each measured the same way: store (exaforce without recomputation, "
+                        "run.recompute_lines = 0), matris (MatRIS at the preset's width and depth), mace "
+                        "(MACE-MP-0-medium-like); the references need envs/local/requirements-reference.txt")
+    p.add_argument("--runs", type=int, default=1,
+                   help="fresh worker processes per (model, batch); medians are reported (default 1)")
     p.add_argument("--mem-limit-gib", type=float, default=20.0,
                    help="address-space cap per worker (RLIMIT_AS), GiB; a batch over it is reported as out "
                         "of memory (default 20). Peak memory is each worker's true peak RSS from its start")
+
+
+def _compare_names(text: str) -> list[str]:
+    from exaforce.bench.step import COMPARABLE
+
+    names = [n for n in text.split(",") if n]
+    unknown = [n for n in names if n not in COMPARABLE]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown {', '.join(unknown)} (known: {', '.join(COMPARABLE)})")
+    return names
 
 
 def _step_batches(args: argparse.Namespace) -> list[int]:
@@ -61,8 +76,10 @@ def _run_step(args: argparse.Namespace, log: Log) -> dict:
     from exaforce.config import model_preset
 
     model_preset(args.preset)  # a bad name fails before any work
+    if args.runs < 1:
+        raise ValueError(f"--runs {args.runs}: must be >= 1")
     return bench_step(args.preset, args.workload, _step_batches(args), args.dtype, args.warmup, args.repeats,
-                      args.compare, args.mem_limit_gib, log)
+                      args.compare, args.mem_limit_gib, log, args.runs)
 
 
 def _ep_arguments(p: argparse.ArgumentParser) -> None:
@@ -75,13 +92,15 @@ def _ep_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=2, help="steps left out of the median (default 2)")
     _dtype(p)
     p.add_argument("--no-baseline", action="store_true", help="skip the ep=1 run (a model too big for one rank)")
+    p.add_argument("--recompute-lines", type=int,
+                   help="run.recompute_lines of both runs (default: the config default; 0: store every intermediate)")
 
 
 def _run_ep(args: argparse.Namespace, log: Log) -> dict:
     from exaforce.bench.runs import bench_ep
 
     return bench_ep(args.preset, args.ranks, args.ep, args.experts, args.batch_per_rank, args.steps, args.warmup,
-                    args.dtype, not args.no_baseline, log)
+                    args.dtype, not args.no_baseline, log, args.recompute_lines)
 
 
 def _comm_arguments(p: argparse.ArgumentParser) -> None:

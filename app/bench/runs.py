@@ -103,12 +103,16 @@ class TrainingRuns:
 
 
 def synthetic_run_config(data: Path, preset: str, experts: int | None, batch: int, steps: int, dp: int, ep: int,
-                         dtype: str, backend: str = "mpi", overlap: bool = True, sync: bool = False) -> Config:
-    """A run on one synthesised dataset, every step logged, no checkpoint at the end."""
+                         dtype: str, backend: str = "mpi", overlap: bool = True, sync: bool = False,
+                         recompute_lines: int | None = None) -> Config:
+    """A run on one synthesised dataset, every step logged, no checkpoint at the end; run.recompute_lines
+    as given (None: its default)."""
     from exaforce.config import from_dict
 
+    recompute = {} if recompute_lines is None else {"recompute_lines": recompute_lines}
     return from_dict({
-        "run": {"steps": steps, "log_every": 1, "dtype": dtype, "final_checkpoint": False, "seed": BENCH_SEED},
+        "run": {"steps": steps, "log_every": 1, "dtype": dtype, "final_checkpoint": False, "seed": BENCH_SEED,
+                **recompute},
         "data": {"train": [str(data)], "global_batch_size": batch},
         "model": {"preset": preset, **({"moe_experts": experts} if experts else {})},
         "loss": {"stress_weight": 0.1},
@@ -118,7 +122,8 @@ def synthetic_run_config(data: Path, preset: str, experts: int | None, batch: in
 
 
 def bench_ep(preset: str, ranks: int, ep: int, experts: int | None, batch_per_rank: int, steps: int,
-             warmup: int, dtype: str, baseline: bool, log: Callable[[str], None]) -> dict:
+             warmup: int, dtype: str, baseline: bool, log: Callable[[str], None],
+             recompute_lines: int | None = None) -> dict:
     from exaforce.config import ConfigError, model_preset
 
     cfg = model_preset(preset)
@@ -127,13 +132,14 @@ def bench_ep(preset: str, ranks: int, ep: int, experts: int | None, batch_per_ra
         raise ConfigError(f"bench ep: need an MoE preset with experts divisible by ep = {ep} and ranks ({ranks}) "
                           f"divisible by ep; {preset} has {n_experts} experts")
     results = {"preset": preset, "experts": n_experts, "ranks": ranks, "batch_per_rank": batch_per_rank,
-               "steps": steps, "warmup": warmup, "dtype": dtype}
+               "steps": steps, "warmup": warmup, "dtype": dtype, "recompute_lines": recompute_lines}
     with tempfile.TemporaryDirectory(prefix="exaforce-bench-ep-") as tmp:
         runs = TrainingRuns(Path(tmp), ranks, log)
         data = runs.dataset("bench", max(64, 4 * ranks * batch_per_rank))
         layouts = ([("dp_only", ranks, 1)] if baseline else []) + [("expert_parallel", ranks // ep, ep)]
         for name, dp, ep_size in layouts:
-            run_cfg = synthetic_run_config(data, preset, experts, batch_per_rank * ranks, steps, dp, ep_size, dtype)
+            run_cfg = synthetic_run_config(data, preset, experts, batch_per_rank * ranks, steps, dp, ep_size, dtype,
+                                           recompute_lines=recompute_lines)
             r = results[name] = {"dp": dp, "ep": ep_size, **runs.timed(name, warmup, run_cfg)}
             log(f"  losses {', '.join(f'{x:.4g}' for x in r['losses'])}")
             log(f"  step {r['step_s'] * 1e3:.0f} ms (median of {r['steps_timed']}), all-to-all "

@@ -44,6 +44,7 @@ import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
+from functools import partial  # noqa: E402
 from typing import Callable  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -52,6 +53,7 @@ import torch  # noqa: E402
 from exaforce.bench import BENCH_SEED  # noqa: E402
 from exaforce.bench.launcher import STDERR_TAIL, environment, module_command  # noqa: E402
 from exaforce.bench.workloads import workload_structures  # noqa: E402
+from exaforce.config import RunConfig  # noqa: E402
 from exaforce.training.progress import peak_memory_bytes  # noqa: E402
 
 DENSE_BATCHES = (1, 2, 4, 8)
@@ -78,10 +80,12 @@ def _measure(step: Callable[[], None], warmup: int, repeats: int) -> dict:
             "step_mem_bytes": peak - baseline}
 
 
-def exaforce_worker(preset: str, workload: str, batch: int, dtype: str, warmup: int, repeats: int) -> dict:
-    """The trainer's step (exaforce.training.step.train_step) on one rank, timed, then FLOP-counted."""
+def exaforce_worker(preset: str, workload: str, batch: int, dtype: str, warmup: int, repeats: int,
+                    recompute_lines: int = RunConfig().recompute_lines) -> dict:
+    """The trainer's step (exaforce.training.step.train_step) on one rank, timed, then FLOP-counted;
+    run.recompute_lines as in training (its default), or 0 for the stored path ("store")."""
     from exaforce.comm.groups import build_groups
-    from exaforce.config import DTYPES, Config, DataConfig, RunConfig, model_preset
+    from exaforce.config import DTYPES, Config, DataConfig, model_preset
     from exaforce.graph import build_batch
     from exaforce.io.schema import Frames
     from exaforce.model.potential import Potential
@@ -93,7 +97,7 @@ def exaforce_worker(preset: str, workload: str, batch: int, dtype: str, warmup: 
 
     atoms = workload_structures(workload, batch, BENCH_SEED)
     steps = warmup + repeats + 1  # the timed steps, then the FLOP count's: the schedule spans them all
-    cfg = Config(run=RunConfig(steps=steps, dtype=dtype), model=model_preset(preset),
+    cfg = Config(run=RunConfig(steps=steps, dtype=dtype, recompute_lines=recompute_lines), model=model_preset(preset),
                  data=DataConfig(train=("bench",), global_batch_size=batch))
     torch.manual_seed(BENCH_SEED)
     model = Potential(cfg.model).to(DTYPES[dtype])
@@ -114,7 +118,8 @@ def exaforce_worker(preset: str, workload: str, batch: int, dtype: str, warmup: 
 
     measured = _measure(step, warmup, repeats)
     flops = count_flops(step)  # after the peak was read: its own extra step
-    return {"model": "exaforce", "preset": preset, "params": sum(p.numel() for p in model.parameters()),
+    return {"model": "exaforce" if recompute_lines else "store", "preset": preset, "recompute_lines": recompute_lines,
+            "params": sum(p.numel() for p in model.parameters()),
             "width": cfg.model.width, "blocks": cfg.model.blocks, "cutoff": cfg.model.cutoff,
             "three_body_cutoff": cfg.model.three_body_cutoff, **measured, "flops": flops,
             "graph_build_s_per_structure": graph_build_s / batch, **graph.counts()}
@@ -142,7 +147,28 @@ def matris_worker(preset: str, workload: str, batch: int, dtype: str, warmup: in
             "atoms": sum(len(a) for a in atoms)}
 
 
-WORKERS = {"exaforce": exaforce_worker, "matris": matris_worker}
+def mace_worker(preset: str, workload: str, batch: int, dtype: str, warmup: int, repeats: int) -> dict:
+    """MACE-MP-0-medium-like (exaforce.bench.reference_mace) on the same batch, measured alike; its
+    architecture is MACE's own (the preset is not used)."""
+    from exaforce.bench.reference_mace import R_MAX, build_mace, mace_graphs, mace_param_count, make_mace_step
+    from exaforce.config import DTYPES
+
+    atoms = workload_structures(workload, batch, BENCH_SEED)
+    model = build_mace(DTYPES[dtype], seed=BENCH_SEED)
+    t0 = time.perf_counter()
+    graphs = mace_graphs(model, atoms, DTYPES[dtype])
+    graph_build_s = time.perf_counter() - t0
+    step = make_mace_step(model, atoms, energies=[a.get_potential_energy() for a in atoms],
+                          forces=[a.get_forces() for a in atoms], stresses=[a.get_stress() for a in atoms],
+                          graphs=graphs)
+    return {"model": "mace", "params": mace_param_count(model), "cutoff": R_MAX, **_measure(step, warmup, repeats),
+            "graph_build_s_per_structure": graph_build_s / batch, "structures": batch,
+            "edges": int(graphs["edge_index"].shape[1]), "atoms": sum(len(a) for a in atoms)}
+
+
+WORKERS = {"exaforce": exaforce_worker, "store": partial(exaforce_worker, recompute_lines=0),
+           "matris": matris_worker, "mace": mace_worker}
+COMPARABLE = ("store", "matris", "mace")  # --compare: the stored path, the references
 
 
 def run_worker(model: str, preset: str, workload: str, batch: int, dtype: str, warmup: int, repeats: int,
@@ -179,24 +205,42 @@ def memory_fit(rows: list[dict], key: str) -> tuple[float, float] | None:
     return float(slope), float(intercept)
 
 
+MEDIAN_KEYS = ("step_s", "start_rss_bytes", "baseline_rss_bytes", "peak_rss_bytes", "peak_mem_bytes", "step_mem_bytes",
+               "graph_build_s_per_structure")
+
+
+def _median_row(runs: list[dict]) -> dict:
+    """One batch's row over repeated runs: medians of time and memory, every run's step time and peak kept."""
+    if any(r.get("oom") for r in runs):
+        return next(r for r in runs if r.get("oom"))
+    row = {**runs[0], **{k: statistics.median(r[k] for r in runs) for k in MEDIAN_KEYS}}
+    row["runs"] = [{"step_s": r["step_s"], "peak_rss_bytes": r["peak_rss_bytes"]} for r in runs]
+    return row
+
+
 def _sweep(model: str, preset: str, workload: str, batches: list[int], dtype: str, warmup: int, repeats: int,
-           mem_limit_gib: float, log: Callable[[str], None]) -> dict:
-    """One worker per batch size for `model`; per-batch rows, the memory fits, the largest batch that ran."""
+           runs: int, mem_limit_gib: float, log: Callable[[str], None]) -> dict:
+    """`runs` workers per batch size for `model`; per-batch median rows, the memory fits, the largest batch that ran."""
     rows = []
     for batch in batches:
-        log(f"  {model}: batch {batch} starting (worker process, cap {mem_limit_gib:g} GiB) …")
-        t0 = time.perf_counter()
-        row = run_worker(model, preset, workload, batch, dtype, warmup, repeats, mem_limit_gib)
-        if row.get("oom"):
-            log(f"  {model}: batch {batch} out of memory (cap {mem_limit_gib:g} GiB): {row['error']}")
-        else:
+        measured = []
+        for run in range(runs):
+            log(f"  {model}: batch {batch}, run {run + 1}/{runs} starting (worker process, cap {mem_limit_gib:g} GiB) …")
+            t0 = time.perf_counter()
+            record = run_worker(model, preset, workload, batch, dtype, warmup, repeats, mem_limit_gib)
+            measured.append(record)
+            if record.get("oom"):
+                log(f"  {model}: batch {batch} out of memory (cap {mem_limit_gib:g} GiB): {record['error']}")
+                break
+            log(f"  {model}: batch {batch} done in {time.perf_counter() - t0:.0f} s: {record['atoms']} atoms, "
+                f"{record['step_s'] * 1e3:.1f} ms/step, peak {record['peak_rss_bytes'] / 2**20:.1f} MiB")
+        row = _median_row(measured)
+        if not row.get("oom"):
             row["atoms_per_s"] = row["atoms"] / row["step_s"]
-            log(f"  {model}: batch {batch} done in {time.perf_counter() - t0:.0f} s: {row['atoms']} atoms, "
-                f"{row['step_s'] * 1e3:.1f} ms/step, peak {row['peak_rss_bytes'] / 2**20:.1f} MiB")
         rows.append(row)
     ran = [r for r in rows if not r.get("oom")]
     peak_fit, step_fit = memory_fit(rows, "peak_rss_bytes"), memory_fit(rows, "step_mem_bytes")
-    return {"batches": rows, "largest_batch_ran": max((r["structures"] for r in ran), default=None),
+    return {"model": model, "batches": rows, "largest_batch_ran": max((r["structures"] for r in ran), default=None),
             "peak_mem_slope_bytes_per_atom": peak_fit and peak_fit[0],
             "peak_mem_intercept_bytes": peak_fit and peak_fit[1],
             "step_mem_slope_bytes_per_atom": step_fit and step_fit[0],
@@ -206,7 +250,8 @@ def _sweep(model: str, preset: str, workload: str, batches: list[int], dtype: st
 def _row_line(r: dict, mem_limit_gib: float) -> str:
     if r.get("oom"):
         return f"{r['structures']:>6}  out of memory (cap {mem_limit_gib:g} GiB)"
-    edges = f"{r['edges']:>9,} {r['angles']:>10,}" if "edges" in r else f"{'-':>9} {'-':>10}"
+    edges = f"{r['edges']:>9,} " if "edges" in r else f"{'-':>9} "
+    edges += f"{r['angles']:>10,}" if "angles" in r else f"{'-':>10}"
     return (f"{r['structures']:>6} {r['atoms']:>6} {edges} {r['step_s'] * 1e3:>10.1f} {r['atoms_per_s']:>9.1f} "
             f"{r['graph_build_s_per_structure'] * 1e3:>9.2f} {r['peak_rss_bytes'] / 2**20:>9.1f} "
             f"{r['baseline_rss_bytes'] / 2**20:>9.1f} {r['step_mem_bytes'] / 2**20:>9.1f}")
@@ -226,65 +271,78 @@ def _log_sweep(name: str, sweep: dict, mem_limit_gib: float, log: Callable[[str]
     log(f"{name}: largest batch that ran: {sweep['largest_batch_ran']}")
 
 
+def _largest(sweep: dict) -> dict | None:
+    ran = [r for r in sweep["batches"] if not r.get("oom")]
+    return max(ran, key=lambda r: r["structures"]) if ran else None
+
+
+def _summary(sweep: dict) -> dict:
+    """The top-level fields of a sweep: its largest batch that ran."""
+    top = _largest(sweep)
+    if top is None:
+        return {}
+    return {"params": top["params"], "batch": top["structures"], "atoms": top["atoms"], "step_s": top["step_s"],
+            "atoms_per_s": top["atoms_per_s"], "structures_per_s": top["structures"] / top["step_s"],
+            "peak_mem_bytes": top["peak_mem_bytes"], "peak_rss_bytes": top["peak_rss_bytes"],
+            "baseline_rss_bytes": top["baseline_rss_bytes"], "step_mem_bytes": top["step_mem_bytes"],
+            "graph_build_s_per_structure": top["graph_build_s_per_structure"]}
+
+
 def bench_step(preset: str, workload: str, batches: list[int], dtype: str, warmup: int, repeats: int,
-               compare: str | None, mem_limit_gib: float, log: Callable[[str], None]) -> dict:
-    """The sweep over `batches` for exaforce (and `compare`); the top-level keys describe the largest
-    batch that ran, `batches` every one of them."""
+               compare: list[str], mem_limit_gib: float, log: Callable[[str], None], runs: int = 1) -> dict:
+    """The sweep over `batches` for exaforce (and each of `compare`: "store", "matris", "mace"); the
+    top-level keys describe exaforce's largest batch that ran, `batches` every one of them, and
+    `references` the compared sweeps alike."""
     from exaforce.perf.machines import local_machine
 
     log(f"bench step: preset {preset}, workload {workload} (seed {BENCH_SEED}), batches {batches}, {dtype}, "
-        f"{warmup} warm-up + {repeats} timed steps, {torch.get_num_threads()} thread(s), "
-        f"memory cap {mem_limit_gib:g} GiB per worker")
-    ours = _sweep("exaforce", preset, workload, batches, dtype, warmup, repeats, mem_limit_gib, log)
+        f"{warmup} warm-up + {repeats} timed steps, {runs} run(s) per batch (medians), "
+        f"{torch.get_num_threads()} thread(s), memory cap {mem_limit_gib:g} GiB per worker")
+    ours = _sweep("exaforce", preset, workload, batches, dtype, warmup, repeats, runs, mem_limit_gib, log)
     peak_flops = local_machine(getattr(torch, dtype))["peak_flops_per_s"]
     for r in ours["batches"]:
         if not r.get("oom"):
             r["flops_per_s"] = r["flops"] / r["step_s"]
-    result = {"preset": preset, "workload": workload, "dtype": dtype, "mem_limit_gib": mem_limit_gib,
-              "peak_flops_per_s": peak_flops, **ours, "reference": None}
-    ran = [r for r in ours["batches"] if not r.get("oom")]
+    result = {"preset": preset, "workload": workload, "dtype": dtype, "mem_limit_gib": mem_limit_gib, "runs": runs,
+              "recompute_lines": RunConfig().recompute_lines, "peak_flops_per_s": peak_flops, **ours,
+              **_summary(ours), "references": {}}
     _log_sweep("exaforce", ours, mem_limit_gib, log)
-    if ran:
-        top = max(ran, key=lambda r: r["structures"])
+    top = _largest(ours)
+    if top is not None:
         result.update({
-            "params": top["params"], "batch": top["structures"], "atoms": top["atoms"], "edges": top["edges"],
-            "angles": top["angles"], "step_s": top["step_s"], "atoms_per_s": top["atoms_per_s"],
-            "structures_per_s": top["structures"] / top["step_s"], "peak_mem_bytes": top["peak_mem_bytes"],
-            "peak_rss_bytes": top["peak_rss_bytes"], "baseline_rss_bytes": top["baseline_rss_bytes"],
-            "step_mem_bytes": top["step_mem_bytes"], "graph_build_s_per_structure": top["graph_build_s_per_structure"],
-            "flops_per_step": top["flops"], "flops_per_atom": top["flops"] / top["atoms"],
-            "flops_per_edge": top["flops"] / max(top["edges"], 1),
-            "flops_per_angle": top["flops"] / max(top["angles"], 1),
-            "flops_per_s": top["flops_per_s"]})
+            "edges": top["edges"], "angles": top["angles"], "flops_per_step": top["flops"],
+            "flops_per_atom": top["flops"] / top["atoms"], "flops_per_edge": top["flops"] / max(top["edges"], 1),
+            "flops_per_angle": top["flops"] / max(top["angles"], 1), "flops_per_s": top["flops_per_s"]})
         log(f"exaforce  {top['params']:>12,} params, batch {top['structures']}: {top['step_s'] * 1e3:.1f} ms/step, "
             f"{result['atoms_per_s']:.1f} atoms/s, {result['structures_per_s']:.2f} structures/s, "
-            f"{top['flops'] / 1e9:.2f} GFLOP/step = {result['flops_per_atom'] / 1e6:.2f} MFLOP/atom, "
-            f"{result['flops_per_edge'] / 1e6:.3f} MFLOP/edge, {result['flops_per_angle'] / 1e6:.3f} MFLOP/angle; "
-            f"{result['flops_per_s'] / 1e9:.2f} GFLOP/s = {100 * result['flops_per_s'] / peak_flops:.1f}% of "
-            f"the local matmul peak {peak_flops / 1e9:.1f} GFLOP/s")
+            f"{top['flops'] / 1e9:.2f} GFLOP/step executed (recomputation included) = "
+            f"{result['flops_per_atom'] / 1e6:.2f} MFLOP/atom, {result['flops_per_edge'] / 1e6:.3f} MFLOP/edge, "
+            f"{result['flops_per_angle'] / 1e6:.3f} MFLOP/angle; {result['flops_per_s'] / 1e9:.2f} GFLOP/s = "
+            f"{100 * result['flops_per_s'] / peak_flops:.1f}% of the local matmul peak {peak_flops / 1e9:.1f} GFLOP/s")
     else:
         log(f"exaforce: no batch ran within the {mem_limit_gib:g} GiB cap")
-    if compare:
-        ref = _sweep(compare, preset, workload, batches, dtype, warmup, repeats, mem_limit_gib, log)
-        result["reference"] = {"model": compare, **ref}
-        _log_sweep(compare, ref, mem_limit_gib, log)
-        ref_ran = [r for r in ref["batches"] if not r.get("oom")]
-        if ref_ran:
-            top = max(ref_ran, key=lambda r: r["structures"])
-            result["reference"].update({
-                "params": top["params"], "batch": top["structures"], "step_s": top["step_s"],
-                "atoms_per_s": top["atoms_per_s"], "peak_mem_bytes": top["peak_mem_bytes"],
-                "peak_rss_bytes": top["peak_rss_bytes"], "baseline_rss_bytes": top["baseline_rss_bytes"],
-                "step_mem_bytes": top["step_mem_bytes"],
-                "graph_build_s_per_structure": top["graph_build_s_per_structure"]})
-        ours_by_batch = {r["structures"]: r for r in ran}
-        for r in ref_ran:
-            mine = ours_by_batch.get(r["structures"])
-            if mine:
-                log(f"batch {r['structures']}: speed-up {mine['atoms_per_s'] / r['atoms_per_s']:.2f}x, "
-                    f"peak memory ratio {mine['peak_rss_bytes'] / r['peak_rss_bytes']:.3f}, "
-                    f"step memory ratio {mine['step_mem_bytes'] / max(r['step_mem_bytes'], 1):.3f}, "
-                    f"graph build ratio {mine['graph_build_s_per_structure'] / r['graph_build_s_per_structure']:.3f}")
+    for name in compare:
+        ref = _sweep(name, preset, workload, batches, dtype, warmup, repeats, runs, mem_limit_gib, log)
+        result["references"][name] = {**ref, **_summary(ref)}
+        _log_sweep(name, ref, mem_limit_gib, log)
+        ref_top = _largest(ref)
+        if ref_top is not None and name == "store":
+            for r in ref["batches"]:
+                if not r.get("oom"):
+                    r["flops_per_s"] = r["flops"] / r["step_s"]
+            log(f"store: {ref_top['flops'] / 1e9:.2f} GFLOP/step at batch {ref_top['structures']} (the step's "
+                f"arithmetic without recomputation), {ref_top['flops_per_s'] / 1e9:.2f} GFLOP/s = "
+                f"{100 * ref_top['flops_per_s'] / peak_flops:.1f}% of the local matmul peak")
+        if top is not None and ref_top is not None:
+            log(f"exaforce at batch {top['structures']} vs {name} at its largest batch {ref_top['structures']}: "
+                f"atoms/s ratio {top['atoms_per_s'] / ref_top['atoms_per_s']:.2f}")
+        mine_by_batch = {r["structures"]: r for r in ours["batches"] if not r.get("oom")}
+        for r in ref["batches"]:
+            mine = mine_by_batch.get(r["structures"])
+            if mine and not r.get("oom"):
+                log(f"batch {r['structures']}: exaforce/{name}: atoms/s {mine['atoms_per_s'] / r['atoms_per_s']:.2f}x, "
+                    f"peak memory {mine['peak_rss_bytes'] / r['peak_rss_bytes']:.3f}, "
+                    f"step memory {mine['step_mem_bytes'] / max(r['step_mem_bytes'], 1):.3f}")
     return result
 
 

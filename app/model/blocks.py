@@ -66,8 +66,9 @@ class SeparableAttention(nn.Module):
     def forward(self, entity_SD: torch.Tensor, line_XF: torch.Tensor, weight_X: torch.Tensor,
                 index_2X: torch.Tensor, line_chunk: int = 0) -> torch.Tensor:
         n_segments, d = entity_SD.shape[0], self.width
-        # unbind, not split/chunk/slice: their backward zero-fills a full-size tensor per piece.
-        at_src_S5D, at_dst_S5D = self.entity_proj(entity_SD).unflatten(-1, (2, 5 * d)).unbind(1)
+        # Ten S×D pieces, gathered one by one: the backward of a gather is then an S-sized add, and
+        # nothing per line is split, sliced or stacked (whose backward allocates line-sized tensors).
+        parts = self.entity_proj(entity_SD).unflatten(-1, (10, d)).unbind(1)
         src_X, dst_X = index_2X
         n_lines = src_X.shape[0]
         step = line_chunk or max(n_lines, 1)
@@ -75,41 +76,49 @@ class SeparableAttention(nn.Module):
         with torch.no_grad():  # per-segment maxima of the scores: constants of every later pass
             max0_SD = torch.full((n_segments, d), -torch.inf, dtype=entity_SD.dtype, device=entity_SD.device)
             max1_SD = max0_SD.clone()
-            at_src, at_dst, lines = at_src_S5D.detach(), at_dst_S5D.detach(), line_XF.detach()
             for c in chunks:
-                score0_XD, _, score1_XD, _ = self._lines(at_src, at_dst, lines[c], src_X[c], dst_X[c])
+                score0_XD, score1_XD = self._scores(parts, line_XF[c], src_X[c], dst_X[c])
                 max0_SD.scatter_reduce_(0, src_X[c].unsqueeze(1).expand_as(score0_XD), score0_XD, "amax")
                 max1_SD.scatter_reduce_(0, dst_X[c].unsqueeze(1).expand_as(score1_XD), score1_XD, "amax")
             max0_SD, max1_SD = max0_SD.clamp_min(0.0), max1_SD.clamp_min(0.0)  # ≥ 0: exp(−max) never overflows
 
-        def sums(at_src_S5D: torch.Tensor, at_dst_S5D: torch.Tensor, line_XF: torch.Tensor, weight_X: torch.Tensor,
-                 src_X: torch.Tensor, dst_X: torch.Tensor) -> tuple[torch.Tensor, ...]:
-            score0_XD, value0_XD, score1_XD, value1_XD = self._lines(at_src_S5D, at_dst_S5D, line_XF, src_X, dst_X)
+        def sums(line_XF: torch.Tensor, weight_X: torch.Tensor, *parts: torch.Tensor, src_X: torch.Tensor,
+                 dst_X: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            score0_XD, value0_XD, score1_XD, value1_XD = self._lines(parts, line_XF, src_X, dst_X)
             return (*segment_softmax_sums(score0_XD, value0_XD, weight_X, src_X, max0_SD),
                     *segment_softmax_sums(score1_XD, value1_XD, weight_X, dst_X, max1_SD))
 
         if len(chunks) == 1:  # nothing to bound: a recomputed block holds one chunk's lines anyway
-            num0_SD, den0_SD, num1_SD, den1_SD = sums(at_src_S5D, at_dst_S5D, line_XF, weight_X, src_X, dst_X)
+            num0_SD, den0_SD, num1_SD, den1_SD = sums(line_XF, weight_X, *parts, src_X=src_X, dst_X=dst_X)
         else:
             totals = [0.0] * 4
             for c in chunks:
-                part = recompute(partial(sums, src_X=src_X[c], dst_X=dst_X[c]),
-                                 (at_src_S5D, at_dst_S5D, line_XF[c], weight_X[c]), [self.line_proj.weight])
+                part = recompute(partial(sums, src_X=src_X[c], dst_X=dst_X[c]), (line_XF[c], weight_X[c], *parts),
+                                 [self.line_proj.weight])
                 totals = [t + p for t, p in zip(totals, part)]
             num0_SD, den0_SD, num1_SD, den1_SD = totals
         # Direction 0 aggregates into the source, direction 1 into the target: (S, 2·D).
         return torch.cat([smooth_attention(num0_SD, den0_SD, max0_SD), smooth_attention(num1_SD, den1_SD, max1_SD)], -1)
 
-    def _lines(self, at_src_S5D: torch.Tensor, at_dst_S5D: torch.Tensor, line_XF: torch.Tensor, src_X: torch.Tensor,
+    # Entity pieces (see __init__): at the source 0 score_0, 1 gate_0, 2 score_1, 3 gate_1, 4 value_1;
+    # at the target 5 score_0, 6 gate_0, 7 score_1, 8 gate_1, 9 value_0. Line terms: score_0, gate_0, score_1, gate_1.
+
+    def _line_term(self, line_XF: torch.Tensor, k: int) -> torch.Tensor:
+        return nn.functional.linear(line_XF, self.line_proj.weight.unflatten(0, (4, self.width))[k])
+
+    def _scores(self, parts: tuple[torch.Tensor, ...], line_XF: torch.Tensor, src_X: torch.Tensor,
+                dst_X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return (parts[0].index_select(0, src_X) + parts[5].index_select(0, dst_X) + self._line_term(line_XF, 0),
+                parts[2].index_select(0, src_X) + parts[7].index_select(0, dst_X) + self._line_term(line_XF, 2))
+
+    def _lines(self, parts: tuple[torch.Tensor, ...], line_XF: torch.Tensor, src_X: torch.Tensor,
                dst_X: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Score and value of each line in direction 0 (into its source) and 1 (into its target)."""
-        d = self.width
-        src_0, src_1, src_2, src_3, src_value = at_src_S5D.index_select(0, src_X).unflatten(-1, (5, d)).unbind(1)
-        dst_0, dst_1, dst_2, dst_3, dst_value = at_dst_S5D.index_select(0, dst_X).unflatten(-1, (5, d)).unbind(1)
-        line_0, line_1, line_2, line_3 = self.line_proj(line_XF).unflatten(-1, (4, d)).unbind(1)
-        score0_XD, score1_XD = src_0 + dst_0 + line_0, src_2 + dst_2 + line_2
-        value0_XD = nn.functional.silu(src_1 + dst_1 + line_1) * dst_value
-        value1_XD = nn.functional.silu(src_3 + dst_3 + line_3) * src_value
+        score0_XD, score1_XD = self._scores(parts, line_XF, src_X, dst_X)
+        gate0_XD = parts[1].index_select(0, src_X) + parts[6].index_select(0, dst_X) + self._line_term(line_XF, 1)
+        gate1_XD = parts[3].index_select(0, src_X) + parts[8].index_select(0, dst_X) + self._line_term(line_XF, 3)
+        value0_XD = nn.functional.silu(gate0_XD) * parts[9].index_select(0, dst_X)
+        value1_XD = nn.functional.silu(gate1_XD) * parts[4].index_select(0, src_X)
         return score0_XD, value0_XD, score1_XD, value1_XD
 
 

@@ -44,9 +44,9 @@ def test_bench_step_json_line():
     proc = run_cli(["bench", "step", "--preset", "small", "--batches", "1,2", "--warmup", "1", "--repeats", "2", "--json"])
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    for key in ("atoms_per_s", "peak_mem_bytes", "flops_per_s", "peak_flops_per_s", "reference"):
+    for key in ("atoms_per_s", "peak_mem_bytes", "flops_per_s", "peak_flops_per_s", "references"):
         assert key in result
-    assert result["atoms_per_s"] > 0 and result["flops_per_s"] > 0 and result["reference"] is None
+    assert result["atoms_per_s"] > 0 and result["flops_per_s"] > 0 and result["references"] == {}
 
 
 def test_dense_workload_cells_are_32_to_108_atom_periodic_labelled_and_seeded():
