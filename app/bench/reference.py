@@ -64,6 +64,18 @@ def matris_param_count(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def label_tensors(atoms_list: Sequence[Atoms], energies: Sequence[float], forces: Sequence[np.ndarray],
+                  stresses: Sequence[np.ndarray], dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """Every reference step's targets: atoms per graph, energy per atom (eV), forces (N, 3) eV/Å,
+    stress (G, 3, 3) in GPa (ASE sign) from ASE Voigt 6 in eV/Å³."""
+    natoms_G = torch.tensor([len(atoms) for atoms in atoms_list], dtype=dtype)
+    energy_per_atom_G = torch.as_tensor(np.asarray(energies), dtype=dtype) / natoms_G
+    forces_N3 = torch.as_tensor(np.concatenate(forces), dtype=dtype)
+    stress_G33 = torch.as_tensor(
+        np.stack([voigt_6_to_full_3x3_stress(s) for s in stresses]) * EV_PER_A3_IN_GPA, dtype=dtype)
+    return natoms_G, energy_per_atom_G, forces_N3, stress_G33
+
+
 def make_matris_step(model: torch.nn.Module, atoms_list: Sequence[Atoms], energies: Sequence[float],
                      forces: Sequence[np.ndarray], stresses: Sequence[np.ndarray],
                      graphs: Sequence[RadiusGraph] | None = None) -> Callable[[], None]:
@@ -80,11 +92,7 @@ def make_matris_step(model: torch.nn.Module, atoms_list: Sequence[Atoms], energi
     """
     dtype = next(model.parameters()).dtype
     structures = matris_structures(atoms_list) if graphs is None else None
-    natoms_G = torch.tensor([len(atoms) for atoms in atoms_list], dtype=dtype)
-    energy_per_atom_G = torch.as_tensor(np.asarray(energies), dtype=dtype) / natoms_G
-    forces_N3 = torch.as_tensor(np.concatenate(forces), dtype=dtype)
-    stress_G33 = torch.as_tensor(
-        np.stack([voigt_6_to_full_3x3_stress(s) for s in stresses]) * EV_PER_A3_IN_GPA, dtype=dtype)
+    _, energy_per_atom_G, forces_N3, stress_G33 = label_tensors(atoms_list, energies, forces, stresses, dtype)
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
 
     def step() -> None:

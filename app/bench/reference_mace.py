@@ -36,9 +36,8 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 from ase import Atoms
-from ase.stress import voigt_6_to_full_3x3_stress
 
-from exaforce.bench.reference import ENERGY_WEIGHT, FORCES_WEIGHT, GRAD_CLIP, LR, STRESS_WEIGHT
+from exaforce.bench.reference import ENERGY_WEIGHT, FORCES_WEIGHT, GRAD_CLIP, LR, STRESS_WEIGHT, label_tensors
 from exaforce.loss import EV_PER_A3_IN_GPA
 
 # `import mace` sets TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 for the whole process (e3nn 0.4.4's import
@@ -120,11 +119,7 @@ def make_mace_step(model: torch.nn.Module, atoms_list: Sequence[Atoms], energies
     `make_matris_step`'s: energy per atom MSE, force MSE, stress MSE in GPa.
     """
     dtype = next(model.parameters()).dtype
-    natoms_G = torch.tensor([len(atoms) for atoms in atoms_list], dtype=dtype)
-    energy_per_atom_G = torch.as_tensor(np.asarray(energies), dtype=dtype) / natoms_G
-    forces_N3 = torch.as_tensor(np.concatenate(forces), dtype=dtype)
-    stress_G33 = torch.as_tensor(
-        np.stack([voigt_6_to_full_3x3_stress(s) for s in stresses]) * EV_PER_A3_IN_GPA, dtype=dtype)
+    natoms_G, energy_per_atom_G, forces_N3, stress_G33 = label_tensors(atoms_list, energies, forces, stresses, dtype)
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
 
     def step() -> None:

@@ -41,12 +41,22 @@ def test_unknown_preset_is_a_clear_error():
 
 # the default workload (dense cells), one worker per batch size 1 and 2: ~25 s
 def test_bench_step_json_line():
-    proc = run_cli(["bench", "step", "--preset", "small", "--batches", "1,2", "--warmup", "1", "--repeats", "2", "--json"])
+    proc = run_cli(["bench", "step", "--preset", "small", "--batches", "1,2", "--warmup", "1", "--repeats", "2",
+                    "--compare", "store", "--json"])
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     for key in ("atoms_per_s", "peak_mem_bytes", "flops_per_s", "peak_flops_per_s", "references"):
         assert key in result
-    assert result["atoms_per_s"] > 0 and result["flops_per_s"] > 0 and result["references"] == {}
+    assert result["atoms_per_s"] > 0 and result["flops_per_s"] > 0 and list(result["references"]) == ["store"]
+    store = result["references"]["store"]
+    assert [r["recompute_lines"] for r in result["batches"]] == [result["recompute_lines"]] * 2
+    assert [(r["structures"], r["recompute_lines"]) for r in store["batches"]] == [(1, 0), (2, 0)]
+    assert store["atoms_per_s"] > 0 and store["peak_mem_slope_bytes_per_atom"] is not None
+
+
+def test_bench_step_rejects_an_unknown_comparison():
+    proc = run_cli(["bench", "step", "--compare", "store,nequip"])
+    assert proc.returncode != 0 and "unknown nequip (known: store, matris, mace)" in proc.stderr
 
 
 def test_dense_workload_cells_are_32_to_108_atom_periodic_labelled_and_seeded():
