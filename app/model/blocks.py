@@ -47,10 +47,10 @@ class SeparableAttention(nn.Module):
     O(D) instead of the O(D²) of an MLP on concatenated features — the line graph has several
     times more rows than the atom graph, and the double backward triples that work.
 
-    With line_chunk > 0 (training with recomputation, inside a recomputed block) more lines than
-    that run in chunks of line_chunk rows, each a `recompute` unit of its own: per-line
-    intermediates then exist for one chunk at a time, in the forward, the force backward and the
-    loss backward alike.
+    With line_chunk > 0 (training with recomputation, inside a recomputed block) the lines run in
+    chunks of line_chunk rows, each a `recompute` unit of its own: per-line intermediates then
+    exist for one chunk at a time, in the forward, the force backward and the loss backward alike.
+    One chunk is a unit too, so the step's work stays linear in the line count (FLOP calibration).
     """
 
     def __init__(self, width: int, line_dim: int):
@@ -88,7 +88,7 @@ class SeparableAttention(nn.Module):
             return (*segment_softmax_sums(score0_XD, value0_XD, weight_X, src_X, max0_SD),
                     *segment_softmax_sums(score1_XD, value1_XD, weight_X, dst_X, max1_SD))
 
-        if len(chunks) == 1:  # nothing to bound: a recomputed block holds one chunk's lines anyway
+        if not line_chunk:
             num0_SD, den0_SD, num1_SD, den1_SD = sums(line_XF, weight_X, *parts, src_X=src_X, dst_X=dst_X)
         else:
             totals = [0.0] * 4
