@@ -83,7 +83,9 @@ def _error(message: str) -> None:
 def _fail(message: str, topo: Topology | None) -> None:
     _error(message)
     if topo is not None and topo.world_size > 1:
-        topo.world.Abort(EXIT_BAD_INPUT)  # the other ranks may be inside a collective
+        from exaforce.faults import abort_world
+
+        abort_world(topo.world, EXIT_BAD_INPUT)  # the other ranks may be inside a collective
     raise SystemExit(EXIT_BAD_INPUT)
 
 

@@ -99,7 +99,18 @@ class Watchdog:
                 print(f"exaforce: error: rank {self.world.Get_rank()}: no progress for {stalled:.0f} s in {self.where} "
                       f"(run.step_timeout_s = {self.timeout_s:g}): a rank is hung or lost; aborting the job",
                       file=sys.stderr, flush=True)
-                self.world.Abort(CRASH_EXIT_CODE)
+                abort_world(self.world, CRASH_EXIT_CODE)
+
+
+ABORT_GRACE_S = 1.0
+
+
+def abort_world(world: Any, code: int) -> None:
+    """MPI_Abort after a short grace: the launcher forwards output asynchronously and drops what
+    it has not forwarded when the abort tears the job down, so the message just printed would
+    otherwise be lost now and then (seen with mpich's hydra under load)."""
+    time.sleep(ABORT_GRACE_S)
+    world.Abort(code)
 
 
 def abort_job(world: Any, exc: BaseException) -> None:
@@ -111,5 +122,5 @@ def abort_job(world: Any, exc: BaseException) -> None:
     print(f"exaforce: error: rank {rank}: {type(exc).__name__}: {exc}; aborting all {world.Get_size()} rank(s)",
           file=sys.stderr, flush=True)
     if world.Get_size() > 1:
-        world.Abort(CRASH_EXIT_CODE)
+        abort_world(world, CRASH_EXIT_CODE)
     raise SystemExit(CRASH_EXIT_CODE)
