@@ -237,6 +237,8 @@ def _sweep(model: str, preset: str, workload: str, batches: list[int], dtype: st
         row = _median_row(measured)
         if not row.get("oom"):
             row["atoms_per_s"] = row["atoms"] / row["step_s"]
+            if "flops" in row:  # exaforce's workers count FLOPs (executed, recomputation included)
+                row["flops_per_s"] = row["flops"] / row["step_s"]
         rows.append(row)
     ran = [r for r in rows if not r.get("oom")]
     peak_fit, step_fit = memory_fit(rows, "peak_rss_bytes"), memory_fit(rows, "step_mem_bytes")
@@ -300,9 +302,6 @@ def bench_step(preset: str, workload: str, batches: list[int], dtype: str, warmu
         f"{torch.get_num_threads()} thread(s), memory cap {mem_limit_gib:g} GiB per worker")
     ours = _sweep("exaforce", preset, workload, batches, dtype, warmup, repeats, runs, mem_limit_gib, log)
     peak_flops = local_machine(getattr(torch, dtype))["peak_flops_per_s"]
-    for r in ours["batches"]:
-        if not r.get("oom"):
-            r["flops_per_s"] = r["flops"] / r["step_s"]
     result = {"preset": preset, "workload": workload, "dtype": dtype, "mem_limit_gib": mem_limit_gib, "runs": runs,
               "recompute_lines": RunConfig().recompute_lines, "peak_flops_per_s": peak_flops, **ours,
               **_summary(ours), "references": {}}
@@ -327,9 +326,6 @@ def bench_step(preset: str, workload: str, batches: list[int], dtype: str, warmu
         _log_sweep(name, ref, mem_limit_gib, log)
         ref_top = _largest(ref)
         if ref_top is not None and name == "store":
-            for r in ref["batches"]:
-                if not r.get("oom"):
-                    r["flops_per_s"] = r["flops"] / r["step_s"]
             log(f"store: {ref_top['flops'] / 1e9:.2f} GFLOP/step at batch {ref_top['structures']} (the step's "
                 f"arithmetic without recomputation), {ref_top['flops_per_s'] / 1e9:.2f} GFLOP/s = "
                 f"{100 * ref_top['flops_per_s'] / peak_flops:.1f}% of the local matmul peak")

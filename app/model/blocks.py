@@ -17,6 +17,15 @@ from exaforce.model.recompute import recompute
 from exaforce.model.routing import ATOMS, BONDS, Routing
 
 
+def segment_max(score_XD: torch.Tensor, segment_X: torch.Tensor, n_segments: int,
+                running_SD: torch.Tensor | None = None) -> torch.Tensor:
+    """max(0, scores of the segment) per channel, a constant of the softmax (no gradient): ≥ 0, and
+    0 for empty segments, so exp(−max) never overflows. Over chunks of lines: pass the running result."""
+    if running_SD is None:
+        running_SD = score_XD.new_zeros((n_segments, score_XD.shape[1]))
+    return running_SD.scatter_reduce_(0, segment_X.unsqueeze(1).expand_as(score_XD), score_XD, "amax")
+
+
 def segment_softmax_sums(score_XD: torch.Tensor, value_XD: torch.Tensor, weight_X: torch.Tensor,
                          segment_X: torch.Tensor, max_SD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per segment, Σ_x w_x·exp(s_x − m)·v_x and Σ_x w_x·exp(s_x − m), with m the segment's max
@@ -70,27 +79,27 @@ class SeparableAttention(nn.Module):
         # nothing per line is split, sliced or stacked (whose backward allocates line-sized tensors).
         parts = self.entity_proj(entity_SD).unflatten(-1, (10, d)).unbind(1)
         src_X, dst_X = index_2X
-        n_lines = src_X.shape[0]
-        step = line_chunk or max(n_lines, 1)
-        chunks = [slice(lo, lo + step) for lo in range(0, max(n_lines, 1), step)]
-        with torch.no_grad():  # per-segment maxima of the scores: constants of every later pass
-            max0_SD = torch.full((n_segments, d), -torch.inf, dtype=entity_SD.dtype, device=entity_SD.device)
-            max1_SD = max0_SD.clone()
-            for c in chunks:
-                score0_XD, score1_XD = self._scores(parts, line_XF[c], src_X[c], dst_X[c])
-                max0_SD.scatter_reduce_(0, src_X[c].unsqueeze(1).expand_as(score0_XD), score0_XD, "amax")
-                max1_SD.scatter_reduce_(0, dst_X[c].unsqueeze(1).expand_as(score1_XD), score1_XD, "amax")
-            max0_SD, max1_SD = max0_SD.clamp_min(0.0), max1_SD.clamp_min(0.0)  # ≥ 0: exp(−max) never overflows
-
-        def sums(line_XF: torch.Tensor, weight_X: torch.Tensor, *parts: torch.Tensor, src_X: torch.Tensor,
-                 dst_X: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if not line_chunk:  # stored: one pass over the lines, maxima from its own (detached) scores
             score0_XD, value0_XD, score1_XD, value1_XD = self._lines(parts, line_XF, src_X, dst_X)
-            return (*segment_softmax_sums(score0_XD, value0_XD, weight_X, src_X, max0_SD),
-                    *segment_softmax_sums(score1_XD, value1_XD, weight_X, dst_X, max1_SD))
-
-        if not line_chunk:
-            num0_SD, den0_SD, num1_SD, den1_SD = sums(line_XF, weight_X, *parts, src_X=src_X, dst_X=dst_X)
+            max0_SD = segment_max(score0_XD.detach(), src_X, n_segments)
+            max1_SD = segment_max(score1_XD.detach(), dst_X, n_segments)
+            num0_SD, den0_SD = segment_softmax_sums(score0_XD, value0_XD, weight_X, src_X, max0_SD)
+            num1_SD, den1_SD = segment_softmax_sums(score1_XD, value1_XD, weight_X, dst_X, max1_SD)
         else:
+            chunks = [slice(lo, lo + line_chunk) for lo in range(0, max(src_X.shape[0], 1), line_chunk)]
+            max0_SD = max1_SD = None
+            with torch.no_grad():  # per-segment maxima of the scores, chunk by chunk: constants of every pass
+                for c in chunks:
+                    score0_XD, score1_XD = self._scores(parts, line_XF[c], src_X[c], dst_X[c])
+                    max0_SD = segment_max(score0_XD, src_X[c], n_segments, max0_SD)
+                    max1_SD = segment_max(score1_XD, dst_X[c], n_segments, max1_SD)
+
+            def sums(line_XF: torch.Tensor, weight_X: torch.Tensor, *parts: torch.Tensor, src_X: torch.Tensor,
+                     dst_X: torch.Tensor) -> tuple[torch.Tensor, ...]:
+                score0_XD, value0_XD, score1_XD, value1_XD = self._lines(parts, line_XF, src_X, dst_X)
+                return (*segment_softmax_sums(score0_XD, value0_XD, weight_X, src_X, max0_SD),
+                        *segment_softmax_sums(score1_XD, value1_XD, weight_X, dst_X, max1_SD))
+
             totals = [0.0] * 4
             for c in chunks:
                 part = recompute(partial(sums, src_X=src_X[c], dst_X=dst_X[c]), (line_XF[c], weight_X[c], *parts),

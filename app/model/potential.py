@@ -81,11 +81,11 @@ class Potential(nn.Module):
 
     def forward(self, species_N: torch.Tensor, vectors_E3: torch.Tensor, edge_index_2E: torch.Tensor,
                 triplet_index_2T: torch.Tensor, graph_N: torch.Tensor, n_graphs: int, head_G: torch.Tensor,
-                routing: Routing | None = None, recompute_chunk: int = 0) -> torch.Tensor:
+                routing: Routing | None = None, recompute_lines: int = 0) -> torch.Tensor:
         """Energy of each graph (eV) with its head's readout and references; all geometry enters
         through vectors_E3. `routing` (from plan_routing) is required when the model has MoE layers.
 
-        recompute_chunk > 0 (training): every interaction block is a `recompute` unit that stores
+        recompute_lines > 0 (training): every interaction block is a `recompute` unit that stores
         only its inputs, and inside it the lines of both attentions run in recomputed chunks of
         that many rows, so neither the forward nor the force backward's graph keeps per-line or
         per-block intermediates for the loss's backward (exaforce.model.recompute)."""
@@ -106,14 +106,14 @@ class Potential(nn.Module):
             node_ND = node_ND + self.head_embedding(head_N)
         class_N = head_N * len(self.cfg.elements) + species_N  # MoE routing class: fidelity × element
         for block in self.blocks:
-            if not recompute_chunk:
+            if not recompute_lines:
                 node_ND, edge_ED = block(node_ND, edge_ED, class_N, edge_index_2E, edge_weight_E,
                                          triplet_index_2T, angle_TA, triplet_weight_T, routing)
                 continue
 
             def run_block(node_ND, edge_ED, edge_weight_E, angle_TA, triplet_weight_T, block=block):
                 return block(node_ND, edge_ED, class_N, edge_index_2E, edge_weight_E, triplet_index_2T,
-                             angle_TA, triplet_weight_T, routing, recompute_chunk)
+                             angle_TA, triplet_weight_T, routing, recompute_lines)
             node_ND, edge_ED = recompute(run_block, (node_ND, edge_ED, edge_weight_E, angle_TA, triplet_weight_T),
                                          list(block.parameters()))
 
@@ -176,11 +176,11 @@ def local_routing(model: Potential, batch: GraphBatch) -> Routing:
 
 
 def energy(model: Potential, batch: GraphBatch, geometry: StrainedGeometry, routing: Routing | None = None,
-           recompute_chunk: int = 0) -> torch.Tensor:
+           recompute_lines: int = 0) -> torch.Tensor:
     if routing is None and model.moe_layers:
         routing = local_routing(model, batch)
     return model(batch.species_N, geometry.vectors_E3, batch.edge_index_2E, batch.triplet_index_2T,
-                 batch.graph_N, batch.n_graphs, batch.head_G, routing, recompute_chunk)
+                 batch.graph_N, batch.n_graphs, batch.head_G, routing, recompute_lines)
 
 
 def forces_and_stress(energy_G: torch.Tensor, geometry: StrainedGeometry, batch: GraphBatch,

@@ -9,13 +9,15 @@ params)` keeps only `fn`'s inputs instead:
     force backward     ḡ_x, ḡ_θ = vjp(fn)(x; ḡ_y)          a recorded op that saves x and ḡ_y only
     loss backward      d⟨γ, vjp⟩/d(x, θ, ḡ_y)              recomputes fn and its vjp with create_graph
 
+Each stage rebuilds `fn`'s local graph, uses it and frees it, so the peak holds one unit's graph
+at a time, not the model's. The derivatives are the same functions of the same values, so results
+match the stored path to rounding (same ops; the tests check float64 to 1e-12).
+`torch.utils.checkpoint` cannot do this: its recomputed backward is not itself recomputed, so
+under create_graph it stores the whole backward graph again.
+
 A backward with create_graph through a unit (the force backward) returns input gradients only:
-parameter gradients of the energy come from the loss's backward, as in force training, where the
-first-order parameter gradient of the energy is never wanted. Each stage rebuilds `fn`'s local graph, uses it and frees it, so the peak holds one unit's graph at
-a time, not the model's. The derivatives are the same functions of the same values, so results
-match the stored path to rounding (same ops; the tests check float64 to 1e-12). `torch.utils.checkpoint`
-cannot do this: its recomputed backward is not itself recomputed, so under create_graph it stores
-the whole backward graph again.
+in force training the first-order parameter gradient of the energy is never wanted, and the
+parameter gradients of the loss come from the loss's backward.
 
 `fn` must be deterministic (no dropout, no data-dependent control flow between passes); integer
 indices, routing plans and other non-differentiable state reach it by closure. A unit may issue
