@@ -30,9 +30,10 @@ class RunConfig:
     out_dir: str = "runs/default"       # run folder: perf logs, checkpoints, report
     seed: int = 0
     dtype: str = "float32"              # float32 | float64
-    recompute_lines: int = 8192         # training: blocks store only their inputs and recompute the rest,
-                                        # line-graph/bond lines in chunks of this many rows (memory: about
-                                        # one chunk's intermediates); 0: store everything (more memory, less compute)
+    recompute_lines: int = 4096         # training: both attentions are fused ops that store only their inputs and
+                                        # sweep their lines in chunks of this many rows (memory: one chunk's
+                                        # temporaries), the bond update is recomputed; 0: the plain autograd path
+                                        # that stores every intermediate (the reference: far more memory)
     steps: int = 100                    # optimizer steps
     log_every: int = 10                 # rank 0 prints progress every N steps
     checkpoint_every: int = 0           # 0: only at the end

@@ -6,24 +6,15 @@ Shape legend: N atoms, E edges, T triplets, D channels, F input features.
 from __future__ import annotations
 
 from functools import partial
-
 import torch
 from torch import nn
 
 from exaforce.config import ModelConfig
 from exaforce.model.layers import GatedMLP, RMSNorm
 from exaforce.model.moe import MoEMLP
+from exaforce.model.fused_attention import Inputs, SegmentSums, fused_segment_sums, segment_max
 from exaforce.model.recompute import recompute
 from exaforce.model.routing import ATOMS, BONDS, Routing
-
-
-def segment_max(score_XD: torch.Tensor, segment_X: torch.Tensor, n_segments: int,
-                running_SD: torch.Tensor | None = None) -> torch.Tensor:
-    """max(0, scores of the segment) per channel, a constant of the softmax (no gradient): ≥ 0, and
-    0 for empty segments, so exp(−max) never overflows. Over chunks of lines: pass the running result."""
-    if running_SD is None:
-        running_SD = score_XD.new_zeros((n_segments, score_XD.shape[1]))
-    return running_SD.scatter_reduce_(0, segment_X.unsqueeze(1).expand_as(score_XD), score_XD, "amax")
 
 
 def segment_softmax_sums(score_XD: torch.Tensor, value_XD: torch.Tensor, weight_X: torch.Tensor,
@@ -56,10 +47,10 @@ class SeparableAttention(nn.Module):
     O(D) instead of the O(D²) of an MLP on concatenated features — the line graph has several
     times more rows than the atom graph, and the double backward triples that work.
 
-    With line_chunk > 0 (training with recomputation, inside a recomputed block) the lines run in
-    chunks of line_chunk rows, each a `recompute` unit of its own: per-line intermediates then
-    exist for one chunk at a time, in the forward, the force backward and the loss backward alike.
-    One chunk is a unit too, so the step's work stays linear in the line count (FLOP calibration).
+    line_chunk = 0 is the plain path: autograd through every per-line op (the reference). With
+    line_chunk > 0 the per-line work is one op with hand-written first and second derivatives
+    (exaforce.model.fused_attention) that sweeps the lines in chunks of line_chunk and stores no
+    per-line tensor.
     """
 
     def __init__(self, width: int, line_dim: int):
@@ -74,43 +65,36 @@ class SeparableAttention(nn.Module):
 
     def forward(self, entity_SD: torch.Tensor, line_XF: torch.Tensor, weight_X: torch.Tensor,
                 index_2X: torch.Tensor, line_chunk: int = 0) -> torch.Tensor:
-        n_segments, d = entity_SD.shape[0], self.width
-        # Ten S×D pieces, gathered one by one: the backward of a gather is then an S-sized add, and
-        # nothing per line is split, sliced or stacked (whose backward allocates line-sized tensors).
-        parts = self.entity_proj(entity_SD).unflatten(-1, (10, d)).unbind(1)
-        src_X, dst_X = index_2X
-        if not line_chunk:  # stored: one pass over the lines, maxima from its own (detached) scores
-            score0_XD, value0_XD, score1_XD, value1_XD = self._lines(parts, line_XF, src_X, dst_X)
-            max0_SD = segment_max(score0_XD.detach(), src_X, n_segments)
-            max1_SD = segment_max(score1_XD.detach(), dst_X, n_segments)
-            num0_SD, den0_SD = segment_softmax_sums(score0_XD, value0_XD, weight_X, src_X, max0_SD)
-            num1_SD, den1_SD = segment_softmax_sums(score1_XD, value1_XD, weight_X, dst_X, max1_SD)
-        else:
-            chunks = [slice(lo, lo + line_chunk) for lo in range(0, max(src_X.shape[0], 1), line_chunk)]
-            max0_SD = max1_SD = None
-            with torch.no_grad():  # per-segment maxima of the scores, chunk by chunk: constants of every pass
-                for c in chunks:
-                    score0_XD, score1_XD = self._scores(parts, line_XF[c], src_X[c], dst_X[c])
-                    max0_SD = segment_max(score0_XD, src_X[c], n_segments, max0_SD)
-                    max1_SD = segment_max(score1_XD, dst_X[c], n_segments, max1_SD)
+        """The message into each entity, (S, 2·D): direction 0 (into the source), then 1."""
+        return self.message(self.segment_sums(entity_SD, line_XF, weight_X, index_2X, line_chunk))
 
-            def sums(line_XF: torch.Tensor, weight_X: torch.Tensor, *parts: torch.Tensor, src_X: torch.Tensor,
-                     dst_X: torch.Tensor) -> tuple[torch.Tensor, ...]:
-                score0_XD, value0_XD, score1_XD, value1_XD = self._lines(parts, line_XF, src_X, dst_X)
-                return (*segment_softmax_sums(score0_XD, value0_XD, weight_X, src_X, max0_SD),
-                        *segment_softmax_sums(score1_XD, value1_XD, weight_X, dst_X, max1_SD))
-
-            totals = [0.0] * 4
-            for c in chunks:
-                part = recompute(partial(sums, src_X=src_X[c], dst_X=dst_X[c]), (line_XF[c], weight_X[c], *parts),
-                                 [self.line_proj.weight])
-                totals = [t + p for t, p in zip(totals, part)]
-            num0_SD, den0_SD, num1_SD, den1_SD = totals
-        # Direction 0 aggregates into the source, direction 1 into the target: (S, 2·D).
+    @staticmethod
+    def message(sums: SegmentSums) -> torch.Tensor:
+        num0_SD, den0_SD, num1_SD, den1_SD = sums.sums
+        max0_SD, max1_SD = sums.maxima
         return torch.cat([smooth_attention(num0_SD, den0_SD, max0_SD), smooth_attention(num1_SD, den1_SD, max1_SD)], -1)
+
+    def segment_sums(self, entity_SD: torch.Tensor, line_XF: torch.Tensor, weight_X: torch.Tensor,
+                     index_2X: torch.Tensor, line_chunk: int = 0) -> SegmentSums:
+        if line_chunk:
+            return fused_segment_sums(Inputs(entity_SD, self.entity_proj.weight, self.entity_proj.bias, line_XF,
+                                             self.line_proj.weight, weight_X, index_2X), line_chunk)
+        # Plain: one pass over the lines, maxima from its own (detached) scores.
+        n_segments = entity_SD.shape[0]
+        src_X, dst_X = index_2X
+        score0_XD, value0_XD, score1_XD, value1_XD = self._lines(self._parts(entity_SD), line_XF, src_X, dst_X)
+        max0_SD = segment_max(score0_XD.detach(), src_X, score0_XD.new_zeros(n_segments, self.width))
+        max1_SD = segment_max(score1_XD.detach(), dst_X, score1_XD.new_zeros(n_segments, self.width))
+        return SegmentSums((*segment_softmax_sums(score0_XD, value0_XD, weight_X, src_X, max0_SD),
+                            *segment_softmax_sums(score1_XD, value1_XD, weight_X, dst_X, max1_SD)), (max0_SD, max1_SD))
 
     # Entity pieces (see __init__): at the source 0 score_0, 1 gate_0, 2 score_1, 3 gate_1, 4 value_1;
     # at the target 5 score_0, 6 gate_0, 7 score_1, 8 gate_1, 9 value_0. Line terms: score_0, gate_0, score_1, gate_1.
+
+    def _parts(self, entity_SD: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Ten S×D pieces, gathered one by one: the backward of a gather is then an S-sized add, and
+        nothing per line is split, sliced or stacked (whose backward allocates line-sized tensors)."""
+        return self.entity_proj(entity_SD).unflatten(-1, (10, self.width)).unbind(1)
 
     def _line_term(self, line_XF: torch.Tensor, k: int) -> torch.Tensor:
         return nn.functional.linear(line_XF, self.line_proj.weight.unflatten(0, (4, self.width))[k])
@@ -171,13 +155,26 @@ class InteractionBlock(nn.Module):
                 edge_index_2E: torch.Tensor, edge_weight_E: torch.Tensor, triplet_index_2T: torch.Tensor,
                 angle_TA: torch.Tensor, triplet_weight_T: torch.Tensor,
                 routing: Routing | None, line_chunk: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """line_chunk > 0 (training): both attentions are fused ops that store only their inputs
+        (exaforce.model.fused_attention), and the bond update (E rows through an MLP of 3·D inputs)
+        is a recomputed unit; the atom update (N rows, a few per cent of the block's memory) is
+        stored."""
         # Line graph: bonds a and b sharing a centre atom exchange messages shaped by their angle.
-        bond_msg_E2D = self.line_attention(edge_ED, angle_TA, triplet_weight_T, triplet_index_2T, line_chunk)
-        edge_in_E3D = torch.cat([edge_ED, self.edge_norm(bond_msg_E2D)], -1)
-        edge_ED = edge_ED + self.edge_scale * self.edge_update(edge_in_E3D, class_N[edge_index_2E[0]], routing)
+        bond_sums = self.line_attention.segment_sums(edge_ED, angle_TA, triplet_weight_T, triplet_index_2T, line_chunk)
+        update_edges = partial(self._update_edges, maxima=bond_sums.maxima, class_E=class_N[edge_index_2E[0]],
+                               routing=routing)
+        edge_params = [*self.edge_norm.parameters(), *self.edge_update.parameters(), self.edge_scale]
+        edge_ED, = recompute(update_edges, (edge_ED, *bond_sums.sums), edge_params) if line_chunk \
+            else update_edges(edge_ED, *bond_sums.sums)
 
         # Atom graph: each atom gathers from the bonds it starts and the bonds it ends.
         atom_msg_N2D = self.atom_attention(node_ND, edge_ED, edge_weight_E, edge_index_2E, line_chunk)
         node_in_N3D = torch.cat([node_ND, self.node_norm(atom_msg_N2D)], -1)
         node_ND = node_ND + self.node_scale * self.node_update(node_in_N3D, class_N, routing)
         return node_ND, edge_ED
+
+    def _update_edges(self, edge_ED: torch.Tensor, *sums: torch.Tensor, maxima: tuple[torch.Tensor, torch.Tensor],
+                      class_E: torch.Tensor, routing: Routing | None) -> tuple[torch.Tensor]:
+        bond_msg_E2D = SeparableAttention.message(SegmentSums(sums, maxima))
+        edge_in_E3D = torch.cat([edge_ED, self.edge_norm(bond_msg_E2D)], -1)
+        return (edge_ED + self.edge_scale * self.edge_update(edge_in_E3D, class_E, routing),)

@@ -19,7 +19,6 @@ from exaforce.model.blocks import InteractionBlock
 from exaforce.model.layers import GatedMLP, RMSNorm
 from exaforce.graph import GraphBatch
 from exaforce.model.moe import MoEMLP, load_balancing_loss
-from exaforce.model.recompute import recompute
 from exaforce.model.routing import Routing, TokenCounts, plan_layer
 
 
@@ -85,10 +84,11 @@ class Potential(nn.Module):
         """Energy of each graph (eV) with its head's readout and references; all geometry enters
         through vectors_E3. `routing` (from plan_routing) is required when the model has MoE layers.
 
-        recompute_lines > 0 (training): every interaction block is a `recompute` unit that stores
-        only its inputs, and inside it the lines of both attentions run in recomputed chunks of
-        that many rows, so neither the forward nor the force backward's graph keeps per-line or
-        per-block intermediates for the loss's backward (exaforce.model.recompute)."""
+        recompute_lines > 0 (training): both attentions are fused ops with hand-written first and
+        second derivatives that sweep their lines in chunks of that many rows
+        (exaforce.model.fused_attention), and each block's bond update is recomputed
+        (exaforce.model.recompute), so neither the forward's nor the force backward's graph keeps
+        per-line or per-bond intermediates for the loss's backward. 0: plain autograd (the reference)."""
         # --- geometry features
         r_E = vectors_E3.norm(dim=-1)
         edge_weight_E = self.radial.envelope(r_E)
@@ -106,16 +106,8 @@ class Potential(nn.Module):
             node_ND = node_ND + self.head_embedding(head_N)
         class_N = head_N * len(self.cfg.elements) + species_N  # MoE routing class: fidelity × element
         for block in self.blocks:
-            if not recompute_lines:
-                node_ND, edge_ED = block(node_ND, edge_ED, class_N, edge_index_2E, edge_weight_E,
-                                         triplet_index_2T, angle_TA, triplet_weight_T, routing)
-                continue
-
-            def run_block(node_ND, edge_ED, edge_weight_E, angle_TA, triplet_weight_T, block=block):
-                return block(node_ND, edge_ED, class_N, edge_index_2E, edge_weight_E, triplet_index_2T,
-                             angle_TA, triplet_weight_T, routing, recompute_lines)
-            node_ND, edge_ED = recompute(run_block, (node_ND, edge_ED, edge_weight_E, angle_TA, triplet_weight_T),
-                                         list(block.parameters()))
+            node_ND, edge_ED = block(node_ND, edge_ED, class_N, edge_index_2E, edge_weight_E,
+                                     triplet_index_2T, angle_TA, triplet_weight_T, routing, recompute_lines)
 
         # --- readout: per-atom energies, reference energies, sum per graph
         readout_NH = self.readout(self.readout_norm(node_ND))

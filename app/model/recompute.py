@@ -2,8 +2,8 @@
 
 Training on forces differentiates the energy twice: the force backward runs with create_graph, and
 the loss's backward then runs through that backward's graph. Stored, both graphs keep every
-intermediate of every block alive at once — hundreds of kB per triplet. `recompute(fn, inputs,
-params)` keeps only `fn`'s inputs instead:
+intermediate of every block alive at once. `recompute(fn, inputs, params)` keeps only `fn`'s
+inputs instead:
 
     forward            y = fn(x)                          saves x
     force backward     ḡ_x, ḡ_θ = vjp(fn)(x; ḡ_y)          a recorded op that saves x and ḡ_y only
@@ -27,52 +27,74 @@ collectives (the expert all-to-all): every rank recomputes the same units in the
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
 Tensors = tuple[torch.Tensor, ...]
 
 
-def recompute(fn: Callable[..., Tensors], inputs: Sequence[torch.Tensor],
-              params: Sequence[torch.Tensor]) -> Tensors:
+def recompute(fn: Callable[..., Tensors], inputs: Sequence[torch.Tensor], params: Sequence[torch.Tensor]) -> Tensors:
     """fn(*inputs) (a tuple of tensors), differentiable twice, storing inputs instead of intermediates.
 
     params: every trainable tensor fn reads by closure, so its gradient reaches it."""
     params = tuple(p for p in params if p.requires_grad)
-    return _Recompute.apply(fn, len(inputs), *inputs, *params)
+    return _Recompute.apply(_Unit(fn, len(inputs)), *inputs, *params)
 
 
-def _split(tensors: Sequence[torch.Tensor], n_inputs: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Fresh leaves for the inputs (so fn's graph stops at them) and the parameters as they are."""
-    inputs = [t.detach().requires_grad_(t.requires_grad) for t in tensors[:n_inputs]]
-    return inputs, list(tensors[n_inputs:])
+def _leaf(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().requires_grad_(t.requires_grad)
 
 
-def _vjp(fn: Callable[..., Tensors], inputs: list[torch.Tensor], params: list[torch.Tensor],
-         grad_outputs: Sequence[torch.Tensor], create_graph: bool) -> list[torch.Tensor | None]:
-    """Gradients of ⟨grad_outputs, fn(inputs)⟩ for every input and parameter (None: no path)."""
-    outputs = fn(*inputs)
-    wrt = [t for t in inputs + params if t.requires_grad]
-    pairs = [(y, g) for y, g in zip(outputs, grad_outputs) if y.requires_grad]
-    grads = iter(torch.autograd.grad([y for y, _ in pairs], wrt, [g for _, g in pairs],
-                                     create_graph=create_graph, allow_unused=True)) if pairs else iter([None] * len(wrt))
-    return [next(grads) if t.requires_grad else None for t in inputs + params]
+@dataclass(frozen=True)
+class _Unit:
+    fn: Callable[..., Tensors]
+    n_inputs: int
+
+    def vjp(self, inputs: Sequence[torch.Tensor], params: Sequence[torch.Tensor],
+            grad_outputs: Sequence[torch.Tensor], param_grads: bool) -> list[torch.Tensor | None]:
+        """Gradients of ⟨grad_outputs, fn(inputs)⟩ for every input (and parameter: param_grads)."""
+        local = [_leaf(t) for t in inputs]
+        return _grads(self.fn(*local), grad_outputs, local + (list(params) if param_grads else []), create_graph=False)
+
+    def vjp_backward(self, inputs: Sequence[torch.Tensor], params: Sequence[torch.Tensor],
+                     grad_outputs: Sequence[torch.Tensor], param_grads: bool,
+                     grad_grads: Sequence[torch.Tensor | None]) -> list[torch.Tensor | None]:
+        """Gradients of ⟨grad_grads, vjp⟩ for every input, parameter and grad_output."""
+        local = [_leaf(t) for t in inputs]
+        local_grad_outputs = [_leaf(g).requires_grad_(True) for g in grad_outputs]
+        with torch.enable_grad():
+            first = _grads(self.fn(*local), local_grad_outputs, local + (list(params) if param_grads else []),
+                           create_graph=True)
+            return _grads(first, grad_grads, local + list(params) + local_grad_outputs, create_graph=False)
+
+
+def _grads(outputs: Sequence[torch.Tensor | None], grad_outputs: Sequence[torch.Tensor | None],
+           wrt: Sequence[torch.Tensor], create_graph: bool) -> list[torch.Tensor | None]:
+    """autograd.grad of Σ⟨grad_outputs, outputs⟩ for each of wrt (None: no path or no grad wanted)."""
+    pairs = [(y, g) for y, g in zip(outputs, grad_outputs) if y is not None and g is not None and y.requires_grad]
+    targets = [t for t in wrt if t.requires_grad]
+    if not pairs or not targets:
+        return [None] * len(wrt)
+    grads = iter(torch.autograd.grad([y for y, _ in pairs], targets, [g for _, g in pairs],
+                                     create_graph=create_graph, allow_unused=True))
+    return [next(grads) if t.requires_grad else None for t in wrt]
 
 
 class _Recompute(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, fn, n_inputs, *tensors):
-        ctx.fn, ctx.n_inputs = fn, n_inputs
+    def forward(ctx, unit: _Unit, *tensors):
+        ctx.unit = unit
         ctx.save_for_backward(*tensors)
         with torch.no_grad():
-            return tuple(fn(*(t.detach() for t in tensors[:n_inputs])))
+            return tuple(unit.fn(*tensors[:unit.n_inputs]))
 
     @staticmethod
     def backward(ctx, *grad_outputs):
         tensors = ctx.saved_tensors
         param_grads = not torch.is_grad_enabled()  # create_graph: the force backward wants input gradients only
-        grads = _RecomputeVJP.apply(ctx.fn, ctx.n_inputs, len(tensors), param_grads, *tensors, *grad_outputs)
-        return (None, None, *grads)
+        grads = _RecomputeVJP.apply(ctx.unit, len(tensors), param_grads, *tensors, *grad_outputs)
+        return (None, *grads)
 
 
 class _RecomputeVJP(torch.autograd.Function):
@@ -80,29 +102,20 @@ class _RecomputeVJP(torch.autograd.Function):
     backward through the force backward) recomputes the unit and its vjp with create_graph."""
 
     @staticmethod
-    def forward(ctx, fn, n_inputs, n_tensors, param_grads, *tensors_and_grads):
-        ctx.fn, ctx.n_inputs, ctx.n_tensors, ctx.param_grads = fn, n_inputs, n_tensors, param_grads
+    def forward(ctx, unit: _Unit, n_tensors: int, param_grads: bool, *tensors_and_grads):
+        ctx.unit, ctx.n_tensors, ctx.param_grads = unit, n_tensors, param_grads
         ctx.save_for_backward(*tensors_and_grads)
-        inputs, params = _split(tensors_and_grads[:n_tensors], n_inputs)
+        inputs, params = tensors_and_grads[:unit.n_inputs], tensors_and_grads[unit.n_inputs:n_tensors]
         with torch.enable_grad():
-            grads = _vjp(fn, inputs, params if param_grads else [], tensors_and_grads[n_tensors:], create_graph=False)
+            grads = unit.vjp(inputs, params, tensors_and_grads[n_tensors:], param_grads)
         # Unused inputs get zeros, not None: the force backward sums them with other paths.
-        return (*(g if g is not None else torch.zeros_like(t) for g, t in zip(grads, tensors_and_grads[:n_inputs])),
-                *(grads[n_inputs:] if param_grads else [None] * len(params)))
+        return (*(g if g is not None else torch.zeros_like(t) for g, t in zip(grads, inputs)),
+                *(grads[unit.n_inputs:] if param_grads else [None] * len(params)))
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, *grad_grads):
-        saved = ctx.saved_tensors
-        n_tensors = ctx.n_tensors
-        inputs, params = _split(saved[:n_tensors], ctx.n_inputs)
-        grad_outputs = [g.detach().requires_grad_(True) for g in saved[n_tensors:]]
-        with torch.enable_grad():
-            grads = _vjp(ctx.fn, inputs, params if ctx.param_grads else [], grad_outputs, create_graph=True)
-            pairs = [(g, gg) for g, gg in zip(grads, grad_grads)
-                     if g is not None and gg is not None and g.requires_grad]
-            wrt = [t for t in inputs + params if t.requires_grad] + grad_outputs
-            second = iter(torch.autograd.grad([g for g, _ in pairs], wrt, [gg for _, gg in pairs],
-                                              allow_unused=True)) if pairs else iter([None] * len(wrt))
-        result = [next(second) if t.requires_grad else None for t in inputs + params] + [next(second) for _ in grad_outputs]
-        return (None, None, None, None, *result)
+        saved, unit, n_tensors = ctx.saved_tensors, ctx.unit, ctx.n_tensors
+        inputs, params = saved[:unit.n_inputs], saved[unit.n_inputs:n_tensors]
+        result = unit.vjp_backward(inputs, params, saved[n_tensors:], ctx.param_grads, grad_grads)
+        return (None, None, None, *result)
