@@ -99,192 +99,218 @@ def segment_max(score_XD: torch.Tensor, segment_X: torch.Tensor, running_SD: tor
     return running_SD.scatter_reduce_(0, segment_X.unsqueeze(1).expand_as(score_XD), score_XD, "amax")
 
 
-class _Operands:
-    """The inputs as the sweeps read them: the parts by index, (K, S, D), and each line term's
-    weight W_k as (4, D, F) and transposed, (4, F, D) — for the thin products of line features
-    (F = 8 angle terms) BLAS is several times faster with its second operand transposed, so
-    ℓ·W_kᵀ reads KDF and L̄·W_k reads KFD."""
-
-    def __init__(self, inputs: Inputs):
-        self.inputs = inputs
-        self.parts_SP = torch.nn.functional.linear(inputs.entity_SD, inputs.entity_weight_PD, inputs.entity_bias_P)
-        self.width = inputs.entity_SD.shape[1]
-        self.parts_KSD = self.parts_SP.view(-1, 10, self.width).transpose(0, 1)
-        self.weight_KDF = inputs.line_weight_4DF.view(4, self.width, -1)
-        self.weight_KFD = self.weight_KDF.transpose(1, 2).contiguous()
-
-    def chunks(self, chunk: int) -> list[_Lines]:
-        n_lines = self.inputs.index_2X.shape[1]
-        return [_Lines(self, slice(lo, min(lo + chunk, n_lines))) for lo in range(0, n_lines, chunk)]
+# --- one chunk of lines: pure functions of tensors (so a compiler can fuse each into a few loops)
+# parts_SP: the entity projection, S × 10·D; index_2X, line_XF, weight_X: the chunk's lines;
+# weight_KDF / weight_KFD: the line weights by term, (4, D, F) and its transpose (4, F, D) as a
+# contiguous copy — for thin products of line features (F = 8 angle terms) BLAS is several times
+# faster with its second operand transposed, so ℓ·W_kᵀ reads KDF and L̄·W_k reads KFD.
+# Accumulators (sums, maxima, gradients) are S-row tensors the chunk adds into in place.
 
 
-class _Lines:
-    """One chunk of lines: its slice of the line inputs and its per-line terms."""
+def _part(parts_SP: torch.Tensor, k: int, index_X: torch.Tensor) -> torch.Tensor:
+    width = parts_SP.shape[1] // 10
+    return parts_SP.view(parts_SP.shape[0], 10, width)[:, k].index_select(0, index_X)
 
-    def __init__(self, operands: _Operands, rows: slice):
-        self.operands, self.rows = operands, rows
-        inputs = operands.inputs
-        self.line_XF, self.index_2X = inputs.line_XF[rows], inputs.index_2X[:, rows]
-        self.weight_X1 = inputs.weight_X[rows].unsqueeze(1)
 
-    @functools.cached_property
-    def line_FX(self) -> torch.Tensor:
-        return self.line_XF.T.contiguous()
+def _score(parts_SP, line_XF, index_2X, weight_KDF, d: Direction) -> torch.Tensor:
+    segment_X, other_X = index_2X[d.segment_row], index_2X[1 - d.segment_row]
+    return _part(parts_SP, d.a, segment_X) + _part(parts_SP, d.b, other_X) + line_XF @ weight_KDF[d.line_score].T
 
-    def gather(self, part_SD: torch.Tensor, row: int) -> torch.Tensor:
-        return part_SD.index_select(0, self.index_2X[row])
 
-    def line_term(self, k: int) -> torch.Tensor:
-        return self.line_XF @ self.operands.weight_KDF[k].T
+def _terms(parts_SP, line_XF, index_2X, weight_X, weight_KDF, d: Direction, max_SD) -> dict[str, torch.Tensor]:
+    """u = exp(z − m), e = w·u, g, σ(g), f = silu(g), f', f'' and V_t of every line in the chunk."""
+    segment_X, other_X = index_2X[d.segment_row], index_2X[1 - d.segment_row]
+    u_XD = torch.exp(_score(parts_SP, line_XF, index_2X, weight_KDF, d) - max_SD.index_select(0, segment_X))
+    g_XD = _part(parts_SP, d.p, segment_X) + _part(parts_SP, d.q, other_X) + line_XF @ weight_KDF[d.line_gate].T
+    sigma_XD = torch.sigmoid(g_XD)
+    return {"u": u_XD, "e": u_XD * weight_X.unsqueeze(1), "g": g_XD, "sigma": sigma_XD, "f": g_XD * sigma_XD,
+            "fprime": sigma_XD * (1 + g_XD * (1 - sigma_XD)),
+            "fsecond": sigma_XD * (1 - sigma_XD) * (2 + g_XD * (1 - 2 * sigma_XD)),
+            "V": _part(parts_SP, d.value, other_X)}
 
-    def score(self, d: Direction) -> torch.Tensor:
-        parts = self.operands.parts_KSD
-        z_XD = self.gather(parts[d.a], d.segment_row)
-        z_XD += self.gather(parts[d.b], 1 - d.segment_row)
-        z_XD += self.line_term(d.line_score)
-        return z_XD
 
-    def terms(self, d: Direction, max_SD: torch.Tensor) -> dict[str, torch.Tensor]:
-        """u = exp(z − m), e = w·u, g, σ(g), f = silu(g), f' and V_t of every line in the chunk."""
-        parts = self.operands.parts_KSD
-        u_XD = self.score(d)
-        u_XD -= self.gather(max_SD, d.segment_row)
-        u_XD.exp_()
-        g_XD = self.gather(parts[d.p], d.segment_row)
-        g_XD += self.gather(parts[d.q], 1 - d.segment_row)
-        g_XD += self.line_term(d.line_gate)
-        sigma_XD = torch.sigmoid(g_XD)
-        return {"u": u_XD, "e": u_XD * self.weight_X1, "g": g_XD, "sigma": sigma_XD, "f": g_XD * sigma_XD,
-                "fprime": sigma_XD * (1 + g_XD * (1 - sigma_XD)), "V": self.gather(parts[d.value], 1 - d.segment_row)}
+def _to_parts(grad_KSD: torch.Tensor, index_2X: torch.Tensor, d: Direction, score_XD: torch.Tensor,
+              gate_XD: torch.Tensor, value_XD: torch.Tensor) -> None:
+    """Scatter per-line gradients of z, g and V_t to the parts they were gathered from."""
+    segment_X, other_X = index_2X[d.segment_row], index_2X[1 - d.segment_row]
+    for k, index_X, grad_XD in ((d.a, segment_X, score_XD), (d.b, other_X, score_XD),
+                                (d.p, segment_X, gate_XD), (d.q, other_X, gate_XD), (d.value, other_X, value_XD)):
+        grad_KSD[k].index_add_(0, index_X, grad_XD)
+
+
+def chunk_max(parts_SP, line_XF, index_2X, weight_KDF, max0_SD, max1_SD) -> None:
+    for d, max_SD in zip(DIRECTIONS, (max0_SD, max1_SD)):
+        segment_max(_score(parts_SP, line_XF, index_2X, weight_KDF, d), index_2X[d.segment_row], max_SD)
+
+
+def chunk_sums(parts_SP, line_XF, index_2X, weight_X, weight_KDF, max0_SD, max1_SD, *sums_SD) -> None:
+    for i, (d, max_SD) in enumerate(zip(DIRECTIONS, (max0_SD, max1_SD))):
+        t = _terms(parts_SP, line_XF, index_2X, weight_X, weight_KDF, d, max_SD)
+        sums_SD[2 * i].index_add_(0, index_2X[d.segment_row], t["e"] * t["f"] * t["V"])
+        sums_SD[2 * i + 1].index_add_(0, index_2X[d.segment_row], t["e"])
+
+
+def chunk_vjp(parts_SP, line_XF, index_2X, weight_X, weight_KDF, weight_KFD, max0_SD, max1_SD,
+              grad_sums: tuple[torch.Tensor, ...], grad_parts_KSD: torch.Tensor,
+              grad_weight_KFD: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Adds the chunk's parts (and line-weight) gradients in place; returns its line-feature and
+    w gradients."""
+    grad_line_XF = torch.zeros_like(line_XF)
+    grad_weight_X = torch.zeros_like(weight_X)
+    for i, (d, max_SD) in enumerate(zip(DIRECTIONS, (max0_SD, max1_SD))):
+        segment_X = index_2X[d.segment_row]
+        t = _terms(parts_SP, line_XF, index_2X, weight_X, weight_KDF, d, max_SD)
+        n_XD = grad_sums[2 * i].index_select(0, segment_X)
+        ne_XD = n_XD * t["e"]
+        k_XD = n_XD * t["f"] * t["V"] + grad_sums[2 * i + 1].index_select(0, segment_X)
+        grad_weight_X = grad_weight_X + (k_XD * t["u"]).sum(1)
+        zbar_XD, gbar_XD = k_XD * t["e"], ne_XD * t["V"] * t["fprime"]
+        _to_parts(grad_parts_KSD, index_2X, d, zbar_XD, gbar_XD, ne_XD * t["f"])
+        for k, grad_XD in ((d.line_score, zbar_XD), (d.line_gate, gbar_XD)):
+            grad_line_XF = grad_line_XF + grad_XD @ weight_KFD[k].T
+            if grad_weight_KFD is not None:
+                grad_weight_KFD[k].add_(line_XF.T @ grad_XD)
+    return grad_line_XF, grad_weight_X
+
+
+def chunk_vjp_of_vjp(parts_SP, line_XF, index_2X, weight_X, weight_KDF, weight_KFD, max0_SD, max1_SD,
+                     grad_sums: tuple[torch.Tensor, ...], tilde_parts_SP, tilde_line_XF, tilde_weight_X,
+                     first_KSD: torch.Tensor, grad_parts_KSD: torch.Tensor, grad_weight_KFD: torch.Tensor,
+                     grad_sums_out: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Adds the chunk's part of the vjp's parts gradient P̄ (first_KSD), of the second-order
+    parts, line-weight and grad_sums gradients in place; returns its line-feature and w gradients."""
+    w_X1, tilde_w_X1 = weight_X.unsqueeze(1), tilde_weight_X.unsqueeze(1)
+    grad_line_XF = torch.zeros_like(line_XF)
+    grad_weight_X = torch.zeros_like(weight_X)
+    for i, (d, max_SD) in enumerate(zip(DIRECTIONS, (max0_SD, max1_SD))):
+        segment_X, other_X = index_2X[d.segment_row], index_2X[1 - d.segment_row]
+        t = _terms(parts_SP, line_XF, index_2X, weight_X, weight_KDF, d, max_SD)
+        u_XD, f_XD, v_XD, fprime_XD = t["u"], t["f"], t["V"], t["fprime"]
+        n_XD = grad_sums[2 * i].index_select(0, segment_X)
+        fv_XD = f_XD * v_XD
+        k_XD = n_XD * fv_XD + grad_sums[2 * i + 1].index_select(0, segment_X)
+        ne_XD = n_XD * t["e"]
+        zbar_XD, gbar_XD = k_XD * t["e"], ne_XD * v_XD * fprime_XD
+        _to_parts(first_KSD, index_2X, d, zbar_XD, gbar_XD, ne_XD * f_XD)
+        # The direct terms of the line weights: ℓ̄ = Σ_k L̄_k·W_k.
+        grad_weight_KFD[d.line_score].add_(tilde_line_XF.T @ zbar_XD)
+        grad_weight_KFD[d.line_gate].add_(tilde_line_XF.T @ gbar_XD)
+        # Cotangents of z̄, ḡ and V̄_t (each gathered from every place the vjp put them).
+        ztil_XD = _part(tilde_parts_SP, d.a, segment_X) + _part(tilde_parts_SP, d.b, other_X) \
+            + tilde_line_XF @ weight_KDF[d.line_score].T
+        gtil_XD = _part(tilde_parts_SP, d.p, segment_X) + _part(tilde_parts_SP, d.q, other_X) \
+            + tilde_line_XF @ weight_KDF[d.line_gate].T
+        vtil_XD = _part(tilde_parts_SP, d.value, other_X)
+        a_XD = w_X1 * ztil_XD + tilde_w_X1
+        r_XD = gtil_XD * v_XD * fprime_XD + vtil_XD * f_XD
+        un_XD = u_XD * n_XD
+        # Through z, g, V_t, w and the cotangents n, d.
+        zhat_XD = u_XD * (a_XD * k_XD + w_X1 * n_XD * r_XD)
+        ghat_XD = un_XD * (fprime_XD * (a_XD * v_XD + w_X1 * vtil_XD) + w_X1 * gtil_XD * v_XD * t["fsecond"])
+        vhat_XD = un_XD * (a_XD * f_XD + w_X1 * gtil_XD * fprime_XD)
+        grad_weight_X = grad_weight_X + (u_XD * (ztil_XD * k_XD + n_XD * r_XD)).sum(1)
+        grad_sums_out[2 * i].index_add_(0, segment_X, u_XD * (a_XD * fv_XD + w_X1 * r_XD))
+        grad_sums_out[2 * i + 1].index_add_(0, segment_X, u_XD * a_XD)
+        _to_parts(grad_parts_KSD, index_2X, d, zhat_XD, ghat_XD, vhat_XD)
+        for k, grad_XD in ((d.line_score, zhat_XD), (d.line_gate, ghat_XD)):
+            grad_line_XF = grad_line_XF + grad_XD @ weight_KFD[k].T
+            grad_weight_KFD[k].add_(line_XF.T @ grad_XD)
+    return grad_line_XF, grad_weight_X
+
+
+# --- sweeps over all chunks
+
+
+class _Operands(NamedTuple):
+    parts_SP: torch.Tensor
+    weight_KDF: torch.Tensor
+    weight_KFD: torch.Tensor
+    width: int
+
+
+def _operands(inputs: Inputs) -> _Operands:
+    width = inputs.entity_SD.shape[1]
+    weight_KDF = inputs.line_weight_4DF.view(4, width, -1)
+    return _Operands(torch.nn.functional.linear(inputs.entity_SD, inputs.entity_weight_PD, inputs.entity_bias_P),
+                     weight_KDF, weight_KDF.transpose(1, 2).contiguous(), width)
+
+
+def _chunks(inputs: Inputs, chunk: int) -> list[slice]:
+    n_lines = inputs.index_2X.shape[1]
+    return [slice(lo, min(lo + chunk, n_lines)) for lo in range(0, n_lines, chunk)]
+
+
+def _parts_grad_KSD(op: _Operands) -> torch.Tensor:
+    """A parts-gradient accumulator, (K, S, D) contiguous by part (scatters into the strided
+    columns of S × 10·D are slower than one transposing copy at the end)."""
+    return op.parts_SP.new_zeros(10, op.parts_SP.shape[0], op.width)
+
+
+def _through_projection(grad_KSD: torch.Tensor, inputs: Inputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The parts gradient P̄ taken through P = entity·W_Pᵀ + b_P: the gradients of the entities,
+    W_P and b_P, part by part (no S × 10·D copy: at the peak of the loss's backward)."""
+    entity_SD = torch.zeros_like(inputs.entity_SD)
+    for grad_SD, weight_DD in zip(grad_KSD, inputs.entity_weight_PD.view(10, -1, entity_SD.shape[1])):
+        entity_SD.addmm_(grad_SD, weight_DD)
+    return entity_SD, _outer_by_part(grad_KSD, inputs.entity_SD), grad_KSD.sum(1).reshape(-1)
+
+
+def _outer_by_part(grad_KSD: torch.Tensor, right_SD: torch.Tensor) -> torch.Tensor:
+    """Σ_s grad_k[s]ᵀ·right[s] for each part k, stacked as W_P is (10·D × D)."""
+    return torch.bmm(grad_KSD.transpose(1, 2), right_SD.expand(grad_KSD.shape[0], *right_SD.shape)).reshape(-1, right_SD.shape[1])
 
 
 def forward_sums(inputs: Inputs, chunk: int) -> tuple[torch.Tensor, ...]:
     """num0, den0, num1, den1, max0, max1: two sweeps (the maxima, then the sums)."""
-    operands = _Operands(inputs)
-    chunks = operands.chunks(chunk)
+    op = _operands(inputs)
     n_entities = inputs.entity_SD.shape[0]
-    maxima = [operands.parts_SP.new_zeros(n_entities, operands.width) for _ in DIRECTIONS]  # ≥ 0: exp(−m) ≤ 1
-    for lines in chunks:
-        for d, max_SD in zip(DIRECTIONS, maxima):
-            segment_max(lines.score(d), lines.index_2X[d.segment_row], max_SD)
-    sums = [operands.parts_SP.new_zeros(n_entities, operands.width) for _ in range(4)]
-    for lines in chunks:
-        for i, (d, max_SD) in enumerate(zip(DIRECTIONS, maxima)):
-            t = lines.terms(d, max_SD)
-            segment_X = lines.index_2X[d.segment_row]
-            sums[2 * i].index_add_(0, segment_X, t["e"] * t["f"] * t["V"])
-            sums[2 * i + 1].index_add_(0, segment_X, t["e"])
+    maxima = [op.parts_SP.new_zeros(n_entities, op.width) for _ in DIRECTIONS]  # ≥ 0: exp(−m) ≤ 1
+    for r in _chunks(inputs, chunk):
+        chunk_max(op.parts_SP, inputs.line_XF[r], inputs.index_2X[:, r], op.weight_KDF, *maxima)
+    sums = [op.parts_SP.new_zeros(n_entities, op.width) for _ in range(4)]
+    for r in _chunks(inputs, chunk):
+        chunk_sums(op.parts_SP, inputs.line_XF[r], inputs.index_2X[:, r], inputs.weight_X[r], op.weight_KDF,
+                     *maxima, *sums)
     return (*sums, *maxima)
-
-
-class _Grads:
-    """Gradient accumulators: of the parts, (K, S, D) (contiguous by part: scatters into strided
-    rows are slower than one transposing copy at the end), of the line features and the line
-    weights (the latter only when wanted), and of w."""
-
-    def __init__(self, operands: _Operands, line_weights: bool):
-        self.parts_KSD = operands.parts_KSD.new_zeros(operands.parts_KSD.shape)
-        self.line_XF = torch.zeros_like(operands.inputs.line_XF)
-        self.weight_KFD = torch.zeros_like(operands.weight_KFD) if line_weights else None
-        self.weight_X = torch.zeros_like(operands.inputs.weight_X)
-
-    def to_parts(self, d: Direction, lines: _Lines, score_XD: torch.Tensor, gate_XD: torch.Tensor,
-                 value_XD: torch.Tensor) -> None:
-        """Scatter per-line gradients of z, g and V_t to the parts they were gathered from."""
-        segment_X, other_X = lines.index_2X[d.segment_row], lines.index_2X[1 - d.segment_row]
-        for k, index_X, grad_XD in ((d.a, segment_X, score_XD), (d.b, other_X, score_XD),
-                                    (d.p, segment_X, gate_XD), (d.q, other_X, gate_XD), (d.value, other_X, value_XD)):
-            self.parts_KSD[k].index_add_(0, index_X, grad_XD)
-
-    def to_line_term(self, lines: _Lines, k: int, grad_XD: torch.Tensor) -> None:
-        """grad is the cotangent of line term k = ℓ·W_kᵀ."""
-        self.line_XF[lines.rows].addmm_(grad_XD, lines.operands.weight_KFD[k].T)
-        if self.weight_KFD is not None:
-            self.weight_KFD[k].addmm_(lines.line_FX, grad_XD)
-
-    @property
-    def parts_SP(self) -> torch.Tensor:
-        return self.parts_KSD.transpose(0, 1).reshape(self.parts_KSD.shape[1], -1)
-
-    def line_weight_4DF(self) -> torch.Tensor | None:
-        return None if self.weight_KFD is None else self.weight_KFD.transpose(1, 2).reshape(-1, self.weight_KFD.shape[1])
 
 
 def vjp(inputs: Inputs, chunk: int, maxima, grad_sums, weights: bool) -> tuple[torch.Tensor | None, ...]:
     """Gradients of Σ⟨grad_sums, (num0, den0, num1, den1)⟩ for each of Inputs (the weights' None
     unless `weights`; the index's None)."""
-    operands = _Operands(inputs)
-    grads = _Grads(operands, line_weights=weights)
-    for lines in operands.chunks(chunk):
-        for i, (d, max_SD) in enumerate(zip(DIRECTIONS, maxima)):
-            segment_X = lines.index_2X[d.segment_row]
-            t = lines.terms(d, max_SD)
-            n_XD = grad_sums[2 * i].index_select(0, segment_X)
-            ne_XD = n_XD * t["e"]
-            k_XD = n_XD * t["f"] * t["V"] + grad_sums[2 * i + 1].index_select(0, segment_X)
-            grads.weight_X[lines.rows] += (k_XD * t["u"]).sum(1)
-            zbar_XD, gbar_XD = k_XD * t["e"], ne_XD * t["V"] * t["fprime"]
-            grads.to_parts(d, lines, zbar_XD, gbar_XD, ne_XD * t["f"])
-            grads.to_line_term(lines, d.line_score, zbar_XD)
-            grads.to_line_term(lines, d.line_gate, gbar_XD)
-    parts_SP = grads.parts_SP
-    entity_SD = parts_SP @ inputs.entity_weight_PD
+    op = _operands(inputs)
+    grad_KSD = _parts_grad_KSD(op)
+    grad_weight_KFD = torch.zeros_like(op.weight_KFD) if weights else None
+    grad_line_XF, grad_weight_X = torch.empty_like(inputs.line_XF), torch.empty_like(inputs.weight_X)
+    for r in _chunks(inputs, chunk):
+        grad_line_XF[r], grad_weight_X[r] = chunk_vjp(
+            op.parts_SP, inputs.line_XF[r], inputs.index_2X[:, r], inputs.weight_X[r], op.weight_KDF, op.weight_KFD,
+            *maxima, tuple(grad_sums), grad_KSD, grad_weight_KFD)
+    entity_SD, entity_weight_PD, entity_bias_P = _through_projection(grad_KSD, inputs)
     if not weights:
-        return entity_SD, None, None, grads.line_XF, None, grads.weight_X, None
-    return (entity_SD, parts_SP.T @ inputs.entity_SD, parts_SP.sum(0),
-            grads.line_XF, grads.line_weight_4DF(), grads.weight_X, None)
+        return entity_SD, None, None, grad_line_XF, None, grad_weight_X, None
+    return (entity_SD, entity_weight_PD, entity_bias_P, grad_line_XF,
+            grad_weight_KFD.transpose(1, 2).reshape(-1, grad_weight_KFD.shape[1]), grad_weight_X, None)
 
 
 def vjp_of_vjp(inputs: Inputs, chunk: int, maxima, grad_sums, grad_grad_entity_SD: torch.Tensor,
                grad_grad_line_XF: torch.Tensor, grad_grad_weight_X: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
     """Gradients of ⟨(ẽ, ℓ̃, w̃), vjp(…, grad_sums)⟩ (the vjp without weights) for each of Inputs
     and for the four cotangents grad_sums."""
-    operands = _Operands(inputs)
-    tilde_KSD = (grad_grad_entity_SD @ inputs.entity_weight_PD.T).view(-1, 10, operands.width).transpose(0, 1)
-    first = _Grads(operands, line_weights=False)   # P̄, the vjp's parts gradient (for W_P's direct term)
-    grads = _Grads(operands, line_weights=True)
-    grad_sums_out = [torch.zeros_like(g) for g in grad_sums]
-    for lines in operands.chunks(chunk):
-        w_X1 = lines.weight_X1
-        tilde_line_XF, tilde_w_X1 = grad_grad_line_XF[lines.rows], grad_grad_weight_X[lines.rows].unsqueeze(1)
-        tilde_line_FX = tilde_line_XF.T.contiguous()
-        for i, (d, max_SD) in enumerate(zip(DIRECTIONS, maxima)):
-            segment_X, other_X = lines.index_2X[d.segment_row], lines.index_2X[1 - d.segment_row]
-            t = lines.terms(d, max_SD)
-            u_XD, f_XD, v_XD, fprime_XD = t["u"], t["f"], t["V"], t["fprime"]
-            n_XD = grad_sums[2 * i].index_select(0, segment_X)
-            fv_XD = f_XD * v_XD
-            k_XD = n_XD * fv_XD + grad_sums[2 * i + 1].index_select(0, segment_X)
-            ne_XD = n_XD * t["e"]
-            zbar_XD, gbar_XD = k_XD * t["e"], ne_XD * v_XD * fprime_XD
-            first.to_parts(d, lines, zbar_XD, gbar_XD, ne_XD * f_XD)
-            # The direct terms of the line weights: ℓ̄ = Σ_k L̄_k·W_k.
-            grads.weight_KFD[d.line_score].addmm_(tilde_line_FX, zbar_XD)
-            grads.weight_KFD[d.line_gate].addmm_(tilde_line_FX, gbar_XD)
-            # Cotangents of z̄, ḡ and V̄_t (each gathered from every place the vjp put them).
-            ztil_XD = tilde_KSD[d.a].index_select(0, segment_X) + tilde_KSD[d.b].index_select(0, other_X) \
-                + tilde_line_XF @ operands.weight_KDF[d.line_score].T
-            gtil_XD = tilde_KSD[d.p].index_select(0, segment_X) + tilde_KSD[d.q].index_select(0, other_X) \
-                + tilde_line_XF @ operands.weight_KDF[d.line_gate].T
-            vtil_XD = tilde_KSD[d.value].index_select(0, other_X)
-            a_XD = w_X1 * ztil_XD + tilde_w_X1
-            r_XD = gtil_XD * v_XD * fprime_XD + vtil_XD * f_XD
-            un_XD = u_XD * n_XD
-            # Through z, g, V_t, w and the cotangents n, d.
-            zhat_XD = u_XD * (a_XD * k_XD + w_X1 * n_XD * r_XD)
-            fsecond_XD = t["sigma"] * (1 - t["sigma"]) * (2 + t["g"] * (1 - 2 * t["sigma"]))
-            ghat_XD = un_XD * (fprime_XD * (a_XD * v_XD + w_X1 * vtil_XD) + w_X1 * gtil_XD * v_XD * fsecond_XD)
-            vhat_XD = un_XD * (a_XD * f_XD + w_X1 * gtil_XD * fprime_XD)
-            grads.weight_X[lines.rows] += (u_XD * (ztil_XD * k_XD + n_XD * r_XD)).sum(1)
-            grad_sums_out[2 * i].index_add_(0, segment_X, u_XD * (a_XD * fv_XD + w_X1 * r_XD))
-            grad_sums_out[2 * i + 1].index_add_(0, segment_X, u_XD * a_XD)
-            grads.to_parts(d, lines, zhat_XD, ghat_XD, vhat_XD)
-            grads.to_line_term(lines, d.line_score, zhat_XD)
-            grads.to_line_term(lines, d.line_gate, ghat_XD)
-    hat_SP = grads.parts_SP
-    entity_weight_PD = hat_SP.T @ inputs.entity_SD + first.parts_SP.T @ grad_grad_entity_SD
-    return (hat_SP @ inputs.entity_weight_PD, entity_weight_PD, hat_SP.sum(0), grads.line_XF,
-            grads.line_weight_4DF(), grads.weight_X, None, *grad_sums_out)
+    op = _operands(inputs)
+    tilde_parts_SP = grad_grad_entity_SD @ inputs.entity_weight_PD.T
+    first_KSD, grad_KSD = _parts_grad_KSD(op), _parts_grad_KSD(op)  # P̄ (for W_P's direct term), P̂
+    grad_weight_KFD = torch.zeros_like(op.weight_KFD)
+    grad_sums_out = tuple(torch.zeros_like(g) for g in grad_sums)
+    grad_line_XF, grad_weight_X = torch.empty_like(inputs.line_XF), torch.empty_like(inputs.weight_X)
+    for r in _chunks(inputs, chunk):
+        grad_line_XF[r], grad_weight_X[r] = chunk_vjp_of_vjp(
+            op.parts_SP, inputs.line_XF[r], inputs.index_2X[:, r], inputs.weight_X[r], op.weight_KDF, op.weight_KFD,
+            *maxima, tuple(grad_sums), tilde_parts_SP, grad_grad_line_XF[r], grad_grad_weight_X[r],
+            first_KSD, grad_KSD, grad_weight_KFD, grad_sums_out)
+    entity_SD, entity_weight_PD, entity_bias_P = _through_projection(grad_KSD, inputs)
+    entity_weight_PD += _outer_by_part(first_KSD, grad_grad_entity_SD)
+    return (entity_SD, entity_weight_PD, entity_bias_P, grad_line_XF,
+            grad_weight_KFD.transpose(1, 2).reshape(-1, grad_weight_KFD.shape[1]), grad_weight_X, None, *grad_sums_out)
 
 
 class _Sums(torch.autograd.Function):
