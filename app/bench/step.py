@@ -81,9 +81,11 @@ def _measure(step: Callable[[], None], warmup: int, repeats: int) -> dict:
 
 
 def exaforce_worker(preset: str, workload: str, batch: int, dtype: str, warmup: int, repeats: int,
-                    recompute_lines: int = RunConfig().recompute_lines) -> dict:
+                    recompute_lines: int = RunConfig().recompute_lines,
+                    recompute_bonds: bool = RunConfig().recompute_bonds, name: str = "exaforce") -> dict:
     """The trainer's step (exaforce.training.step.train_step) on one rank, timed, then FLOP-counted;
-    run.recompute_lines as in training (its default), or 0 for the stored path ("store")."""
+    run.recompute_lines and run.recompute_bonds as in training (their defaults), or 0 for the
+    stored path ("store"), or bonds false ("sums")."""
     from exaforce.comm.groups import build_groups
     from exaforce.config import DTYPES, Config, DataConfig, model_preset
     from exaforce.graph import build_batch
@@ -97,7 +99,8 @@ def exaforce_worker(preset: str, workload: str, batch: int, dtype: str, warmup: 
 
     atoms = workload_structures(workload, batch, BENCH_SEED)
     steps = warmup + repeats + 1  # the timed steps, then the FLOP count's: the schedule spans them all
-    cfg = Config(run=RunConfig(steps=steps, dtype=dtype, recompute_lines=recompute_lines), model=model_preset(preset),
+    cfg = Config(run=RunConfig(steps=steps, dtype=dtype, recompute_lines=recompute_lines,
+                               recompute_bonds=recompute_bonds), model=model_preset(preset),
                  data=DataConfig(train=("bench",), global_batch_size=batch))
     torch.manual_seed(BENCH_SEED)
     model = Potential(cfg.model).to(DTYPES[dtype])
@@ -118,7 +121,7 @@ def exaforce_worker(preset: str, workload: str, batch: int, dtype: str, warmup: 
 
     measured = _measure(step, warmup, repeats)
     flops = count_flops(step)  # after the peak was read: its own extra step
-    return {"model": "exaforce" if recompute_lines else "store", "preset": preset, "recompute_lines": recompute_lines,
+    return {"model": name, "preset": preset, "recompute_lines": recompute_lines, "recompute_bonds": recompute_bonds,
             "params": sum(p.numel() for p in model.parameters()),
             "width": cfg.model.width, "blocks": cfg.model.blocks, "cutoff": cfg.model.cutoff,
             "three_body_cutoff": cfg.model.three_body_cutoff, **measured, "flops": flops,
@@ -166,9 +169,10 @@ def mace_worker(preset: str, workload: str, batch: int, dtype: str, warmup: int,
             "edges": int(graphs["edge_index"].shape[1]), "atoms": sum(len(a) for a in atoms)}
 
 
-WORKERS = {"exaforce": exaforce_worker, "store": partial(exaforce_worker, recompute_lines=0),
+WORKERS = {"exaforce": exaforce_worker, "store": partial(exaforce_worker, recompute_lines=0, name="store"),
+           "sums": partial(exaforce_worker, recompute_bonds=False, name="sums"),
            "matris": matris_worker, "mace": mace_worker}
-COMPARABLE = ("store", "matris", "mace")  # --compare: the stored path, the references
+COMPARABLE = ("store", "sums", "matris", "mace")  # --compare: the stored path, the sums-stored one, the references
 
 
 def run_worker(model: str, preset: str, workload: str, batch: int, dtype: str, warmup: int, repeats: int,
@@ -292,7 +296,7 @@ def _summary(sweep: dict) -> dict:
 
 def bench_step(preset: str, workload: str, batches: list[int], dtype: str, warmup: int, repeats: int,
                compare: list[str], mem_limit_gib: float, log: Callable[[str], None], runs: int = 1) -> dict:
-    """The sweep over `batches` for exaforce (and each of `compare`: "store", "matris", "mace"); the
+    """The sweep over `batches` for exaforce (and each of `compare`: "store", "sums", "matris", "mace"); the
     top-level keys describe exaforce's largest batch that ran, `batches` every one of them, and
     `references` the compared sweeps alike."""
     from exaforce.perf.machines import local_machine
@@ -303,7 +307,8 @@ def bench_step(preset: str, workload: str, batches: list[int], dtype: str, warmu
     ours = _sweep("exaforce", preset, workload, batches, dtype, warmup, repeats, runs, mem_limit_gib, log)
     peak_flops = local_machine(getattr(torch, dtype))["peak_flops_per_s"]
     result = {"preset": preset, "workload": workload, "dtype": dtype, "mem_limit_gib": mem_limit_gib, "runs": runs,
-              "recompute_lines": RunConfig().recompute_lines, "peak_flops_per_s": peak_flops, **ours,
+              "recompute_lines": RunConfig().recompute_lines, "recompute_bonds": RunConfig().recompute_bonds,
+              "peak_flops_per_s": peak_flops, **ours,
               **_summary(ours), "references": {}}
     _log_sweep("exaforce", ours, mem_limit_gib, log)
     top = _largest(ours)

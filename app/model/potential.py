@@ -19,6 +19,7 @@ from exaforce.model.blocks import InteractionBlock
 from exaforce.model.layers import GatedMLP, RMSNorm
 from exaforce.graph import GraphBatch
 from exaforce.model.moe import MoEMLP, load_balancing_loss
+from exaforce.model.recompute import Recompute
 from exaforce.model.routing import Routing, TokenCounts, plan_layer
 
 
@@ -80,15 +81,15 @@ class Potential(nn.Module):
 
     def forward(self, species_N: torch.Tensor, vectors_E3: torch.Tensor, edge_index_2E: torch.Tensor,
                 triplet_index_2T: torch.Tensor, graph_N: torch.Tensor, n_graphs: int, head_G: torch.Tensor,
-                routing: Routing | None = None, recompute_lines: int = 0) -> torch.Tensor:
+                routing: Routing | None = None, plan: Recompute | None = None) -> torch.Tensor:
         """Energy of each graph (eV) with its head's readout and references; all geometry enters
         through vectors_E3. `routing` (from plan_routing) is required when the model has MoE layers.
 
-        recompute_lines > 0 (training): both attentions are fused ops with hand-written first and
-        second derivatives that sweep their lines in chunks of that many rows
-        (exaforce.model.fused_attention), and each block's bond update is recomputed
-        (exaforce.model.recompute), so neither the forward's nor the force backward's graph keeps
-        per-line or per-bond intermediates for the loss's backward. 0: plain autograd (the reference)."""
+        With a plan (training): both attentions are fused ops with hand-written first and second
+        derivatives that sweep their lines in chunks (exaforce.model.fused_attention), and each
+        block's bond update is recomputed (exaforce.model.recompute, InteractionBlock), so neither
+        the forward's nor the force backward's graph keeps per-line or per-bond intermediates for
+        the loss's backward. None: plain autograd (the reference)."""
         # --- geometry features
         r_E = vectors_E3.norm(dim=-1)
         edge_weight_E = self.radial.envelope(r_E)
@@ -107,7 +108,7 @@ class Potential(nn.Module):
         class_N = head_N * len(self.cfg.elements) + species_N  # MoE routing class: fidelity × element
         for block in self.blocks:
             node_ND, edge_ED = block(node_ND, edge_ED, class_N, edge_index_2E, edge_weight_E,
-                                     triplet_index_2T, angle_TA, triplet_weight_T, routing, recompute_lines)
+                                     triplet_index_2T, angle_TA, triplet_weight_T, routing, plan)
 
         # --- readout: per-atom energies, reference energies, sum per graph
         readout_NH = self.readout(self.readout_norm(node_ND))
@@ -168,11 +169,11 @@ def local_routing(model: Potential, batch: GraphBatch) -> Routing:
 
 
 def energy(model: Potential, batch: GraphBatch, geometry: StrainedGeometry, routing: Routing | None = None,
-           recompute_lines: int = 0) -> torch.Tensor:
+           plan: Recompute | None = None) -> torch.Tensor:
     if routing is None and model.moe_layers:
         routing = local_routing(model, batch)
     return model(batch.species_N, geometry.vectors_E3, batch.edge_index_2E, batch.triplet_index_2T,
-                 batch.graph_N, batch.n_graphs, batch.head_G, routing, recompute_lines)
+                 batch.graph_N, batch.n_graphs, batch.head_G, routing, plan)
 
 
 def forces_and_stress(energy_G: torch.Tensor, geometry: StrainedGeometry, batch: GraphBatch,

@@ -34,6 +34,21 @@ import torch
 Tensors = tuple[torch.Tensor, ...]
 
 
+@dataclass(frozen=True)
+class Recompute:
+    """How a training step trades compute for memory (run.recompute_lines, run.recompute_bonds):
+    the fused attentions sweep `lines` lines at a time, and with `bonds` each block's line
+    attention is recomputed with its bond update instead of storing its sums. None instead of a
+    plan: plain autograd, every intermediate stored (the reference)."""
+
+    lines: int
+    bonds: bool = True
+
+    @classmethod
+    def from_run(cls, recompute_lines: int, recompute_bonds: bool) -> Recompute | None:
+        return cls(recompute_lines, recompute_bonds) if recompute_lines else None
+
+
 def recompute(fn: Callable[..., Tensors], inputs: Sequence[torch.Tensor], params: Sequence[torch.Tensor]) -> Tensors:
     """fn(*inputs) (a tuple of tensors), differentiable twice, storing inputs instead of intermediates.
 

@@ -19,6 +19,7 @@ from exaforce.config import Config
 from exaforce.graph import GraphBatch
 from exaforce.loss import structure_losses
 from exaforce.model.potential import Potential, energy, forces_and_stress, local_routing, strained_geometry
+from exaforce.model.recompute import Recompute
 from exaforce.model.routing import Routing
 from exaforce.parallel.parallelize import Parallel
 
@@ -41,7 +42,7 @@ def loss_and_gradients(model: Potential, batch: GraphBatch, cfg: Config, loss_sc
         routing = local_routing(model, batch)
     t0 = time.perf_counter()
     geometry = strained_geometry(batch)
-    energy_G = energy(model, batch, geometry, routing, cfg.run.recompute_lines)
+    energy_G = energy(model, batch, geometry, routing, Recompute.from_run(cfg.run.recompute_lines, cfg.run.recompute_bonds))
     t1 = time.perf_counter()
     pred = forces_and_stress(energy_G, geometry, batch, training=True)  # create_graph=True; no reduction
     t2 = time.perf_counter()

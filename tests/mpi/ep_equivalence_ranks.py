@@ -37,7 +37,9 @@ def main(out_path: str, dp: int, ep: int, backend: str) -> None:
                      "model": {"preset": "small-moe", "moe_experts": 8, "moe_top_k": 2},
                      "loss": {"moe_aux_weight": 0.1}, "parallel": {"dp": dp, "ep": ep},
                      "comm": {"backend": backend, "bucket_mb": 0.05},  # several buckets
-                     "run": {"dtype": "float64", "recompute_lines": 50}})  # distributed: recomputed, many chunks
+                     # distributed: fused attentions over many chunks, line-attention sums stored (the
+                     # dp test covers the bonds-recomputed default)
+                     "run": {"dtype": "float64", "recompute_lines": 50, "recompute_bonds": False}})
     stored_cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, recompute_lines=0))  # serial: stored
     frames = Frames.from_atoms(synthesize(GLOBAL_BATCH, seed=11))  # several elements and sizes
     dp_index, ep_index = topo.layout.coords(topo.rank)

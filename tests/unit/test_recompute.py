@@ -14,7 +14,7 @@ from exaforce.graph import batch_from_atoms
 from exaforce.model.blocks import SeparableAttention
 from exaforce.model.fused_attention import Inputs, fused_segment_sums
 from exaforce.model.potential import Potential, energy, forces_and_stress, local_routing, strained_geometry
-from exaforce.model.recompute import recompute
+from exaforce.model.recompute import Recompute, recompute
 
 pytestmark = pytest.mark.physics
 
@@ -29,13 +29,13 @@ def alloy_cells() -> list:
     return cells
 
 
-def loss_and_grads(model: Potential, chunk: int) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
+def loss_and_grads(model: Potential, plan: Recompute | None) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
     batch = batch_from_atoms(alloy_cells(), model.species_table(), model.cfg.cutoff,
                              model.cfg.three_body_cutoff).to("cpu", torch.float64)
     routing = local_routing(model, batch) if model.moe_layers else None
     model.zero_grad(set_to_none=True)
     geometry = strained_geometry(batch)
-    pred = forces_and_stress(energy(model, batch, geometry, routing, chunk), geometry, batch, training=True)
+    pred = forces_and_stress(energy(model, batch, geometry, routing, plan), geometry, batch, training=True)
     target_N3 = torch.linspace(-1, 1, pred.forces_N3.numel(), dtype=torch.float64).reshape(-1, 3)
     loss = (pred.energy_G - 1.0).pow(2).sum() + 3 * (pred.forces_N3 - target_N3).pow(2).sum() \
         + 5 * pred.stress_G6.pow(2).sum()
@@ -48,12 +48,13 @@ def loss_and_grads(model: Potential, chunk: int) -> tuple[dict[str, torch.Tensor
 
 @pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
 @pytest.mark.parametrize("chunk", [700, 100_000], ids=["many-chunks", "one-chunk"])
-def test_recomputed_step_equals_stored_step(moe, chunk):
+@pytest.mark.parametrize("bonds", [True, False], ids=["bonds-recomputed", "bond-sums-stored"])
+def test_recomputed_step_equals_stored_step(moe, chunk, bonds):
     cfg = ModelConfig(width=16, blocks=2, elements=("Cu", "Au"), moe_experts=4 if moe else 0, moe_top_k=2)
     torch.manual_seed(0)
     model = Potential(cfg).double()
-    stored, stored_grads = loss_and_grads(model, chunk=0)
-    recomputed, recomputed_grads = loss_and_grads(model, chunk=chunk)
+    stored, stored_grads = loss_and_grads(model, None)
+    recomputed, recomputed_grads = loss_and_grads(model, Recompute(chunk, bonds))
     for key, value in stored.items():
         torch.testing.assert_close(recomputed[key], value, rtol=0, atol=1e-12, msg=key)
     assert len(stored_grads) == len(recomputed_grads) == len(list(model.parameters()))
