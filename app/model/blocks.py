@@ -47,9 +47,9 @@ class SeparableAttention(nn.Module):
     O(D) instead of the O(D²) of an MLP on concatenated features — the line graph has several
     times more rows than the atom graph, and the double backward triples that work.
 
-    line_chunk = 0 is the plain path: autograd through every per-line op (the reference). With
-    line_chunk > 0 the per-line work is one op with hand-written first and second derivatives
-    (exaforce.model.fused_attention) that sweeps the lines in chunks of line_chunk and stores no
+    plan = None is the plain path: autograd through every per-line op (the reference). With a plan
+    the attention is one op with hand-written first and second derivatives
+    (exaforce.model.fused_attention) that sweeps the lines in chunks of plan.lines and stores no
     per-line tensor.
     """
 
@@ -64,9 +64,9 @@ class SeparableAttention(nn.Module):
         self.line_proj = nn.Linear(line_dim, 4 * width, bias=False)  # score/gate terms of the line itself
 
     def forward(self, entity_SD: torch.Tensor, line_XF: torch.Tensor, weight_X: torch.Tensor,
-                index_2X: torch.Tensor, line_chunk: int = 0) -> torch.Tensor:
+                index_2X: torch.Tensor, plan: Recompute | None = None) -> torch.Tensor:
         """The message into each entity, (S, 2·D): direction 0 (into the source), then 1."""
-        return self.message(self.segment_sums(entity_SD, line_XF, weight_X, index_2X, line_chunk))
+        return self.message(self.segment_sums(entity_SD, line_XF, weight_X, index_2X, plan))
 
     @staticmethod
     def message(sums: SegmentSums) -> torch.Tensor:
@@ -75,10 +75,10 @@ class SeparableAttention(nn.Module):
         return torch.cat([smooth_attention(num0_SD, den0_SD, max0_SD), smooth_attention(num1_SD, den1_SD, max1_SD)], -1)
 
     def segment_sums(self, entity_SD: torch.Tensor, line_XF: torch.Tensor, weight_X: torch.Tensor,
-                     index_2X: torch.Tensor, line_chunk: int = 0) -> SegmentSums:
-        if line_chunk:
+                     index_2X: torch.Tensor, plan: Recompute | None = None) -> SegmentSums:
+        if plan is not None:
             return fused_segment_sums(Inputs(entity_SD, self.entity_proj.weight, self.entity_proj.bias, line_XF,
-                                             self.line_proj.weight, weight_X, index_2X), line_chunk)
+                                             self.line_proj.weight, weight_X, index_2X), plan.lines, plan.scratch)
         # Plain: one pass over the lines, maxima from its own (detached) scores.
         n_segments = entity_SD.shape[0]
         src_X, dst_X = index_2X
@@ -160,31 +160,30 @@ class InteractionBlock(nn.Module):
         attention inside it (plan.bonds: least memory) or fed the attention's stored sums (about
         10 E×D tensors per block more, and about 1.5× faster). The atom update (N rows, a few per
         cent of the block's memory) is stored."""
-        chunk = plan.lines if plan is not None else 0
         # Line graph: bonds a and b sharing a centre atom exchange messages shaped by their angle.
         class_E = class_N[edge_index_2E[0]]
         edge_params = [*self.edge_norm.parameters(), *self.edge_update.parameters(), self.edge_scale]
         if plan is not None and plan.bonds:
             update = partial(self._attend_and_update_edges, class_E=class_E, triplet_index_2T=triplet_index_2T,
-                             routing=routing, chunk=chunk)
+                             routing=routing, plan=plan)
             edge_ED, = recompute(update, (edge_ED, angle_TA, triplet_weight_T),
                                  [*self.line_attention.parameters(), *edge_params])
         else:
-            bond_sums = self.line_attention.segment_sums(edge_ED, angle_TA, triplet_weight_T, triplet_index_2T, chunk)
+            bond_sums = self.line_attention.segment_sums(edge_ED, angle_TA, triplet_weight_T, triplet_index_2T, plan)
             update = partial(self._update_edges, maxima=bond_sums.maxima, class_E=class_E, routing=routing)
             edge_ED, = update(edge_ED, *bond_sums.sums) if plan is None \
                 else recompute(update, (edge_ED, *bond_sums.sums), edge_params)
 
         # Atom graph: each atom gathers from the bonds it starts and the bonds it ends.
-        atom_msg_N2D = self.atom_attention(node_ND, edge_ED, edge_weight_E, edge_index_2E, chunk)
+        atom_msg_N2D = self.atom_attention(node_ND, edge_ED, edge_weight_E, edge_index_2E, plan)
         node_in_N3D = torch.cat([node_ND, self.node_norm(atom_msg_N2D)], -1)
         node_ND = node_ND + self.node_scale * self.node_update(node_in_N3D, class_N, routing)
         return node_ND, edge_ED
 
     def _attend_and_update_edges(self, edge_ED: torch.Tensor, angle_TA: torch.Tensor, triplet_weight_T: torch.Tensor,
                                  *, class_E: torch.Tensor, triplet_index_2T: torch.Tensor, routing: Routing | None,
-                                 chunk: int) -> tuple[torch.Tensor]:
-        sums = self.line_attention.segment_sums(edge_ED, angle_TA, triplet_weight_T, triplet_index_2T, chunk)
+                                 plan: Recompute) -> tuple[torch.Tensor]:
+        sums = self.line_attention.segment_sums(edge_ED, angle_TA, triplet_weight_T, triplet_index_2T, plan)
         return self._update_edges(edge_ED, *sums.sums, maxima=sums.maxima, class_E=class_E, routing=routing)
 
     def _update_edges(self, edge_ED: torch.Tensor, *sums: torch.Tensor, maxima: tuple[torch.Tensor, torch.Tensor],

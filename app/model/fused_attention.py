@@ -85,11 +85,11 @@ class Inputs(NamedTuple):
     index_2X: torch.Tensor            # (source, target) entity of each line
 
 
-def fused_segment_sums(inputs: Inputs, chunk: int) -> SegmentSums:
-    """The attention's sums (see the module docstring), differentiable twice."""
+def fused_segment_sums(inputs: Inputs, chunk: int, scratch: Scratch) -> SegmentSums:
+    """The attention's sums (see the module docstring), differentiable twice; `chunk` lines per sweep step."""
     if chunk <= 0:
         raise ValueError(f"chunk = {chunk}: must be > 0")
-    num0, den0, num1, den1, max0, max1 = _Sums.apply(chunk, *inputs)
+    num0, den0, num1, den1, max0, max1 = _Sums.apply(_Sweep(chunk, scratch), *inputs)
     return SegmentSums((num0, den0, num1, den1), (max0, max1))
 
 
@@ -118,15 +118,23 @@ def _score(parts_SP, line_XF, index_2X, weight_KDF, d: Direction) -> torch.Tenso
 
 
 def _terms(parts_SP, line_XF, index_2X, weight_X, weight_KDF, d: Direction, max_SD) -> dict[str, torch.Tensor]:
-    """u = exp(z − m), e = w·u, g, σ(g), f = silu(g), f', f'' and V_t of every line in the chunk."""
+    """u = exp(z − m), e = w·u, g, σ(g), f = silu(g) and V_t of every line in the chunk."""
     segment_X, other_X = index_2X[d.segment_row], index_2X[1 - d.segment_row]
     u_XD = torch.exp(_score(parts_SP, line_XF, index_2X, weight_KDF, d) - max_SD.index_select(0, segment_X))
     g_XD = _part(parts_SP, d.p, segment_X) + _part(parts_SP, d.q, other_X) + line_XF @ weight_KDF[d.line_gate].T
     sigma_XD = torch.sigmoid(g_XD)
     return {"u": u_XD, "e": u_XD * weight_X.unsqueeze(1), "g": g_XD, "sigma": sigma_XD, "f": g_XD * sigma_XD,
-            "fprime": sigma_XD * (1 + g_XD * (1 - sigma_XD)),
-            "fsecond": sigma_XD * (1 - sigma_XD) * (2 + g_XD * (1 - 2 * sigma_XD)),
             "V": _part(parts_SP, d.value, other_X)}
+
+
+def _silu_grad(t: dict[str, torch.Tensor]) -> torch.Tensor:
+    """f' = σ(1 + g(1 − σ))."""
+    return t["sigma"] * (1 + t["g"] * (1 - t["sigma"]))
+
+
+def _silu_second(t: dict[str, torch.Tensor]) -> torch.Tensor:
+    """f'' = σ(1 − σ)(2 + g(1 − 2σ))."""
+    return t["sigma"] * (1 - t["sigma"]) * (2 + t["g"] * (1 - 2 * t["sigma"]))
 
 
 def _to_parts(grad_KSD: torch.Tensor, index_2X: torch.Tensor, d: Direction, score_XD: torch.Tensor,
@@ -164,7 +172,7 @@ def chunk_vjp(parts_SP, line_XF, index_2X, weight_X, weight_KDF, weight_KFD, max
         ne_XD = n_XD * t["e"]
         k_XD = n_XD * t["f"] * t["V"] + grad_sums[2 * i + 1].index_select(0, segment_X)
         grad_weight_X = grad_weight_X + (k_XD * t["u"]).sum(1)
-        zbar_XD, gbar_XD = k_XD * t["e"], ne_XD * t["V"] * t["fprime"]
+        zbar_XD, gbar_XD = k_XD * t["e"], ne_XD * t["V"] * _silu_grad(t)
         _to_parts(grad_parts_KSD, index_2X, d, zbar_XD, gbar_XD, ne_XD * t["f"])
         for k, grad_XD in ((d.line_score, zbar_XD), (d.line_gate, gbar_XD)):
             grad_line_XF = grad_line_XF + grad_XD @ weight_KFD[k].T
@@ -185,7 +193,7 @@ def chunk_vjp_of_vjp(parts_SP, line_XF, index_2X, weight_X, weight_KDF, weight_K
     for i, (d, max_SD) in enumerate(zip(DIRECTIONS, (max0_SD, max1_SD))):
         segment_X, other_X = index_2X[d.segment_row], index_2X[1 - d.segment_row]
         t = _terms(parts_SP, line_XF, index_2X, weight_X, weight_KDF, d, max_SD)
-        u_XD, f_XD, v_XD, fprime_XD = t["u"], t["f"], t["V"], t["fprime"]
+        u_XD, f_XD, v_XD, fprime_XD = t["u"], t["f"], t["V"], _silu_grad(t)
         n_XD = grad_sums[2 * i].index_select(0, segment_X)
         fv_XD = f_XD * v_XD
         k_XD = n_XD * fv_XD + grad_sums[2 * i + 1].index_select(0, segment_X)
@@ -206,7 +214,7 @@ def chunk_vjp_of_vjp(parts_SP, line_XF, index_2X, weight_X, weight_KDF, weight_K
         un_XD = u_XD * n_XD
         # Through z, g, V_t, w and the cotangents n, d.
         zhat_XD = u_XD * (a_XD * k_XD + w_X1 * n_XD * r_XD)
-        ghat_XD = un_XD * (fprime_XD * (a_XD * v_XD + w_X1 * vtil_XD) + w_X1 * gtil_XD * v_XD * t["fsecond"])
+        ghat_XD = un_XD * (fprime_XD * (a_XD * v_XD + w_X1 * vtil_XD) + w_X1 * gtil_XD * v_XD * _silu_second(t))
         vhat_XD = un_XD * (a_XD * f_XD + w_X1 * gtil_XD * fprime_XD)
         grad_weight_X = grad_weight_X + (u_XD * (ztil_XD * k_XD + n_XD * r_XD)).sum(1)
         grad_sums_out[2 * i].index_add_(0, segment_X, u_XD * (a_XD * fv_XD + w_X1 * r_XD))
@@ -228,11 +236,30 @@ class _Operands(NamedTuple):
     width: int
 
 
-def _operands(inputs: Inputs) -> _Operands:
-    width = inputs.entity_SD.shape[1]
+class Scratch:
+    """Entity-sized work buffers (S × 10·D: the parts, their gradients), reused across the op's calls
+    instead of allocated afresh for each: fresh pages cost ~10× a refill on these VMs, and at the
+    line graph's S these buffers are tens to hundreds of MB. Safe because calls never overlap and no
+    buffer is returned. One per training step (exaforce.model.recompute.Recompute)."""
+
+    def __init__(self):
+        self._buffers: dict[tuple, torch.Tensor] = {}
+
+    def get(self, role: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        """A buffer of uninitialised values, the same one for the same role, shape and dtype."""
+        key = (role, tuple(shape), like.dtype, like.device)
+        if key not in self._buffers:
+            self._buffers[key] = like.new_empty(shape)
+        return self._buffers[key]
+
+
+def _operands(inputs: Inputs, scratch: Scratch) -> _Operands:
+    entity_SD, weight_PD = inputs.entity_SD, inputs.entity_weight_PD
+    width = entity_SD.shape[1]
     weight_KDF = inputs.line_weight_4DF.view(4, width, -1)
-    return _Operands(torch.nn.functional.linear(inputs.entity_SD, inputs.entity_weight_PD, inputs.entity_bias_P),
-                     weight_KDF, weight_KDF.transpose(1, 2).contiguous(), width)
+    parts_SP = torch.addmm(inputs.entity_bias_P, entity_SD, weight_PD.T,
+                           out=scratch.get("parts", (entity_SD.shape[0], weight_PD.shape[0]), entity_SD))
+    return _Operands(parts_SP, weight_KDF, weight_KDF.transpose(1, 2).contiguous(), width)
 
 
 def _chunks(inputs: Inputs, chunk: int) -> list[slice]:
@@ -240,18 +267,21 @@ def _chunks(inputs: Inputs, chunk: int) -> list[slice]:
     return [slice(lo, min(lo + chunk, n_lines)) for lo in range(0, n_lines, chunk)]
 
 
-def _parts_grad_KSD(op: _Operands) -> torch.Tensor:
+def _parts_grad_KSD(op: _Operands, scratch: Scratch, role: str) -> torch.Tensor:
     """A parts-gradient accumulator, (K, S, D) contiguous by part (scatters into the strided
-    columns of S × 10·D are slower than one transposing copy at the end)."""
-    return op.parts_SP.new_zeros(10, op.parts_SP.shape[0], op.width)
+    columns of S × 10·D are slower than reading it part by part at the end), zeroed."""
+    return scratch.get(role, (10, op.parts_SP.shape[0], op.width), op.parts_SP).zero_()
 
 
-def _through_projection(grad_KSD: torch.Tensor, inputs: Inputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The parts gradient P̄ taken through P = entity·W_Pᵀ + b_P: the gradients of the entities,
-    W_P and b_P, part by part (no S × 10·D copy: at the peak of the loss's backward)."""
+def _through_projection(grad_KSD: torch.Tensor, inputs: Inputs,
+                        weights: bool = True) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """The parts gradient P̄ taken through P = entity·W_Pᵀ + b_P: the gradients of the entities and
+    (weights) of W_P and b_P, part by part (no S × 10·D copy: at the peak of the loss's backward)."""
     entity_SD = torch.zeros_like(inputs.entity_SD)
     for grad_SD, weight_DD in zip(grad_KSD, inputs.entity_weight_PD.view(10, -1, entity_SD.shape[1])):
         entity_SD.addmm_(grad_SD, weight_DD)
+    if not weights:
+        return entity_SD, None, None
     return entity_SD, _outer_by_part(grad_KSD, inputs.entity_SD), grad_KSD.sum(1).reshape(-1)
 
 
@@ -260,9 +290,9 @@ def _outer_by_part(grad_KSD: torch.Tensor, right_SD: torch.Tensor) -> torch.Tens
     return torch.bmm(grad_KSD.transpose(1, 2), right_SD.expand(grad_KSD.shape[0], *right_SD.shape)).reshape(-1, right_SD.shape[1])
 
 
-def forward_sums(inputs: Inputs, chunk: int) -> tuple[torch.Tensor, ...]:
+def forward_sums(inputs: Inputs, chunk: int, scratch: Scratch) -> tuple[torch.Tensor, ...]:
     """num0, den0, num1, den1, max0, max1: two sweeps (the maxima, then the sums)."""
-    op = _operands(inputs)
+    op = _operands(inputs, scratch)
     n_entities = inputs.entity_SD.shape[0]
     maxima = [op.parts_SP.new_zeros(n_entities, op.width) for _ in DIRECTIONS]  # ≥ 0: exp(−m) ≤ 1
     for r in _chunks(inputs, chunk):
@@ -274,31 +304,34 @@ def forward_sums(inputs: Inputs, chunk: int) -> tuple[torch.Tensor, ...]:
     return (*sums, *maxima)
 
 
-def vjp(inputs: Inputs, chunk: int, maxima, grad_sums, weights: bool) -> tuple[torch.Tensor | None, ...]:
+def vjp(inputs: Inputs, chunk: int, scratch: Scratch, maxima, grad_sums,
+        weights: bool) -> tuple[torch.Tensor | None, ...]:
     """Gradients of Σ⟨grad_sums, (num0, den0, num1, den1)⟩ for each of Inputs (the weights' None
     unless `weights`; the index's None)."""
-    op = _operands(inputs)
-    grad_KSD = _parts_grad_KSD(op)
+    op = _operands(inputs, scratch)
+    grad_KSD = _parts_grad_KSD(op, scratch, "grad")
     grad_weight_KFD = torch.zeros_like(op.weight_KFD) if weights else None
     grad_line_XF, grad_weight_X = torch.empty_like(inputs.line_XF), torch.empty_like(inputs.weight_X)
     for r in _chunks(inputs, chunk):
         grad_line_XF[r], grad_weight_X[r] = chunk_vjp(
             op.parts_SP, inputs.line_XF[r], inputs.index_2X[:, r], inputs.weight_X[r], op.weight_KDF, op.weight_KFD,
             *maxima, tuple(grad_sums), grad_KSD, grad_weight_KFD)
-    entity_SD, entity_weight_PD, entity_bias_P = _through_projection(grad_KSD, inputs)
+    entity_SD, entity_weight_PD, entity_bias_P = _through_projection(grad_KSD, inputs, weights)
     if not weights:
         return entity_SD, None, None, grad_line_XF, None, grad_weight_X, None
     return (entity_SD, entity_weight_PD, entity_bias_P, grad_line_XF,
             grad_weight_KFD.transpose(1, 2).reshape(-1, grad_weight_KFD.shape[1]), grad_weight_X, None)
 
 
-def vjp_of_vjp(inputs: Inputs, chunk: int, maxima, grad_sums, grad_grad_entity_SD: torch.Tensor,
+def vjp_of_vjp(inputs: Inputs, chunk: int, scratch: Scratch, maxima, grad_sums, grad_grad_entity_SD: torch.Tensor,
                grad_grad_line_XF: torch.Tensor, grad_grad_weight_X: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
     """Gradients of ⟨(ẽ, ℓ̃, w̃), vjp(…, grad_sums)⟩ (the vjp without weights) for each of Inputs
     and for the four cotangents grad_sums."""
-    op = _operands(inputs)
-    tilde_parts_SP = grad_grad_entity_SD @ inputs.entity_weight_PD.T
-    first_KSD, grad_KSD = _parts_grad_KSD(op), _parts_grad_KSD(op)  # P̄ (for W_P's direct term), P̂
+    op = _operands(inputs, scratch)
+    tilde_parts_SP = torch.mm(grad_grad_entity_SD, inputs.entity_weight_PD.T,
+                              out=scratch.get("tilde", op.parts_SP.shape, op.parts_SP))
+    first_KSD = _parts_grad_KSD(op, scratch, "first")  # P̄, for W_P's direct term
+    grad_KSD = _parts_grad_KSD(op, scratch, "grad")    # P̂
     grad_weight_KFD = torch.zeros_like(op.weight_KFD)
     grad_sums_out = tuple(torch.zeros_like(g) for g in grad_sums)
     grad_line_XF, grad_weight_X = torch.empty_like(inputs.line_XF), torch.empty_like(inputs.weight_X)
@@ -313,11 +346,16 @@ def vjp_of_vjp(inputs: Inputs, chunk: int, maxima, grad_sums, grad_grad_entity_S
             grad_weight_KFD.transpose(1, 2).reshape(-1, grad_weight_KFD.shape[1]), grad_weight_X, None, *grad_sums_out)
 
 
+class _Sweep(NamedTuple):
+    chunk: int
+    scratch: Scratch
+
+
 class _Sums(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, chunk: int, *inputs):
-        outputs = forward_sums(Inputs(*inputs), chunk)
-        ctx.chunk = chunk
+    def forward(ctx, sweep: _Sweep, *inputs):
+        outputs = forward_sums(Inputs(*inputs), *sweep)
+        ctx.sweep = sweep
         ctx.save_for_backward(*inputs, *outputs[4:])
         ctx.mark_non_differentiable(*outputs[4:])
         return outputs
@@ -327,9 +365,9 @@ class _Sums(torch.autograd.Function):
         *inputs, max0_SD, max1_SD = ctx.saved_tensors
         grad_sums = grad_outputs[:4]
         if torch.is_grad_enabled():  # create_graph (the force backward): a recorded op, no weight gradients
-            entity_SD, line_XF, weight_X = _SumsVJP.apply(ctx.chunk, max0_SD, max1_SD, *inputs, *grad_sums)
+            entity_SD, line_XF, weight_X = _SumsVJP.apply(ctx.sweep, max0_SD, max1_SD, *inputs, *grad_sums)
             return None, entity_SD, None, None, line_XF, None, weight_X, None
-        return None, *vjp(Inputs(*inputs), ctx.chunk, (max0_SD, max1_SD), grad_sums, weights=True)
+        return None, *vjp(Inputs(*inputs), *ctx.sweep, (max0_SD, max1_SD), grad_sums, weights=True)
 
 
 class _SumsVJP(torch.autograd.Function):
@@ -337,11 +375,11 @@ class _SumsVJP(torch.autograd.Function):
     backward) is vjp_of_vjp."""
 
     @staticmethod
-    def forward(ctx, chunk: int, max0_SD, max1_SD, *inputs_and_grad_sums):
-        ctx.chunk = chunk
+    def forward(ctx, sweep: _Sweep, max0_SD, max1_SD, *inputs_and_grad_sums):
+        ctx.sweep = sweep
         ctx.save_for_backward(max0_SD, max1_SD, *inputs_and_grad_sums)
         inputs, grad_sums = Inputs(*inputs_and_grad_sums[:len(Inputs._fields)]), inputs_and_grad_sums[len(Inputs._fields):]
-        entity_SD, _, _, line_XF, _, weight_X, _ = vjp(inputs, chunk, (max0_SD, max1_SD), grad_sums, weights=False)
+        entity_SD, _, _, line_XF, _, weight_X, _ = vjp(inputs, *sweep, (max0_SD, max1_SD), grad_sums, weights=False)
         return entity_SD, line_XF, weight_X
 
     @staticmethod
@@ -349,5 +387,5 @@ class _SumsVJP(torch.autograd.Function):
     def backward(ctx, grad_entity_SD, grad_line_XF, grad_weight_X):
         max0_SD, max1_SD, *saved = ctx.saved_tensors
         inputs, grad_sums = Inputs(*saved[:len(Inputs._fields)]), saved[len(Inputs._fields):]
-        return (None, None, None, *vjp_of_vjp(inputs, ctx.chunk, (max0_SD, max1_SD), grad_sums,
+        return (None, None, None, *vjp_of_vjp(inputs, *ctx.sweep, (max0_SD, max1_SD), grad_sums,
                                               grad_entity_SD, grad_line_XF, grad_weight_X))

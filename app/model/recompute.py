@@ -27,9 +27,11 @@ collectives (the expert all-to-all): every rank recomputes the same units in the
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+
+from exaforce.model.fused_attention import Scratch
 
 Tensors = tuple[torch.Tensor, ...]
 
@@ -39,10 +41,12 @@ class Recompute:
     """How a training step trades compute for memory (run.recompute_lines, run.recompute_bonds):
     the fused attentions sweep `lines` lines at a time, and with `bonds` each block's line
     attention is recomputed with its bond update instead of storing its sums. None instead of a
-    plan: plain autograd, every intermediate stored (the reference)."""
+    plan: plain autograd, every intermediate stored (the reference). One plan per step: its scratch
+    buffers live as long as the step."""
 
     lines: int
     bonds: bool = True
+    scratch: Scratch = field(default_factory=Scratch, compare=False)  # the fused attentions' work buffers
 
     @classmethod
     def from_run(cls, recompute_lines: int, recompute_bonds: bool) -> Recompute | None:

@@ -12,7 +12,7 @@ from ase.build import bulk
 from exaforce.config import ModelConfig
 from exaforce.graph import batch_from_atoms
 from exaforce.model.blocks import SeparableAttention
-from exaforce.model.fused_attention import Inputs, fused_segment_sums
+from exaforce.model.fused_attention import Inputs, Scratch, fused_segment_sums
 from exaforce.model.potential import Potential, energy, forces_and_stress, local_routing, strained_geometry
 from exaforce.model.recompute import Recompute, recompute
 
@@ -101,7 +101,7 @@ def test_fused_attention_derivatives_match_finite_differences():
 
     def message(entity, line, weight, entity_weight, entity_bias, line_weight):
         inputs = Inputs(entity, entity_weight, entity_bias, line, line_weight, weight, index)
-        return SeparableAttention.message(fused_segment_sums(inputs, chunk=7))
+        return SeparableAttention.message(fused_segment_sums(inputs, 7, Scratch()))
 
     params = (entity_proj.weight, entity_proj.bias, line_proj.weight)
     assert torch.autograd.gradcheck(message, (entity, line, weight, *params))
@@ -119,12 +119,12 @@ def test_fused_attention_double_backward_equals_autograd(chunk):
     torch.manual_seed(0)
     attention = SeparableAttention(3, 4).double()
 
-    def gradients(line_chunk: int) -> list[torch.Tensor]:
+    def gradients(plan: Recompute | None) -> list[torch.Tensor]:
         leaves = (entity, line, weight)
-        message = attention(entity, line, weight, index, line_chunk)
+        message = attention(entity, line, weight, index, plan)
         first = torch.autograd.grad(message.pow(3).sum(), leaves, create_graph=True)
         loss = sum(g.pow(2).sum() for g in first) + message.pow(2).sum()
         return list(torch.autograd.grad(loss, (*leaves, *attention.parameters())))
 
-    for plain, fused in zip(gradients(0), gradients(chunk)):
+    for plain, fused in zip(gradients(None), gradients(Recompute(chunk))):
         torch.testing.assert_close(fused, plain, rtol=0, atol=1e-12 * max(float(plain.abs().max()), 1.0))
