@@ -41,7 +41,6 @@ Shape legend: S entities, X lines, D channels, F line features, K the ten parts 
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import torch
@@ -286,8 +285,12 @@ def _through_projection(grad_KSD: torch.Tensor, inputs: Inputs,
 
 
 def _outer_by_part(grad_KSD: torch.Tensor, right_SD: torch.Tensor) -> torch.Tensor:
-    """Σ_s grad_k[s]ᵀ·right[s] for each part k, stacked as W_P is (10·D × D)."""
-    return torch.bmm(grad_KSD.transpose(1, 2), right_SD.expand(grad_KSD.shape[0], *right_SD.shape)).reshape(-1, right_SD.shape[1])
+    """Σ_s grad_k[s]ᵀ·right[s] for each part k, stacked as W_P is (10·D × D): one matmul per part
+    into its row block (no 10 × S × D copy of `right`)."""
+    out_PD = right_SD.new_empty(grad_KSD.shape[0] * grad_KSD.shape[2], right_SD.shape[1])
+    for grad_SD, block_DD in zip(grad_KSD, out_PD.view(grad_KSD.shape[0], grad_KSD.shape[2], -1)):
+        torch.mm(grad_SD.T, right_SD, out=block_DD)
+    return out_PD
 
 
 def forward_sums(inputs: Inputs, chunk: int, scratch: Scratch) -> tuple[torch.Tensor, ...]:
