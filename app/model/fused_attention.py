@@ -36,6 +36,13 @@ A create_graph backward through the op (the force backward) returns no weight gr
 force training the first-order parameter gradient of the energy is never wanted (the loss's
 backward supplies the parameter gradients), as in exaforce.model.recompute.
 
+Inside a recomputed unit (exaforce.model.recompute) the op runs three times on the same inputs:
+the unit's forward (without grad), its force backward and its loss backward. The sums of the
+first run are remembered (Scratch) and handed to the second, which forgets them; their maxima
+serve the third too, which then needs one sweep (the sums) instead of two. The third run's force
+backward is recorded only to be differentiated (recompute's vjp_backward never reads its values),
+so its values are not computed: that pass costs the vjp of the vjp and no vjp.
+
 Shape legend: S entities, X lines, D channels, F line features, K the ten parts (P: 10·D columns).
 """
 
@@ -85,10 +92,13 @@ class Inputs(NamedTuple):
 
 
 def fused_segment_sums(inputs: Inputs, chunk: int, scratch: Scratch) -> SegmentSums:
-    """The attention's sums (see the module docstring), differentiable twice; `chunk` lines per sweep step."""
+    """The attention's sums (see the module docstring), differentiable twice; `chunk` lines per
+    sweep step. Called without grad (a recomputed unit's forward), the sums are remembered for the
+    unit's backward passes."""
     if chunk <= 0:
         raise ValueError(f"chunk = {chunk}: must be > 0")
-    num0, den0, num1, den1, max0, max1 = _Sums.apply(_Sweep(chunk, scratch), *inputs)
+    num0, den0, num1, den1, max0, max1 = _Sums.apply(_Sweep(chunk, scratch, remember=not torch.is_grad_enabled()),
+                                                      *inputs)
     return SegmentSums((num0, den0, num1, den1), (max0, max1))
 
 
@@ -235,14 +245,63 @@ class _Operands(NamedTuple):
     width: int
 
 
+class _Known(NamedTuple):
+    """Sums remembered from a recomputed unit's forward, for the same inputs' later passes."""
+    inputs: Inputs                          # held, so their memory cannot be reused by other tensors meanwhile
+    sums: tuple[torch.Tensor, ...] | None   # num0, den0, num1, den1, until the force backward takes them
+    maxima: tuple[torch.Tensor, torch.Tensor]
+
+
+def _versions(tensors: tuple[torch.Tensor, ...]) -> tuple[int, ...]:
+    return tuple(t._version for t in tensors)
+
+
+def _same(a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...]) -> bool:
+    """The same values: the same memory, layout and versions (the caller holds `a`, so its memory
+    cannot have been freed and reused)."""
+    return _versions(a) == _versions(b) and all(
+        x.data_ptr() == y.data_ptr() and x.shape == y.shape and x.stride() == y.stride() and x.dtype == y.dtype
+        for x, y in zip(a, b))
+
+
 class Scratch:
     """Entity-sized work buffers (S × 10·D: the parts, their gradients), reused across the op's calls
     instead of allocated afresh for each: fresh pages cost ~10× a refill on these VMs, and at the
     line graph's S these buffers are tens to hundreds of MB. Safe because calls never overlap and no
-    buffer is returned. One per training step (exaforce.model.recompute.Recompute)."""
+    buffer is returned. Also the sums remembered for recomputed units (see the module docstring).
+    One per training step and micro-batch (exaforce.model.recompute.Recompute)."""
 
     def __init__(self):
         self._buffers: dict[tuple, torch.Tensor] = {}
+        self._known: list[_Known] = []
+        self._projected: dict[tuple, tuple[torch.Tensor, ...]] = {}  # parts buffer → the (entity, W_P, b_P) it holds
+
+    def projection(self, entity_SD: torch.Tensor, weight_PD: torch.Tensor, bias_P: torch.Tensor) -> torch.Tensor:
+        """The parts P = entity·W_Pᵀ + b_P in their buffer, computed only if it holds other parts:
+        a unit's loss backward runs three sweeps on the same entities."""
+        shape = (entity_SD.shape[0], weight_PD.shape[0])
+        source = (entity_SD, weight_PD, bias_P)
+        key = ("parts", shape, entity_SD.dtype, entity_SD.device)
+        parts_SP = self.get("parts", shape, entity_SD)
+        if key not in self._projected or not _same(self._projected[key], source):
+            torch.addmm(bias_P, entity_SD, weight_PD.T, out=parts_SP)
+            self._projected[key] = source
+        return parts_SP
+
+    def remember(self, inputs: Inputs, outputs: tuple[torch.Tensor, ...]) -> None:
+        self._known.append(_Known(inputs, outputs[:4], outputs[4:]))
+
+    def recall(self, inputs: Inputs) -> _Known | None:
+        """What is known of these exact inputs (same memory, unchanged): the sums once (then only
+        the maxima), the maxima once more (then nothing)."""
+        for i, known in enumerate(self._known):
+            if _same(known.inputs, inputs):
+                if known.sums is None:
+                    del self._known[i]
+                else:
+                    self._known[i] = known._replace(sums=None)
+                return known
+        return None
 
     def get(self, role: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
         """A buffer of uninitialised values, the same one for the same role, shape and dtype."""
@@ -256,8 +315,7 @@ def _operands(inputs: Inputs, scratch: Scratch) -> _Operands:
     entity_SD, weight_PD = inputs.entity_SD, inputs.entity_weight_PD
     width = entity_SD.shape[1]
     weight_KDF = inputs.line_weight_4DF.view(4, width, -1)
-    parts_SP = torch.addmm(inputs.entity_bias_P, entity_SD, weight_PD.T,
-                           out=scratch.get("parts", (entity_SD.shape[0], weight_PD.shape[0]), entity_SD))
+    parts_SP = scratch.projection(entity_SD, weight_PD, inputs.entity_bias_P)
     return _Operands(parts_SP, weight_KDF, weight_KDF.transpose(1, 2).contiguous(), width)
 
 
@@ -293,13 +351,16 @@ def _outer_by_part(grad_KSD: torch.Tensor, right_SD: torch.Tensor) -> torch.Tens
     return out_PD
 
 
-def forward_sums(inputs: Inputs, chunk: int, scratch: Scratch) -> tuple[torch.Tensor, ...]:
-    """num0, den0, num1, den1, max0, max1: two sweeps (the maxima, then the sums)."""
+def forward_sums(inputs: Inputs, chunk: int, scratch: Scratch,
+                 maxima: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, ...]:
+    """num0, den0, num1, den1, max0, max1: two sweeps (the maxima, then the sums), or one when the
+    maxima are known."""
     op = _operands(inputs, scratch)
     n_entities = inputs.entity_SD.shape[0]
-    maxima = [op.parts_SP.new_zeros(n_entities, op.width) for _ in DIRECTIONS]  # ≥ 0: exp(−m) ≤ 1
-    for r in _chunks(inputs, chunk):
-        chunk_max(op.parts_SP, inputs.line_XF[r], inputs.index_2X[:, r], op.weight_KDF, *maxima)
+    if maxima is None:
+        maxima = [op.parts_SP.new_zeros(n_entities, op.width) for _ in DIRECTIONS]  # ≥ 0: exp(−m) ≤ 1
+        for r in _chunks(inputs, chunk):
+            chunk_max(op.parts_SP, inputs.line_XF[r], inputs.index_2X[:, r], op.weight_KDF, *maxima)
     sums = [op.parts_SP.new_zeros(n_entities, op.width) for _ in range(4)]
     for r in _chunks(inputs, chunk):
         chunk_sums(op.parts_SP, inputs.line_XF[r], inputs.index_2X[:, r], inputs.weight_X[r], op.weight_KDF,
@@ -352,13 +413,22 @@ def vjp_of_vjp(inputs: Inputs, chunk: int, scratch: Scratch, maxima, grad_sums, 
 class _Sweep(NamedTuple):
     chunk: int
     scratch: Scratch
+    remember: bool  # a recomputed unit's forward: its backward passes want these sums again
 
 
 class _Sums(torch.autograd.Function):
     @staticmethod
     def forward(ctx, sweep: _Sweep, *inputs):
-        outputs = forward_sums(Inputs(*inputs), *sweep)
+        known = sweep.scratch.recall(Inputs(*inputs))
+        if known is not None and known.sums is not None:  # a recomputed unit's force backward
+            outputs = (*known.sums, *known.maxima)
+        else:
+            outputs = forward_sums(Inputs(*inputs), sweep.chunk, sweep.scratch,
+                                   None if known is None else known.maxima)
+        if sweep.remember and known is None:
+            sweep.scratch.remember(Inputs(*inputs), outputs)
         ctx.sweep = sweep
+        ctx.vjp_values_read = known is None or known.sums is not None  # not in a recomputed unit's loss backward
         ctx.save_for_backward(*inputs, *outputs[4:])
         ctx.mark_non_differentiable(*outputs[4:])
         return outputs
@@ -368,21 +438,27 @@ class _Sums(torch.autograd.Function):
         *inputs, max0_SD, max1_SD = ctx.saved_tensors
         grad_sums = grad_outputs[:4]
         if torch.is_grad_enabled():  # create_graph (the force backward): a recorded op, no weight gradients
-            entity_SD, line_XF, weight_X = _SumsVJP.apply(ctx.sweep, max0_SD, max1_SD, *inputs, *grad_sums)
+            entity_SD, line_XF, weight_X = _SumsVJP.apply(ctx.sweep, ctx.vjp_values_read, max0_SD, max1_SD,
+                                                          *inputs, *grad_sums)
             return None, entity_SD, None, None, line_XF, None, weight_X, None
-        return None, *vjp(Inputs(*inputs), *ctx.sweep, (max0_SD, max1_SD), grad_sums, weights=True)
+        return None, *vjp(Inputs(*inputs), ctx.sweep.chunk, ctx.sweep.scratch, (max0_SD, max1_SD), grad_sums,
+                          weights=True)
 
 
 class _SumsVJP(torch.autograd.Function):
     """The op's force backward, recorded: its backward (the loss's backward through the force
-    backward) is vjp_of_vjp."""
+    backward) is vjp_of_vjp. Without values_read its outputs are zeros: the graph is wanted, not the values."""
 
     @staticmethod
-    def forward(ctx, sweep: _Sweep, max0_SD, max1_SD, *inputs_and_grad_sums):
+    def forward(ctx, sweep: _Sweep, values_read: bool, max0_SD, max1_SD, *inputs_and_grad_sums):
         ctx.sweep = sweep
         ctx.save_for_backward(max0_SD, max1_SD, *inputs_and_grad_sums)
         inputs, grad_sums = Inputs(*inputs_and_grad_sums[:len(Inputs._fields)]), inputs_and_grad_sums[len(Inputs._fields):]
-        entity_SD, _, _, line_XF, _, weight_X, _ = vjp(inputs, *sweep, (max0_SD, max1_SD), grad_sums, weights=False)
+        if not values_read:
+            return (torch.zeros_like(inputs.entity_SD), torch.zeros_like(inputs.line_XF),
+                    torch.zeros_like(inputs.weight_X))
+        entity_SD, _, _, line_XF, _, weight_X, _ = vjp(inputs, sweep.chunk, sweep.scratch, (max0_SD, max1_SD),
+                                                       grad_sums, weights=False)
         return entity_SD, line_XF, weight_X
 
     @staticmethod
@@ -390,5 +466,5 @@ class _SumsVJP(torch.autograd.Function):
     def backward(ctx, grad_entity_SD, grad_line_XF, grad_weight_X):
         max0_SD, max1_SD, *saved = ctx.saved_tensors
         inputs, grad_sums = Inputs(*saved[:len(Inputs._fields)]), saved[len(Inputs._fields):]
-        return (None, None, None, *vjp_of_vjp(inputs, *ctx.sweep, (max0_SD, max1_SD), grad_sums,
-                                              grad_entity_SD, grad_line_XF, grad_weight_X))
+        return (None, None, None, None, *vjp_of_vjp(inputs, ctx.sweep.chunk, ctx.sweep.scratch, (max0_SD, max1_SD),
+                                                    grad_sums, grad_entity_SD, grad_line_XF, grad_weight_X))
