@@ -109,8 +109,34 @@ class JobRequest:
     filesystems: str = "home:flare"     # PBS -l filesystems (Aurora)
 
 
+# Values that land on #SBATCH / #PBS directive lines, which the scheduler reads without a shell and
+# which cannot be quoted: each must match what it can legitimately hold (a newline would start a
+# shell command of the script). Values in the script body are shell-quoted instead (the `q` filter).
+NAME = re.compile(r"[A-Za-z0-9_.-]+")                   # account, partition / QOS / queue, job name
+FILESYSTEMS = re.compile(r"[A-Za-z0-9_]+(?::[A-Za-z0-9_]+)*")  # PBS -l filesystems=home:flare
+DIRECTIVE_PATH = re.compile(r"[A-Za-z0-9_./+,=@%~-]+")  # the job log under the run folder
+
+
+def _directive_value(option: str, value: str, pattern: re.Pattern[str], allowed: str) -> str:
+    if not pattern.fullmatch(value):
+        raise JobError(f"{option} {value!r}: {allowed} only (the value goes on a scheduler directive line, "
+                       f"which cannot be quoted)")
+    return value
+
+
+def _check_directive_values(request: JobRequest, run_dir: Path) -> None:
+    letters = "letters, digits, '.', '_' and '-'"
+    _directive_value("--job-name", request.job_name, NAME, letters)
+    for option, value in (("--account", request.account), ("--partition", request.partition)):
+        if value:
+            _directive_value(option, value, NAME, letters)
+    _directive_value("filesystems", request.filesystems, FILESYSTEMS, "names of letters, digits and '_' joined by ':'")
+    _directive_value("--run-dir (or the config's run.out_dir)", str(run_dir), DIRECTIVE_PATH,
+                     "letters, digits and ./_+,=@%~- (no spaces, quotes or newlines)")
+
+
 def walltime_seconds(walltime: str) -> int:
-    match = re.fullmatch(r"(?:(\d+)-)?(\d+):(\d\d):(\d\d)", walltime)
+    match = re.fullmatch(r"(?:([0-9]+)-)?([0-9]+):([0-9][0-9]):([0-9][0-9])", walltime)
     if not match:
         raise JobError(f"--walltime {walltime!r}: expected HH:MM:SS or D-HH:MM:SS")
     days, hours, minutes, seconds = (int(g or 0) for g in match.groups())
@@ -169,6 +195,7 @@ def render_job(machine_name: str, request: JobRequest) -> str:
     if ranks % cfg.parallel.ep:
         raise JobError(f"{ranks} ranks: not divisible by parallel.ep = {cfg.parallel.ep} of {request.config}")
     run_dir = Path(request.run_dir or cfg.run.out_dir).resolve()
+    _check_directive_values(request, run_dir)
     stage_launch, train_launch, threads = _launch_lines(machine, ranks, rpn)
     env_lines = list(machine.env_lines)
     if machine.name == "aurora":  # one stack per rank: ZE_AFFINITY_MASK from PALS's local rank (FLAT mode)
