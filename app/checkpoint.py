@@ -20,12 +20,18 @@ valid COMPLETE (say, a copy cut short) is ignored and deleted too. The newest `k
 Optimizer state is stored by parameter name, never by position, so a checkpoint restores onto any
 dp × ep layout: every rank gets the dense part, and each rank takes its experts from whichever
 expert files hold them (re-sharding when ep changed).
+
+Every file holds tensors and plain values only (dicts, lists, tuples, str, numbers, None; the RNG
+states too), and every file is read with `torch.load(weights_only=True)`: model files travel
+between groups, and unpickling an arbitrary object can run any code. A file holding anything else
+is refused, never loaded.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import pickle
 import random
 import re
 from pathlib import Path
@@ -102,7 +108,11 @@ def _optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, k
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """This process's RNG states as tensors and plain values (numpy's key array as a tensor)."""
+    name, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)}}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -110,7 +120,9 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    numpy = state["numpy"]
+    np.random.set_state((numpy["name"], numpy["keys"].numpy().astype(np.uint32), numpy["position"],
+                         numpy["has_gauss"], numpy["cached_gaussian"]))
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -219,11 +231,20 @@ def _resume_point(run_dir: Path, spec: str) -> Path | None:
     return path
 
 
-def _read(path: Path) -> dict[str, Any]:
+def read(path: Path) -> dict[str, Any]:
+    """A checkpoint file's tensors and plain values; anything else is refused, never unpickled."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except (OSError, RuntimeError, EOFError) as err:
-        raise CheckpointError(f"{path}: unreadable ({err})") from None
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        what = str(err).split("Unsupported global: ")[-1].split(" was not an allowed global")[0].strip()
+        raise CheckpointError(f"{path}: refused: it holds Python objects beyond tensors and plain values "
+                              f"({what[:120]}); loading them could run code, so exaforce never does") from None
+    except (OSError, RuntimeError, EOFError, ValueError) as err:
+        raise CheckpointError(f"{path}: unreadable ({str(err).splitlines()[0] if str(err) else type(err).__name__})") \
+            from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: not an exaforce checkpoint file (holds a {type(state).__name__}, not a dict)")
+    return state
 
 
 def restore(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, topo: Any,
@@ -237,7 +258,7 @@ def restore(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimiz
     marker, dense = None, None
     if topo.is_root:  # one reader: a job of thousands of ranks must not stat and read every file thousands of times
         marker = complete(folder)
-        dense = _read(folder / "dense.pt") if marker is not None else None
+        dense = read(folder / "dense.pt") if marker is not None else None
     marker, dense = broadcast_state((marker, dense), topo.world)  # collective
     if marker is None:
         raise CheckpointError(f"{folder}: not a complete checkpoint")
@@ -249,7 +270,7 @@ def restore(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimiz
         per_file = model.cfg.moe_experts // marker["ep"]
         mine = {int(k.split(".experts.")[1].split(".")[0]) for k in expert_keys}
         for shard in sorted({e // per_file for e in mine}):  # the old EP ranks that held my experts
-            part = _read(folder / f"experts-ep{shard}.pt")
+            part = read(folder / f"experts-ep{shard}.pt")
             experts["model"].update({k: v for k, v in part["model"].items() if k in expert_keys})
             experts["optimizer"].update({k: v for k, v in part["optimizer"].items() if k in expert_keys})
     experts = broadcast_state(experts, topo.edp_comm)  # collective over the EDP group
@@ -260,7 +281,7 @@ def restore(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimiz
         raise CheckpointError(f"{folder}: the weights do not fit this model: {str(err).splitlines()[0]}") from None
     _load_optimizer_state(folder, model, optimizer, {**dense["optimizer"], **experts["optimizer"]})
     if marker["world_size"] == topo.world_size:
-        set_rng_state(_read(folder / f"rng-rank{topo.rank:05d}.pt"))
+        set_rng_state(read(folder / f"rng-rank{topo.rank:05d}.pt"))
     else:
         log(f"resume: saved on {marker['world_size']} rank(s), now {topo.world_size}: RNG states start from the seed "
             f"(the training step draws no random numbers, so the trajectory is unaffected)")
@@ -355,14 +376,14 @@ def load(path: Path) -> dict[str, Any]:
     if path.is_dir():
         if complete(path) is None:
             raise FileNotFoundError(f"{path}: not a complete checkpoint (no valid {MARKER} marker)")
-        dense = _read(path / "dense.pt")
+        dense = read(path / "dense.pt")
         model = dict(dense["model"])
         for part in sorted(path.glob("experts-ep*.pt")):
-            model.update(_read(part)["model"])
+            model.update(read(part)["model"])
         return {"step": dense["meta"]["step"], "config": dense["meta"]["config"], "model": model}
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such checkpoint")
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return read(path)
 
 
 def export_model(folder: Path, path: Path) -> Path:
