@@ -20,6 +20,7 @@ from ase.calculators.calculator import Calculator, all_changes
 
 from exaforce.config import DTYPES
 from exaforce.graph import batch_from_atoms
+from exaforce.io.schema import check_geometry
 from exaforce.model.potential import Potential, energy_forces_stress
 from exaforce.model_io import load_trained, preset_model
 
@@ -70,6 +71,7 @@ class ExaforceCalculator(Calculator):
                           if self._species_of[z] < 0})
         if unknown:
             raise ValueError(f"elements {unknown} are not in this model's elements {list(self.model.cfg.elements)}")
+        check_geometry("ExaforceCalculator: the atoms", 0, self.atoms.positions, self.atoms.cell.array, self.atoms.pbc)
         cfg = self.model.cfg
         batch = batch_from_atoms([self.atoms], self._species_of, cfg.cutoff, cfg.three_body_cutoff,
                                  self.head_index, len(cfg.heads))

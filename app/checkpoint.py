@@ -66,13 +66,23 @@ def step_folder(run_dir: Path, step: int) -> Path:
 
 def complete(folder: Path) -> dict[str, Any] | None:
     """The COMPLETE marker of a checkpoint folder whose every listed file has its listed size, else None."""
+    marker, _ = _marker(folder)
+    return marker
+
+
+def _marker(folder: Path) -> tuple[dict[str, Any] | None, str]:
+    """(the COMPLETE marker, "") of a complete checkpoint folder, else (None, why it is not)."""
     try:
         marker = json.loads((Path(folder) / MARKER).read_text())
-        if all((Path(folder) / name).stat().st_size == size for name, size in marker["files"].items()):
-            return marker
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        pass
-    return None
+        for name, size in marker["files"].items():
+            actual = (Path(folder) / name).stat().st_size
+            if actual != size:
+                return None, f"{name} has {actual} bytes, {MARKER} lists {size} (cut short?)"
+        return marker, ""
+    except FileNotFoundError as err:
+        return None, f"{Path(err.filename).name} is missing"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        return None, f"unreadable {MARKER} marker ({type(err).__name__})"
 
 
 def checkpoints(run_dir: Path) -> list[Path]:
@@ -182,7 +192,7 @@ def _prune(root: Path, keep: int) -> None:
 
 
 # ---------------------------------------------------------------- resume (collective)
-def resume_point(run_dir: Path, spec: str, topo: Any) -> Path | None:
+def resume_point(run_dir: Path, spec: str, topo: Any, log: Callable[[str], None]) -> Path | None:
     """Collective: the checkpoint folder a run continues from (rank 0 looks, everybody gets the answer).
 
     spec "": a new run, refused if the run folder already holds checkpoints (two trajectories would
@@ -194,12 +204,22 @@ def resume_point(run_dir: Path, spec: str, topo: Any) -> Path | None:
         try:
             found = _resume_point(Path(run_dir), spec)
             answer = ("ok", str(found) if found else None)
+            for skipped, why in _skipped(Path(run_dir), found) if spec else ():
+                log(f"resume: skipped {skipped}, newer but not a complete checkpoint: {why}")
         except CheckpointError as err:
             answer = ("error", str(err))
     status, value = topo.from_root(answer)  # collective
     if status == "error":
         raise CheckpointError(value)
     return Path(value) if value else None
+
+
+def _skipped(run_dir: Path, chosen: Path | None) -> list[tuple[str, str]]:
+    """Step folders newer than `chosen` that are not complete checkpoints, with the reason."""
+    root = Path(run_dir) / "checkpoints"
+    newer = sorted(p for p in root.iterdir() if STEP_DIR.fullmatch(p.name) and p.is_dir()
+                   and (chosen is None or p.name > chosen.name)) if root.is_dir() else []
+    return [(p.name, why) for p in newer for marker, why in [_marker(p)] if marker is None]
 
 
 def _resume_point(run_dir: Path, spec: str) -> Path | None:

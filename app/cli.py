@@ -37,6 +37,7 @@ class Context:
     aborts the other ranks instead of leaving them in a collective."""
 
     topo: Topology | None = None
+    run_dir: Path | None = None  # where an abort records its reason (exaforce.faults.report)
 
 
 Handler = Callable[[argparse.Namespace, Context], None]
@@ -91,13 +92,14 @@ def _fail(message: str, topo: Topology | None) -> None:
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from exaforce.config import ConfigError
+    from exaforce.io.atomic import DiskFullError
     from exaforce.io.schema import DataError
     from exaforce.io.stage import StageError
     from exaforce.jobs import JobError
     from exaforce.parallel.topology import TopologyError
     from exaforce.predict import PredictError
 
-    return (ConfigError, DataError, JobError, StageError, TopologyError, PredictError, UserError)
+    return (ConfigError, DataError, DiskFullError, JobError, StageError, TopologyError, PredictError, UserError)
 
 
 def run_command(handler: Handler, args: argparse.Namespace) -> None:
@@ -105,6 +107,7 @@ def run_command(handler: Handler, args: argparse.Namespace) -> None:
     and exit 2 (aborting the other ranks); RunStopped exits with its code on every rank alike; any
     other exception once a topology exists aborts the whole job with this rank's traceback."""
     from exaforce.faults import RunStopped, abort_job
+    from exaforce.io.atomic import NO_SPACE_ERRNOS
 
     ctx = Context()
     try:
@@ -114,9 +117,11 @@ def run_command(handler: Handler, args: argparse.Namespace) -> None:
     except RunStopped as stop:  # every rank decided it together: a clean exit with its code, no abort
         raise SystemExit(stop.exit_code) from None
     except Exception as exc:  # perhaps on this rank alone: abort them all rather than leave them waiting
+        if isinstance(exc, OSError) and exc.errno in NO_SPACE_ERRNOS:  # a write without its own DiskFullError
+            _fail(f"{exc.filename or 'a write'}: no space left on device ({exc.strerror})", ctx.topo)
         if ctx.topo is None:
             raise
-        abort_job(ctx.topo.world, exc)
+        abort_job(ctx.topo.world, exc, ctx.run_dir)
 
 
 # ---------------------------------------------------------------- data
@@ -274,18 +279,20 @@ def cmd_train(args: argparse.Namespace, ctx: Context) -> None:
     """Exit status: 0 done; REQUEUE_EXIT_CODE (75) checkpointed after SIGTERM/SIGUSR1, resubmit with
     --resume; NONFINITE_EXIT_CODE (3) stopped on a non-finite step; 2 bad input; 1 a rank failed
     (every rank aborted). See exaforce.faults."""
-    from exaforce import config as config_mod
-    from exaforce.comm.groups import build_groups
-    from exaforce.faults import StopSignals
-    from exaforce.parallel.topology import Topology
-    from exaforce.training.run import train
+    from exaforce.faults import StopSignals  # torch-free: the handlers are in place before the heavy imports
 
     resume = args.resume if args.resume in (None, "latest") else str(Path(args.resume).resolve())
-    with StopSignals() as signals:  # from here SIGTERM/SIGUSR1 mean: checkpoint at the next step boundary
+    with StopSignals() as signals:  # from here SIGTERM/SIGUSR1 mean: stop at the next step boundary (or start-up's end)
+        from exaforce import config as config_mod
+        from exaforce.comm.groups import build_groups
+        from exaforce.parallel.topology import Topology
+        from exaforce.training.run import train
+
         cfg = config_mod.load(args.config, args.set)
         overrides = {k: v for k, v in (("out_dir", args.out_dir), ("steps", args.steps), ("resume", resume),
                                        ("init_from", args.init_from), ("freeze", args.freeze)) if v is not None}
         cfg = config_mod.validate(dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, **overrides)))
+        ctx.run_dir = Path(cfg.run.out_dir)
         ctx.topo = topo = Topology.from_mpi(dp=cfg.parallel.dp, ep=cfg.parallel.ep)
         groups = build_groups(cfg.comm.backend, topo)  # collective: once per run, right after the topology
         log = _say if topo.is_root else _quiet

@@ -10,17 +10,22 @@
   `run.step_timeout_s` (hung I/O, a peer lost without the launcher noticing) is aborted by the
   Watchdog. A rank killed outright is the launcher's to notice: MPICH's mpiexec (hydra) and
   `srun --kill-on-bad-exit` tear the job down.
+- Every abort says why twice: on stderr (flushed, then a short grace before MPI_Abort, because the
+  launcher drops output it has not yet forwarded when the job is torn down) and in RUN/ABORTED
+  (one line per rank that reports: time, rank, reason; fsynced before the abort).
 
 Nothing here imports torch, so job-template tools can read the exit codes cheaply.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
 import time
 import traceback
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -28,6 +33,7 @@ REQUEUE_EXIT_CODE = 75      # EX_TEMPFAIL (sysexits.h): checkpoint written after
 NONFINITE_EXIT_CODE = 3     # stopped on a non-finite loss or gradient (run.nonfinite = "stop"); do not resubmit
 CRASH_EXIT_CODE = 1         # an exception on some rank: the job was aborted
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+ABORTED_FILE = "ABORTED"    # in the run folder: why the job was aborted
 
 
 class RunStopped(Exception):
@@ -73,8 +79,8 @@ class Watchdog:
     `timeout_s` seconds (0 disables it). mpi4py releases the GIL inside MPI calls, so the thread
     runs while the main thread waits in a collective for a rank that never comes."""
 
-    def __init__(self, world: Any, timeout_s: float):
-        self.world, self.timeout_s = world, timeout_s
+    def __init__(self, world: Any, timeout_s: float, run_dir: Path | None = None):
+        self.world, self.timeout_s, self.run_dir = world, timeout_s, run_dir
         self.where, self._last = "start-up", time.monotonic()
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="exaforce-watchdog", daemon=True)
@@ -96,31 +102,48 @@ class Watchdog:
         while not self._done.wait(min(1.0, self.timeout_s / 4)):
             stalled = time.monotonic() - self._last
             if stalled > self.timeout_s:
-                print(f"exaforce: error: rank {self.world.Get_rank()}: no progress for {stalled:.0f} s in {self.where} "
-                      f"(run.step_timeout_s = {self.timeout_s:g}): a rank is hung or lost; aborting the job",
-                      file=sys.stderr, flush=True)
+                report(f"rank {self.world.Get_rank()}: no progress for {stalled:.0f} s in {self.where} "
+                       f"(run.step_timeout_s = {self.timeout_s:g}): a rank is hung or lost; aborting the job",
+                       self.run_dir)
                 abort_world(self.world, CRASH_EXIT_CODE)
 
 
-ABORT_GRACE_S = 1.0
+ABORT_GRACE_S = 2.0
+
+
+def report(reason: str, run_dir: Path | None) -> None:
+    """The reason for an abort, on stderr (flushed) and appended to RUN/ABORTED (fsynced): the job's
+    stderr may lose it when the abort tears the launcher down, the file survives."""
+    print(f"exaforce: error: {reason}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    if run_dir is None:
+        return
+    try:
+        with open(Path(run_dir) / ABORTED_FILE, "a", encoding="utf-8") as f:
+            f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {reason}\n")  # one write: lines of two ranks never tear
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as err:
+        print(f"exaforce: (could not record the reason in {run_dir / ABORTED_FILE}: {err.strerror})",
+              file=sys.stderr, flush=True)
 
 
 def abort_world(world: Any, code: int) -> None:
-    """MPI_Abort after a short grace: the launcher forwards output asynchronously and drops what
-    it has not forwarded when the abort tears the job down, so the message just printed would
-    otherwise be lost now and then (seen with mpich's hydra under load)."""
+    """MPI_Abort after a short, bounded grace: the launcher forwards output asynchronously and drops
+    what it has not forwarded when the abort tears the job down, so the message just printed would
+    otherwise be lost now and then (seen with mpich's hydra under load); the other ranks' watchdogs
+    use the grace to report too."""
     time.sleep(ABORT_GRACE_S)
     world.Abort(code)
 
 
-def abort_job(world: Any, exc: BaseException) -> None:
+def abort_job(world: Any, exc: BaseException, run_dir: Path | None = None) -> None:
     """Report an exception with this rank's number and abort every rank of the job (MPI_Abort), so
     none is left waiting in a collective for this one. With one rank: just exit."""
     rank = world.Get_rank()
     lines = traceback.format_exception(type(exc), exc, exc.__traceback__)
     sys.stderr.write("".join(f"[rank {rank}] {line}" for text in lines for line in text.splitlines(True)))
-    print(f"exaforce: error: rank {rank}: {type(exc).__name__}: {exc}; aborting all {world.Get_size()} rank(s)",
-          file=sys.stderr, flush=True)
+    report(f"rank {rank}: {type(exc).__name__}: {exc}; aborting all {world.Get_size()} rank(s)", run_dir)
     if world.Get_size() > 1:
         abort_world(world, CRASH_EXIT_CODE)
     raise SystemExit(CRASH_EXIT_CODE)

@@ -27,7 +27,7 @@ import torch
 from exaforce.calculator import head_index
 from exaforce.config import DTYPES
 from exaforce.training.data import check_frames
-from exaforce.io.bp import RESERVED_ATTRS, open_bp, write_bp
+from exaforce.io.bp import RESERVED_ATTRS, is_dataset, open_bp, write_bp
 from exaforce.io.schema import DataError, Frames
 from exaforce.graph import build_batch
 from exaforce.model.potential import Potential, energy_forces_stress
@@ -80,8 +80,11 @@ def predict(source: ModelSource, data: str | Path, out: str | Path, topo: Topolo
     data, out = Path(data), Path(out)
     if out.resolve() == data.resolve():
         raise PredictError(f"--out {out}: is the input dataset; write the predictions elsewhere")
-    if out.exists() and not overwrite:
-        raise PredictError(f"--out {out}: already exists (pass --overwrite to replace it)")
+    if out.exists() or out.is_symlink():
+        if not overwrite:
+            raise PredictError(f"--out {out}: already exists (pass --overwrite to replace it)")
+        if not is_dataset(out):  # --overwrite replaces a dataset, never a user's other files
+            raise PredictError(f"--out {out}: exists and is not a BP5 dataset; refusing to replace it")
     if dtype not in DTYPES:
         raise PredictError(f"--dtype {dtype}: must be one of {sorted(DTYPES)}")
     if batch_size < 1:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from types import TracebackType
 
@@ -28,7 +29,7 @@ import numpy as np
 from adios2 import bindings
 from ase.data import chemical_symbols
 
-from exaforce.io.atomic import fsync_tree, remove, replace_path, sibling
+from exaforce.io.atomic import check_free_space, fsync_tree, remove, replace_path, sibling
 from exaforce.io.schema import SCHEMA_VERSION, VOIGT_ORDER, DataError, Frames
 from exaforce.io.stats import STAT_KEYS, label_stats
 
@@ -80,16 +81,22 @@ def write_bp(frames: Frames, path: str | os.PathLike, name: str,
     NaN/inf coordinates or labels are refused (DataError naming the structure) before any write.
     """
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path}: dataset already exists (pass overwrite=True to replace it)")
+    if path.exists() or path.is_symlink():
+        if not overwrite:
+            raise FileExistsError(f"{path}: dataset already exists (pass overwrite=True to replace it)")
+        if not is_dataset(path):
+            raise DataError(path, "exists and is not a BP5 dataset; refusing to replace it")
     frames.validate(path)
     frames.check_finite(path)
     if len(frames) == 0:
         raise DataError(path, "refusing to write a dataset with no structures")
     all_attrs = dataset_attrs(frames, name, attrs or {}, method=method)
+    # ADIOS2 aborts the process on a full disk (a C++ exception in a destructor): check first.
+    check_free_space(path, sum(column.nbytes for column in frames.columns().values()) + METADATA_BYTES)
     tmp = sibling(path, "tmp")
     try:
         _write_engine(frames, all_attrs, tmp)
+        (tmp / PROFILE_FILE).unlink(missing_ok=True)
         _write_manifest(tmp)
         fsync_tree(tmp)
         replace_path(tmp, path)
@@ -132,6 +139,24 @@ def _columns(frames: Frames) -> dict[str, np.ndarray]:
         if value is not None:
             out[var] = np.ascontiguousarray(value.astype(np.uint8) if var == "pbc" else value)
     return out
+
+
+# ADIOS2 2.12's BP5 engine writes a profile whatever its "Profile" parameter says: the writer into
+# the dataset (PROFILE_FILE, removed before publication: not data), the reader at close into
+# /tmp/<dataset name>_<pid in hex>_profiling.json (removed after close: this process's own file).
+PROFILE_FILE = "profiling.json"
+METADATA_BYTES = 1 << 20  # room for a dataset's ADIOS2 metadata and manifest (a few KB to hundreds)
+
+
+def _reader_profile(path: Path) -> Path:
+    return Path("/tmp") / f"{Path(path).name}_{os.getpid():x}_profiling.json"
+
+
+def is_dataset(path: Path) -> bool:
+    """A BP5 dataset folder (what `overwrite` may replace; never a user's other files). Not a link:
+    replacing one would remove the link, not what it points to."""
+    path = Path(path)
+    return path.is_dir() and not path.is_symlink() and (path / "md.idx").is_file()
 
 
 def _write_manifest(directory: Path) -> None:
@@ -193,8 +218,7 @@ class BPDataset:
         try:
             self._engine = self._io.open(str(path), bindings.Mode.ReadRandomAccess)
         except Exception as err:  # noqa: BLE001 — ADIOS2 raises RuntimeError with a long log
-            raise DataError(path, f"not a readable ADIOS2 {ENGINE} dataset: "
-                            f"{str(err).splitlines()[0][:200]}") from None
+            raise DataError(path, f"not a readable ADIOS2 {ENGINE} dataset: {_adios_message(err)}") from None
         try:
             self.attrs = self._read_attrs()
             self._check_schema_version()
@@ -310,6 +334,7 @@ class BPDataset:
         engine, self._engine = getattr(self, "_engine", None), None
         if engine is not None:
             engine.close()
+            _reader_profile(self.path).unlink(missing_ok=True)
 
     def __enter__(self) -> BPDataset:
         return self
@@ -326,13 +351,25 @@ class BPDataset:
                 f"structures={self.n_structures}, atoms={self.n_atoms})")
 
 
+def _adios_message(err: Exception) -> str:
+    """ADIOS2's exception text without its colour codes, timestamps and tags: what it says went wrong."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err)).splitlines()[0] if str(err) else type(err).__name__
+    text = re.sub(r"\[[^]]*\]\s*", "", text)            # [date] [ADIOS2 EXCEPTION]
+    text = re.sub(r"<[^>]*>\s*", "", text).lstrip(": ")  # <Engine> <BP5Reader> <OpenFiles> :
+    return text[:300]
+
+
 def _check_files(path: Path) -> bool:
     """Every file the manifest lists exists with its recorded size (True), or, for a dataset without
     a manifest (schema 1), the files every BP5 dataset has exist (False)."""
     manifest = path / MANIFEST
     if not manifest.is_file():
         missing = [name for name in ADIOS_FILES if not (path / name).is_file()]
-        if 0 < len(missing) < len(ADIOS_FILES):  # none at all: not a dataset, which ADIOS2 reports
+        if len(missing) == len(ADIOS_FILES):
+            what = "a folder" if path.is_dir() else "a file"
+            raise DataError(path, f"not a BP5 dataset ({what} without its md.idx, md.0, mmd.0, data.0; "
+                            f"`exaforce data convert` makes one)")
+        if missing:
             raise DataError(path, f"missing file {missing[0]}: incomplete or damaged dataset", field=missing[0])
         return False
     try:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from exaforce.io.atomic import fsync_dir, remove, replace_path, sibling
-from exaforce.io.bp import write_bp
+from exaforce.io.bp import is_dataset, write_bp
 from exaforce.io.schema import DataError, Frames
 
 FORMATS = {".xyz": "extxyz", ".extxyz": "extxyz", ".db": "ase.db", ".h5": "hdf5", ".hdf5": "hdf5"}
@@ -131,9 +131,8 @@ def _check_arguments(sources: list[Path], out: Path, overwrite: bool) -> None:
     if not overwrite:
         raise DataError(out, "already exists (pass --overwrite to replace it)")
     # --overwrite replaces a dataset, or a folder of datasets; never anything else.
-    is_dataset = (out / "md.idx").is_file()
-    is_folder_of_datasets = out.is_dir() and all(p.suffix == ".bp" and p.is_dir() for p in out.iterdir())
-    if not (is_dataset if len(sources) == 1 else is_folder_of_datasets and not is_dataset):
+    is_folder_of_datasets = out.is_dir() and all(p.suffix == ".bp" and is_dataset(p) for p in out.iterdir())
+    if not (is_dataset(out) if len(sources) == 1 else is_folder_of_datasets and not is_dataset(out)):
         what = "a BP5 dataset" if len(sources) == 1 else "a folder holding only *.bp datasets"
         raise DataError(out, f"exists and is not {what}; refusing to replace it")
 

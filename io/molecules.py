@@ -70,6 +70,20 @@ def synthesize_molecules(
     if method not in METHODS:
         raise ValueError(f"method = {method!r}: must be one of {', '.join(METHODS)}")
     calculator = _tblite_calculator_class()
+    with _one_thread():
+        return _draw(n_structures, seed, method, calculator, progress)
+
+
+def _one_thread():
+    """tblite's SCF on one thread (OpenMP and BLAS): its sums reduce in a thread-count-dependent
+    order, so labels would differ in the last bits between machines and OMP_NUM_THREADS."""
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(limits=1)
+
+
+def _draw(n_structures: int, seed: int, method: str, calculator: type,
+          progress: Callable[[int, int], None] | None) -> list[Atoms]:
     names = molecule_names()
     rng = np.random.default_rng(seed)
     out = []

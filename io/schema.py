@@ -211,6 +211,35 @@ _TRAILING = {
     "spin_S": (np.float64, ()), "magmoms_N": (np.float64, ()),
 }
 MAX_ATOMIC_NUMBER = 118
+MIN_DISTANCE = 0.1     # Å: closer atoms (or an atom and its own periodic image) count as coincident
+MIN_VOLUME = 1e-3      # Å³: a periodic cell with less has no volume (its matrix is singular)
+
+
+def check_geometry(path: object, frame: int, positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray) -> None:
+    """Raise DataError for a structure the model cannot evaluate: mixed periodicity (slabs are not
+    supported yet), a periodic cell without volume, or coincident atoms (the energy is singular
+    there and training turns NaN)."""
+    if pbc.any() and not pbc.all():
+        raise DataError(path, f"mixed periodicity pbc = {tuple(bool(p) for p in pbc)} is not supported yet "
+                        f"(periodic in all three directions, or in none)", frame=frame, field="pbc")
+    if pbc.all() and abs(np.linalg.det(cell)) < MIN_VOLUME:
+        raise DataError(path, f"periodic cell without volume (|det| = {abs(np.linalg.det(cell)):.3g} Å³)",
+                        frame=frame, field="cell")
+    from ase.neighborlist import neighbor_list  # here: ASE is a heavy import and only this needs it
+
+    first, second, distance = neighbor_list("ijd", _atoms(positions, cell, pbc), MIN_DISTANCE, self_interaction=False)
+    if len(distance):
+        k = int(np.argmin(distance))
+        same = first[k] == second[k]
+        raise DataError(path, (f"atom {first[k]} is {distance[k]:.3g} Å from its own periodic image" if same else
+                               f"atoms {first[k]} and {second[k]} are {distance[k]:.3g} Å apart") +
+                        f" (closer than {MIN_DISTANCE} Å: coincident)", frame=frame, field="positions")
+
+
+def _atoms(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray) -> Any:
+    from ase import Atoms
+
+    return Atoms(positions=positions, cell=cell, pbc=pbc)
 
 
 def _finite(path: object, frame: int, field: str, value: np.ndarray) -> np.ndarray:
@@ -256,11 +285,9 @@ def _frame_row(atoms: Any, path: object, frame: int) -> dict[str, np.ndarray]:
         raise DataError(path, "frame has no energy", frame=frame, field="energy")
     if forces is None:
         raise DataError(path, "frame has no forces", frame=frame, field="forces")
-    try:
-        energy = np.float64(energy)
-        forces = np.asarray(forces, dtype=np.float64)
-    except (TypeError, ValueError) as err:
-        raise DataError(path, f"label is not numeric: {err}", frame=frame) from None
+    energy, forces = _numeric(path, frame, "energy", energy), _numeric(path, frame, "forces", forces)
+    if energy.size != 1:
+        raise DataError(path, f"shape {energy.shape}, expected a single number", frame=frame, field="energy")
     if forces.shape != (n, 3):
         raise DataError(path, f"shape {forces.shape}, expected ({n}, 3)", frame=frame, field="forces")
     cell = _finite(path, frame, "cell", np.array(atoms.cell.array, dtype=np.float64))
@@ -269,12 +296,14 @@ def _frame_row(atoms: Any, path: object, frame: int) -> dict[str, np.ndarray]:
         stress = np.full(6, np.nan)
     else:
         stress = _voigt_stress(path, frame, stress)
-        # Stress is (1/V)·∂E/∂ε: meaningless without a periodic cell that has a volume.
-        if not pbc.any() or abs(np.linalg.det(cell)) < 1e-12:
+        # Stress is (1/V)·∂E/∂ε: meaningless without a periodic cell (a zero volume is check_geometry's).
+        if not pbc.any():
             raise DataError(path, "stress given but the frame has no periodic cell", frame=frame, field="stress")
+    positions = _finite(path, frame, "positions", np.array(atoms.positions, dtype=np.float64))
+    check_geometry(path, frame, positions, cell, pbc)
     return {
         "numbers_N": numbers,
-        "positions_N3": _finite(path, frame, "positions", np.array(atoms.positions, dtype=np.float64)),
+        "positions_N3": positions,
         "forces_N3": _finite(path, frame, "forces", forces),
         "cell_S33": cell,
         "pbc_S3": pbc,

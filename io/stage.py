@@ -4,15 +4,22 @@ Why: thousands of ranks reading the same dataset from the parallel file system i
 part of start-up at scale; one copy per node, then local reads, is not. Only the node leader
 (rank 0 of the node communicator) touches the files; the others wait in the result broadcast, so
 a failure on the leader reaches every rank of the node as a StageError instead of a hang.
+
+Two jobs sharing a node may stage the same dataset into the same folder at the same moment: each
+dataset is staged under an exclusive lock, so the second waits for the
+first and then finds the copy present and verifies it instead of racing it. The lock is an flock on
+the destination folder itself (one stage at a time per folder; no lock file is left behind).
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -93,10 +100,32 @@ def sha256_tree(path: Path) -> Tree:
     return {f.relative_to(path).as_posix(): _hash_file(f) for f in _files(path)}
 
 
+@contextmanager
+def folder_lock(dest: Path, log: Callable[[str], None]) -> Iterator[None]:
+    """Holds the exclusive staging lock of the folder `dest` (an flock on the folder itself: no lock
+    file to leave behind), waiting with a message while another process holds it."""
+    fd = os.open(dest, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f"stage: waiting for another stage into {dest} (another job on this node?)")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def _stage_one(src: Path, dest: Path, log: Callable[[str], None]) -> Path:
-    """Stage one dataset on the leader; returns its staged path."""
+    """Stage one dataset on the leader, under the target's lock; returns its staged path."""
     if not src.exists():
         raise StageError(f"{src}: source dataset not found")
+    dest.mkdir(parents=True, exist_ok=True)
+    with folder_lock(dest, log):
+        return _stage_unlocked(src, dest, log)
+
+
+def _stage_unlocked(src: Path, dest: Path, log: Callable[[str], None]) -> Path:
     target = dest / src.name
     if target.exists() and _same_sizes(src, target):
         t0 = time.perf_counter()
@@ -106,7 +135,6 @@ def _stage_one(src: Path, dest: Path, log: Callable[[str], None]) -> Path:
                 f"({time.perf_counter() - t0:.2f} s to verify); skipped")
             return target
         log(f"stage: {target} differs from {src} (sha256); re-copying")
-    dest.mkdir(parents=True, exist_ok=True)
     tmp = sibling(target, "stage")
     try:
         t0 = time.perf_counter()

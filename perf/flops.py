@@ -81,6 +81,17 @@ def fit_flop_coefficients(samples: list[tuple[int, int, int, float]]) -> dict[st
     return {key: float(c) for key, c in zip(COEFFICIENT_KEYS, solution / scale)}
 
 
+def fit_in_span(samples: list[tuple[int, int, int, float]]) -> dict[str, float]:
+    """The minimum-norm least-squares fit of the same model, for samples whose counts do not vary
+    independently (a training set of one or two structures): exact on the counts the samples span,
+    an extrapolation elsewhere."""
+    data = np.asarray(samples, dtype=np.float64)
+    design = np.column_stack([np.ones(len(data)), data[:, :3]])
+    scale = np.where(np.abs(design).max(axis=0) > 0, np.abs(design).max(axis=0), 1.0)
+    solution, *_ = np.linalg.lstsq(design / scale, data[:, 3], rcond=None)
+    return {key: float(c) for key, c in zip(COEFFICIENT_KEYS, solution / scale)}
+
+
 def predict_flops(coeffs: dict[str, float], atoms: int, edges: int, angles: int) -> float:
     """FLOPs of a step with these counts from fitted coefficients (keys as COEFFICIENT_KEYS)."""
     missing = set(COEFFICIENT_KEYS) - set(coeffs)

@@ -178,6 +178,20 @@ def _run_md(args: argparse.Namespace, log: Log) -> dict:
     return bench_md(args.checkpoint, args.steps, args.temperature, args.dtype, log)
 
 
+def _soak_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--steps", type=int, default=2000, help="training steps (default 2000)")
+    p.add_argument("--ranks", type=int, default=2, help="MPI ranks (default 2)")
+    p.add_argument("--every", type=int, default=100,
+                   help="steps between RSS rows, validations and checkpoints (default 100)")
+    p.add_argument("--warmup", type=int, default=200, help="growth is measured from this step on (default 200)")
+
+
+def _run_soak(args: argparse.Namespace, log: Log) -> dict:
+    from exaforce.bench.soak import bench_soak
+
+    return bench_soak(args.steps, args.ranks, args.every, args.warmup, log)
+
+
 BENCHMARKS: tuple[Benchmark, ...] = (
     Benchmark("step", "median full training step (forward, forces/stress with create_graph, loss, backward, "
               "optimizer) after warm-up", _step_arguments, _run_step),
@@ -192,4 +206,6 @@ BENCHMARKS: tuple[Benchmark, ...] = (
     Benchmark("predict", "`exaforce predict` throughput on 1, 2, … ranks (EMT structures from data synth), "
               "optionally beside the MatRIS reference model's inference", _predict_arguments, _run_predict),
     Benchmark("md", "NVE energy drift: 108-atom Cu, 1 fs steps, through the ASE calculator", _md_arguments, _run_md),
+    Benchmark("soak", "a long run must not grow: each rank's resident memory over 2,000 steps of the small "
+              "preset on 2 ranks, validation and checkpoints included", _soak_arguments, _run_soak),
 )

@@ -75,10 +75,12 @@ class SeparableAttention(nn.Module):
         return torch.cat([smooth_attention(num0_SD, den0_SD, max0_SD), smooth_attention(num1_SD, den1_SD, max1_SD)], -1)
 
     def segment_sums(self, entity_SD: torch.Tensor, line_XF: torch.Tensor, weight_X: torch.Tensor,
-                     index_2X: torch.Tensor, plan: Recompute | None = None) -> SegmentSums:
+                     index_2X: torch.Tensor, plan: Recompute | None = None, in_unit: bool = False) -> SegmentSums:
+        """in_unit: called inside a recomputed unit (its passes share work: fused_segment_sums)."""
         if plan is not None:
             return fused_segment_sums(Inputs(entity_SD, self.entity_proj.weight, self.entity_proj.bias, line_XF,
-                                             self.line_proj.weight, weight_X, index_2X), plan.lines, plan.scratch)
+                                             self.line_proj.weight, weight_X, index_2X), plan.lines, plan.scratch,
+                                      in_unit)
         # Plain: one pass over the lines, maxima from its own (detached) scores.
         n_segments = entity_SD.shape[0]
         src_X, dst_X = index_2X
@@ -183,7 +185,8 @@ class InteractionBlock(nn.Module):
     def _attend_and_update_edges(self, edge_ED: torch.Tensor, angle_TA: torch.Tensor, triplet_weight_T: torch.Tensor,
                                  *, class_E: torch.Tensor, triplet_index_2T: torch.Tensor, routing: Routing | None,
                                  plan: Recompute) -> tuple[torch.Tensor]:
-        sums = self.line_attention.segment_sums(edge_ED, angle_TA, triplet_weight_T, triplet_index_2T, plan)
+        sums = self.line_attention.segment_sums(edge_ED, angle_TA, triplet_weight_T, triplet_index_2T, plan,
+                                                in_unit=True)
         return self._update_edges(edge_ED, *sums.sums, maxima=sums.maxima, class_E=class_E, routing=routing)
 
     def _update_edges(self, edge_ED: torch.Tensor, *sums: torch.Tensor, maxima: tuple[torch.Tensor, torch.Tensor],

@@ -36,7 +36,7 @@ A create_graph backward through the op (the force backward) returns no weight gr
 force training the first-order parameter gradient of the energy is never wanted (the loss's
 backward supplies the parameter gradients), as in exaforce.model.recompute.
 
-Inside a recomputed unit (exaforce.model.recompute) the op runs three times on the same inputs:
+Inside a recomputed unit (exaforce.model.recompute; `in_unit`) the op runs three times on the same inputs:
 the unit's forward (without grad), its force backward and its loss backward. The sums of the
 first run are remembered (Scratch) and handed to the second, which forgets them; their maxima
 serve the third too, which then needs one sweep (the sums) instead of two. The third run's force
@@ -91,14 +91,14 @@ class Inputs(NamedTuple):
     index_2X: torch.Tensor            # (source, target) entity of each line
 
 
-def fused_segment_sums(inputs: Inputs, chunk: int, scratch: Scratch) -> SegmentSums:
+def fused_segment_sums(inputs: Inputs, chunk: int, scratch: Scratch, in_unit: bool = False) -> SegmentSums:
     """The attention's sums (see the module docstring), differentiable twice; `chunk` lines per
-    sweep step. Called without grad (a recomputed unit's forward), the sums are remembered for the
-    unit's backward passes."""
+    sweep step. `in_unit`: called inside a recomputed unit (exaforce.model.recompute), whose three
+    passes share their work through `scratch` (its forward runs without grad and remembers)."""
     if chunk <= 0:
         raise ValueError(f"chunk = {chunk}: must be > 0")
-    num0, den0, num1, den1, max0, max1 = _Sums.apply(_Sweep(chunk, scratch, remember=not torch.is_grad_enabled()),
-                                                      *inputs)
+    sweep = _Sweep(chunk, scratch, in_unit, remember=in_unit and not torch.is_grad_enabled())
+    num0, den0, num1, den1, max0, max1 = _Sums.apply(sweep, *inputs)
     return SegmentSums((num0, den0, num1, den1), (max0, max1))
 
 
@@ -413,13 +413,14 @@ def vjp_of_vjp(inputs: Inputs, chunk: int, scratch: Scratch, maxima, grad_sums, 
 class _Sweep(NamedTuple):
     chunk: int
     scratch: Scratch
-    remember: bool  # a recomputed unit's forward: its backward passes want these sums again
+    in_unit: bool   # inside a recomputed unit: its passes recall what its forward remembered
+    remember: bool  # the unit's forward: its backward passes want these sums again
 
 
 class _Sums(torch.autograd.Function):
     @staticmethod
     def forward(ctx, sweep: _Sweep, *inputs):
-        known = sweep.scratch.recall(Inputs(*inputs))
+        known = sweep.scratch.recall(Inputs(*inputs)) if sweep.in_unit else None
         if known is not None and known.sums is not None:  # a recomputed unit's force backward
             outputs = (*known.sums, *known.maxima)
         else:

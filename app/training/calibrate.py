@@ -17,7 +17,7 @@ from exaforce.config import Config
 from exaforce.graph import GraphBatch
 from exaforce.model.potential import Potential
 from exaforce.parallel.parallelize import Parallel
-from exaforce.perf.flops import count_flops, fit_flop_coefficients
+from exaforce.perf.flops import count_flops, fit_flop_coefficients, fit_in_span
 from exaforce.training.data import GlobalIndex
 from exaforce.training.step import loss_and_gradients
 
@@ -25,7 +25,7 @@ Coefficients = dict[str, float]
 
 
 def _fit_world_mean(model: Potential, batches: list[GraphBatch], cfg: Config, parallel: Parallel,
-                    measure: Callable[[Callable[[], object]], float]) -> Coefficients:
+                    measure: Callable[[Callable[[], object]], float], log: Callable[[str], None]) -> Coefficients:
     """Runs one training step's forward and backward per calibration batch through `measure` (FLOPs
     or seconds) and fits the coefficients to the world means (collective: every rank runs the same
     number of steps on its own batches; with expert parallelism an expert's work depends on every
@@ -38,27 +38,34 @@ def _fit_world_mean(model: Potential, batches: list[GraphBatch], cfg: Config, pa
         samples.append((c["atoms"], c["edges"], c["angles"], float(value)))
     model.zero_grad(set_to_none=True)
     mean = np.asarray(parallel.topo.sum(np.asarray(samples))) / parallel.topo.world_size  # collective
-    return fit_flop_coefficients([tuple(row) for row in mean])
+    rows = [tuple(row) for row in mean]
+    try:
+        return fit_flop_coefficients(rows)
+    except ValueError as err:  # too few distinct structures to vary the counts independently
+        log(f"calibration: {err}; using the fit within the counts the training set spans (perf figures of "
+            f"other batch shapes are extrapolated)")
+        return fit_in_span(rows)
 
 
 def calibrate(model: Potential, index: GlobalIndex, to_batch: Callable[[np.ndarray], GraphBatch], cfg: Config,
-              parallel: Parallel) -> tuple[Coefficients, Coefficients]:
+              parallel: Parallel, log: Callable[[str], None]) -> tuple[Coefficients, Coefficients]:
     """(FLOP, cost) coefficients from six calibration steps per rank on batches of 1 to 5 of its structures."""
     topo = parallel.topo
     mine = np.flatnonzero(~index.is_val_G)[topo.rank::topo.world_size]
     batches = [to_batch(mine[np.arange(i, i + k) % len(mine)])
                for i, k in ((0, 1), (1, 2), (3, 3), (6, 4), (10, 2), (12, 5))]
-    flop_coefficients = calibrate_flops(model, batches, cfg, parallel)
-    return flop_coefficients, calibrate_cost(model, batches, cfg, parallel, flop_coefficients)
+    flop_coefficients = calibrate_flops(model, batches, cfg, parallel, log)
+    return flop_coefficients, calibrate_cost(model, batches, cfg, parallel, flop_coefficients, log)
 
 
-def calibrate_flops(model: Potential, batches: list[GraphBatch], cfg: Config, parallel: Parallel) -> Coefficients:
+def calibrate_flops(model: Potential, batches: list[GraphBatch], cfg: Config, parallel: Parallel,
+                    log: Callable[[str], None]) -> Coefficients:
     """FLOPs of one training step (forward, force backward, parameter backward) from FlopCounterMode."""
-    return _fit_world_mean(model, batches, cfg, parallel, count_flops)
+    return _fit_world_mean(model, batches, cfg, parallel, count_flops, log)
 
 
 def calibrate_cost(model: Potential, batches: list[GraphBatch], cfg: Config, parallel: Parallel,
-                   flop_coefficients: Coefficients) -> Coefficients:
+                   flop_coefficients: Coefficients, log: Callable[[str], None]) -> Coefficients:
     """Seconds of a step from timed steps. A noisy fit with a negative slope falls back to the FLOP
     coefficients, which are proportional to the work."""
     def seconds_of(step: Callable[[], object]) -> float:
@@ -66,7 +73,7 @@ def calibrate_cost(model: Potential, batches: list[GraphBatch], cfg: Config, par
         step()
         return time.perf_counter() - t0
 
-    seconds = _fit_world_mean(model, batches, cfg, parallel, seconds_of)
+    seconds = _fit_world_mean(model, batches, cfg, parallel, seconds_of, log)
     if min(seconds["atoms"], seconds["edges"], seconds["angles"]) < 0:
         return flop_coefficients
     return seconds

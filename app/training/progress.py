@@ -4,6 +4,7 @@ what each step reports (the perf record and the log line)."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import resource
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,14 @@ class Progress:
 
 def peak_memory_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def resident_memory_bytes() -> int:
+    """The process's resident memory now (Linux /proc/self/statm: pages), 0 where unknown."""
+    try:
+        return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 class Checkpointer:

@@ -21,7 +21,9 @@ from exaforce.faults import NONFINITE_EXIT_CODE, REQUEUE_EXIT_CODE, RunStopped, 
 from exaforce.io.sampler import deal, global_batches
 from exaforce.parallel.topology import Topology
 from exaforce.perf.flops import predict_flops
-from exaforce.training.progress import peak_memory_bytes, step_log_line, validation_log_lines
+from exaforce.training.lock import RunFolderLock
+from exaforce.training.progress import (peak_memory_bytes, resident_memory_bytes, step_log_line,
+                                        validation_log_lines)
 from exaforce.training.setup import Run, build_run
 from exaforce.training.step import StepResult, train_step
 from exaforce.training.validation import validation_mae
@@ -35,28 +37,43 @@ def train(cfg: Config, topo: Topology, groups: CommGroups, log: Callable[[str], 
     entry point's `signals` (checkpoint, REQUEUE_EXIT_CODE), or on a non-finite step under
     run.nonfinite = "stop" (checkpoint of the last good state, NONFINITE_EXIT_CODE)."""
     signals = signals or StopSignals(install=False)
-    run = build_run(cfg, topo, groups, log)
-    index = run.data.index
-    batches = global_batches(index.weight_G, ~index.is_val_G, cfg.data.global_batch_size, topo.world_size,
-                             cfg.run.seed, start_step=run.progress.step)
-    stop: RunStopped | None = None
-    wall0 = time.perf_counter()
-    with Watchdog(topo.world, cfg.run.step_timeout_s) as watchdog:
-        for step in range(run.progress.step + 1, cfg.run.steps + 1):
-            watchdog.beat(f"step {step}")
-            epoch, global_batch = next(batches)
-            result = take_step(run, step, epoch, global_batch, watchdog)
-            stop = decide(run, step, result, signals, watchdog)  # collective: the same answer on every rank
-            if stop is not None:
-                break
-        if stop is None:
-            finish(run, time.perf_counter() - wall0, watchdog)
-    run.perf.close()
-    run.data.reader.close()
+    stop_during_start_up(signals, topo, "before start-up", log)
+    with RunFolderLock(Path(cfg.run.out_dir), topo, log):  # collective: one run per run folder
+        run = build_run(cfg, topo, groups, log)
+        stop_during_start_up(signals, topo, f"during start-up (before step {run.progress.step + 1})", log)
+        index = run.data.index
+        batches = global_batches(index.weight_G, ~index.is_val_G, cfg.data.global_batch_size, topo.world_size,
+                                 cfg.run.seed, start_step=run.progress.step)
+        stop: RunStopped | None = None
+        wall0 = time.perf_counter()
+        with Watchdog(topo.world, cfg.run.step_timeout_s, Path(cfg.run.out_dir)) as watchdog:
+            for step in range(run.progress.step + 1, cfg.run.steps + 1):
+                watchdog.beat(f"step {step}")
+                epoch, global_batch = next(batches)
+                result = take_step(run, step, epoch, global_batch, watchdog)
+                stop = decide(run, step, result, signals, watchdog)  # collective: the same answer on every rank
+                if stop is not None:
+                    break
+            if stop is None:
+                finish(run, time.perf_counter() - wall0, watchdog)
+        run.perf.close()
+        run.data.reader.close()
     if stop is not None:
         log(str(stop))
         raise stop
     return Path(cfg.run.out_dir)
+
+
+def stop_during_start_up(signals: StopSignals, topo: Topology, when: str, log: Callable[[str], None]) -> None:
+    """Collective: a scheduler signal that came before the first step ends the run at once with
+    REQUEUE_EXIT_CODE. No step ran in this run, so there is nothing new to checkpoint; start-up
+    (data index, calibration) can take longer than the scheduler's warning leaves."""
+    signal_name = signals.agreed(topo)  # collective
+    if signal_name:
+        stop = RunStopped(f"signal {signal_name} received {when}: no step ran, nothing new to checkpoint; "
+                          f"exiting {REQUEUE_EXIT_CODE} for requeue", REQUEUE_EXIT_CODE)
+        log(str(stop))
+        raise stop
 
 
 def take_step(run: Run, step: int, epoch: int, global_batch: np.ndarray, watchdog: Watchdog) -> StepResult:
@@ -79,7 +96,8 @@ def take_step(run: Run, step: int, epoch: int, global_batch: np.ndarray, watchdo
     times["total"] = time.perf_counter() - t0
     share_cost = [float(run.cost_G[share].sum()) for share in shares]  # predicted seconds per rank
     extra = {"cost": share_cost[topo.rank], "cost_max_over_mean": max(share_cost) / max(np.mean(share_cost), 1e-30),
-             "loss": result.loss, "grad_norm": result.grad_norm, "skipped_steps": run.progress.skipped_steps}
+             "loss": result.loss, "grad_norm": result.grad_norm, "skipped_steps": run.progress.skipped_steps,
+             "rss_bytes": resident_memory_bytes()}
     if not result.updated:
         extra["skipped"] = True
     if result.routing:

@@ -80,7 +80,7 @@ def build_run(cfg: Config, topo: Topology, groups: CommGroups, log: Callable[[st
         raise ConfigError(f"data.global_batch_size = {cfg.data.global_batch_size}: need at least "
                           f"{cfg.data.micro_batches} structure(s) per rank on {world} ranks (data.micro_batches)")
     run_dir = Path(cfg.run.out_dir)
-    resume_from = checkpoint.resume_point(run_dir, cfg.run.resume, topo)  # collective; None: a new run
+    resume_from = checkpoint.resume_point(run_dir, cfg.run.resume, topo, log)  # collective; None: a new run
     model, data = build_model_and_data(cfg, topo, log)
     parallel = parallelize(model, topo, groups, cfg)
     optimizer, schedule = make_optimizer(model, cfg)  # after parallelize: the reducers hook the final parameters
@@ -96,7 +96,7 @@ def build_run(cfg: Config, topo: Topology, groups: CommGroups, log: Callable[[st
     # All ranks calibrate together, once per layout (a resumed run reuses the checkpoint's, so it
     # deals every step exactly as the interrupted run would have).
     if progress.layout != layout:
-        progress.flop_coefficients, progress.cost_coefficients = calibrate(model, data.index, data.batch, cfg, parallel)
+        progress.flop_coefficients, progress.cost_coefficients = calibrate(model, data.index, data.batch, cfg, parallel, log)
         progress.layout = layout
     run = Run(cfg=cfg, topo=topo, model=model, data=data, cost_G=structure_cost(data.index, progress.cost_coefficients),
               parallel=parallel, optimizer=optimizer, schedule=schedule, progress=progress,

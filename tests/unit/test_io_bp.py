@@ -160,8 +160,14 @@ def test_missing_dataset(tmp_path):
 
 def test_directory_that_is_not_a_dataset(tmp_path):
     (tmp_path / "junk.bp").mkdir()
-    with pytest.raises(DataError, match="junk.bp.*not a readable"):
+    with pytest.raises(DataError, match="junk.bp: not a BP5 dataset \\(a folder without its md.idx"):
         open_bp(tmp_path / "junk.bp")
+    for name in bp.ADIOS_FILES:
+        (tmp_path / "junk.bp" / name).write_text("garbage")
+    with pytest.raises(DataError, match="junk.bp: not a readable ADIOS2 BP5 dataset: ADIOS2 BP5 Engine only "
+                                        "supports bp format version 5, found \\d+ version$") as err:
+        open_bp(tmp_path / "junk.bp")
+    assert "\x1b" not in str(err.value)
 
 
 def test_missing_variable(tmp_path, frames, monkeypatch):
@@ -200,3 +206,13 @@ def test_old_dataset_is_restored_when_the_final_rename_fails(tmp_path, frames, m
     with open_bp(path) as ds:
         assert ds.name == "old"
         _assert_bit_equal(ds.read(0, 5), old)
+
+
+def test_no_profile_is_left_behind(tmp_path, frames):
+    """ADIOS2 profiles every BP5 engine: not in the dataset, not in /tmp after the reader closes."""
+    path = tmp_path / "quiet.bp"
+    write_bp(frames, path, "quiet")
+    assert "profiling.json" not in _entries(path)
+    with open_bp(path) as reader:
+        reader.read(0, 1)
+    assert not bp._reader_profile(path).exists()

@@ -120,3 +120,19 @@ def test_cli_method_needs_molecules(tmp_path):
     assert proc.returncode == 2
     assert "--method GFN1-xTB: only for --source molecules" in proc.stderr
     assert not (tmp_path / "m.extxyz").exists()
+
+
+def test_labels_do_not_depend_on_the_thread_count(tmp_path):
+    """The synthesiser runs tblite on one thread whatever OMP_NUM_THREADS says: the same bytes."""
+    import os
+    import subprocess
+
+    texts = []
+    for threads in ("1", "2"):
+        out = tmp_path / f"mol-{threads}.extxyz"
+        proc = subprocess.run([sys.executable, "-m", "exaforce.cli", "data", "synth", "--source", "molecules",
+                               "--out", str(out), "--structures", "6", "--seed", "9"], capture_output=True, text=True,
+                              timeout=120, env=dict(os.environ, OMP_NUM_THREADS=threads))
+        assert proc.returncode == 0, proc.stderr
+        texts.append(out.read_text())
+    assert texts[0] == texts[1]

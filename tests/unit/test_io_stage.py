@@ -131,3 +131,30 @@ def test_a_dataset_that_does_not_fit_fails_before_copying_or_falls_back(tmp_path
     messages = []
     assert stage_mod.stage_datasets([src], dest, None, log=messages.append, fallback=True) == [src]
     assert "falling back to the shared file system" in messages[-1]
+
+
+def test_a_second_stage_waits_for_the_first_then_verifies(tmp_path, sources):
+    """Two jobs on one node stage one dataset into one folder: this test is the first (it holds the
+    folder's lock and copies), a real second process waits for it, then verifies and skips."""
+    import fcntl
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    dest = tmp_path / "nvme"
+    dest.mkdir()
+    fd = os.open(dest, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    script = ("import sys; from pathlib import Path; from exaforce.io.stage import stage_datasets; "
+              "stage_datasets([Path(sys.argv[1])], Path(sys.argv[2]), None, log=lambda m: print(m, flush=True))")
+    second = subprocess.Popen([sys.executable, "-c", script, str(sources[0]), str(dest)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        assert "stage: waiting for another stage into" in second.stdout.readline()  # it blocks right after
+        shutil.copytree(sources[0], dest / sources[0].name)  # the first job's copy
+    finally:
+        os.close(fd)
+    out, err = second.communicate(timeout=60)
+    assert second.returncode == 0, err
+    assert f"stage: {dest / sources[0].name} already present" in out and "skipped" in out, out

@@ -1,0 +1,128 @@
+"""A run that cannot go on says why and loses nothing: one run per run folder (a second train is
+refused while the first holds its lock), a scheduler signal during start-up exits 75 for requeue,
+an unwritable run folder is one line and exit 2."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import run_cli
+
+pytestmark = pytest.mark.faults
+
+EXAFORCE = str(Path(sys.executable).parent / "exaforce")
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("reliability")
+    for args in (["data", "synth", "--out", "emt.extxyz", "--structures", "8", "--seed", "0"],
+                 ["data", "convert", "emt.extxyz", "--out", "emt.bp", "--name", "emt"]):
+        assert run_cli(args, cwd=root).returncode == 0
+    (root / "run.toml").write_text('[run]\nsteps = 4\nlog_every = 1\n[model]\npreset = "small"\n'
+                                   '[data]\ntrain = ["emt.bp"]\nglobal_batch_size = 2\n')
+    return root
+
+
+def _train(workdir: Path, out_dir: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([EXAFORCE, "train", "--config", "run.toml", "--out-dir", str(out_dir), *extra],
+                            cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
+def _wait_for(condition, what: str, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def _catches(pid: int, signum: int) -> bool:
+    """Whether process `pid` has installed a handler for `signum` (/proc/PID/status SigCgt)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    mask = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:")), 16)
+    return bool(mask >> (signum - 1) & 1)
+
+
+def test_a_second_run_into_the_same_folder_is_refused(workdir, tmp_path):
+    """The first run is frozen (SIGSTOP) once it holds the lock, so the second meets it for certain."""
+    out_dir = tmp_path / "run"
+    first = _train(workdir, out_dir)
+    _wait_for(lambda: (out_dir / ".lock").exists() and f"pid {first.pid}" in (out_dir / ".lock").read_text(),
+              "the first run's lock")
+    first.send_signal(signal.SIGSTOP)
+    try:
+        second = _train(workdir, out_dir)
+        _, err = second.communicate(timeout=120)
+    finally:
+        first.send_signal(signal.SIGCONT)
+    assert second.returncode == 2, err
+    assert f"run.out_dir = {out_dir} is in use by another exaforce train (pid {first.pid} on" in err, err
+    out, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err
+    assert "step     4/4" in out
+    steps = [line for line in (out_dir / "perf" / "rank-00000.jsonl").read_text().splitlines() if '"kind":"step"' in line]
+    assert len(steps) == 4  # one run's log, untorn
+    again = run_cli(["train", "--config", "run.toml", "--out-dir", str(out_dir), "--resume", "--steps", "5"], cwd=workdir)
+    assert again.returncode == 0, again.stderr  # the lock went with the first process
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+def test_a_signal_during_start_up_exits_75(workdir, tmp_path, signum):
+    """Sent as soon as the process catches it (SigCgt, so no timing luck): start-up is seconds
+    long here and no step can have run; one process, as the scheduler's signal reaches each rank."""
+    proc = _train(workdir, tmp_path / "run")
+    _wait_for(lambda: _catches(proc.pid, signum), "the signal handlers")
+    proc.send_signal(signum)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75, out + err
+    name = signal.Signals(signum).name
+    assert f"signal {name} received" in out and "no step ran, nothing new to checkpoint; exiting 75" in out, out
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_an_unwritable_run_folder_is_one_line_and_exit_2(workdir, tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    result = run_cli(["train", "--config", "run.toml", "--out-dir", str(tmp_path / "file" / "run")], cwd=workdir)
+    assert result.returncode == 2, result.stderr
+    assert f"exaforce: error: run.out_dir = {tmp_path / 'file' / 'run'}: cannot write there" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_two_structure_dataset_trains(tmp_path):
+    """Too few distinct structures to calibrate four coefficients: a warning and a fit within their span."""
+    for args in (["data", "synth", "--out", "two.extxyz", "--structures", "2", "--seed", "3"],
+                 ["data", "convert", "two.extxyz", "--out", "two.bp", "--name", "two"]):
+        assert run_cli(args, cwd=tmp_path).returncode == 0
+    (tmp_path / "two.toml").write_text('[run]\nout_dir = "run"\nsteps = 2\nlog_every = 1\n[model]\npreset = "small"\n'
+                                       '[data]\ntrain = ["two.bp"]\nglobal_batch_size = 2\n')
+    result = run_cli(["train", "--config", "two.toml"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "calibration: degenerate calibration" in result.stdout and "step     2/2" in result.stdout, result.stdout
+
+
+def test_resume_says_which_newer_checkpoint_it_skipped_and_why(workdir, tmp_path):
+    out_dir = tmp_path / "run"
+    result = run_cli(["train", "--config", "run.toml", "--out-dir", str(out_dir), "--steps", "2",
+                      "--set", "run.checkpoint_every=1", "--set", "run.final_checkpoint=false"], cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    dense = out_dir / "checkpoints" / "step-00000002" / "dense.pt"
+    size = dense.stat().st_size
+    with open(dense, "r+b") as f:
+        f.truncate(size // 2)
+    result = run_cli(["train", "--config", "run.toml", "--out-dir", str(out_dir), "--steps", "3", "--resume"],
+                     cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    assert (f"resume: skipped step-00000002, newer but not a complete checkpoint: dense.pt has {size // 2} bytes, "
+            f"COMPLETE lists {size} (cut short?)") in result.stdout, result.stdout
+    assert "at step 1" in result.stdout
