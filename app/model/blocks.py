@@ -160,7 +160,7 @@ class InteractionBlock(nn.Module):
         """With a plan (training): both attentions are fused ops that store only their inputs, and
         the bond update (E rows through an MLP of 3·D inputs) is a recomputed unit — with the line
         attention inside it (plan.bonds: least memory) or fed the attention's stored sums (about
-        10 E×D tensors per block more, about 1.35× faster on dense cells). The atom update (N rows, a few per
+        10 E×D tensors per block more, about 1.2× faster on dense cells). The atom update (N rows, a few per
         cent of the block's memory) is stored."""
         # Line graph: bonds a and b sharing a centre atom exchange messages shaped by their angle.
         class_E = class_N[edge_index_2E[0]]
