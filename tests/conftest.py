@@ -37,3 +37,22 @@ def run_cli(args: list[str], timeout: float = 300, cwd: Path | None = None) -> s
     cmd = [str(Path(sys.executable).parent / "exaforce"), *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd or REPO,
                           env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
+def make_emt_dataset(root: Path, structures: int, seed: int = 0, name: str = "emt") -> Path:
+    """ROOT/NAME.bp: EMT metals from the real `exaforce data synth` and `data convert`."""
+    for args in (["data", "synth", "--out", f"{name}.extxyz", "--structures", str(structures), "--seed", str(seed)],
+                 ["data", "convert", f"{name}.extxyz", "--out", f"{name}.bp", "--name", name]):
+        result = run_cli(args, cwd=root)
+        assert result.returncode == 0, result.stderr
+    return root / f"{name}.bp"
+
+
+def small_run_config(root: Path, dataset: str = "emt.bp", name: str = "run.toml", **run) -> Path:
+    """ROOT/NAME: the small preset on DATASET (global batch 2) with the given [run] keys."""
+    import json
+
+    keys = "".join(f"{key} = {json.dumps(value)}\n" for key, value in run.items())
+    path = root / name
+    path.write_text(f'[run]\n{keys}[model]\npreset = "small"\n[data]\ntrain = ["{dataset}"]\nglobal_batch_size = 2\n')
+    return path

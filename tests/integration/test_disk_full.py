@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli
+from conftest import make_emt_dataset, run_cli, small_run_config
 from exaforce.io import atomic
 from exaforce.io.atomic import DiskFullError, write_file_atomically
 
@@ -43,11 +43,8 @@ def small_fs(tmp_path):
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("diskfull")
-    for args in (["data", "synth", "--out", "emt.extxyz", "--structures", "300", "--seed", "0"],
-                 ["data", "convert", "emt.extxyz", "--out", "emt.bp", "--name", "emt"]):
-        assert run_cli(args, cwd=root).returncode == 0
-    (root / "run.toml").write_text('[run]\nsteps = 2\nlog_every = 1\ncheckpoint_every = 1\n[model]\npreset = "small"\n'
-                                   '[data]\ntrain = ["emt.bp"]\nglobal_batch_size = 2\n')
+    make_emt_dataset(root, 300)
+    small_run_config(root, steps=2, log_every=1, checkpoint_every=1)
     return root
 
 

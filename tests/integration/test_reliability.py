@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli
+from conftest import make_emt_dataset, run_cli, small_run_config
 
 pytestmark = pytest.mark.faults
 
@@ -23,11 +23,8 @@ EXAFORCE = str(Path(sys.executable).parent / "exaforce")
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("reliability")
-    for args in (["data", "synth", "--out", "emt.extxyz", "--structures", "8", "--seed", "0"],
-                 ["data", "convert", "emt.extxyz", "--out", "emt.bp", "--name", "emt"]):
-        assert run_cli(args, cwd=root).returncode == 0
-    (root / "run.toml").write_text('[run]\nsteps = 4\nlog_every = 1\n[model]\npreset = "small"\n'
-                                   '[data]\ntrain = ["emt.bp"]\nglobal_batch_size = 2\n')
+    make_emt_dataset(root, 8)
+    small_run_config(root, steps=4, log_every=1)
     return root
 
 
@@ -101,11 +98,8 @@ def test_an_unwritable_run_folder_is_one_line_and_exit_2(workdir, tmp_path):
 
 def test_a_two_structure_dataset_trains(tmp_path):
     """Too few distinct structures to calibrate four coefficients: a warning and a fit within their span."""
-    for args in (["data", "synth", "--out", "two.extxyz", "--structures", "2", "--seed", "3"],
-                 ["data", "convert", "two.extxyz", "--out", "two.bp", "--name", "two"]):
-        assert run_cli(args, cwd=tmp_path).returncode == 0
-    (tmp_path / "two.toml").write_text('[run]\nout_dir = "run"\nsteps = 2\nlog_every = 1\n[model]\npreset = "small"\n'
-                                       '[data]\ntrain = ["two.bp"]\nglobal_batch_size = 2\n')
+    make_emt_dataset(tmp_path, 2, seed=3, name="two")
+    small_run_config(tmp_path, "two.bp", "two.toml", out_dir="run", steps=2, log_every=1)
     result = run_cli(["train", "--config", "two.toml"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "calibration: degenerate calibration" in result.stdout and "step     2/2" in result.stdout, result.stdout

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, run_cli
+from conftest import REPO, make_emt_dataset, run_cli, small_run_config
 from exaforce.config import ConfigError
 
 pytestmark = pytest.mark.security
@@ -36,11 +36,8 @@ class Payload:
 def trained(tmp_path_factory) -> Path:
     """A real 2-step run of the small preset on a small EMT dataset (checkpoints at steps 1 and 2)."""
     root = tmp_path_factory.mktemp("trained")
-    for args in (["data", "synth", "--out", "emt.extxyz", "--structures", "8", "--seed", "0"],
-                 ["data", "convert", "emt.extxyz", "--out", "emt.bp", "--name", "emt"]):
-        assert run_cli(args, cwd=root).returncode == 0
-    (root / "run.toml").write_text('[run]\nout_dir = "run"\nsteps = 2\ncheckpoint_every = 1\nlog_every = 1\n'
-                                   '[model]\npreset = "small"\n[data]\ntrain = ["emt.bp"]\nglobal_batch_size = 2\n')
+    make_emt_dataset(root, 8)
+    small_run_config(root, out_dir="run", steps=2, checkpoint_every=1, log_every=1)
     result = run_cli(["train", "--config", "run.toml"], cwd=root)
     assert result.returncode == 0, result.stderr
     return root

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli
+from conftest import make_emt_dataset, run_cli
 from exaforce.io.bp import open_bp, write_bp
 from exaforce.io.schema import DataError
 
@@ -16,11 +16,7 @@ pytestmark = [pytest.mark.security, pytest.mark.data]
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("overwrite")
-    for args in (["data", "synth", "--out", "emt.extxyz", "--structures", "4", "--seed", "0"],
-                 ["data", "convert", "emt.extxyz", "--out", "emt.bp", "--name", "emt"]):
-        assert run_cli(args, cwd=root).returncode == 0
-    return root / "emt.bp"
+    return make_emt_dataset(tmp_path_factory.mktemp("overwrite"), 4)
 
 
 def _victims(tmp_path: Path) -> dict[str, Path]:
