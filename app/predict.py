@@ -27,6 +27,7 @@ import torch
 from exaforce.calculator import head_index
 from exaforce.config import DTYPES
 from exaforce.training.data import check_frames
+from exaforce.io.atomic import DiskFullError
 from exaforce.io.bp import RESERVED_ATTRS, is_dataset, open_bp, write_bp
 from exaforce.io.schema import DataError, Frames
 from exaforce.graph import build_batch
@@ -116,6 +117,8 @@ def predict(source: ModelSource, data: str | Path, out: str | Path, topo: Topolo
                 _write(dataset, energy_S, forces_N3, stress_S6, out, method=f"exaforce:{label}", overwrite=overwrite,
                        attrs={"predicted_from": str(data.resolve()), "head": model.cfg.heads[h], "dtype": dtype,
                               "batch_size": batch_size})
+            except DiskFullError as err:  # names the path already
+                error = str(err)
             except Exception as err:  # noqa: BLE001 — every rank must learn of it, not only the writer
                 error = f"{out}: writing the predictions failed: {err}"
         error = topo.from_root(error)  # collective: all ranks fail alike, or none

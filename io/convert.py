@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from exaforce.io.atomic import fsync_dir, remove, replace_path, sibling
+from exaforce.io.atomic import DiskFullError, fsync_dir, remove, replace_path, sibling
 from exaforce.io.bp import is_dataset, write_bp
 from exaforce.io.schema import DataError, Frames
 
@@ -104,7 +104,8 @@ def convert(sources: list[Path], out: Path, name: str, method: str | None = None
             outcome.converted.append(replace(done, out=out / target.name if tmp is not None else out))
             log(outcome.converted[-1])
         except Exception as err:  # noqa: BLE001 — any failure must reach the vote below, or the others hang
-            message = str(err) if isinstance(err, DataError) else f"{source}: {type(err).__name__}: {err}"
+            message = str(err) if isinstance(err, (DataError, DiskFullError)) else \
+                f"{source}: {type(err).__name__}: {err}"
             outcome.failures.append(message)
     outcome.n_failed = comm.allreduce(len(outcome.failures))  # collective: every rank votes, also with no work
     if tmp is not None:

@@ -60,9 +60,9 @@ def _one_line(result, *expected: str) -> str:
 def test_convert_and_predict_on_a_full_disk(data, small_fs):
     fs = small_fs(64 * 1024)
     _one_line(run_cli(["data", "convert", "emt.extxyz", "--out", str(fs / "emt.bp"), "--name", "emt"], cwd=data),
-              f"{fs / 'emt.bp'}: no space left on device: writing it needs about")
+              f"exaforce: error: {fs / 'emt.bp'}: no space left on device: writing it needs about")
     _one_line(run_cli(["predict", "--preset", "small", "--data", "emt.bp", "--out", str(fs / "pred.bp")], cwd=data),
-              f"{fs / 'pred.bp'}: no space left on device")
+              f"exaforce: error: {fs / 'pred.bp'}: no space left on device: writing it needs about")
     assert list(fs.iterdir()) == []  # nothing partial, nothing that looks complete
 
 
