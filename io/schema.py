@@ -225,21 +225,46 @@ def check_geometry(path: object, frame: int, positions: np.ndarray, cell: np.nda
     if pbc.all() and abs(np.linalg.det(cell)) < MIN_VOLUME:
         raise DataError(path, f"periodic cell without volume (|det| = {abs(np.linalg.det(cell)):.3g} Å³)",
                         frame=frame, field="cell")
-    from ase.neighborlist import neighbor_list  # here: ASE is a heavy import and only this needs it
+    shortest = _shortest_lattice_vector(cell) if pbc.all() else np.inf
+    if shortest < MIN_DISTANCE:
+        raise DataError(path, f"every atom is {shortest:.3g} Å from its own periodic image (closer than "
+                        f"{MIN_DISTANCE} Å: a lattice vector is too short)", frame=frame, field="cell")
+    closest = _closest_pair(positions, cell if pbc.all() else None)
+    if closest is not None and closest[2] < MIN_DISTANCE:
+        i, j, distance = closest
+        raise DataError(path, f"atoms {i} and {j} are {distance:.3g} Å apart (closer than {MIN_DISTANCE} Å: "
+                        f"coincident)", frame=frame, field="positions")
 
-    first, second, distance = neighbor_list("ijd", _atoms(positions, cell, pbc), MIN_DISTANCE, self_interaction=False)
-    if len(distance):
-        k = int(np.argmin(distance))
-        same = first[k] == second[k]
-        raise DataError(path, (f"atom {first[k]} is {distance[k]:.3g} Å from its own periodic image" if same else
-                               f"atoms {first[k]} and {second[k]} are {distance[k]:.3g} Å apart") +
-                        f" (closer than {MIN_DISTANCE} Å: coincident)", frame=frame, field="positions")
+
+_LATTICE_STEPS = np.array([n for n in np.ndindex(3, 3, 3) if n != (1, 1, 1)], dtype=np.float64) - 1.0
+_PAIR_ROWS = 256  # rows of the pair-distance block (bounds its memory for large cells)
 
 
-def _atoms(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray) -> Any:
-    from ase import Atoms
+def _shortest_lattice_vector(cell: np.ndarray) -> float:
+    """The shortest of the 26 lattice vectors with coefficients in {-1, 0, 1}: the distance from an
+    atom to its nearest own image in any cell that is not pathologically skewed."""
+    return float(np.linalg.norm(_LATTICE_STEPS @ cell, axis=1).min())
 
-    return Atoms(positions=positions, cell=cell, pbc=pbc)
+
+def _closest_pair(positions: np.ndarray, cell: np.ndarray | None) -> tuple[int, int, float] | None:
+    """(i, j, distance) of the two closest atoms, minimum image when `cell` is given (exact for the
+    near-zero distances this looks for: a fractional difference that close to a lattice vector
+    rounds to it); None for one atom. Vectorised in row blocks: ~0.1 ms for 100 atoms."""
+    n = len(positions)
+    if n < 2:
+        return None
+    coords = positions @ np.linalg.inv(cell) if cell is not None else positions
+    best = (np.inf, 0, 0)
+    for lo in range(0, n - 1, _PAIR_ROWS):
+        rows = np.arange(lo, min(n - 1, lo + _PAIR_ROWS))
+        delta = coords[rows, None, :] - coords[None, :, :]
+        if cell is not None:
+            delta = (delta - np.round(delta)) @ cell
+        distance = np.where(np.arange(n)[None, :] > rows[:, None], np.linalg.norm(delta, axis=-1), np.inf)
+        r, j = np.unravel_index(int(np.argmin(distance)), distance.shape)
+        if distance[r, j] < best[0]:
+            best = (float(distance[r, j]), int(rows[r]), int(j))
+    return best[1], best[2], best[0]
 
 
 def _finite(path: object, frame: int, field: str, value: np.ndarray) -> np.ndarray:

@@ -52,10 +52,18 @@ def own_image() -> Atoms:
     return labelled(Atoms("Cu", positions=[[0, 0, 0]], cell=[3, 3, 0.05], pbc=True))
 
 
+def coincident_through_the_boundary() -> Atoms:
+    """Atom 2 sits on an image of atom 0 in a skewed cell (a lattice translation away, plus 0.02 Å)."""
+    cell = np.array([[4.0, 0, 0], [2.0, 3.5, 0], [1.0, 1.0, 3.0]])
+    positions = [[0.01, 0.01, 0.01], [1.0, 1.0, 1.0], np.add([0.03, 0.01, 0.01], cell[0] + cell[1] - cell[2])]
+    return labelled(Atoms("Cu3", positions=positions, cell=cell, pbc=True))
+
+
 CASES = {"coincident": (coincident, "positions", "atoms 1 and 2 are 0 Å apart"),
          "flat-cell": (flat_cell, "cell", "periodic cell without volume"),
          "slab": (slab, "pbc", "mixed periodicity pbc = (True, True, False) is not supported yet"),
-         "own-image": (own_image, "positions", "atom 0 is 0.05 Å from its own periodic image")}
+         "through-the-boundary": (coincident_through_the_boundary, "positions", "atoms 0 and 2 are 0.02 Å apart"),
+         "own-image": (own_image, "cell", "every atom is 0.05 Å from its own periodic image")}
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
