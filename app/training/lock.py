@@ -3,8 +3,9 @@
 Two `exaforce train` into one run.out_dir would interleave their checkpoints and perf logs (a
 checkpoint of one run, a perf-log header of the other, torn lines). The lock is an flock(2) on an
 open file, so it goes away with the process however it ends (exit, crash, kill -9): a stale lock
-never blocks a resubmitted job. flock works on local disks and on NFS (as a POSIX lock); a file
-system without locks (ENOLCK, EOPNOTSUPP) gets a warning and no lock.
+never blocks a resubmitted job. flock works on local disks, on NFS (as a POSIX lock) and on Lustre
+mounted with -o flock; a file system without locks (ENOLCK, EOPNOTSUPP, or ENOSYS: Lustre without
+flock) gets a warning and no lock.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ class RunFolderLock:
             return (f"run.out_dir = {self.run_dir} is in use by another exaforce train ({holder}); wait for it "
                     f"to end, or train into another run.out_dir")
         except OSError as err:
-            if err.errno not in (errno.ENOLCK, errno.EOPNOTSUPP):
+            if err.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):  # Lustre mounted without flock: ENOSYS
                 lock_file.close()
                 return f"run.out_dir = {self.run_dir}: cannot lock {path} ({err.strerror or err})"
             self.log(f"warning: {path}: this file system has no locks ({err.strerror}); nothing stops a second "
