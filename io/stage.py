@@ -13,6 +13,7 @@ the destination folder itself (one stage at a time per folder; no lock file is l
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import os
@@ -111,6 +112,11 @@ def folder_lock(dest: Path, log: Callable[[str], None]) -> Iterator[None]:
         except BlockingIOError:
             log(f"stage: waiting for another stage into {dest} (another job on this node?)")
             fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as err:  # no locks on this file system (NFS emulates flock on writable files only)
+            if err.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EBADF):
+                raise
+            log(f"stage: WARNING: {dest} cannot be locked ({err.strerror}); another job staging there "
+                f"at the same moment would race this one")
         yield
     finally:
         os.close(fd)  # releases the lock
