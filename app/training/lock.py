@@ -25,29 +25,38 @@ LOCK_FILE = ".lock"
 
 
 class RunFolderLock:
-    """Collective context manager: every rank enters, or every rank raises ConfigError with the
-    reason (another run holds the folder; the folder cannot be written)."""
+    """Held from `acquire()` (collective: every rank goes on, or every rank raises ConfigError with
+    the reason: another run holds the folder, the folder cannot be written) to the end of the
+    `with` block. The trainer acquires it once its inputs are known good and before it writes
+    anything, so a run refused for bad input leaves no run folder behind."""
 
     def __init__(self, run_dir: Path, topo: Topology, log: Callable[[str], None]):
         self.run_dir, self.topo, self.log = Path(run_dir), topo, log
         self._file: IO[str] | None = None
+        self._created = False  # the lock made the run folder
 
     def __enter__(self) -> RunFolderLock:
+        return self
+
+    def acquire(self) -> None:
         problem = self._lock() if self.topo.is_root else None
         problem = self.topo.from_root(problem)  # collective: everybody stops, or nobody
         if problem is not None:
             raise ConfigError(problem)
-        return self
 
     def __exit__(self, *exc) -> None:
         if self._file is not None:
             self._file.close()  # releases the lock
             self._file = None
+            if self._created and [p.name for p in self.run_dir.iterdir()] == [LOCK_FILE]:
+                (self.run_dir / LOCK_FILE).unlink()  # a run that stopped before writing anything leaves no folder
+                self.run_dir.rmdir()
 
     def _lock(self) -> str | None:
         """Takes the lock (rank 0); the reason it cannot, or None."""
         path = self.run_dir / LOCK_FILE
         try:
+            self._created = not self.run_dir.exists()
             self.run_dir.mkdir(parents=True, exist_ok=True)
             lock_file = open(path, "a+", encoding="utf-8")
         except OSError as err:

@@ -38,8 +38,8 @@ def train(cfg: Config, topo: Topology, groups: CommGroups, log: Callable[[str], 
     run.nonfinite = "stop" (checkpoint of the last good state, NONFINITE_EXIT_CODE)."""
     signals = signals or StopSignals(install=False)
     stop_during_start_up(signals, topo, "before start-up", log)
-    with RunFolderLock(Path(cfg.run.out_dir), topo, log):  # collective: one run per run folder
-        run = build_run(cfg, topo, groups, log)
+    with RunFolderLock(Path(cfg.run.out_dir), topo, log) as lock:  # one run per run folder
+        run = build_run(cfg, topo, groups, log, lock)
         stop_during_start_up(signals, topo, f"during start-up (before step {run.progress.step + 1})", log)
         index = run.data.index
         batches = global_batches(index.weight_G, ~index.is_val_G, cfg.data.global_batch_size, topo.world_size,

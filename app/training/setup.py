@@ -22,6 +22,7 @@ from exaforce.perf.machines import local_machine
 from exaforce.training.calibrate import calibrate
 from exaforce.training.data import (GlobalIndex, TrainingData, build_global_index, lazy_reader, steps_in_epoch, store_reader,
                                     structure_cost)
+from exaforce.training.lock import RunFolderLock
 from exaforce.training.normalisation import fit_energy_normalisation
 from exaforce.training.progress import Checkpointer, Progress
 from exaforce.training.schedule import Schedule, make_optimizer
@@ -73,8 +74,10 @@ def build_model_and_data(cfg: Config, topo: Topology, log: Callable[[str], None]
     return model, data
 
 
-def build_run(cfg: Config, topo: Topology, groups: CommGroups, log: Callable[[str], None]) -> Run:
-    """Collective: a new run, or the continuation of the checkpoint run.resume names."""
+def build_run(cfg: Config, topo: Topology, groups: CommGroups, log: Callable[[str], None],
+              lock: RunFolderLock | None = None) -> Run:
+    """Collective: a new run, or the continuation of the checkpoint run.resume names. `lock` (the
+    run folder's) is acquired once the model and data are built, before anything is written."""
     world, layout = topo.world_size, (topo.world_size, topo.layout.dp, topo.layout.ep)
     if cfg.data.global_batch_size < world * cfg.data.micro_batches:
         raise ConfigError(f"data.global_batch_size = {cfg.data.global_batch_size}: need at least "
@@ -82,6 +85,8 @@ def build_run(cfg: Config, topo: Topology, groups: CommGroups, log: Callable[[st
     run_dir = Path(cfg.run.out_dir)
     resume_from = checkpoint.resume_point(run_dir, cfg.run.resume, topo, log)  # collective; None: a new run
     model, data = build_model_and_data(cfg, topo, log)
+    if lock is not None:
+        lock.acquire()  # collective
     parallel = parallelize(model, topo, groups, cfg)
     optimizer, schedule = make_optimizer(model, cfg)  # after parallelize: the reducers hook the final parameters
 
