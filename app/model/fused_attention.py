@@ -248,6 +248,7 @@ class _Operands(NamedTuple):
 class _Known(NamedTuple):
     """Sums remembered from a recomputed unit's forward, for the same inputs' later passes."""
     inputs: Inputs                          # held, so their memory cannot be reused by other tensors meanwhile
+    versions: tuple[int, ...]               # their version counters when remembered
     sums: tuple[torch.Tensor, ...] | None   # num0, den0, num1, den1, until the force backward takes them
     maxima: tuple[torch.Tensor, torch.Tensor]
 
@@ -256,10 +257,12 @@ def _versions(tensors: tuple[torch.Tensor, ...]) -> tuple[int, ...]:
     return tuple(t._version for t in tensors)
 
 
-def _same(a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...]) -> bool:
-    """The same values: the same memory, layout and versions (the caller holds `a`, so its memory
-    cannot have been freed and reused)."""
-    return _versions(a) == _versions(b) and all(
+def _same(a: tuple[torch.Tensor, ...], versions: tuple[int, ...], b: tuple[torch.Tensor, ...]) -> bool:
+    """`b` holds the values `a` held when its `versions` were read: the same memory and layout, no
+    in-place change since (a detached view shares its base's version counter, so the versions must
+    be the ones recorded then, not read from `a` now; the caller holds `a`, so its memory cannot
+    have been freed and reused)."""
+    return versions == _versions(b) and all(
         x.data_ptr() == y.data_ptr() and x.shape == y.shape and x.stride() == y.stride() and x.dtype == y.dtype
         for x, y in zip(a, b))
 
@@ -274,7 +277,7 @@ class Scratch:
     def __init__(self):
         self._buffers: dict[tuple, torch.Tensor] = {}
         self._known: list[_Known] = []
-        self._projected: dict[tuple, tuple[torch.Tensor, ...]] = {}  # parts buffer → the (entity, W_P, b_P) it holds
+        self._projected: dict[tuple, tuple[tuple[torch.Tensor, ...], tuple[int, ...]]] = {}  # parts buffer → (entity, W_P, b_P) it holds, their versions
 
     def projection(self, entity_SD: torch.Tensor, weight_PD: torch.Tensor, bias_P: torch.Tensor) -> torch.Tensor:
         """The parts P = entity·W_Pᵀ + b_P in their buffer, computed only if it holds other parts:
@@ -283,19 +286,19 @@ class Scratch:
         source = (entity_SD, weight_PD, bias_P)
         key = ("parts", shape, entity_SD.dtype, entity_SD.device)
         parts_SP = self.get("parts", shape, entity_SD)
-        if key not in self._projected or not _same(self._projected[key], source):
+        if key not in self._projected or not _same(*self._projected[key], source):
             torch.addmm(bias_P, entity_SD, weight_PD.T, out=parts_SP)
-            self._projected[key] = source
+            self._projected[key] = (source, _versions(source))
         return parts_SP
 
     def remember(self, inputs: Inputs, outputs: tuple[torch.Tensor, ...]) -> None:
-        self._known.append(_Known(inputs, outputs[:4], outputs[4:]))
+        self._known.append(_Known(inputs, _versions(inputs), outputs[:4], outputs[4:]))
 
     def recall(self, inputs: Inputs) -> _Known | None:
         """What is known of these exact inputs (same memory, unchanged): the sums once (then only
         the maxima), the maxima once more (then nothing)."""
         for i, known in enumerate(self._known):
-            if _same(known.inputs, inputs):
+            if _same(known.inputs, known.versions, inputs):
                 if known.sums is None:
                     del self._known[i]
                 else:

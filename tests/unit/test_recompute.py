@@ -128,3 +128,16 @@ def test_fused_attention_double_backward_equals_autograd(chunk):
 
     for plain, fused in zip(gradients(None), gradients(Recompute(chunk))):
         torch.testing.assert_close(fused, plain, rtol=0, atol=1e-12 * max(float(plain.abs().max()), 1.0))
+
+
+def test_scratch_projection_is_recomputed_after_an_in_place_change():
+    """The parts buffer is reused only while its inputs are unchanged: versions recorded when it was
+    filled (a live read would share the counter and never see the change)."""
+    scratch = Scratch()
+    entity, weight, bias = torch.randn(5, 4), torch.randn(40, 4), torch.randn(40)
+    before = scratch.projection(entity, weight, bias).clone()
+    with torch.no_grad():
+        weight.add_(1.0)
+    after = scratch.projection(entity, weight, bias)
+    assert not torch.equal(before, after)
+    torch.testing.assert_close(after, torch.addmm(bias, entity, weight.T), rtol=0, atol=0)
