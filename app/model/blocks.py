@@ -12,17 +12,17 @@ from torch import nn
 from exaforce.config import ModelConfig
 from exaforce.model.layers import GatedMLP, RMSNorm
 from exaforce.model.moe import MoEMLP
-from exaforce.model.fused_attention import Inputs, SegmentSums, fused_segment_sums, segment_max
+from exaforce.model.fused_attention import Inputs, SegmentSums, clamped_scores, fused_segment_sums, segment_max
 from exaforce.model.recompute import Recompute, recompute
 from exaforce.model.routing import ATOMS, BONDS, Routing
 
 
 def segment_softmax_sums(score_XD: torch.Tensor, value_XD: torch.Tensor, weight_X: torch.Tensor,
                          segment_X: torch.Tensor, max_SD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per segment, Σ_x w_x·exp(s_x − m)·v_x and Σ_x w_x·exp(s_x − m), with m the segment's max
-    (a constant: subtracting it is an exact identity that keeps exp from overflowing). Sums over
+    """Per segment, Σ_x w_x·exp(s_x − m)·v_x and Σ_x w_x·exp(s_x − m), with m from segment_max
+    (a constant: subtracting it is an exact identity that keeps exp finite and the sums nonzero). Sums over
     any split of the lines add up, so the lines can be processed in chunks."""
-    exp_XD = weight_X.unsqueeze(1) * torch.exp(score_XD - max_SD.index_select(0, segment_X))
+    exp_XD = weight_X.unsqueeze(1) * torch.exp(clamped_scores(score_XD, max_SD.index_select(0, segment_X)))
     zeros_SD = torch.zeros_like(max_SD)
     return zeros_SD.index_add(0, segment_X, exp_XD * value_XD), zeros_SD.index_add(0, segment_X, exp_XD)
 
@@ -85,8 +85,8 @@ class SeparableAttention(nn.Module):
         n_segments = entity_SD.shape[0]
         src_X, dst_X = index_2X
         score0_XD, value0_XD, score1_XD, value1_XD = self._lines(self._parts(entity_SD), line_XF, src_X, dst_X)
-        max0_SD = segment_max(score0_XD.detach(), src_X, score0_XD.new_zeros(n_segments, self.width))
-        max1_SD = segment_max(score1_XD.detach(), dst_X, score1_XD.new_zeros(n_segments, self.width))
+        max0_SD = segment_max(score0_XD.detach(), weight_X.detach(), src_X, score0_XD.new_zeros(n_segments, self.width))
+        max1_SD = segment_max(score1_XD.detach(), weight_X.detach(), dst_X, score1_XD.new_zeros(n_segments, self.width))
         return SegmentSums((*segment_softmax_sums(score0_XD, value0_XD, weight_X, src_X, max0_SD),
                             *segment_softmax_sums(score1_XD, value1_XD, weight_X, dst_X, max1_SD)), (max0_SD, max1_SD))
 

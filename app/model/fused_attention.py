@@ -13,7 +13,7 @@ The parts are P = entity·W_Pᵀ + b_P. One direction of the attention, per line
 (the entity it aggregates into) and other end t; a, p (at s), b, q, V (at t) are parts, ℓ_x the
 line's features:
 
-    z = a_s + b_t + W_z·ℓ_x    u = exp(z − m_s)    e = w_x·u          (m: the segment's max, a constant)
+    z = a_s + b_t + W_z·ℓ_x    u = exp(z − m_s)    e = w_x·u          (m: a constant; z − m capped, see segment_max)
     g = p_s + q_t + W_g·ℓ_x    f = silu(g)         v = f·V_t
     num_s = Σ_x e·v            den_s = Σ_x e
 
@@ -48,6 +48,7 @@ Shape legend: S entities, X lines, D channels, F line features, K the ten parts 
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -102,10 +103,31 @@ def fused_segment_sums(inputs: Inputs, chunk: int, scratch: Scratch, in_unit: bo
     return SegmentSums((num0, den0, num1, den1), (max0, max1))
 
 
-def segment_max(score_XD: torch.Tensor, segment_X: torch.Tensor, running_SD: torch.Tensor) -> torch.Tensor:
-    """running_SD (start: zeros) raised in place to the per-channel max of each segment's scores: a
-    constant of the softmax (no gradient), ≥ 0 and 0 for empty segments, so exp(−max) never overflows."""
-    return running_SD.scatter_reduce_(0, segment_X.unsqueeze(1).expand_as(score_XD), score_XD, "amax")
+SCORE_CAP = 30.0  # the most a line's score may exceed its segment's max m (see segment_max)
+WEIGHT_FLOOR = math.exp(-SCORE_CAP)  # lines lighter than this do not set m
+
+
+def segment_max(score_XD: torch.Tensor, weight_X: torch.Tensor, segment_X: torch.Tensor,
+                running_SD: torch.Tensor) -> torch.Tensor:
+    """running_SD (start: zeros) raised in place to m, the per-channel max over each segment's lines
+    of z + log w, over lines with w ≥ WEIGHT_FLOOR: a constant of the softmax (no gradient), ≥ 0.
+
+    Why: the softmax is exact for any constant m, but float32 holds exp only up to e^88. With m
+    where w·exp(z) is largest, that line's term w·exp(z − m) is 1 and the denominator
+    exp(−m) + Σ w·exp(z − m) is ≥ 1, even when the top-scoring line has weight 0 (a line at its
+    cutoff) and the rest are far below it. A line lighter than the floor may then sit far above m;
+    its exponent is capped at SCORE_CAP (clamped_scores), so exp stays ≤ e^30 in every derivative
+    and w·exp(z − m) ≤ 1. The cap changes nothing for lines at or above the floor (their
+    z − m ≤ −log w ≤ SCORE_CAP), and below it only lines within ~1e-13 of a cutoff weight."""
+    log_weight_X = torch.log(weight_X).masked_fill(weight_X < WEIGHT_FLOOR, float("-inf"))
+    return running_SD.scatter_reduce_(0, segment_X.unsqueeze(1).expand_as(score_XD),
+                                      score_XD + log_weight_X.unsqueeze(1), "amax")
+
+
+def clamped_scores(score_XD: torch.Tensor, max_XD: torch.Tensor) -> torch.Tensor:
+    """z − m capped at SCORE_CAP (the plain path: autograd's clamp gives capped lines no score gradient,
+    as the fused op's masks do)."""
+    return (score_XD - max_XD).clamp(max=SCORE_CAP)
 
 
 # --- one chunk of lines: pure functions of tensors (so a compiler can fuse each into a few loops)
@@ -126,14 +148,25 @@ def _score(parts_SP, line_XF, index_2X, weight_KDF, d: Direction) -> torch.Tenso
     return _part(parts_SP, d.a, segment_X) + _part(parts_SP, d.b, other_X) + line_XF @ weight_KDF[d.line_score].T
 
 
-def _terms(parts_SP, line_XF, index_2X, weight_X, weight_KDF, d: Direction, max_SD) -> dict[str, torch.Tensor]:
-    """u = exp(z − m), e = w·u, g, σ(g), f = silu(g) and V_t of every line in the chunk."""
+def _terms(parts_SP, line_XF, index_2X, weight_X, weight_KDF, d: Direction, max_SD) -> dict[str, torch.Tensor | None]:
+    """u = exp(min(z − m, SCORE_CAP)), e = w·u, g, σ(g), f = silu(g) and V_t of every line in the
+    chunk, and the lines whose z is not capped ("free": None when no line of the chunk can be)."""
     segment_X, other_X = index_2X[d.segment_row], index_2X[1 - d.segment_row]
-    u_XD = torch.exp(_score(parts_SP, line_XF, index_2X, weight_KDF, d) - max_SD.index_select(0, segment_X))
+    z_XD = _score(parts_SP, line_XF, index_2X, weight_KDF, d) - max_SD.index_select(0, segment_X)
+    free_XD = None
+    if bool((weight_X < WEIGHT_FLOOR).any()):  # only lines below the floor can exceed the cap
+        free_XD = z_XD <= SCORE_CAP
+        z_XD = z_XD.clamp(max=SCORE_CAP)
+    u_XD = torch.exp(z_XD)
     g_XD = _part(parts_SP, d.p, segment_X) + _part(parts_SP, d.q, other_X) + line_XF @ weight_KDF[d.line_gate].T
     sigma_XD = torch.sigmoid(g_XD)
     return {"u": u_XD, "e": u_XD * weight_X.unsqueeze(1), "g": g_XD, "sigma": sigma_XD, "f": g_XD * sigma_XD,
-            "V": _part(parts_SP, d.value, other_X)}
+            "V": _part(parts_SP, d.value, other_X), "free": free_XD}
+
+
+def _through_cap(t: dict[str, torch.Tensor | None], grad_XD: torch.Tensor) -> torch.Tensor:
+    """A gradient with respect to the capped score, taken to z: zero on capped lines."""
+    return grad_XD if t["free"] is None else grad_XD * t["free"]
 
 
 def _silu_grad(t: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -155,9 +188,9 @@ def _to_parts(grad_KSD: torch.Tensor, index_2X: torch.Tensor, d: Direction, scor
         grad_KSD[k].index_add_(0, index_X, grad_XD)
 
 
-def chunk_max(parts_SP, line_XF, index_2X, weight_KDF, max0_SD, max1_SD) -> None:
+def chunk_max(parts_SP, line_XF, index_2X, weight_X, weight_KDF, max0_SD, max1_SD) -> None:
     for d, max_SD in zip(DIRECTIONS, (max0_SD, max1_SD)):
-        segment_max(_score(parts_SP, line_XF, index_2X, weight_KDF, d), index_2X[d.segment_row], max_SD)
+        segment_max(_score(parts_SP, line_XF, index_2X, weight_KDF, d), weight_X, index_2X[d.segment_row], max_SD)
 
 
 def chunk_sums(parts_SP, line_XF, index_2X, weight_X, weight_KDF, max0_SD, max1_SD, *sums_SD) -> None:
@@ -181,7 +214,7 @@ def chunk_vjp(parts_SP, line_XF, index_2X, weight_X, weight_KDF, weight_KFD, max
         ne_XD = n_XD * t["e"]
         k_XD = n_XD * t["f"] * t["V"] + grad_sums[2 * i + 1].index_select(0, segment_X)
         grad_weight_X = grad_weight_X + (k_XD * t["u"]).sum(1)
-        zbar_XD, gbar_XD = k_XD * t["e"], ne_XD * t["V"] * _silu_grad(t)
+        zbar_XD, gbar_XD = _through_cap(t, k_XD * t["e"]), ne_XD * t["V"] * _silu_grad(t)
         _to_parts(grad_parts_KSD, index_2X, d, zbar_XD, gbar_XD, ne_XD * t["f"])
         for k, grad_XD in ((d.line_score, zbar_XD), (d.line_gate, gbar_XD)):
             grad_line_XF = grad_line_XF + grad_XD @ weight_KFD[k].T
@@ -207,14 +240,14 @@ def chunk_vjp_of_vjp(parts_SP, line_XF, index_2X, weight_X, weight_KDF, weight_K
         fv_XD = f_XD * v_XD
         k_XD = n_XD * fv_XD + grad_sums[2 * i + 1].index_select(0, segment_X)
         ne_XD = n_XD * t["e"]
-        zbar_XD, gbar_XD = k_XD * t["e"], ne_XD * v_XD * fprime_XD
+        zbar_XD, gbar_XD = _through_cap(t, k_XD * t["e"]), ne_XD * v_XD * fprime_XD
         _to_parts(first_KSD, index_2X, d, zbar_XD, gbar_XD, ne_XD * f_XD)
         # The direct terms of the line weights: ℓ̄ = Σ_k L̄_k·W_k.
         grad_weight_KFD[d.line_score].add_(tilde_line_XF.T @ zbar_XD)
         grad_weight_KFD[d.line_gate].add_(tilde_line_XF.T @ gbar_XD)
         # Cotangents of z̄, ḡ and V̄_t (each gathered from every place the vjp put them).
-        ztil_XD = _part(tilde_parts_SP, d.a, segment_X) + _part(tilde_parts_SP, d.b, other_X) \
-            + tilde_line_XF @ weight_KDF[d.line_score].T
+        ztil_XD = _through_cap(t, _part(tilde_parts_SP, d.a, segment_X) + _part(tilde_parts_SP, d.b, other_X)
+                               + tilde_line_XF @ weight_KDF[d.line_score].T)
         gtil_XD = _part(tilde_parts_SP, d.p, segment_X) + _part(tilde_parts_SP, d.q, other_X) \
             + tilde_line_XF @ weight_KDF[d.line_gate].T
         vtil_XD = _part(tilde_parts_SP, d.value, other_X)
@@ -222,7 +255,7 @@ def chunk_vjp_of_vjp(parts_SP, line_XF, index_2X, weight_X, weight_KDF, weight_K
         r_XD = gtil_XD * v_XD * fprime_XD + vtil_XD * f_XD
         un_XD = u_XD * n_XD
         # Through z, g, V_t, w and the cotangents n, d.
-        zhat_XD = u_XD * (a_XD * k_XD + w_X1 * n_XD * r_XD)
+        zhat_XD = _through_cap(t, u_XD * (a_XD * k_XD + w_X1 * n_XD * r_XD))
         ghat_XD = un_XD * (fprime_XD * (a_XD * v_XD + w_X1 * vtil_XD) + w_X1 * gtil_XD * v_XD * _silu_second(t))
         vhat_XD = un_XD * (a_XD * f_XD + w_X1 * gtil_XD * fprime_XD)
         grad_weight_X = grad_weight_X + (u_XD * (ztil_XD * k_XD + n_XD * r_XD)).sum(1)
@@ -363,7 +396,8 @@ def forward_sums(inputs: Inputs, chunk: int, scratch: Scratch,
     if maxima is None:
         maxima = [op.parts_SP.new_zeros(n_entities, op.width) for _ in DIRECTIONS]  # ≥ 0: exp(−m) ≤ 1
         for r in _chunks(inputs, chunk):
-            chunk_max(op.parts_SP, inputs.line_XF[r], inputs.index_2X[:, r], op.weight_KDF, *maxima)
+            chunk_max(op.parts_SP, inputs.line_XF[r], inputs.index_2X[:, r], inputs.weight_X[r], op.weight_KDF,
+                      *maxima)
     sums = [op.parts_SP.new_zeros(n_entities, op.width) for _ in range(4)]
     for r in _chunks(inputs, chunk):
         chunk_sums(op.parts_SP, inputs.line_XF[r], inputs.index_2X[:, r], inputs.weight_X[r], op.weight_KDF,
