@@ -87,7 +87,8 @@ def _init_seed() -> int:
 
 
 class MoEMLP(nn.Module):
-    """Σ_k w_k·expert_k(x) + shared(x), experts chosen per routing class; holds this rank's experts only.
+    """Σ_k w_k·expert_k(x) + shared(x), experts chosen per routing class, w their router
+    probabilities (renormalised over the k when k > 1); holds this rank's experts only.
 
     Expert e is initialised from its own seed (layer seed + e), so a rank holding experts
     [e0, e0 + X/ep) starts with exactly the weights the single-rank model gives them.
@@ -119,7 +120,10 @@ class MoEMLP(nn.Module):
         top_k = route.expert_CK.shape[1]
         expert_CK = torch.from_numpy(route.expert_CK).to(class_T.device)
         weight_CK = self.router.probabilities().gather(1, expert_CK)
-        weight_CK = weight_CK / weight_CK.sum(-1, keepdim=True)
+        if top_k > 1:  # the chosen experts' weights renormalised to sum to 1 (Mixtral);
+            weight_CK = weight_CK / weight_CK.sum(-1, keepdim=True)
+        # with one expert that weight would be exactly 1 and the task loss would never reach the
+        # router: its probability scales the output instead (Switch Transformer)
         # (token, slot) pairs sorted by expert: contiguous groups in the all-to-all's send order.
         order_P = torch.argsort(expert_CK[class_T].reshape(-1), stable=True)
         token_P = order_P // top_k

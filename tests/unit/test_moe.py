@@ -35,6 +35,19 @@ def test_every_token_gets_its_elements_top_k_experts_plus_shared():
     torch.testing.assert_close(moe(x, species, local_route(moe, species), DispatchClock()), expected, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_the_task_loss_trains_the_router(top_k: int):
+    """With top_k = 1 the chosen expert's weight is its router probability, not 1 (which would
+    leave the router without a gradient from anything but the load-balancing loss)."""
+    torch.manual_seed(0)
+    moe = MoEMLP(6, 8, 5, n_elements=3, n_experts=4, top_k=top_k, token_kind=ATOMS).double()
+    x = torch.randn(11, 6, dtype=torch.float64)
+    species = torch.tensor([0, 1, 2, 2, 1, 0, 0, 2, 1, 1, 0])
+    moe(x, species, local_route(moe, species), DispatchClock()).pow(2).sum().backward()
+    for name, p in moe.router.named_parameters():
+        assert p.grad is not None and p.grad.abs().max() > 1e-6, f"router {name}: no gradient with top_k = {top_k}"
+
+
 def test_an_expert_shard_starts_with_the_single_rank_weights():
     def build(ep_rank: int, ep_size: int) -> MoEMLP:
         torch.manual_seed(4)
