@@ -74,6 +74,19 @@ class SeparableAttention(nn.Module):
         max0_SD, max1_SD = sums.maxima
         return torch.cat([smooth_attention(num0_SD, den0_SD, max0_SD), smooth_attention(num1_SD, den1_SD, max1_SD)], -1)
 
+    @staticmethod
+    def normed_message(sums: SegmentSums, norm: RMSNorm) -> torch.Tensor:
+        """ρ ⊙ norm(message), ρ = Σ_x α_x ∈ [0, 1) the segment's occupancy, per channel and direction.
+
+        Why ρ: the norm alone rescales a lone line's message α·v to size ≈ 1 whatever α, undoing the
+        envelope (its energy change then packs into the last fraction of an Å before the cutoff).
+        ρ·norm(α·v) = α·v/|v| decays with the weight, while a full segment (ρ ≈ 1) is normed as before."""
+        _, den0_SD, _, den1_SD = sums.sums
+        max0_SD, max1_SD = sums.maxima
+        occupancy_S2D = torch.cat([den0_SD / (torch.exp(-max0_SD) + den0_SD),
+                                   den1_SD / (torch.exp(-max1_SD) + den1_SD)], -1)
+        return occupancy_S2D * norm(SeparableAttention.message(sums))
+
     def segment_sums(self, entity_SD: torch.Tensor, line_XF: torch.Tensor, weight_X: torch.Tensor,
                      index_2X: torch.Tensor, plan: Recompute | None = None, in_unit: bool = False) -> SegmentSums:
         """in_unit: called inside a recomputed unit (its passes share work: fused_segment_sums)."""
@@ -177,8 +190,8 @@ class InteractionBlock(nn.Module):
                 else recompute(update, (edge_ED, *bond_sums.sums), edge_params)
 
         # Atom graph: each atom gathers from the bonds it starts and the bonds it ends.
-        atom_msg_N2D = self.atom_attention(node_ND, edge_ED, edge_weight_E, edge_index_2E, plan)
-        node_in_N3D = torch.cat([node_ND, self.node_norm(atom_msg_N2D)], -1)
+        atom_sums = self.atom_attention.segment_sums(node_ND, edge_ED, edge_weight_E, edge_index_2E, plan)
+        node_in_N3D = torch.cat([node_ND, SeparableAttention.normed_message(atom_sums, self.node_norm)], -1)
         node_ND = node_ND + self.node_scale * self.node_update(node_in_N3D, class_N, routing)
         return node_ND, edge_ED
 
@@ -191,6 +204,6 @@ class InteractionBlock(nn.Module):
 
     def _update_edges(self, edge_ED: torch.Tensor, *sums: torch.Tensor, maxima: tuple[torch.Tensor, torch.Tensor],
                       class_E: torch.Tensor, routing: Routing | None) -> tuple[torch.Tensor]:
-        bond_msg_E2D = SeparableAttention.message(SegmentSums(sums, maxima))
-        edge_in_E3D = torch.cat([edge_ED, self.edge_norm(bond_msg_E2D)], -1)
+        bond_msg_E2D = SeparableAttention.normed_message(SegmentSums(sums, maxima), self.edge_norm)
+        edge_in_E3D = torch.cat([edge_ED, bond_msg_E2D], -1)
         return (edge_ED + self.edge_scale * self.edge_update(edge_in_E3D, class_E, routing),)
