@@ -31,7 +31,7 @@ class GraphBatch:
 
     numbers_N: torch.Tensor       # int64 atomic numbers
     species_N: torch.Tensor       # int64 index into the model's element list
-    positions_N3: torch.Tensor
+    positions_N3: torch.Tensor    # Å, moved near the origin (wrapped into the cell, molecules centred)
     cell_G33: torch.Tensor        # rows are lattice vectors; zeros where non-periodic
     graph_N: torch.Tensor         # int64 graph index of each atom
     natoms_G: torch.Tensor        # int64
@@ -94,15 +94,28 @@ def _triplets(src_E: np.ndarray, short_E: np.ndarray) -> np.ndarray:
     return np.stack([order[a[keep]], order[b[keep]]])
 
 
+def _near_origin(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray) -> np.ndarray:
+    """The structure moved near the origin by symmetries of its energy (float64): periodic
+    directions wrapped into the cell, a molecule centred. Edge vectors in float32 are then
+    differences of small numbers, whatever coordinates the data came with (unwrapped MD)."""
+    if not pbc.any():
+        return positions - positions.mean(0)
+    fractional = np.linalg.solve(cell.T, positions.T).T
+    fractional[:, pbc] -= np.floor(fractional[:, pbc])
+    return fractional @ cell
+
+
 def build_batch(frames: Frames, species_of: np.ndarray, cutoff: float, three_body_cutoff: float,
                 head_S: np.ndarray | None = None, n_heads: int = 1) -> GraphBatch:
     """Collates structures into one graph batch; `species_of[Z]` maps atomic number → element index,
     `head_S` gives each structure's energy head (default 0) out of `n_heads`."""
     offsets = frames.offsets_S
+    positions_N3 = np.empty_like(frames.positions_N3)
     src, dst, shifts = [], [], []
     for s in range(len(frames)):
         lo, hi = offsets[s], offsets[s] + frames.natoms_S[s]
-        i, j, sh = _neighbours(frames.positions_N3[lo:hi], frames.cell_S33[s], frames.pbc_S3[s], cutoff)
+        positions_N3[lo:hi] = _near_origin(frames.positions_N3[lo:hi], frames.cell_S33[s], frames.pbc_S3[s])
+        i, j, sh = _neighbours(positions_N3[lo:hi], frames.cell_S33[s], frames.pbc_S3[s], cutoff)
         src.append(i + lo)
         dst.append(j + lo)
         shifts.append(sh)
@@ -110,7 +123,7 @@ def build_batch(frames: Frames, species_of: np.ndarray, cutoff: float, three_bod
     dst_E = np.concatenate(dst) if dst else np.zeros(0, np.int64)
     shifts_E3 = np.concatenate(shifts) if shifts else np.zeros((0, 3), np.int64)
     graph_N = np.repeat(np.arange(len(frames)), frames.natoms_S)
-    vec_E3 = (frames.positions_N3[dst_E] - frames.positions_N3[src_E]
+    vec_E3 = (positions_N3[dst_E] - positions_N3[src_E]
               + np.einsum("ek,ekx->ex", shifts_E3, frames.cell_S33[graph_N[src_E]]))
     short_E = np.linalg.norm(vec_E3, axis=1) < three_body_cutoff
     periodic_G = frames.pbc_S3.all(axis=1)
@@ -121,7 +134,7 @@ def build_batch(frames: Frames, species_of: np.ndarray, cutoff: float, three_bod
     return GraphBatch(
         numbers_N=torch.from_numpy(frames.numbers_N.astype(np.int64)),
         species_N=torch.from_numpy(species_N),
-        positions_N3=torch.from_numpy(frames.positions_N3),
+        positions_N3=torch.from_numpy(positions_N3),
         cell_G33=torch.from_numpy(frames.cell_S33 * periodic_G[:, None, None]),
         graph_N=torch.from_numpy(graph_N.astype(np.int64)),
         natoms_G=torch.from_numpy(frames.natoms_S.astype(np.int64)),

@@ -152,15 +152,21 @@ class StrainedGeometry:
 
 
 def strained_geometry(batch: GraphBatch) -> StrainedGeometry:
-    """Edge vectors after a zero-valued symmetric strain ε deforms positions and cell, so ∂E/∂ε is the virial."""
+    """Edge vectors after a zero-valued symmetric strain ε deforms positions and cell, so ∂E/∂ε is the virial.
+
+    A strain deforms every vector of the structure alike, so it is applied to the edge vectors
+    v·(1 + ε) rather than to positions and cell: the same function, but ∂E/∂ε = Σ_E v ⊗ ∂E/∂v
+    sums edge-sized terms instead of cancelling position-sized ones (float32 stress of a cell far
+    from the origin)."""
     positions_N3 = batch.positions_N3.detach().requires_grad_(True)
     strain_G33 = torch.zeros_like(batch.cell_G33, requires_grad=True)
     symmetric_G33 = 0.5 * (strain_G33 + strain_G33.transpose(1, 2))
-    deformed_N3 = positions_N3 + torch.einsum("nx,nxy->ny", positions_N3, symmetric_G33[batch.graph_N])
-    cell_G33 = batch.cell_G33 + torch.bmm(batch.cell_G33, symmetric_G33)
     src_E, dst_E = batch.edge_index_2E
-    shift_E3 = torch.einsum("ex,exy->ey", batch.shifts_E3, cell_G33[batch.graph_N[src_E]])
-    return StrainedGeometry(positions_N3, strain_G33, deformed_N3[dst_E] - deformed_N3[src_E] + shift_E3)
+    graph_E = batch.graph_N[src_E]
+    vectors_E3 = positions_N3[dst_E] - positions_N3[src_E] + torch.einsum("ex,exy->ey", batch.shifts_E3,
+                                                                          batch.cell_G33[graph_E])
+    return StrainedGeometry(positions_N3, strain_G33,
+                            vectors_E3 + torch.einsum("ex,exy->ey", vectors_E3, symmetric_G33[graph_E]))
 
 
 def local_routing(model: Potential, batch: GraphBatch) -> Routing:

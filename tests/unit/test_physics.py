@@ -91,3 +91,32 @@ def test_training_mode_keeps_graph_for_double_backward(model):
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert all(g is not None for g in grads[:3]) and any(g.abs().sum() > 0 for g in grads if g is not None)
     model.zero_grad(set_to_none=True)
+
+
+def test_float32_stress_and_forces_hold_far_from_the_origin():
+    """Unwrapped coordinates (an MD trajectory's atoms 1000 cells away) give float32 forces and
+    stress as close to float64 as wrapped ones (issue 18: the strain was applied to positions, so
+    the stress summed position-sized terms that cancel)."""
+    from ase.build import bulk
+    from exaforce.calculator import ExaforceCalculator
+
+    atoms = bulk("Cu", "fcc", a=3.6).repeat((2, 2, 2))
+    atoms.rattle(0.05, seed=1)
+    far = atoms.copy()
+    far.positions += np.array([1000, -700, 1300]) @ far.cell.array  # lattice translations: the same structure
+    results = {}
+    for dtype in ("float32", "float64"):
+        calc = ExaforceCalculator.from_preset("small", seed=0, dtype=dtype, elements=("Cu",))
+        calc.model.energy_scale_H.fill_(5.0)
+        for name, a in (("near", atoms), ("far", far)):
+            a = a.copy()
+            a.calc = calc
+            results[dtype, name] = (a.get_forces(), a.get_stress())
+    forces64, stress64 = results["float64", "near"]
+    np.testing.assert_allclose(results["float64", "far"][1], stress64, atol=1e-12)
+    assert np.abs(stress64).max() > 1e-3
+    for name in ("near", "far"):
+        forces32, stress32 = results["float32", name]
+        # float32 near the origin: 5e-9 eV/Å and 3e-10 eV/Å³; far, before the fix: 6e-6 and 2e-8
+        assert np.abs(forces32 - forces64).max() < 1e-7, (name, np.abs(forces32 - forces64).max())
+        assert np.abs(stress32 - stress64).max() < 2e-9, (name, np.abs(stress32 - stress64).max())
