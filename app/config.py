@@ -46,6 +46,10 @@ class RunConfig:
                                         # (a new run if there is none); or a checkpoint folder (CLI: --resume)
     nonfinite: str = "stop"             # NaN/inf loss or gradient norm: "stop" (checkpoint of the last good
                                         # state, exit 3) or "skip" (no update for that step, counted)
+    max_seconds: float = 0.0            # wall-time budget from the start of `train`, start-up included: stop at
+                                        # the first step boundary past it, with the final checkpoint and model
+                                        # file (exit 0); the lr schedule then runs over the budget as well
+                                        # (progress: the larger of steps and time spent); 0: off
     step_timeout_s: float = 1800.0      # watchdog: abort the job when a step (with its validation and
                                         # checkpoint) makes no progress for this long; 0: off
     val_every: int = 0                  # validation MAE every N steps (0: at the end only), if any is held out
@@ -190,6 +194,8 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"run.keep_checkpoints = {cfg.run.keep_checkpoints}: must be >= 0 (0 keeps all)")
     if cfg.run.nonfinite not in ("stop", "skip"):
         raise ConfigError(f"run.nonfinite = {cfg.run.nonfinite!r}: must be 'stop' or 'skip'")
+    if not cfg.run.max_seconds >= 0:
+        raise ConfigError(f"run.max_seconds = {cfg.run.max_seconds}: must be >= 0 (0: no time budget)")
     if not cfg.run.step_timeout_s >= 0:
         raise ConfigError(f"run.step_timeout_s = {cfg.run.step_timeout_s}: must be >= 0 (0: no watchdog)")
     if cfg.run.freeze not in ("none", "backbone") or (cfg.run.freeze != "none" and not cfg.run.init_from):

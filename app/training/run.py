@@ -36,6 +36,7 @@ def train(cfg: Config, topo: Topology, groups: CommGroups, log: Callable[[str], 
     Ends early, on every rank alike, by raising RunStopped: after a scheduler signal caught by the
     entry point's `signals` (checkpoint, REQUEUE_EXIT_CODE), or on a non-finite step under
     run.nonfinite = "stop" (checkpoint of the last good state, NONFINITE_EXIT_CODE)."""
+    started = time.perf_counter()  # run.max_seconds counts from here
     signals = signals or StopSignals(install=False)
     stop_during_start_up(signals, topo, "before start-up", log)
     with RunFolderLock(Path(cfg.run.out_dir), topo, log) as lock:  # one run per run folder
@@ -47,10 +48,16 @@ def train(cfg: Config, topo: Topology, groups: CommGroups, log: Callable[[str], 
         stop: RunStopped | None = None
         wall0 = time.perf_counter()
         with Watchdog(topo.world, cfg.run.step_timeout_s, Path(cfg.run.out_dir)) as watchdog:
-            for step in range(run.progress.step + 1, cfg.run.steps + 1):
+            first = run.progress.step + 1
+            for step in range(first, cfg.run.steps + 1):
+                time_fraction = budget_spent(cfg, topo, started)  # collective when there is a budget
+                if time_fraction >= 1.0 and step > first:
+                    run.log(f"time budget run.max_seconds = {cfg.run.max_seconds:g} s spent after step {step - 1}: "
+                            "stopping with the final checkpoint")
+                    break
                 watchdog.beat(f"step {step}")
                 epoch, global_batch = next(batches)
-                result = take_step(run, step, epoch, global_batch, watchdog)
+                result = take_step(run, step, epoch, global_batch, watchdog, time_fraction)
                 stop = decide(run, step, result, signals, watchdog)  # collective: the same answer on every rank
                 if stop is not None:
                     break
@@ -76,7 +83,16 @@ def stop_during_start_up(signals: StopSignals, topo: Topology, when: str, log: C
         raise stop
 
 
-def take_step(run: Run, step: int, epoch: int, global_batch: np.ndarray, watchdog: Watchdog) -> StepResult:
+def budget_spent(cfg: Config, topo: Topology, started: float) -> float:
+    """The share of run.max_seconds spent since `started`, by rank 0's clock (collective: every rank
+    then stops, and sets its learning rate, alike); 0 without a budget (no collective)."""
+    if not cfg.run.max_seconds:
+        return 0.0
+    return topo.from_root(time.perf_counter() - started) / cfg.run.max_seconds
+
+
+def take_step(run: Run, step: int, epoch: int, global_batch: np.ndarray, watchdog: Watchdog,
+              time_fraction: float = 0.0) -> StepResult:
     """Collective: this rank's cost-balanced share of the global batch → one optimizer step → its
     perf record (with validation every run.val_every steps) and log line."""
     cfg, topo = run.cfg, run.topo
@@ -86,7 +102,7 @@ def take_step(run: Run, step: int, epoch: int, global_batch: np.ndarray, watchdo
     micro_batches = [run.data.batch(part) for part in np.array_split(shares[topo.rank], n_micro)]
     loss_scale = topo.world_size / len(global_batch)  # the mean over this step's global batch
     t_data = time.perf_counter() - t0
-    lr = run.schedule.lr_at(step)
+    lr = run.schedule.lr_at(step, time_fraction)
     result = train_step(run.model, micro_batches, run.optimizer, run.parallel, cfg, loss_scale, lr)
     if not result.updated and cfg.run.nonfinite == "skip":
         run.progress.skipped_steps += 1
@@ -143,7 +159,7 @@ def decide(run: Run, step: int, result: StepResult, signals: StopSignals, watchd
 
 def finish(run: Run, wall_s: float, watchdog: Watchdog) -> None:
     """Collective: the perf log's end record, peak memory per rank, the final checkpoint and model file."""
-    run.perf.end(steps=run.cfg.run.steps, wall_s=wall_s, skipped_steps=run.progress.skipped_steps)
+    run.perf.end(steps=run.progress.step, wall_s=wall_s, skipped_steps=run.progress.skipped_steps)
     peaks = run.topo.gather_to_root(peak_memory_bytes())  # collective
     if run.topo.is_root:
         run.log("peak memory per rank (max RSS): " + ", ".join(f"{r}: {b / 2**30:.2f} GiB" for r, b in enumerate(peaks)))

@@ -1,4 +1,5 @@
-"""The optimizer and its learning-rate schedule: linear warm-up, then cosine decay to 10 % of the peak."""
+"""The optimizer and its learning-rate schedule: linear warm-up, then cosine decay to 10 % of the peak
+over the run's steps, or over its time budget (run.max_seconds) when that comes first."""
 
 from __future__ import annotations
 
@@ -18,11 +19,12 @@ class Schedule:
     optim: OptimConfig
     total_steps: int
 
-    def lr_at(self, step: int) -> float:
+    def lr_at(self, step: int, time_fraction: float = 0.0) -> float:
+        """time_fraction: the share of the time budget spent (the same on every rank)."""
         warmup, peak = self.optim.warmup_steps, self.optim.lr
         if step <= warmup:
             return peak * step / max(warmup, 1)
-        progress = (step - warmup) / max(self.total_steps - warmup, 1)
+        progress = max((step - warmup) / max(self.total_steps - warmup, 1), time_fraction)
         return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 

@@ -120,3 +120,15 @@ def test_resume_says_which_newer_checkpoint_it_skipped_and_why(workdir, tmp_path
     assert (f"resume: skipped step-00000002, newer but not a complete checkpoint: dense.pt has {size // 2} bytes, "
             f"COMPLETE lists {size} (cut short?)") in result.stdout, result.stdout
     assert "at step 1" in result.stdout
+
+
+def test_a_time_budget_ends_the_run_with_its_checkpoint(workdir, tmp_path):
+    """run.max_seconds counts start-up too: a budget of 1 s is spent before step 2, so the run stops
+    there (at least one step is taken), writes its final checkpoint and model file, and exits 0."""
+    small_run_config(tmp_path, str(workdir / "emt.bp"), "budget.toml", out_dir="run", steps=1000, log_every=1,
+                     max_seconds=1.0)
+    result = run_cli(["train", "--config", "budget.toml"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "time budget run.max_seconds = 1 s spent after step 1: stopping with the final checkpoint" in result.stdout
+    model_file = result.stdout.split("; model: ")[1].split()[0]
+    assert "step     2/1000" not in result.stdout and Path(model_file).exists(), result.stdout

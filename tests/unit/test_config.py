@@ -20,6 +20,7 @@ def test_defaults_and_int_to_float():
     ({"model": {"three_body_cutoff": 7.0}}, "model.three_body_cutoff = 7.0: must be <= model.cutoff"),
     ({"model": {"elements": ["Cu", "Xq"]}}, "unknown element(s) ['Xq']"),
     ({"run": {"dtype": "float16"}}, "run.dtype = 'float16'"),
+    ({"run": {"max_seconds": -5.0}}, "run.max_seconds = -5.0: must be >= 0"),
     ({"run": {"steps": "10"}}, "run.steps = '10': must be of type int"),
     ({"comm": {"backend": "nccl"}}, "comm.backend = 'nccl'"),
 ])
@@ -79,3 +80,14 @@ def test_overrides_and_stage_dir(tmp_path):
         config.load(path, ["global_batch_size"])
     with pytest.raises(config.ConfigError, match="'global_batch_size' is not a table"):
         config.load(path, ["data.global_batch_size.x=1"])
+
+
+def test_the_schedule_decays_over_a_time_budget():
+    from exaforce.config import OptimConfig
+    from exaforce.training.schedule import Schedule
+
+    schedule = Schedule(OptimConfig(lr=1.0, warmup_steps=2), total_steps=1000)
+    assert schedule.lr_at(10) > 0.99  # by steps: barely started
+    assert abs(schedule.lr_at(10, time_fraction=0.5) - 0.55) < 1e-12  # half the budget: half-way down the cosine
+    assert abs(schedule.lr_at(10, time_fraction=1.0) - 0.1) < 1e-12
+    assert schedule.lr_at(1, time_fraction=0.9) == 0.5  # warm-up is by steps
