@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 Log = Callable[[str], None]
@@ -192,6 +193,25 @@ def _run_soak(args: argparse.Namespace, log: Log) -> dict:
     return bench_soak(args.steps, args.ranks, args.every, args.warmup, log)
 
 
+def _accuracy_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--budget", type=float, default=900.0,
+                   help="wall-time budget of each training run, start-up included, s (default 900)")
+    p.add_argument("--seeds", type=_rank_counts, default=[0], help="comma-separated data/model seeds (default 0)")
+    p.add_argument("--config", type=Path, help="TOML whose [model], [loss], [optim], [run] keys override the "
+                                               "project's defaults (default: the defaults)")
+    p.add_argument("--ranks", type=int, default=2,
+                   help="MPI ranks of the exaforce run, and threads of the reference's process (default 2)")
+    p.add_argument("--compare", type=lambda text: [n for n in text.split(",") if n], default=[],
+                   help="mace: MACE-small through its own run_train, the same data and budget "
+                        "(needs envs/local/requirements-reference.txt)")
+
+
+def _run_accuracy(args: argparse.Namespace, log: Log) -> dict:
+    from exaforce.bench.accuracy import bench_accuracy
+
+    return bench_accuracy(args.budget, args.seeds, args.config, args.ranks, args.compare, log)
+
+
 BENCHMARKS: tuple[Benchmark, ...] = (
     Benchmark("step", "median full training step (forward, forces/stress with create_graph, loss, backward, "
               "optimizer) after warm-up", _step_arguments, _run_step),
@@ -206,6 +226,8 @@ BENCHMARKS: tuple[Benchmark, ...] = (
     Benchmark("predict", "`exaforce predict` throughput on 1, 2, … ranks (EMT structures from data synth), "
               "optionally beside the MatRIS reference model's inference", _predict_arguments, _run_predict),
     Benchmark("md", "NVE energy drift: 108-atom Cu, 1 fs steps, through the ASE calculator", _md_arguments, _run_md),
+    Benchmark("accuracy", "what a training run of a fixed wall-time budget learns: energy/force/stress MAE on "
+              "unseen dense EMT cells and 500 K MD frames", _accuracy_arguments, _run_accuracy),
     Benchmark("soak", "a long run must not grow: each rank's resident memory over 2,000 steps of the small "
               "preset on 2 ranks, validation and checkpoints included", _soak_arguments, _run_soak),
 )

@@ -54,8 +54,12 @@ def calibrate(model: Potential, index: GlobalIndex, to_batch: Callable[[np.ndarr
     mine = np.flatnonzero(~index.is_val_G)[topo.rank::topo.world_size]
     batches = [to_batch(mine[np.arange(i, i + k) % len(mine)])
                for i, k in ((0, 1), (1, 2), (3, 3), (6, 4), (10, 2), (12, 5))]
+    t0 = time.perf_counter()
     flop_coefficients = calibrate_flops(model, batches, cfg, parallel, log)
-    return flop_coefficients, calibrate_cost(model, batches, cfg, parallel, flop_coefficients, log)
+    t1 = time.perf_counter()
+    cost_coefficients = calibrate_cost(model, batches, cfg, parallel, flop_coefficients, log)
+    log(f"calibration: {t1 - t0:.1f} s counting FLOPs, {time.perf_counter() - t1:.1f} s timing steps")
+    return flop_coefficients, cost_coefficients
 
 
 def calibrate_flops(model: Potential, batches: list[GraphBatch], cfg: Config, parallel: Parallel,
