@@ -41,7 +41,7 @@ pip_quiet install -q "$torch_pin" || fail "pip install $torch_pin failed"
 say "installing pinned dependencies from $req"
 pip_quiet install -q -r "$req" "$torch_pin" || fail "pip install -r $req failed"
 
-say "installing the reference models (MatRIS, MACE) for 'bench step --compare matris,mace' from $ref_req"
+say "installing the reference models (MatRIS, MACE) for 'bench step --compare matris,mace' and 'bench accuracy --compare mace' from $ref_req"
 # --no-deps: its declared dependencies would pull another torch. matris 1.0.0 declares
 # Requires-Python >= 3.12 but runs on 3.11 (checked by the bench), hence --ignore-requires-python.
 pip_quiet install -q --no-deps --ignore-requires-python -r "$ref_req" || fail "pip install -r $ref_req failed"
