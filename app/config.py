@@ -121,6 +121,8 @@ class OptimConfig:
     weight_decay: float = 0.0
     grad_clip: float = 10.0             # global gradient norm; 0 disables
     warmup_steps: int = 10
+    ema_decay: float = 0.0              # exponential moving average of the weights, for validation, checkpoints
+                                        # and model files (exaforce.training.ema); 0: off
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -228,6 +230,8 @@ def validate(cfg: Config) -> Config:
         if getattr(cfg.loss, key) < 0:
             raise ConfigError(f"loss.{key} = {getattr(cfg.loss, key)}: must be >= 0")
     _positive(cfg.optim.lr, "optim.lr")
+    if not 0.0 <= cfg.optim.ema_decay < 1.0:
+        raise ConfigError(f"optim.ema_decay = {cfg.optim.ema_decay}: must be in [0, 1) (0: no averaging)")
     if cfg.optim.grad_clip < 0:
         raise ConfigError(f"optim.grad_clip = {cfg.optim.grad_clip}: must be >= 0 (0 disables)")
     if cfg.parallel.dp < 0 or cfg.parallel.ep < 1:

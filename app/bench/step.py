@@ -94,6 +94,7 @@ def exaforce_worker(preset: str, workload: str, batch: int, dtype: str, warmup: 
     from exaforce.parallel.parallelize import parallelize
     from exaforce.parallel.topology import Topology
     from exaforce.perf.flops import count_flops
+    from exaforce.training.ema import weight_average
     from exaforce.training.schedule import make_optimizer
     from exaforce.training.step import train_step
 
@@ -107,6 +108,7 @@ def exaforce_worker(preset: str, workload: str, batch: int, dtype: str, warmup: 
     topo = Topology.single_process()
     parallel = parallelize(model, topo, build_groups(cfg.comm.backend, topo), cfg)
     optimizer, schedule = make_optimizer(model, cfg)  # after parallelize, as the trainer does
+    average = weight_average(optimizer, cfg.optim.ema_decay)
     frames = Frames.from_atoms(atoms)
     t0 = time.perf_counter()
     graph = build_batch(frames, model.species_table(), cfg.model.cutoff,
@@ -117,7 +119,7 @@ def exaforce_worker(preset: str, workload: str, batch: int, dtype: str, warmup: 
     def step() -> None:
         nonlocal taken
         taken += 1
-        train_step(model, [graph], optimizer, parallel, cfg, 1.0 / batch, schedule.lr_at(taken))  # 1 / global batch
+        train_step(model, [graph], optimizer, parallel, cfg, 1.0 / batch, schedule.lr_at(taken), average)  # 1 / global batch
 
     measured = _measure(step, warmup, repeats)
     flops = count_flops(step)  # after the peak was read: its own extra step

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import resource
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from exaforce import checkpoint
 from exaforce.config import Config
 from exaforce.model.potential import Potential
 from exaforce.parallel.topology import Topology
+from exaforce.training.ema import WeightAverage
 
 
 @dataclass
@@ -47,8 +49,8 @@ class Checkpointer:
     trajectory, so a step already on disk is not written twice."""
 
     def __init__(self, cfg: Config, topo: Topology, model: Potential, optimizer: torch.optim.Optimizer,
-                 newest: Path | None):
-        self.cfg, self.topo, self.model, self.optimizer = cfg, topo, model, optimizer
+                 newest: Path | None, average: WeightAverage | None = None):
+        self.cfg, self.topo, self.model, self.optimizer, self.average = cfg, topo, model, optimizer, average
         self.run_dir = Path(cfg.run.out_dir)
         self.newest = newest
 
@@ -56,8 +58,9 @@ class Checkpointer:
         """Collective: checkpoint folder of `progress.step` (skipped when it is the newest already)."""
         if self.newest != checkpoint.step_folder(self.run_dir, progress.step):
             meta = {"step": progress.step, "config": self.cfg.to_dict(), "progress": dataclasses.asdict(progress)}
-            self.newest = checkpoint.save(self.run_dir, progress.step, self.model, self.optimizer, self.topo, meta,
-                                          self.cfg.run.keep_checkpoints)
+            with self.average.averaged() if self.average is not None else nullcontext():
+                self.newest = checkpoint.save(self.run_dir, progress.step, self.model, self.optimizer, self.topo,
+                                              meta, self.cfg.run.keep_checkpoints)
         return self.newest
 
     def export_model(self) -> Path:

@@ -10,6 +10,7 @@ a watchdog aborts a job whose step makes no progress.
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable
 
@@ -103,7 +104,7 @@ def take_step(run: Run, step: int, epoch: int, global_batch: np.ndarray, watchdo
     loss_scale = topo.world_size / len(global_batch)  # the mean over this step's global batch
     t_data = time.perf_counter() - t0
     lr = run.schedule.lr_at(step, time_fraction)
-    result = train_step(run.model, micro_batches, run.optimizer, run.parallel, cfg, loss_scale, lr)
+    result = train_step(run.model, micro_batches, run.optimizer, run.parallel, cfg, loss_scale, lr, run.average)
     if not result.updated and cfg.run.nonfinite == "skip":
         run.progress.skipped_steps += 1
     times, loss_sums = result.times, result.loss_sums
@@ -120,8 +121,9 @@ def take_step(run: Run, step: int, epoch: int, global_batch: np.ndarray, watchdo
         extra.update(moe_aux=loss_sums.pop("moe_aux"), expert_load=result.routing.expert_load())
     if (cfg.run.val_every and step % cfg.run.val_every == 0) or step == cfg.run.steps:
         watchdog.beat(f"validation at step {step}")
-        extra["val"] = validation_mae(run.model, run.data.index, run.data.batch, run.cost_G,
-                                      max(1, len(global_batch) // topo.world_size), run.parallel)  # collective
+        with run.average.averaged() if run.average is not None else nullcontext():  # what the checkpoint ships
+            extra["val"] = validation_mae(run.model, run.data.index, run.data.batch, run.cost_G,
+                                          max(1, len(global_batch) // topo.world_size), run.parallel)  # collective
         for line in validation_log_lines(extra["val"]):
             run.log(line)
     run.perf.step(step=step, epoch=epoch, times=times, loss_sum=loss_sums,

@@ -25,6 +25,7 @@ from exaforce.training.data import (GlobalIndex, TrainingData, build_global_inde
 from exaforce.training.lock import RunFolderLock
 from exaforce.training.normalisation import fit_energy_normalisation
 from exaforce.training.progress import Checkpointer, Progress
+from exaforce.training.ema import WeightAverage, weight_average
 from exaforce.training.schedule import Schedule, make_optimizer
 
 
@@ -40,6 +41,7 @@ class Run:
     parallel: Parallel
     optimizer: torch.optim.Optimizer
     schedule: Schedule
+    average: WeightAverage | None     # optim.ema_decay > 0: the weights' moving average
     progress: Progress
     checkpoints: Checkpointer
     perf: PerfLogWriter
@@ -89,11 +91,14 @@ def build_run(cfg: Config, topo: Topology, groups: CommGroups, log: Callable[[st
         lock.acquire()  # collective
     parallel = parallelize(model, topo, groups, cfg)
     optimizer, schedule = make_optimizer(model, cfg)  # after parallelize: the reducers hook the final parameters
+    average = weight_average(optimizer, cfg.optim.ema_decay)
 
     # Restore after the optimizer exists (its state is restored too); weights overwrite the synced start.
     progress = Progress()
     if resume_from:
         progress = Progress(**checkpoint.restore(resume_from, model, optimizer, topo, log)["progress"])
+        if average is not None:
+            average.swap()  # a checkpoint's model holds the averaged weights, its optimizer state the raw ones
         log(f"resumed from {resume_from} at step {progress.step}")
     elif cfg.run.resume == "latest":
         log(f"resume: no complete checkpoint in {run_dir / 'checkpoints'}: a new run")
@@ -104,8 +109,8 @@ def build_run(cfg: Config, topo: Topology, groups: CommGroups, log: Callable[[st
         progress.flop_coefficients, progress.cost_coefficients = calibrate(model, data.index, data.batch, cfg, parallel, log)
         progress.layout = layout
     run = Run(cfg=cfg, topo=topo, model=model, data=data, cost_G=structure_cost(data.index, progress.cost_coefficients),
-              parallel=parallel, optimizer=optimizer, schedule=schedule, progress=progress,
-              checkpoints=Checkpointer(cfg, topo, model, optimizer, resume_from),
+              parallel=parallel, optimizer=optimizer, schedule=schedule, average=average, progress=progress,
+              checkpoints=Checkpointer(cfg, topo, model, optimizer, resume_from, average),
               perf=open_perf_log(cfg, topo, progress, resumed=resume_from is not None), log=log)
     log_start(run)
     return run

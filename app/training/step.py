@@ -22,6 +22,7 @@ from exaforce.model.potential import Potential, energy, forces_and_stress, local
 from exaforce.model.recompute import Recompute
 from exaforce.model.routing import Routing
 from exaforce.parallel.parallelize import Parallel
+from exaforce.training.ema import WeightAverage
 
 
 def loss_and_gradients(model: Potential, batch: GraphBatch, cfg: Config, loss_scale: float,
@@ -70,10 +71,11 @@ class StepResult:
 
 
 def train_step(model: Potential, micro_batches: list[GraphBatch], optimizer: torch.optim.Optimizer,
-               parallel: Parallel, cfg: Config, loss_scale: float, lr: float) -> StepResult:
-    """One optimizer step on this rank's share of the global batch, accumulated over micro-batches.
-    A non-finite loss or gradient norm skips the update on every rank alike (the caller applies
-    run.nonfinite)."""
+               parallel: Parallel, cfg: Config, loss_scale: float, lr: float,
+               average: WeightAverage | None = None) -> StepResult:
+    """One optimizer step on this rank's share of the global batch, accumulated over micro-batches,
+    and the weights' average after it (optim.ema_decay). A non-finite loss or gradient norm skips
+    the update on every rank alike (the caller applies run.nonfinite)."""
     topo, reduction = parallel.topo, parallel.reduction
     times: dict[str, float] = {}
     optimizer.zero_grad(set_to_none=True)
@@ -105,6 +107,8 @@ def train_step(model: Potential, micro_batches: list[GraphBatch], optimizer: tor
         for group in optimizer.param_groups:
             group["lr"] = lr
         optimizer.step()
+        if average is not None:
+            average.update()
     else:
         optimizer.zero_grad(set_to_none=True)
     times.update(comm=t1 - t0, optimizer=time.perf_counter() - t1)

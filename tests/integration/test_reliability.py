@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import make_emt_dataset, run_cli, small_run_config
 
@@ -132,3 +133,28 @@ def test_a_time_budget_ends_the_run_with_its_checkpoint(workdir, tmp_path):
     assert "time budget run.max_seconds = 1 s spent after step 1: stopping with the final checkpoint" in result.stdout
     model_file = result.stdout.split("; model: ")[1].split()[0]
     assert "step     2/1000" not in result.stdout and Path(model_file).exists(), result.stdout
+
+
+def test_with_a_weight_average_a_resumed_run_equals_the_straight_run(workdir, tmp_path):
+    """optim.ema_decay: the checkpoint's model holds the averaged weights and its optimizer state the
+    raw ones; 4 steps straight == 2 steps, then a resume for 2 (float64, bit for bit), and the
+    averaged weights differ from the raw ones (the average is what ships)."""
+    from exaforce import checkpoint
+
+    runs = {}
+    for name, stops in (("straight", [4]), ("resumed", [2, 4])):
+        config = small_run_config(tmp_path, str(workdir / "emt.bp"), f"{name}.toml", out_dir=name, steps=4,
+                                  dtype="float64", checkpoint_every=2, keep_checkpoints=0)
+        config.write_text(config.read_text() + "[optim]\nema_decay = 0.5\n")
+        for steps in stops:
+            result = run_cli(["train", "--config", config.name, "--steps", str(steps), "--resume"], cwd=tmp_path)
+            assert result.returncode == 0, result.stderr
+        runs[name] = checkpoint.read(checkpoint.step_folder(tmp_path / name, 4) / "dense.pt")
+    straight, resumed = runs["straight"], runs["resumed"]
+    for name, tensor in straight["model"].items():
+        assert torch.equal(resumed["model"][name], tensor), name
+    states = straight["optimizer"]  # by parameter name
+    assert states and all("ema" in s for s in states.values())
+    for name, state in states.items():
+        assert torch.equal(resumed["optimizer"][name]["ema"], state["ema"]), name
+    assert any(not torch.equal(state["ema"], straight["model"][name]) for name, state in states.items())
