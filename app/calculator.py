@@ -79,5 +79,5 @@ class ExaforceCalculator(Calculator):
         energy = float(pred.energy_G[0].detach())  # a device→host sync (on a GPU), once per call
         self.results = {"energy": energy, "free_energy": energy,
                         "forces": pred.forces_N3.detach().cpu().numpy().astype(np.float64)}
-        if self.atoms.pbc.all():
+        if self.atoms.pbc.any():
             self.results["stress"] = pred.stress_G6[0].detach().cpu().numpy().astype(np.float64)

@@ -41,7 +41,7 @@ class GraphBatch:
     energy_G: torch.Tensor
     forces_N3: torch.Tensor
     stress_G6: torch.Tensor       # NaN rows: no stress label
-    periodic_G: torch.Tensor      # bool: all three directions periodic (stress defined)
+    periodic_G: torch.Tensor      # bool: periodic in some direction, so a cell and stress (slabs: two)
     head_G: torch.Tensor          # int64 energy head (dataset/fidelity) of each graph
     route_counts_2C: np.ndarray   # host: atoms and bonds (by source atom) per routing class head·Z + element
 
@@ -66,13 +66,11 @@ class GraphBatch:
 
 
 def _neighbours(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, cutoff: float):
-    """Directed pairs (i, j, shift) with |r_j + shift·cell − r_i| < cutoff for one structure."""
-    periodic = bool(pbc.all())
-    if pbc.any() and not periodic:
-        raise ValueError("mixed periodicity is not supported: pbc must be all True or all False")
-    box = cell if periodic else np.zeros((3, 3))
+    """Directed pairs (i, j, shift) with |r_j + shift·cell − r_i| < cutoff for one structure; shifts
+    only along the periodic directions (a slab: two)."""
+    box = cell if pbc.any() else np.zeros((3, 3))
     i, j, shifts = vesin.NeighborList(cutoff=cutoff, full_list=True).compute(
-        points=positions, box=box, periodic=periodic, quantities="ijS")
+        points=positions, box=box, periodic=[bool(p) for p in pbc], quantities="ijS")
     return i.astype(np.int64), j.astype(np.int64), shifts.astype(np.int64)
 
 
@@ -126,7 +124,7 @@ def build_batch(frames: Frames, species_of: np.ndarray, cutoff: float, three_bod
     vec_E3 = (positions_N3[dst_E] - positions_N3[src_E]
               + np.einsum("ek,ekx->ex", shifts_E3, frames.cell_S33[graph_N[src_E]]))
     short_E = np.linalg.norm(vec_E3, axis=1) < three_body_cutoff
-    periodic_G = frames.pbc_S3.all(axis=1)
+    periodic_G = frames.pbc_S3.any(axis=1)  # a cell (with volume): stress defined, slabs included
     species_N = species_of[frames.numbers_N].astype(np.int64)
     n_elements = int(species_of.max()) + 1
     head_S = np.zeros(len(frames), np.int64) if head_S is None else np.asarray(head_S, np.int64)

@@ -216,20 +216,18 @@ MIN_VOLUME = 1e-3      # Å³: a periodic cell with less has no volume (its matr
 
 
 def check_geometry(path: object, frame: int, positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray) -> None:
-    """Raise DataError for a structure the model cannot evaluate: mixed periodicity (slabs are not
-    supported yet), a periodic cell without volume, or coincident atoms (the energy is singular
-    there and training turns NaN)."""
-    if pbc.any() and not pbc.all():
-        raise DataError(path, f"mixed periodicity pbc = {tuple(bool(p) for p in pbc)} is not supported yet "
-                        f"(periodic in all three directions, or in none)", frame=frame, field="pbc")
-    if pbc.all() and abs(np.linalg.det(cell)) < MIN_VOLUME:
-        raise DataError(path, f"periodic cell without volume (|det| = {abs(np.linalg.det(cell)):.3g} Å³)",
+    """Raise DataError for a structure the model cannot evaluate: a cell periodic in some direction
+    without volume (the stress divides by it; a slab, periodic in two directions, needs its vacuum
+    vector), or coincident atoms (the energy is singular there and training turns NaN)."""
+    if pbc.any() and abs(np.linalg.det(cell)) < MIN_VOLUME:
+        hint = "" if pbc.all() else "; a slab or wire needs its cell vectors across the vacuum too"
+        raise DataError(path, f"periodic cell without volume (|det| = {abs(np.linalg.det(cell)):.3g} Å³){hint}",
                         frame=frame, field="cell")
-    shortest = _shortest_lattice_vector(cell) if pbc.all() else np.inf
+    shortest = _shortest_lattice_vector(cell, pbc) if pbc.any() else np.inf
     if shortest < MIN_DISTANCE:
         raise DataError(path, f"every atom is {shortest:.3g} Å from its own periodic image (closer than "
                         f"{MIN_DISTANCE} Å: a lattice vector is too short)", frame=frame, field="cell")
-    closest = _closest_pair(positions, cell if pbc.all() else None)
+    closest = _closest_pair(positions, cell if pbc.any() else None, pbc)
     if closest is not None and closest[2] < MIN_DISTANCE:
         i, j, distance = closest
         raise DataError(path, f"atoms {i} and {j} are {distance:.3g} Å apart (closer than {MIN_DISTANCE} Å: "
@@ -240,16 +238,20 @@ _LATTICE_STEPS = np.array([n for n in np.ndindex(3, 3, 3) if n != (1, 1, 1)], dt
 _PAIR_ROWS = 256  # rows of the pair-distance block (bounds its memory for large cells)
 
 
-def _shortest_lattice_vector(cell: np.ndarray) -> float:
-    """The shortest of the 26 lattice vectors with coefficients in {-1, 0, 1}: the distance from an
-    atom to its nearest own image in any cell that is not pathologically skewed."""
-    return float(np.linalg.norm(_LATTICE_STEPS @ cell, axis=1).min())
+def _shortest_lattice_vector(cell: np.ndarray, pbc: np.ndarray) -> float:
+    """The shortest of the lattice vectors with coefficients in {-1, 0, 1} along the periodic
+    directions: the distance from an atom to its nearest own image in any cell that is not
+    pathologically skewed."""
+    steps = _LATTICE_STEPS[(_LATTICE_STEPS[:, ~pbc] == 0).all(axis=1)]
+    return float(np.linalg.norm(steps @ cell, axis=1).min())
 
 
-def _closest_pair(positions: np.ndarray, cell: np.ndarray | None) -> tuple[int, int, float] | None:
-    """(i, j, distance) of the two closest atoms, minimum image when `cell` is given (exact for the
-    near-zero distances this looks for: a fractional difference that close to a lattice vector
-    rounds to it); None for one atom. Vectorised in row blocks: ~0.1 ms for 100 atoms."""
+def _closest_pair(positions: np.ndarray, cell: np.ndarray | None,
+                  pbc: np.ndarray | None = None) -> tuple[int, int, float] | None:
+    """(i, j, distance) of the two closest atoms, minimum image along the periodic directions when
+    `cell` is given (exact for the near-zero distances this looks for: a fractional difference that
+    close to a lattice vector rounds to it); None for one atom. Vectorised in row blocks: ~0.1 ms
+    for 100 atoms."""
     n = len(positions)
     if n < 2:
         return None
@@ -259,7 +261,7 @@ def _closest_pair(positions: np.ndarray, cell: np.ndarray | None) -> tuple[int, 
         rows = np.arange(lo, min(n - 1, lo + _PAIR_ROWS))
         delta = coords[rows, None, :] - coords[None, :, :]
         if cell is not None:
-            delta = (delta - np.round(delta)) @ cell
+            delta = (delta - np.round(delta) * (True if pbc is None else pbc)) @ cell
         distance = np.where(np.arange(n)[None, :] > rows[:, None], np.linalg.norm(delta, axis=-1), np.inf)
         r, j = np.unravel_index(int(np.argmin(distance)), distance.shape)
         if distance[r, j] < best[0]:

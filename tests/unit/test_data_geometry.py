@@ -42,8 +42,10 @@ def flat_cell() -> Atoms:
                           pbc=True), stress=True)
 
 
-def slab() -> Atoms:
+def slab_without_vacuum() -> Atoms:
+    """A slab whose cell has no vector across the vacuum: no volume for the stress."""
     atoms = bulk("Cu", "fcc", a=3.6, cubic=True)
+    atoms.cell[2] = 0.0
     atoms.pbc = (True, True, False)
     return labelled(atoms)
 
@@ -61,7 +63,7 @@ def coincident_through_the_boundary() -> Atoms:
 
 CASES = {"coincident": (coincident, "positions", "atoms 1 and 2 are 0 Å apart"),
          "flat-cell": (flat_cell, "cell", "periodic cell without volume"),
-         "slab": (slab, "pbc", "mixed periodicity pbc = (True, True, False) is not supported yet"),
+         "slab": (slab_without_vacuum, "cell", "periodic cell without volume (|det| = 0 Å³); a slab or wire needs"),
          "through-the-boundary": (coincident_through_the_boundary, "positions", "atoms 0 and 2 are 0.02 Å apart"),
          "own-image": (own_image, "cell", "every atom is 0.05 Å from its own periodic image")}
 
@@ -91,6 +93,19 @@ def test_calculator_refuses(case):
     atoms.calc = ExaforceCalculator.from_preset("small", elements=("Cu",))
     with pytest.raises(DataError, match=re.escape(f"field '{field}': {message}")):
         atoms.get_potential_energy()
+
+
+def test_a_slab_with_its_vacuum_vector_is_accepted(tmp_path):
+    """pbc = (True, True, False) with a cell across the vacuum: converted (pbc kept) and evaluated."""
+    atoms = bulk("Cu", "fcc", a=3.6, cubic=True).repeat((2, 2, 2))
+    atoms.center(vacuum=5.0, axis=2)
+    atoms.pbc = (True, True, False)
+    atoms.rattle(0.05, seed=0)
+    write(tmp_path / "in.extxyz", [good(), labelled(atoms)])
+    result = run_cli(["data", "convert", "in.extxyz", "--out", "out.bp", "--name", "x"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    atoms.calc = ExaforceCalculator.from_preset("small", elements=("Cu",))
+    assert np.isfinite(atoms.get_potential_energy()) and np.isfinite(atoms.get_stress()).all()
 
 
 def test_a_label_that_is_not_numeric_names_its_field():

@@ -120,3 +120,28 @@ def test_float32_stress_and_forces_hold_far_from_the_origin():
         # float32 near the origin: 5e-9 eV/Å and 3e-10 eV/Å³; far, before the fix: 6e-6 and 2e-8
         assert np.abs(forces32 - forces64).max() < 1e-7, (name, np.abs(forces32 - forces64).max())
         assert np.abs(stress32 - stress64).max() < 2e-9, (name, np.abs(stress32 - stress64).max())
+
+
+@pytest.mark.parametrize("pbc", [(True, True, False), (False, True, True)], ids=["vacuum-z", "vacuum-x"])
+def test_slab_forces_and_stress_equal_finite_differences(pbc):
+    """A slab (two periodic directions, vacuum across the third): forces and the stress — in-plane
+    components included, from the same strain derivative — equal ASE's central differences (float64)."""
+    from ase.build import fcc111
+    from ase.calculators.fd import calculate_numerical_forces, calculate_numerical_stress
+    from exaforce.calculator import ExaforceCalculator
+
+    atoms = fcc111("Cu", size=(2, 2, 3), a=3.6, vacuum=6.0, orthogonal=False)
+    atoms.numbers[[1, 6]] = 79
+    atoms.rattle(0.05, seed=4)
+    if not pbc[0]:  # the same slab with its vacuum along x
+        atoms.set_cell(atoms.cell.array[[2, 0, 1]], scale_atoms=False)
+        atoms.positions = atoms.positions[:, [2, 0, 1]]
+        atoms.set_cell(atoms.cell.array[:, [2, 0, 1]], scale_atoms=False)
+    atoms.pbc = pbc
+    calc = ExaforceCalculator.from_preset("small", seed=3, dtype="float64", elements=("Cu", "Au"))
+    calc.model.energy_scale_H.fill_(5.0)
+    atoms.calc = calc
+    forces, stress = atoms.get_forces(), atoms.get_stress()
+    assert np.abs(forces).max() > 1e-3 and np.abs(stress).max() > 1e-5
+    np.testing.assert_allclose(forces, calculate_numerical_forces(atoms, eps=1e-5), atol=1e-7)
+    np.testing.assert_allclose(stress, calculate_numerical_stress(atoms, eps=1e-6), atol=1e-8)
