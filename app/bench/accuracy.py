@@ -7,9 +7,8 @@ cell — trains through the real CLI (`mpiexec -n R exaforce train`) under `run.
 budget (start-up included), and evaluates the final model file through the ASE calculator on the
 test set: energy, force and stress MAE on all test structures, the random cells and the MD frames.
 
-The training configuration is the project's defaults (ModelConfig, LossConfig, OptimConfig, a global
-batch of 8) unless `--config` names a TOML file whose [model], [loss], [optim] and [run] keys
-override them; its [data] section is replaced by the benchmark's data.
+The training configuration is the project's defaults unless `--config` names a TOML file whose
+keys override them (any section; [data] without its datasets: the data are the benchmark's).
 """
 
 from __future__ import annotations
@@ -78,13 +77,14 @@ def run_config(overrides: Path | None, data: Path, out_dir: Path, budget_s: floa
     from exaforce.config import ConfigError, from_dict
 
     table = tomllib.loads(overrides.read_text()) if overrides else {}
-    unknown = set(table) - {"run", "model", "loss", "optim", "comm", "parallel"}
-    if unknown:
-        raise ConfigError(f"{overrides}: bench accuracy takes [run], [model], [loss], [optim], [comm] and "
-                          f"[parallel] keys; not {sorted(unknown)} (the data are the benchmark's)")
+    unknown = set(table) - {"run", "data", "model", "loss", "optim", "comm", "parallel"}
+    datasets = {"train", "datasets", "stage_dir"} & set(table.get("data", {}))
+    if unknown or datasets:
+        raise ConfigError(f"{overrides}: bench accuracy takes [run], [data], [model], [loss], [optim], [comm] and "
+                          f"[parallel] keys, but not {sorted(unknown | datasets)} (the data are the benchmark's)")
     run = {"steps": 1_000_000, "log_every": 10, "seed": seed, **table.get("run", {}),
            "out_dir": str(out_dir), "max_seconds": budget_s}
-    return from_dict({**table, "run": run, "data": {"train": [str(data)], "global_batch_size": 8}})
+    return from_dict({**table, "run": run, "data": {**table.get("data", {}), "train": [str(data)]}})
 
 
 def evaluate(calc, test: dict[str, list[Atoms]]) -> dict[str, dict[str, float]]:
