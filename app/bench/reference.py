@@ -28,6 +28,7 @@ import torch
 from ase import Atoms
 from ase.stress import voigt_6_to_full_3x3_stress
 
+from exaforce.config import LossConfig, OptimConfig
 from exaforce.loss import EV_PER_A3_IN_GPA
 
 try:
@@ -37,9 +38,10 @@ try:
 except ImportError as err:  # the reference is optional: only benchmarks need it
     raise ImportError(f"{err}: install envs/local/requirements-reference.txt (with --no-deps)") from err
 
-# Fixed loss weights and optimizer settings: the defaults of exaforce's LossConfig / OptimConfig.
-ENERGY_WEIGHT, FORCES_WEIGHT, STRESS_WEIGHT = 1.0, 10.0, 1.0
-LR, GRAD_CLIP = 2e-3, 10.0
+# Loss weights and optimizer settings: the defaults of exaforce's LossConfig / OptimConfig.
+ENERGY_WEIGHT, FORCES_WEIGHT, STRESS_WEIGHT = (LossConfig().energy_weight, LossConfig().forces_weight,
+                                               LossConfig().stress_weight)
+LR, GRAD_CLIP = OptimConfig().lr, OptimConfig().grad_clip
 
 
 def build_matris(width: int, blocks: int, cutoff: float, three_body_cutoff: float,
