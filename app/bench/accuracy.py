@@ -13,8 +13,6 @@ keys override them (any section; [data] without its datasets: the data are the b
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import tempfile
 import time
 import tomllib
@@ -26,7 +24,7 @@ from ase import Atoms, units
 from ase.build import bulk
 from ase.calculators.emt import EMT
 from ase.calculators.singlepoint import SinglePointCalculator
-from ase.io import read, write
+from ase.io import write
 from ase.md.langevin import Langevin
 from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
 
@@ -61,14 +59,15 @@ def cu3au_md_frames(n_frames: int, seed: int) -> list[Atoms]:
     return frames
 
 
-def make_data(root: Path, seed: int, env: dict[str, str]) -> tuple[Path, dict[str, list[Atoms]]]:
-    """ROOT/train.bp (the training cells through `data convert`) and the test structures by subset."""
+def make_data(root: Path, seed: int, env: dict[str, str]) -> tuple[Path, list[Atoms], dict[str, list[Atoms]]]:
+    """ROOT/train.bp (the training cells through `data convert`), the training cells, and the test
+    structures by subset."""
     train = dense_cells(TRAIN_CELLS, seed)
     test = {"random": dense_cells(TEST_CELLS, seed + 10_000), "md": cu3au_md_frames(MD_FRAMES, seed)}
     write(root / "train.extxyz", train)
     launch(exaforce_command("data", "convert", str(root / "train.extxyz"), "--out", str(root / "train.bp"),
                             "--name", "train"), "bench accuracy: data convert", env)
-    return root / "train.bp", test
+    return root / "train.bp", train, test
 
 
 def run_config(overrides: Path | None, data: Path, out_dir: Path, budget_s: float, seed: int):
@@ -145,7 +144,7 @@ def bench_accuracy(budget_s: float, seeds: list[int], config: Path | None, ranks
             root = Path(tmp)
             log(f"bench accuracy, seed {seed}: {TRAIN_CELLS} training cells, {TEST_CELLS} test cells, "
                 f"{MD_FRAMES} Cu3Au MD frames at {MD_TEMPERATURE_K:g} K (EMT) …")
-            data, test = make_data(root, seed, env)
+            data, train, test = make_data(root, seed, env)
             cfg = run_config(config, data, root / "run", budget_s, seed)
             trained = train_exaforce(cfg, root, ranks, env, log)
             calc = ExaforceCalculator.from_checkpoint(Path(trained.pop("model_file")), dtype=cfg.run.dtype)
@@ -154,14 +153,13 @@ def bench_accuracy(budget_s: float, seeds: list[int], config: Path | None, ranks
             if "mace" in compare:
                 from exaforce.bench.accuracy_mace import mace_calculator, train_mace
 
-                train = read(root / "train.extxyz", index=":")
                 trained = train_mace(root, train, budget_s, seed, environment(OMP_NUM_THREADS=str(ranks)), log)
                 calc = mace_calculator(Path(trained.pop("model_file")))
                 results.append({"seed": seed, "model": "mace-small", **trained, "mae": evaluate(calc, test)})
                 log(result_line(results[-1]))
     log(table(results))
     return {"budget_s": budget_s, "ranks": ranks, "config": str(config) if config else "project defaults",
-            "results": results, "config_resolved": json.loads(json.dumps(dataclasses.asdict(cfg), default=str))}
+            "results": results, "config_resolved": cfg.to_dict()}
 
 
 def result_line(r: dict) -> str:
