@@ -18,7 +18,8 @@ import torch
 from ase import Atoms
 from ase.calculators.calculator import Calculator, all_changes
 
-from exaforce.config import DTYPES
+from exaforce.config import DEVICE_KINDS, DTYPES
+from exaforce.device import choose_device, to_device
 from exaforce.graph import batch_from_atoms
 from exaforce.io.schema import check_geometry
 from exaforce.model.potential import Potential, energy_forces_stress
@@ -42,26 +43,28 @@ class ExaforceCalculator(Calculator):
     implemented_properties = ["energy", "free_energy", "forces", "stress"]
 
     def __init__(self, model: Potential, dtype: str = "float64", head: str | None = None,
-                 device: str = "cpu", **kwargs):
+                 device: str = "auto", **kwargs):
         super().__init__(**kwargs)
         if dtype not in DTYPES:
             raise ValueError(f"dtype {dtype!r}: must be one of {sorted(DTYPES)}")
         self.head = head if head is not None else model.cfg.heads[0]
         self.head_index = head_index(model, head)
-        self.dtype, self.device = DTYPES[dtype], torch.device(device)
+        # "auto" | "cpu" | "cuda" | "xpu" as run.device (one process: local rank 0), or an explicit "cuda:1"
+        self.dtype = DTYPES[dtype]
+        self.device = choose_device(device) if device in DEVICE_KINDS else torch.device(device)
         self.model = model.to(device=self.device, dtype=self.dtype).eval().requires_grad_(False)
         self._species_of = model.species_table()
 
     @classmethod
     def from_preset(cls, name: str, seed: int = 0, dtype: str = "float64", head: str | None = None,
-                    device: str = "cpu", **overrides) -> "ExaforceCalculator":
+                    device: str = "auto", **overrides) -> "ExaforceCalculator":
         """Random weights (for tests and benchmarks) at a named model size; keyword arguments
         override fields of the preset's ModelConfig (e.g. elements=("Cu", "Au"))."""
         return cls(preset_model(name, seed, **overrides), dtype=dtype, head=head, device=device)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, dtype: str = "float64", head: str | None = None,
-                        device: str = "cpu") -> "ExaforceCalculator":
+                        device: str = "auto") -> "ExaforceCalculator":
         """The trained model of a checkpoint file, or of a run folder's latest checkpoint."""
         return cls(load_trained(path).build(), dtype=dtype, head=head, device=device)
 
@@ -75,7 +78,7 @@ class ExaforceCalculator(Calculator):
         cfg = self.model.cfg
         batch = batch_from_atoms([self.atoms], self._species_of, cfg.cutoff, cfg.three_body_cutoff,
                                  self.head_index, len(cfg.heads))
-        pred = energy_forces_stress(self.model, batch.to(self.device, self.dtype), training=False)
+        pred = energy_forces_stress(self.model, to_device(batch, self.device, self.dtype), training=False)
         energy = float(pred.energy_G[0].detach())  # a device→host sync (on a GPU), once per call
         self.results = {"energy": energy, "free_energy": energy,
                         "forces": pred.forces_N3.detach().cpu().numpy().astype(np.float64)}

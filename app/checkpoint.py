@@ -54,10 +54,21 @@ class CheckpointError(ConfigError):
 
 # ---------------------------------------------------------------- files
 def save_atomic(state: dict[str, Any], path: Path) -> Path:
+    """`state` with every tensor on the host (a checkpoint loads on any device) to `path`, atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_file_atomically(path, lambda f: torch.save(state, f))
+    write_file_atomically(path, lambda f: torch.save(_on_host(state), f))
     return path
+
+
+def _on_host(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.cpu()  # the tensor itself when it is already there
+    if isinstance(value, dict):
+        return {k: _on_host(v) for k, v in value.items()}
+    if type(value) in (list, tuple):
+        return type(value)(_on_host(v) for v in value)
+    return value
 
 
 def step_folder(run_dir: Path, step: int) -> Path:
@@ -139,7 +150,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def _write_part(folder: Path, name: str, state: dict[str, Any]) -> tuple[str, int]:
-    write_file_atomically(folder / name, lambda f: torch.save(state, f))
+    write_file_atomically(folder / name, lambda f: torch.save(_on_host(state), f))
     return name, (folder / name).stat().st_size
 
 

@@ -285,6 +285,7 @@ def cmd_train(args: argparse.Namespace, ctx: Context) -> None:
     with StopSignals() as signals:  # from here SIGTERM/SIGUSR1 mean: stop at the next step boundary (or start-up's end)
         from exaforce import config as config_mod
         from exaforce.comm.groups import build_groups
+        from exaforce.device import describe, rank_device
         from exaforce.parallel.topology import Topology
         from exaforce.training.run import train
 
@@ -294,11 +295,12 @@ def cmd_train(args: argparse.Namespace, ctx: Context) -> None:
         cfg = config_mod.validate(dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, **overrides)))
         ctx.run_dir = Path(cfg.run.out_dir)
         ctx.topo = topo = Topology.from_mpi(dp=cfg.parallel.dp, ep=cfg.parallel.ep)
-        groups = build_groups(cfg.comm.backend, topo)  # collective: once per run, right after the topology
+        device = rank_device(cfg.run.device, topo)  # collective
+        groups = build_groups(cfg.comm.backend, topo, device)  # collective: once per run, right after the topology
         log = _say if topo.is_root else _quiet
-        log(topo.table())
+        log(topo.table(describe(device)))  # collective
         log(groups.describe())
-        run_dir = train(cfg, topo, groups, log, signals)
+        run_dir = train(cfg, topo, groups, log, signals, device)
     log(f"run folder: {run_dir}")
 
 
@@ -314,6 +316,8 @@ def _predict_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=16, help="structures per batch (default 16); the numbers "
                    "depend on it, never on the number of ranks")
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "xpu"],
+                   help="auto (default: the rank's GPU when one is visible, else the CPU) | cpu | cuda | xpu")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out atomically")
     p.add_argument("--json", action="store_true", help="last line: one JSON object (counts, seconds, throughput)")
 
@@ -329,7 +333,7 @@ def cmd_predict(args: argparse.Namespace, ctx: Context) -> None:
     log = _say if topo.is_root else _quiet
     source = ModelSource(checkpoint=args.checkpoint, preset=args.preset, seed=args.seed)
     summary = predict(source, args.data, args.out, topo, batch_size=args.batch_size, head=args.head,
-                      dtype=args.dtype, overwrite=args.overwrite, log=log)
+                      dtype=args.dtype, overwrite=args.overwrite, log=log, device=args.device)
     if args.json and topo.is_root:
         print(json.dumps(summary), flush=True)
 

@@ -18,6 +18,7 @@ import torch
 
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}  # the names run.dtype and the calculator take
+DEVICE_KINDS = ("auto", "cpu", "cuda", "xpu")  # run.device (exaforce.device); "cuda" also means ROCm
 BACKENDS = ("mpi", "horovod", "torch")  # comm.backend: exaforce.comm.groups implements each
 
 
@@ -30,6 +31,8 @@ class RunConfig:
     out_dir: str = "runs/default"       # run folder: perf logs, checkpoints, report
     seed: int = 0
     dtype: str = "float32"              # float32 | float64
+    device: str = "auto"                # auto | cpu | cuda | xpu: one device per rank (exaforce.device); auto:
+                                        # the accelerator when one is visible, else the CPU; cuda covers ROCm
     recompute_lines: int = 4096         # training: both attentions are fused ops that store only their inputs and
                                         # sweep their lines in chunks of this many rows (memory: one chunk's
                                         # temporaries), the bond update is recomputed; 0: the plain autograd path
@@ -192,6 +195,8 @@ def validate(cfg: Config) -> Config:
 
     if cfg.run.dtype not in DTYPES:
         raise ConfigError(f"run.dtype = {cfg.run.dtype!r}: must be 'float32' or 'float64'")
+    if cfg.run.device not in DEVICE_KINDS:
+        raise ConfigError(f"run.device = {cfg.run.device!r}: must be one of {', '.join(DEVICE_KINDS)}")
     _positive(cfg.run.steps, "run.steps")
     _positive(cfg.run.log_every, "run.log_every")
     if cfg.run.recompute_lines < 0:

@@ -53,6 +53,8 @@ class JobMachine:
     needs_account: bool
     default_partition: str = ""
     scale_unit: str = "nodes"
+    device: str = "auto"            # run.device the job trains on (unless the config names one); the launch
+                                    # line binds each rank to its own device (exaforce.device takes index 0)
 
 
 def _env(machine: str) -> tuple[str, ...]:
@@ -78,13 +80,16 @@ RENDERING_ENV = f"the Python environment that rendered this job ({sys.prefix})"
 JOB_MACHINES: dict[str, JobMachine] = {
     "frontier": JobMachine("frontier", "frontier.sbatch.j2", "slurm", MACHINES["frontier"].ranks_per_node, 56,
                            '"/mnt/bb/$USER/exaforce-stage"', _env("frontier"),
-                           "envs/frontier/env.sh (ROCm, Cray MPICH, RCCL over libfabric)", True, "batch"),
+                           "envs/frontier/env.sh (ROCm, Cray MPICH, RCCL over libfabric)", True, "batch",
+                           device="cuda"),
     "perlmutter": JobMachine("perlmutter", "perlmutter.sbatch.j2", "slurm", MACHINES["perlmutter"].ranks_per_node,
                              64, '"/tmp/$USER/exaforce-stage"', _env("perlmutter"),
-                             "envs/perlmutter/env.sh (CUDA, Cray MPICH, NCCL)", True, "regular"),
+                             "envs/perlmutter/env.sh (CUDA, Cray MPICH, NCCL)", True, "regular",
+                             device="cuda"),
     "aurora": JobMachine("aurora", "aurora.pbs.j2", "pbs", MACHINES["aurora"].ranks_per_node, 104,
                          '"/tmp/$USER/exaforce-stage"', _env("aurora"),
-                         "envs/aurora/env.sh (frameworks module: XPU PyTorch, oneCCL)", True, "prod"),
+                         "envs/aurora/env.sh (frameworks module: XPU PyTorch, oneCCL)", True, "prod",
+                         device="xpu"),
     "slurm": JobMachine("slurm", "slurm.sbatch.j2", "slurm", None, None,
                         '"${TMPDIR:-/tmp}/$USER/exaforce-stage"', _interpreter_path(), RENDERING_ENV, False),
     "local": JobMachine("local", "local.sh.j2", "local", None, None,
@@ -220,7 +225,8 @@ def render_job(machine_name: str, request: JobRequest) -> str:
         stage_dir=request.stage_dir and shlex.quote(request.stage_dir) or machine.stage_dir,
         config=Path(request.config).resolve(), overrides=request.overrides, env_lines=env_lines,
         env_note=machine.env_note, threads_per_rank=threads, stage_launch=stage_launch, train_launch=train_launch,
-        requeue=requeue, requeue_code=REQUEUE_EXIT_CODE, signal_note=signal_note)
+        requeue=requeue, requeue_code=REQUEUE_EXIT_CODE, signal_note=signal_note,
+        device=cfg.run.device if cfg.run.device != "auto" else machine.device)
 
 
 # --------------------------------------------------------------------------------------------

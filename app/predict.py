@@ -26,6 +26,7 @@ import torch
 
 from exaforce.calculator import head_index
 from exaforce.config import DTYPES
+from exaforce.device import describe, rank_device, to_device
 from exaforce.training.data import check_frames
 from exaforce.io.atomic import DiskFullError
 from exaforce.io.bp import RESERVED_ATTRS, is_dataset, open_bp, write_bp
@@ -75,9 +76,10 @@ def batch_plan(natoms_S: np.ndarray, batch_size: int, world: int) -> list[np.nda
 
 def predict(source: ModelSource, data: str | Path, out: str | Path, topo: Topology, batch_size: int = 16,
             head: str | None = None, dtype: str = "float32", overwrite: bool = False,
-            log: Callable[[str], None] = print) -> dict:
+            log: Callable[[str], None] = print, device: str = "auto") -> dict:
     """Collective. Writes the predictions to `out` (rank 0 writes) and returns the summary on every
-    rank: counts, seconds, throughput (structures/s and atoms/s over the slowest rank's loop)."""
+    rank: counts, seconds, throughput (structures/s and atoms/s over the slowest rank's loop).
+    `device` as run.device: each rank on its own (exaforce.device)."""
     data, out = Path(data), Path(out)
     if out.resolve() == data.resolve():
         raise PredictError(f"--out {out}: is the input dataset; write the predictions elsewhere")
@@ -91,16 +93,19 @@ def predict(source: ModelSource, data: str | Path, out: str | Path, topo: Topolo
     if batch_size < 1:
         raise PredictError(f"--batch-size {batch_size}: must be >= 1")
     wall0 = time.perf_counter()
+    on = rank_device(device, topo, key="--device")  # collective
     model, label = source.load(DTYPES[dtype])
+    model = model.to(on)
     h = head_index(model, head)
     with open_bp(data) as dataset:
         plan = batch_plan(dataset.natoms_S, batch_size, topo.world_size)
         log(f"predict: {dataset.n_structures} structures ({dataset.n_atoms} atoms) of {data} with {label}, "
-            f"head {model.cfg.heads[h]!r}, {dtype}, batches of {batch_size} on {topo.world_size} rank(s)")
+            f"head {model.cfg.heads[h]!r}, {dtype}, batches of {batch_size} on {topo.world_size} rank(s) "
+            f"(rank 0: {describe(on)})")
         t0 = time.perf_counter()
         first, shard = _read_shard(dataset, plan[topo.rank], batch_size, model.species_table(), topo)  # collective
         read_s = time.perf_counter() - t0
-        mine = _run_batches(model, shard, plan[topo.rank] - first, batch_size, h, DTYPES[dtype])
+        mine = _run_batches(model, shard, plan[topo.rank] - first, batch_size, h, DTYPES[dtype], on)
         mine.times["read"] = read_s
         mine.times["loop"] += read_s
 
@@ -127,7 +132,7 @@ def predict(source: ModelSource, data: str | Path, out: str | Path, topo: Topolo
         n_structures, n_atoms = dataset.n_structures, dataset.n_atoms
     loop_s = times["loop"]
     summary = {"structures": n_structures, "atoms": n_atoms, "ranks": topo.world_size, "batch_size": batch_size,
-               "dtype": dtype, "head": model.cfg.heads[h], "model": label, "out": str(out),
+               "dtype": dtype, "device": str(on), "head": model.cfg.heads[h], "model": label, "out": str(out),
                "threads_per_rank": torch.get_num_threads(), "loop_s": loop_s, "read_s": times["read"],
                "graph_s": times["graph"], "model_s": times["model"], "wall_s": time.perf_counter() - wall0,
                "structures_per_s": n_structures / loop_s, "atoms_per_s": n_atoms / loop_s}
@@ -167,7 +172,7 @@ class _Predictions:
 
 
 def _run_batches(model: Potential, shard: Frames, starts: np.ndarray, batch_size: int, head: int,
-                 dtype: torch.dtype) -> _Predictions:
+                 dtype: torch.dtype, device: torch.device = torch.device("cpu")) -> _Predictions:
     """Graph → energy → forces/stress for each batch of this rank's shard (`starts` index into the
     shard); no communication."""
     cfg, species_of = model.cfg, model.species_table()
@@ -178,12 +183,13 @@ def _run_batches(model: Potential, shard: Frames, starts: np.ndarray, batch_size
         t0 = time.perf_counter()
         frames = shard.select(np.arange(start, min(start + batch_size, len(shard))))
         batch = build_batch(frames, species_of, cfg.cutoff, cfg.three_body_cutoff, np.full(len(frames), head),
-                            len(cfg.heads)).to("cpu", dtype)
+                            len(cfg.heads))
+        batch = to_device(batch, device, dtype)
         t1 = time.perf_counter()
         pred = energy_forces_stress(model, batch, training=False)  # autograd.grad without create_graph
-        energy.append(pred.energy_G.detach().double().numpy())
-        forces.append(pred.forces_N3.detach().double().numpy())
-        stress.append(pred.stress_G6.detach().double().numpy())
+        energy.append(pred.energy_G.detach().double().cpu().numpy())
+        forces.append(pred.forces_N3.detach().double().cpu().numpy())
+        stress.append(pred.stress_G6.detach().double().cpu().numpy())
         times["graph"] += t1 - t0
         times["model"] += time.perf_counter() - t1
     times["loop"] = time.perf_counter() - loop0

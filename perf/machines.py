@@ -146,7 +146,7 @@ def _cpu_model() -> str:
 
 
 def measure_local_peak(dtype: torch.dtype = torch.float32, size: int = 1024, repeats: int = 20,
-                       threads: int | None = None) -> float:
+                       threads: int | None = None, device: torch.device = torch.device("cpu")) -> float:
     """Best FLOP/s of `repeats` timed n×n matmuls on the local CPU: a peak is the best rate the
     hardware reaches (on a shared VM the median of five moved by ±25 % between runs, the best of
     twenty by about ±10 %).
@@ -162,17 +162,55 @@ def measure_local_peak(dtype: torch.dtype = torch.float32, size: int = 1024, rep
     threads_before = torch.get_num_threads()
     torch.set_num_threads(threads or threads_before)
     try:
-        a = torch.randn(size, size, dtype=dtype)
-        b = torch.randn(size, size, dtype=dtype)
+        a = torch.randn(size, size, dtype=dtype, device=device)
+        b = torch.randn(size, size, dtype=dtype, device=device)
         torch.matmul(a, b)  # warm-up: thread pool start, BLAS kernel selection
+        if device.type != "cpu":
+            torch.accelerator.synchronize(device)
         seconds = []
         for _ in range(repeats):
             t0 = time.perf_counter()
             torch.matmul(a, b)
+            if device.type != "cpu":
+                torch.accelerator.synchronize(device)  # the kernel has run, not just been queued
             seconds.append(time.perf_counter() - t0)
     finally:
         torch.set_num_threads(threads_before)
     return 2.0 * size**3 / min(seconds)
+
+
+# Which table entry a torch device name belongs to (torch.cuda/xpu.get_device_name).
+DEVICE_NAMES = (("H200", "h200"), ("H100", "h100"), ("A100", "perlmutter"), ("MI250X", "frontier"),
+                ("Max 1550", "aurora"))
+
+
+def table_precision(peak: MachinePeak, dtype: torch.dtype) -> str:
+    """The precision key whose peak the training step's matmuls can reach: FP64 on matrix units
+    where the device has them (cuBLAS/rocBLAS use them for DGEMM); FP32 on TF32 tensor cores only
+    when torch is allowed to use them, else on FP32 matrix units (MI250X) or the vector units."""
+    rates = peak.peak_flops_per_s
+    if dtype == torch.float64:
+        return "fp64_matrix" if "fp64_matrix" in rates else "fp64"
+    if torch.get_float32_matmul_precision() != "highest" and "tf32_matrix" in rates:
+        return "tf32_matrix"
+    return "fp32_matrix" if "fp32_matrix" in rates else "fp32"
+
+
+def device_machine(device: torch.device, dtype: torch.dtype = torch.float32) -> dict:
+    """The perf header's `machine` field for the device that runs the step: the CPU measured
+    (`local_machine`), an accelerator from the table by its name, or measured by a matmul on it when
+    the table does not know it. `torch_device` says which device it was."""
+    if device.type == "cpu":
+        return {**local_machine(dtype), "torch_device": "cpu"}
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else torch.xpu.get_device_name(device)
+    for marker, key in DEVICE_NAMES:
+        if marker.lower() in name.lower():
+            return {**machine_record(key, table_precision(MACHINES[key], dtype)), "device": name,
+                    "torch_device": str(device)}
+    return {"name": f"local-{device.type}", "device": name, "torch_device": str(device),
+            "peak_flops_per_s": measure_local_peak(dtype, size=8192, repeats=10, device=device),
+            "peak_source": f"measured: torch.matmul n=8192 on {device}, best of 10 ({str(dtype).removeprefix('torch.')}; "
+                           "not in exaforce.perf.machines)"}
 
 
 def local_machine(dtype: torch.dtype = torch.float32, size: int = 1024, repeats: int = 20,

@@ -36,7 +36,8 @@ def format_summary(summary: dict[str, Any]) -> str:
     lines = [
         f"run {summary['run_dir']}: {ranks}, {steps}",
         f"step time {fmt(summary['step_time_s'], '.4g')} s (max over ranks, mean of steady steps), "
-        f"imbalance {fmt(summary['imbalance_mean'], '.3f')} (max/mean), peak memory {gib(summary['peak_mem_bytes'])}",
+        f"imbalance {fmt(summary['imbalance_mean'], '.3f')} (max/mean), peak memory {gib(summary['peak_mem_bytes'])}"
+        + (f" host, {gib(summary['device_peak_mem_bytes'])} device" if summary.get("device_peak_mem_bytes") else ""),
         f"throughput {rate(summary['atoms_per_s'])} atoms/s, {rate(summary['structures_per_s'])} structures/s, "
         f"{si(summary['flops_per_s'], 'FLOP/s')} = {fmt(summary['percent_of_peak'], '.3g')} % of peak "
         f"({si(summary['peak_flops_per_s'], 'FLOP/s')}, {machine.get('name', '?')})",
@@ -59,7 +60,8 @@ def _run_markdown(summary: dict[str, Any], plots: list[str]) -> str:
             f"| ranks | {len(s['ranks_read'])} read of world_size {s['world_size']}"
             + (f" (missing: {ranges(s['missing_ranks'])})" if s["missing_ranks"] else "") + " |",
             "| topology | " + (", ".join(f"{k} = {v}" for k, v in topo.items()) or "n/a") + " |",
-            f"| device (per rank) | {machine.get('name', '?')}: {machine.get('device', '?')}; "
+            f"| device (per rank) | {machine.get('name', '?')}: {machine.get('device', '?')}"
+            + (f" (`{machine['torch_device']}`)" if machine.get("torch_device") else "") + "; "
             f"peak {si(machine.get('peak_flops_per_s'), 'FLOP/s')} ({machine.get('peak_source', 'no source')}) |",
             f"| steps | {s['n_steps']} common to all ranks read; the first {s['warmup_steps']} excluded as warm-up"
             + (f"; steady state = steps {s['steady_first_step']}-{s['steady_last_step']}" if s["steady_first_step"] else "")
@@ -80,6 +82,8 @@ def _run_markdown(summary: dict[str, Any], plots: list[str]) -> str:
             "| peak of the ranks read (Σ per-rank peaks) | %s | %s |" % si_parts(s["peak_flops_per_s"], "FLOP/s"),
             f"| fraction of peak | {fmt(s['percent_of_peak'], '.3g')} | % |",
             f"| peak memory, max over ranks | {fmt(s['peak_mem_bytes'] / 2**30 if s['peak_mem_bytes'] is not None else None, '.3g')} | GiB |",
+            *([f"| peak device memory, max over ranks | {fmt(s['device_peak_mem_bytes'] / 2**30, '.3g')} | GiB |"]
+              if s.get("device_peak_mem_bytes") else []),
             ""]
 
     if s["time_breakdown_mean_s"]:

@@ -60,6 +60,8 @@ def _aggregate_step(records: list[dict[str, Any]]) -> dict[str, Any]:
         "times_mean_s": times_mean,
         "times_max_s": times_max,
         "peak_mem_bytes": max(r["peak_mem_bytes"] for r in records),
+        "device_peak_mem_bytes": max((r["device_peak_mem_bytes"] for r in records if "device_peak_mem_bytes" in r),
+                                     default=None),
     }
 
 
@@ -130,6 +132,8 @@ def summarize(run: Run) -> dict[str, Any]:
         "time_breakdown_mean_s": {k: mean_of("times_mean_s", k) for k in BREAKDOWN_KEYS} if steady else {},
         "time_breakdown_max_s": {k: mean_of("times_max_s", k) for k in BREAKDOWN_KEYS} if steady else {},
         "peak_mem_bytes": max((s["peak_mem_bytes"] for s in steps), default=None),
+        "device_peak_mem_bytes": max((s["device_peak_mem_bytes"] for s in steps
+                                      if s["device_peak_mem_bytes"] is not None), default=None),
         "final_loss": steps[-1]["loss"] if steps else {},
         "wall_s": max(wall) if wall else None,
         "steps": steps,

@@ -13,6 +13,7 @@ keys override them (any section; [data] without its datasets: the data are the b
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 import time
 import tomllib
@@ -129,7 +130,7 @@ def train_exaforce(cfg, root: Path, ranks: int, env: dict[str, str], log: Callab
 
 
 def bench_accuracy(budget_s: float, seeds: list[int], config: Path | None, ranks: int, compare: list[str],
-                   log: Callable[[str], None]) -> dict:
+                   log: Callable[[str], None], keep: Path | None = None) -> dict:
     from exaforce.calculator import ExaforceCalculator
 
     if budget_s <= 0:
@@ -147,7 +148,12 @@ def bench_accuracy(budget_s: float, seeds: list[int], config: Path | None, ranks
             data, train, test = make_data(root, seed, env)
             cfg = run_config(config, data, root / "run", budget_s, seed)
             trained = train_exaforce(cfg, root, ranks, env, log)
-            calc = ExaforceCalculator.from_checkpoint(Path(trained.pop("model_file")), dtype=cfg.run.dtype)
+            model_file = Path(trained.pop("model_file"))
+            if keep is not None:
+                keep.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(model_file, keep / f"seed-{seed}.pt")
+                log(f"  kept the model file as {keep / f'seed-{seed}.pt'}")
+            calc = ExaforceCalculator.from_checkpoint(model_file, dtype=cfg.run.dtype)
             results.append({"seed": seed, "model": "exaforce", **trained, "mae": evaluate(calc, test)})
             log(result_line(results[-1]))
             if "mace" in compare:

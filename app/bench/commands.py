@@ -50,6 +50,9 @@ def _step_arguments(p: argparse.ArgumentParser) -> None:
                         "(MACE-MP-0-medium-like); the references need envs/local/requirements-reference.txt")
     p.add_argument("--runs", type=int, default=1,
                    help="fresh worker processes per (model, batch); medians are reported (default 1)")
+    p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda", "xpu"],
+                   help="where exaforce's step runs (default cpu; auto: a visible GPU, else the CPU); the "
+                        "references run on the CPU")
     p.add_argument("--mem-limit-gib", type=float, default=20.0,
                    help="address-space cap per worker (RLIMIT_AS), GiB; a batch over it is reported as out "
                         "of memory (default 20). Peak memory is each worker's true peak RSS from its start")
@@ -81,7 +84,7 @@ def _run_step(args: argparse.Namespace, log: Log) -> dict:
     if args.runs < 1:
         raise ValueError(f"--runs {args.runs}: must be >= 1")
     return bench_step(args.preset, args.workload, _step_batches(args), args.dtype, args.warmup, args.repeats,
-                      args.compare, args.mem_limit_gib, log, args.runs)
+                      args.compare, args.mem_limit_gib, log, args.runs, args.device)
 
 
 def _ep_arguments(p: argparse.ArgumentParser) -> None:
@@ -168,15 +171,21 @@ def _run_predict(args: argparse.Namespace, log: Log) -> dict:
 
 def _md_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="trained checkpoint (e.g. demo/run/checkpoints/…)")
-    p.add_argument("--steps", type=int, default=1000, help="1 fs steps (default 1000 = 1 ps)")
-    p.add_argument("--temperature", type=float, default=300.0, help="initial Maxwell-Boltzmann temperature, K")
+    p.add_argument("--steps", type=int, default=1000, help="NVE steps (default 1000: 1 ps at 1 fs)")
+    p.add_argument("--temperature", type=float, default=300.0,
+                   help="Maxwell-Boltzmann start and Langevin temperature, K (default 300)")
+    p.add_argument("--langevin-steps", type=int, default=0,
+                   help="Langevin steps before the NVE run, with a check that it stays physical (closest pair "
+                        "≥ 1.5 Å, mean temperature within 15 %%); default 0")
+    p.add_argument("--timestep", type=float, default=1.0, help="fs (default 1)")
     _dtype(p, default="float64")
 
 
 def _run_md(args: argparse.Namespace, log: Log) -> dict:
     from exaforce.bench.md import bench_md
 
-    return bench_md(args.checkpoint, args.steps, args.temperature, args.dtype, log)
+    return bench_md(args.checkpoint, args.steps, args.temperature, args.dtype, log, args.langevin_steps,
+                    args.timestep)
 
 
 def _soak_arguments(p: argparse.ArgumentParser) -> None:
@@ -204,12 +213,14 @@ def _accuracy_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compare", type=lambda text: [n for n in text.split(",") if n], default=[],
                    help="mace: MACE-small through its own run_train, the same data and budget "
                         "(needs envs/local/requirements-reference.txt)")
+    p.add_argument("--keep", type=Path, help="copy each seed's exaforce model file to KEEP/seed-N.pt "
+                                             "(`bench md` runs MD with it); default: nothing kept")
 
 
 def _run_accuracy(args: argparse.Namespace, log: Log) -> dict:
     from exaforce.bench.accuracy import bench_accuracy
 
-    return bench_accuracy(args.budget, args.seeds, args.config, args.ranks, args.compare, log)
+    return bench_accuracy(args.budget, args.seeds, args.config, args.ranks, args.compare, log, keep=args.keep)
 
 
 BENCHMARKS: tuple[Benchmark, ...] = (
@@ -225,7 +236,8 @@ BENCHMARKS: tuple[Benchmark, ...] = (
               "bandwidth against cp", _io_arguments, _run_io),
     Benchmark("predict", "`exaforce predict` throughput on 1, 2, … ranks (EMT structures from data synth), "
               "optionally beside the MatRIS reference model's inference", _predict_arguments, _run_predict),
-    Benchmark("md", "NVE energy drift: 108-atom Cu, 1 fs steps, through the ASE calculator", _md_arguments, _run_md),
+    Benchmark("md", "108-atom Cu through the ASE calculator: optional hot Langevin run that must stay physical, "
+              "then NVE energy drift", _md_arguments, _run_md),
     Benchmark("accuracy", "what a training run of a fixed wall-time budget learns: energy/force/stress MAE on "
               "unseen dense EMT cells and 500 K MD frames", _accuracy_arguments, _run_accuracy),
     Benchmark("soak", "a long run must not grow: each rank's resident memory over 2,000 steps of the small "

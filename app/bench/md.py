@@ -1,5 +1,9 @@
-"""`exaforce bench md`: NVE energy drift through the ASE calculator, a check of smoothness and of
-forces being the exact gradient of the energy."""
+"""`exaforce bench md`: molecular dynamics through the ASE calculator with a trained model.
+
+Two checks a user of the potential cares about: a hot Langevin run stays physical (no atoms
+collapse onto each other, the thermostat holds the temperature: a potential with holes or
+unsmooth forces fails here first), and NVE conserves energy (forces are the exact gradient of a
+smooth energy)."""
 
 from __future__ import annotations
 
@@ -10,44 +14,91 @@ import numpy as np
 
 from exaforce.bench import BENCH_SEED
 
+CLOSE_CONTACT_A = 1.5           # Å: no Cu-Cu pair in a physical melt or solid comes this close (the dimer is 2.2 Å)
+TEMPERATURE_TOLERANCE = 0.15    # the Langevin run's mean temperature (second half) within 15 % of the target
+SAMPLE_EVERY = 10               # steps between samples of distances and temperature
 
-def bench_md(checkpoint_path: str, steps: int, temperature_k: float, dtype: str,
-             log: Callable[[str], None]) -> dict:
-    """NVE velocity-Verlet on a 108-atom fcc Cu cell (3×3×3 conventional), 1 fs steps, through the
-    ASE calculator; reports the total-energy drift per atom."""
-    from ase import units
+
+def bench_md(checkpoint_path: str, steps: int, temperature_k: float, dtype: str, log: Callable[[str], None],
+             langevin_steps: int = 0, timestep_fs: float = 1.0) -> dict:
+    """A 108-atom fcc Cu cell (3×3×3 conventional): `langevin_steps` of Langevin at `temperature_k`
+    (if any), then `steps` of NVE velocity-Verlet from there (else from Maxwell-Boltzmann velocities)."""
     from ase.build import bulk
     from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary
-    from ase.md.verlet import VelocityVerlet
 
     from exaforce.calculator import ExaforceCalculator
 
     atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((3, 3, 3))
     atoms.calc = ExaforceCalculator.from_checkpoint(checkpoint_path, dtype=dtype)
-    MaxwellBoltzmannDistribution(atoms, temperature_K=temperature_k, rng=np.random.default_rng(BENCH_SEED))
+    rng = np.random.default_rng(BENCH_SEED)
+    MaxwellBoltzmannDistribution(atoms, temperature_K=temperature_k, rng=rng)
     Stationary(atoms)
-    dyn = VelocityVerlet(atoms, timestep=1.0 * units.fs)
+    result: dict = {"atoms": len(atoms), "timestep_fs": timestep_fs, "temperature_k": temperature_k}
+    if langevin_steps:
+        result["langevin"] = langevin(atoms, langevin_steps, temperature_k, timestep_fs, rng, log)
+    result["nve"] = nve(atoms, steps, timestep_fs, log)
+    return result
+
+
+def langevin(atoms, steps: int, temperature_k: float, timestep_fs: float, rng: np.random.Generator,
+             log: Callable[[str], None]) -> dict:
+    from ase import units
+    from ase.md.langevin import Langevin
+
+    dynamics = Langevin(atoms, timestep_fs * units.fs, temperature_K=temperature_k, friction=0.01 / units.fs,
+                        rng=rng)
+    temperatures, closest, t0 = [], [], time.perf_counter()
+
+    def sample() -> None:
+        distances = atoms.get_all_distances(mic=True)
+        closest.append(float(distances[np.triu_indices(len(atoms), 1)].min()))
+        temperatures.append(atoms.get_temperature())
+        done = len(temperatures) * SAMPLE_EVERY
+        if len(temperatures) % max(steps // SAMPLE_EVERY // 10, 1) == 0:
+            log(f"  langevin {done:>6}/{steps}  T {temperatures[-1]:7.1f} K  closest pair {closest[-1]:.3f} Å  "
+                f"{time.perf_counter() - t0:6.0f} s")
+
+    dynamics.attach(sample, interval=SAMPLE_EVERY)
+    dynamics.run(steps)
+    settled = np.array(temperatures[len(temperatures) // 2:])
+    result = {"steps": steps, "ps": steps * timestep_fs / 1e3, "closest_pair_a": min(closest),
+              "mean_temperature_k": float(settled.mean()), "std_temperature_k": float(settled.std()),
+              "seconds": time.perf_counter() - t0}
+    result["physical"] = bool(result["closest_pair_a"] >= CLOSE_CONTACT_A and
+                              abs(result["mean_temperature_k"] / temperature_k - 1) <= TEMPERATURE_TOLERANCE)
+    log(f"Langevin {len(atoms)} atoms, {result['ps']:g} ps at {temperature_k:g} K: closest pair "
+        f"{result['closest_pair_a']:.3f} Å (limit {CLOSE_CONTACT_A} Å), mean T of the second half "
+        f"{result['mean_temperature_k']:.1f} ± {result['std_temperature_k']:.1f} K (limit ±"
+        f"{100 * TEMPERATURE_TOLERANCE:.0f} %): {'physical' if result['physical'] else 'NOT physical'}, "
+        f"{result['seconds']:.0f} s")
+    return result
+
+
+def nve(atoms, steps: int, timestep_fs: float, log: Callable[[str], None]) -> dict:
+    from ase import units
+    from ase.md.verlet import VelocityVerlet
+
+    dynamics = VelocityVerlet(atoms, timestep=timestep_fs * units.fs)
     n = len(atoms)
     totals, t0 = [], time.perf_counter()
 
     def record() -> None:
         totals.append(atoms.get_potential_energy() + atoms.get_kinetic_energy())
         if len(totals) % max(steps // 10, 1) == 1 or len(totals) == steps + 1:
-            log(f"  step {len(totals) - 1:>6}/{steps}  E_tot {totals[-1]:.6f} eV  "
+            log(f"  nve {len(totals) - 1:>6}/{steps}  E_tot {totals[-1]:.6f} eV  "
                 f"T {atoms.get_temperature():6.1f} K  {time.perf_counter() - t0:6.1f} s")
 
-    dyn.attach(record, interval=1)
-    record()
-    dyn.run(steps)
-    totals_arr = np.array(totals[1:]) if len(totals) > steps + 1 else np.array(totals)
+    dynamics.attach(record, interval=1)
+    dynamics.run(steps)
+    totals_arr = np.array(totals)
     deviation = np.abs(totals_arr - totals_arr[0]) / n
-    slope = np.polyfit(np.arange(len(totals_arr)) * 1e-3, totals_arr / n, 1)[0]  # eV/atom per ps
-    result = {"atoms": n, "steps": steps, "timestep_fs": 1.0, "temperature_k": temperature_k,
-              "max_abs_drift_mev_per_atom": 1e3 * float(deviation.max()),
+    slope = np.polyfit(np.arange(len(totals_arr)) * timestep_fs * 1e-3, totals_arr / n, 1)[0]  # eV/atom per ps
+    result = {"steps": steps, "max_abs_drift_mev_per_atom": 1e3 * float(deviation.max()),
               "final_drift_mev_per_atom": 1e3 * float((totals_arr[-1] - totals_arr[0]) / n),
               "linear_drift_mev_per_atom_per_ps": 1e3 * float(slope),
               "seconds": time.perf_counter() - t0}
-    log(f"NVE {n} atoms, {steps} × 1 fs: max |E_tot(t) − E_tot(0)| = {result['max_abs_drift_mev_per_atom']:.4f} "
-        f"meV/atom, final {result['final_drift_mev_per_atom']:+.4f} meV/atom, "
-        f"linear fit {result['linear_drift_mev_per_atom_per_ps']:+.4f} meV/atom/ps, {result['seconds']:.0f} s")
+    log(f"NVE {n} atoms, {steps} × {timestep_fs:g} fs: max |E_tot(t) − E_tot(0)| = "
+        f"{result['max_abs_drift_mev_per_atom']:.4f} meV/atom, final {result['final_drift_mev_per_atom']:+.4f} "
+        f"meV/atom, linear fit {result['linear_drift_mev_per_atom_per_ps']:+.4f} meV/atom/ps, "
+        f"{result['seconds']:.0f} s")
     return result

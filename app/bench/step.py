@@ -64,30 +64,46 @@ OOM_PATTERN = re.compile(r"MemoryError|can't allocate memory|Cannot allocate mem
                          r"failed to map segment|out of memory", re.IGNORECASE)
 
 
-def _measure(step: Callable[[], None], warmup: int, repeats: int) -> dict:
-    """Baseline, warm-up, timed steps, true peak: the memory and time fields of a worker's record."""
+def _measure(step: Callable[[], None], warmup: int, repeats: int, device: torch.device = torch.device("cpu")) -> dict:
+    """Baseline, warm-up, timed steps, true peak: the memory and time fields of a worker's record.
+    On an accelerator each timed step ends with a synchronisation (its kernels have run), and the
+    device's peak allocation since the process started is reported beside the host's peak RSS."""
+    from exaforce.device import device_peak_memory_bytes
+
+    def synchronise() -> None:
+        if device.type != "cpu":
+            torch.accelerator.synchronize(device)
+
     baseline = _vm_rss_bytes()  # nothing has stepped yet
+    device_baseline = device_peak_memory_bytes(device)
     for _ in range(warmup):
         step()
+    synchronise()
     seconds = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         step()
+        synchronise()
         seconds.append(time.perf_counter() - t0)
     peak = peak_memory_bytes()  # ru_maxrss: the process's true peak since it started
-    return {"step_s": statistics.median(seconds), "start_rss_bytes": START_RSS_BYTES,
-            "baseline_rss_bytes": baseline, "peak_rss_bytes": peak, "peak_mem_bytes": peak,
-            "step_mem_bytes": peak - baseline}
+    record = {"step_s": statistics.median(seconds), "start_rss_bytes": START_RSS_BYTES,
+              "baseline_rss_bytes": baseline, "peak_rss_bytes": peak, "peak_mem_bytes": peak,
+              "step_mem_bytes": peak - baseline, "device": str(device)}
+    if device.type != "cpu":
+        record.update(device_peak_mem_bytes=device_peak_memory_bytes(device), device_baseline_bytes=device_baseline)
+    return record
 
 
 def exaforce_worker(preset: str, workload: str, batch: int, dtype: str, warmup: int, repeats: int,
                     recompute_lines: int = RunConfig().recompute_lines,
-                    recompute_bonds: bool = RunConfig().recompute_bonds, name: str = "exaforce") -> dict:
+                    recompute_bonds: bool = RunConfig().recompute_bonds, name: str = "exaforce",
+                    device: str = "cpu") -> dict:
     """The trainer's step (exaforce.training.step.train_step) on one rank, timed, then FLOP-counted;
     run.recompute_lines and run.recompute_bonds as in training (their defaults), or 0 for the
-    stored path ("store"), or bonds false ("sums")."""
+    stored path ("store"), or bonds false ("sums"). `device` as run.device."""
     from exaforce.comm.groups import build_groups
     from exaforce.config import DTYPES, Config, DataConfig, model_preset
+    from exaforce.device import choose_device, to_device
     from exaforce.graph import build_batch
     from exaforce.io.schema import Frames
     from exaforce.model.potential import Potential
@@ -103,16 +119,17 @@ def exaforce_worker(preset: str, workload: str, batch: int, dtype: str, warmup: 
     cfg = Config(run=RunConfig(steps=steps, dtype=dtype, recompute_lines=recompute_lines,
                                recompute_bonds=recompute_bonds), model=model_preset(preset),
                  data=DataConfig(train=("bench",), global_batch_size=batch))
+    on = choose_device(device)
     torch.manual_seed(BENCH_SEED)
-    model = Potential(cfg.model).to(DTYPES[dtype])
+    model = Potential(cfg.model).to(device=on, dtype=DTYPES[dtype])
     topo = Topology.single_process()
-    parallel = parallelize(model, topo, build_groups(cfg.comm.backend, topo), cfg)
+    parallel = parallelize(model, topo, build_groups(cfg.comm.backend, topo, on), cfg)
     optimizer, schedule = make_optimizer(model, cfg)  # after parallelize, as the trainer does
     average = weight_average(optimizer, cfg.optim.ema_decay)
     frames = Frames.from_atoms(atoms)
     t0 = time.perf_counter()
-    graph = build_batch(frames, model.species_table(), cfg.model.cutoff,
-                        cfg.model.three_body_cutoff).to("cpu", DTYPES[dtype])
+    graph = to_device(build_batch(frames, model.species_table(), cfg.model.cutoff, cfg.model.three_body_cutoff),
+                      on, DTYPES[dtype])
     graph_build_s = time.perf_counter() - t0
     taken = 0
 
@@ -121,7 +138,7 @@ def exaforce_worker(preset: str, workload: str, batch: int, dtype: str, warmup: 
         taken += 1
         train_step(model, [graph], optimizer, parallel, cfg, 1.0 / batch, schedule.lr_at(taken), average)  # 1 / global batch
 
-    measured = _measure(step, warmup, repeats)
+    measured = _measure(step, warmup, repeats, on)
     flops = count_flops(step)  # after the peak was read: its own extra step
     return {"model": name, "preset": preset, "recompute_lines": recompute_lines, "recompute_bonds": recompute_bonds,
             "params": sum(p.numel() for p in model.parameters()),
@@ -175,10 +192,11 @@ WORKERS = {"exaforce": exaforce_worker, "store": partial(exaforce_worker, recomp
            "sums": partial(exaforce_worker, recompute_bonds=False, name="sums"),
            "matris": matris_worker, "mace": mace_worker}
 COMPARABLE = ("store", "sums", "matris", "mace")  # --compare: the stored path, the sums-stored one, the references
+ON_DEVICE = ("exaforce", "store", "sums")  # the workers that take a device; the references run on the CPU here
 
 
 def run_worker(model: str, preset: str, workload: str, batch: int, dtype: str, warmup: int, repeats: int,
-               mem_limit_gib: float) -> dict:
+               mem_limit_gib: float, device: str = "cpu") -> dict:
     """One (model, batch) measurement in a fresh Python process capped at `mem_limit_gib` of address
     space; its last stdout line is JSON. A worker that ran out of memory comes back as
     {"oom": True, ...}; any other failure raises RuntimeError with the end of its stderr."""
@@ -188,10 +206,11 @@ def run_worker(model: str, preset: str, workload: str, batch: int, dtype: str, w
         resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
 
     command = module_command("exaforce.bench.step", model, preset, workload, str(batch), dtype, str(warmup),
-                             str(repeats))
+                             str(repeats), device)
     # Not launcher.launch: that one cannot set a limit in the child.
+    # A GPU runtime reserves far more address space than it uses: the cap is for the CPU's memory only.
     proc = subprocess.run(command, capture_output=True, text=True, env=environment(),
-                          preexec_fn=limit_address_space)
+                          preexec_fn=limit_address_space if device == "cpu" else None)
     if proc.returncode == 0:
         return json.loads(proc.stdout.strip().splitlines()[-1])
     if proc.returncode == -9 or OOM_PATTERN.search(proc.stderr):
@@ -225,7 +244,7 @@ def _median_row(runs: list[dict]) -> dict:
 
 
 def _sweep(model: str, preset: str, workload: str, batches: list[int], dtype: str, warmup: int, repeats: int,
-           runs: int, mem_limit_gib: float, log: Callable[[str], None]) -> dict:
+           runs: int, mem_limit_gib: float, log: Callable[[str], None], device: str = "cpu") -> dict:
     """`runs` workers per batch size for `model`; per-batch median rows, the memory fits, the largest batch that ran."""
     rows = []
     for batch in batches:
@@ -233,7 +252,7 @@ def _sweep(model: str, preset: str, workload: str, batches: list[int], dtype: st
         for run in range(runs):
             log(f"  {model}: batch {batch}, run {run + 1}/{runs} starting (worker process, cap {mem_limit_gib:g} GiB) …")
             t0 = time.perf_counter()
-            record = run_worker(model, preset, workload, batch, dtype, warmup, repeats, mem_limit_gib)
+            record = run_worker(model, preset, workload, batch, dtype, warmup, repeats, mem_limit_gib, device)
             measured.append(record)
             if record.get("oom"):
                 log(f"  {model}: batch {batch} out of memory (cap {mem_limit_gib:g} GiB): {record['error']}")
@@ -297,17 +316,23 @@ def _summary(sweep: dict) -> dict:
 
 
 def bench_step(preset: str, workload: str, batches: list[int], dtype: str, warmup: int, repeats: int,
-               compare: list[str], mem_limit_gib: float, log: Callable[[str], None], runs: int = 1) -> dict:
+               compare: list[str], mem_limit_gib: float, log: Callable[[str], None], runs: int = 1,
+               device: str = "cpu") -> dict:
     """The sweep over `batches` for exaforce (and each of `compare`: "store", "sums", "matris", "mace"); the
     top-level keys describe exaforce's largest batch that ran, `batches` every one of them, and
     `references` the compared sweeps alike."""
-    from exaforce.perf.machines import local_machine
+    from exaforce.device import choose_device
+    from exaforce.perf.machines import device_machine
+
+    if choose_device(device).type != "cpu" and set(compare) - set(ON_DEVICE):
+        raise ValueError(f"--compare {','.join(sorted(set(compare) - set(ON_DEVICE)))}: the references run on the "
+                         f"CPU only; with --device {device} compare store or sums")
 
     log(f"bench step: preset {preset}, workload {workload} (seed {BENCH_SEED}), batches {batches}, {dtype}, "
         f"{warmup} warm-up + {repeats} timed steps, {runs} run(s) per batch (medians), "
-        f"{torch.get_num_threads()} thread(s), memory cap {mem_limit_gib:g} GiB per worker")
-    ours = _sweep("exaforce", preset, workload, batches, dtype, warmup, repeats, runs, mem_limit_gib, log)
-    peak_flops = local_machine(getattr(torch, dtype))["peak_flops_per_s"]
+        f"{torch.get_num_threads()} thread(s), memory cap {mem_limit_gib:g} GiB per worker, exaforce on {device}")
+    ours = _sweep("exaforce", preset, workload, batches, dtype, warmup, repeats, runs, mem_limit_gib, log, device)
+    peak_flops = device_machine(choose_device(device), getattr(torch, dtype))["peak_flops_per_s"]
     result = {"preset": preset, "workload": workload, "dtype": dtype, "mem_limit_gib": mem_limit_gib, "runs": runs,
               "recompute_lines": RunConfig().recompute_lines, "recompute_bonds": RunConfig().recompute_bonds,
               "peak_flops_per_s": peak_flops, **ours,
@@ -328,7 +353,7 @@ def bench_step(preset: str, workload: str, batches: list[int], dtype: str, warmu
     else:
         log(f"exaforce: no batch ran within the {mem_limit_gib:g} GiB cap")
     for name in compare:
-        ref = _sweep(name, preset, workload, batches, dtype, warmup, repeats, runs, mem_limit_gib, log)
+        ref = _sweep(name, preset, workload, batches, dtype, warmup, repeats, runs, mem_limit_gib, log, device)
         result["references"][name] = {**ref, **_summary(ref)}
         _log_sweep(name, ref, mem_limit_gib, log)
         ref_top = _largest(ref)
@@ -349,6 +374,7 @@ def bench_step(preset: str, workload: str, batches: list[int], dtype: str, warmu
     return result
 
 
-if __name__ == "__main__":  # worker entry: model preset workload batch dtype warmup repeats
-    name, preset_name, workload_name, n, dt, w, r = sys.argv[1:8]
-    print(json.dumps(WORKERS[name](preset_name, workload_name, int(n), dt, int(w), int(r))))
+if __name__ == "__main__":  # worker entry: model preset workload batch dtype warmup repeats device
+    name, preset_name, workload_name, n, dt, w, r, on = sys.argv[1:9]
+    extra = {"device": on} if name in ON_DEVICE else {}
+    print(json.dumps(WORKERS[name](preset_name, workload_name, int(n), dt, int(w), int(r), **extra)))

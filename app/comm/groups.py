@@ -12,6 +12,7 @@ parameters). A group of one rank needs no backend at all (`SoloGroup`).
 
 from __future__ import annotations
 
+import os
 import socket
 from dataclasses import dataclass
 from typing import Any, Protocol, Sequence
@@ -80,38 +81,83 @@ class SoloGroup:
 
 
 # ------------------------------------------------------------------------------------------ mpi
-def _numpy(tensor: torch.Tensor) -> np.ndarray:
-    """A NumPy view of the tensor's memory: mpi4py takes the MPI datatype from its dtype."""
-    if tensor.device.type != "cpu" or not tensor.is_contiguous():
-        raise ValueError("MPI buffers must be contiguous CPU tensors")
-    return tensor.detach().numpy()
+def gpu_aware_mpi(library_version: str, environ: dict[str, str]) -> bool:
+    """Whether the MPI library reads device memory itself. mpi4py 4.1 has no query for it, so the
+    library's own switches decide: Cray MPICH with MPICH_GPU_SUPPORT_ENABLED=1 (Frontier, Perlmutter:
+    envs/*/env.sh), Open MPI with OMPI_MCA_opal_cuda_support=true, MVAPICH with MV2_USE_CUDA=1."""
+    return (("CRAY MPICH" in library_version.upper() and environ.get("MPICH_GPU_SUPPORT_ENABLED") == "1")
+            or ("OPEN MPI" in library_version.upper() and environ.get("OMPI_MCA_opal_cuda_support") == "true")
+            or ("MVAPICH" in library_version.upper() and environ.get("MV2_USE_CUDA") == "1"))
+
+
+def _buffer(tensor: torch.Tensor, gpu_aware: bool) -> Any:
+    """What mpi4py reads and writes for a contiguous tensor: a NumPy view of host memory, or the
+    device tensor itself (mpi4py takes its DLPack / CUDA array interface) when MPI is GPU-aware."""
+    if not tensor.is_contiguous():
+        raise ValueError("MPI buffers must be contiguous tensors")
+    if tensor.device.type == "cpu":
+        return tensor.detach().numpy()
+    if not gpu_aware:
+        raise ValueError(f"MPI buffer on {tensor.device}: this MPI is not GPU-aware; stage through the host")
+    torch.accelerator.synchronize(tensor.device)  # MPI reads the memory outside torch's stream order
+    return tensor.detach()
+
+
+@dataclass
+class _Staged:
+    """A reduction of a device tensor through a pinned host copy: copied back at wait()."""
+
+    device_flat: torch.Tensor
+    host: _Scale
+
+    def wait(self) -> None:
+        self.host.wait()
+        self.device_flat.copy_(self.host.flat, non_blocking=True)
 
 
 class MPIGroup:
+    """mpi4py. Device tensors go to MPI directly where it is GPU-aware (`gpu_aware_mpi`); elsewhere
+    through pinned host buffers, staged per call: a reduction is copied to the host, reduced there
+    and copied back at wait()."""
+
     backend = "mpi"
 
-    def __init__(self, comm: Any):
+    def __init__(self, comm: Any, gpu_aware: bool = False):
         self.comm = comm
         self.size = comm.Get_size()
+        self.gpu_aware = gpu_aware
+
+    def _staged(self, tensor: torch.Tensor) -> bool:
+        return tensor.device.type != "cpu" and not self.gpu_aware
 
     def allreduce_sum_async(self, flat: torch.Tensor, postscale: float, name: str) -> Handle:
         from mpi4py import MPI
 
-        return _Scale(flat, postscale, self.comm.Iallreduce(MPI.IN_PLACE, _numpy(flat), op=MPI.SUM))
+        if self._staged(flat):
+            host = flat.to("cpu").pin_memory()
+            return _Staged(flat, self.allreduce_sum_async(host, postscale, name))
+        return _Scale(flat, postscale, self.comm.Iallreduce(MPI.IN_PLACE, _buffer(flat, self.gpu_aware), op=MPI.SUM))
 
     def alltoallv(self, x_XD, send_splits, recv_splits) -> torch.Tensor:
         _check_rows(x_XD, send_splits)
+        if self._staged(x_XD):
+            return self.alltoallv(x_XD.detach().to("cpu"), send_splits, recv_splits).to(x_XD.device)
         x_XD = x_XD.detach().contiguous()
         row = int(np.prod(x_XD.shape[1:], dtype=np.int64))
-        out = torch.empty((sum(recv_splits), *x_XD.shape[1:]), dtype=x_XD.dtype)
+        out = x_XD.new_empty((sum(recv_splits), *x_XD.shape[1:]))
         send = np.asarray(send_splits, dtype=np.int64) * row
         recv = np.asarray(recv_splits, dtype=np.int64) * row
-        self.comm.Alltoallv([_numpy(x_XD).reshape(-1), (send, np.r_[0, np.cumsum(send)[:-1]])],
-                            [_numpy(out).reshape(-1), (recv, np.r_[0, np.cumsum(recv)[:-1]])])
+        self.comm.Alltoallv([_buffer(x_XD, self.gpu_aware).reshape(-1), (send, np.r_[0, np.cumsum(send)[:-1]])],
+                            [_buffer(out, self.gpu_aware).reshape(-1), (recv, np.r_[0, np.cumsum(recv)[:-1]])])
         return out
 
     def broadcast_(self, tensor: torch.Tensor, root: int = 0) -> None:
-        self.comm.Bcast(_numpy(tensor.data), root=root)
+        if self._staged(tensor):
+            host = tensor.data.to("cpu")
+            self.broadcast_(host, root)
+            tensor.data.copy_(host)
+            return
+        self.comm.Bcast(_buffer(tensor.data, self.gpu_aware), root=root)
 
 
 # -------------------------------------------------------------------------------------- horovod
@@ -204,31 +250,48 @@ class CommGroups:
     world: Group
     ep: Group
     edp: Group
+    note: str = ""  # how device tensors travel
 
     def describe(self) -> str:
         """One line for the start-up table: which backend carries tensors over which group sizes."""
         return (f"comm: backend {self.backend}: world {self.world.size} rank(s), EP group {self.ep.size}, "
-                f"EDP group {self.edp.size}; host control over MPI")
+                f"EDP group {self.edp.size}{self.note}; host control over MPI")
 
 
-def build_groups(backend: str, topo: Any) -> CommGroups:
-    """The Topology's groups through `backend`; collective over the world (every rank creates every
-    group in the same order). Called once per run, by the entry point, right after the Topology."""
+TORCH_BACKENDS = {"cpu": "gloo", "cuda": "nccl", "xpu": "xccl"}  # torch.distributed per device type (RCCL is
+                                                                  # NCCL under ROCm; XCCL is oneCCL)
+
+
+def build_groups(backend: str, topo: Any, device: torch.device = torch.device("cpu")) -> CommGroups:
+    """The Topology's groups through `backend` for tensors on `device`; collective over the world
+    (every rank creates every group in the same order). Called once per run, by the entry point,
+    right after the Topology and the device choice."""
+    from mpi4py import MPI
+
     if backend not in BACKENDS:
         raise ValueError(f"comm.backend = {backend!r}: must be one of {', '.join(BACKENDS)}")
     layout, rank = topo.layout, topo.rank
     world_ranks = tuple(range(topo.world_size))
     mine = (layout.ep_group(rank), layout.edp_group(rank))
+    note = ""
     if backend == "mpi":
-        world: Group = MPIGroup(topo.world)
-        make: dict[tuple[int, ...], Group] = {mine[0]: MPIGroup(topo.ep_comm), mine[1]: MPIGroup(topo.edp_comm)}
+        aware = device.type != "cpu" and gpu_aware_mpi(MPI.Get_library_version(), dict(os.environ))
+        note = "" if device.type == "cpu" else (f"; {device.type} tensors " +
+                                                ("straight to GPU-aware MPI" if aware else "staged through host memory"))
+        world: Group = MPIGroup(topo.world, aware)
+        make: dict[tuple[int, ...], Group] = {mine[0]: MPIGroup(topo.ep_comm, aware),
+                                              mine[1]: MPIGroup(topo.edp_comm, aware)}
     else:
         every = [layout.ep_group(r) for r in range(0, topo.world_size, layout.ep)] + \
                 [layout.edp_group(q) for q in range(layout.ep)]
-        build = _horovod_groups if backend == "horovod" else _torch_groups
-        world, make = build(topo.world, world_ranks, every, rank)
+        if backend == "horovod":
+            world, make = _horovod_groups(topo.world, world_ranks, every, rank)
+        else:
+            note = f"; torch.distributed {TORCH_BACKENDS[device.type]}"
+            world, make = _torch_groups(topo.world, world_ranks, every, rank, device)
     ep, edp = (SoloGroup(backend) if len(g) == 1 else make[g] for g in mine)
-    return CommGroups(backend=backend, world=world if len(world_ranks) > 1 else SoloGroup(backend), ep=ep, edp=edp)
+    return CommGroups(backend=backend, world=world if len(world_ranks) > 1 else SoloGroup(backend), ep=ep, edp=edp,
+                      note=note)
 
 
 def _horovod_groups(world_comm: Any, world_ranks: tuple[int, ...], groups: list[tuple[int, ...]], rank: int):
@@ -245,8 +308,11 @@ def _horovod_groups(world_comm: Any, world_ranks: tuple[int, ...], groups: list[
     return world, make
 
 
-def _torch_groups(world_comm: Any, world_ranks: tuple[int, ...], groups: list[tuple[int, ...]], rank: int):
+def _torch_groups(world_comm: Any, world_ranks: tuple[int, ...], groups: list[tuple[int, ...]], rank: int,
+                  device: torch.device):
     import torch.distributed as dist
+
+    kind = TORCH_BACKENDS[device.type]
 
     if not dist.is_initialized():
         # Rendezvous over a TCP store on rank 0, its address and a free port shared through MPI.
@@ -257,10 +323,11 @@ def _torch_groups(world_comm: Any, world_ranks: tuple[int, ...], groups: list[tu
         else:
             address = None
         host, port = world_comm.bcast(address, root=0)  # collective
-        dist.init_process_group("gloo", init_method=f"tcp://{host}:{port}", rank=rank, world_size=len(world_ranks))
+        dist.init_process_group(kind, init_method=f"tcp://{host}:{port}", rank=rank, world_size=len(world_ranks),
+                                device_id=device if device.type != "cpu" else None)
     world = TorchGroup(None, world_ranks)
     make: dict[tuple[int, ...], Group] = {world_ranks: world}
     for g in sorted({g for g in groups if 1 < len(g) < len(world_ranks)}):
-        pg = dist.new_group(list(g))  # every rank creates every group, in the same order
+        pg = dist.new_group(list(g), backend=kind)  # every rank creates every group, in the same order
         make[g] = TorchGroup(pg, g)
     return world, make

@@ -150,13 +150,14 @@ class Topology:
         return {"world_size": self.world_size, "dp": self.layout.dp, "ep": self.layout.ep,
                 "nodes": self.n_nodes, "ranks_per_node": self.ranks_per_node}
 
-    def table(self) -> str:
-        """The whole rank map, gathered to every rank (printed by rank 0 at start-up)."""
-        rows = self.world.allgather((self.rank, self.hostname, self.local_rank))
+    def table(self, device: str = "cpu") -> str:
+        """The whole rank map with each rank's `device`, gathered to every rank (collective; printed
+        by rank 0 at start-up)."""
+        rows = self.world.allgather((self.rank, self.hostname, self.local_rank, device))
         lines = [f"topology: world={self.world_size} nodes={self.n_nodes} dp={self.layout.dp} ep={self.layout.ep}",
-                 f"{'rank':>5} {'host':<20} {'local':>5} {'dp':>3} {'ep':>3}  ep_group  edp_group"]
-        for rank, host, local in rows:
+                 f"{'rank':>5} {'host':<20} {'local':>5} {'dp':>3} {'ep':>3}  ep_group  edp_group  device"]
+        for rank, host, local, on in rows:
             dp_i, ep_i = self.layout.coords(rank)
             lines.append(f"{rank:>5} {host[:20]:<20} {local:>5} {dp_i:>3} {ep_i:>3}  "
-                         f"{list(self.layout.ep_group(rank))}  {list(self.layout.edp_group(rank))}")
+                         f"{list(self.layout.ep_group(rank))}  {list(self.layout.edp_group(rank))}  {on}")
         return "\n".join(lines)

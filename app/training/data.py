@@ -167,8 +167,11 @@ class TrainingData:
     three_body_cutoff: float
     n_heads: int
     dtype: torch.dtype
+    device: torch.device = torch.device("cpu")
 
     def batch(self, global_indices: np.ndarray) -> GraphBatch:
-        """Graphs of these structures (neighbour lists built here, on the host), in the run's dtype."""
-        return build_batch(self.reader.fetch(global_indices), self.species_of, self.cutoff, self.three_body_cutoff,
-                           self.index.head_G[global_indices], self.n_heads).to("cpu", self.dtype)
+        """Graphs of these structures (neighbour lists built here, on the host), in the run's dtype,
+        on the rank's device."""
+        return to_device(build_batch(self.reader.fetch(global_indices), self.species_of, self.cutoff,
+                                     self.three_body_cutoff, self.index.head_G[global_indices], self.n_heads),
+                         self.device, self.dtype)

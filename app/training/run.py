@@ -15,9 +15,11 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import torch
 
 from exaforce.comm.groups import CommGroups
 from exaforce.config import Config
+from exaforce.device import device_peak_memory_bytes
 from exaforce.faults import NONFINITE_EXIT_CODE, REQUEUE_EXIT_CODE, RunStopped, StopSignals, Watchdog
 from exaforce.io.sampler import deal, global_batches
 from exaforce.parallel.topology import Topology
@@ -31,7 +33,7 @@ from exaforce.training.validation import validation_mae
 
 
 def train(cfg: Config, topo: Topology, groups: CommGroups, log: Callable[[str], None],
-          signals: StopSignals | None = None) -> Path:
+          signals: StopSignals | None = None, device: torch.device = torch.device("cpu")) -> Path:
     """Trains up to step cfg.run.steps; returns the run folder (perf logs, checkpoints).
 
     Ends early, on every rank alike, by raising RunStopped: after a scheduler signal caught by the
@@ -41,7 +43,7 @@ def train(cfg: Config, topo: Topology, groups: CommGroups, log: Callable[[str], 
     signals = signals or StopSignals(install=False)
     stop_during_start_up(signals, topo, "before start-up", log)
     with RunFolderLock(Path(cfg.run.out_dir), topo, log) as lock:  # one run per run folder
-        run = build_run(cfg, topo, groups, log, lock)
+        run = build_run(cfg, topo, groups, log, lock, device)
         stop_during_start_up(signals, topo, f"during start-up (before step {run.progress.step + 1})", log)
         index = run.data.index
         batches = global_batches(index.weight_G, ~index.is_val_G, cfg.data.global_batch_size, topo.world_size,
@@ -115,6 +117,8 @@ def take_step(run: Run, step: int, epoch: int, global_batch: np.ndarray, watchdo
     extra = {"cost": share_cost[topo.rank], "cost_max_over_mean": max(share_cost) / max(np.mean(share_cost), 1e-30),
              "loss": result.loss, "grad_norm": result.grad_norm, "skipped_steps": run.progress.skipped_steps,
              "rss_bytes": resident_memory_bytes()}
+    if run.device.type != "cpu":
+        extra["device_peak_mem_bytes"] = device_peak_memory_bytes(run.device)
     if not result.updated:
         extra["skipped"] = True
     if result.routing:
@@ -162,9 +166,11 @@ def decide(run: Run, step: int, result: StepResult, signals: StopSignals, watchd
 def finish(run: Run, wall_s: float, watchdog: Watchdog) -> None:
     """Collective: the perf log's end record, peak memory per rank, the final checkpoint and model file."""
     run.perf.end(steps=run.progress.step, wall_s=wall_s, skipped_steps=run.progress.skipped_steps)
-    peaks = run.topo.gather_to_root(peak_memory_bytes())  # collective
+    peaks = run.topo.gather_to_root((peak_memory_bytes(), device_peak_memory_bytes(run.device)))  # collective
     if run.topo.is_root:
-        run.log("peak memory per rank (max RSS): " + ", ".join(f"{r}: {b / 2**30:.2f} GiB" for r, b in enumerate(peaks)))
+        run.log("peak memory per rank (max RSS" + ("" if run.device.type == "cpu" else "; device") + "): " + ", ".join(
+            f"{r}: {host / 2**30:.2f} GiB" + ("" if run.device.type == "cpu" else f"; {device / 2**30:.2f} GiB")
+            for r, (host, device) in enumerate(peaks)))
     if run.cfg.run.final_checkpoint:
         watchdog.beat("final checkpoint")
         folder = run.checkpoints.save(run.progress)

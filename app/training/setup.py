@@ -18,7 +18,7 @@ from exaforce.model.potential import Potential
 from exaforce.parallel.parallelize import Parallel, parallelize
 from exaforce.parallel.topology import Topology
 from exaforce.perf.log import PerfLogWriter
-from exaforce.perf.machines import local_machine
+from exaforce.perf.machines import device_machine
 from exaforce.training.calibrate import calibrate
 from exaforce.training.data import (GlobalIndex, TrainingData, build_global_index, lazy_reader, steps_in_epoch, store_reader,
                                     structure_cost)
@@ -46,6 +46,7 @@ class Run:
     checkpoints: Checkpointer
     perf: PerfLogWriter
     log: Callable[[str], None]
+    device: torch.device
 
 
 def check_batch_fits(cfg: Config, world: int, sources: tuple, index: GlobalIndex) -> None:
@@ -57,12 +58,15 @@ def check_batch_fits(cfg: Config, world: int, sources: tuple, index: GlobalIndex
                           f"structures (weights × training structures), fewer than the {world} ranks")
 
 
-def build_model_and_data(cfg: Config, topo: Topology, log: Callable[[str], None]) -> tuple[Potential, TrainingData]:
-    """Collective. The model first (on every rank, same seed), then the data, validated against the
-    model's elements; reference energies fitted, then fine-tuning weights over them (inherited heads
-    keep their references)."""
+def build_model_and_data(cfg: Config, topo: Topology, log: Callable[[str], None],
+                         device: torch.device = torch.device("cpu")) -> tuple[Potential, TrainingData]:
+    """Collective. The model first (on every rank, same seed: initialised on the host, so every
+    device starts from the same weights), then the data, validated against the model's elements;
+    reference energies fitted, then fine-tuning weights over them (inherited heads keep their
+    references)."""
     torch.manual_seed(cfg.run.seed)
-    model = Potential(cfg.model, ep_rank=topo.layout.coords(topo.rank)[1], ep_size=topo.layout.ep).to(DTYPES[cfg.run.dtype])
+    model = Potential(cfg.model, ep_rank=topo.layout.coords(topo.rank)[1], ep_size=topo.layout.ep).to(
+        device=device, dtype=DTYPES[cfg.run.dtype])
     species_of = model.species_table()
     sources = cfg.data.sources(cfg.model.heads)
     index, shards = build_global_index(sources, cfg.model.heads, species_of, cfg.model.cutoff,
@@ -72,21 +76,22 @@ def build_model_and_data(cfg: Config, topo: Topology, log: Callable[[str], None]
     finetune.initialise(model, cfg, log)
     reader = store_reader(shards, index, topo) if cfg.data.sample_store else lazy_reader(sources, index)
     data = TrainingData(sources, index, reader, species_of, cfg.model.cutoff, cfg.model.three_body_cutoff,
-                        len(cfg.model.heads), DTYPES[cfg.run.dtype])
+                        len(cfg.model.heads), DTYPES[cfg.run.dtype], device)
     return model, data
 
 
 def build_run(cfg: Config, topo: Topology, groups: CommGroups, log: Callable[[str], None],
-              lock: RunFolderLock | None = None) -> Run:
-    """Collective: a new run, or the continuation of the checkpoint run.resume names. `lock` (the
-    run folder's) is acquired once the model and data are built, before anything is written."""
+              lock: RunFolderLock | None = None, device: torch.device = torch.device("cpu")) -> Run:
+    """Collective: a new run on this rank's `device`, or the continuation of the checkpoint
+    run.resume names. `lock` (the run folder's) is acquired once the model and data are built,
+    before anything is written."""
     world, layout = topo.world_size, (topo.world_size, topo.layout.dp, topo.layout.ep)
     if cfg.data.global_batch_size < world * cfg.data.micro_batches:
         raise ConfigError(f"data.global_batch_size = {cfg.data.global_batch_size}: need at least "
                           f"{cfg.data.micro_batches} structure(s) per rank on {world} ranks (data.micro_batches)")
     run_dir = Path(cfg.run.out_dir)
     resume_from = checkpoint.resume_point(run_dir, cfg.run.resume, topo, log)  # collective; None: a new run
-    model, data = build_model_and_data(cfg, topo, log)
+    model, data = build_model_and_data(cfg, topo, log, device)
     if lock is not None:
         lock.acquire()  # collective
     parallel = parallelize(model, topo, groups, cfg)
@@ -111,14 +116,16 @@ def build_run(cfg: Config, topo: Topology, groups: CommGroups, log: Callable[[st
     run = Run(cfg=cfg, topo=topo, model=model, data=data, cost_G=structure_cost(data.index, progress.cost_coefficients),
               parallel=parallel, optimizer=optimizer, schedule=schedule, average=average, progress=progress,
               checkpoints=Checkpointer(cfg, topo, model, optimizer, resume_from, average),
-              perf=open_perf_log(cfg, topo, progress, resumed=resume_from is not None), log=log)
+              perf=open_perf_log(cfg, topo, progress, device, resumed=resume_from is not None), log=log, device=device)
     log_start(run)
     return run
 
 
-def open_perf_log(cfg: Config, topo: Topology, progress: Progress, resumed: bool) -> PerfLogWriter:
-    """Collective: this rank's perf log, its header naming the machine rank 0 measured."""
-    machine = topo.from_root(local_machine(DTYPES[cfg.run.dtype]) if topo.is_root else None)  # collective
+def open_perf_log(cfg: Config, topo: Topology, progress: Progress, device: torch.device,
+                  resumed: bool) -> PerfLogWriter:
+    """Collective: this rank's perf log, its header naming the device rank 0 runs on (the CPU's peak
+    measured by rank 0 alone: ranks sharing a node would disturb each other's measurement)."""
+    machine = topo.from_root(device_machine(device, DTYPES[cfg.run.dtype]) if topo.is_root else None)  # collective
     perf = PerfLogWriter(Path(cfg.run.out_dir), topo.rank, append=resumed)
     perf.header(rank=topo.rank, world_size=topo.world_size, config=cfg.to_dict(), topology=topo.describe(),
                 machine=machine, flop_coefficients=progress.flop_coefficients,

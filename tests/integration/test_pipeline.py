@@ -30,12 +30,15 @@ def test_demo_pipeline_small(tmp_path):
     proc = run_mpi(2, ["-m", "exaforce.cli", "train", "--config", str(tmp_path / "train.toml"), "--steps", "4"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "topology: world=2" in proc.stdout
+    table = proc.stdout.split("topology: world=2")[1].splitlines()[1:4]
+    assert table[0].split()[-1] == "device" and [row.split()[-1] for row in table[1:]] == ["cpu", "cpu"]
     for head in ("emt", "gfn2", "gfn1"):  # the held-out 10% of each fidelity, after the last step
         assert f"validation {head}: energy MAE" in proc.stdout, proc.stdout[-2000:]
     logs = sorted((tmp_path / "run/perf").glob("rank-*.jsonl"))
     assert [p.name for p in logs] == ["rank-00000.jsonl", "rank-00001.jsonl"]
     records = [json.loads(line) for line in logs[1].read_text().splitlines()]
     assert [r["kind"] for r in records] == ["header"] + ["step"] * 4 + ["end"]
+    assert records[0]["machine"]["torch_device"] == "cpu" and "device_peak_mem_bytes" not in records[1]
     assert records[1]["flops"] > 0 and records[1]["times"]["force_backward"] > 0
     state = torch.load(tmp_path / "run/checkpoints/step-00000004.pt", weights_only=False)
     assert state["step"] == 4 and "model" in state

@@ -126,6 +126,7 @@ def test_bad_requests_fail_on_every_rank_and_write_nothing(work):
         ((2, "d.bp"), "is the input dataset"),
         ((2, "x.bp", "--head", "b97"), "head 'b97': this model's heads are ['emt', 'pbe']"),
         ((1, "x.bp", "--batch-size", "0"), "--batch-size 0: must be >= 1"),
+        ((2, "x.bp", "--device", "cuda"), "--device = 'cuda': this rank sees no cuda device"),  # no GPU here
     ]
     for (ranks, *args), message in cases:
         proc = predict(work, ranks, *args)

@@ -115,6 +115,17 @@ def test_train_bad_config_key(tmp_path):
     assert f"exaforce: error: {config}: model.cutof: unknown key" in proc.stderr
 
 
+def test_train_on_a_missing_gpu_stops_every_rank_with_the_reason(tmp_path):
+    """run.device = "cuda" on this machine (no GPU): exit 2 on both ranks, before anything is read or written."""
+    config = train_config(tmp_path, tmp_path / "absent.bp")
+    proc = run_mpi(2, ["-m", "exaforce.cli", "train", "--config", str(config), "--set", 'run.device="cuda"'],
+                   timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "exaforce: error: rank 0 on" in proc.stderr and "run.device = 'cuda': this rank sees no cuda device" in proc.stderr
+    assert "(and 1 more rank(s))" in proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
 def test_every_subcommand_has_help():
     for args in (["--help"], ["data", "--help"], ["data", "synth", "--help"], ["data", "convert", "--help"],
                  ["data", "inspect", "--help"],

@@ -58,6 +58,11 @@ def _flag(words: list[str], *names: str) -> str:
     raise AssertionError(f"none of {names} in {words}")
 
 
+def _device(script: str) -> str:
+    """run.device the training is told to use."""
+    return re.search(r"--set 'run\.device=\"(\w+)\"'", script).group(1)
+
+
 def _world(script: str) -> int:
     """dp × ep the training is told to use (ep = 1 in these configs)."""
     return int(re.search(r"--set parallel\.dp=(\d+)", script).group(1))
@@ -91,6 +96,8 @@ def test_frontier_render_matches_the_machine(config):
     assert ranks == 3 * MACHINES["frontier"].ranks_per_node == 24 == _world(script)
     assert _flag(words, "-c") == "7" and 8 * 7 <= JOB_MACHINES["frontier"].cores_per_node
     assert _flag(words, "--gpus-per-task") == "1" and _flag(words, "--gpu-bind") == "closest"
+    # One GCD per task (Slurm sets ROCR_VISIBLE_DEVICES): each rank sees one device and takes it (ROCm is "cuda").
+    assert _device(script) == "cuda"
     assert 'STAGE_DIR="/mnt/bb/$USER/exaforce-stage"' in script
     assert "NCCL_SOCKET_IFNAME" in (Path(__file__).resolve().parents[2] / "envs/frontier/env.sh").read_text()
 
@@ -111,6 +118,9 @@ def test_aurora_render_matches_the_machine(config):
     assert sum(map(len, cores)) == len(set().union(*cores))  # distinct cores: no two ranks share one
     assert set().union(*cores) <= set(range(JOB_MACHINES["aurora"].cores_per_node)) - {0, 52}
     assert "ZE_AFFINITY_MASK" in script and "tile-bind.sh" in " ".join(words)
+    assert 'export ZE_AFFINITY_MASK="$PALS_LOCAL_RANKID"' in script  # one stack visible per rank
+    assert "ZE_FLAT_DEVICE_HIERARCHY=FLAT" in (Path(__file__).resolve().parents[2] / "envs/aurora/env.sh").read_text()
+    assert _device(script) == "xpu"
 
 
 def test_perlmutter_render_matches_the_machine(config):
@@ -120,7 +130,8 @@ def test_perlmutter_render_matches_the_machine(config):
     words = _launch(script, "train")
     ranks = int(_flag(words, "-n"))
     assert ranks == 4 * MACHINES["perlmutter"].ranks_per_node == 16 == _world(script)
-    assert _flag(words, "--gpus-per-task") == "1"
+    assert _flag(words, "--gpus-per-task") == "1"  # Slurm sets CUDA_VISIBLE_DEVICES per task: one GPU each
+    assert _device(script) == "cuda"
     assert int(_flag(words, "-c")) * 4 <= 2 * JOB_MACHINES["perlmutter"].cores_per_node  # logical CPUs
 
 
@@ -130,6 +141,12 @@ def test_generic_slurm_and_local(config):
     assert int(_flag(_launch(script, "train"), "-n")) == 6
     local = _render("local", config, nodes=1, ranks_per_node=2)
     assert _launch(local, "train")[:3] == ["mpiexec", "-n", "2"]
+    assert _device(script) == _device(local) == "auto"  # whatever the nodes have
+
+
+def test_a_config_that_names_its_device_keeps_it(config):
+    config.write_text(CONFIG.replace('steps = 4', 'steps = 4\ndevice = "cpu"'))
+    assert _device(_render("frontier", config)) == "cpu"
 
 
 def test_bad_requests_fail_clearly(config):

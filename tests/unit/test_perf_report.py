@@ -171,6 +171,25 @@ def test_write_report_creates_markdown_and_plots(tmp_path):
     assert other == tmp_path / "elsewhere" / "report.md" and other.exists()
 
 
+def test_a_gpu_run_reports_its_device_and_device_memory(tmp_path):
+    """Records as a GPU rank writes them (torch_device, device_peak_mem_bytes: no GPU here, the
+    fields are written by hand): % of peak uses the device's peak, the report shows device memory."""
+    run_dir = tmp_path / "run"
+    h100 = {**machine_record("h100", "fp64_matrix"), "torch_device": "cuda:0"}
+    log = PerfLogWriter(run_dir, 0)
+    log.header(rank=0, world_size=1, config={}, topology={"dp": 1, "ep": 1}, machine=h100, flop_coefficients=COEFFS)
+    for step in range(1, 6):
+        log.step(step=step, epoch=0, times={**TIMES[0], "total": 2.0}, loss_sum={"total": 1.0}, flops=67e12,
+                 peak_mem_bytes=2**30, lr=1e-3, extra={"device_peak_mem_bytes": step * 2**31}, **COUNTS[0])
+    log.close()
+    s = summarize(load_run(run_dir))
+    assert s["percent_of_peak"] == pytest.approx(100 * (67e12 / 2.0) / 67e12)  # the device's FP64 matrix peak
+    assert s["device_peak_mem_bytes"] == 5 * 2**31 and s["peak_mem_bytes"] == 2**30
+    assert "1 GiB host, 10 GiB device" in format_summary(s).replace(".00", "").replace(".0", "")
+    text = write_report(run_dir).read_text()
+    assert "| peak device memory, max over ranks | 10 | GiB |" in text and "(`cuda:0`)" in text
+
+
 def test_machine_table_and_local_peak():
     for peak in MACHINES.values():
         assert peak.source and all(v > 1e12 for v in peak.peak_flops_per_s.values())

@@ -1,0 +1,110 @@
+"""Which device a rank computes on, and how batches get there.
+
+One rank drives one device. The job templates bind each rank to its own GPU through the launcher
+(`srun --gpus-per-task=1`, Aurora's ZE_AFFINITY_MASK), so a rank usually sees exactly one device
+and takes index 0; where ranks see several (a bare `mpiexec` on a multi-GPU node) the rank's local
+index on its node picks one (local_rank mod visible devices). The runtime applies the
+visible-device variables (CUDA_VISIBLE_DEVICES, ROCR_VISIBLE_DEVICES / HIP_VISIBLE_DEVICES,
+ZE_AFFINITY_MASK) before torch counts devices, so the count here is already the rank's own.
+"""
+
+from __future__ import annotations
+
+import os
+import torch
+
+from exaforce.config import DEVICE_KINDS, ConfigError
+
+VISIBLE_DEVICE_VARIABLES = {"cuda": ("CUDA_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES"),
+                            "xpu": ("ZE_AFFINITY_MASK",)}
+
+
+class DeviceError(ConfigError):
+    """The configured device is not there; the message says what the rank sees."""
+
+
+def visible_devices(kind: str) -> int:
+    """Devices of `kind` this process sees (0 when torch has no such backend)."""
+    if kind == "cuda":
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if kind == "xpu":
+        return torch.xpu.device_count() if hasattr(torch, "xpu") and torch.xpu.is_available() else 0
+    return 0
+
+
+def device_index(local_rank: int, ranks_per_node: int, count: int) -> int:
+    """The device a rank takes among the `count` it sees: index 0 when the launcher bound it to
+    one, else its local rank modulo the count (ranks share devices when there are more ranks)."""
+    if count < 1:
+        raise ValueError(f"device_index: {count} visible devices")
+    return 0 if count == 1 else local_rank % count
+
+
+def choose_device(kind: str, local_rank: int = 0, ranks_per_node: int = 1,
+                  count_of=visible_devices, environ=os.environ, key: str = "run.device") -> torch.device:
+    """run.device → this rank's torch.device. "auto": CUDA/ROCm if visible, else XPU, else the CPU.
+    `key`: the setting's name in errors (`--device` on the command line)."""
+    if kind not in DEVICE_KINDS:
+        raise DeviceError(f"{key} = {kind!r}: must be one of {', '.join(DEVICE_KINDS)}")
+    if kind == "cpu":
+        return torch.device("cpu")
+    candidates = ("cuda", "xpu") if kind == "auto" else (kind,)
+    for candidate in candidates:
+        count = count_of(candidate)
+        if count:
+            return torch.device(candidate, device_index(local_rank, ranks_per_node, count))
+    if kind == "auto":
+        return torch.device("cpu")
+    seen = ", ".join(f"{v}={environ[v]!r}" for v in VISIBLE_DEVICE_VARIABLES[kind] if v in environ) or \
+        f"none of {', '.join(VISIBLE_DEVICE_VARIABLES[kind])} set"
+    raise DeviceError(f"{key} = {kind!r}: this rank sees no {kind} device (torch {torch.__version__} "
+                      f"{'has no ' + kind + ' support' if not _built_with(kind) else 'finds none'}; {seen})")
+
+
+def rank_device(kind: str, topo, key: str = "run.device") -> torch.device:
+    """Collective: this rank's device (`choose_device` from its place on its node). Every rank
+    learns whether any failed, so all stop together with the first rank's reason."""
+    try:
+        device, problem = choose_device(kind, topo.local_rank, topo.ranks_per_node, key=key), None
+    except DeviceError as err:
+        device, problem = None, str(err)
+    failed = [(rank, p) for rank, p in enumerate(topo.allgather(problem)) if p]  # collective
+    if failed:
+        rank, reason = failed[0]
+        raise DeviceError(f"rank {rank} on {topo.allgather(topo.hostname)[rank]}: {reason}"
+                          + (f" (and {len(failed) - 1} more rank(s))" if len(failed) > 1 else ""))
+    return device
+
+
+def _built_with(kind: str) -> bool:
+    if kind == "cuda":
+        return torch.backends.cuda.is_built() or torch.version.hip is not None
+    return hasattr(torch, "xpu")
+
+
+def describe(device: torch.device) -> str:
+    """The device's name for logs and the rank table."""
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    if device.type == "xpu":
+        return f"{device} ({torch.xpu.get_device_name(device)})"
+    return "cpu"
+
+
+def device_peak_memory_bytes(device: torch.device) -> int:
+    """Peak bytes torch's caching allocator has handed out on an accelerator since the process
+    started (0 on the CPU, whose peak is the process's: peak RSS, reported beside it)."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    if device.type == "xpu":
+        return int(torch.xpu.max_memory_allocated(device))
+    return 0
+
+
+def to_device(batch, device: torch.device, dtype: torch.dtype):
+    """A GraphBatch on `device` in `dtype` (floating fields). To an accelerator through pinned host
+    memory and non-blocking copies, so the copy overlaps whatever the device is still doing; on the
+    CPU the dtype conversion only (no copy when it is already right)."""
+    if device.type == "cpu":
+        return batch.to(device, dtype)
+    return batch.to(device, dtype, pin=True)
