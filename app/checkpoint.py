@@ -411,7 +411,8 @@ def load(path: Path) -> dict[str, Any]:
         model = dict(dense["model"])
         for part in sorted(path.glob("experts-ep*.pt")):
             model.update(read(part)["model"])
-        return {"step": dense["meta"]["step"], "config": dense["meta"]["config"], "model": model}
+        return {"step": dense["meta"]["step"], "config": dense["meta"]["config"], "model": model,
+                "written_by": dense["meta"].get("written_by", {})}
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such checkpoint")
     return read(path)

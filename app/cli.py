@@ -443,28 +443,53 @@ def cmd_jobs_campaign(args: argparse.Namespace, ctx: Context) -> None:
 
 # ---------------------------------------------------------------- model
 def _info_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", required=True, help="small | demo | small-moe | base | moe-100m | moe-1b")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--preset", help="small | demo | small-moe | base | moe-100m | moe-1b: its size and shape")
+    which.add_argument("--checkpoint", help="a model file or checkpoint folder (or a run folder: its newest): what "
+                                            "it is, read from the file without building the model")
     p.add_argument("--json", action="store_true", help="one JSON object")
 
 
-@command("model", "info", arguments=_info_arguments, help="parameter count and shape of a preset")
+@command("model", "info", arguments=_info_arguments,
+         help="a preset's parameter count and shape, or a trained model file's description")
 def cmd_model_info(args: argparse.Namespace, ctx: Context) -> None:
+    info = _checkpoint_info(args.checkpoint, args.json) if args.checkpoint else _preset_info(args.preset)
+    if args.json:
+        print(json.dumps(info))
+        return
+    for key, value in info.items():
+        if isinstance(value, dict) and key == "heads":
+            for head, h in value.items():
+                refs = ", ".join(f"{el} {e:.4f}" for el, e in h["reference_energy_ev"].items())
+                print(f"{'head ' + head:>22}: energy scale {h['energy_scale_ev']:.4g} eV; reference energies (eV) {refs}")
+        elif isinstance(value, dict):
+            print(f"{key:>22}: " + ", ".join(f"{k} {v}" for k, v in value.items()))
+        else:
+            print(f"{key:>22}: {value:,}" if isinstance(value, int) else f"{key:>22}: {value}")
+
+
+def _preset_info(name: str) -> dict:
     from exaforce.config import model_preset
     from exaforce.model.potential import parameter_counts
 
-    cfg = model_preset(args.preset)
+    cfg = model_preset(name)
     counts = parameter_counts(cfg)  # built on the meta device: a 1e9-parameter preset costs no memory
-    info = {"preset": args.preset, "params": counts["total"], "dense_params": counts["dense"],
+    return {"preset": name, "params": counts["total"], "dense_params": counts["dense"],
             "expert_params": counts["expert"], "active_params_per_atom": counts["active_per_token"],
             "moe_layers": counts["moe_layers"], "experts": cfg.moe_experts, "top_k": cfg.moe_top_k,
             "width": cfg.width, "blocks": cfg.blocks, "edge_mlp_ratio": cfg.edge_mlp_ratio,
             "node_mlp_ratio": cfg.node_mlp_ratio, "cutoff": cfg.cutoff,
             "three_body_cutoff": cfg.three_body_cutoff, "elements": list(cfg.elements)}
-    if args.json:
-        print(json.dumps(info))
-    else:
-        for key, value in info.items():
-            print(f"{key:>22}: {value:,}" if isinstance(value, int) else f"{key:>22}: {value}")
+
+
+def _checkpoint_info(path: str, full: bool) -> dict:
+    """The model file's description; the whole model config with `full` (--json), else the fields people ask for."""
+    from exaforce.model_io import load_trained
+
+    info = load_trained(path).describe()
+    if not full:
+        info.pop("model_config")
+    return info
 
 
 # ---------------------------------------------------------------- bench

@@ -30,6 +30,7 @@ class TrainedModel:
     step: int                           # optimizer steps it was trained for
     config: ModelConfig
     state: dict[str, torch.Tensor]      # Potential.state_dict() of the full model
+    written_by: dict                    # {"exaforce", "torch"} versions (empty for files of before 2026-12-05)
 
     def build(self, dtype: torch.dtype = torch.float64) -> Potential:
         """A Potential holding these weights. Built on the meta device and then given the checkpoint's
@@ -42,6 +43,31 @@ class TrainedModel:
             raise ConfigError(f"{self.path}: the weights do not fit the checkpoint's own model config: "
                               f"{str(err).splitlines()[0]}") from None
         return model.to(dtype)
+
+    def describe(self) -> dict:
+        """What a user or a tool needs to know to run this model, read from the file alone (no model
+        is built): elements, cutoffs, the receptive field (the ghost-atom range a domain-decomposed
+        MD code must provide: blocks × cutoff), heads with their reference energies, units, sizes and
+        the versions that wrote it."""
+        cfg = self.config
+        reference_HX = self.state["reference_energy_HX"].double()
+        scale_H = self.state["energy_scale_H"].double()
+        parameters = sum(t.numel() for k, t in self.state.items() if k.rsplit(".", 1)[-1] not in BUFFERS)
+        return {
+            "file": str(self.path), "step": self.step, "written_by": self.written_by,
+            "elements": list(cfg.elements),
+            "heads": {head: {"reference_energy_ev": {el: float(reference_HX[h, x]) for x, el in enumerate(cfg.elements)},
+                             "energy_scale_ev": float(scale_H[h])} for h, head in enumerate(cfg.heads)},
+            "cutoff_a": cfg.cutoff, "three_body_cutoff_a": cfg.three_body_cutoff, "blocks": cfg.blocks,
+            "receptive_field_a": cfg.blocks * cfg.cutoff,
+            "width": cfg.width, "moe_experts": cfg.moe_experts, "moe_top_k": cfg.moe_top_k, "parameters": parameters,
+            "units": UNITS, "model_config": dataclasses.asdict(cfg),
+        }
+
+
+BUFFERS = ("reference_energy_HX", "energy_scale_H", "freq_R")  # state entries that are not trained weights
+UNITS = {"positions": "Å", "energy": "eV", "forces": "eV/Å",
+         "stress": "eV/Å³ (ASE's sign and Voigt order xx yy zz yz xz xy; the training loss reads GPa)"}
 
 
 def load_trained(path: str | Path) -> TrainedModel:
@@ -63,7 +89,7 @@ def load_trained(path: str | Path) -> TrainedModel:
     if not isinstance(state, dict) or state.get("model") is None or "config" not in state:
         raise ConfigError(f"{path}: not an exaforce checkpoint (no model weights and config)")
     return TrainedModel(path=path, step=int(state.get("step", 0)), config=model_from_dict(state["config"]["model"]),
-                        state=state["model"])
+                        state=state["model"], written_by=dict(state.get("written_by", {})))
 
 
 def preset_model(name: str, seed: int = 0, **overrides) -> Potential:

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from exaforce.config import DatasetConfig
+from exaforce.device import to_device
 from exaforce.graph import GraphBatch, build_batch, structure_counts
 from exaforce.io.bp import open_bp
 from exaforce.io.sampler import shard_range

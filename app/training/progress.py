@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+import exaforce
 from exaforce import checkpoint
 from exaforce.config import Config
 from exaforce.model.potential import Potential
@@ -57,7 +58,8 @@ class Checkpointer:
     def save(self, progress: Progress) -> Path:
         """Collective: checkpoint folder of `progress.step` (skipped when it is the newest already)."""
         if self.newest != checkpoint.step_folder(self.run_dir, progress.step):
-            meta = {"step": progress.step, "config": self.cfg.to_dict(), "progress": dataclasses.asdict(progress)}
+            meta = {"step": progress.step, "config": self.cfg.to_dict(), "progress": dataclasses.asdict(progress),
+                    "written_by": {"exaforce": exaforce.__version__, "torch": str(torch.__version__)}}
             with self.average.averaged() if self.average is not None else nullcontext():
                 self.newest = checkpoint.save(self.run_dir, progress.step, self.model, self.optimizer, self.topo,
                                               meta, self.cfg.run.keep_checkpoints)

@@ -25,6 +25,7 @@ from exaforce.io.sampler import deal, global_batches
 from exaforce.parallel.topology import Topology
 from exaforce.perf.flops import predict_flops
 from exaforce.training.lock import RunFolderLock
+from exaforce.training.metrics import LOSS_TERMS, StepClock
 from exaforce.training.progress import (peak_memory_bytes, resident_memory_bytes, step_log_line,
                                         validation_log_lines)
 from exaforce.training.setup import Run, build_run
@@ -50,6 +51,7 @@ def train(cfg: Config, topo: Topology, groups: CommGroups, log: Callable[[str], 
                                  cfg.run.seed, start_step=run.progress.step)
         stop: RunStopped | None = None
         wall0 = time.perf_counter()
+        run.clock = StepClock(start=wall0)  # the log line's rates count from the first step
         with Watchdog(topo.world, cfg.run.step_timeout_s, Path(cfg.run.out_dir)) as watchdog:
             first = run.progress.step + 1
             for step in range(first, cfg.run.steps + 1):
@@ -67,6 +69,8 @@ def train(cfg: Config, topo: Topology, groups: CommGroups, log: Callable[[str], 
             if stop is None:
                 finish(run, time.perf_counter() - wall0, watchdog)
         run.perf.close()
+        if run.metrics is not None:
+            run.metrics.close()
         run.data.reader.close()
     if stop is not None:
         log(str(stop))
@@ -133,8 +137,18 @@ def take_step(run: Run, step: int, epoch: int, global_batch: np.ndarray, watchdo
     run.perf.step(step=step, epoch=epoch, times=times, loss_sum=loss_sums,
                   flops=predict_flops(run.progress.flop_coefficients, counts["atoms"], counts["edges"], counts["angles"]),
                   peak_mem_bytes=peak_memory_bytes(), lr=lr, extra=extra, **counts)
+    # Collective: the step's world atoms and per-term loss sums, for the log line and metrics.csv.
+    world = topo.sum(np.array([counts["atoms"], *(loss_sums.get(t, 0.0) for t in LOSS_TERMS)], dtype=np.float64))
+    run.clock.tick(int(world[0]))
+    if run.metrics is not None:
+        run.metrics.row({"step": step, "epoch": epoch, "wall_s": time.perf_counter() - run.clock.start, "lr": lr,
+                         "loss": result.loss, **{f"loss_{t}": float(v) / len(global_batch)
+                                                 for t, v in zip(LOSS_TERMS, world[1:])},
+                         "grad_norm": result.grad_norm, "atoms_per_s": run.clock.atoms_per_s()}, extra.get("val"))
     if step % cfg.run.log_every == 0 or step == 1 or step == cfg.run.steps:
-        run.log(step_log_line(step, cfg.run.steps, result.loss, times["total"]))
+        budget_left = (1.0 - time_fraction) * cfg.run.max_seconds if cfg.run.max_seconds else None
+        run.log(f"{step_log_line(step, cfg.run.steps, result.loss, times['total'])}  "
+                f"{run.clock.summary(cfg.run.steps - step, budget_left)}")
     return result
 
 

@@ -4,7 +4,7 @@ model → data → normalisation → fine-tuning weights → parallelize → opt
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -23,6 +23,7 @@ from exaforce.training.calibrate import calibrate
 from exaforce.training.data import (GlobalIndex, TrainingData, build_global_index, lazy_reader, steps_in_epoch, store_reader,
                                     structure_cost)
 from exaforce.training.lock import RunFolderLock
+from exaforce.training.metrics import MetricsFile, StepClock
 from exaforce.training.normalisation import fit_energy_normalisation
 from exaforce.training.progress import Checkpointer, Progress
 from exaforce.training.ema import WeightAverage, weight_average
@@ -47,6 +48,8 @@ class Run:
     perf: PerfLogWriter
     log: Callable[[str], None]
     device: torch.device
+    metrics: MetricsFile | None = None  # rank 0: RUN/metrics.csv
+    clock: StepClock = field(default_factory=StepClock)
 
 
 def check_batch_fits(cfg: Config, world: int, sources: tuple, index: GlobalIndex) -> None:
@@ -116,7 +119,8 @@ def build_run(cfg: Config, topo: Topology, groups: CommGroups, log: Callable[[st
     run = Run(cfg=cfg, topo=topo, model=model, data=data, cost_G=structure_cost(data.index, progress.cost_coefficients),
               parallel=parallel, optimizer=optimizer, schedule=schedule, average=average, progress=progress,
               checkpoints=Checkpointer(cfg, topo, model, optimizer, resume_from, average),
-              perf=open_perf_log(cfg, topo, progress, device, resumed=resume_from is not None), log=log, device=device)
+              perf=open_perf_log(cfg, topo, progress, device, resumed=resume_from is not None), log=log, device=device,
+              metrics=MetricsFile(run_dir, cfg.model.heads, append=resume_from is not None) if topo.is_root else None)
     log_start(run)
     return run
 

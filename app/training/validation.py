@@ -37,14 +37,15 @@ def validation_mae(model: Potential, index: GlobalIndex, to_batch: Callable[[np.
             batch = to_batch(share if len(share) else val[:1])
             pred = energy_forces_stress(model, batch, training=False, routing=parallel.routing(model, batch))
             with torch.no_grad():
-                head_G = batch.head_G.numpy()
-                e_err = ((pred.energy_G - batch.energy_G).abs() / batch.natoms_G).numpy()
-                f_err_N = (pred.forces_N3 - batch.forces_N3).abs().sum(-1).numpy()
-                f_err_G = np.bincount(batch.graph_N.numpy(), f_err_N, minlength=batch.n_graphs)
+                head_G = batch.head_G.cpu().numpy()  # errors on the device, the sums on the host
+                e_err = ((pred.energy_G - batch.energy_G).abs() / batch.natoms_G).cpu().numpy()
+                f_err_N = (pred.forces_N3 - batch.forces_N3).abs().sum(-1).cpu().numpy()
+                f_err_G = np.bincount(batch.graph_N.cpu().numpy(), f_err_N, minlength=batch.n_graphs)
+                natoms_G = batch.natoms_G.cpu().numpy()
                 for h in range(len(heads)):
                     mine = head_G == h
                     sums[h] += weight * np.array([e_err[mine].sum(), mine.sum(), f_err_G[mine].sum(),
-                                                  3 * batch.natoms_G.numpy()[mine].sum()])
+                                                  3 * natoms_G[mine].sum()])
     sums = topo.sum(sums)  # collective
     return {head: {"energy_mev_per_atom": 1e3 * s[0] / s[1], "forces_mev_per_a": 1e3 * s[2] / s[3],
                    "structures": int(s[1])} for head, s in zip(heads, sums) if s[1] > 0}

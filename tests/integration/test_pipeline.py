@@ -1,6 +1,8 @@
 """The main job end to end through the real CLI: synth → convert → stage (2 ranks) → train (2 ranks) → report."""
 
+import csv
 import json
+import re
 
 import pytest
 import torch
@@ -39,6 +41,12 @@ def test_demo_pipeline_small(tmp_path):
     records = [json.loads(line) for line in logs[1].read_text().splitlines()]
     assert [r["kind"] for r in records] == ["header"] + ["step"] * 4 + ["end"]
     assert records[0]["machine"]["torch_device"] == "cpu" and "device_peak_mem_bytes" not in records[1]
+    assert re.search(r"step +4/4  loss \S+  \d+ ms  \S+ steps/s  [\d,]+ atoms/s  ETA 0:00:00", proc.stdout)
+    metrics = list(csv.DictReader((tmp_path / "run/metrics.csv").open()))  # rank 0: the global learning curve
+    assert [int(r["step"]) for r in metrics] == [1, 2, 3, 4]
+    assert float(metrics[0]["loss"]) == pytest.approx(json.loads(logs[0].read_text().splitlines()[1])["loss"])
+    for head in ("emt", "gfn2", "gfn1"):  # validated at the last step only
+        assert metrics[-1][f"val_{head}_forces_mev_per_a"] and not metrics[0][f"val_{head}_forces_mev_per_a"]
     assert records[1]["flops"] > 0 and records[1]["times"]["force_backward"] > 0
     state = torch.load(tmp_path / "run/checkpoints/step-00000004.pt", weights_only=False)
     assert state["step"] == 4 and "model" in state

@@ -178,3 +178,30 @@ def test_bench_predict_json_line():
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["ranks_identical"] is True and result["reference"] is None
     assert set(result["exaforce"]) == {"1", "2"} and result["exaforce"]["2"]["atoms_per_s"] > 0
+
+
+def test_model_info_describes_the_model_file_without_building_it(work):
+    """`exaforce model info --checkpoint` on the run folder, its checkpoint folder and its model file."""
+    import torch
+
+    from conftest import run_cli
+    from exaforce import __version__
+    from exaforce.model_io import load_trained
+
+    folder = sorted((work / "run/checkpoints").glob("step-*[0-9]"))[-1]
+    infos = []
+    for target in (work / "run", folder, folder.with_suffix(".pt")):
+        proc = run_cli(["model", "info", "--checkpoint", str(target), "--json"])
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        infos.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    state = load_trained(folder).state
+    for info in infos:
+        assert info["elements"] == list(ELEMENTS) and list(info["heads"]) == ["emt", "pbe"]
+        assert (info["cutoff_a"], info["three_body_cutoff_a"], info["blocks"]) == (6.0, 4.0, 2)
+        assert info["receptive_field_a"] == 12.0 and info["units"]["forces"] == "eV/Å"
+        assert info["written_by"] == {"exaforce": __version__, "torch": torch.__version__} and info["step"] == 2
+        assert info["heads"]["pbe"]["reference_energy_ev"]["Cu"] == pytest.approx(
+            float(state["reference_energy_HX"][1, ELEMENTS.index("Cu")]))
+        assert info["model_config"]["width"] == 16
+    text = run_cli(["model", "info", "--checkpoint", str(work / "run")]).stdout
+    assert "receptive_field_a: 12.0" in text and "head pbe: energy scale" in text
