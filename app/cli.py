@@ -180,6 +180,10 @@ def _convert_arguments(p: argparse.ArgumentParser) -> None:
                    "(default: the input's own, as an HDF5 file stores it, else 'unknown')")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset (or folder of "
                    "datasets) atomically")
+    for label in ("energy", "forces", "stress"):
+        p.add_argument(f"--{label}-key", default=label, metavar="KEY",
+                       help=f"name of the {label} label in extxyz info/arrays or ASE db key-value pairs/data "
+                            f"(default {label!r}, else MACE's 'REF_{label}')")
 
 
 @command("data", "convert", arguments=_convert_arguments,
@@ -187,7 +191,7 @@ def _convert_arguments(p: argparse.ArgumentParser) -> None:
               "under mpiexec")
 def cmd_data_convert(args: argparse.Namespace, ctx: Context) -> None:
     from exaforce.io.convert import Converted, convert
-    from exaforce.io.schema import DataError
+    from exaforce.io.schema import DataError, LabelKeys
     from exaforce.parallel.topology import Topology
 
     ctx.topo = topo = Topology.from_mpi()
@@ -200,7 +204,8 @@ def cmd_data_convert(args: argparse.Namespace, ctx: Context) -> None:
 
     sources = [Path(p) for p in args.inputs]
     try:
-        outcome = convert(sources, Path(args.out), args.name, args.method, args.overwrite, topo.world, log)
+        keys = LabelKeys(energy=args.energy_key, forces=args.forces_key, stress=args.stress_key)
+        outcome = convert(sources, Path(args.out), args.name, args.method, args.overwrite, topo.world, log, keys)
     except DataError as exc:  # the same refusal on every rank: one of them says it
         if topo.is_root:
             _error(str(exc))

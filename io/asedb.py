@@ -14,13 +14,15 @@ from pathlib import Path
 from typing import Any
 
 import ase.db
+import numpy as np
 from ase import Atoms
 
-from exaforce.io.schema import DataError, Frames
+from exaforce.io.schema import DataError, Frames, LabelKeys
 
 
-def read_asedb(path: str | os.PathLike) -> tuple[Frames, dict[str, str]]:
-    """All rows of an ASE SQLite database as checked Frames, and {"method"} when its metadata names one."""
+def read_asedb(path: str | os.PathLike, keys: LabelKeys | None = None) -> tuple[Frames, dict[str, str]]:
+    """All rows of an ASE SQLite database as checked Frames, and {"method"} when its metadata names one.
+    `keys`: labels stored under other names, as key-value pairs or in row.data (e.g. MACE's REF_*)."""
     path = Path(path)
     # connect() would silently create a new, empty database at a mistyped path.
     if not path.is_file():
@@ -37,7 +39,7 @@ def read_asedb(path: str | os.PathLike) -> tuple[Frames, dict[str, str]]:
     if not rows:
         raise DataError(path, "database has no rows")
     try:
-        frames = Frames.from_atoms([_atoms(row) for row in rows], path)
+        frames = Frames.from_atoms([_atoms(row, keys or LabelKeys()) for row in rows], path, keys)
     except DataError as err:
         if err.frame is None:
             raise
@@ -47,10 +49,18 @@ def read_asedb(path: str | os.PathLike) -> tuple[Frames, dict[str, str]]:
     return frames, ({"method": str(method)} if method else {})
 
 
-def _atoms(row: Any) -> Atoms:
-    """The row as Atoms with its results; charge and spin in info, where Frames.from_atoms looks."""
+def _atoms(row: Any, keys: LabelKeys) -> Atoms:
+    """The row as Atoms with its results; charge and spin in info, where Frames.from_atoms looks;
+    labels under other names (`keys`, MACE's REF_*) from key-value pairs or row.data into info and
+    arrays, where Frames.from_atoms looks for them too."""
     atoms = row.toatoms()
     atoms.info = {}
+    data = row.get("data") or {}
+    for label in ("energy", "forces", "stress"):
+        for name in {getattr(keys, label), keys.fallback(label)} - {None, label}:
+            value = row.key_value_pairs.get(name, data.get(name))
+            if value is not None:
+                (atoms.arrays if label == "forces" else atoms.info)[name] = np.asarray(value, dtype=np.float64)
     # A `charge` key-value pair is shadowed by AtomsRow.charge (the sum of initial charges): read it directly.
     pairs = row.key_value_pairs
     if "charge" in pairs:

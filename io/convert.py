@@ -15,22 +15,23 @@ from typing import Any
 
 from exaforce.io.atomic import DiskFullError, fsync_dir, remove, replace_path, sibling
 from exaforce.io.bp import is_dataset, write_bp
-from exaforce.io.schema import DataError, Frames
+from exaforce.io.schema import DataError, Frames, LabelKeys
 
 FORMATS = {".xyz": "extxyz", ".extxyz": "extxyz", ".db": "ase.db", ".h5": "hdf5", ".hdf5": "hdf5"}
 
 
-def read_source(path: Path) -> tuple[Frames, dict[str, str]]:
-    """Frames and metadata ({"name", "method"} where the format stores them) of one source file, by suffix."""
+def read_source(path: Path, keys: LabelKeys | None = None) -> tuple[Frames, dict[str, str]]:
+    """Frames and metadata ({"name", "method"} where the format stores them) of one source file, by
+    suffix; `keys` name the labels in extxyz and ASE databases (HDF5 has fixed names: io/SCHEMA.md)."""
     kind = FORMATS.get(path.suffix.lower())
     if kind == "extxyz":
         from exaforce.io.extxyz import read_extxyz
 
-        return read_extxyz(path), {}
+        return read_extxyz(path, keys), {}
     if kind == "ase.db":
         from exaforce.io.asedb import read_asedb
 
-        return read_asedb(path)
+        return read_asedb(path, keys)
     if kind == "hdf5":
         from exaforce.io.hdf5 import read_hdf5
 
@@ -60,16 +61,18 @@ class Outcome:
     n_failed: int = 0
 
 
-def convert_file(source: Path, out: Path, name: str, method: str | None, overwrite: bool = False) -> Converted:
+def convert_file(source: Path, out: Path, name: str, method: str | None, overwrite: bool = False,
+                 keys: LabelKeys | None = None) -> Converted:
     """One source → one BP5 dataset (atomic); `method` None takes the source's own, else "unknown"."""
-    frames, meta = read_source(source)
+    frames, meta = read_source(source, keys)
     method = method or meta.get("method") or "unknown"
     write_bp(frames, out, name, attrs={"source": str(source)}, method=method, overwrite=overwrite)
     return Converted(source, out, len(frames), frames.n_atoms, method)
 
 
 def convert(sources: list[Path], out: Path, name: str, method: str | None = None, overwrite: bool = False,
-            comm: Any = None, log: Callable[[Converted], None] = lambda done: None) -> Outcome:
+            comm: Any = None, log: Callable[[Converted], None] = lambda done: None,
+            keys: LabelKeys | None = None) -> Outcome:
     """Convert `sources` (see the module docstring); `comm` is an mpi4py communicator or None (one process).
 
     Bad arguments (unknown suffix, two inputs with one stem, OUT in the way) raise the same
@@ -100,7 +103,7 @@ def convert(sources: list[Path], out: Path, name: str, method: str | None = None
     for source in sources[rank::size]:
         target = out if single else tmp / f"{source.stem}.bp"
         try:
-            done = convert_file(source, target, name, method, overwrite=single and overwrite)
+            done = convert_file(source, target, name, method, overwrite=single and overwrite, keys=keys)
             outcome.converted.append(replace(done, out=out / target.name if tmp is not None else out))
             log(outcome.converted[-1])
         except Exception as err:  # noqa: BLE001 — any failure must reach the vote below, or the others hang

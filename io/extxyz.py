@@ -23,7 +23,7 @@ from ase.data import atomic_numbers, chemical_symbols
 from ase.io.extxyz import PROPERTY_NAME_MAP, key_val_str_to_dict, read_xyz
 
 from exaforce.io.atomic import write_file_atomically
-from exaforce.io.schema import DataError, Frames
+from exaforce.io.schema import DataError, Frames, LabelKeys
 
 DEFAULT_PROPERTIES = "species:S:1:pos:R:3"
 WRITE_PROPERTIES = "species:S:1:pos:R:3:forces:R:3"
@@ -79,13 +79,14 @@ def _floats(values: Iterable[float]) -> str:
 # ---------------------------------------------------------------- reading
 
 
-def read_extxyz(path: str | os.PathLike) -> Frames:
-    """All frames of an extxyz file, validated; bad input raises DataError naming file and frame."""
+def read_extxyz(path: str | os.PathLike, keys: LabelKeys | None = None) -> Frames:
+    """All frames of an extxyz file, validated; bad input raises DataError naming file and frame.
+    `keys`: the labels' names (default energy/forces/stress, else MACE's REF_*)."""
     path = Path(path)
     lines = _read_lines(path)
     atoms_list = [_parse_frame(path, lines, first, natoms, k)
                   for k, (first, natoms) in enumerate(_frame_spans(path, lines))]
-    return Frames.from_atoms(atoms_list, path)
+    return Frames.from_atoms(atoms_list, path, keys)
 
 
 def _read_lines(path: Path) -> list[str]:

@@ -157,13 +157,14 @@ class Frames:
                 raise DataError(path, what, frame=frame, field=field.rsplit("_", 1)[0])
 
     @staticmethod
-    def from_atoms(atoms_list: "Iterable[Any]", path: object = "<memory>") -> "Frames":
+    def from_atoms(atoms_list: "Iterable[Any]", path: object = "<memory>", keys: "LabelKeys | None" = None) -> "Frames":
         """Columnar Frames from labelled ase.Atoms; frame k failing validation raises DataError(frame=k).
 
-        Labels come from `atoms.calc.results` (what ASE readers and SinglePointCalculator fill),
+        Labels come from `atoms.calc.results` (what ASE readers and SinglePointCalculator fill), or
+        atoms.info / atoms.arrays under `keys` (default: energy, forces, stress, else MACE's REF_*),
         so nothing is ever recomputed here.
         """
-        rows = [_frame_row(atoms, path, k) for k, atoms in enumerate(atoms_list)]
+        rows = [_frame_row(atoms, path, k, keys or LabelKeys()) for k, atoms in enumerate(atoms_list)]
         if not rows:
             return Frames.empty()
         for field in OPTIONAL_FIELDS:  # given for some structures only: NaN ("not given") for the rest
@@ -275,12 +276,39 @@ def _finite(path: object, frame: int, field: str, value: np.ndarray) -> np.ndarr
     return value
 
 
+@dataclass(frozen=True)
+class LabelKeys:
+    """Under which names a frame's labels sit: in the calculator's results, in atoms.info (per
+    structure) or atoms.arrays (per atom). `convert --energy-key/--forces-key/--stress-key`."""
+
+    energy: str = "energy"
+    forces: str = "forces"
+    stress: str = "stress"
+
+    def fallback(self, label: str) -> str | None:
+        """MACE's names (REF_energy, REF_forces, REF_stress), tried when the default name is absent."""
+        return f"REF_{label}" if getattr(self, label) == label else None
+
+
 def _label(atoms: Any, key: str) -> Any:
     """A label from the calculator results, else from info/arrays (where plain extxyz keys land)."""
     results = getattr(atoms.calc, "results", None) or {}
     if key in results:
         return results[key]
-    return atoms.arrays.get(key) if key == "forces" else atoms.info.get(key)
+    return atoms.arrays[key] if key in atoms.arrays else atoms.info.get(key)
+
+
+def _find_label(atoms: Any, keys: LabelKeys, label: str) -> Any:
+    value = _label(atoms, getattr(keys, label))
+    other = keys.fallback(label)
+    return _label(atoms, other) if value is None and other else value
+
+
+def _missing(keys: LabelKeys, label: str) -> str:
+    """'frame has no forces' with the names looked for and how to name another."""
+    names = [getattr(keys, label)] + ([keys.fallback(label)] if keys.fallback(label) else [])
+    return (f"frame has no {label} (looked for {' and '.join(repr(n) for n in names)} in the calculator "
+            f"results, info and arrays; name another key with `convert --{label}-key`)")
 
 
 def _voigt_stress(path: object, frame: int, stress: Any) -> np.ndarray:
@@ -298,7 +326,7 @@ def _voigt_stress(path: object, frame: int, stress: Any) -> np.ndarray:
     return _finite(path, frame, "stress", stress)
 
 
-def _frame_row(atoms: Any, path: object, frame: int) -> dict[str, np.ndarray]:
+def _frame_row(atoms: Any, path: object, frame: int, keys: LabelKeys = LabelKeys()) -> dict[str, np.ndarray]:
     """One structure's columns, validated; every error names the frame and the field."""
     n = len(atoms)
     if n == 0:
@@ -307,11 +335,11 @@ def _frame_row(atoms: Any, path: object, frame: int) -> dict[str, np.ndarray]:
     bad = (numbers < 1) | (numbers > MAX_ATOMIC_NUMBER)
     if bad.any():
         raise DataError(path, f"atomic number {numbers[bad][0]} is not an element", frame=frame, field="species")
-    energy, forces, stress = (_label(atoms, key) for key in ("energy", "forces", "stress"))
+    energy, forces, stress = (_find_label(atoms, keys, label) for label in ("energy", "forces", "stress"))
     if energy is None:
-        raise DataError(path, "frame has no energy", frame=frame, field="energy")
+        raise DataError(path, _missing(keys, "energy"), frame=frame, field="energy")
     if forces is None:
-        raise DataError(path, "frame has no forces", frame=frame, field="forces")
+        raise DataError(path, _missing(keys, "forces"), frame=frame, field="forces")
     energy, forces = _numeric(path, frame, "energy", energy), _numeric(path, frame, "forces", forces)
     if energy.size != 1:
         raise DataError(path, f"shape {energy.shape}, expected a single number", frame=frame, field="energy")

@@ -8,6 +8,7 @@ import os
 import shutil
 from pathlib import Path
 
+import ase
 import ase.db
 import h5py
 import numpy as np
@@ -435,3 +436,64 @@ def test_several_inputs_overwrite_replaces_the_folder(tmp_path, three_sources):
     assert convert(sources[:1] + [tmp_path / "c.h5"], tmp_path / "all", "second", overwrite=True).n_failed == 0
     assert entries(tmp_path / "all") == ["a.bp", "c.bp"]
     assert summarize(tmp_path / "all" / "a.bp")["name"] == "second"
+
+
+def _labelled_elsewhere(n: int = 3) -> tuple[list, list[tuple[float, np.ndarray, np.ndarray]]]:
+    """Cells whose EMT labels sit under MACE's REF_* names (and a second set under dft_*), no calculator."""
+    frames, truth = [], []
+    for k in range(n):
+        atoms = bulk("Cu", "fcc", a=3.6, cubic=True)
+        atoms.rattle(0.05, seed=k)
+        atoms.calc = EMT()
+        e, f, s = atoms.get_potential_energy(), atoms.get_forces(), atoms.get_stress()
+        plain = atoms.copy()  # no calculator: labels only as info/arrays
+        plain.info.update(REF_energy=e, REF_stress=s, dft_energy=e + 1.0)
+        plain.arrays.update(REF_forces=f, dft_forces=2 * f)
+        frames.append(plain)
+        truth.append((e, f, s))
+    return frames, truth
+
+
+def test_labels_under_mace_ref_keys_or_named_keys_convert(tmp_path):
+    import ase.io
+
+    frames, truth = _labelled_elsewhere()
+    ase.io.write(tmp_path / "mace.xyz", frames, format="extxyz")
+    db = ase.db.connect(tmp_path / "mace.db", append=False)
+    for atoms, (e, f, s) in zip(frames, truth):
+        bare = ase.Atoms(atoms.numbers, atoms.positions, cell=atoms.cell, pbc=True)
+        db.write(bare, REF_energy=float(e), data={"REF_forces": f, "REF_stress": s})
+    for source in ("mace.xyz", "mace.db"):  # the default names are absent: MACE's REF_* are read
+        # (ASE's extxyz writer keeps 8 decimals: the tolerances below)
+        proc = run_cli(["data", "convert", str(tmp_path / source), "--out", str(tmp_path / f"{source}.bp"),
+                        "--name", "m"])
+        assert proc.returncode == 0, proc.stderr
+        with open_bp(tmp_path / f"{source}.bp") as d:
+            got = d.read(0, d.n_structures)
+        np.testing.assert_allclose(got.energy_S, [t[0] for t in truth], rtol=1e-9)
+        np.testing.assert_allclose(got.forces_N3, np.concatenate([t[1] for t in truth]), rtol=0, atol=1e-8)
+        np.testing.assert_allclose(got.stress_S6, np.stack([t[2] for t in truth]), rtol=0, atol=1e-8)
+    named = run_cli(["data", "convert", str(tmp_path / "mace.xyz"), "--out", str(tmp_path / "dft.bp"), "--name", "m",
+                     "--energy-key", "dft_energy", "--forces-key", "dft_forces"])
+    assert named.returncode == 0, named.stderr
+    with open_bp(tmp_path / "dft.bp") as d:
+        got = d.read(0, d.n_structures)
+    np.testing.assert_allclose(got.energy_S, [t[0] + 1.0 for t in truth], rtol=1e-9)
+    np.testing.assert_allclose(got.forces_N3, np.concatenate([2 * t[1] for t in truth]), rtol=0, atol=1e-8)
+
+
+def test_a_missing_named_label_says_where_it_looked(tmp_path):
+    import ase.io
+
+    frames, _ = _labelled_elsewhere(1)
+    ase.io.write(tmp_path / "mace.xyz", frames, format="extxyz")
+    proc = run_cli(["data", "convert", str(tmp_path / "mace.xyz"), "--out", str(tmp_path / "x.bp"), "--name", "m",
+                    "--forces-key", "PBE_forces"])
+    assert proc.returncode == 2 and not (tmp_path / "x.bp").exists()
+    assert ("mace.xyz: frame 0: field 'forces': frame has no forces (looked for 'PBE_forces' in the calculator "
+            "results, info and arrays; name another key with `convert --forces-key`)") in proc.stderr
+    frames[0].arrays.pop("REF_forces")
+    frames[0].arrays.pop("dft_forces")
+    ase.io.write(tmp_path / "none.xyz", frames, format="extxyz")
+    proc = run_cli(["data", "convert", str(tmp_path / "none.xyz"), "--out", str(tmp_path / "y.bp"), "--name", "m"])
+    assert proc.returncode == 2 and "looked for 'forces' and 'REF_forces'" in proc.stderr
