@@ -112,7 +112,7 @@ def exaforce_worker(preset: str, workload: str, batch: int, dtype: str, warmup: 
     from exaforce.perf.flops import count_flops
     from exaforce.training.ema import weight_average
     from exaforce.training.schedule import make_optimizer
-    from exaforce.training.step import train_step
+    from exaforce.training.step import step_plan, train_step
 
     atoms = workload_structures(workload, batch, BENCH_SEED)
     steps = warmup + repeats + 1  # the timed steps, then the FLOP count's: the schedule spans them all
@@ -138,9 +138,11 @@ def exaforce_worker(preset: str, workload: str, batch: int, dtype: str, warmup: 
         taken += 1
         train_step(model, [graph], optimizer, parallel, cfg, 1.0 / batch, schedule.lr_at(taken), average)  # 1 / global batch
 
+    path = "plain" if step_plan(model, graph, cfg) is None else "fused"  # run.store_all_below may choose plain
     measured = _measure(step, warmup, repeats, on)
     flops = count_flops(step)  # after the peak was read: its own extra step
     return {"model": name, "preset": preset, "recompute_lines": recompute_lines, "recompute_bonds": recompute_bonds,
+            "path": path,
             "params": sum(p.numel() for p in model.parameters()),
             "width": cfg.model.width, "blocks": cfg.model.blocks, "cutoff": cfg.model.cutoff,
             "three_body_cutoff": cfg.model.three_body_cutoff, **measured, "flops": flops,
@@ -344,7 +346,8 @@ def bench_step(preset: str, workload: str, batches: list[int], dtype: str, warmu
             "edges": top["edges"], "angles": top["angles"], "flops_per_step": top["flops"],
             "flops_per_atom": top["flops"] / top["atoms"], "flops_per_edge": top["flops"] / max(top["edges"], 1),
             "flops_per_angle": top["flops"] / max(top["angles"], 1), "flops_per_s": top["flops_per_s"]})
-        log(f"exaforce  {top['params']:>12,} params, batch {top['structures']}: {top['step_s'] * 1e3:.1f} ms/step, "
+        log(f"exaforce  {top['params']:>12,} params, batch {top['structures']} ({top.get('path', '?')} path): "
+            f"{top['step_s'] * 1e3:.1f} ms/step, "
             f"{result['atoms_per_s']:.1f} atoms/s, {result['structures_per_s']:.2f} structures/s, "
             f"{top['flops'] / 1e9:.2f} GFLOP/step executed (recomputation included) = "
             f"{result['flops_per_atom'] / 1e6:.2f} MFLOP/atom, {result['flops_per_edge'] / 1e6:.3f} MFLOP/edge, "

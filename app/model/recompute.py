@@ -49,8 +49,14 @@ class Recompute:
     scratch: Scratch = field(default_factory=Scratch, compare=False)  # the fused attentions' work buffers
 
     @classmethod
-    def from_run(cls, recompute_lines: int, recompute_bonds: bool) -> Recompute | None:
-        return cls(recompute_lines, recompute_bonds) if recompute_lines else None
+    def from_run(cls, recompute_lines: int, recompute_bonds: bool, store_all_below: int = 0,
+                 line_channels: int = 0) -> Recompute | None:
+        """The plan for one micro-batch: None (plain) when recompute_lines is 0, or when the batch's
+        line graph is small enough to store (line_channels = triplets × width × blocks below
+        store_all_below; the caller passes 0 where every rank must take the same path)."""
+        if not recompute_lines or line_channels < store_all_below:
+            return None
+        return cls(recompute_lines, recompute_bonds)
 
 
 def recompute(fn: Callable[..., Tensors], inputs: Sequence[torch.Tensor], params: Sequence[torch.Tensor]) -> Tensors:

@@ -43,7 +43,7 @@ def loss_and_gradients(model: Potential, batch: GraphBatch, cfg: Config, loss_sc
         routing = local_routing(model, batch)
     t0 = time.perf_counter()
     geometry = strained_geometry(batch)
-    energy_G = energy(model, batch, geometry, routing, Recompute.from_run(cfg.run.recompute_lines, cfg.run.recompute_bonds))
+    energy_G = energy(model, batch, geometry, routing, step_plan(model, batch, cfg))
     t1 = time.perf_counter()
     pred = forces_and_stress(energy_G, geometry, batch, training=True)  # create_graph=True; no reduction
     t2 = time.perf_counter()
@@ -58,6 +58,16 @@ def loss_and_gradients(model: Potential, batch: GraphBatch, cfg: Config, loss_sc
                          ("alltoall", routing.clock.seconds if routing is not None else 0.0)):
         times[key] = times.get(key, 0.0) + seconds
     return {k: float(v.detach().sum()) for k, v in losses.items()}  # host sync point (on a GPU), once per step
+
+
+def step_plan(model: Potential, batch: GraphBatch, cfg: Config) -> Recompute | None:
+    """Plain or fused for this micro-batch (run.recompute_lines, run.store_all_below). Dense models
+    choose per micro-batch, each rank on its own (the two paths give the same numbers); MoE models
+    take the configured path on every rank, since the fused one re-issues expert all-to-alls
+    while it recomputes and every rank must issue the same ones."""
+    line_channels = batch.triplet_index_2T.shape[1] * model.cfg.width * model.cfg.blocks
+    store_all_below = 0 if model.moe_layers else cfg.run.store_all_below
+    return Recompute.from_run(cfg.run.recompute_lines, cfg.run.recompute_bonds, store_all_below, line_channels)
 
 
 @dataclass

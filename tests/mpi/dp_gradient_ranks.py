@@ -29,7 +29,8 @@ def main(out_path: str) -> None:
     topo = Topology.from_mpi()
     cfg = from_dict({"data": {"train": ["unused.bp"], "global_batch_size": GLOBAL_BATCH},
                      "model": {"width": 16, "blocks": 2},
-                     "run": {"dtype": "float64", "recompute_lines": 50}})  # distributed: recomputed, many chunks
+                     "run": {"dtype": "float64", "recompute_lines": 50,  # distributed: recomputed, many chunks
+                             "store_all_below": 0}})
     stored_cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, recompute_lines=0))  # serial: stored
     frames = Frames.from_atoms(synthesize(GLOBAL_BATCH, seed=11))  # structures of different sizes
     torch.manual_seed(topo.rank)  # deliberately different per rank: parallelize's broadcast must fix it

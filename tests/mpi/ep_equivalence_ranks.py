@@ -39,7 +39,8 @@ def main(out_path: str, dp: int, ep: int, backend: str) -> None:
                      "comm": {"backend": backend, "bucket_mb": 0.05},  # several buckets
                      # distributed: fused attentions over many chunks, line-attention sums stored (the
                      # dp test covers the bonds-recomputed default)
-                     "run": {"dtype": "float64", "recompute_lines": 50, "recompute_bonds": False}})
+                     "run": {"dtype": "float64", "recompute_lines": 50, "recompute_bonds": False,
+                             "store_all_below": 0}})
     stored_cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, recompute_lines=0))  # serial: stored
     frames = Frames.from_atoms(synthesize(GLOBAL_BATCH, seed=11))  # several elements and sizes
     dp_index, ep_index = topo.layout.coords(topo.rank)

@@ -141,3 +141,22 @@ def test_scratch_projection_is_recomputed_after_an_in_place_change():
     after = scratch.projection(entity, weight, bias)
     assert not torch.equal(before, after)
     torch.testing.assert_close(after, torch.addmm(bias, entity, weight.T), rtol=0, atol=0)
+
+
+def test_the_step_stores_everything_for_small_line_graphs_of_dense_models():
+    """run.store_all_below: the plain path for a micro-batch whose triplets × width × blocks is below
+    it (dense models), the configured fused path above it, and always for MoE models (whose fused
+    path issues all-to-alls while it recomputes: every rank must take the same path)."""
+    from exaforce.config import Config, RunConfig
+    from exaforce.training.step import step_plan
+
+    dense = Potential(ModelConfig(width=16, blocks=2, elements=("Cu", "Au")))
+    moe = Potential(ModelConfig(width=16, blocks=2, elements=("Cu", "Au"), moe_experts=4, moe_top_k=2))
+    batch = batch_from_atoms(alloy_cells(), dense.species_table(), 5.0, 3.2)
+    line_channels = batch.triplet_index_2T.shape[1] * 16 * 2
+    at = lambda below, lines=4096: Config(run=RunConfig(store_all_below=below, recompute_lines=lines))  # noqa: E731
+    assert step_plan(dense, batch, at(line_channels + 1)) is None                     # small: stored
+    assert step_plan(dense, batch, at(line_channels)) == Recompute(4096, True)        # at the limit: fused
+    assert step_plan(dense, batch, at(0)) == Recompute(4096, True)                    # 0: never stored
+    assert step_plan(moe, batch, at(10**12)) == Recompute(4096, True)                 # MoE: as configured
+    assert step_plan(dense, batch, at(0, lines=0)) is None                            # recompute_lines 0: plain
