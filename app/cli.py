@@ -343,6 +343,31 @@ def cmd_predict(args: argparse.Namespace, ctx: Context) -> None:
         print(json.dumps(summary), flush=True)
 
 
+# ---------------------------------------------------------------- lammps
+def _lammps_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="trained model (file, checkpoint folder, or run folder)")
+    p.add_argument("--in", dest="script", required=True, type=Path,
+                   help="LAMMPS input script (units metal) with `fix ID all external pf/callback 1 1` and "
+                        "`fix_modify ID energy yes virial yes` (exaforce.lammps)")
+    p.add_argument("--elements", required=True, type=lambda text: [e for e in text.split(",") if e],
+                   help="element of each LAMMPS atom type, in type order: Cu,Au means type 1 Cu, type 2 Au")
+    p.add_argument("--dtype", default="float64", choices=["float32", "float64"])
+
+
+@command("lammps", arguments=_lammps_arguments,
+         help="run a LAMMPS input script with an exaforce model as its forces (fix external; under mpiexec -n N)")
+def cmd_lammps(args: argparse.Namespace, ctx: Context) -> None:
+    from exaforce.lammps import run_input
+    from exaforce.parallel.topology import Topology
+
+    ctx.topo = topo = Topology.from_mpi()
+    log = _say if topo.is_root else _quiet
+    try:
+        run_input(args.script, args.checkpoint, args.elements, args.dtype, log).close()
+    except (ValueError, OSError) as err:
+        raise UserError(str(err)) from None
+
+
 # ---------------------------------------------------------------- perf
 def _report_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", metavar="RUN_OR_CAMPAIGN_DIR",
