@@ -79,6 +79,17 @@ def _shade_warmup(ax: Axes, steps: list[dict[str, Any]], n_warm: int) -> None:
                    label=f"warm-up (excluded, {n_warm} step{'s' if n_warm > 1 else ''})")
 
 
+def smoothed(values: list[float], window: int) -> list[float]:
+    """Exponential moving average over about `window` steps, bias-corrected (the first points are not
+    pulled towards 0); NaN points are skipped."""
+    alpha, mean, weight, out = 2.0 / (window + 1), 0.0, 0.0, []
+    for v in values:
+        if not math.isnan(v):
+            mean, weight = (1 - alpha) * mean + alpha * v, (1 - alpha) * weight + alpha
+        out.append(mean / weight if weight else float("nan"))
+    return out
+
+
 def _plot_loss(summary: dict[str, Any], out_dir: Path) -> str | None:
     steps = summary["steps"]
     terms = list(summary["final_loss"])
@@ -86,12 +97,19 @@ def _plot_loss(summary: dict[str, Any], out_dir: Path) -> str | None:
         return None
     fig, ax = figure()
     x = [s["step"] for s in steps]
-    for term in terms:
+    window = max(5, len(x) // 25)
+    smooth = len(x) > 30  # a raw curve of a few points is readable as it is
+    for i, term in enumerate(terms):
         y = [s["loss"].get(term) for s in steps]
         y = [v if v is not None and v > 0 else float("nan") for v in y]  # log axis: drop ≤ 0
         total = term == "total"
-        ax.plot(x, y, label=term, color="black" if total else None, linewidth=2.2 if total else 1.3,
-                marker="o" if len(x) <= 30 else None, markersize=3, zorder=3 if total else 2)
+        color = "black" if total else f"C{i}"
+        ax.plot(x, y, label=None if smooth else term, color=color, linewidth=0.8 if smooth else (2.2 if total else 1.3),
+                alpha=0.3 if smooth else 1.0, marker="o" if len(x) <= 30 else None, markersize=3,
+                zorder=3 if total else 2)
+        if smooth:
+            ax.plot(x, smoothed(y, window), label=f"{term} (EMA over ~{window} steps; raw: faint)", color=color,
+                    linewidth=2.2 if total else 1.5, zorder=4 if total else 3)
     ax.set_yscale("log")
     values = [v for s in steps for v in s["loss"].values() if v is not None and v > 0]
     if values and max(values) / min(values) < 100:  # under two decades: label 1-2-5 ticks, not only 10^k
@@ -143,11 +161,63 @@ def _plot_throughput(summary: dict[str, Any], out_dir: Path) -> str:
     return save_plot(fig, out_dir, "throughput")
 
 
-def run_plots(summary: dict[str, Any], out_dir: Path) -> list[str]:
-    """The run's plots in out_dir (none without steps; no loss curve without loss terms)."""
+def _plot_validation(summary: dict[str, Any], out_dir: Path) -> str | None:
+    """Validation MAE per head over the steps that validated: energy (meV/atom) and forces (meV/Å)."""
+    points = [(s["step"], s["val"]) for s in summary["steps"] if s.get("val")]
+    if not points:
+        return None
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 4.2), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 2)
+    heads = sorted({h for _, val in points for h in val})
+    for ax, key, label in ((axes[0], "energy_mev_per_atom", "energy MAE (meV/atom)"),
+                           (axes[1], "forces_mev_per_a", "force MAE (meV/Å)")):
+        for i, head in enumerate(heads):
+            xy = [(step, val[head][key]) for step, val in points if head in val]
+            ax.plot([p[0] for p in xy], [p[1] for p in xy], marker="o", markersize=4, color=f"C{i}", label=head)
+        ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.set_ylabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(title="head", loc="best")
+    fig.suptitle("Validation MAE per head (held-out structures; the weight average where optim.ema_decay > 0)")
+    return save_plot(fig, out_dir, "validation")
+
+
+def _plot_parity(parity: list[dict[str, Any]], out_dir: Path) -> str | None:
+    """Predicted against reference energy per atom and force components, one row per dataset."""
+    if not parity:
+        return None
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 4.2 * len(parity)), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(parity), 2, squeeze=False)
+    for row, p in zip(axes, parity):
+        for ax, (ref, pred, what, unit, mae) in zip(row, (
+                (p["ref_energy"], p["pred_energy"], "energy per atom", "eV/atom", p["energy_mae_mev_per_atom"]),
+                (p["ref_forces"], p["pred_forces"], "force components", "eV/Å", p["forces_mae_mev_per_a"]))):
+            lo, hi = min(min(ref), min(pred)), max(max(ref), max(pred))
+            ax.plot([lo, hi], [lo, hi], color="0.6", linewidth=1, zorder=1)
+            ax.scatter(ref, pred, s=4 if len(ref) > 2000 else 9, alpha=0.5, color="#1f77b4", zorder=2)
+            ax.set_xlabel(f"reference {what} ({unit})")
+            ax.set_ylabel(f"predicted ({unit})")
+            ax.set_title(f"{p['name']} (head {p['head']}): MAE {mae:.1f} m{unit}")
+            ax.set_aspect("equal", adjustable="datalim")
+    return save_plot(fig, out_dir, "parity")
+
+
+def run_plots(summary: dict[str, Any], out_dir: Path, parity: list[dict[str, Any]] | None = None) -> list[str]:
+    """The run's plots in out_dir (none without steps; no loss curve without loss terms, no
+    validation plot without validation, no parity plot without predictions)."""
     if not summary["steps"]:
         return []
-    return [p for p in (_plot_loss(summary, out_dir), _plot_breakdown(summary, out_dir),
+    return [p for p in (_plot_loss(summary, out_dir), _plot_validation(summary, out_dir),
+                        _plot_parity(parity or [], out_dir), _plot_breakdown(summary, out_dir),
                         _plot_throughput(summary, out_dir)) if p]
 
 

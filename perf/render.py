@@ -18,6 +18,7 @@ from typing import Any
 
 from .campaign import summarize_campaign
 from .formatting import fmt, gib, pct, ranges, rate, si, si_parts
+from .parity import parity_of
 from .plots import run_plots, scaling_plots
 from .runlog import load_run
 from .summary import BREAKDOWN_KEYS, WARMUP_FRACTION, summarize
@@ -104,6 +105,21 @@ def _run_markdown(summary: dict[str, Any], plots: list[str]) -> str:
                 "| term | value |", "|---|---:|"]
         out += [f"| {t} | {fmt(v, '.6g')} |" for t, v in s["final_loss"].items()] + [""]
 
+    val = [st for st in s["steps"] if st.get("val")]
+    if val:
+        out += [f"## Validation at step {val[-1]['step']}", "", "| head | energy MAE (meV/atom) | force MAE (meV/Å) | "
+                "structures |", "|---|---:|---:|---:|"]
+        out += [f"| {h} | {m['energy_mev_per_atom']:.3g} | {m['forces_mev_per_a']:.3g} | {m['structures']} |"
+                for h, m in val[-1]["val"].items()] + [""]
+    if s.get("parity"):
+        out += ["## Predictions against references", "",
+                "`exaforce predict --out RUN/predictions/NAME.bp` on a labelled dataset (every structure of it).", "",
+                "| prediction | head | structures | energy MAE / RMSE (meV/atom) | force MAE / RMSE (meV/Å) |",
+                "|---|---|---:|---:|---:|"]
+        out += [f"| {p['name']} | {p['head']} | {p['structures']} | {p['energy_mae_mev_per_atom']:.3g} / "
+                f"{p['energy_rmse_mev_per_atom']:.3g} | {p['forces_mae_mev_per_a']:.3g} / {p['forces_rmse_mev_per_a']:.3g} |"
+                for p in s["parity"]] + [""]
+
     if plots:
         out += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
 
@@ -130,7 +146,10 @@ def write_report(run_dir: Path, out_dir: Path | None = None, summary: dict | Non
     out_dir = Path(out_dir) if out_dir is not None else run_dir / "report"
     summary = summary if summary is not None else summarize(load_run(run_dir))
     out_dir.mkdir(parents=True, exist_ok=True)
-    plots = run_plots(summary, out_dir)
+    parity, parity_warnings = parity_of(run_dir)
+    summary["parity"] = [{k: v for k, v in p.items() if not k.startswith(("ref_", "pred_"))} for p in parity]
+    summary["warnings"] = summary["warnings"] + parity_warnings
+    plots = run_plots(summary, out_dir, parity)
     return write_documents(out_dir, summary, _run_markdown(summary, plots), f"Performance report: {run_dir.name}")
 
 
@@ -150,12 +169,22 @@ code{background:#f3f3f3;padding:0 .2rem}"""
 
 
 def write_html(path: Path, markdown_text: str, title: str) -> None:
-    """The Markdown report as a standalone HTML page (plots stay beside it as PNG files)."""
+    """The Markdown report as one self-contained HTML page: the PNG plots beside it are embedded
+    (data URIs), so the file can be mailed or attached on its own."""
+    import base64
     import html
+    import re
 
     import markdown
 
+    def embed(match: re.Match) -> str:
+        png = path.parent / match.group(1)
+        if "/" in match.group(1) or not png.is_file():
+            return match.group(0)
+        return f'src="data:image/png;base64,{base64.b64encode(png.read_bytes()).decode()}"'
+
     body = markdown.markdown(markdown_text.replace("/report.md)", "/report.html)"), extensions=["tables"])
+    body = re.sub(r'src="([^"]+\.png)"', embed, body)
     path.write_text(f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
                     f"<title>{html.escape(title)}</title><style>{_HTML_STYLE}</style></head>\n"
                     f"<body>\n{body}\n</body></html>\n", encoding="utf-8")
@@ -225,6 +254,21 @@ def _campaign_markdown(summary: dict[str, Any], plots: list[str]) -> str:
             out += [f"Caveat: {proj['caveat']}.", ""]
     else:
         out += [f"Not available: {proj['why']}.", ""]
+    val = [st for st in s["steps"] if st.get("val")]
+    if val:
+        out += [f"## Validation at step {val[-1]['step']}", "", "| head | energy MAE (meV/atom) | force MAE (meV/Å) | "
+                "structures |", "|---|---:|---:|---:|"]
+        out += [f"| {h} | {m['energy_mev_per_atom']:.3g} | {m['forces_mev_per_a']:.3g} | {m['structures']} |"
+                for h, m in val[-1]["val"].items()] + [""]
+    if s.get("parity"):
+        out += ["## Predictions against references", "",
+                "`exaforce predict --out RUN/predictions/NAME.bp` on a labelled dataset (every structure of it).", "",
+                "| prediction | head | structures | energy MAE / RMSE (meV/atom) | force MAE / RMSE (meV/Å) |",
+                "|---|---|---:|---:|---:|"]
+        out += [f"| {p['name']} | {p['head']} | {p['structures']} | {p['energy_mae_mev_per_atom']:.3g} / "
+                f"{p['energy_rmse_mev_per_atom']:.3g} | {p['forces_mae_mev_per_a']:.3g} / {p['forces_rmse_mev_per_a']:.3g} |"
+                for p in s["parity"]] + [""]
+
     if plots:
         out += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
     out += ["## Warnings", ""] + ([f"- {w}" for w in summary["warnings"]] or ["None."]) + [""]

@@ -62,6 +62,7 @@ def _aggregate_step(records: list[dict[str, Any]]) -> dict[str, Any]:
         "peak_mem_bytes": max(r["peak_mem_bytes"] for r in records),
         "device_peak_mem_bytes": max((r["device_peak_mem_bytes"] for r in records if "device_peak_mem_bytes" in r),
                                      default=None),
+        "val": records[0].get("val"),  # validation MAE per head (global: the same in every rank's record)
     }
 
 

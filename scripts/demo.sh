@@ -29,6 +29,10 @@ exaforce jobs render --machine local --ranks-per-node 2 --config configs/demo.to
 step "4/5 run it: stage to node-local storage ($stage_dir), train on 2 ranks (three datasets, three heads)"
 bash "$out/job.sh"
 
-step "5/5 performance report"
+step "5/5 predictions on each dataset (2 ranks, its own head) and the report: curves, validation, parity"
+for name in emt gfn2 gfn1; do
+  mpiexec -n 2 exaforce predict --checkpoint "$out/run" --data "$out/$name.bp" --head "$name" \
+    --out "$out/run/predictions/$name.bp" --overwrite
+done
 exaforce perf report "$out/run"
-printf '\ndemo finished in %d s; report: %s\n' $((SECONDS - t0)) "$(pwd)/$out/run/report/report.md"
+printf '\ndemo finished in %d s; report: %s (one self-contained page: report.html)\n' $((SECONDS - t0)) "$(pwd)/$out/run/report/report.md"

@@ -250,3 +250,45 @@ def test_resume_on_fewer_ranks_reads_the_latest_layout(tmp_path):
     text = " ".join(s["warnings"])
     assert "rank 1: its log holds only segments before the resume at step 4" in text
     assert "steps 1-4 ran on a different world size" in text
+
+
+def test_report_shows_validation_smoothed_loss_and_parity_in_one_html_page(tmp_path):
+    """Validation MAE per head over steps, the loss with its moving average, parity plots of
+    RUN/predictions/*.bp against their references, all embedded in report.html."""
+    import numpy as np
+
+    from exaforce.io.bp import write_bp
+    from exaforce.io.schema import Frames
+    from exaforce.io.synth import synthesize
+    from exaforce.perf.plots import smoothed
+
+    run_dir = tmp_path / "run"
+    log = PerfLogWriter(run_dir, 0)
+    log.header(rank=0, world_size=1, config={}, topology={"dp": 1, "ep": 1}, machine={"name": "t", "peak_flops_per_s": PEAK},
+               flop_coefficients=COEFFS)
+    for step in range(1, 61):
+        val = {h: {"energy_mev_per_atom": 100.0 / step + k, "forces_mev_per_a": 300.0 / step, "structures": 4}
+               for k, h in enumerate(("pbe", "r2scan"))} if step % 20 == 0 else None
+        log.step(step=step, epoch=0, times={**TIMES[0], "total": 2.0}, loss_sum={"total": 1.0 + (step % 3)},
+                 flops=1.0, peak_mem_bytes=1, lr=1e-3, extra={"val": val} if val else None, **COUNTS[0])
+    log.close()
+    reference = Frames.from_atoms(synthesize(6, seed=3))
+    write_bp(reference, tmp_path / "ref.bp", "ref", method="EMT")
+    predicted = Frames(**{**{f: getattr(reference, f) for f in ("numbers_N", "positions_N3", "cell_S33", "pbc_S3",
+                                                                  "natoms_S", "stress_S6")},
+                          "energy_S": reference.energy_S + 0.01 * reference.natoms_S,  # +10 meV/atom
+                          "forces_N3": reference.forces_N3 - 0.02})                  # 20 meV/Å per component
+    (run_dir / "predictions").mkdir()
+    write_bp(predicted, run_dir / "predictions/ref.bp", "ref", attrs={"predicted_from": str(tmp_path / "ref.bp"),
+                                                                    "head": "pbe"}, method="exaforce")
+    text = write_report(run_dir).read_text()
+    assert "## Validation at step 60" in text and "| r2scan | 2.67 | 5 | 4 |" in text
+    assert "| ref | pbe | 6 | 10 / 10 | 20 / 20 |" in text
+    for stem in ("validation", "parity", "loss_curve"):
+        assert f"![{stem}.png]({stem}.png)" in text and (run_dir / "report" / f"{stem}.png").stat().st_size > 5000
+    page = (run_dir / "report/report.html").read_text()
+    assert page.count('src="data:image/png;base64,') == text.count("![") and ".png\"" not in page
+    # the smoothing is a bias-corrected moving average: a constant stays itself, a jump is followed
+    assert smoothed([2.0] * 5, 3) == pytest.approx([2.0] * 5)
+    jump = smoothed([0.0] * 10 + [1.0] * 30, 5)
+    assert jump[9] == 0.0 and 0 < jump[10] < 1 and jump[-1] == pytest.approx(1.0, abs=1e-3)
