@@ -139,6 +139,7 @@ def _synth_arguments(p: argparse.ArgumentParser) -> None:
 @command("data", "synth", arguments=_synth_arguments,
          help="labelled structures as extxyz: periodic metals (EMT) or molecules (GFN2-/GFN1-xTB via tblite)")
 def cmd_data_synth(args: argparse.Namespace, ctx: Context) -> None:
+    from exaforce.console import ProgressReport
     from exaforce.io.extxyz import write_extxyz
     from exaforce.io.synth import synthesize
 
@@ -148,22 +149,18 @@ def cmd_data_synth(args: argparse.Namespace, ctx: Context) -> None:
         raise UserError(f"--method {args.method}: only for --source molecules (metals are labelled by EMT)")
     method = "EMT" if args.source == "metals" else args.method or "GFN2-xTB"
     t0 = time.perf_counter()
+    with ProgressReport(f"labelling with {method}", stream=sys.stdout) as progress:
+        if args.source == "metals":
+            atoms = synthesize(args.structures, args.seed, progress=progress)
+        else:
+            from exaforce.io.molecules import synthesize_molecules
 
-    def progress(done: int, total: int) -> None:
-        if done == total or done % max(total // 10, 1) == 0:
-            _say(f"  labelled {done}/{total} structures with {method}")
-
-    if args.source == "metals":
-        atoms = synthesize(args.structures, args.seed, progress=progress)
-    else:
-        from exaforce.io.molecules import synthesize_molecules
-
-        try:
-            atoms = synthesize_molecules(args.structures, args.seed, method=method, progress=progress)
-        except ModuleNotFoundError as err:
-            if err.name != "tblite":
-                raise
-            raise UserError(f"--source molecules: {err}") from None
+            try:
+                atoms = synthesize_molecules(args.structures, args.seed, method=method, progress=progress)
+            except ModuleNotFoundError as err:
+                if err.name != "tblite":
+                    raise
+                raise UserError(f"--source molecules: {err}") from None
     write_extxyz(atoms, args.out)
     n_atoms = sum(len(a) for a in atoms)
     _say(f"wrote {len(atoms)} structures ({n_atoms} atoms) to {args.out} in {time.perf_counter() - t0:.1f} s")

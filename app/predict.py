@@ -26,6 +26,7 @@ import torch
 
 from exaforce.calculator import head_index
 from exaforce.config import DTYPES
+from exaforce.console import ProgressReport
 from exaforce.device import describe, rank_device, to_device
 from exaforce.training.data import check_frames
 from exaforce.io.atomic import DiskFullError
@@ -105,7 +106,8 @@ def predict(source: ModelSource, data: str | Path, out: str | Path, topo: Topolo
         t0 = time.perf_counter()
         first, shard = _read_shard(dataset, plan[topo.rank], batch_size, model.species_table(), topo)  # collective
         read_s = time.perf_counter() - t0
-        mine = _run_batches(model, shard, plan[topo.rank] - first, batch_size, h, DTYPES[dtype], on)
+        with ProgressReport("predict (rank 0's share)", enabled=topo.is_root) as progress:
+            mine = _run_batches(model, shard, plan[topo.rank] - first, batch_size, h, DTYPES[dtype], on, progress)
         mine.times["read"] = read_s
         mine.times["loop"] += read_s
 
@@ -172,7 +174,8 @@ class _Predictions:
 
 
 def _run_batches(model: Potential, shard: Frames, starts: np.ndarray, batch_size: int, head: int,
-                 dtype: torch.dtype, device: torch.device = torch.device("cpu")) -> _Predictions:
+                 dtype: torch.dtype, device: torch.device = torch.device("cpu"),
+                 progress: Callable[[int, int], None] = lambda done, total: None) -> _Predictions:
     """Graph → energy → forces/stress for each batch of this rank's shard (`starts` index into the
     shard); no communication."""
     cfg, species_of = model.cfg, model.species_table()
@@ -192,6 +195,7 @@ def _run_batches(model: Potential, shard: Frames, starts: np.ndarray, batch_size
         stress.append(pred.stress_G6.detach().double().cpu().numpy())
         times["graph"] += t1 - t0
         times["model"] += time.perf_counter() - t1
+        progress(min(start + batch_size, len(shard)), len(shard))
     times["loop"] = time.perf_counter() - loop0
     return _Predictions(np.concatenate(energy), np.concatenate(forces), np.concatenate(stress), times)
 

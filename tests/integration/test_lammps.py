@@ -140,3 +140,15 @@ def test_lammps_cli_runs_an_input_script_and_refuses_one_without_the_fix(model, 
     assert proc.returncode == 2 and "defines no `fix ID all external pf/callback 1 1`" in proc.stderr
     proc = run_cli(["lammps", "--checkpoint", str(model), "--in", str(script), "--elements", "Cu,Xx"])
     assert proc.returncode == 2 and "elements ['Xx']: not in this model's elements" in proc.stderr
+
+
+def test_bench_md_runs_hot_langevin_then_nve_with_its_checks(model):
+    """`exaforce bench md` (issue 18's MD check, here with a barely trained model and few steps)."""
+    proc = run_cli(["bench", "md", "--checkpoint", str(model), "--langevin-steps", "40", "--steps", "20",
+                    "--temperature", "1000", "--timestep", "2", "--json"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert r["atoms"] == 108 and r["timestep_fs"] == 2.0
+    assert r["langevin"]["steps"] == 40 and r["langevin"]["closest_pair_a"] > 0 and "physical" in r["langevin"]
+    assert r["nve"]["steps"] == 20 and r["nve"]["max_abs_drift_mev_per_atom"] >= 0
+    assert "Langevin 108 atoms, 0.08 ps at 1000 K: closest pair" in proc.stdout

@@ -27,3 +27,20 @@ def test_step_clock_eta_is_capped_by_the_time_budget():
     clock.tick(100)
     assert "ETA" in clock.summary(steps_left=10, budget_left_s=None)
     assert clock.summary(steps_left=10**9, budget_left_s=61.0).endswith("ETA 0:01:01")
+
+
+def test_progress_report_prints_plain_lines_in_job_logs_and_nothing_when_disabled():
+    import io
+
+    from exaforce.console import ProgressReport
+
+    log = io.StringIO()  # not a terminal: periodic plain lines, the last one at 100 %
+    with ProgressReport("predict", stream=log) as progress:
+        for done in range(1, 101):
+            progress(done, 100)
+    lines = log.getvalue().splitlines()
+    assert 5 <= len(lines) <= 11 and lines[-1].startswith("  predict: 100/100 structures (100 %)") and "ETA 0 s" in lines[-1]
+    quiet = io.StringIO()
+    with ProgressReport("predict", enabled=False, stream=quiet) as progress:  # the other ranks
+        progress(1, 1)
+    assert quiet.getvalue() == ""

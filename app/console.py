@@ -1,0 +1,57 @@
+"""Progress of long commands, for the person waiting: a tqdm bar on a terminal, plain periodic lines
+(with rate and ETA) where the output goes to a job log, which a bar would fill with carriage returns.
+One rank reports (the caller passes enabled=False elsewhere)."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import TextIO
+
+LINE_EVERY_S = 30.0      # job logs: a line at least this often …
+LINE_EVERY_SHARE = 0.1   # … and at every tenth of the work
+
+
+class ProgressReport:
+    """Call it with (done, total) as work completes; close() when done (or use it as a context)."""
+
+    def __init__(self, label: str, unit: str = "structures", enabled: bool = True, stream: TextIO | None = None):
+        self.label, self.unit, self.enabled = label, unit, enabled
+        self.stream = stream or sys.stderr
+        self.bar = None
+        self.start = time.perf_counter()
+        self.last_line, self.last_share = self.start, 0.0
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        if self.stream.isatty():
+            self._bar(done, total)
+            return
+        now = time.perf_counter()
+        share = done / max(total, 1)
+        if done == total or share - self.last_share >= LINE_EVERY_SHARE or now - self.last_line >= LINE_EVERY_S:
+            self.last_line, self.last_share = now, share
+            elapsed = now - self.start
+            rate = done / elapsed if elapsed > 0 else 0.0
+            eta = (total - done) / rate if rate > 0 else float("nan")
+            print(f"  {self.label}: {done}/{total} {self.unit} ({100 * share:.0f} %), {rate:.3g} {self.unit}/s, "
+                  f"{elapsed:.0f} s elapsed, ETA {eta:.0f} s", file=self.stream, flush=True)
+
+    def _bar(self, done: int, total: int) -> None:
+        from tqdm import tqdm
+
+        if self.bar is None:
+            self.bar = tqdm(total=total, desc=self.label, unit=f" {self.unit}", file=self.stream, dynamic_ncols=True)
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def __enter__(self) -> "ProgressReport":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
