@@ -377,13 +377,19 @@ def _report_arguments(p: argparse.ArgumentParser) -> None:
               "efficiency, EFLOPS, full-machine projection)")
 def cmd_perf_report(args: argparse.Namespace, ctx: Context) -> None:
     from exaforce.perf.campaign import CAMPAIGN_FILE, summarize_campaign
-    from exaforce.perf.render import format_campaign, format_summary, write_campaign_report, write_report
+    from exaforce.perf.render import (format_campaign, format_search, format_summary, write_campaign_report,
+                                      write_report, write_search_report)
     from exaforce.perf.runlog import load_run
+    from exaforce.perf.search import SEARCH_FILE, summarize_search
     from exaforce.perf.summary import summarize
 
     target = Path(args.run_dir)
     out = Path(args.out) if args.out else None
-    if (target / CAMPAIGN_FILE).is_file():
+    if (target / SEARCH_FILE).is_file():
+        summary = summarize_search(target)
+        path = write_search_report(target, out, summary)
+        _say(format_search(summary))
+    elif (target / CAMPAIGN_FILE).is_file():
         summary = summarize_campaign(target)
         path = write_campaign_report(target, out, summary)
         _say(format_campaign(summary))
@@ -446,11 +452,18 @@ def cmd_jobs_render(args: argparse.Namespace, ctx: Context) -> None:
 
 def _campaign_arguments(p: argparse.ArgumentParser) -> None:
     _job_arguments(p)
-    p.add_argument("--mode", required=True, choices=("strong", "weak"),
-                   help="strong: fixed global batch; weak: fixed batch per rank")
+    p.add_argument("--mode", required=True, choices=("strong", "weak", "search"),
+                   help="strong: fixed global batch; weak: fixed batch per rank; search: a hyperparameter search "
+                        "(Optuna samples --trials points of the --param space; each trial is one job)")
     p.add_argument("--nodes", dest="node_list", required=True,
-                   help="node counts, e.g. 1,2,4,8 (local: groups of --ranks-per-node ranks on this host)")
+                   help="node counts, e.g. 1,2,4,8 (local: groups of --ranks-per-node ranks on this host); "
+                        "search: the nodes of every trial")
     p.add_argument("--batch-per-rank", type=int, help="weak mode (default: global batch / smallest point's ranks)")
+    p.add_argument("--trials", type=int, default=8, help="search: trials (default 8)")
+    p.add_argument("--param", action="append", default=[], metavar="KEY=KIND:ARGS",
+                   help="search: one dimension, repeatable: optim.lr=log:1e-4:1e-2, model.width=int:16:64, "
+                        "optim.ema_decay=float:0.9:0.999, model.blocks=choice:1,2,3")
+    p.add_argument("--seed", type=int, default=0, help="search: the sampler's seed (default 0)")
     p.add_argument("--out", required=True, help="campaign folder to create")
 
 
@@ -463,6 +476,17 @@ def cmd_jobs_campaign(args: argparse.Namespace, ctx: Context) -> None:
         nodes = [int(n) for n in args.node_list.split(",")]
     except ValueError:
         raise JobError(f"--nodes {args.node_list!r}: a comma-separated list of node counts, e.g. 1,2,4,8") from None
+    if args.mode == "search":
+        from exaforce.search import parse_param, render_search
+
+        if len(nodes) != 1 or nodes[0] < 1:
+            raise JobError(f"--nodes {args.node_list!r}: a search runs every trial on one node count")
+        request = dataclasses.replace(_job_request(args), nodes=nodes[0])
+        out = render_search(args.machine, request, Path(args.out), [parse_param(p) for p in args.param], args.trials,
+                            args.seed)
+        _say(f"search: {out} ({args.trials} trials on {args.machine}); run them with {out}/submit.sh, then "
+             f"`exaforce perf report {out}` ranks them")
+        return
     out = render_campaign(args.machine, args.mode, nodes, _job_request(args), Path(args.out), args.batch_per_rank)
     _say(f"campaign: {out} ({len(nodes)} jobs, {args.mode} scaling on {args.machine}); submit with {out}/submit.sh, "
          f"then `exaforce perf report {out}`")

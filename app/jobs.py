@@ -293,12 +293,12 @@ def render_campaign(machine_name: str, mode: str, nodes: list[int], request: Job
                 "overrides": list(request.overrides), "points": points}
     (out_dir / CAMPAIGN_FILE).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
     submit = out_dir / "submit.sh"
-    submit.write_text(_submit_script(machine.scheduler, scripts), encoding="utf-8")
+    submit.write_text(submit_script(machine.scheduler, scripts), encoding="utf-8")
     submit.chmod(0o755)
     return out_dir
 
 
-def _submit_script(scheduler: str, scripts: list[Path]) -> str:
+def submit_script(scheduler: str, scripts: list[Path]) -> str:
     run = {"slurm": 'sbatch --parsable "$job" >> submitted.txt',
            "pbs": 'qsub "$job" >> submitted.txt',
            "local": 'bash "$job"'}[scheduler]

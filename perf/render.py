@@ -21,6 +21,7 @@ from .formatting import fmt, gib, pct, ranges, rate, si, si_parts
 from .parity import parity_of
 from .plots import run_plots, scaling_plots
 from .runlog import load_run
+from .search import summarize_search
 from .summary import BREAKDOWN_KEYS, WARMUP_FRACTION, summarize
 
 
@@ -298,3 +299,44 @@ def write_campaign_report(campaign_dir: Path, out_dir: Path | None = None,
     for r in rows:
         write_report(Path(r["run_dir"]), out_dir / "points" / r["name"])
     return write_documents(out_dir, summary, _campaign_markdown(summary, plots), f"Scaling report: {campaign_dir.name}")
+
+
+# --------------------------------------------------------------------------------------------
+# A hyperparameter search
+
+
+def format_search(summary: dict[str, Any]) -> str:
+    """The ranking, a line per trial, for the terminal."""
+    lines = [f"search {summary['search_dir']}: {len(summary['trials'])} trials, objective: {summary['objective']}"]
+    for r in summary["trials"]:
+        params = ", ".join(f"{k}={_param(v)}" for k, v in r["params"].items())
+        head = f"  #{r['rank']:<3}" if r.get("rank") else "  --  "
+        lines.append(f"{head} {r['name']}  {fmt(r['objective'], '.4g') if r['objective'] is not None else 'n/a':>10}  "
+                     f"{params}" + (f"  ({r['problem']})" if r["problem"] else ""))
+    return "\n".join(lines)
+
+
+def _param(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def write_search_report(search_dir: Path, out_dir: Path | None = None, summary: dict | None = None) -> Path:
+    """report.md, report.html and summary.json of a search in out_dir (default SEARCH_DIR/report)."""
+    search_dir = Path(search_dir)
+    out_dir = Path(out_dir) if out_dir is not None else search_dir / "report"
+    summary = summary if summary is not None else summarize_search(search_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    keys = [p["key"] for p in summary["space"] or []]
+    out = [f"# Hyperparameter search: {search_dir.name}", "",
+           f"Search folder `{search_dir}`; config `{summary['config']}`; sampler: {summary['sampler']}.", "",
+           f"Objective (lower is better): {summary['objective']}.", "",
+           "| rank | trial | objective | " + " | ".join(f"`{k}`" for k in keys) + " | val energy MAE (meV/atom) | "
+           "final loss | steps | atoms/s |",
+           "|---:|---|---:|" + "---:|" * len(keys) + "---:|---:|---:|---:|"]
+    for r in summary["trials"]:
+        out.append(f"| {r.get('rank', '–')} | {r['name']} | {fmt(r['objective'], '.4g')} | "
+                   + " | ".join(_param(r["params"].get(k)) for k in keys)
+                   + f" | {fmt(r['val_energy_mev_per_atom'], '.4g')} | {fmt(r['late_loss'], '.4g')} | {r['steps']} | "
+                   f"{rate(r['atoms_per_s'])} |")
+    out += ["", "## Warnings", ""] + ([f"- {w}" for w in summary["warnings"]] or ["None."]) + [""]
+    return write_documents(out_dir, summary, "\n".join(out), f"Hyperparameter search: {search_dir.name}")

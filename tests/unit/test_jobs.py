@@ -177,3 +177,50 @@ def test_campaigns_keep_the_global_or_the_per_rank_batch(config, tmp_path):
         render_campaign("frontier", "weak", [1], JobRequest(config=config, account="A"), tmp_path / "w")
     with pytest.raises(JobError, match="fewer structures than the largest point's 128 ranks"):
         render_campaign("frontier", "strong", [16], JobRequest(config=config, account="A"), tmp_path / "x")
+
+
+def test_search_parameters_parse_and_bad_ones_fail_clearly():
+    from exaforce.search import Param, parse_param
+
+    assert parse_param("optim.lr=log:1e-4:1e-2") == Param("optim.lr", "log", 1e-4, 1e-2)
+    assert parse_param("model.width=int:16:64") == Param("model.width", "int", 16, 64)
+    assert parse_param("model.blocks=choice:1,2,3").choices == (1, 2, 3)
+    assert parse_param("run.recompute_bonds=choice:true,false").choices == (True, False)
+    for bad, message in (("optim.lr", "expected SECTION.KEY=KIND:ARGS"), ("optim.lr=log:0:1", "need LOW < HIGH > 0"),
+                         ("model.width=int:16.5:64", "(integers)"), ("optim.lr=gauss:1:2", "KIND must be"),
+                         ("model.blocks=choice:2", "at least two values")):
+        with pytest.raises(JobError, match=re.escape(message)):
+            parse_param(bad)
+
+
+@pytest.mark.slow
+def test_a_local_search_of_8_trials_runs_end_to_end_and_its_report_ranks_them(tmp_path):
+    """`jobs campaign --mode search` on this host: 8 trials (Optuna QMC over lr and width), every job
+    run by submit.sh, `perf report` ranks them by the validation force MAE."""
+    from conftest import run_cli
+
+    assert run_cli(["data", "synth", "--out", str(tmp_path / "emt.extxyz"), "--structures", "20"]).returncode == 0
+    assert run_cli(["data", "convert", str(tmp_path / "emt.extxyz"), "--out", str(tmp_path / "emt.bp"),
+                    "--name", "emt"]).returncode == 0
+    config = tmp_path / "search.toml"
+    config.write_text(f'[run]\nout_dir = "{tmp_path}/unused"\nsteps = 3\nfinal_checkpoint = false\n'
+                      f'[model]\npreset = "small"\n[data]\nglobal_batch_size = 4\n'
+                      f'[[data.datasets]]\npath = "{tmp_path}/emt.bp"\nval_fraction = 0.2\n')
+    proc = run_cli(["jobs", "campaign", "--mode", "search", "--machine", "local", "--ranks-per-node", "1",
+                    "--nodes", "1", "--config", str(config), "--out", str(tmp_path / "search"), "--trials", "8",
+                    "--param", "optim.lr=log:1e-4:1e-2", "--param", "model.width=choice:8,16",
+                    "--stage-dir", str(tmp_path / "stage")])
+    assert proc.returncode == 0, proc.stderr
+    manifest = json.loads((tmp_path / "search/search.json").read_text())
+    assert len(manifest["trials"]) == 8 and "QMCSampler" in manifest["sampler"]
+    lrs = [t["params"]["optim.lr"] for t in manifest["trials"]]
+    assert len(set(lrs)) == 8 and all(1e-4 <= lr <= 1e-2 for lr in lrs)
+    assert {t["params"]["model.width"] for t in manifest["trials"]} == {8, 16}
+    run = subprocess.run(["bash", str(tmp_path / "search/submit.sh")], capture_output=True, text=True, timeout=1200)
+    assert run.returncode == 0, run.stderr[-3000:]
+    proc = run_cli(["perf", "report", str(tmp_path / "search")])
+    assert proc.returncode == 0, proc.stderr
+    assert "objective: validation force MAE" in proc.stdout
+    assert [line.split()[0] for line in proc.stdout.splitlines()[1:9]] == [f"#{k}" for k in range(1, 9)]
+    text = (tmp_path / "search/report/report.md").read_text()
+    assert text.count("| t00") == 8 and "`optim.lr`" in text

@@ -1,0 +1,149 @@
+"""Hyperparameter search campaigns: Optuna samples the trials, the job templates run them.
+
+`exaforce jobs campaign --mode search --trials 8 --param optim.lr=log:1e-4:1e-2 --param
+model.width=choice:32,64 …` renders one job per trial (the config with the trial's values as
+`--set` overrides) under OUT/trials/tNNNN/, OUT/search.json (the trials and their parameters) and
+OUT/submit.sh; `exaforce perf report OUT` ranks the trials (exaforce.perf.search).
+
+The trials are sampled all at once, before any runs (batch jobs run independently), by Optuna's
+quasi-Monte-Carlo sampler (scrambled Sobol points: even coverage of the space; a sequential,
+model-based sampler such as TPE would need finished trials to improve on random draws).
+
+A parameter is `KEY=KIND:ARGS`: `float:LOW:HIGH`, `log:LOW:HIGH` (log-uniform), `int:LOW:HIGH`,
+`choice:A,B,C` (numbers, true/false, or strings).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from exaforce import config as config_mod
+from exaforce.jobs import JOB_MACHINES, JobError, JobRequest, render_job, submit_script
+from exaforce.perf.search import SEARCH_FILE, SEARCH_SCHEMA
+
+
+@dataclass(frozen=True)
+class Param:
+    """One dimension of the search space."""
+
+    key: str                 # dotted config key, e.g. optim.lr
+    kind: str                # float | log | int | choice
+    low: float = 0.0
+    high: float = 0.0
+    choices: tuple[Any, ...] = ()
+
+    def distribution(self) -> Any:
+        import optuna
+
+        if self.kind == "choice":
+            return optuna.distributions.CategoricalDistribution(self.choices)
+        if self.kind == "int":
+            return optuna.distributions.IntDistribution(int(self.low), int(self.high))
+        return optuna.distributions.FloatDistribution(self.low, self.high, log=self.kind == "log")
+
+
+def _choice(text: str) -> Any:
+    lowered = text.strip().lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text.strip()
+
+
+def parse_param(spec: str) -> Param:
+    """`KEY=KIND:ARGS` → Param; every error names the --param and says what is expected."""
+    where = f"--param {spec!r}"
+    key, sep, rest = spec.partition("=")
+    kind, _, args = rest.partition(":")
+    if not sep or "." not in key or not args:
+        raise JobError(f"{where}: expected SECTION.KEY=KIND:ARGS, e.g. optim.lr=log:1e-4:1e-2 or model.width=choice:32,64")
+    if kind == "choice":
+        choices = tuple(_choice(c) for c in args.split(",") if c.strip())
+        if len(choices) < 2:
+            raise JobError(f"{where}: choice needs at least two values, comma-separated")
+        return Param(key, kind, choices=choices)
+    if kind not in ("float", "log", "int"):
+        raise JobError(f"{where}: KIND must be float, log, int or choice")
+    try:
+        low, high = (float(v) for v in args.split(":"))
+    except ValueError:
+        raise JobError(f"{where}: {kind} needs LOW:HIGH numbers") from None
+    if not low < high or (kind == "log" and low <= 0) or (kind == "int" and (low != int(low) or high != int(high))):
+        raise JobError(f"{where}: need LOW < HIGH{' > 0' if kind == 'log' else ''}"
+                       f"{' (integers)' if kind == 'int' else ''}")
+    return Param(key, kind, low, high)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, float) and math.isfinite(value):
+        return repr(value)
+    return str(value)
+
+
+def sample_trials(params: list[Param], trials: int, seed: int) -> list[dict[str, Any]]:
+    """`trials` points of the space from Optuna's QMC sampler (deterministic for a seed)."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(sampler=optuna.samplers.QMCSampler(seed=seed, scramble=True, warn_independent_sampling=False))
+    distributions = {p.key: p.distribution() for p in params}
+    return [study.ask(distributions).params for _ in range(trials)]
+
+
+def render_search(machine_name: str, request: JobRequest, out_dir: Path, params: list[Param], trials: int,
+                  seed: int = 0) -> Path:
+    """One job per trial under OUT/trials/tNNNN/, OUT/search.json and OUT/submit.sh."""
+    if trials < 1:
+        raise JobError(f"--trials {trials}: must be >= 1")
+    if not params:
+        raise JobError("--mode search needs at least one --param KEY=KIND:ARGS")
+    if len({p.key for p in params}) != len(params):
+        raise JobError(f"--param: a key appears twice ({[p.key for p in params]})")
+    machine = JOB_MACHINES.get(machine_name)
+    if machine is None:
+        raise JobError(f"--machine {machine_name!r}: known machines are {sorted(JOB_MACHINES)}")
+    out_dir = Path(out_dir).resolve()
+    if (out_dir / SEARCH_FILE).exists():
+        raise JobError(f"{out_dir} already holds a search ({SEARCH_FILE}); choose a new --out")
+    sampled = sample_trials(params, trials, seed)
+    suffix = {"slurm": "sbatch", "pbs": "pbs", "local": "sh"}[machine.scheduler]
+    entries, scripts = [], []
+    for i, values in enumerate(sampled):
+        name = f"t{i:04d}"
+        overrides = tuple(f"{key}={_toml_value(value)}" for key, value in values.items())
+        try:  # a sampled value the config rejects (width not divisible, …) fails here, not in the queue
+            config_mod.validate(config_mod.load(request.config, (*request.overrides, *overrides)))
+        except config_mod.ConfigError as err:
+            raise JobError(f"trial {name} ({', '.join(overrides)}): {err}") from None
+        trial_dir = out_dir / "trials" / name
+        job = dataclasses.replace(request, job_name=f"{request.job_name}-search-{name}", run_dir=trial_dir / "run",
+                                  overrides=(*request.overrides, *overrides))
+        script = render_job(machine_name, job)
+        (trial_dir / "run").mkdir(parents=True, exist_ok=True)
+        path = trial_dir / f"job.{suffix}"
+        path.write_text(script, encoding="utf-8")
+        path.chmod(0o755)
+        scripts.append(path.relative_to(out_dir))
+        entries.append({"name": name, "params": values, "overrides": list(overrides),
+                        "run_dir": str((trial_dir / "run").relative_to(out_dir)), "job": str(path.relative_to(out_dir))})
+    manifest = {"schema": SEARCH_SCHEMA, "machine": machine.name, "config": str(Path(request.config).resolve()),
+                "overrides": list(request.overrides), "sampler": f"optuna QMCSampler (scrambled Sobol, seed {seed})",
+                "space": [dataclasses.asdict(p) for p in params], "trials": entries}
+    (out_dir / SEARCH_FILE).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+    submit = out_dir / "submit.sh"
+    submit.write_text(submit_script(machine.scheduler, scripts), encoding="utf-8")
+    submit.chmod(0o755)
+    return out_dir
