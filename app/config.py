@@ -107,6 +107,9 @@ class ModelConfig:
                                         # force MAE 125 meV/Å against 272 at 6/4 Å (README)
     width: int = 64                     # channels D
     blocks: int = 2                     # interaction blocks
+    block: str = "light"                # light: exaforce's separable attention (no per-triplet state, fused
+                                        # training path); matris: MatRIS's block with per-triplet features and
+                                        # gated-MLP messages, cutoff-smooth (exaforce.model.matris_block)
     edge_mlp_ratio: int = 2             # hidden width of the bond update MLP / width (runs on E rows)
     node_mlp_ratio: int = 2             # hidden width of the atom update MLP / width (N rows: cheap)
     moe_experts: int = 0                # experts per MoE MLP; 0: dense MLPs
@@ -205,6 +208,10 @@ def validate(cfg: Config) -> Config:
     _positive(cfg.run.log_every, "run.log_every")
     if cfg.run.recompute_lines < 0:
         raise ConfigError(f"run.recompute_lines = {cfg.run.recompute_lines}: must be >= 0 (0: store every intermediate)")
+    if cfg.model.block not in ("light", "matris"):
+        raise ConfigError(f"model.block = {cfg.model.block!r}: must be 'light' or 'matris'")
+    if cfg.model.block == "matris" and cfg.model.moe_experts:
+        raise ConfigError("model.block = 'matris' has dense MLPs only: set model.moe_experts = 0")
     if cfg.run.store_all_below < 0:
         raise ConfigError(f"run.store_all_below = {cfg.run.store_all_below}: must be >= 0 (0: never)")
     if cfg.run.val_every < 0:

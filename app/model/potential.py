@@ -16,6 +16,7 @@ from torch import nn
 from exaforce.config import ModelConfig
 from exaforce.model.basis import BesselBasis, chebyshev_angle_basis, polynomial_envelope
 from exaforce.model.blocks import InteractionBlock
+from exaforce.model.matris_block import MatrisBlock
 from exaforce.model.layers import GatedMLP, RMSNorm
 from exaforce.graph import GraphBatch
 from exaforce.model.moe import MoEMLP, load_balancing_loss
@@ -33,7 +34,10 @@ class Potential(nn.Module):
         self.embedding = nn.Embedding(len(cfg.elements), d)
         self.radial = BesselBasis(cfg.cutoff, cfg.radial_basis, cfg.envelope_p)
         self.edge_embedding = nn.Linear(cfg.radial_basis, d, bias=False)
-        self.blocks = nn.ModuleList(InteractionBlock(cfg, ep_rank, ep_size) for _ in range(cfg.blocks))
+        self.blocks = nn.ModuleList(MatrisBlock(cfg, last=i == cfg.blocks - 1) if cfg.block == "matris"
+                                    else InteractionBlock(cfg, ep_rank, ep_size) for i in range(cfg.blocks))
+        # MatRIS's per-triplet state starts from the angle basis
+        self.triplet_embedding = nn.Linear(cfg.angle_basis, d, bias=False) if cfg.block == "matris" else None
         n_heads = len(cfg.heads)
         self.head_embedding = nn.Embedding(n_heads, d) if n_heads > 1 else None  # dataset/fidelity
         self.readout_norm = RMSNorm(d)
@@ -93,7 +97,8 @@ class Potential(nn.Module):
         # --- geometry features
         r_E = vectors_E3.norm(dim=-1)
         edge_weight_E = self.radial.envelope(r_E)
-        edge_ED = self.edge_embedding(self.radial(r_E))
+        radial_ER = self.radial(r_E)
+        edge_ED = self.edge_embedding(radial_ER)
         a_T, b_T = triplet_index_2T
         cos_T = (vectors_E3[a_T] * vectors_E3[b_T]).sum(-1) / (r_E[a_T] * r_E[b_T])
         angle_TA = chebyshev_angle_basis(cos_T, self.cfg.angle_basis)
@@ -106,9 +111,15 @@ class Potential(nn.Module):
         if self.head_embedding is not None:
             node_ND = node_ND + self.head_embedding(head_N)
         class_N = head_N * len(self.cfg.elements) + species_N  # MoE routing class: fidelity × element
-        for block in self.blocks:
-            node_ND, edge_ED = block(node_ND, edge_ED, class_N, edge_index_2E, edge_weight_E,
-                                     triplet_index_2T, angle_TA, triplet_weight_T, routing, plan)
+        if self.triplet_embedding is None:
+            for block in self.blocks:
+                node_ND, edge_ED = block(node_ND, edge_ED, class_N, edge_index_2E, edge_weight_E,
+                                         triplet_index_2T, angle_TA, triplet_weight_T, routing, plan)
+        else:  # model.block = "matris": plain autograd (no plan applies), per-triplet features carried along
+            triplet_TD = self.triplet_embedding(angle_TA)
+            for block in self.blocks:
+                node_ND, edge_ED, triplet_TD = block(node_ND, edge_ED, triplet_TD, edge_index_2E, edge_weight_E,
+                                                     triplet_index_2T, triplet_weight_T, radial_ER)
 
         # --- readout: per-atom energies, reference energies, sum per graph
         readout_NH = self.readout(self.readout_norm(node_ND))

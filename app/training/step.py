@@ -61,10 +61,13 @@ def loss_and_gradients(model: Potential, batch: GraphBatch, cfg: Config, loss_sc
 
 
 def step_plan(model: Potential, batch: GraphBatch, cfg: Config) -> Recompute | None:
-    """Plain or fused for this micro-batch (run.recompute_lines, run.store_all_below). Dense models
+    """Plain or fused for this micro-batch (run.recompute_lines, run.store_all_below; the matris
+    block is always plain). Dense models
     choose per micro-batch, each rank on its own (the two paths give the same numbers); MoE models
     take the configured path on every rank, since the fused one re-issues expert all-to-alls
     while it recomputes and every rank must issue the same ones."""
+    if model.cfg.block == "matris":
+        return None  # it has no fused path
     line_channels = batch.triplet_index_2T.shape[1] * model.cfg.width * model.cfg.blocks
     store_all_below = 0 if model.moe_layers else cfg.run.store_all_below
     return Recompute.from_run(cfg.run.recompute_lines, cfg.run.recompute_bonds, store_all_below, line_channels)
