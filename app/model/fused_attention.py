@@ -154,7 +154,9 @@ def _terms(parts_SP, line_XF, index_2X, weight_X, weight_KDF, d: Direction, max_
     segment_X, other_X = index_2X[d.segment_row], index_2X[1 - d.segment_row]
     z_XD = _score(parts_SP, line_XF, index_2X, weight_KDF, d) - max_SD.index_select(0, segment_X)
     free_XD = None
-    if bool((weight_X < WEIGHT_FLOOR).any()):  # only lines below the floor can exceed the cap
+    # Only lines below the floor can exceed the cap. On the CPU a cheap check skips the mask when none
+    # is; on an accelerator the check would be a device→host sync per chunk, so the mask is always applied.
+    if weight_X.device.type != "cpu" or bool((weight_X < WEIGHT_FLOOR).any()):
         free_XD = z_XD <= SCORE_CAP
         z_XD = z_XD.clamp(max=SCORE_CAP)
     u_XD = torch.exp(z_XD)
