@@ -40,7 +40,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from exaforce.config import ConfigError
+from exaforce.config import ConfigError, ModelConfig
 from exaforce.io.atomic import remove, replace_path, write_file_atomically
 
 FORMAT = 1
@@ -65,7 +65,10 @@ def _on_host(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         return value.cpu()  # the tensor itself when it is already there
     if isinstance(value, dict):
-        return {k: _on_host(v) for k, v in value.items()}
+        out = type(value)((k, _on_host(v)) for k, v in value.items())  # an OrderedDict stays one …
+        if hasattr(value, "_metadata"):
+            out._metadata = value._metadata  # … with the state_dict's version metadata
+        return out
     if type(value) in (list, tuple):
         return type(value)(_on_host(v) for v in value)
     return value
@@ -373,7 +376,10 @@ def _plain(value: Any) -> Any:
 def model_config_differences(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
     """{field: (saved value, current value)} of every model-config field that differs, in `current`'s
     order, then fields only `saved` has. A tuple equals the list it becomes when a config is saved.
-    Restore needs equality; fine-tuning (exaforce.finetune) lets the heads differ."""
+    Restore needs equality; fine-tuning (exaforce.finetune) lets the heads differ. A field the saved
+    config lacks (added to ModelConfig after the checkpoint was written) counts as its default."""
+    defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig) if f.default is not dataclasses.MISSING}
+    saved = {**{k: v for k, v in defaults.items() if k not in saved}, **saved}
     keys = [*current, *(k for k in saved if k not in current)]
     return {k: (saved.get(k), current.get(k)) for k in keys if _plain(saved.get(k)) != _plain(current.get(k))}
 

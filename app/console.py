@@ -34,9 +34,9 @@ class ProgressReport:
             self.last_line, self.last_share = now, share
             elapsed = now - self.start
             rate = done / elapsed if elapsed > 0 else 0.0
-            eta = (total - done) / rate if rate > 0 else float("nan")
+            eta = f"{(total - done) / rate:.0f} s" if rate > 0 else "?"
             print(f"  {self.label}: {done}/{total} {self.unit} ({100 * share:.0f} %), {rate:.3g} {self.unit}/s, "
-                  f"{elapsed:.0f} s elapsed, ETA {eta:.0f} s", file=self.stream, flush=True)
+                  f"{elapsed:.0f} s elapsed, ETA {eta}", file=self.stream, flush=True)
 
     def _bar(self, done: int, total: int) -> None:
         from tqdm import tqdm

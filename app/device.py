@@ -32,7 +32,7 @@ def visible_devices(kind: str) -> int:
     return 0
 
 
-def device_index(local_rank: int, ranks_per_node: int, count: int) -> int:
+def device_index(local_rank: int, count: int) -> int:
     """The device a rank takes among the `count` it sees: index 0 when the launcher bound it to
     one, else its local rank modulo the count (ranks share devices when there are more ranks)."""
     if count < 1:
@@ -40,8 +40,8 @@ def device_index(local_rank: int, ranks_per_node: int, count: int) -> int:
     return 0 if count == 1 else local_rank % count
 
 
-def choose_device(kind: str, local_rank: int = 0, ranks_per_node: int = 1,
-                  count_of=visible_devices, environ=os.environ, key: str = "run.device") -> torch.device:
+def choose_device(kind: str, local_rank: int = 0, count_of=visible_devices, environ=os.environ,
+                  key: str = "run.device") -> torch.device:
     """run.device → this rank's torch.device. "auto": CUDA/ROCm if visible, else XPU, else the CPU.
     `key`: the setting's name in errors (`--device` on the command line)."""
     if kind not in DEVICE_KINDS:
@@ -52,7 +52,7 @@ def choose_device(kind: str, local_rank: int = 0, ranks_per_node: int = 1,
     for candidate in candidates:
         count = count_of(candidate)
         if count:
-            return torch.device(candidate, device_index(local_rank, ranks_per_node, count))
+            return torch.device(candidate, device_index(local_rank, count))
     if kind == "auto":
         return torch.device("cpu")
     seen = ", ".join(f"{v}={environ[v]!r}" for v in VISIBLE_DEVICE_VARIABLES[kind] if v in environ) or \
@@ -65,21 +65,25 @@ def rank_device(kind: str, topo, key: str = "run.device") -> torch.device:
     """Collective: this rank's device (`choose_device` from its place on its node). Every rank
     learns whether any failed, so all stop together with the first rank's reason."""
     try:
-        device, problem = choose_device(kind, topo.local_rank, topo.ranks_per_node, key=key), None
+        device, problem = choose_device(kind, topo.local_rank, key=key), None
     except DeviceError as err:
         device, problem = None, str(err)
-    failed = [(rank, p) for rank, p in enumerate(topo.allgather(problem)) if p]  # collective
+    seen = topo.allgather((problem, device.type if device is not None else None, topo.hostname))  # collective
+    failed = [(rank, host, p) for rank, (p, _, host) in enumerate(seen) if p]
     if failed:
-        rank, reason = failed[0]
-        raise DeviceError(f"rank {rank} on {topo.allgather(topo.hostname)[rank]}: {reason}"
+        rank, host, reason = failed[0]
+        raise DeviceError(f"rank {rank} on {host}: {reason}"
                           + (f" (and {len(failed) - 1} more rank(s))" if len(failed) > 1 else ""))
+    if len({found for _, found, _ in seen}) > 1:  # "auto" where some nodes have GPUs: one backend cannot serve both
+        where = ", ".join(f"rank {r}: {found}" for r, (_, found, _) in enumerate(seen))
+        raise DeviceError(f"{key} = {kind!r}: the ranks found different devices ({where}); name one")
     return device
 
 
 def _built_with(kind: str) -> bool:
     if kind == "cuda":
         return torch.backends.cuda.is_built() or torch.version.hip is not None
-    return hasattr(torch, "xpu")
+    return bool(getattr(torch._C, "_has_xpu", False))
 
 
 def describe(device: torch.device) -> str:

@@ -65,7 +65,8 @@ class GraphBatch:
                 moved[f.name] = t
                 continue
             t = t.to(dtype=dtype) if t.is_floating_point() else t
-            moved[f.name] = t.pin_memory().to(device, non_blocking=True) if pin else t.to(device)
+            pinned = pin and t.device.type == "cpu"  # a tensor already on the accelerator stays where it is
+            moved[f.name] = t.pin_memory().to(device, non_blocking=True) if pinned else t.to(device)
         return GraphBatch(**moved)
 
 

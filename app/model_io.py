@@ -47,8 +47,8 @@ class TrainedModel:
     def describe(self) -> dict:
         """What a user or a tool needs to know to run this model, read from the file alone (no model
         is built): elements, cutoffs, the receptive field (the ghost-atom range a domain-decomposed
-        MD code must provide: blocks × cutoff), heads with their reference energies, units, sizes and
-        the versions that wrote it."""
+        MD code must provide), heads with their reference energies, units, sizes and the versions
+        that wrote it."""
         cfg = self.config
         reference_HX = self.state["reference_energy_HX"].double()
         scale_H = self.state["energy_scale_H"].double()
@@ -59,10 +59,22 @@ class TrainedModel:
             "heads": {head: {"reference_energy_ev": {el: float(reference_HX[h, x]) for x, el in enumerate(cfg.elements)},
                              "energy_scale_ev": float(scale_H[h])} for h, head in enumerate(cfg.heads)},
             "cutoff_a": cfg.cutoff, "three_body_cutoff_a": cfg.three_body_cutoff, "blocks": cfg.blocks,
-            "receptive_field_a": cfg.blocks * cfg.cutoff,
+            "receptive_field_a": receptive_field(cfg),
             "width": cfg.width, "moe_experts": cfg.moe_experts, "moe_top_k": cfg.moe_top_k, "parameters": parameters,
             "units": UNITS, "model_config": dataclasses.asdict(cfg),
         }
+
+
+def receptive_field(cfg: ModelConfig) -> float:
+    """How far (Å) an atom's energy reaches. Light block: bond features see only bonds of their own
+    source atom within the three-body cutoff, so one block reaches max(cutoff, 2·three-body cutoff)
+    (a short bond's far end) and every further block one more cutoff through the atoms' features.
+    MatRIS block: bonds also carry atom features into the line graph, so each block may reach
+    cutoff + 2·three-body cutoff (an upper bound)."""
+    reach = max(cfg.cutoff, 2 * cfg.three_body_cutoff)
+    if cfg.block == "matris":
+        return cfg.blocks * (cfg.cutoff + 2 * cfg.three_body_cutoff)
+    return (cfg.blocks - 1) * cfg.cutoff + reach
 
 
 BUFFERS = ("reference_energy_HX", "energy_scale_H", "freq_R")  # state entries that are not trained weights

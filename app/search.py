@@ -1,13 +1,15 @@
-"""Hyperparameter search campaigns: Optuna samples the trials, the job templates run them.
+"""Hyperparameter search campaigns: a space-filling design of trials, run by the job templates.
 
 `exaforce jobs campaign --mode search --trials 8 --param optim.lr=log:1e-4:1e-2 --param
 model.width=choice:32,64 …` renders one job per trial (the config with the trial's values as
 `--set` overrides) under OUT/trials/tNNNN/, OUT/search.json (the trials and their parameters) and
 OUT/submit.sh; `exaforce perf report OUT` ranks the trials (exaforce.perf.search).
 
-The trials are sampled all at once, before any runs (batch jobs run independently), by Optuna's
-quasi-Monte-Carlo sampler (scrambled Sobol points: even coverage of the space; a sequential,
-model-based sampler such as TPE would need finished trials to improve on random draws).
+The trials are chosen all at once, before any runs (batch jobs run independently), as a scrambled
+Sobol sequence (scipy.stats.qmc, seeded): even coverage of the space, better than independent random
+draws for a handful of trials. Not Optuna, which the issue suggested: its quasi-Monte-Carlo sampler
+samples relative to finished trials and falls back to plain random draws for a batch asked up front,
+and a sequential, model-based sampler (TPE) needs finished trials to improve on random draws.
 
 A parameter is `KEY=KIND:ARGS`: `float:LOW:HIGH`, `log:LOW:HIGH` (log-uniform), `int:LOW:HIGH`,
 `choice:A,B,C` (numbers, true/false, or strings).
@@ -37,14 +39,15 @@ class Param:
     high: float = 0.0
     choices: tuple[Any, ...] = ()
 
-    def distribution(self) -> Any:
-        import optuna
-
+    def value(self, u: float) -> Any:
+        """The point of this dimension at u ∈ [0, 1) (a coordinate of the Sobol sequence)."""
         if self.kind == "choice":
-            return optuna.distributions.CategoricalDistribution(self.choices)
+            return self.choices[min(int(u * len(self.choices)), len(self.choices) - 1)]
         if self.kind == "int":
-            return optuna.distributions.IntDistribution(int(self.low), int(self.high))
-        return optuna.distributions.FloatDistribution(self.low, self.high, log=self.kind == "log")
+            return int(min(self.low + int(u * (self.high - self.low + 1)), self.high))
+        if self.kind == "log":
+            return float(math.exp(math.log(self.low) + u * (math.log(self.high) - math.log(self.low))))
+        return float(self.low + u * (self.high - self.low))
 
 
 def _choice(text: str) -> Any:
@@ -94,13 +97,15 @@ def _toml_value(value: Any) -> str:
 
 
 def sample_trials(params: list[Param], trials: int, seed: int) -> list[dict[str, Any]]:
-    """`trials` points of the space from Optuna's QMC sampler (deterministic for a seed)."""
-    import optuna
+    """`trials` points of the space: a scrambled Sobol sequence (deterministic for a seed)."""
+    import warnings
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(sampler=optuna.samplers.QMCSampler(seed=seed, scramble=True, warn_independent_sampling=False))
-    distributions = {p.key: p.distribution() for p in params}
-    return [study.ask(distributions).params for _ in range(trials)]
+    from scipy.stats import qmc
+
+    with warnings.catch_warnings():  # scipy warns that a count other than a power of 2 is less balanced
+        warnings.simplefilter("ignore", UserWarning)
+        points = qmc.Sobol(d=len(params), scramble=True, seed=seed).random(trials)
+    return [{p.key: p.value(float(u)) for p, u in zip(params, row)} for row in points]
 
 
 def render_search(machine_name: str, request: JobRequest, out_dir: Path, params: list[Param], trials: int,
@@ -119,15 +124,16 @@ def render_search(machine_name: str, request: JobRequest, out_dir: Path, params:
     if (out_dir / SEARCH_FILE).exists():
         raise JobError(f"{out_dir} already holds a search ({SEARCH_FILE}); choose a new --out")
     sampled = sample_trials(params, trials, seed)
-    suffix = {"slurm": "sbatch", "pbs": "pbs", "local": "sh"}[machine.scheduler]
-    entries, scripts = [], []
-    for i, values in enumerate(sampled):
-        name = f"t{i:04d}"
-        overrides = tuple(f"{key}={_toml_value(value)}" for key, value in values.items())
-        try:  # a sampled value the config rejects (width not divisible, …) fails here, not in the queue
+    overrides_of = [tuple(f"{key}={_toml_value(value)}" for key, value in values.items()) for values in sampled]
+    for i, overrides in enumerate(overrides_of):  # every trial's config is checked before anything is written
+        try:
             config_mod.validate(config_mod.load(request.config, (*request.overrides, *overrides)))
         except config_mod.ConfigError as err:
-            raise JobError(f"trial {name} ({', '.join(overrides)}): {err}") from None
+            raise JobError(f"trial t{i:04d} ({', '.join(overrides)}): {err}") from None
+    suffix = {"slurm": "sbatch", "pbs": "pbs", "local": "sh"}[machine.scheduler]
+    entries, scripts = [], []
+    for i, (values, overrides) in enumerate(zip(sampled, overrides_of)):
+        name = f"t{i:04d}"
         trial_dir = out_dir / "trials" / name
         job = dataclasses.replace(request, job_name=f"{request.job_name}-search-{name}", run_dir=trial_dir / "run",
                                   overrides=(*request.overrides, *overrides))
@@ -140,7 +146,7 @@ def render_search(machine_name: str, request: JobRequest, out_dir: Path, params:
         entries.append({"name": name, "params": values, "overrides": list(overrides),
                         "run_dir": str((trial_dir / "run").relative_to(out_dir)), "job": str(path.relative_to(out_dir))})
     manifest = {"schema": SEARCH_SCHEMA, "machine": machine.name, "config": str(Path(request.config).resolve()),
-                "overrides": list(request.overrides), "sampler": f"optuna QMCSampler (scrambled Sobol, seed {seed})",
+                "overrides": list(request.overrides), "sampler": f"scrambled Sobol sequence (scipy.stats.qmc, seed {seed})",
                 "space": [dataclasses.asdict(p) for p in params], "trials": entries}
     (out_dir / SEARCH_FILE).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
     submit = out_dir / "submit.sh"

@@ -35,6 +35,10 @@ def read_source(path: Path, keys: LabelKeys | None = None) -> tuple[Frames, dict
     if kind == "hdf5":
         from exaforce.io.hdf5 import read_hdf5
 
+        if keys is not None and keys != LabelKeys():
+            raise DataError(path, "--energy-key/--forces-key/--stress-key apply to extxyz and ASE databases; "
+                                  "HDF5 files have fixed dataset names (io/SCHEMA.md)")
+
         return read_hdf5(path)
     raise DataError(path, f"unknown input format {path.suffix or '(no suffix)'!r}: expected one of "
                     f"{', '.join(FORMATS)}")

@@ -290,18 +290,20 @@ class LabelKeys:
         return f"REF_{label}" if getattr(self, label) == label else None
 
 
-def _label(atoms: Any, key: str) -> Any:
-    """A label from the calculator results, else from info/arrays (where plain extxyz keys land)."""
+def _label(atoms: Any, key: str, per_atom: bool) -> Any:
+    """A label from the calculator results, else from arrays (per atom) or info (per structure),
+    where plain extxyz keys land."""
     results = getattr(atoms.calc, "results", None) or {}
     if key in results:
         return results[key]
-    return atoms.arrays[key] if key in atoms.arrays else atoms.info.get(key)
+    return atoms.arrays.get(key) if per_atom else atoms.info.get(key)
 
 
 def _find_label(atoms: Any, keys: LabelKeys, label: str) -> Any:
-    value = _label(atoms, getattr(keys, label))
+    per_atom = label == "forces"
+    value = _label(atoms, getattr(keys, label), per_atom)
     other = keys.fallback(label)
-    return _label(atoms, other) if value is None and other else value
+    return _label(atoms, other, per_atom) if value is None and other else value
 
 
 def _missing(keys: LabelKeys, label: str) -> str:

@@ -20,19 +20,25 @@ MAX_POINTS = 20_000             # force components drawn (a random, seeded subse
 def parity_of(run_dir: Path) -> tuple[list[dict[str, Any]], list[str]]:
     """One entry per prediction dataset under RUN/predictions (arrays for the plot, MAE and RMSE),
     and warnings for predictions that cannot be paired (reference gone or different)."""
-    from exaforce.io.bp import open_bp
+    from exaforce.io.bp import is_dataset, open_bp
 
     entries, warnings = [], []
     for path in sorted((Path(run_dir) / PREDICTIONS).glob("*.bp")):
-        with open_bp(path) as predicted:
-            reference_path = Path(str(predicted.attrs.get("predicted_from", "")))
-            pred = predicted.read(0, predicted.n_structures)
-            head = str(predicted.attrs.get("head", "?"))
-        if not reference_path.is_dir():
-            warnings.append(f"{path}: its reference {reference_path} is not there: no parity plot")
+        try:  # a report is never lost to one bad file: each problem becomes a warning
+            with open_bp(path) as predicted:
+                reference_text = str(predicted.attrs.get("predicted_from", ""))
+                pred = predicted.read(0, predicted.n_structures)
+                head = str(predicted.attrs.get("head", "?"))
+            reference_path = Path(reference_text)
+            if not reference_text or not is_dataset(reference_path):
+                warnings.append(f"{path}: its reference {reference_text or '(not recorded)'} is not a dataset here: "
+                                "no parity plot")
+                continue
+            with open_bp(reference_path) as reference:
+                ref = reference.read(0, reference.n_structures)
+        except Exception as err:  # noqa: BLE001 — ADIOS2 and the schema check raise several types
+            warnings.append(f"{path}: unreadable ({type(err).__name__}: {err}): no parity plot")
             continue
-        with open_bp(reference_path) as reference:
-            ref = reference.read(0, reference.n_structures)
         if not (np.array_equal(pred.natoms_S, ref.natoms_S) and np.array_equal(pred.numbers_N, ref.numbers_N)):
             warnings.append(f"{path}: its structures differ from {reference_path}: no parity plot")
             continue

@@ -255,20 +255,6 @@ def _campaign_markdown(summary: dict[str, Any], plots: list[str]) -> str:
             out += [f"Caveat: {proj['caveat']}.", ""]
     else:
         out += [f"Not available: {proj['why']}.", ""]
-    val = [st for st in s["steps"] if st.get("val")]
-    if val:
-        out += [f"## Validation at step {val[-1]['step']}", "", "| head | energy MAE (meV/atom) | force MAE (meV/Å) | "
-                "structures |", "|---|---:|---:|---:|"]
-        out += [f"| {h} | {m['energy_mev_per_atom']:.3g} | {m['forces_mev_per_a']:.3g} | {m['structures']} |"
-                for h, m in val[-1]["val"].items()] + [""]
-    if s.get("parity"):
-        out += ["## Predictions against references", "",
-                "`exaforce predict --out RUN/predictions/NAME.bp` on a labelled dataset (every structure of it).", "",
-                "| prediction | head | structures | energy MAE / RMSE (meV/atom) | force MAE / RMSE (meV/Å) |",
-                "|---|---|---:|---:|---:|"]
-        out += [f"| {p['name']} | {p['head']} | {p['structures']} | {p['energy_mae_mev_per_atom']:.3g} / "
-                f"{p['energy_rmse_mev_per_atom']:.3g} | {p['forces_mae_mev_per_a']:.3g} / {p['forces_rmse_mev_per_a']:.3g} |"
-                for p in s["parity"]] + [""]
 
     if plots:
         out += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
@@ -331,7 +317,7 @@ def write_search_report(search_dir: Path, out_dir: Path | None = None, summary: 
            f"Search folder `{search_dir}`; config `{summary['config']}`; sampler: {summary['sampler']}.", "",
            f"Objective (lower is better): {summary['objective']}.", "",
            "| rank | trial | objective | " + " | ".join(f"`{k}`" for k in keys) + " | val energy MAE (meV/atom) | "
-           "final loss | steps | atoms/s |",
+           "loss (mean of the last tenth of steps) | steps | atoms/s |",
            "|---:|---|---:|" + "---:|" * len(keys) + "---:|---:|---:|---:|"]
     for r in summary["trials"]:
         out.append(f"| {r.get('rank', '–')} | {r['name']} | {fmt(r['objective'], '.4g')} | "

@@ -6,12 +6,14 @@ A search folder (rendered by `exaforce jobs campaign --mode search`, exaforce.se
 `search.json` and one run folder per trial. The objective, lower is better, is the validation
 force MAE at a trial's last validation, averaged over its heads (meV/Å), when every finished trial
 validated; otherwise the mean training loss over the last tenth of its steps (said in the
-summary). A trial that never ran or stopped early is listed, unranked, with the reason.
+summary). A trial that never ran, stopped early (no end record in its perf log) or diverged
+(a non-finite objective) is listed, unranked, with the reason.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from pathlib import Path
 from typing import Any
@@ -36,7 +38,8 @@ def _trial(search_dir: Path, entry: dict[str, Any]) -> dict[str, Any]:
            "val_forces_mev_per_a": None, "val_energy_mev_per_atom": None, "late_loss": None, "steps": 0,
            "atoms_per_s": None}
     try:
-        summary = summarize(load_run(Path(search_dir) / entry["run_dir"]))
+        run = load_run(Path(search_dir) / entry["run_dir"])
+        summary = summarize(run)
     except (FileNotFoundError, ValueError) as err:
         row["problem"] = str(err)
         return row
@@ -44,6 +47,8 @@ def _trial(search_dir: Path, entry: dict[str, Any]) -> dict[str, Any]:
     if not steps:
         row["problem"] = "no step recorded"
         return row
+    if not run.ends:  # a finished run (its steps, or its time budget) writes an end record
+        row["problem"] = f"stopped early, after step {steps[-1]['step']} (no end record)"
     row["steps"], row["atoms_per_s"] = len(steps), summary["atoms_per_s"]
     late = steps[-max(1, len(steps) // 10):]
     row["late_loss"] = statistics.fmean(s["loss"]["total"] for s in late)
@@ -51,6 +56,9 @@ def _trial(search_dir: Path, entry: dict[str, Any]) -> dict[str, Any]:
     if validated:
         row["val_forces_mev_per_a"] = statistics.fmean(m["forces_mev_per_a"] for m in validated[-1].values())
         row["val_energy_mev_per_atom"] = statistics.fmean(m["energy_mev_per_atom"] for m in validated[-1].values())
+    if row["problem"] is None and not all(math.isfinite(v) for v in (row["late_loss"], row["val_forces_mev_per_a"])
+                                          if v is not None):
+        row["problem"] = "non-finite loss or validation error (diverged)"
     return row
 
 

@@ -333,6 +333,7 @@ def bench_step(preset: str, workload: str, batches: list[int], dtype: str, warmu
     log(f"bench step: preset {preset}, workload {workload} (seed {BENCH_SEED}), batches {batches}, {dtype}, "
         f"{warmup} warm-up + {repeats} timed steps, {runs} run(s) per batch (medians), "
         f"{torch.get_num_threads()} thread(s), memory cap {mem_limit_gib:g} GiB per worker, exaforce on {device}")
+    device = choose_device(device).type  # "auto" resolved once: the worker's memory cap depends on it
     ours = _sweep("exaforce", preset, workload, batches, dtype, warmup, repeats, runs, mem_limit_gib, log, device)
     peak_flops = device_machine(choose_device(device), getattr(torch, dtype))["peak_flops_per_s"]
     result = {"preset": preset, "workload": workload, "dtype": dtype, "mem_limit_gib": mem_limit_gib, "runs": runs,

@@ -47,9 +47,9 @@ class MessageAttention(nn.Module):
         src_X, dst_X = index_2X
         message_XD = self.message(torch.cat([line_XD, entity_SD[dst_X], entity_SD[src_X]], -1))
         score0_XD, score1_XD = self.score(line_XD).chunk(2, -1)
-        zeros_SD = entity_SD.new_zeros(entity_SD.shape)
-        max0_SD = segment_max(score0_XD.detach(), weight_X.detach(), src_X, zeros_SD)
-        max1_SD = segment_max(score1_XD.detach(), weight_X.detach(), dst_X, zeros_SD)
+        # segment_max fills its last argument in place: one buffer per direction
+        max0_SD = segment_max(score0_XD.detach(), weight_X.detach(), src_X, entity_SD.new_zeros(entity_SD.shape))
+        max1_SD = segment_max(score1_XD.detach(), weight_X.detach(), dst_X, entity_SD.new_zeros(entity_SD.shape))
         sums = SegmentSums((*segment_softmax_sums(score0_XD, message_XD, weight_X, src_X, max0_SD),
                             *segment_softmax_sums(score1_XD, message_XD, weight_X, dst_X, max1_SD)), (max0_SD, max1_SD))
         aggregate_S2D = SeparableAttention.normed_message(sums, self.norm)
@@ -74,7 +74,9 @@ class MatrisBlock(nn.Module):
     def forward(self, node_ND: torch.Tensor, edge_ED: torch.Tensor, triplet_TD: torch.Tensor,
                 edge_index_2E: torch.Tensor, edge_weight_E: torch.Tensor, triplet_index_2T: torch.Tensor,
                 triplet_weight_T: torch.Tensor, radial_ER: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """New atom, bond and triplet features; the last block returns None for the bonds and triplets
+        (they reach no energy)."""
         edge_ED, triplet_TD = self.line_graph(edge_ED, triplet_TD, triplet_weight_T, triplet_index_2T)
         node_ND, edge_ED = self.atom_graph(node_ND, edge_ED, edge_weight_E, edge_index_2E)
         if self.bond_refine is not None:

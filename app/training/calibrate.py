@@ -8,6 +8,7 @@ the checkpoint's).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Callable
 
@@ -54,12 +55,23 @@ def calibrate(model: Potential, index: GlobalIndex, to_batch: Callable[[np.ndarr
     mine = np.flatnonzero(~index.is_val_G)[topo.rank::topo.world_size]
     batches = [to_batch(mine[np.arange(i, i + k) % len(mine)])
                for i, k in ((0, 1), (1, 2), (3, 3), (6, 4), (10, 2), (12, 5))]
+    cfg = on_training_path(cfg, model, index, topo.world_size)
     t0 = time.perf_counter()
     flop_coefficients = calibrate_flops(model, batches, cfg, parallel, log)
     t1 = time.perf_counter()
     cost_coefficients = calibrate_cost(model, batches, cfg, parallel, flop_coefficients, log)
     log(f"calibration: {t1 - t0:.1f} s counting FLOPs, {time.perf_counter() - t1:.1f} s timing steps")
     return flop_coefficients, cost_coefficients
+
+
+def on_training_path(cfg: Config, model: Potential, index: GlobalIndex, world_size: int) -> Config:
+    """The config with run.store_all_below set so that the small calibration batches take the path
+    (plain or fused) that a typical training micro-batch takes (step_plan), so the FLOP and cost
+    coefficients describe the work the steps do."""
+    per_micro = cfg.data.global_batch_size / (world_size * cfg.data.micro_batches)
+    angles = float(index.counts_G3[~index.is_val_G, 2].mean()) if index.n_train else 0.0
+    plain = angles * per_micro * model.cfg.width * model.cfg.blocks < cfg.run.store_all_below
+    return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, store_all_below=2**62 if plain else 0))
 
 
 def calibrate_flops(model: Potential, batches: list[GraphBatch], cfg: Config, parallel: Parallel,

@@ -3,7 +3,8 @@
 The perf logs (one JSON line per rank and step) are for `exaforce perf report`; metrics.csv is the
 run's learning curve as one flat table that a spreadsheet, pandas or a plotting tool reads as it
 is: one row per step (global values, written by rank 0), validation columns per head filled on the
-steps that validated. A resumed run appends to it.
+steps that validated; wall_s counts from the segment's first step (0 again after a resume). A
+resumed run keeps the rows up to its checkpoint and appends.
 """
 
 from __future__ import annotations
@@ -24,18 +25,26 @@ def metrics_columns(heads: tuple[str, ...]) -> list[str]:
 
 
 class MetricsFile:
-    """RUN/metrics.csv, written by rank 0 only, flushed every row (readable while the run goes on)."""
+    """RUN/metrics.csv, written by rank 0 only, flushed every row (readable while the run goes on).
 
-    def __init__(self, run_dir: Path, heads: tuple[str, ...], append: bool):
+    A resumed run (`resumed_at`: its checkpoint's step) keeps the rows up to that step and appends:
+    steps an interrupted segment took after its last checkpoint are taken again and replace theirs."""
+
+    def __init__(self, run_dir: Path, heads: tuple[str, ...], resumed_at: int | None = None):
         self.path = Path(run_dir) / METRICS_FILE
         self.columns = metrics_columns(heads)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fresh = not (append and self.path.exists())
-        self._file = open(self.path, "w" if fresh else "a", newline="")
+        kept = self._rows_through(resumed_at) if resumed_at is not None and self.path.exists() else None
+        self._file = open(self.path, "w", newline="")
         self._writer = csv.DictWriter(self._file, fieldnames=self.columns, extrasaction="ignore")
-        if fresh:
-            self._writer.writeheader()
-            self._file.flush()
+        self._writer.writeheader()
+        for row in kept or []:
+            self._writer.writerow(row)
+        self._file.flush()
+
+    def _rows_through(self, step: int) -> list[dict[str, str]]:
+        with open(self.path, newline="") as f:
+            return [row for row in csv.DictReader(f) if row.get("step", "").isdigit() and int(row["step"]) <= step]
 
     def row(self, values: dict[str, Any], val: dict[str, dict[str, float]] | None = None) -> None:
         row = dict(values)

@@ -140,6 +140,16 @@ def test_lammps_cli_runs_an_input_script_and_refuses_one_without_the_fix(model, 
     assert proc.returncode == 2 and "defines no `fix ID all external pf/callback 1 1`" in proc.stderr
     proc = run_cli(["lammps", "--checkpoint", str(model), "--in", str(script), "--elements", "Cu,Xx"])
     assert proc.returncode == 2 and "elements ['Xx']: not in this model's elements" in proc.stderr
+    proc = run_cli(["lammps", "--checkpoint", str(model), "--in", str(script), "--elements", "Cu"])
+    assert proc.returncode == 2 and "the box has 2 atom types but --elements names 1" in proc.stderr
+    # A failure inside the callback (which LAMMPS calls through ctypes, where an exception would be
+    # swallowed and the other rank left waiting) stops both ranks with the reason.
+    clash = tmp_path / "clash.lmp"
+    clash.write_text(script.read_text().replace("create_atoms 1 box\n", "create_atoms 1 box\n"
+                                                "create_atoms 1 single 0.0 0.0 0.0 units box\n"))
+    proc = run_mpi(2, ["-m", "exaforce.cli", "lammps", "--checkpoint", str(model), "--in", str(clash),
+                       "--elements", "Cu,Au"], timeout=300)
+    assert proc.returncode != 0 and "the model failed" in proc.stderr and "0 Å apart" in proc.stderr
 
 
 def test_bench_md_runs_hot_langevin_then_nve_with_its_checks(model):

@@ -198,10 +198,10 @@ def test_model_info_describes_the_model_file_without_building_it(work):
     for info in infos:
         assert info["elements"] == list(ELEMENTS) and list(info["heads"]) == ["emt", "pbe"]
         assert (info["cutoff_a"], info["three_body_cutoff_a"], info["blocks"]) == (6.0, 4.0, 2)
-        assert info["receptive_field_a"] == 12.0 and info["units"]["forces"] == "eV/Å"
+        assert info["receptive_field_a"] == 14.0  # (2 - 1) × 6 + max(6, 2 × 4) and info["units"]["forces"] == "eV/Å"
         assert info["written_by"] == {"exaforce": __version__, "torch": torch.__version__} and info["step"] == 2
         assert info["heads"]["pbe"]["reference_energy_ev"]["Cu"] == pytest.approx(
             float(state["reference_energy_HX"][1, ELEMENTS.index("Cu")]))
         assert info["model_config"]["width"] == 16
     text = run_cli(["model", "info", "--checkpoint", str(work / "run")]).stdout
-    assert "receptive_field_a: 12.0" in text and "head pbe: energy scale" in text
+    assert "receptive_field_a: 14.0" in text and "head pbe: energy scale" in text

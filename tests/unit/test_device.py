@@ -29,14 +29,14 @@ def test_cpu_and_auto_without_accelerators_take_the_cpu():
 
 def test_auto_prefers_cuda_then_xpu():
     assert choose_device("auto", count_of=_counts(cuda=1, xpu=1)) == torch.device("cuda", 0)
-    assert choose_device("auto", count_of=_counts(xpu=2), local_rank=1, ranks_per_node=2) == torch.device("xpu", 1)
+    assert choose_device("auto", count_of=_counts(xpu=2), local_rank=1) == torch.device("xpu", 1)
 
 
 def test_local_rank_picks_the_device_when_a_rank_sees_several():
     # A bare mpiexec on a node of 4 GPUs: ranks 0-3 take GPUs 0-3; 8 ranks share them two by two.
-    assert [device_index(r, 4, 4) for r in range(4)] == [0, 1, 2, 3]
-    assert [device_index(r, 8, 4) for r in range(8)] == [0, 1, 2, 3, 0, 1, 2, 3]
-    chosen = [choose_device("cuda", r, 4, count_of=_counts(cuda=4)) for r in range(4)]
+    assert [device_index(r, 4) for r in range(4)] == [0, 1, 2, 3]
+    assert [device_index(r, 4) for r in range(8)] == [0, 1, 2, 3, 0, 1, 2, 3]
+    chosen = [choose_device("cuda", r, count_of=_counts(cuda=4)) for r in range(4)]
     assert chosen == [torch.device("cuda", i) for i in range(4)]
 
 
@@ -44,9 +44,9 @@ def test_a_bound_rank_sees_one_device_and_takes_it():
     # What the job templates do (srun --gpus-per-task=1 sets CUDA/ROCR_VISIBLE_DEVICES per task,
     # Aurora's wrapper sets ZE_AFFINITY_MASK): every rank of the node sees one device, index 0.
     for local_rank in range(8):
-        assert choose_device("cuda", local_rank, 8, count_of=_counts(cuda=1)) == torch.device("cuda", 0)
+        assert choose_device("cuda", local_rank, count_of=_counts(cuda=1)) == torch.device("cuda", 0)
     for local_rank in range(12):
-        assert choose_device("xpu", local_rank, 12, count_of=_counts(xpu=1)) == torch.device("xpu", 0)
+        assert choose_device("xpu", local_rank, count_of=_counts(xpu=1)) == torch.device("xpu", 0)
 
 
 def test_a_missing_device_is_a_clear_error_naming_the_visible_device_variables():
@@ -116,3 +116,24 @@ def test_the_perf_header_names_the_device_and_its_peak():
         assert table_precision(h100, torch.float32) == "tf32_matrix"
     finally:
         torch.set_float32_matmul_precision(precision)
+
+
+class _FakeTopology:
+    """Two ranks' views for rank_device's agreement check (allgather returns both ranks' values)."""
+
+    def __init__(self, other: tuple):
+        self.local_rank, self.hostname, self.other = 0, "node0", other
+
+    def allgather(self, mine: tuple) -> list:
+        return [mine, self.other]
+
+
+def test_ranks_must_agree_on_the_device_kind(monkeypatch):
+    import exaforce.device as device_module
+    from exaforce.device import rank_device
+
+    assert rank_device("auto", _FakeTopology((None, "cpu", "node1"))) == torch.device("cpu")
+    with pytest.raises(DeviceError, match=r"the ranks found different devices \(rank 0: cpu, rank 1: cuda\)"):
+        rank_device("auto", _FakeTopology((None, "cuda", "node1")))  # node1 has a GPU, node0 not
+    with pytest.raises(DeviceError, match=r"rank 1 on node1: no GPU there"):
+        rank_device("auto", _FakeTopology(("no GPU there", None, "node1")))

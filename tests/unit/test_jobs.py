@@ -9,6 +9,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from exaforce.jobs import AURORA_CPU_BIND, JOB_MACHINES, JobError, JobRequest, render_campaign, render_job
@@ -179,6 +180,20 @@ def test_campaigns_keep_the_global_or_the_per_rank_batch(config, tmp_path):
         render_campaign("frontier", "strong", [16], JobRequest(config=config, account="A"), tmp_path / "x")
 
 
+def test_search_trials_are_a_seeded_space_filling_design():
+    from exaforce.search import parse_param, sample_trials
+
+    params = [parse_param("optim.lr=log:1e-4:1e-2"), parse_param("model.width=int:16:64"),
+              parse_param("model.blocks=choice:1,2")]
+    trials = sample_trials(params, 8, seed=3)
+    assert trials == sample_trials(params, 8, seed=3) != sample_trials(params, 8, seed=4)
+    lrs = sorted(np.log10([t["optim.lr"] for t in trials]))
+    # Sobol: one point in each eighth of the log-lr range (random draws leave gaps and clusters)
+    assert sorted(int((lr + 4) / 2 * 8) for lr in lrs) == list(range(8))
+    assert {t["model.blocks"] for t in trials} == {1, 2} and all(16 <= t["model.width"] <= 64 for t in trials)
+    assert all(isinstance(t["model.width"], int) for t in trials)
+
+
 def test_search_parameters_parse_and_bad_ones_fail_clearly():
     from exaforce.search import Param, parse_param
 
@@ -195,7 +210,7 @@ def test_search_parameters_parse_and_bad_ones_fail_clearly():
 
 @pytest.mark.slow
 def test_a_local_search_of_8_trials_runs_end_to_end_and_its_report_ranks_them(tmp_path):
-    """`jobs campaign --mode search` on this host: 8 trials (Optuna QMC over lr and width), every job
+    """`jobs campaign --mode search` on this host: 8 trials (a scrambled Sobol design over lr and width), every job
     run by submit.sh, `perf report` ranks them by the validation force MAE."""
     from conftest import run_cli
 
@@ -212,7 +227,7 @@ def test_a_local_search_of_8_trials_runs_end_to_end_and_its_report_ranks_them(tm
                     "--stage-dir", str(tmp_path / "stage")])
     assert proc.returncode == 0, proc.stderr
     manifest = json.loads((tmp_path / "search/search.json").read_text())
-    assert len(manifest["trials"]) == 8 and "QMCSampler" in manifest["sampler"]
+    assert len(manifest["trials"]) == 8 and "Sobol" in manifest["sampler"]
     lrs = [t["params"]["optim.lr"] for t in manifest["trials"]]
     assert len(set(lrs)) == 8 and all(1e-4 <= lr <= 1e-2 for lr in lrs)
     assert {t["params"]["model.width"] for t in manifest["trials"]} == {8, 16}

@@ -93,3 +93,27 @@ def test_matris_block_is_validated():
         validate(Config(model=ModelConfig(block="matrix"), data=data))
     with pytest.raises(ConfigError, match="dense MLPs only"):
         validate(Config(model=ModelConfig(block="matris", moe_experts=4), data=data))
+
+
+def test_a_checkpoint_written_before_model_block_existed_still_matches_its_config():
+    """Resume compares the saved model config with the current one; a field the saved config lacks
+    (model.block, added later) counts as its default, not as a difference."""
+    import dataclasses
+
+    from exaforce.checkpoint import model_config_differences
+
+    current = dataclasses.asdict(ModelConfig())
+    saved = {k: v for k, v in current.items() if k != "block"}
+    assert model_config_differences(saved, current) == {}
+    assert model_config_differences(saved, {**current, "block": "matris"}) == {"block": ("light", "matris")}
+
+
+def test_receptive_field_counts_the_line_graph_reach():
+    """One light block reaches a short bond's far end through the line graph (2 × 3.2 > 5 Å); the
+    MatRIS block's bonds carry atom features, so its bound adds both per block."""
+    from exaforce.model_io import receptive_field
+
+    assert receptive_field(ModelConfig(blocks=2, cutoff=5.0, three_body_cutoff=3.2)) == pytest.approx(5.0 + 6.4)
+    assert receptive_field(ModelConfig(blocks=3, cutoff=6.0, three_body_cutoff=2.0)) == pytest.approx(18.0)
+    assert receptive_field(ModelConfig(blocks=2, cutoff=5.0, three_body_cutoff=3.2, block="matris")) == \
+        pytest.approx(2 * 11.4)

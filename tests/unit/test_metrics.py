@@ -8,18 +8,20 @@ from exaforce.training.metrics import MetricsFile, StepClock, metrics_columns
 
 
 def test_metrics_file_rows_validation_columns_and_append_on_resume(tmp_path):
-    first = MetricsFile(tmp_path, ("pbe", "r2scan"), append=False)
+    first = MetricsFile(tmp_path, ("pbe", "r2scan"))
     first.row({"step": 1, "loss": 2.5, "lr": 1e-3})
     first.row({"step": 2, "loss": 1.5}, val={"r2scan": {"energy_mev_per_atom": 12.0, "forces_mev_per_a": 80.0}})
+    first.row({"step": 3, "loss": 9.9})  # after the last checkpoint (step 2): taken again on resume
     first.close()
-    resumed = MetricsFile(tmp_path, ("pbe", "r2scan"), append=True)  # a resumed run: no second header
+    resumed = MetricsFile(tmp_path, ("pbe", "r2scan"), resumed_at=2)  # rows through step 2 kept, one header
     resumed.row({"step": 3, "loss": 1.0})
     resumed.close()
     rows = list(csv.DictReader((tmp_path / "metrics.csv").open()))
     assert list(rows[0]) == metrics_columns(("pbe", "r2scan"))
-    assert [r["step"] for r in rows] == ["1", "2", "3"] and rows[0]["lr"] == "0.001"
+    assert [(r["step"], r["loss"]) for r in rows] == [("1", "2.5"), ("2", "1.5"), ("3", "1")]
+    assert rows[0]["lr"] == "0.001"
     assert rows[1]["val_r2scan_forces_mev_per_a"] == "80" and rows[1]["val_pbe_forces_mev_per_a"] == ""
-    assert MetricsFile(tmp_path, ("pbe",), append=False).path.read_text().count("\n") == 1  # a new run starts over
+    assert MetricsFile(tmp_path, ("pbe",)).path.read_text().count("\n") == 1  # a new run starts over
 
 
 def test_step_clock_eta_is_capped_by_the_time_budget():

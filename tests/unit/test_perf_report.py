@@ -281,7 +281,9 @@ def test_report_shows_validation_smoothed_loss_and_parity_in_one_html_page(tmp_p
     (run_dir / "predictions").mkdir()
     write_bp(predicted, run_dir / "predictions/ref.bp", "ref", attrs={"predicted_from": str(tmp_path / "ref.bp"),
                                                                     "head": "pbe"}, method="exaforce")
+    write_bp(predicted, run_dir / "predictions/orphan.bp", "orphan", method="exaforce")  # no predicted_from
     text = write_report(run_dir).read_text()
+    assert "predictions/orphan.bp: its reference (not recorded) is not a dataset here: no parity plot" in text
     assert "## Validation at step 60" in text and "| r2scan | 2.67 | 5 | 4 |" in text
     assert "| ref | pbe | 6 | 10 / 10 | 20 / 20 |" in text
     for stem in ("validation", "parity", "loss_curve"):

@@ -160,3 +160,22 @@ def test_the_step_stores_everything_for_small_line_graphs_of_dense_models():
     assert step_plan(dense, batch, at(0)) == Recompute(4096, True)                    # 0: never stored
     assert step_plan(moe, batch, at(10**12)) == Recompute(4096, True)                 # MoE: as configured
     assert step_plan(dense, batch, at(0, lines=0)) is None                            # recompute_lines 0: plain
+
+
+def test_calibration_takes_the_path_of_a_typical_training_micro_batch():
+    """Calibration batches hold 1-5 structures; their plan follows the training micro-batch (global
+    batch / ranks / micro-batches), not their own size, so the coefficients describe the steps."""
+    import numpy as np
+
+    from exaforce.config import Config, DataConfig, RunConfig
+    from exaforce.training.calibrate import on_training_path
+    from exaforce.training.data import GlobalIndex
+
+    dense = Potential(ModelConfig(width=16, blocks=2, elements=("Cu", "Au")))
+    n = 10
+    index = GlobalIndex(dataset_G=np.zeros(n, int), local_G=np.arange(n), head_G=np.zeros(n, int),
+                        counts_G3=np.tile([50, 2000, 6000], (n, 1)), is_val_G=np.zeros(n, bool), weight_G=np.ones(n))
+    cfg = lambda batch: Config(run=RunConfig(store_all_below=2**23), data=DataConfig(global_batch_size=batch))  # noqa: E731
+    # 6000 triplets × 16 × 2 = 192k line-channels per structure: 8 per rank → 1.5M (plain), 128 → 24.6M (fused)
+    assert on_training_path(cfg(16), dense, index, 2).run.store_all_below == 2**62
+    assert on_training_path(cfg(256), dense, index, 2).run.store_all_below == 0
