@@ -178,6 +178,7 @@ def _md_arguments(p: argparse.ArgumentParser) -> None:
                    help="Langevin steps before the NVE run, with a check that it stays physical (closest pair "
                         "≥ 1.5 Å, mean temperature within 15 %%); default 0")
     p.add_argument("--timestep", type=float, default=1.0, help="fs (default 1)")
+    p.add_argument("--nve-timestep", type=float, help="fs of the NVE run (default: --timestep)")
     _dtype(p, default="float64")
 
 
@@ -185,7 +186,7 @@ def _run_md(args: argparse.Namespace, log: Log) -> dict:
     from exaforce.bench.md import bench_md
 
     return bench_md(args.checkpoint, args.steps, args.temperature, args.dtype, log, args.langevin_steps,
-                    args.timestep)
+                    args.timestep, args.nve_timestep)
 
 
 def _soak_arguments(p: argparse.ArgumentParser) -> None:
