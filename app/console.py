@@ -6,20 +6,22 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import TextIO
+from typing import Callable, TextIO
 
-LINE_EVERY_S = 30.0      # job logs: a line at least this often …
+QUIET_FOR_S = 5.0        # job logs: nothing for work done sooner (its command prints its own summary) …
+LINE_EVERY_S = 30.0      # … then a line at least this often …
 LINE_EVERY_SHARE = 0.1   # … and at every tenth of the work
 
 
 class ProgressReport:
     """Call it with (done, total) as work completes; close() when done (or use it as a context)."""
 
-    def __init__(self, label: str, unit: str = "structures", enabled: bool = True, stream: TextIO | None = None):
-        self.label, self.unit, self.enabled = label, unit, enabled
+    def __init__(self, label: str, unit: str = "structures", enabled: bool = True, stream: TextIO | None = None,
+                 clock: Callable[[], float] = time.perf_counter):
+        self.label, self.unit, self.enabled, self.clock = label, unit, enabled, clock
         self.stream = stream or sys.stderr
         self.bar = None
-        self.start = time.perf_counter()
+        self.start = clock()
         self.last_line, self.last_share = self.start, 0.0
 
     def __call__(self, done: int, total: int) -> None:
@@ -28,8 +30,10 @@ class ProgressReport:
         if self.stream.isatty():
             self._bar(done, total)
             return
-        now = time.perf_counter()
+        now = self.clock()
         share = done / max(total, 1)
+        if now - self.start < QUIET_FOR_S:
+            return
         if done == total or share - self.last_share >= LINE_EVERY_SHARE or now - self.last_line >= LINE_EVERY_S:
             self.last_line, self.last_share = now, share
             elapsed = now - self.start

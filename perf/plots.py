@@ -107,9 +107,9 @@ def _plot_loss(summary: dict[str, Any], out_dir: Path) -> str | None:
         ax.plot(x, y, label=None if smooth else term, color=color, linewidth=0.8 if smooth else (2.2 if total else 1.3),
                 alpha=0.3 if smooth else 1.0, marker="o" if len(x) <= 30 else None, markersize=3,
                 zorder=3 if total else 2)
-        if smooth:
-            ax.plot(x, smoothed(y, window), label=f"{term} (EMA over ~{window} steps; raw: faint)", color=color,
-                    linewidth=2.2 if total else 1.5, zorder=4 if total else 3)
+        if smooth:  # averaged in log space, as the axis shows it: a spike does not lift the curve for a window
+            trend = [math.exp(v) for v in smoothed([math.log(v) if v > 0 else float("nan") for v in y], window)]
+            ax.plot(x, trend, label=term, color=color, linewidth=2.2 if total else 1.5, zorder=4 if total else 3)
     ax.set_yscale("log")
     values = [v for s in steps for v in s["loss"].values() if v is not None and v > 0]
     if values and max(values) / min(values) < 100:  # under two decades: label 1-2-5 ticks, not only 10^k
@@ -119,7 +119,8 @@ def _plot_loss(summary: dict[str, Any], out_dir: Path) -> str | None:
         ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
         ax.yaxis.set_minor_formatter(NullFormatter())
     ax.set_ylabel("loss per structure (global mean, log scale)")
-    ax.set_title("Training loss by term")
+    ax.set_title(f"Training loss by term (lines: geometric mean over ~{window} steps)" if smooth
+                 else "Training loss by term")
     ax.legend(loc="best")
     return save_plot(fig, out_dir, "loss_curve")
 

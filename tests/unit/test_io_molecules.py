@@ -107,7 +107,7 @@ def test_cli_synth_molecules_converts_to_bp(tmp_path):
     proc = run_cli(["data", "synth", "--source", "molecules", "--method", "GFN1-xTB", "--out", str(xyz),
                     "--structures", "8", "--seed", "4"], timeout=60)
     assert proc.returncode == 0, proc.stderr
-    assert "labelling with GFN1-xTB: 8/8 structures (100 %)" in proc.stdout
+    assert "wrote 8 structures" in proc.stdout  # (progress lines only for work longer than a few seconds)
     proc = run_cli(["data", "convert", str(xyz), "--out", str(bp), "--name", "gfn1"], timeout=60)
     assert proc.returncode == 0, proc.stderr
     with open_bp(bp) as ds:

@@ -36,12 +36,19 @@ def test_progress_report_prints_plain_lines_in_job_logs_and_nothing_when_disable
 
     from exaforce.console import ProgressReport
 
+    ticks = iter(range(10**6))
+    clock = lambda: float(next(ticks))  # noqa: E731 — one second per call: 100 structures in ~100 s
     log = io.StringIO()  # not a terminal: periodic plain lines, the last one at 100 %
-    with ProgressReport("predict", stream=log) as progress:
+    with ProgressReport("predict", stream=log, clock=clock) as progress:
         for done in range(1, 101):
             progress(done, 100)
     lines = log.getvalue().splitlines()
     assert 5 <= len(lines) <= 11 and lines[-1].startswith("  predict: 100/100 structures (100 %)") and "ETA 0 s" in lines[-1]
+    short = io.StringIO()  # work done within QUIET_FOR_S: no lines (the command prints its summary)
+    with ProgressReport("predict", stream=short) as progress:
+        for done in range(1, 101):
+            progress(done, 100)
+    assert short.getvalue() == ""
     quiet = io.StringIO()
     with ProgressReport("predict", enabled=False, stream=quiet) as progress:  # the other ranks
         progress(1, 1)
