@@ -271,31 +271,40 @@ def render_campaign(machine_name: str, mode: str, nodes: list[int], request: Job
     cfg = config_mod.load(request.config, request.overrides)
     batches = campaign_batches(mode, cfg.data.global_batch_size, ranks, batch_per_rank)
 
-    points, scripts = [], []
-    suffix = {"slurm": "sbatch", "pbs": "pbs", "local": "sh"}[machine.scheduler]
+    points = []
     for n, r, batch in zip(nodes, ranks, batches):
         name = f"r{r:05d}" if local else f"n{n:05d}"
-        point_dir = out_dir / "points" / name
         point = dataclasses.replace(
             request, nodes=1 if local else n, ranks_per_node=r if local else request.ranks_per_node,
-            job_name=f"{request.job_name}-{mode}-{name}", run_dir=point_dir / "run",
-            overrides=(*request.overrides, f"data.global_batch_size={batch}"))
-        script = render_job(machine_name, point)
-        (point_dir / "run").mkdir(parents=True, exist_ok=True)  # the scheduler opens the job's output file there
-        path = point_dir / f"job.{suffix}"
-        path.write_text(script, encoding="utf-8")
-        path.chmod(0o755)
-        scripts.append(path.relative_to(out_dir))
+            job_name=f"{request.job_name}-{mode}-{name}", overrides=(*request.overrides, f"data.global_batch_size={batch}"))
         points.append({"name": name, "nodes": n, "ranks": r, "global_batch": batch,
-                       "run_dir": str((point_dir / "run").relative_to(out_dir)), "job": str(path.relative_to(out_dir))})
+                       **write_job(machine_name, point, out_dir / "points" / name, out_dir)})
     manifest = {"schema": CAMPAIGN_SCHEMA, "machine": machine.name, "mode": mode, "scale_unit": machine.scale_unit,
                 "ranks_per_node": rpn, "config": str(Path(request.config).resolve()),
                 "overrides": list(request.overrides), "points": points}
-    (out_dir / CAMPAIGN_FILE).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
-    submit = out_dir / "submit.sh"
-    submit.write_text(submit_script(machine.scheduler, scripts), encoding="utf-8")
-    submit.chmod(0o755)
+    write_manifest_and_submit(out_dir, CAMPAIGN_FILE, manifest, machine.scheduler, [p["job"] for p in points])
     return out_dir
+
+
+def write_job(machine_name: str, request: JobRequest, job_dir: Path, out_dir: Path) -> dict[str, str]:
+    """One job of a campaign or search: JOB_DIR/job.<sbatch|pbs|sh> (executable) running into
+    JOB_DIR/run, made now (the scheduler opens the job's output file there); both paths relative to out_dir."""
+    suffix = {"slurm": "sbatch", "pbs": "pbs", "local": "sh"}[JOB_MACHINES[machine_name].scheduler]
+    script = render_job(machine_name, dataclasses.replace(request, run_dir=job_dir / "run"))
+    (job_dir / "run").mkdir(parents=True, exist_ok=True)
+    path = job_dir / f"job.{suffix}"
+    path.write_text(script, encoding="utf-8")
+    path.chmod(0o755)
+    return {"run_dir": str((job_dir / "run").relative_to(out_dir)), "job": str(path.relative_to(out_dir))}
+
+
+def write_manifest_and_submit(out_dir: Path, manifest_file: str, manifest: dict, scheduler: str,
+                              jobs: list[str]) -> None:
+    """OUT/<manifest_file> and OUT/submit.sh, which submits `jobs` (paths relative to OUT) in order."""
+    (out_dir / manifest_file).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+    submit = out_dir / "submit.sh"
+    submit.write_text(submit_script(scheduler, [Path(j) for j in jobs]), encoding="utf-8")
+    submit.chmod(0o755)
 
 
 def submit_script(scheduler: str, scripts: list[Path]) -> str:

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from exaforce import config as config_mod
-from exaforce.jobs import JOB_MACHINES, JobError, JobRequest, render_job, submit_script
+from exaforce.jobs import JOB_MACHINES, JobError, JobRequest, write_job, write_manifest_and_submit
 from exaforce.perf.search import SEARCH_FILE, SEARCH_SCHEMA
 
 
@@ -130,26 +130,15 @@ def render_search(machine_name: str, request: JobRequest, out_dir: Path, params:
             config_mod.validate(config_mod.load(request.config, (*request.overrides, *overrides)))
         except config_mod.ConfigError as err:
             raise JobError(f"trial t{i:04d} ({', '.join(overrides)}): {err}") from None
-    suffix = {"slurm": "sbatch", "pbs": "pbs", "local": "sh"}[machine.scheduler]
-    entries, scripts = [], []
+    entries = []
     for i, (values, overrides) in enumerate(zip(sampled, overrides_of)):
         name = f"t{i:04d}"
-        trial_dir = out_dir / "trials" / name
-        job = dataclasses.replace(request, job_name=f"{request.job_name}-search-{name}", run_dir=trial_dir / "run",
+        job = dataclasses.replace(request, job_name=f"{request.job_name}-search-{name}",
                                   overrides=(*request.overrides, *overrides))
-        script = render_job(machine_name, job)
-        (trial_dir / "run").mkdir(parents=True, exist_ok=True)
-        path = trial_dir / f"job.{suffix}"
-        path.write_text(script, encoding="utf-8")
-        path.chmod(0o755)
-        scripts.append(path.relative_to(out_dir))
         entries.append({"name": name, "params": values, "overrides": list(overrides),
-                        "run_dir": str((trial_dir / "run").relative_to(out_dir)), "job": str(path.relative_to(out_dir))})
+                        **write_job(machine_name, job, out_dir / "trials" / name, out_dir)})
     manifest = {"schema": SEARCH_SCHEMA, "machine": machine.name, "config": str(Path(request.config).resolve()),
                 "overrides": list(request.overrides), "sampler": f"scrambled Sobol sequence (scipy.stats.qmc, seed {seed})",
                 "space": [dataclasses.asdict(p) for p in params], "trials": entries}
-    (out_dir / SEARCH_FILE).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
-    submit = out_dir / "submit.sh"
-    submit.write_text(submit_script(machine.scheduler, scripts), encoding="utf-8")
-    submit.chmod(0o755)
+    write_manifest_and_submit(out_dir, SEARCH_FILE, manifest, machine.scheduler, [e["job"] for e in entries])
     return out_dir
