@@ -9,7 +9,8 @@ atomically; enough to continue a run exactly (the same losses and parameters as 
         rng-rank00000.pt …  every rank: its torch, numpy and python RNG states
         COMPLETE            rank 0, last: {"step", "world_size", "dp", "ep", "files": {name: bytes}}
     RUN/checkpoints/step-00000100.pt   after the last step only: the whole model in one file, for
-                                       inference and fine-tuning (no optimizer state)
+                                       inference and fine-tuning (no optimizer state); `exaforce model
+                                       export` writes the same as .pt or .safetensors
 
 Publishing: the parts go into a hidden `.step-00000010.partial/` (each file: temporary name, fsync,
 rename), the ranks meet, rank 0 writes COMPLETE, renames the folder to `step-00000010` and fsyncs
@@ -408,7 +409,8 @@ def _load_optimizer_state(folder: Path, model: torch.nn.Module, optimizer: torch
 # ---------------------------------------------------------------- the whole model (inference)
 def load(path: Path) -> dict[str, Any]:
     """{"step", "config", "model"} with the whole model (every expert) from a checkpoint folder, or
-    a single-file checkpoint as saved (the final-step export, or an older exaforce's checkpoint)."""
+    a single-file checkpoint as saved (the final-step export, a safetensors export, or an older
+    exaforce's checkpoint)."""
     path = Path(path)
     if path.is_dir():
         if complete(path) is None:
@@ -421,10 +423,49 @@ def load(path: Path) -> dict[str, Any]:
                 "written_by": dense["meta"].get("written_by", {})}
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such checkpoint")
-    return read(path)
+    return _load_safetensors(path) if path.suffix == SAFETENSORS else read(path)
 
 
 def export_model(folder: Path, path: Path) -> Path:
     """The whole model of checkpoint `folder` as one file (read back from disk: it also proves the
-    folder loads)."""
-    return save_atomic(load(folder), path)
+    folder loads): a torch file, or a safetensors file when `path` ends in .safetensors."""
+    state = load(folder)
+    if Path(path).suffix == SAFETENSORS:
+        return _save_safetensors(state, Path(path))
+    return save_atomic(state, path)
+
+
+# ---------------------------------------------------------------- safetensors model files
+SAFETENSORS = ".safetensors"
+SAFETENSORS_FORMAT = "exaforce-model-1"
+
+
+def _save_safetensors(state: dict[str, Any], path: Path) -> Path:
+    """The weights as safetensors tensors and the rest (step, config, versions) as JSON strings in its
+    header metadata: a file any safetensors reader opens, in any language, with nothing to unpickle."""
+    from safetensors.torch import save
+
+    tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in state["model"].items()}
+    metadata = {"format": SAFETENSORS_FORMAT, "step": str(int(state["step"])),
+                "config": json.dumps(state["config"]), "written_by": json.dumps(state.get("written_by", {}))}
+    payload = save(tensors, metadata=metadata)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_file_atomically(path, lambda f: f.write(payload))
+    return path
+
+
+def _load_safetensors(path: Path) -> dict[str, Any]:
+    """{"step", "config", "model", "written_by"} of a safetensors model file written by exaforce."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            metadata = f.metadata() or {}
+            if metadata.get("format") != SAFETENSORS_FORMAT:
+                raise CheckpointError(f"{path}: not an exaforce model file (its safetensors metadata has format "
+                                      f"{metadata.get('format')!r}, expected {SAFETENSORS_FORMAT!r})")
+            model = {name: f.get_tensor(name) for name in f.keys()}
+        return {"step": int(metadata["step"]), "config": json.loads(metadata["config"]), "model": model,
+                "written_by": json.loads(metadata.get("written_by", "{}"))}
+    except (SafetensorError, OSError, KeyError, ValueError) as err:
+        raise CheckpointError(f"{path}: unreadable safetensors model file ({type(err).__name__}: {err})") from None

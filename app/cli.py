@@ -169,7 +169,7 @@ def cmd_data_synth(args: argparse.Namespace, ctx: Context) -> None:
 def _convert_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("inputs", nargs="+", metavar="INPUT",
                    help="labelled structures, format by suffix: .xyz/.extxyz, .db (ASE SQLite database), "
-                        ".h5/.hdf5 (layout in io/SCHEMA.md)")
+                        ".aselmdb (fairchem's ASE LMDB database), .h5/.hdf5 (layout in io/SCHEMA.md)")
     p.add_argument("--out", required=True, help="one input: the dataset directory to write (DIR.bp); "
                    "several: a folder that receives OUT/<stem>.bp for each, all or none")
     p.add_argument("--name", required=True, help="dataset name (a fidelity/source label), given to every output")
@@ -187,7 +187,8 @@ def _convert_arguments(p: argparse.ArgumentParser) -> None:
          help="extxyz / ASE db / HDF5 → ADIOS2 BP5 dataset(s); several inputs are converted in parallel "
               "under mpiexec")
 def cmd_data_convert(args: argparse.Namespace, ctx: Context) -> None:
-    from exaforce.io.convert import Converted, convert
+    from exaforce.console import ProgressReport
+    from exaforce.io.convert import Converted, Progress, convert
     from exaforce.io.schema import DataError, LabelKeys
     from exaforce.parallel.topology import Topology
 
@@ -199,10 +200,20 @@ def cmd_data_convert(args: argparse.Namespace, ctx: Context) -> None:
         _say(f"{tag}converted {done.n_structures} structures ({done.n_atoms} atoms, method {done.method}) "
              f"from {done.source} to {done.out} in {time.perf_counter() - t0:.1f} s")
 
+    def progress(source: Path) -> Progress:  # rank 0 shows its own files' reading (the others convert alike)
+        report = ProgressReport(f"{tag}reading {source.name}", enabled=topo.is_root, stream=sys.stdout)
+
+        def update(done: int, total: int) -> None:
+            report(done, total)
+            if done == total:
+                report.close()
+        return update
+
     sources = [Path(p) for p in args.inputs]
     try:
         keys = LabelKeys(energy=args.energy_key, forces=args.forces_key, stress=args.stress_key)
-        outcome = convert(sources, Path(args.out), args.name, args.method, args.overwrite, topo.world, log, keys)
+        outcome = convert(sources, Path(args.out), args.name, args.method, args.overwrite, topo.world, log, keys,
+                          progress)
     except DataError as exc:  # the same refusal on every rank: one of them says it
         if topo.is_root:
             _error(str(exc))
@@ -244,6 +255,7 @@ def _stage_arguments(p: argparse.ArgumentParser) -> None:
          help="copy datasets to node-local storage (node leaders copy, all verify)")
 def cmd_stage(args: argparse.Namespace, ctx: Context) -> None:
     from exaforce import config as config_mod
+    from exaforce.console import ProgressReport
     from exaforce.io.stage import stage_datasets
     from exaforce.parallel.topology import Topology
 
@@ -254,7 +266,17 @@ def cmd_stage(args: argparse.Namespace, ctx: Context) -> None:
     if not sources:
         raise config_mod.ConfigError("nothing to stage: name datasets or --config")
     log = _say if topo.local_rank == 0 else _quiet
-    staged = stage_datasets(sources, Path(args.to), topo.node, log=log, fallback=args.fallback)
+    reports: dict[str, ProgressReport] = {}
+
+    def progress(what: str, done: int, total: int) -> None:  # world rank 0 shows its node's copies
+        if what not in reports:
+            reports[what] = ProgressReport(f"stage: {what}", unit="MB", enabled=topo.is_root, stream=sys.stdout,
+                                           scale=1e-6)
+        reports[what](done, total)
+        if done == total:
+            reports[what].close()
+
+    staged = stage_datasets(sources, Path(args.to), topo.node, log=log, fallback=args.fallback, progress=progress)
     if topo.is_root:
         for path in staged:
             _say(f"staged: {path}")
@@ -541,6 +563,34 @@ def _checkpoint_info(path: str, full: bool) -> dict:
     if not full:
         info.pop("model_config")
     return info
+
+
+def _export_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="a checkpoint folder, model file or run folder (its newest)")
+    p.add_argument("--out", required=True, help="the model file to write: F.safetensors (weights as safetensors "
+                                               "tensors, description as JSON metadata) or F.pt (torch, weights only)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing file")
+
+
+@command("model", "export", arguments=_export_arguments,
+         help="the whole model of a checkpoint as one file, .pt or .safetensors (predict, the ASE calculator, "
+              "`exaforce lammps` and `model info` read both)")
+def cmd_model_export(args: argparse.Namespace, ctx: Context) -> None:
+    from exaforce.checkpoint import SAFETENSORS, export_model
+    from exaforce.model_io import load_trained
+
+    out = Path(args.out)
+    if out.suffix not in (SAFETENSORS, ".pt"):
+        raise UserError(f"--out {out}: the file name must end in {SAFETENSORS} or .pt (it chooses the format)")
+    if (out.exists() or out.is_symlink()) and not (args.overwrite and out.is_file()):
+        raise UserError(f"--out {out}: " + ("exists and is not a regular file; refusing to replace it"
+                                            if out.exists() and not out.is_file() else
+                                            "already exists (pass --overwrite to replace it)"))
+    source = load_trained(args.checkpoint)
+    t0 = time.perf_counter()
+    export_model(source.path, out)
+    _say(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB; step {source.step} of {source.path}) in "
+         f"{time.perf_counter() - t0:.2f} s")
 
 
 # ---------------------------------------------------------------- bench

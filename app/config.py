@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib.util
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -60,6 +61,7 @@ class RunConfig:
     step_timeout_s: float = 1800.0      # watchdog: abort the job when a step (with its validation and
                                         # checkpoint) makes no progress for this long; 0: off
     val_every: int = 0                  # validation MAE every N steps (0: at the end only), if any is held out
+    tensorboard: bool = False           # rank 0 also writes metrics.csv's values as TensorBoard scalars to RUN/tensorboard
     init_from: str = ""                 # fine-tuning: start from this checkpoint (file or run folder); "": from scratch
     freeze: str = "none"                # with init_from: "none" trains all, "backbone" only readout + head embeddings
 
@@ -222,6 +224,9 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"run.keep_checkpoints = {cfg.run.keep_checkpoints}: must be >= 0 (0 keeps all)")
     if cfg.run.nonfinite not in ("stop", "skip"):
         raise ConfigError(f"run.nonfinite = {cfg.run.nonfinite!r}: must be 'stop' or 'skip'")
+    if cfg.run.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError("run.tensorboard = true: the tensorboard package is not installed (it is pinned in "
+                          "envs/local/requirements.txt; `pip install tensorboard` into this environment)")
     if not cfg.run.max_seconds >= 0:
         raise ConfigError(f"run.max_seconds = {cfg.run.max_seconds}: must be >= 0 (0: no time budget)")
     if not cfg.run.step_timeout_s >= 0:

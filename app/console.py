@@ -17,8 +17,9 @@ class ProgressReport:
     """Call it with (done, total) as work completes; close() when done (or use it as a context)."""
 
     def __init__(self, label: str, unit: str = "structures", enabled: bool = True, stream: TextIO | None = None,
-                 clock: Callable[[], float] = time.perf_counter):
-        self.label, self.unit, self.enabled, self.clock = label, unit, enabled, clock
+                 clock: Callable[[], float] = time.perf_counter, scale: float = 1.0):
+        """`scale` turns the counts into the unit shown (bytes reported, MB shown: 1e-6)."""
+        self.label, self.unit, self.enabled, self.clock, self.scale = label, unit, enabled, clock, scale
         self.stream = stream or sys.stderr
         self.bar = None
         self.start = clock()
@@ -28,7 +29,7 @@ class ProgressReport:
         if not self.enabled:
             return
         if self.stream.isatty():
-            self._bar(done, total)
+            self._bar(*((done, total) if self.scale == 1.0 else (done * self.scale, total * self.scale)))
             return
         now = self.clock()
         share = done / max(total, 1)
@@ -39,10 +40,11 @@ class ProgressReport:
             elapsed = now - self.start
             rate = done / elapsed if elapsed > 0 else 0.0
             eta = f"{(total - done) / rate:.0f} s" if rate > 0 else "?"
-            print(f"  {self.label}: {done}/{total} {self.unit} ({100 * share:.0f} %), {rate:.3g} {self.unit}/s, "
+            shown = f"{done * self.scale:.0f}/{total * self.scale:.0f}" if self.scale != 1.0 else f"{done}/{total}"
+            print(f"  {self.label}: {shown} {self.unit} ({100 * share:.0f} %), {rate * self.scale:.3g} {self.unit}/s, "
                   f"{elapsed:.0f} s elapsed, ETA {eta}", file=self.stream, flush=True)
 
-    def _bar(self, done: int, total: int) -> None:
+    def _bar(self, done: float, total: float) -> None:
         from tqdm import tqdm
 
         if self.bar is None:

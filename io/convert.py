@@ -17,21 +17,29 @@ from exaforce.io.atomic import DiskFullError, fsync_dir, remove, replace_path, s
 from exaforce.io.bp import is_dataset, write_bp
 from exaforce.io.schema import DataError, Frames, LabelKeys
 
-FORMATS = {".xyz": "extxyz", ".extxyz": "extxyz", ".db": "ase.db", ".h5": "hdf5", ".hdf5": "hdf5"}
+FORMATS = {".xyz": "extxyz", ".extxyz": "extxyz", ".db": "ase.db", ".aselmdb": "aselmdb", ".h5": "hdf5",
+           ".hdf5": "hdf5"}
+Progress = Callable[[int, int], None]  # (structures read, structures in the file)
 
 
-def read_source(path: Path, keys: LabelKeys | None = None) -> tuple[Frames, dict[str, str]]:
+def _no_progress(done: int, total: int) -> None:
+    pass
+
+
+def read_source(path: Path, keys: LabelKeys | None = None,
+                progress: Progress = _no_progress) -> tuple[Frames, dict[str, str]]:
     """Frames and metadata ({"name", "method"} where the format stores them) of one source file, by
-    suffix; `keys` name the labels in extxyz and ASE databases (HDF5 has fixed names: io/SCHEMA.md)."""
+    suffix; `keys` name the labels in extxyz and ASE databases (HDF5 has fixed names: io/SCHEMA.md).
+    `progress` hears of every structure read (HDF5 reads its arrays whole: no progress)."""
     kind = FORMATS.get(path.suffix.lower())
     if kind == "extxyz":
         from exaforce.io.extxyz import read_extxyz
 
-        return read_extxyz(path, keys), {}
-    if kind == "ase.db":
+        return read_extxyz(path, keys, progress), {}
+    if kind in ("ase.db", "aselmdb"):
         from exaforce.io.asedb import read_asedb
 
-        return read_asedb(path, keys)
+        return read_asedb(path, keys, progress, backend="db" if kind == "ase.db" else "aselmdb")
     if kind == "hdf5":
         from exaforce.io.hdf5 import read_hdf5
 
@@ -66,9 +74,9 @@ class Outcome:
 
 
 def convert_file(source: Path, out: Path, name: str, method: str | None, overwrite: bool = False,
-                 keys: LabelKeys | None = None) -> Converted:
+                 keys: LabelKeys | None = None, progress: Progress = _no_progress) -> Converted:
     """One source → one BP5 dataset (atomic); `method` None takes the source's own, else "unknown"."""
-    frames, meta = read_source(source, keys)
+    frames, meta = read_source(source, keys, progress)
     method = method or meta.get("method") or "unknown"
     write_bp(frames, out, name, attrs={"source": str(source)}, method=method, overwrite=overwrite)
     return Converted(source, out, len(frames), frames.n_atoms, method)
@@ -76,8 +84,10 @@ def convert_file(source: Path, out: Path, name: str, method: str | None, overwri
 
 def convert(sources: list[Path], out: Path, name: str, method: str | None = None, overwrite: bool = False,
             comm: Any = None, log: Callable[[Converted], None] = lambda done: None,
-            keys: LabelKeys | None = None) -> Outcome:
-    """Convert `sources` (see the module docstring); `comm` is an mpi4py communicator or None (one process).
+            keys: LabelKeys | None = None,
+            progress: Callable[[Path], Progress] = lambda source: _no_progress) -> Outcome:
+    """Convert `sources` (see the module docstring); `comm` is an mpi4py communicator or None (one process);
+    `progress(source)` gives the callback that hears of each structure read from `source` on this rank.
 
     Bad arguments (unknown suffix, two inputs with one stem, OUT in the way) raise the same
     DataError on every rank before any work. A failure converting a source is caught, kept in
@@ -107,7 +117,8 @@ def convert(sources: list[Path], out: Path, name: str, method: str | None = None
     for source in sources[rank::size]:
         target = out if single else tmp / f"{source.stem}.bp"
         try:
-            done = convert_file(source, target, name, method, overwrite=single and overwrite, keys=keys)
+            done = convert_file(source, target, name, method, overwrite=single and overwrite, keys=keys,
+                                progress=progress(source))
             outcome.converted.append(replace(done, out=out / target.name if tmp is not None else out))
             log(outcome.converted[-1])
         except Exception as err:  # noqa: BLE001 — any failure must reach the vote below, or the others hang

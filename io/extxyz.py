@@ -13,7 +13,7 @@ one frame at a time and re-raise anything it throws as DataError(frame=k).
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from io import StringIO
 from pathlib import Path
 
@@ -79,13 +79,18 @@ def _floats(values: Iterable[float]) -> str:
 # ---------------------------------------------------------------- reading
 
 
-def read_extxyz(path: str | os.PathLike, keys: LabelKeys | None = None) -> Frames:
+def read_extxyz(path: str | os.PathLike, keys: LabelKeys | None = None,
+                progress: Callable[[int, int], None] = lambda done, total: None) -> Frames:
     """All frames of an extxyz file, validated; bad input raises DataError naming file and frame.
-    `keys`: the labels' names (default energy/forces/stress, else MACE's REF_*)."""
+    `keys`: the labels' names (default energy/forces/stress, else MACE's REF_*); `progress` hears of
+    every frame parsed (done, total)."""
     path = Path(path)
     lines = _read_lines(path)
-    atoms_list = [_parse_frame(path, lines, first, natoms, k)
-                  for k, (first, natoms) in enumerate(_frame_spans(path, lines))]
+    spans = _frame_spans(path, lines)
+    atoms_list = []
+    for k, (first, natoms) in enumerate(spans):
+        atoms_list.append(_parse_frame(path, lines, first, natoms, k))
+        progress(k + 1, len(spans))
     return Frames.from_atoms(atoms_list, path, keys)
 
 

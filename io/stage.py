@@ -31,6 +31,11 @@ if TYPE_CHECKING:
 
 CHUNK_BYTES = 8 << 20
 Tree = dict[str, tuple[int, str]]  # relative posix path -> (size in bytes, sha256 hex digest)
+Progress = Callable[[str, int, int], None]  # (what: "copying X", bytes done, bytes in all)
+
+
+def _no_progress(what: str, done: int, total: int) -> None:
+    pass
 
 
 class StageError(RuntimeError):
@@ -38,7 +43,8 @@ class StageError(RuntimeError):
 
 
 def stage_datasets(paths: list[Path], dest: Path, node_comm: "MPI.Intracomm | None",
-                   log: Callable[[str], None] = print, fallback: bool = False) -> list[Path]:
+                   log: Callable[[str], None] = print, fallback: bool = False,
+                   progress: Progress = _no_progress) -> list[Path]:
     """Copy every dataset (a file or a .bp directory) to dest/<basename>, once per node.
 
     `node_comm` is the communicator of the ranks on one node (None: a single process, which is
@@ -51,7 +57,7 @@ def stage_datasets(paths: list[Path], dest: Path, node_comm: "MPI.Intracomm | No
     leader = node_comm is None or node_comm.Get_rank() == 0
     outcome: tuple[bool, list[str] | str] = (True, [])
     if leader:
-        outcome = _stage_all([Path(p) for p in paths], Path(dest), log)
+        outcome = _stage_all([Path(p) for p in paths], Path(dest), log, progress)
     if node_comm is not None:
         # Collective: the non-leaders wait here until the leader has finished (or failed).
         outcome = node_comm.bcast(outcome, root=0)
@@ -76,7 +82,8 @@ def _check_space(paths: list[Path], dest: Path) -> None:
                          f"({biggest.name}: {needed[biggest] / 1e6:.1f} MB) but {dest} has {free / 1e6:.1f} MB free")
 
 
-def _stage_all(paths: list[Path], dest: Path, log: Callable[[str], None]) -> tuple[bool, list[str] | str]:
+def _stage_all(paths: list[Path], dest: Path, log: Callable[[str], None],
+               progress: Progress) -> tuple[bool, list[str] | str]:
     """(True, staged paths) or (False, error message naming the dataset); never raises."""
     staged = []
     try:
@@ -85,7 +92,7 @@ def _stage_all(paths: list[Path], dest: Path, log: Callable[[str], None]) -> tup
         return False, str(err)
     for src in paths:
         try:
-            staged.append(str(_stage_one(src, dest, log)))
+            staged.append(str(_stage_one(src, dest, log, progress)))
         except Exception as err:  # noqa: BLE001 — anything here must reach the other ranks
             message = str(err) if isinstance(err, StageError) else (
                 f"{src}: staging to {dest} failed: {type(err).__name__}: {err}")
@@ -93,12 +100,13 @@ def _stage_all(paths: list[Path], dest: Path, log: Callable[[str], None]) -> tup
     return True, staged
 
 
-def sha256_tree(path: Path) -> Tree:
-    """Size and sha256 of every file under `path`, keyed by relative path ('.' when `path` is a file)."""
+def sha256_tree(path: Path, advance: Callable[[int], None] = lambda nbytes: None) -> Tree:
+    """Size and sha256 of every file under `path`, keyed by relative path ('.' when `path` is a file);
+    `advance` hears of every chunk read."""
     path = Path(path)
     if path.is_file():
-        return {".": _hash_file(path)}
-    return {f.relative_to(path).as_posix(): _hash_file(f) for f in _files(path)}
+        return {".": _hash_file(path, advance)}
+    return {f.relative_to(path).as_posix(): _hash_file(f, advance) for f in _files(path)}
 
 
 @contextmanager
@@ -122,21 +130,34 @@ def folder_lock(dest: Path, log: Callable[[str], None]) -> Iterator[None]:
         os.close(fd)  # releases the lock
 
 
-def _stage_one(src: Path, dest: Path, log: Callable[[str], None]) -> Path:
+def _stage_one(src: Path, dest: Path, log: Callable[[str], None], progress: Progress) -> Path:
     """Stage one dataset on the leader, under the target's lock; returns its staged path."""
     if not src.exists():
         raise StageError(f"{src}: source dataset not found")
     dest.mkdir(parents=True, exist_ok=True)
     with folder_lock(dest, log):
-        return _stage_unlocked(src, dest, log)
+        return _stage_unlocked(src, dest, log, progress)
 
 
-def _stage_unlocked(src: Path, dest: Path, log: Callable[[str], None]) -> Path:
+def _counter(progress: Progress, what: str, total: int) -> Callable[[int], None]:
+    """advance(nbytes) → progress(what, bytes so far, total)."""
+    done = 0
+
+    def advance(nbytes: int) -> None:
+        nonlocal done
+        done += nbytes
+        progress(what, done, total)
+    return advance
+
+
+def _stage_unlocked(src: Path, dest: Path, log: Callable[[str], None], progress: Progress) -> Path:
     target = dest / src.name
+    size = _size(src)
     if target.exists() and _same_sizes(src, target):
         t0 = time.perf_counter()
-        source_tree = sha256_tree(src)
-        if sha256_tree(target) == source_tree:
+        verify = _counter(progress, f"verifying {target.name} against its source", 2 * size)
+        source_tree = sha256_tree(src, verify)
+        if sha256_tree(target, verify) == source_tree:
             log(f"stage: {target} already present, {len(source_tree)} file(s) match by size and sha256 "
                 f"({time.perf_counter() - t0:.2f} s to verify); skipped")
             return target
@@ -144,9 +165,9 @@ def _stage_unlocked(src: Path, dest: Path, log: Callable[[str], None]) -> Path:
     tmp = sibling(target, "stage")
     try:
         t0 = time.perf_counter()
-        source_tree = _copy_tree(src, tmp)
+        source_tree = _copy_tree(src, tmp, _counter(progress, f"copying {src.name}", size))
         seconds = time.perf_counter() - t0
-        if sha256_tree(tmp) != source_tree:
+        if sha256_tree(tmp, _counter(progress, f"verifying the copy of {src.name}", size)) != source_tree:
             raise StageError(f"{src}: copy at {tmp} does not match the source (size or sha256)")
         replace_path(tmp, target)
     except BaseException:
@@ -163,6 +184,11 @@ def _files(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file())
 
 
+def _size(path: Path) -> int:
+    """Bytes of a file, or of every file under a folder."""
+    return sum(f.stat().st_size for f in ([path] if path.is_file() else _files(path)))
+
+
 def _same_sizes(src: Path, target: Path) -> bool:
     """Cheap pre-check before hashing: same file names and sizes."""
     if src.is_file() != target.is_file():
@@ -173,16 +199,17 @@ def _same_sizes(src: Path, target: Path) -> bool:
     return sizes[0] == sizes[1]
 
 
-def _hash_file(path: Path) -> tuple[int, str]:
+def _hash_file(path: Path, advance: Callable[[int], None]) -> tuple[int, str]:
     digest, size = hashlib.sha256(), 0
     with open(path, "rb") as fh:
         while chunk := fh.read(CHUNK_BYTES):
             digest.update(chunk)
             size += len(chunk)
+            advance(len(chunk))
     return size, digest.hexdigest()
 
 
-def _copy_file(src: Path, dst: Path) -> tuple[int, str]:
+def _copy_file(src: Path, dst: Path, advance: Callable[[int], None]) -> tuple[int, str]:
     """Copy and hash the source in one pass (the source is read once, from the slow file system)."""
     digest, size = hashlib.sha256(), 0
     with open(src, "rb") as fin, open(dst, "wb") as fout:
@@ -190,20 +217,21 @@ def _copy_file(src: Path, dst: Path) -> tuple[int, str]:
             digest.update(chunk)
             fout.write(chunk)
             size += len(chunk)
+            advance(len(chunk))
         fout.flush()
         os.fsync(fout.fileno())
     shutil.copymode(src, dst)
     return size, digest.hexdigest()
 
 
-def _copy_tree(src: Path, dst: Path) -> Tree:
+def _copy_tree(src: Path, dst: Path, advance: Callable[[int], None]) -> Tree:
     """Copy a file or a directory tree to `dst`; returns the source's sha256_tree as read while copying."""
     if src.is_file():
-        return {".": _copy_file(src, dst)}
+        return {".": _copy_file(src, dst, advance)}
     dst.mkdir()
     tree = {}
     for f in _files(src):
         rel = f.relative_to(src)
         (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-        tree[rel.as_posix()] = _copy_file(f, dst / rel)
+        tree[rel.as_posix()] = _copy_file(f, dst / rel, advance)
     return tree

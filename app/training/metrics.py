@@ -1,10 +1,12 @@
-"""What a person follows while a run goes on: the log line's rates and ETA, and RUN/metrics.csv.
+"""What a person follows while a run goes on: the log line's rates and ETA, RUN/metrics.csv and,
+with `run.tensorboard = true`, the same values as TensorBoard scalars in RUN/tensorboard.
 
 The perf logs (one JSON line per rank and step) are for `exaforce perf report`; metrics.csv is the
 run's learning curve as one flat table that a spreadsheet, pandas or a plotting tool reads as it
 is: one row per step (global values, written by rank 0), validation columns per head filled on the
 steps that validated; wall_s counts from the segment's first step (0 again after a resume). A
-resumed run keeps the rows up to its checkpoint and appends.
+resumed run keeps the rows up to its checkpoint and appends (TensorBoard: events after the
+checkpoint's step are purged).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 
 LOSS_TERMS = ("energy", "forces", "stress")
 METRICS_FILE = "metrics.csv"
+TENSORBOARD_DIR = "tensorboard"
 
 
 def metrics_columns(heads: tuple[str, ...]) -> list[str]:
@@ -30,7 +33,8 @@ class MetricsFile:
     A resumed run (`resumed_at`: its checkpoint's step) keeps the rows up to that step and appends:
     steps an interrupted segment took after its last checkpoint are taken again and replace theirs."""
 
-    def __init__(self, run_dir: Path, heads: tuple[str, ...], resumed_at: int | None = None):
+    def __init__(self, run_dir: Path, heads: tuple[str, ...], resumed_at: int | None = None,
+                 tensorboard: bool = False):
         self.path = Path(run_dir) / METRICS_FILE
         self.columns = metrics_columns(heads)
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -41,6 +45,12 @@ class MetricsFile:
         for row in kept or []:
             self._writer.writerow(row)
         self._file.flush()
+        self._board = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._board = SummaryWriter(str(Path(run_dir) / TENSORBOARD_DIR),
+                                        purge_step=None if resumed_at is None else resumed_at + 1)
 
     def _rows_through(self, step: int) -> list[dict[str, str]]:
         with open(self.path, newline="") as f:
@@ -53,9 +63,27 @@ class MetricsFile:
             row[f"val_{head}_forces_mev_per_a"] = m["forces_mev_per_a"]
         self._writer.writerow({k: _cell(row.get(k)) for k in self.columns})
         self._file.flush()
+        if self._board is not None:
+            for column in self.columns[1:]:
+                if isinstance(row.get(column), (int, float)):
+                    self._board.add_scalar(_tag(column), row[column], global_step=int(row["step"]))
+            self._board.flush()
 
     def close(self) -> None:
         self._file.close()
+        if self._board is not None:
+            self._board.close()
+
+
+def _tag(column: str) -> str:
+    """metrics.csv's column as a TensorBoard tag, grouped: loss/forces, val/emt/forces_mev_per_a, lr."""
+    if column.startswith("loss_"):
+        return f"loss/{column[5:]}"
+    if column.startswith("val_"):
+        for quantity in ("energy_mev_per_atom", "forces_mev_per_a"):
+            if column.endswith(f"_{quantity}"):
+                return f"val/{column[4:-len(quantity) - 1]}/{quantity}"
+    return {"loss": "loss/total"}.get(column, column)
 
 
 def _cell(value: Any) -> str:

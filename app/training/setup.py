@@ -120,7 +120,7 @@ def build_run(cfg: Config, topo: Topology, groups: CommGroups, log: Callable[[st
               parallel=parallel, optimizer=optimizer, schedule=schedule, average=average, progress=progress,
               checkpoints=Checkpointer(cfg, topo, model, optimizer, resume_from, average),
               perf=open_perf_log(cfg, topo, progress, device, resumed=resume_from is not None), log=log, device=device,
-              metrics=MetricsFile(run_dir, cfg.model.heads, progress.step if resume_from else None)
+              metrics=MetricsFile(run_dir, cfg.model.heads, progress.step if resume_from else None, cfg.run.tensorboard)
               if topo.is_root else None)
     log_start(run)
     return run

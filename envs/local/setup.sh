@@ -9,9 +9,10 @@ root="$(cd "$here/../.." && pwd)"
 venv="${1:-$root/.venv}"
 req="$here/requirements.txt"
 ref_req="$here/requirements-reference.txt"
+nodeps_req="$here/requirements-nodeps.txt"
 torch_pin="torch==2.13.0"
 stamp="$venv/.exaforce-setup-stamp"
-want="$(cat "$req" "$ref_req" "$root/setup.cfg" | sha256sum | cut -d' ' -f1) $torch_pin"
+want="$(cat "$req" "$ref_req" "$nodeps_req" "$root/setup.cfg" | sha256sum | cut -d' ' -f1) $torch_pin"
 
 say()  { printf '[envs/local] %s\n' "$*"; }
 fail() { printf '[envs/local] ERROR: %s\n' "$*" >&2; exit 1; }
@@ -40,6 +41,9 @@ pip_quiet install -q "$torch_pin" || fail "pip install $torch_pin failed"
 
 say "installing pinned dependencies from $req"
 pip_quiet install -q -r "$req" "$torch_pin" || fail "pip install -r $req failed"
+
+say "installing $nodeps_req without their declared dependencies (see the file)"
+pip_quiet install -q --no-deps -r "$nodeps_req" || fail "pip install -r $nodeps_req failed"
 
 say "installing the reference models (MatRIS, MACE) for 'bench step --compare matris,mace' and 'bench accuracy --compare mace' from $ref_req"
 # --no-deps: its declared dependencies would pull another torch. matris 1.0.0 declares

@@ -205,3 +205,47 @@ def test_model_info_describes_the_model_file_without_building_it(work):
         assert info["model_config"]["width"] == 16
     text = run_cli(["model", "info", "--checkpoint", str(work / "run")]).stdout
     assert "receptive_field_a: 14.0" in text and "head pbe: energy scale" in text
+
+
+def test_a_safetensors_export_describes_itself_and_predicts_what_the_torch_file_does(work, tmp_path):
+    """`exaforce model export --out F.safetensors`: a plain safetensors reader sees the weights and the
+    description; `model info` and `predict` read it and give what the run's own .pt model file gives."""
+    from safetensors import safe_open
+
+    from conftest import run_cli
+
+    out = tmp_path / "model.safetensors"
+    proc = run_cli(["model", "export", "--checkpoint", str(work / "run"), "--out", str(out)])
+    assert proc.returncode == 0 and "wrote" in proc.stdout, proc.stderr[-2000:]
+    with safe_open(str(out), framework="pt") as f:
+        meta = f.metadata()
+        assert meta["format"] == "exaforce-model-1" and meta["step"] == "2"
+        assert json.loads(meta["config"])["model"]["heads"] == ["emt", "pbe"]
+        assert "reference_energy_HX" in f.keys()
+    model_file = sorted((work / "run/checkpoints").glob("step-*.pt"))[-1]
+    infos = [json.loads(run_cli(["model", "info", "--checkpoint", str(p), "--json"]).stdout.strip().splitlines()[-1])
+             for p in (model_file, out)]
+    assert [{k: v for k, v in i.items() if k != "file"} for i in infos][0] == \
+        [{k: v for k, v in i.items() if k != "file"} for i in infos][1]
+    outputs = []
+    for checkpoint, name in ((model_file, "from-pt.bp"), (out, "from-st.bp")):
+        proc = run_mpi(1, ["-m", "exaforce.cli", "predict", "--checkpoint", str(checkpoint), "--data",
+                           str(work / "d.bp"), "--out", str(tmp_path / name), "--dtype", "float64"], timeout=180)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        outputs.append(read(tmp_path / name)[0])
+    assert np.array_equal(outputs[0].forces_N3, outputs[1].forces_N3)
+    assert np.array_equal(outputs[0].energy_S, outputs[1].energy_S)
+
+    again = run_cli(["model", "export", "--checkpoint", str(work / "run"), "--out", str(out)])
+    assert again.returncode == 2 and "already exists (pass --overwrite" in again.stderr
+    assert run_cli(["model", "export", "--checkpoint", str(work / "run"), "--out", str(out), "--overwrite"]).returncode == 0
+    wrong = run_cli(["model", "export", "--checkpoint", str(work / "run"), "--out", str(tmp_path / "m.bin")])
+    assert wrong.returncode == 2 and "must end in .safetensors or .pt" in wrong.stderr
+    foreign = tmp_path / "foreign.safetensors"
+    from safetensors.torch import save_file
+    import torch
+
+    save_file({"w": torch.zeros(2)}, str(foreign))
+    refused = run_cli(["model", "info", "--checkpoint", str(foreign)])
+    assert refused.returncode == 2 and "not an exaforce model file" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1

@@ -80,8 +80,9 @@ def read_all(path: Path) -> Frames:
 
 
 def write_db(frames: Frames, path: Path) -> None:
-    """An ASE database as a producer writes one: results on the calculator, charge/spin as key-value pairs."""
-    with ase.db.connect(path) as db:
+    """An ASE database as a producer writes one: results on the calculator, charge/spin as key-value pairs
+    (SQLite, or fairchem's LMDB backend for a .aselmdb path)."""
+    with ase.db.connect(path, type="aselmdb" if path.suffix == ".aselmdb" else "db") as db:
         for atoms in frames.to_atoms():
             pairs = {key: atoms.info.pop(key) for key in ("charge", "spin") if key in atoms.info}
             db.write(atoms, **pairs)
@@ -173,6 +174,52 @@ def test_asedb_round_trip(tmp_path):
     assert_equal(read_all(tmp_path / "out.bp"), frames)
     with open_bp(tmp_path / "out.bp") as ds:
         assert (ds.name, ds.method, ds.attrs["source"]) == ("db-set", "PBE", str(tmp_path / "in.db"))
+
+
+def test_aselmdb_round_trip_equals_the_sqlite_database(tmp_path):
+    """fairchem's ASE LMDB files (ase-db-backends) convert like SQLite databases: the same frames."""
+    frames = labelled()
+    write_db(frames, tmp_path / "in.aselmdb")
+    proc = run_cli(["data", "convert", str(tmp_path / "in.aselmdb"), "--out", str(tmp_path / "out.bp"),
+                    "--name", "omat", "--method", "PBE"])
+    assert proc.returncode == 0, proc.stderr
+    assert_equal(read_all(tmp_path / "out.bp"), frames)
+
+
+def test_convert_file_that_is_not_an_lmdb_database(tmp_path):
+    (tmp_path / "junk.aselmdb").write_bytes(b"not lmdb\n" * 1000)
+    proc = run_cli(["data", "convert", str(tmp_path / "junk.aselmdb"), "--out", str(tmp_path / "out.bp"),
+                    "--name", "x"])
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith(f"exaforce: error: {tmp_path / 'junk.aselmdb'}: not a readable ASE database"), \
+        proc.stderr
+    assert entries(tmp_path) == ["junk.aselmdb"]
+
+
+@pytest.mark.parametrize("suffix", [".xyz", ".db", ".aselmdb"])
+def test_reading_reports_progress_per_structure(tmp_path, suffix):
+    frames = labelled(optional=False)
+    source = tmp_path / f"in{suffix}"
+    write_extxyz(frames, source) if suffix == ".xyz" else write_db(frames, source)
+    calls = []
+    convert_file(source, tmp_path / "out.bp", "x", None, progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(k + 1, len(frames)) for k in range(len(frames))]
+
+
+@pytest.mark.skipif(shutil.which("script") is None, reason="needs util-linux `script` for a pseudo-terminal")
+def test_convert_shows_a_progress_bar_on_a_terminal(tmp_path):
+    """On a terminal (a pseudo-terminal from `script`, given a width: tqdm draws nothing at 0 columns)
+    `data convert` draws a tqdm bar while it reads."""
+    import subprocess
+    import sys
+
+    frames = labelled(optional=False)
+    write_extxyz(frames, tmp_path / "in.xyz")
+    command = (f"stty cols 120 rows 40; {sys.executable} -m exaforce.cli data convert {tmp_path / 'in.xyz'} --out {tmp_path / 'out.bp'} "
+               f"--name x")
+    proc = subprocess.run(["script", "-qec", command, "/dev/null"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-2000:]
+    assert f"reading in.xyz: 100%" in proc.stdout and f"{len(frames)}/{len(frames)}" in proc.stdout, proc.stdout
 
 
 def test_asedb_without_optional_fields(tmp_path):
@@ -463,7 +510,11 @@ def test_labels_under_mace_ref_keys_or_named_keys_convert(tmp_path):
     for atoms, (e, f, s) in zip(frames, truth):
         bare = ase.Atoms(atoms.numbers, atoms.positions, cell=atoms.cell, pbc=True)
         db.write(bare, REF_energy=float(e), data={"REF_forces": f, "REF_stress": s})
-    for source in ("mace.xyz", "mace.db"):  # the default names are absent: MACE's REF_* are read
+    with ase.db.connect(tmp_path / "mace.aselmdb", type="aselmdb") as lmdb_db:
+        for atoms, (e, f, s) in zip(frames, truth):
+            bare = ase.Atoms(atoms.numbers, atoms.positions, cell=atoms.cell, pbc=True)
+            lmdb_db.write(bare, REF_energy=float(e), data={"REF_forces": f, "REF_stress": s})
+    for source in ("mace.xyz", "mace.db", "mace.aselmdb"):  # the default names are absent: MACE's REF_* are read
         # (ASE's extxyz writer keeps 8 decimals: the tolerances below)
         proc = run_cli(["data", "convert", str(tmp_path / source), "--out", str(tmp_path / f"{source}.bp"),
                         "--name", "m"])

@@ -91,8 +91,8 @@ def test_missing_source_names_the_file(tmp_path, sources):
 def test_bad_copy_is_detected_and_cleaned_up(tmp_path, sources, monkeypatch):
     real_copy = stage._copy_file
 
-    def bad_copy(src, dst):
-        digest = real_copy(src, dst)
+    def bad_copy(src, dst, advance):
+        digest = real_copy(src, dst, advance)
         with open(dst, "ab") as fh:  # the storage "changes" the bytes after they were written
             fh.write(b"\0")
         return digest
@@ -158,3 +158,37 @@ def test_a_second_stage_waits_for_the_first_then_verifies(tmp_path, sources):
     out, err = second.communicate(timeout=60)
     assert second.returncode == 0, err
     assert f"stage: {dest / sources[0].name} already present" in out and "skipped" in out, out
+
+
+def test_progress_counts_the_bytes_copied_and_verified(tmp_path, sources):
+    """The leader reports each dataset's copy and verification in bytes, ending at its size; a second
+    stage (present, identical) reports only the verification of source and copy."""
+    sizes = {src.name: sum(f.stat().st_size for f in ([src] if src.is_file() else src.rglob("*")) if f.is_file())
+             for src in sources}
+    calls: list[tuple[str, int, int]] = []
+    stage_datasets(sources, tmp_path / "nvme", None, log=lambda m: None, progress=lambda *c: calls.append(c))
+    last = {what: (done, total) for what, done, total in calls}
+    assert last == {f"copying {n}": (s, s) for n, s in sizes.items()} | \
+        {f"verifying the copy of {n}": (s, s) for n, s in sizes.items()}
+    for what in last:  # monotonic
+        done = [d for w, d, _ in calls if w == what]
+        assert done == sorted(done)
+    calls.clear()
+    stage_datasets(sources, tmp_path / "nvme", None, log=lambda m: None, progress=lambda *c: calls.append(c))
+    last = {what: (done, total) for what, done, total in calls}
+    assert last == {f"verifying {n} against its source": (2 * s, 2 * s) for n, s in sizes.items()}
+
+
+def test_progress_in_mb_in_a_job_log():
+    """`exaforce stage` hands bytes to a ProgressReport that shows MB (scale 1e-6)."""
+    import io
+
+    from exaforce.console import ProgressReport
+
+    ticks = iter(range(10**6))
+    log = io.StringIO()
+    with ProgressReport("stage: copying big.bp", unit="MB", stream=log, clock=lambda: float(next(ticks)),
+                        scale=1e-6) as progress:
+        for done in range(1, 51):
+            progress(done * 20_000_000, 1_000_000_000)
+    assert log.getvalue().splitlines()[-1].startswith("  stage: copying big.bp: 1000/1000 MB (100 %), 20 MB/s")

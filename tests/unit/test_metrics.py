@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 
+import pytest
+
 from exaforce.training.metrics import MetricsFile, StepClock, metrics_columns
 
 
@@ -53,3 +55,38 @@ def test_progress_report_prints_plain_lines_in_job_logs_and_nothing_when_disable
     with ProgressReport("predict", enabled=False, stream=quiet) as progress:  # the other ranks
         progress(1, 1)
     assert quiet.getvalue() == ""
+
+
+def test_tensorboard_scalars_mirror_the_metrics_file_and_a_resume_purges_later_steps(tmp_path):
+    """run.tensorboard: the same values as TensorBoard scalars (read back with TensorBoard's own reader);
+    a resume from step 2 drops the interrupted segment's steps 3-4 and appends."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    def write(metrics: MetricsFile, steps) -> None:
+        for step in steps:
+            metrics.row({"step": step, "epoch": 0, "lr": 1e-3 * step, "loss": 10.0 / step, "loss_forces": 5.0 / step,
+                         "atoms_per_s": 100.0}, {"pbe": {"energy_mev_per_atom": 7.0, "forces_mev_per_a": 40.0 + step}}
+                        if step % 2 == 0 else None)
+        metrics.close()
+
+    write(MetricsFile(tmp_path, ("pbe",), tensorboard=True), range(1, 5))
+    write(MetricsFile(tmp_path, ("pbe",), resumed_at=2, tensorboard=True), range(3, 6))
+    board = EventAccumulator(str(tmp_path / "tensorboard"))
+    board.Reload()
+    scalars = board.Tags()["scalars"]
+    assert {"loss/total", "loss/forces", "lr", "atoms_per_s", "val/pbe/forces_mev_per_a",
+            "val/pbe/energy_mev_per_atom"} <= set(scalars)
+    loss = [(e.step, e.value) for e in board.Scalars("loss/total")]
+    assert [s for s, _ in loss] == [1, 2, 3, 4, 5] and loss[2][1] == pytest.approx(10.0 / 3)
+    assert [(e.step, e.value) for e in board.Scalars("val/pbe/forces_mev_per_a")] == [(2, 42.0), (4, 44.0)]
+
+
+def test_tensorboard_without_the_package_is_a_config_error(monkeypatch):
+    import importlib.util
+
+    from exaforce import config
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
+    with pytest.raises(config.ConfigError, match="run.tensorboard = true: the tensorboard package is not installed"):
+        config.validate(config.Config(run=config.RunConfig(tensorboard=True)))
