@@ -568,27 +568,44 @@ def _checkpoint_info(path: str, full: bool) -> dict:
 def _export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="a checkpoint folder, model file or run folder (its newest)")
     p.add_argument("--out", required=True, help="the model file to write: F.safetensors (weights as safetensors "
-                                               "tensors, description as JSON metadata) or F.pt (torch, weights only)")
+                                               "tensors, description as JSON metadata), F.pt (torch, weights only) "
+                                               "or F.pt2 (a torch.export program for compiled MD codes: energy of "
+                                               "a domain's own atoms and its gradient per edge vector)")
+    p.add_argument("--dtype", choices=("float64", "float32"), default="float64", help=".pt2: the program's precision")
+    p.add_argument("--head", help=".pt2: the energy head (default: the first)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing file")
 
 
 @command("model", "export", arguments=_export_arguments,
          help="the whole model of a checkpoint as one file, .pt or .safetensors (predict, the ASE calculator, "
-              "`exaforce lammps` and `model info` read both)")
+              "`exaforce lammps` and `model info` read both), or .pt2 for compiled MD codes")
 def cmd_model_export(args: argparse.Namespace, ctx: Context) -> None:
     from exaforce.checkpoint import SAFETENSORS, export_model
     from exaforce.model_io import load_trained
 
     out = Path(args.out)
-    if out.suffix not in (SAFETENSORS, ".pt"):
-        raise UserError(f"--out {out}: the file name must end in {SAFETENSORS} or .pt (it chooses the format)")
+    if out.suffix not in (SAFETENSORS, ".pt", ".pt2"):
+        raise UserError(f"--out {out}: the file name must end in {SAFETENSORS}, .pt or .pt2 (it chooses the format)")
     if (out.exists() or out.is_symlink()) and not (args.overwrite and out.is_file()):
         raise UserError(f"--out {out}: " + ("exists and is not a regular file; refusing to replace it"
                                             if out.exists() and not out.is_file() else
                                             "already exists (pass --overwrite to replace it)"))
     source = load_trained(args.checkpoint)
     t0 = time.perf_counter()
-    export_model(source.path, out)
+    if out.suffix == ".pt2":
+        import torch
+
+        from exaforce.calculator import head_index
+        from exaforce.program import write_program
+
+        model = source.build()
+        try:
+            head = head_index(model, args.head)
+        except ValueError as err:
+            raise UserError(f"--head: {err}") from None
+        write_program(model, head, getattr(torch, args.dtype), source.describe(), out)
+    else:
+        export_model(source.path, out)
     _say(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB; step {source.step} of {source.path}) in "
          f"{time.perf_counter() - t0:.2f} s")
 

@@ -61,6 +61,8 @@ class RunConfig:
     step_timeout_s: float = 1800.0      # watchdog: abort the job when a step (with its validation and
                                         # checkpoint) makes no progress for this long; 0: off
     val_every: int = 0                  # validation MAE every N steps (0: at the end only), if any is held out
+    calibration_cache: str = "auto"     # folder of cached start-up calibrations (exaforce.training.calibrate); auto:
+                                        # $XDG_CACHE_HOME/exaforce/calibration (else ~/.cache/…); "": always calibrate
     tensorboard: bool = False           # rank 0 also writes metrics.csv's values as TensorBoard scalars to RUN/tensorboard
     init_from: str = ""                 # fine-tuning: start from this checkpoint (file or run folder); "": from scratch
     freeze: str = "none"                # with init_from: "none" trains all, "backbone" only readout + head embeddings

@@ -49,6 +49,8 @@ def read_asedb(path: str | os.PathLike, keys: LabelKeys | None = None,
             row_ids.append(row.id)
             progress(len(atoms_list), total)
         metadata = db.metadata
+        if backend == "aselmdb":
+            db.close()  # its memory map (SQLite closes per query)
     except errors as err:
         raise DataError(path, f"not a readable ASE database: {type(err).__name__}: {err}") from None
     if not atoms_list:

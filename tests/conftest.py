@@ -5,12 +5,22 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 MPIEXEC = Path(sys.executable).parent / "mpiexec"
+
+# Start-up calibrations are cached under $XDG_CACHE_HOME (exaforce.training.calibrate): tests never
+# read or fill the user's cache, and each test starts with an empty one (module fixtures: the session's).
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="exaforce-tests-cache-")
+
+
+@pytest.fixture(autouse=True)
+def _own_calibration_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
 
 
 def run_mpi(n: int, args: list[str], timeout: float = 300, cwd: Path | None = None) -> subprocess.CompletedProcess:

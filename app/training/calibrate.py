@@ -4,15 +4,28 @@ The FLOP coefficients turn each step's counts into FLOPs for the perf log (FlopC
 for matmul-bound models: FLOPs are linear in the counts); the cost coefficients are what the
 sampler deals structures by. All ranks calibrate together, once per layout (a resumed run reuses
 the checkpoint's).
+
+Why a cache: the twelve calibration steps cost tens of seconds (the default model on 2 ranks: about
+40 s, a twentieth of a 15-minute run), and they measure the model, not the data: the coefficients
+depend on the model config, the step's path, dtype, layout, threads and machine. Rank 0 keeps them
+in `run.calibration_cache` (default $XDG_CACHE_HOME/exaforce/calibration, else ~/.cache/…) under a
+hash of those, and a later run that matches every one of them reuses them; a degenerate fit (too few
+distinct structures) is never cached.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+import os
+import platform
 import time
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import torch
 
 from exaforce.config import Config
 from exaforce.graph import GraphBatch
@@ -45,7 +58,7 @@ def _fit_world_mean(model: Potential, batches: list[GraphBatch], cfg: Config, pa
     except ValueError as err:  # too few distinct structures to vary the counts independently
         log(f"calibration: {err}; using the fit within the counts the training set spans (perf figures of "
             f"other batch shapes are extrapolated)")
-        return fit_in_span(rows)
+        return {**fit_in_span(rows), DEGENERATE: 1.0}
 
 
 def calibrate(model: Potential, index: GlobalIndex, to_batch: Callable[[np.ndarray], GraphBatch], cfg: Config,
@@ -56,12 +69,83 @@ def calibrate(model: Potential, index: GlobalIndex, to_batch: Callable[[np.ndarr
     batches = [to_batch(mine[np.arange(i, i + k) % len(mine)])
                for i, k in ((0, 1), (1, 2), (3, 3), (6, 4), (10, 2), (12, 5))]
     cfg = on_training_path(cfg, model, index, topo.world_size)
+    cache = cache_entry(cfg, model, topo)
+    cached = topo.from_root(_read(*cache, log) if topo.is_root and cache is not None else None)  # collective
+    if cached is not None:
+        log(f"calibration: reused {cache[0]} (same model, path, dtype, layout, threads and machine; delete it "
+            f"to measure again)")
+        return cached
     t0 = time.perf_counter()
     flop_coefficients = calibrate_flops(model, batches, cfg, parallel, log)
     t1 = time.perf_counter()
     cost_coefficients = calibrate_cost(model, batches, cfg, parallel, flop_coefficients, log)
     log(f"calibration: {t1 - t0:.1f} s counting FLOPs, {time.perf_counter() - t1:.1f} s timing steps")
+    degenerate = flop_coefficients.pop(DEGENERATE, 0.0) + cost_coefficients.pop(DEGENERATE, 0.0)
+    if topo.is_root and cache is not None and not degenerate:
+        _write(*cache, flop_coefficients, cost_coefficients, log)
     return flop_coefficients, cost_coefficients
+
+
+# ---------------------------------------------------------------- the cache
+DEGENERATE = "degenerate"  # marks a fit within the span of too few structures: used, never cached
+
+
+def cache_entry(cfg: Config, model: Potential, topo) -> tuple[Path, dict] | None:
+    """The cache file of this calibration and what the coefficients depend on (None: run.calibration_cache
+    = ""); the file is named by a hash of the description, which it also holds and is checked against."""
+    if not cfg.run.calibration_cache:
+        return None
+    root = cfg.run.calibration_cache
+    if root == "auto":
+        root = str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "exaforce" / "calibration")
+    key = json.loads(json.dumps(cache_key(cfg, model, topo), default=str))  # as it reads back from JSON
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+    return Path(root).expanduser() / f"{digest}.json", key
+
+
+def cache_key(cfg: Config, model: Potential, topo) -> dict:
+    from exaforce import __version__
+
+    device = next(model.parameters()).device
+    return {"model": dataclasses.asdict(model.cfg), "dtype": cfg.run.dtype,
+            "path": {"recompute_lines": cfg.run.recompute_lines, "recompute_bonds": cfg.run.recompute_bonds,
+                     "store_all_below": cfg.run.store_all_below},
+            "layout": topo.describe(), "threads": torch.get_num_threads(), "device": str(device.type),
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_model(),
+            "host_arch": platform.machine(), "torch": torch.__version__, "exaforce": __version__}
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        return platform.processor()
+
+
+def _read(path: Path, key: dict, log: Callable[[str], None]) -> tuple[Coefficients, Coefficients] | None:
+    if not path.is_file():
+        return None
+    try:
+        entry = json.loads(path.read_text())
+        if entry["key"] != key:
+            return None
+        return dict(entry["flops"]), dict(entry["cost"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        log(f"calibration: WARNING: ignoring the unreadable cache entry {path} ({type(err).__name__}: {err})")
+        return None
+
+
+def _write(path: Path, key: dict, flops: Coefficients, cost: Coefficients, log: Callable[[str], None]) -> None:
+    """Best effort: a cache that cannot be written costs the next run its calibration, nothing else."""
+    from exaforce.io.atomic import write_file_atomically
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        text = json.dumps({"key": key, "flops": flops, "cost": cost}, indent=1)
+        write_file_atomically(path, lambda f: f.write(text.encode()))
+    except OSError as err:
+        log(f"calibration: WARNING: could not write the cache entry {path} ({err.strerror or err})")
 
 
 def on_training_path(cfg: Config, model: Potential, index: GlobalIndex, world_size: int) -> Config:
