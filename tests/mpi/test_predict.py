@@ -240,7 +240,7 @@ def test_a_safetensors_export_describes_itself_and_predicts_what_the_torch_file_
     assert again.returncode == 2 and "already exists (pass --overwrite" in again.stderr
     assert run_cli(["model", "export", "--checkpoint", str(work / "run"), "--out", str(out), "--overwrite"]).returncode == 0
     wrong = run_cli(["model", "export", "--checkpoint", str(work / "run"), "--out", str(tmp_path / "m.bin")])
-    assert wrong.returncode == 2 and "must end in .safetensors or .pt" in wrong.stderr
+    assert wrong.returncode == 2 and "must end in .safetensors, .pt or .pt2" in wrong.stderr
     foreign = tmp_path / "foreign.safetensors"
     from safetensors.torch import save_file
     import torch
@@ -249,3 +249,25 @@ def test_a_safetensors_export_describes_itself_and_predicts_what_the_torch_file_
     refused = run_cli(["model", "info", "--checkpoint", str(foreign)])
     assert refused.returncode == 2 and "not an exaforce model file" in refused.stderr
     assert len(refused.stderr.strip().splitlines()) == 1
+
+
+def test_a_pt2_export_for_compiled_md_codes_carries_its_description(work, tmp_path):
+    """`exaforce model export --out F.pt2 --head pbe`: a torch.export archive whose extra/exaforce.json
+    says what the inputs mean (numerics: tests/unit/test_program.py); an unknown head is refused."""
+    import torch
+
+    from conftest import run_cli
+
+    out = tmp_path / "model.pt2"
+    proc = run_cli(["model", "export", "--checkpoint", str(work / "run"), "--out", str(out), "--head", "pbe"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    extra = {"exaforce.json": ""}
+    program = torch.export.load(str(out), extra_files=extra)
+    meta = json.loads(extra["exaforce.json"])
+    assert meta["head"] == "pbe" and meta["dtype"] == "float64" and meta["elements"] == list(ELEMENTS)
+    assert meta["receptive_field_a"] == 14.0 and meta["inputs"][-1] == "own_N"
+    assert len(program.graph_signature.user_inputs) == 5
+    bad = run_cli(["model", "export", "--checkpoint", str(work / "run"), "--out", str(tmp_path / "x.pt2"),
+                   "--head", "r2scan"])
+    assert bad.returncode == 2 and "--head: head 'r2scan': this model's heads are ['emt', 'pbe']" in bad.stderr
+    assert not (tmp_path / "x.pt2").exists()
