@@ -138,14 +138,14 @@ def _read(path: Path, key: dict, log: Callable[[str], None]) -> tuple[Coefficien
 
 def _write(path: Path, key: dict, flops: Coefficients, cost: Coefficients, log: Callable[[str], None]) -> None:
     """Best effort: a cache that cannot be written costs the next run its calibration, nothing else."""
-    from exaforce.io.atomic import write_file_atomically
+    from exaforce.io.atomic import DiskFullError, write_file_atomically
 
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         text = json.dumps({"key": key, "flops": flops, "cost": cost}, indent=1)
         write_file_atomically(path, lambda f: f.write(text.encode()))
-    except OSError as err:
-        log(f"calibration: WARNING: could not write the cache entry {path} ({err.strerror or err})")
+    except (OSError, DiskFullError) as err:
+        log(f"calibration: WARNING: could not write the cache entry {path} ({getattr(err, 'strerror', None) or err})")
 
 
 def on_training_path(cfg: Config, model: Potential, index: GlobalIndex, world_size: int) -> Config:

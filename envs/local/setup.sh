@@ -57,6 +57,7 @@ pip_quiet install -q --no-build-isolation --no-deps -e "$root" \
 say "checking the installation"
 "$venv/bin/python" - <<'PY' || fail "import check failed (see above)"
 import torch, mpi4py, adios2, h5py, ase, vesin, numpy, matplotlib, jinja2, tblite.ase, exaforce
+import safetensors, tensorboard, lmdb, ase_db_backends.aselmdb  # model export, run.tensorboard, .aselmdb
 from mpi4py import MPI
 print(f"[envs/local] torch {torch.__version__}, mpi4py {mpi4py.__version__} ({MPI.Get_library_version().splitlines()[0]}), "
       f"adios2 {adios2.__version__}, ase {ase.__version__}, exaforce {exaforce.__version__}")

@@ -57,3 +57,11 @@ def test_a_degenerate_calibration_is_never_cached(tmp_path, monkeypatch):
     small_run_config(tmp_path, steps=1, log_every=1)
     assert "degenerate calibration" in train(tmp_path, "a")
     assert not list((tmp_path / "cache").rglob("*.json"))
+
+
+def test_an_unwritable_cache_warns_and_the_run_goes_on(tmp_path):
+    make_emt_dataset(tmp_path, 8)
+    small_run_config(tmp_path, steps=1, log_every=1)
+    (tmp_path / "blocked").write_text("a file where the cache folder would go")
+    out = train(tmp_path, "a", "--set", f'run.calibration_cache="{tmp_path / "blocked" / "calibration"}"')
+    assert "calibration: WARNING: could not write the cache entry" in out and "step     1/1" in out
