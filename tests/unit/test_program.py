@@ -143,3 +143,21 @@ def test_float32_program_and_moe_refusal():
                                rtol=0, atol=1e-4)
     with pytest.raises(ConfigError, match="MoE models cannot be exported yet"):
         export_program(preset_model("small-moe", elements=ELEMENTS), 0, torch.float64)
+
+
+@pytest.mark.slow
+def test_the_program_compiles_with_aotinductor_and_gives_the_same_numbers(tmp_path):
+    """The C++ path of a pair style: AOTInductor compiles the exported program into a package (which
+    torch::inductor::AOTIModelPackageLoader loads from C++); loaded here through its Python twin, it
+    gives the calculator's energy and forces on two sizes of structure (about 45 s of compilation)."""
+    package = torch._inductor.aoti_compile_and_package(export_program(model(), 0, torch.float64),
+                                                       package_path=str(tmp_path / "m.aoti.pt2"))
+    compiled = torch._inductor.aoti_load_package(package)
+    for atoms in (cell(), cell().repeat((2, 1, 1))):
+        energy, forces, _ = reference(atoms)
+        batch, vectors = graph(atoms, model().cfg)
+        e_own, grad = compiled(batch.species_N, vectors, batch.edge_index_2E, batch.triplet_index_2T,
+                               torch.ones(len(atoms), dtype=torch.bool))
+        assert float(e_own) == pytest.approx(energy, rel=1e-12)
+        np.testing.assert_allclose(node_forces(grad, batch.edge_index_2E, len(atoms)).numpy(), forces, rtol=0,
+                                   atol=1e-10)
