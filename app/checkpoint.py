@@ -428,8 +428,13 @@ def load(path: Path) -> dict[str, Any]:
 
 def export_model(folder: Path, path: Path) -> Path:
     """The whole model of checkpoint `folder` as one file (read back from disk: it also proves the
-    folder loads): a torch file, or a safetensors file when `path` ends in .safetensors."""
-    state = load(folder)
+    folder loads)."""
+    return write_model_file(load(folder), path)
+
+
+def write_model_file(state: dict[str, Any], path: Path) -> Path:
+    """`load`'s state of a whole model as one file: a torch file, or a safetensors file when `path`
+    ends in .safetensors."""
     if Path(path).suffix == SAFETENSORS:
         return _save_safetensors(state, Path(path))
     return save_atomic(state, path)

@@ -187,7 +187,7 @@ def _convert_arguments(p: argparse.ArgumentParser) -> None:
          help="extxyz / ASE db / HDF5 → ADIOS2 BP5 dataset(s); several inputs are converted in parallel "
               "under mpiexec")
 def cmd_data_convert(args: argparse.Namespace, ctx: Context) -> None:
-    from exaforce.console import ProgressReport
+    from exaforce.console import ProgressReports
     from exaforce.io.convert import Converted, Progress, convert
     from exaforce.io.schema import DataError, LabelKeys
     from exaforce.parallel.topology import Topology
@@ -200,14 +200,10 @@ def cmd_data_convert(args: argparse.Namespace, ctx: Context) -> None:
         _say(f"{tag}converted {done.n_structures} structures ({done.n_atoms} atoms, method {done.method}) "
              f"from {done.source} to {done.out} in {time.perf_counter() - t0:.1f} s")
 
-    def progress(source: Path) -> Progress:  # rank 0 shows its own files' reading (the others convert alike)
-        report = ProgressReport(f"{tag}reading {source.name}", enabled=topo.is_root, stream=sys.stdout)
+    reports = ProgressReports(enabled=topo.is_root, stream=sys.stdout)  # rank 0's files (the others convert alike)
 
-        def update(done: int, total: int) -> None:
-            report(done, total)
-            if done == total:
-                report.close()
-        return update
+    def progress(source: Path) -> Progress:
+        return functools.partial(reports, f"{tag}reading {source.name}")
 
     sources = [Path(p) for p in args.inputs]
     try:
@@ -255,7 +251,7 @@ def _stage_arguments(p: argparse.ArgumentParser) -> None:
          help="copy datasets to node-local storage (node leaders copy, all verify)")
 def cmd_stage(args: argparse.Namespace, ctx: Context) -> None:
     from exaforce import config as config_mod
-    from exaforce.console import ProgressReport
+    from exaforce.console import ProgressReports
     from exaforce.io.stage import stage_datasets
     from exaforce.parallel.topology import Topology
 
@@ -266,17 +262,9 @@ def cmd_stage(args: argparse.Namespace, ctx: Context) -> None:
     if not sources:
         raise config_mod.ConfigError("nothing to stage: name datasets or --config")
     log = _say if topo.local_rank == 0 else _quiet
-    reports: dict[str, ProgressReport] = {}
-
-    def progress(what: str, done: int, total: int) -> None:  # world rank 0 shows its node's copies
-        if what not in reports:
-            reports[what] = ProgressReport(f"stage: {what}", unit="MB", enabled=topo.is_root, stream=sys.stdout,
-                                           scale=1e-6)
-        reports[what](done, total)
-        if done == total:
-            reports[what].close()
-
-    staged = stage_datasets(sources, Path(args.to), topo.node, log=log, fallback=args.fallback, progress=progress)
+    reports = ProgressReports(unit="MB", scale=1e-6, enabled=topo.is_root, stream=sys.stdout)  # rank 0's node
+    staged = stage_datasets(sources, Path(args.to), topo.node, log=log, fallback=args.fallback,
+                            progress=lambda what, done, total: reports(f"stage: {what}", done, total))
     if topo.is_root:
         for path in staged:
             _say(f"staged: {path}")
@@ -580,8 +568,8 @@ def _export_arguments(p: argparse.ArgumentParser) -> None:
          help="the whole model of a checkpoint as one file, .pt or .safetensors (predict, the ASE calculator, "
               "`exaforce lammps` and `model info` read both), or .pt2 for compiled MD codes")
 def cmd_model_export(args: argparse.Namespace, ctx: Context) -> None:
-    from exaforce.checkpoint import SAFETENSORS, export_model
-    from exaforce.model_io import load_trained
+    from exaforce.checkpoint import SAFETENSORS, write_model_file
+    from exaforce.model_io import load_trained, read_model_state
 
     out = Path(args.out)
     if out.suffix not in (SAFETENSORS, ".pt", ".pt2"):
@@ -590,7 +578,6 @@ def cmd_model_export(args: argparse.Namespace, ctx: Context) -> None:
         raise UserError(f"--out {out}: " + ("exists and is not a regular file; refusing to replace it"
                                             if out.exists() and not out.is_file() else
                                             "already exists (pass --overwrite to replace it)"))
-    source = load_trained(args.checkpoint)
     t0 = time.perf_counter()
     if out.suffix == ".pt2":
         import torch
@@ -598,16 +585,19 @@ def cmd_model_export(args: argparse.Namespace, ctx: Context) -> None:
         from exaforce.calculator import head_index
         from exaforce.program import write_program
 
+        source = load_trained(args.checkpoint)
         model = source.build()
         try:
             head = head_index(model, args.head)
         except ValueError as err:
             raise UserError(f"--head: {err}") from None
         write_program(model, head, getattr(torch, args.dtype), source.describe(), out)
+        path, step = source.path, source.step
     else:
-        export_model(source.path, out)
-    _say(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB; step {source.step} of {source.path}) in "
-         f"{time.perf_counter() - t0:.2f} s")
+        path, state = read_model_state(args.checkpoint)
+        write_model_file(state, out)
+        step = state["step"]
+    _say(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB; step {step} of {path}) in {time.perf_counter() - t0:.2f} s")
 
 
 # ---------------------------------------------------------------- bench

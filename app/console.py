@@ -28,11 +28,13 @@ class ProgressReport:
     def __call__(self, done: int, total: int) -> None:
         if not self.enabled:
             return
+        share = done / max(total, 1)
+        if self.scale != 1.0:  # counted in one unit (bytes), shown in another (MB)
+            done, total = done * self.scale, total * self.scale
         if self.stream.isatty():
-            self._bar(*((done, total) if self.scale == 1.0 else (done * self.scale, total * self.scale)))
+            self._bar(done, total)
             return
         now = self.clock()
-        share = done / max(total, 1)
         if now - self.start < QUIET_FOR_S:
             return
         if done == total or share - self.last_share >= LINE_EVERY_SHARE or now - self.last_line >= LINE_EVERY_S:
@@ -40,8 +42,7 @@ class ProgressReport:
             elapsed = now - self.start
             rate = done / elapsed if elapsed > 0 else 0.0
             eta = f"{(total - done) / rate:.0f} s" if rate > 0 else "?"
-            shown = f"{done * self.scale:.0f}/{total * self.scale:.0f}" if self.scale != 1.0 else f"{done}/{total}"
-            print(f"  {self.label}: {shown} {self.unit} ({100 * share:.0f} %), {rate * self.scale:.3g} {self.unit}/s, "
+            print(f"  {self.label}: {done:.0f}/{total:.0f} {self.unit} ({100 * share:.0f} %), {rate:.3g} {self.unit}/s, "
                   f"{elapsed:.0f} s elapsed, ETA {eta}", file=self.stream, flush=True)
 
     def _bar(self, done: float, total: float) -> None:
@@ -61,3 +62,21 @@ class ProgressReport:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class ProgressReports:
+    """One ProgressReport per piece of work, by label, each closed when its work is done: for commands
+    that work through several files or datasets. Call it with (label, done, total); `options` are
+    ProgressReport's."""
+
+    def __init__(self, **options: object):
+        self.options = options
+        self.reports: dict[str, ProgressReport] = {}
+
+    def __call__(self, label: str, done: int, total: int) -> None:
+        report = self.reports.get(label)
+        if report is None:
+            report = self.reports[label] = ProgressReport(label, **self.options)
+        report(done, total)
+        if done == total:
+            report.close()

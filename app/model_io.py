@@ -86,6 +86,14 @@ def load_trained(path: str | Path) -> TrainedModel:
     """Reads a checkpoint as `checkpoint.load` understands it (a checkpoint folder
     `RUN/checkpoints/step-NNNNNNNN/`, or a single-file model `step-NNNNNNNN.pt`), or a run folder,
     meaning its newest complete checkpoint (a single-file model where its step has one)."""
+    path, state = read_model_state(path)
+    return TrainedModel(path=path, step=int(state.get("step", 0)), config=model_from_dict(state["config"]["model"]),
+                        state=state["model"], written_by=dict(state.get("written_by", {})))
+
+
+def read_model_state(path: str | Path) -> tuple[Path, dict]:
+    """The checkpoint that `path` names (a run folder: its newest) and `checkpoint.load`'s state of it,
+    checked to hold an exaforce model: what load_trained builds from, and what `model export` writes."""
     path = Path(path)
     if (path / "checkpoints").is_dir():
         newest = checkpoint.latest(path, model_files=True)
@@ -100,8 +108,7 @@ def load_trained(path: str | Path) -> TrainedModel:
         raise ConfigError(f"{path}: unreadable checkpoint ({err})") from None
     if not isinstance(state, dict) or state.get("model") is None or "config" not in state:
         raise ConfigError(f"{path}: not an exaforce checkpoint (no model weights and config)")
-    return TrainedModel(path=path, step=int(state.get("step", 0)), config=model_from_dict(state["config"]["model"]),
-                        state=state["model"], written_by=dict(state.get("written_by", {})))
+    return path, state
 
 
 def preset_model(name: str, seed: int = 0, **overrides) -> Potential:

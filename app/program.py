@@ -71,7 +71,8 @@ def example_inputs(model: Potential, dtype: torch.dtype) -> tuple[torch.Tensor, 
 
 
 def export_program(model: Potential, head: int, dtype: torch.dtype) -> torch.export.ExportedProgram:
-    """OwnEnergy of `model` as an ExportedProgram with dynamic atom, edge and triplet counts."""
+    """OwnEnergy of `model` as an ExportedProgram with dynamic atom, edge and triplet counts (the model
+    is taken over: converted to `dtype`, eval mode, parameters frozen, in place)."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
     if model.moe_layers:

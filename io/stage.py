@@ -72,8 +72,8 @@ def stage_datasets(paths: list[Path], dest: Path, node_comm: "MPI.Intracomm | No
 
 def _check_space(paths: list[Path], dest: Path) -> None:
     """Fail before copying anything when the datasets that still need a copy do not fit."""
-    needed = {src: sum(f.stat().st_size for f in ([src] if src.is_file() else _files(src)))
-              for src in paths if src.exists() and not ((dest / src.name).exists() and _same_sizes(src, dest / src.name))}
+    needed = {src: _size(src) for src in paths
+              if src.exists() and not ((dest / src.name).exists() and _same_sizes(src, dest / src.name))}
     probe = dest if dest.exists() else next(p for p in dest.parents if p.exists())
     free = shutil.disk_usage(probe).free
     if sum(needed.values()) > free:

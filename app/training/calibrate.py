@@ -39,7 +39,8 @@ Coefficients = dict[str, float]
 
 
 def _fit_world_mean(model: Potential, batches: list[GraphBatch], cfg: Config, parallel: Parallel,
-                    measure: Callable[[Callable[[], object]], float], log: Callable[[str], None]) -> Coefficients:
+                    measure: Callable[[Callable[[], object]], float],
+                    log: Callable[[str], None]) -> tuple[Coefficients, bool]:
     """Runs one training step's forward and backward per calibration batch through `measure` (FLOPs
     or seconds) and fits the coefficients to the world means (collective: every rank runs the same
     number of steps on its own batches; with expert parallelism an expert's work depends on every
@@ -54,11 +55,11 @@ def _fit_world_mean(model: Potential, batches: list[GraphBatch], cfg: Config, pa
     mean = np.asarray(parallel.topo.sum(np.asarray(samples))) / parallel.topo.world_size  # collective
     rows = [tuple(row) for row in mean]
     try:
-        return fit_flop_coefficients(rows)
+        return fit_flop_coefficients(rows), True
     except ValueError as err:  # too few distinct structures to vary the counts independently
         log(f"calibration: {err}; using the fit within the counts the training set spans (perf figures of "
             f"other batch shapes are extrapolated)")
-        return {**fit_in_span(rows), DEGENERATE: 1.0}
+        return fit_in_span(rows), False
 
 
 def calibrate(model: Potential, index: GlobalIndex, to_batch: Callable[[np.ndarray], GraphBatch], cfg: Config,
@@ -76,20 +77,16 @@ def calibrate(model: Potential, index: GlobalIndex, to_batch: Callable[[np.ndarr
             f"to measure again)")
         return cached
     t0 = time.perf_counter()
-    flop_coefficients = calibrate_flops(model, batches, cfg, parallel, log)
+    flop_coefficients, determined = calibrate_flops(model, batches, cfg, parallel, log)
     t1 = time.perf_counter()
     cost_coefficients = calibrate_cost(model, batches, cfg, parallel, flop_coefficients, log)
     log(f"calibration: {t1 - t0:.1f} s counting FLOPs, {time.perf_counter() - t1:.1f} s timing steps")
-    degenerate = flop_coefficients.pop(DEGENERATE, 0.0) + cost_coefficients.pop(DEGENERATE, 0.0)
-    if topo.is_root and cache is not None and not degenerate:
+    if topo.is_root and cache is not None and determined:  # both fits share the counts: one verdict
         _write(*cache, flop_coefficients, cost_coefficients, log)
     return flop_coefficients, cost_coefficients
 
 
 # ---------------------------------------------------------------- the cache
-DEGENERATE = "degenerate"  # marks a fit within the span of too few structures: used, never cached
-
-
 def cache_entry(cfg: Config, model: Potential, topo) -> tuple[Path, dict] | None:
     """The cache file of this calibration and what the coefficients depend on (None: run.calibration_cache
     = ""); the file is named by a hash of the description, which it also holds and is checked against."""
@@ -159,8 +156,9 @@ def on_training_path(cfg: Config, model: Potential, index: GlobalIndex, world_si
 
 
 def calibrate_flops(model: Potential, batches: list[GraphBatch], cfg: Config, parallel: Parallel,
-                    log: Callable[[str], None]) -> Coefficients:
-    """FLOPs of one training step (forward, force backward, parameter backward) from FlopCounterMode."""
+                    log: Callable[[str], None]) -> tuple[Coefficients, bool]:
+    """FLOPs of one training step (forward, force backward, parameter backward) from FlopCounterMode, and
+    whether the calibration batches' counts determined them (False: a fit within their span)."""
     return _fit_world_mean(model, batches, cfg, parallel, count_flops, log)
 
 
@@ -173,7 +171,7 @@ def calibrate_cost(model: Potential, batches: list[GraphBatch], cfg: Config, par
         step()
         return time.perf_counter() - t0
 
-    seconds = _fit_world_mean(model, batches, cfg, parallel, seconds_of, log)
+    seconds, _ = _fit_world_mean(model, batches, cfg, parallel, seconds_of, log)
     if min(seconds["atoms"], seconds["edges"], seconds["angles"]) < 0:
         return flop_coefficients
     return seconds

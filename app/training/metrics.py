@@ -64,8 +64,8 @@ class MetricsFile:
         self._writer.writerow({k: _cell(row.get(k)) for k in self.columns})
         self._file.flush()
         if self._board is not None:
-            for column in self.columns[1:]:
-                if isinstance(row.get(column), (int, float)):
+            for column in self.columns:
+                if column != "step" and isinstance(row.get(column), (int, float)):
                     self._board.add_scalar(_tag(column), row[column], global_step=int(row["step"]))
             self._board.flush()
 

@@ -210,7 +210,9 @@ def test_model_info_describes_the_model_file_without_building_it(work):
 def test_a_safetensors_export_describes_itself_and_predicts_what_the_torch_file_does(work, tmp_path):
     """`exaforce model export --out F.safetensors`: a plain safetensors reader sees the weights and the
     description; `model info` and `predict` read it and give what the run's own .pt model file gives."""
+    import torch
     from safetensors import safe_open
+    from safetensors.torch import save_file
 
     from conftest import run_cli
 
@@ -225,8 +227,8 @@ def test_a_safetensors_export_describes_itself_and_predicts_what_the_torch_file_
     model_file = sorted((work / "run/checkpoints").glob("step-*.pt"))[-1]
     infos = [json.loads(run_cli(["model", "info", "--checkpoint", str(p), "--json"]).stdout.strip().splitlines()[-1])
              for p in (model_file, out)]
-    assert [{k: v for k, v in i.items() if k != "file"} for i in infos][0] == \
-        [{k: v for k, v in i.items() if k != "file"} for i in infos][1]
+    described = [{k: v for k, v in info.items() if k != "file"} for info in infos]
+    assert described[0] == described[1]
     outputs = []
     for checkpoint, name in ((model_file, "from-pt.bp"), (out, "from-st.bp")):
         proc = run_mpi(1, ["-m", "exaforce.cli", "predict", "--checkpoint", str(checkpoint), "--data",
@@ -242,9 +244,6 @@ def test_a_safetensors_export_describes_itself_and_predicts_what_the_torch_file_
     wrong = run_cli(["model", "export", "--checkpoint", str(work / "run"), "--out", str(tmp_path / "m.bin")])
     assert wrong.returncode == 2 and "must end in .safetensors, .pt or .pt2" in wrong.stderr
     foreign = tmp_path / "foreign.safetensors"
-    from safetensors.torch import save_file
-    import torch
-
     save_file({"w": torch.zeros(2)}, str(foreign))
     refused = run_cli(["model", "info", "--checkpoint", str(foreign)])
     assert refused.returncode == 2 and "not an exaforce model file" in refused.stderr

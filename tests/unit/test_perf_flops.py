@@ -102,7 +102,8 @@ def test_trainer_calibration_predicts_the_real_step_within_1_percent(preset):
         return build_batch(frames, model.species_table(), cfg.model.cutoff, cfg.model.three_body_cutoff).to("cpu", torch.float64)
 
     calibration = [batch(i, k) for i, k in ((0, 1), (1, 2), (3, 3), (6, 4), (10, 2), (12, 5))]
-    coeffs = calibrate_flops(model, calibration, cfg, parallel, print)
+    coeffs, determined = calibrate_flops(model, calibration, cfg, parallel, print)
+    assert determined
     for held_out in (batch(17, 8), batch(25, 12)):
         routing = parallel.routing(model, held_out)
         counted = count_flops(lambda: loss_and_gradients(model, held_out, cfg, 1.0, {}, routing))
