@@ -170,7 +170,7 @@ def save(run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.opti
         partial.mkdir()
     topo.barrier()  # collective: the folder exists before anybody writes into it
 
-    dp_index, ep_index = topo.layout.coords(topo.rank)
+    dp_index, ep_index = topo.layout.dp_index(topo.rank), topo.layout.ep_index(topo.rank)
     state = model.state_dict()
     expert_keys = _expert_keys(model)
     written = [_write_part(partial, f"rng-rank{topo.rank:05d}.pt", rng_state())]
@@ -301,7 +301,7 @@ def restore(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimiz
 
     expert_keys = _expert_keys(model)
     experts: dict[str, Any] = {"model": {}, "optimizer": {}}
-    if topo.layout.coords(topo.rank)[0] == 0 and expert_keys:
+    if topo.layout.dp_index(topo.rank) == 0 and expert_keys:
         per_file = model.cfg.moe_experts // marker["ep"]
         mine = {int(k.split(".experts.")[1].split(".")[0]) for k in expert_keys}
         for shard in sorted({e // per_file for e in mine}):  # the old EP ranks that held my experts

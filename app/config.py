@@ -20,6 +20,7 @@ import torch
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}  # the names run.dtype and the calculator take
 DEVICE_KINDS = ("auto", "cpu", "cuda", "xpu")  # run.device (exaforce.device); "cuda" also means ROCm
+PP_SCHEDULES = ("folded", "gpipe")  # exaforce.parallel.pipeline_schedule
 BACKENDS = ("mpi", "horovod", "torch")  # comm.backend: exaforce.comm.groups implements each
 
 
@@ -146,8 +147,12 @@ class OptimConfig:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class ParallelConfig:
-    dp: int = 0                         # data-parallel degree; 0: world_size / ep
+    dp: int = 0                         # data-parallel degree; 0: world_size / (pp · ep)
     ep: int = 1                         # expert-parallel degree
+    pp: int = 1                         # pipeline stages (contiguous interaction blocks each)
+    pp_split: tuple[int, ...] = ()      # blocks per stage; empty: as equal as possible
+    pp_schedule: str = "folded"         # folded | gpipe (exaforce.parallel.pipeline_schedule)
+    pp_alive: int = 0                   # folded: most micro-batches alive per stage; 0: chosen by simulation
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -276,6 +281,21 @@ def validate(cfg: Config) -> Config:
     if ep > 1 and (ep > experts or experts % ep):
         raise ConfigError(f"parallel.ep = {ep}, model.moe_experts = {experts}: every EP rank must hold the same "
                           f"number of experts (ep <= moe_experts and moe_experts divisible by ep)")
+    pp = cfg.parallel.pp
+    if pp < 1 or pp > cfg.model.blocks:
+        raise ConfigError(f"parallel.pp = {pp}: need 1 <= pp <= model.blocks ({cfg.model.blocks}): every stage "
+                          "runs at least one interaction block")
+    split = cfg.parallel.pp_split
+    if split and (len(split) != pp or min(split) < 1 or sum(split) != cfg.model.blocks):
+        raise ConfigError(f"parallel.pp_split = {list(split)}: need {pp} block counts >= 1 summing to "
+                          f"model.blocks = {cfg.model.blocks}")
+    if cfg.parallel.pp_schedule not in PP_SCHEDULES:
+        raise ConfigError(f"parallel.pp_schedule = {cfg.parallel.pp_schedule!r}: must be one of {', '.join(PP_SCHEDULES)}")
+    if cfg.parallel.pp_alive < 0:
+        raise ConfigError(f"parallel.pp_alive = {cfg.parallel.pp_alive}: must be >= 0 (0: chosen by simulation)")
+    if pp > 1 and cfg.model.moe_experts:
+        raise ConfigError(f"parallel.pp = {pp} with an MoE model: pipeline stages do not plan MoE routing yet "
+                          "(use pp = 1 for MoE models)")
     if cfg.comm.backend not in BACKENDS:
         raise ConfigError(f"comm.backend = {cfg.comm.backend!r}: must be 'mpi', 'horovod' or 'torch'")
     _positive(cfg.comm.bucket_mb, "comm.bucket_mb", "MiB")

@@ -244,17 +244,18 @@ class TorchGroup:
 # ------------------------------------------------------------------------------------ factory
 @dataclass(frozen=True)
 class CommGroups:
-    """The Topology's world, EP and EDP groups through one backend."""
+    """The Topology's groups through one backend: `replicas` (every rank of this rank's pipeline
+    stage: dense gradients and initial parameters; the world when pp = 1), EP and EDP."""
 
     backend: str
-    world: Group
+    replicas: Group
     ep: Group
     edp: Group
     note: str = ""  # how device tensors travel
 
     def describe(self) -> str:
         """One line for the start-up table: which backend carries tensors over which group sizes."""
-        return (f"comm: backend {self.backend}: world {self.world.size} rank(s), EP group {self.ep.size}, "
+        return (f"comm: backend {self.backend}: stage replicas {self.replicas.size} rank(s), EP group {self.ep.size}, "
                 f"EDP group {self.edp.size}{self.note}; host control over MPI")
 
 
@@ -272,26 +273,26 @@ def build_groups(backend: str, topo: Any, device: torch.device = torch.device("c
         raise ValueError(f"comm.backend = {backend!r}: must be one of {', '.join(BACKENDS)}")
     layout, rank = topo.layout, topo.rank
     world_ranks = tuple(range(topo.world_size))
-    mine = (layout.ep_group(rank), layout.edp_group(rank))
+    mine = (layout.stage_group(rank), layout.ep_group(rank), layout.edp_group(rank))
     note = ""
     if backend == "mpi":
         aware = device.type != "cpu" and gpu_aware_mpi(MPI.Get_library_version(), dict(os.environ))
         note = "" if device.type == "cpu" else (f"; {device.type} tensors " +
                                                 ("straight to GPU-aware MPI" if aware else "staged through host memory"))
-        world: Group = MPIGroup(topo.world, aware)
-        make: dict[tuple[int, ...], Group] = {mine[0]: MPIGroup(topo.ep_comm, aware),
-                                              mine[1]: MPIGroup(topo.edp_comm, aware)}
+        make: dict[tuple[int, ...], Group] = {mine[0]: MPIGroup(topo.stage_comm, aware),
+                                              mine[1]: MPIGroup(topo.ep_comm, aware),
+                                              mine[2]: MPIGroup(topo.edp_comm, aware)}
     else:
-        every = [layout.ep_group(r) for r in range(0, topo.world_size, layout.ep)] + \
-                [layout.edp_group(q) for q in range(layout.ep)]
+        every = [layout.stage_group(r) for r in range(0, layout.pp * layout.ep, layout.ep)] + \
+                [layout.ep_group(r) for r in range(0, topo.world_size, layout.ep)] + \
+                [layout.edp_group(q) for q in range(layout.pp * layout.ep)]
         if backend == "horovod":
-            world, make = _horovod_groups(topo.world, world_ranks, every, rank)
+            make = _horovod_groups(topo.world, world_ranks, every, rank)
         else:
             note = f"; torch.distributed {TORCH_BACKENDS[device.type]}"
-            world, make = _torch_groups(topo.world, world_ranks, every, rank, device)
-    ep, edp = (SoloGroup(backend) if len(g) == 1 else make[g] for g in mine)
-    return CommGroups(backend=backend, world=world if len(world_ranks) > 1 else SoloGroup(backend), ep=ep, edp=edp,
-                      note=note)
+            make = _torch_groups(topo.world, world_ranks, every, rank, device)
+    replicas, ep, edp = (SoloGroup(backend) if len(g) == 1 else make[g] for g in mine)
+    return CommGroups(backend=backend, replicas=replicas, ep=ep, edp=edp, note=note)
 
 
 def _horovod_groups(world_comm: Any, world_ranks: tuple[int, ...], groups: list[tuple[int, ...]], rank: int):
@@ -302,10 +303,9 @@ def _horovod_groups(world_comm: Any, world_ranks: tuple[int, ...], groups: list[
     sets = {g: ProcessSet(list(g)) for g in distinct}
     if not hvd.is_initialized():
         hvd.init(comm=world_comm, process_sets=list(sets.values()))
-    world = HorovodGroup(hvd.global_process_set, world_ranks)
     make = {g: HorovodGroup(s, g) for g, s in sets.items()}
-    make[world_ranks] = world
-    return world, make
+    make[world_ranks] = HorovodGroup(hvd.global_process_set, world_ranks)
+    return make
 
 
 def _torch_groups(world_comm: Any, world_ranks: tuple[int, ...], groups: list[tuple[int, ...]], rank: int,
@@ -325,9 +325,8 @@ def _torch_groups(world_comm: Any, world_ranks: tuple[int, ...], groups: list[tu
         host, port = world_comm.bcast(address, root=0)  # collective
         dist.init_process_group(kind, init_method=f"tcp://{host}:{port}", rank=rank, world_size=len(world_ranks),
                                 device_id=device if device.type != "cpu" else None)
-    world = TorchGroup(None, world_ranks)
-    make: dict[tuple[int, ...], Group] = {world_ranks: world}
+    make: dict[tuple[int, ...], Group] = {world_ranks: TorchGroup(None, world_ranks)}
     for g in sorted({g for g in groups if 1 < len(g) < len(world_ranks)}):
         pg = dist.new_group(list(g), backend=kind)  # every rank creates every group, in the same order
         make[g] = TorchGroup(pg, g)
-    return world, make
+    return make

@@ -24,6 +24,19 @@ from exaforce.model.recompute import Recompute
 from exaforce.model.routing import Routing, TokenCounts, plan_layer
 
 
+State = tuple[torch.Tensor, ...]  # what flows from block to block: atoms, bonds (, triplets)
+
+
+@dataclass
+class GeometryFeatures:
+    """The geometry as the blocks read it (each a function of the edge vectors)."""
+
+    edge_weight_E: torch.Tensor     # radial envelope: a bond's weight in the atom-graph attention
+    radial_ER: torch.Tensor         # Bessel basis
+    angle_TA: torch.Tensor          # Chebyshev basis of each triplet's angle
+    triplet_weight_T: torch.Tensor  # product of the two bonds' three-body envelopes
+
+
 class Potential(nn.Module):
     """Embeddings → blocks × [line-graph attention, atom-graph attention] → per-atom energy → sum."""
 
@@ -45,6 +58,11 @@ class Potential(nn.Module):
         # Fitted per head from the training data (trainer), saved with the weights, not trained.
         self.register_buffer("reference_energy_HX", torch.zeros(n_heads, len(cfg.elements)))
         self.register_buffer("energy_scale_H", torch.ones(n_heads))
+        self.renumber_moe_layers()
+
+    def renumber_moe_layers(self) -> None:
+        """The MoE layers this model holds, numbered in order (their index in a Routing); again after
+        a pipeline stage dropped the blocks it does not run."""
         self.moe_layers: list[MoEMLP] = [m for m in self.modules() if isinstance(m, MoEMLP)]
         for index, layer in enumerate(self.moe_layers):
             layer.layer_index = index
@@ -94,34 +112,58 @@ class Potential(nn.Module):
         block's bond update is recomputed (exaforce.model.recompute, InteractionBlock), so neither
         the forward's nor the force backward's graph keeps per-line or per-bond intermediates for
         the loss's backward. None: plain autograd (the reference)."""
-        # --- geometry features
+        features = self.geometry_features(vectors_E3, triplet_index_2T)
+        head_N = head_G[graph_N]
+        state = self.embed(species_N, head_N, features)
+        state = self.run_blocks(range(len(self.blocks)), state, features, self.routing_class(species_N, head_N),
+                                edge_index_2E, triplet_index_2T, routing, plan)
+        return self.read_out(state[0], species_N, head_N, graph_N, n_graphs)
+
+    # The pieces of forward, in order. A pipeline stage (exaforce.parallel.pipeline) runs a contiguous
+    # run of them: the first stage embeds, every stage computes the geometry features it consumes,
+    # the last reads out.
+    def geometry_features(self, vectors_E3: torch.Tensor, triplet_index_2T: torch.Tensor) -> GeometryFeatures:
+        """Everything the blocks read of the geometry; differentiable in vectors_E3."""
         r_E = vectors_E3.norm(dim=-1)
-        edge_weight_E = self.radial.envelope(r_E)
-        radial_ER = self.radial(r_E)
-        edge_ED = self.edge_embedding(radial_ER)
         a_T, b_T = triplet_index_2T
         cos_T = (vectors_E3[a_T] * vectors_E3[b_T]).sum(-1) / (r_E[a_T] * r_E[b_T])
-        angle_TA = chebyshev_angle_basis(cos_T, self.cfg.angle_basis)
         x3_a, x3_b = r_E[a_T] / self.cfg.three_body_cutoff, r_E[b_T] / self.cfg.three_body_cutoff
-        triplet_weight_T = polynomial_envelope(x3_a, self.cfg.envelope_p) * polynomial_envelope(x3_b, self.cfg.envelope_p)
+        return GeometryFeatures(
+            edge_weight_E=self.radial.envelope(r_E), radial_ER=self.radial(r_E),
+            angle_TA=chebyshev_angle_basis(cos_T, self.cfg.angle_basis),
+            triplet_weight_T=polynomial_envelope(x3_a, self.cfg.envelope_p) * polynomial_envelope(x3_b, self.cfg.envelope_p))
 
-        # --- interaction blocks
-        head_N = head_G[graph_N]
+    def routing_class(self, species_N: torch.Tensor, head_N: torch.Tensor) -> torch.Tensor:
+        """MoE routing class of each atom: fidelity × element."""
+        return head_N * len(self.cfg.elements) + species_N
+
+    def embed(self, species_N: torch.Tensor, head_N: torch.Tensor, features: GeometryFeatures) -> State:
+        """The blocks' starting state: atoms, bonds (and, for the matris block, triplets)."""
         node_ND = self.embedding(species_N)
         if self.head_embedding is not None:
             node_ND = node_ND + self.head_embedding(head_N)
-        class_N = head_N * len(self.cfg.elements) + species_N  # MoE routing class: fidelity × element
+        edge_ED = self.edge_embedding(features.radial_ER)
         if self.triplet_embedding is None:
-            for block in self.blocks:
-                node_ND, edge_ED = block(node_ND, edge_ED, class_N, edge_index_2E, edge_weight_E,
-                                         triplet_index_2T, angle_TA, triplet_weight_T, routing, plan)
-        else:  # model.block = "matris": plain autograd (no plan applies), per-triplet features carried along
-            triplet_TD = self.triplet_embedding(angle_TA)
-            for block in self.blocks:
-                node_ND, edge_ED, triplet_TD = block(node_ND, edge_ED, triplet_TD, edge_index_2E, edge_weight_E,
-                                                     triplet_index_2T, triplet_weight_T, radial_ER)
+            return (node_ND, edge_ED)
+        return (node_ND, edge_ED, self.triplet_embedding(features.angle_TA))  # MatRIS's per-triplet state
 
-        # --- readout: per-atom energies, reference energies, sum per graph
+    def run_blocks(self, indices: range, state: State, features: GeometryFeatures, class_N: torch.Tensor,
+                   edge_index_2E: torch.Tensor, triplet_index_2T: torch.Tensor, routing: Routing | None = None,
+                   plan: Recompute | None = None) -> State:
+        """The blocks `indices`, in order. The matris block runs plain autograd (no plan applies)."""
+        for i in indices:
+            block = self.blocks[i]
+            if self.triplet_embedding is None:
+                state = block(*state, class_N, edge_index_2E, features.edge_weight_E, triplet_index_2T,
+                              features.angle_TA, features.triplet_weight_T, routing, plan)
+            else:
+                state = block(*state, edge_index_2E, features.edge_weight_E, triplet_index_2T,
+                              features.triplet_weight_T, features.radial_ER)
+        return state
+
+    def read_out(self, node_ND: torch.Tensor, species_N: torch.Tensor, head_N: torch.Tensor, graph_N: torch.Tensor,
+                 n_graphs: int) -> torch.Tensor:
+        """Per-atom energies with each head's scale and reference energies, summed per graph."""
         readout_NH = self.readout(self.readout_norm(node_ND))
         atom_energy_N = self.energy_scale_H[head_N] * readout_NH.gather(1, head_N[:, None]).squeeze(-1)
         atom_energy_N = atom_energy_N + self.reference_energy_HX[head_N, species_N]
@@ -202,6 +244,12 @@ def forces_and_stress(energy_G: torch.Tensor, geometry: StrainedGeometry, batch:
     """
     grad_pos_N3, grad_strain_G33 = torch.autograd.grad(
         energy_G.sum(), (geometry.positions_N3, geometry.strain_G33), create_graph=training)
+    return prediction(energy_G, grad_pos_N3, grad_strain_G33, batch)
+
+
+def prediction(energy_G: torch.Tensor, grad_pos_N3: torch.Tensor, grad_strain_G33: torch.Tensor,
+               batch: GraphBatch) -> Prediction:
+    """Energy, forces and stress from the energy and its gradients (differentiable in all three)."""
     volume_G = torch.linalg.det(batch.cell_G33).abs()
     stress_G33 = grad_strain_G33 / volume_G.where(batch.periodic_G, torch.ones_like(volume_G))[:, None, None]
     stress_G6 = stress_G33[:, VOIGT_INDEX[0], VOIGT_INDEX[1]]

@@ -21,11 +21,12 @@ from exaforce.parallel.topology import Topology
 
 
 def sync_initial_parameters(model: Potential, groups: CommGroups) -> None:
-    """Dense parameters and buffers from world rank 0; each expert shard from its EDP group's first rank."""
+    """Dense parameters and buffers from the first rank of their stage; each expert shard from its
+    EDP group's first rank."""
     expert = {id(p) for p in model.expert_parameters()}
     for tensor in list(model.parameters()) + list(model.buffers()):
         if id(tensor) not in expert:
-            groups.world.broadcast_(tensor)  # collective
+            groups.replicas.broadcast_(tensor)  # collective
     for tensor in model.expert_parameters():
         groups.edp.broadcast_(tensor)  # collective
 
@@ -35,11 +36,12 @@ class GradientReduction:
     parameter backward (same collective order on every rank). Per step: `arm()` before the last
     micro-batch's backward, `finish()` after it."""
 
-    def __init__(self, model: Potential, groups: CommGroups, world_size: int, comm: CommConfig):
+    def __init__(self, model: Potential, groups: CommGroups, replicas: int, comm: CommConfig):
+        """replicas: how many shares the global batch is dealt into (the world size without pipeline)."""
         bucket_bytes = int(comm.bucket_mb * 2**20)
-        self.reducers = [GradReducer(model.dense_parameters(), groups.world, 1.0 / world_size, bucket_bytes,
+        self.reducers = [GradReducer(model.dense_parameters(), groups.replicas, 1.0 / replicas, bucket_bytes,
                                      comm.overlap, "dense"),
-                         GradReducer(model.expert_parameters(), groups.edp, 1.0 / world_size, bucket_bytes,
+                         GradReducer(model.expert_parameters(), groups.edp, 1.0 / replicas, bucket_bytes,
                                      comm.overlap, "expert")]
 
     def arm(self) -> None:
@@ -56,8 +58,8 @@ class GradientReduction:
 
 
 def grad_norm(model: Potential, topo: Topology) -> float:
-    """The global gradient norm, the same on every rank (collective over the EP group, on the host:
-    one float, like every control value).
+    """The global gradient norm, the same on every rank (collective over the EP group and the
+    pipeline, on the host: one float, like every control value).
 
     After reduction dense gradients are equal on every rank, and expert gradients are equal across
     an EDP group, so norm² = dense² + Σ over the EP group of each rank's expert². A NaN or inf in
@@ -65,7 +67,8 @@ def grad_norm(model: Potential, topo: Topology) -> float:
     def squares(params: list[torch.nn.Parameter]) -> float:
         return float(sum(p.grad.pow(2).sum() for p in params if p.grad is not None))  # host sync point
 
-    return math.sqrt(squares(model.dense_parameters()) + topo.ep_sum(squares(model.expert_parameters())))
+    stage = squares(model.dense_parameters()) + topo.ep_sum(squares(model.expert_parameters()))
+    return math.sqrt(topo.pp_sum(stage) if topo.layout.pp > 1 else stage)  # pipeline: Σ over the stages
 
 
 def clip_grad_norm(model: Potential, topo: Topology, max_norm: float) -> float:

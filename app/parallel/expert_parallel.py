@@ -52,5 +52,5 @@ def step_routing(model: Potential, batch: GraphBatch, topo: Topology) -> Routing
         return None
     all_W2C = np.asarray(topo.allgather(batch.route_counts_2C))  # collective
     counts = TokenCounts(group_R2C=all_W2C[list(topo.layout.ep_group(topo.rank))], world_2C=all_W2C.sum(0),
-                         ep_rank=topo.layout.coords(topo.rank)[1])
+                         ep_rank=topo.layout.ep_index(topo.rank))
     return model.plan_routing(counts)

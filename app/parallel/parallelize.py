@@ -4,11 +4,13 @@ and what the training step needs of them afterwards.
 Order (each step assumes the one before):
 1. expert parallel: MoE layers dispatch over the EP group (their experts are already this rank's
    shard: the Potential is built with its EP coordinate);
+   pipeline parallel: the model keeps only this rank's stage (blocks, embeddings on the first,
+   readout on the last), and the step runs through the Topology's pipeline (PipelineStage);
 2. identical start: dense parameters from world rank 0, expert shards from their EDP group's first
    rank — after fine-tuning weights are loaded (rank 0's copy wins) and before the reducers exist;
 3. gradient reduction: the bucketed reducers register their hooks last, on the final parameters
    (frozen ones are skipped).
-Pipeline (pp) and graph (gp) parallelism join here, between 1 and 2.
+Graph (gp) parallelism joins here, between 1 and 2.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from exaforce.model.potential import Potential
 from exaforce.model.routing import Routing
 from exaforce.parallel.data_parallel import GradientReduction, clip_grad_norm, sync_initial_parameters
 from exaforce.parallel.expert_parallel import apply_expert_parallel, step_routing
+from exaforce.parallel.pipeline import PipelineStage, keep_stage, stage_ranges
 from exaforce.parallel.topology import Topology
 
 
@@ -32,6 +35,7 @@ class Parallel:
     topo: Topology
     groups: CommGroups
     reduction: GradientReduction
+    pipeline: PipelineStage | None = None  # pp > 1: this rank's stage
 
     def routing(self, model: Potential, batch: GraphBatch) -> Routing | None:
         """This step's MoE routing plan (collective: one host allgather); None for dense models."""
@@ -46,5 +50,11 @@ def parallelize(model: Potential, topo: Topology, groups: CommGroups, cfg: Confi
     """Collective: applies the parallel dimensions to `model` in place (see the module docstring)."""
     if topo.layout.ep > 1:
         apply_expert_parallel(model, groups.ep)
+    pipeline = None
+    if topo.layout.pp > 1:
+        ranges = stage_ranges(len(model.blocks), topo.layout.pp, cfg.parallel.pp_split)
+        keep_stage(model, topo.stage, ranges)
+        pipeline = PipelineStage(model, topo, cfg, ranges)
     sync_initial_parameters(model, groups)
-    return Parallel(topo=topo, groups=groups, reduction=GradientReduction(model, groups, topo.world_size, cfg.comm))
+    reduction = GradientReduction(model, groups, topo.layout.replicas, cfg.comm)
+    return Parallel(topo=topo, groups=groups, reduction=reduction, pipeline=pipeline)

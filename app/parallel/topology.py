@@ -1,8 +1,8 @@
 """The rank/communicator topology. One `Topology` owns every MPI communicator of a run.
 
-The world is a grid dp × ep (pp and gp will join it here). EP groups are consecutive ranks (so an
-EP group sits inside a node when ep <= ranks_per_node); expert-data-parallel (EDP) groups are
-strided. The layout is a pure function of the sizes (`grid_layout`), tested without MPI;
+The world is a grid dp × pp × ep (gp will join it here). EP groups are consecutive ranks (so an
+EP group sits inside a node when ep <= ranks_per_node); pipeline neighbours are ep apart;
+expert-data-parallel (EDP) groups and stage groups (the replicas of one stage) are strided. The layout is a pure function of the sizes (`grid_layout`), tested without MPI;
 communicators are built from it once.
 
 Host-side control (counts, loss sums, flags, barriers) goes through the Topology's named
@@ -26,52 +26,89 @@ class TopologyError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class GridLayout:
-    """Which ranks form which group in a dp × ep grid (no communicators)."""
+    """Which ranks form which group in a dp × pp × ep grid (no communicators).
+
+    rank = (dp_index · pp + pp_index) · ep + ep_index: EP groups are consecutive ranks (they talk
+    most: an all-to-all per MoE layer), pipeline neighbours are ep apart, data-parallel replicas
+    outermost."""
 
     world_size: int
     dp: int
     ep: int
+    pp: int = 1
+
+    def dp_index(self, rank: int) -> int:
+        return rank // (self.pp * self.ep)
+
+    def pp_index(self, rank: int) -> int:
+        """The pipeline stage this rank runs (0 = embeddings and the first blocks)."""
+        return rank // self.ep % self.pp
+
+    def ep_index(self, rank: int) -> int:
+        return rank % self.ep
 
     def ep_group(self, rank: int) -> tuple[int, ...]:
-        """Consecutive ranks that together hold one copy of every expert."""
+        """Consecutive ranks that together hold one copy of every expert of their stage."""
         start = (rank // self.ep) * self.ep
         return tuple(range(start, start + self.ep))
 
     def edp_group(self, rank: int) -> tuple[int, ...]:
-        """Ranks holding the same experts (same EP coordinate), strided by ep."""
-        return tuple(range(rank % self.ep, self.world_size, self.ep))
+        """Ranks holding the same experts (same stage and EP coordinate), strided by pp · ep."""
+        return tuple(range(rank % (self.pp * self.ep), self.world_size, self.pp * self.ep))
 
-    def coords(self, rank: int) -> tuple[int, int]:
-        """(dp index, ep index) of a rank."""
-        return rank // self.ep, rank % self.ep
+    def pp_group(self, rank: int) -> tuple[int, ...]:
+        """The stages of this rank's pipeline, in stage order (ep apart)."""
+        start = self.dp_index(rank) * self.pp * self.ep + self.ep_index(rank)
+        return tuple(range(start, start + self.pp * self.ep, self.ep))
+
+    def stage_group(self, rank: int) -> tuple[int, ...]:
+        """Every rank that runs this rank's stage: the replicas its dense gradients are averaged over
+        (the whole world when pp = 1)."""
+        return tuple(r for r in range(self.world_size) if self.pp_index(r) == self.pp_index(rank))
+
+    @property
+    def replicas(self) -> int:
+        """How many shares the global batch is dealt into: dp · ep (every stage of a pipeline takes
+        the same share)."""
+        return self.dp * self.ep
+
+    def replica_index(self, rank: int) -> int:
+        """Which share of the global batch this rank's pipeline takes."""
+        return self.dp_index(rank) * self.ep + self.ep_index(rank)
 
 
-def grid_layout(world_size: int, dp: int, ep: int) -> GridLayout:
-    """Validates a dp × ep grid; dp = 0 means 'whatever is left': world_size / ep."""
+def grid_layout(world_size: int, dp: int, ep: int, pp: int = 1, blocks: int | None = None) -> GridLayout:
+    """Validates a dp × pp × ep grid; dp = 0 means 'whatever is left': world_size / (pp · ep).
+    `blocks`, when given, is the model's interaction block count, which pp must not exceed."""
     if world_size < 1:
         raise TopologyError(f"world size {world_size}: must be >= 1")
-    if ep < 1 or dp < 0:
-        raise TopologyError(f"parallel.dp = {dp}, parallel.ep = {ep}: need dp >= 0 and ep >= 1")
+    if ep < 1 or pp < 1 or dp < 0:
+        raise TopologyError(f"parallel.dp = {dp}, parallel.pp = {pp}, parallel.ep = {ep}: "
+                            "need dp >= 0, pp >= 1 and ep >= 1")
+    if blocks is not None and pp > blocks:
+        raise TopologyError(f"parallel.pp = {pp} stages but the model has {blocks} interaction block(s): "
+                            "every stage needs at least one")
     if dp == 0:
-        if world_size % ep:
-            raise TopologyError(f"parallel.ep = {ep} does not divide the world size {world_size}")
-        dp = world_size // ep
-    if dp * ep != world_size:
-        raise TopologyError(f"parallel.dp × parallel.ep = {dp} × {ep} = {dp * ep} "
+        if world_size % (pp * ep):
+            raise TopologyError(f"parallel.pp × parallel.ep = {pp} × {ep} = {pp * ep} does not divide "
+                                f"the world size {world_size}")
+        dp = world_size // (pp * ep)
+    if dp * pp * ep != world_size:
+        raise TopologyError(f"parallel.dp × parallel.pp × parallel.ep = {dp} × {pp} × {ep} = {dp * pp * ep} "
                             f"but the job has {world_size} ranks")
-    return GridLayout(world_size=world_size, dp=dp, ep=ep)
+    return GridLayout(world_size=world_size, dp=dp, ep=ep, pp=pp)
 
 
 class Topology:
-    """World, node, node-leader, EP and EDP communicators, built once from a GridLayout."""
+    """World, node, node-leader, EP, EDP, pipeline and stage communicators, built once from a GridLayout."""
 
-    def __init__(self, world: Any, dp: int = 0, ep: int = 1):
+    def __init__(self, world: Any, dp: int = 0, ep: int = 1, pp: int = 1, blocks: int | None = None):
         from mpi4py import MPI
 
         self.world = world
         self.rank: int = world.Get_rank()
         self.world_size: int = world.Get_size()
-        self.layout = grid_layout(self.world_size, dp, ep)
+        self.layout = grid_layout(self.world_size, dp, ep, pp, blocks)
         self.node = world.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
         self.local_rank: int = self.node.Get_rank()
         self.ranks_per_node: int = self.node.Get_size()
@@ -79,15 +116,19 @@ class Topology:
         self.leaders = world.Split(0 if self.local_rank == 0 else MPI.UNDEFINED, self.rank)
         self.n_nodes: int = world.allreduce(1 if self.local_rank == 0 else 0)
         self.hostname = socket.gethostname()
-        self.ep_comm = world.Split(self.rank // self.layout.ep, self.rank)
-        self.edp_comm = world.Split(self.rank % self.layout.ep, self.rank)
+        layout = self.layout
+        self.ep_comm = world.Split(self.rank // layout.ep, self.rank)
+        self.edp_comm = world.Split(self.rank % (layout.pp * layout.ep), self.rank)
+        self.pp_comm = world.Split(layout.pp_group(self.rank)[0], self.rank)  # stage s is pp_comm rank s
+        self.stage_comm = world.Split(layout.pp_index(self.rank), self.rank)
+        self.stage: int = layout.pp_index(self.rank)
 
     @classmethod
-    def from_mpi(cls, dp: int = 0, ep: int = 1) -> "Topology":
+    def from_mpi(cls, dp: int = 0, ep: int = 1, pp: int = 1, blocks: int | None = None) -> "Topology":
         """The job's topology over MPI.COMM_WORLD (the only place COMM_WORLD is touched)."""
         from mpi4py import MPI
 
-        return cls(MPI.COMM_WORLD, dp=dp, ep=ep)
+        return cls(MPI.COMM_WORLD, dp=dp, ep=ep, pp=pp, blocks=blocks)
 
     @classmethod
     def single_process(cls) -> "Topology":
@@ -111,6 +152,10 @@ class Topology:
     def ep_sum(self, value: Any) -> Any:
         """Σ over this rank's EP group (collective over the group)."""
         return self.ep_comm.allreduce(value)
+
+    def pp_sum(self, value: Any) -> Any:
+        """Σ over this rank's pipeline (collective over its stages)."""
+        return self.pp_comm.allreduce(value)
 
     def allgather(self, value: Any) -> list[Any]:
         """Every rank's value, in rank order, on every rank (collective)."""
@@ -147,17 +192,20 @@ class Topology:
         return self.rank == 0
 
     def describe(self) -> dict[str, int]:
-        return {"world_size": self.world_size, "dp": self.layout.dp, "ep": self.layout.ep,
+        return {"world_size": self.world_size, "dp": self.layout.dp, "pp": self.layout.pp, "ep": self.layout.ep,
                 "nodes": self.n_nodes, "ranks_per_node": self.ranks_per_node}
 
     def table(self, device: str = "cpu") -> str:
         """The whole rank map with each rank's `device`, gathered to every rank (collective; printed
         by rank 0 at start-up)."""
         rows = self.world.allgather((self.rank, self.hostname, self.local_rank, device))
-        lines = [f"topology: world={self.world_size} nodes={self.n_nodes} dp={self.layout.dp} ep={self.layout.ep}",
-                 f"{'rank':>5} {'host':<20} {'local':>5} {'dp':>3} {'ep':>3}  ep_group  edp_group  device"]
+        layout = self.layout
+        lines = [f"topology: world={self.world_size} nodes={self.n_nodes} dp={layout.dp} pp={layout.pp} ep={layout.ep}",
+                 f"{'rank':>5} {'host':<20} {'local':>5} {'dp':>3} {'pp':>3} {'ep':>3}  ep_group  edp_group"
+                 + ("  pp_group" if layout.pp > 1 else "") + "  device"]
         for rank, host, local, on in rows:
-            dp_i, ep_i = self.layout.coords(rank)
-            lines.append(f"{rank:>5} {host[:20]:<20} {local:>5} {dp_i:>3} {ep_i:>3}  "
-                         f"{list(self.layout.ep_group(rank))}  {list(self.layout.edp_group(rank))}  {on}")
+            pipeline = f"  {list(layout.pp_group(rank))}" if layout.pp > 1 else ""
+            lines.append(f"{rank:>5} {host[:20]:<20} {local:>5} {layout.dp_index(rank):>3} {layout.pp_index(rank):>3} "
+                         f"{layout.ep_index(rank):>3}  {list(layout.ep_group(rank))}  {list(layout.edp_group(rank))}"
+                         f"{pipeline}  {on}")
         return "\n".join(lines)

@@ -68,7 +68,7 @@ def build_model_and_data(cfg: Config, topo: Topology, log: Callable[[str], None]
     reference energies fitted, then fine-tuning weights over them (inherited heads keep their
     references)."""
     torch.manual_seed(cfg.run.seed)
-    model = Potential(cfg.model, ep_rank=topo.layout.coords(topo.rank)[1], ep_size=topo.layout.ep).to(
+    model = Potential(cfg.model, ep_rank=topo.layout.ep_index(topo.rank), ep_size=topo.layout.ep).to(
         device=device, dtype=DTYPES[cfg.run.dtype])
     species_of = model.species_table()
     sources = cfg.data.sources(cfg.model.heads)

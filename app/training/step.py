@@ -30,7 +30,8 @@ def loss_and_gradients(model: Potential, batch: GraphBatch, cfg: Config, loss_sc
                        aux_world_2C: np.ndarray | None = None) -> dict[str, float]:
     """Energy → forces/stress → loss → parameter backward on this rank's batch; adds to `times`.
 
-    loss_scale = world_size / global_batch_size, so averaging gradients over the world gives the
+    loss_scale = replicas / global_batch_size (the world size without pipeline stages), so averaging
+    gradients over the replicas gives the
     gradient of the mean loss over the global batch (uneven atom counts included). The MoE
     load-balancing loss depends only on the router and the step's world token counts
     (`aux_world_2C`, default this batch's), so it is the same on every rank and enters unscaled:
@@ -97,21 +98,25 @@ def train_step(model: Potential, micro_batches: list[GraphBatch], optimizer: tor
     times["routing"] = time.perf_counter() - t0
     aux_counts = sum(r.counts.world_2C for r in routings) if model.moe_layers else None
     loss_sums: dict[str, float] = {}
-    for i, (batch, routing) in enumerate(zip(micro_batches, routings)):
-        last = i == len(micro_batches) - 1
-        if last:
-            reduction.arm()  # this backward launches the gradient buckets as they complete
-        sums = loss_and_gradients(model, batch, cfg, loss_scale, times, routing, with_aux=last,
-                                  aux_world_2C=aux_counts)
-        for key, value in sums.items():
-            loss_sums[key] = loss_sums.get(key, 0.0) + value
+    if parallel.pipeline is not None:  # the micro-batches through the stages; reduced after the last
+        plans = [step_plan(model, b, cfg) for b in micro_batches]
+        loss_sums = parallel.pipeline.run(micro_batches, routings, plans, loss_scale, times)
+    else:
+        for i, (batch, routing) in enumerate(zip(micro_batches, routings)):
+            last = i == len(micro_batches) - 1
+            if last:
+                reduction.arm()  # this backward launches the gradient buckets as they complete
+            sums = loss_and_gradients(model, batch, cfg, loss_scale, times, routing, with_aux=last,
+                                      aux_world_2C=aux_counts)
+            for key, value in sums.items():
+                loss_sums[key] = loss_sums.get(key, 0.0) + value
     if cfg.comm.sync_before_reduce:
         t0 = time.perf_counter()
         topo.barrier()  # collective: the wait for the slowest rank, timed on its own
         times["imbalance"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     reduction.finish()  # collectives: dense over the world, experts over their EDP group
-    loss = topo.sum(loss_sums["total"]) * loss_scale / topo.world_size  # collective: global mean
+    loss = topo.sum(loss_sums.get("total", 0.0)) * loss_scale / topo.layout.replicas  # collective: global mean
     t1 = time.perf_counter()
     norm = parallel.clip_grad_norm(model, cfg.optim.grad_clip)  # collective over the EP group
     # Ranks agree before they act: the loss, the norm and the aux loss (world counts) are equal everywhere.

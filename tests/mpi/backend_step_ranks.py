@@ -35,7 +35,7 @@ def main(out_path: str, backend: str) -> None:
                      "comm": {"backend": backend, "bucket_mb": 0.05}})
     frames = Frames.from_atoms(synthesize(GLOBAL_BATCH, seed=12))
     torch.manual_seed(3)
-    model = Potential(cfg.model, topo.layout.coords(topo.rank)[1], 2).double()
+    model = Potential(cfg.model, topo.layout.ep_index(topo.rank), 2).double()
     parallel = parallelize(model, topo, build_groups(backend, topo), cfg)
     reduction = parallel.reduction
     share = np.array_split(np.arange(GLOBAL_BATCH), topo.world_size)[topo.rank]

@@ -43,7 +43,7 @@ def main(out_path: str, dp: int, ep: int, backend: str) -> None:
                              "store_all_below": 0}})
     stored_cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, recompute_lines=0))  # serial: stored
     frames = Frames.from_atoms(synthesize(GLOBAL_BATCH, seed=11))  # several elements and sizes
-    dp_index, ep_index = topo.layout.coords(topo.rank)
+    dp_index, ep_index = topo.layout.dp_index(topo.rank), topo.layout.ep_index(topo.rank)
 
     def build(ep_rank: int, ep_size: int) -> Potential:
         torch.manual_seed(5)

@@ -8,17 +8,45 @@ def test_grid_groups():
     assert layout.dp == 2
     assert layout.ep_group(5) == (4, 5, 6, 7)      # consecutive
     assert layout.edp_group(5) == (1, 5)           # strided
-    assert layout.coords(6) == (1, 2)
+    assert (layout.dp_index(6), layout.ep_index(6)) == (1, 2)
     # Every rank is in exactly one EP group and one EDP group.
     assert sorted(r for g in {layout.ep_group(r) for r in range(8)} for r in g) == list(range(8))
     assert sorted(r for g in {layout.edp_group(r) for r in range(8)} for r in g) == list(range(8))
 
 
 @pytest.mark.parametrize("world, dp, ep, message", [
-    (4, 3, 1, "3 × 1 = 3 but the job has 4 ranks"),
-    (6, 0, 4, "parallel.ep = 4 does not divide the world size 6"),
-    (4, 0, 0, "need dp >= 0 and ep >= 1"),
+    (4, 3, 1, "3 × 1 × 1 = 3 but the job has 4 ranks"),
+    (6, 0, 4, "parallel.pp × parallel.ep = 1 × 4 = 4 does not divide the world size 6"),
+    (4, 0, 0, "need dp >= 0, pp >= 1 and ep >= 1"),
 ])
 def test_invalid_layouts(world, dp, ep, message):
     with pytest.raises(TopologyError, match=message.replace("(", r"\(").replace(")", r"\)")):
         grid_layout(world, dp, ep)
+
+
+def test_pipeline_grid_groups():
+    """dp × pp × ep = 2 × 2 × 2: EP innermost, pipeline neighbours ep apart, replicas strided."""
+    layout = grid_layout(8, dp=0, ep=2, pp=2)
+    assert layout.dp == 2 and layout.replicas == 4
+    assert [layout.pp_index(r) for r in range(8)] == [0, 0, 1, 1, 0, 0, 1, 1]
+    assert layout.ep_group(3) == (2, 3)
+    assert layout.pp_group(4) == (4, 6)            # stage 0 then stage 1 of the same pipeline
+    assert layout.pp_group(5) == (5, 7)
+    assert layout.edp_group(5) == (1, 5)           # same stage and EP coordinate
+    assert layout.stage_group(2) == (2, 3, 6, 7)   # every replica of stage 1
+    # Both stages of a pipeline take the same share of the batch; the pipelines take different ones.
+    assert {layout.replica_index(r) for r in layout.pp_group(5)} == {layout.replica_index(5)}
+    assert sorted({layout.replica_index(r) for r in range(8)}) == [0, 1, 2, 3]
+    for group in (layout.pp_group, layout.stage_group, layout.edp_group, layout.ep_group):
+        assert sorted(r for g in {group(r) for r in range(8)} for r in g) == list(range(8))
+
+
+@pytest.mark.parametrize("world, dp, pp, ep, blocks, message", [
+    (4, 0, 3, 1, 4, "parallel.pp × parallel.ep = 3 × 1 = 3 does not divide the world size 4"),
+    (4, 2, 2, 2, 4, "2 × 2 × 2 = 8 but the job has 4 ranks"),
+    (4, 0, 4, 1, 2, "parallel.pp = 4 stages but the model has 2 interaction block(s)"),
+    (4, 0, 0, 1, 2, "need dp >= 0, pp >= 1 and ep >= 1"),
+])
+def test_invalid_pipeline_layouts(world, dp, pp, ep, blocks, message):
+    with pytest.raises(TopologyError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        grid_layout(world, dp, ep, pp, blocks)

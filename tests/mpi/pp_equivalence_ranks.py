@@ -1,0 +1,111 @@
+"""Run under `mpiexec -n K script OUT PP DP EP SCHEDULE BLOCK PATH`, float64: a training step through a
+pp × dp × ep topology (pipeline stages, data-parallel pipelines) equals the single-process step on
+the same global batch — energies, forces and stresses (through the pipeline's own phases 1–2),
+loss and every parameter gradient. Both run the production `train_step` (lr 0 keeps the weights);
+PATH is `plain` (every intermediate stored) or `fused` (the recomputing path). Rank 0 writes the
+comparison as JSON."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+
+import numpy as np
+import torch
+
+from exaforce.comm.groups import build_groups
+from exaforce.config import ParallelConfig, from_dict
+from exaforce.graph import build_batch
+from exaforce.io.schema import Frames
+from exaforce.io.synth import synthesize
+from exaforce.model.potential import Potential
+from exaforce.parallel.parallelize import parallelize
+from exaforce.parallel.topology import Topology
+from exaforce.training.schedule import make_optimizer
+from exaforce.training.step import train_step
+
+GLOBAL_BATCH = 8
+MICRO_BATCHES = 3
+
+
+def rel_diff(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = np.nan_to_num(np.asarray(a)), np.nan_to_num(np.asarray(b))
+    return float(np.abs(a - b).max(initial=0.0) / max(np.abs(b).max(initial=0.0), 1e-300))
+
+
+def main(out_path: str, pp: int, dp: int, ep: int, schedule: str, block: str, path: str) -> None:
+    topo = Topology.from_mpi(dp=dp, ep=ep, pp=pp, blocks=4)
+    run = {"dtype": "float64", "recompute_lines": 0} if path == "plain" else \
+        {"dtype": "float64", "recompute_lines": 50, "store_all_below": 0}
+    cfg = from_dict({"data": {"train": ["unused.bp"], "global_batch_size": GLOBAL_BATCH},
+                     "model": {"preset": "small", "blocks": 4, "block": block},
+                     "parallel": {"dp": dp, "ep": ep, "pp": pp, "pp_schedule": schedule},
+                     "comm": {"bucket_mb": 0.05}, "run": run})
+    serial_cfg = dataclasses.replace(cfg, parallel=ParallelConfig(), run=dataclasses.replace(cfg.run, recompute_lines=0))
+    frames = Frames.from_atoms(synthesize(GLOBAL_BATCH, seed=11))  # several elements and sizes
+
+    def build() -> Potential:
+        torch.manual_seed(5)
+        model = Potential(cfg.model).double()
+        with torch.no_grad():
+            model.energy_scale_H.fill_(0.5)
+            model.reference_energy_HX.normal_()
+        return model
+
+    model = build()
+    with torch.no_grad():  # deliberately wrong where the sync must overwrite it (not on a stage's first rank)
+        for p in model.parameters() if topo.layout.dp_index(topo.rank) else []:
+            p.add_(0.1)
+    parallel = parallelize(model, topo, build_groups("mpi", topo), cfg)
+    optimizer, _ = make_optimizer(model, cfg)
+
+    def batch_of(indices):
+        return build_batch(frames.select(np.asarray(indices)), model.species_table(), cfg.model.cutoff,
+                           cfg.model.three_body_cutoff).to("cpu", torch.float64)
+
+    # Each pipeline (replica) takes a contiguous share of the global batch, split into micro-batches.
+    share = np.array_split(np.arange(GLOBAL_BATCH), topo.layout.replicas)[topo.layout.replica_index(topo.rank)]
+    micro = [batch_of(part) for part in np.array_split(share, MICRO_BATCHES)]
+    prediction = parallel.pipeline.predict(micro[0]) if parallel.pipeline else None
+    step = train_step(model, micro, optimizer, parallel, cfg, topo.layout.replicas / GLOBAL_BATCH, lr=0.0)
+    grads = {name: p.grad.numpy().copy() for name, p in model.named_parameters()}
+    gathered = topo.gather_to_root({"grads": grads, "stage": topo.stage, "share": share.tolist(),
+                                    "prediction": None if prediction is None else
+                                    {k: v.detach().numpy() for k, v in prediction.items()},
+                                    "times": step.times})
+
+    if topo.rank == 0:  # serial reference: the whole global batch, one process, plain autograd
+        serial = build()
+        solo = Topology.single_process()
+        serial_parallel = parallelize(serial, solo, build_groups("mpi", solo), serial_cfg)
+        serial_optimizer, _ = make_optimizer(serial, serial_cfg)
+        ref_step = train_step(serial, [batch_of(range(GLOBAL_BATCH))], serial_optimizer, serial_parallel, serial_cfg,
+                              1.0 / GLOBAL_BATCH, lr=0.0)
+        from exaforce.model.potential import energy_forces_stress
+
+        serial_params = dict(serial.named_parameters())
+        grad_diffs: dict[str, float] = {}
+        for rank_result in gathered:  # every rank's copy of every parameter it holds
+            for name, grad in rank_result["grads"].items():
+                grad_diffs[name] = max(grad_diffs.get(name, 0.0), rel_diff(grad, serial_params[name].grad.numpy()))
+        diffs = {"loss": rel_diff(step.loss, ref_step.loss), "grad_norm": rel_diff(step.grad_norm, ref_step.grad_norm)}
+        predictions = [g["prediction"] for g in gathered if g["prediction"] is not None and g["stage"] == 0]
+        if predictions:  # the first stage of the first pipeline: its first micro-batch
+            ref = energy_forces_stress(serial, batch_of(gathered[0]["share"][:len(predictions[0]["energy"])]),
+                                       training=False)
+            for key, value in (("energy", ref.energy_G), ("forces", ref.forces_N3), ("stress", ref.stress_G6)):
+                diffs[key] = rel_diff(predictions[0][key], value.detach().numpy())
+        worst = max(grad_diffs, key=grad_diffs.get)
+        result = {"pp": topo.layout.pp, "dp": topo.layout.dp, "ep": topo.layout.ep, "world": topo.world_size, **diffs,
+                  "grad_max_rel_diff": grad_diffs[worst], "worst_param": worst, "params_compared": len(grad_diffs),
+                  "params_serial": len(serial_params), "loss_value": ref_step.loss,
+                  "stages": sorted({g["stage"] for g in gathered}),
+                  "phase_seconds": [{k: v for k, v in g["times"].items() if k.startswith("pp_")} for g in gathered]}
+        with open(out_path, "w") as f:
+            json.dump(result, f)
+    topo.barrier()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], *map(int, sys.argv[2:5]), *sys.argv[5:8])
