@@ -293,9 +293,6 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"parallel.pp_schedule = {cfg.parallel.pp_schedule!r}: must be one of {', '.join(PP_SCHEDULES)}")
     if cfg.parallel.pp_alive < 0:
         raise ConfigError(f"parallel.pp_alive = {cfg.parallel.pp_alive}: must be >= 0 (0: chosen by simulation)")
-    if pp > 1 and cfg.model.moe_experts:
-        raise ConfigError(f"parallel.pp = {pp} with an MoE model: pipeline stages do not plan MoE routing yet "
-                          "(use pp = 1 for MoE models)")
     if cfg.comm.backend not in BACKENDS:
         raise ConfigError(f"comm.backend = {cfg.comm.backend!r}: must be 'mpi', 'horovod' or 'torch'")
     _positive(cfg.comm.bucket_mb, "comm.bucket_mb", "MiB")

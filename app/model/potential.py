@@ -153,7 +153,7 @@ class Potential(nn.Module):
         """The blocks `indices`, in order. The matris block runs plain autograd (no plan applies)."""
         for i in indices:
             block = self.blocks[i]
-            if self.triplet_embedding is None:
+            if self.cfg.block == "light":
                 state = block(*state, class_N, edge_index_2E, features.edge_weight_E, triplet_index_2T,
                               features.angle_TA, features.triplet_weight_T, routing, plan)
             else:

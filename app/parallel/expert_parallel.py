@@ -47,10 +47,12 @@ def apply_expert_parallel(model: Potential, group: Group) -> None:
 
 def step_routing(model: Potential, batch: GraphBatch, topo: Topology) -> Routing | None:
     """This step's routing plan on every rank (collective: one host allgather of routing-class
-    counts over the world gives the EP group's and the world's); None for dense models."""
+    counts over the world gives the EP group's and the global batch's — summed over one stage's
+    ranks, since every stage of a pipeline holds the same batch); None for dense models."""
     if not model.moe_layers:
         return None
     all_W2C = np.asarray(topo.allgather(batch.route_counts_2C))  # collective
-    counts = TokenCounts(group_R2C=all_W2C[list(topo.layout.ep_group(topo.rank))], world_2C=all_W2C.sum(0),
-                         ep_rank=topo.layout.ep_index(topo.rank))
+    layout = topo.layout
+    counts = TokenCounts(group_R2C=all_W2C[list(layout.ep_group(topo.rank))],
+                         world_2C=all_W2C[list(layout.stage_group(topo.rank))].sum(0), ep_rank=layout.ep_index(topo.rank))
     return model.plan_routing(counts)

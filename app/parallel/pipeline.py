@@ -134,16 +134,17 @@ class PipelineStage:
     """This rank's stage of the model and the four phases of a step on it."""
 
     def __init__(self, model: Potential, topo: Topology, cfg: Config, ranges: list[range]):
-        self.model, self.cfg, self.ranges = model, cfg, ranges
+        self.model, self.cfg, self.ranges, self.topo = model, cfg, ranges, topo
         self.stage, self.pp = topo.stage, topo.layout.pp
         self.first, self.last = self.stage == 0, self.stage == self.pp - 1
         self.transport = Transport(topo)
 
     # ------------------------------------------------------------------------------- one step
     def run(self, micro_batches: list[GraphBatch], routings: list[Routing | None], plans: list[Recompute | None],
-            loss_scale: float, times: dict[str, float]) -> dict[str, float]:
+            loss_scale: float, times: dict[str, float], aux_world_2C: Any = None) -> dict[str, float]:
         """Every op of this stage in the schedule's order; returns the loss sums over the micro-batches
-        (first stage; zeros elsewhere). Parameter gradients accumulate in .grad."""
+        (first stage; none elsewhere) and, for MoE models, "moe_aux" of the whole model (collective
+        over the pipeline). Parameter gradients accumulate in .grad."""
         orders = schedule(self.cfg.parallel.pp_schedule, self.pp, len(micro_batches), self.cfg.parallel.pp_alive)
         micros: dict[int, _Micro] = {}
         loss_sums: dict[str, float] = {}
@@ -163,6 +164,10 @@ class PipelineStage:
             times[key] = times.get(key, 0.0) + time.perf_counter() - t0
         self.transport.finish()
         times["pp_wait"] = times.get("pp_wait", 0.0) + self.transport.wait_seconds
+        if self.model.moe_layers:  # each stage's layers' share of the load-balancing loss (its routers only)
+            aux = self.model.aux_loss(routings[-1], aux_world_2C)
+            (self.cfg.loss.moe_aux_weight * aux).backward()
+            loss_sums["moe_aux"] = self.topo.pp_sum(float(aux.detach()))  # collective
         return loss_sums
 
     def _state_like(self, batch: GraphBatch) -> list[tuple[torch.Size, torch.dtype]]:

@@ -100,7 +100,7 @@ def train_step(model: Potential, micro_batches: list[GraphBatch], optimizer: tor
     loss_sums: dict[str, float] = {}
     if parallel.pipeline is not None:  # the micro-batches through the stages; reduced after the last
         plans = [step_plan(model, b, cfg) for b in micro_batches]
-        loss_sums = parallel.pipeline.run(micro_batches, routings, plans, loss_scale, times)
+        loss_sums = parallel.pipeline.run(micro_batches, routings, plans, loss_scale, times, aux_counts)
     else:
         for i, (batch, routing) in enumerate(zip(micro_batches, routings)):
             last = i == len(micro_batches) - 1

@@ -2,7 +2,8 @@
 pp × dp × ep topology (pipeline stages, data-parallel pipelines) equals the single-process step on
 the same global batch — energies, forces and stresses (through the pipeline's own phases 1–2),
 loss and every parameter gradient. Both run the production `train_step` (lr 0 keeps the weights);
-PATH is `plain` (every intermediate stored) or `fused` (the recomputing path). Rank 0 writes the
+PATH is `plain` (every intermediate stored) or `fused` (the recomputing path); BLOCK is light,
+matris or moe (light blocks with element-routed MoE MLPs, experts sharded over ep). Rank 0 writes the
 comparison as JSON."""
 
 from __future__ import annotations
@@ -39,21 +40,23 @@ def main(out_path: str, pp: int, dp: int, ep: int, schedule: str, block: str, pa
     run = {"dtype": "float64", "recompute_lines": 0} if path == "plain" else \
         {"dtype": "float64", "recompute_lines": 50, "store_all_below": 0}
     cfg = from_dict({"data": {"train": ["unused.bp"], "global_batch_size": GLOBAL_BATCH},
-                     "model": {"preset": "small", "blocks": 4, "block": block},
+                     "model": {"preset": "small-moe", "blocks": 4, "moe_experts": 4} if block == "moe" else
+                              {"preset": "small", "blocks": 4, "block": block},
+                     "loss": {"moe_aux_weight": 0.1},
                      "parallel": {"dp": dp, "ep": ep, "pp": pp, "pp_schedule": schedule},
                      "comm": {"bucket_mb": 0.05}, "run": run})
     serial_cfg = dataclasses.replace(cfg, parallel=ParallelConfig(), run=dataclasses.replace(cfg.run, recompute_lines=0))
     frames = Frames.from_atoms(synthesize(GLOBAL_BATCH, seed=11))  # several elements and sizes
 
-    def build() -> Potential:
+    def build(ep_rank: int = 0, ep_size: int = 1) -> Potential:
         torch.manual_seed(5)
-        model = Potential(cfg.model).double()
+        model = Potential(cfg.model, ep_rank, ep_size).double()
         with torch.no_grad():
             model.energy_scale_H.fill_(0.5)
             model.reference_energy_HX.normal_()
         return model
 
-    model = build()
+    model = build(topo.layout.ep_index(topo.rank), ep)
     with torch.no_grad():  # deliberately wrong where the sync must overwrite it (not on a stage's first rank)
         for p in model.parameters() if topo.layout.dp_index(topo.rank) else []:
             p.add_(0.1)
@@ -67,7 +70,8 @@ def main(out_path: str, pp: int, dp: int, ep: int, schedule: str, block: str, pa
     # Each pipeline (replica) takes a contiguous share of the global batch, split into micro-batches.
     share = np.array_split(np.arange(GLOBAL_BATCH), topo.layout.replicas)[topo.layout.replica_index(topo.rank)]
     micro = [batch_of(part) for part in np.array_split(share, MICRO_BATCHES)]
-    prediction = parallel.pipeline.predict(micro[0]) if parallel.pipeline else None
+    routing = parallel.routing(model, micro[0])  # collective (MoE)
+    prediction = parallel.pipeline.predict(micro[0], routing) if parallel.pipeline else None
     step = train_step(model, micro, optimizer, parallel, cfg, topo.layout.replicas / GLOBAL_BATCH, lr=0.0)
     grads = {name: p.grad.numpy().copy() for name, p in model.named_parameters()}
     gathered = topo.gather_to_root({"grads": grads, "stage": topo.stage, "share": share.tolist(),
@@ -90,6 +94,8 @@ def main(out_path: str, pp: int, dp: int, ep: int, schedule: str, block: str, pa
             for name, grad in rank_result["grads"].items():
                 grad_diffs[name] = max(grad_diffs.get(name, 0.0), rel_diff(grad, serial_params[name].grad.numpy()))
         diffs = {"loss": rel_diff(step.loss, ref_step.loss), "grad_norm": rel_diff(step.grad_norm, ref_step.grad_norm)}
+        if "moe_aux" in ref_step.loss_sums:
+            diffs["moe_aux"] = rel_diff(step.loss_sums["moe_aux"], ref_step.loss_sums["moe_aux"])
         predictions = [g["prediction"] for g in gathered if g["prediction"] is not None and g["stage"] == 0]
         if predictions:  # the first stage of the first pipeline: its first micro-batch
             ref = energy_forces_stress(serial, batch_of(gathered[0]["share"][:len(predictions[0]["energy"])]),
