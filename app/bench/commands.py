@@ -224,6 +224,38 @@ def _run_accuracy(args: argparse.Namespace, log: Log) -> dict:
     return bench_accuracy(args.budget, args.seeds, args.config, args.ranks, args.compare, log, keep=args.keep)
 
 
+def _pp_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="demo", help="model preset (default demo)")
+    p.add_argument("--blocks", type=int, default=4, help="interaction blocks, split over the stages (default 4)")
+    p.add_argument("--workload", default="dense", choices=["dense", "small"], help="as in bench step (default dense)")
+    p.add_argument("--batch", type=int, default=8, help="structures in the global batch (default 8)")
+    p.add_argument("--micro-batches", type=int, default=8, help="micro-batches per step (default 8)")
+    p.add_argument("--stages", type=_rank_counts, default=[2, 4], help="comma-separated pp values (default 2,4)")
+    p.add_argument("--schedules", type=lambda t: [n for n in t.split(",") if n], default=["gpipe", "folded"],
+                   help="comma-separated (default gpipe,folded)")
+    p.add_argument("--alive", type=int, default=0,
+                   help="folded: most micro-batches alive per stage (default 0: chosen by simulation)")
+    _dtype(p)
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps first (default 1)")
+    p.add_argument("--repeats", type=int, default=3, help="timed steps; the median is reported (default 3)")
+    p.add_argument("--simulate", type=_rank_counts, default=[8, 16, 32, 64],
+                   help="pp values the simulator replays the measured phase costs at, 2·pp micro-batches each "
+                        "(default 8,16,32,64; pp = 8 with 16 micro-batches is always added)")
+
+
+def _run_pp(args: argparse.Namespace, log: Log) -> dict:
+    from exaforce.bench.pp import bench_pp
+    from exaforce.config import PP_SCHEDULES, ConfigError, model_preset
+
+    model_preset(args.preset)  # a bad name fails before any work
+    unknown = [s for s in args.schedules if s not in PP_SCHEDULES]
+    if unknown or any(pp < 2 or pp > args.blocks for pp in args.stages) or args.micro_batches > args.batch:
+        raise ConfigError(f"bench pp: schedules from {', '.join(PP_SCHEDULES)} (got {args.schedules}), stages "
+                          f"2 … --blocks ({args.blocks}) (got {args.stages}), --micro-batches <= --batch")
+    return bench_pp(args.preset, args.workload, args.batch, args.micro_batches, args.stages, args.schedules,
+                    args.alive, args.dtype, args.warmup, args.repeats, args.blocks, args.simulate, log)
+
+
 BENCHMARKS: tuple[Benchmark, ...] = (
     Benchmark("step", "median full training step (forward, forces/stress with create_graph, loss, backward, "
               "optimizer) after warm-up", _step_arguments, _run_step),
@@ -241,6 +273,8 @@ BENCHMARKS: tuple[Benchmark, ...] = (
               "then NVE energy drift", _md_arguments, _run_md),
     Benchmark("accuracy", "what a training run of a fixed wall-time budget learns: energy/force/stress MAE on "
               "unseen dense EMT cells and 500 K MD frames", _accuracy_arguments, _run_accuracy),
+    Benchmark("pp", "pipeline schedules on real ranks (gpipe against folded): per-phase work per stage, bubble, "
+              "step time and memory per rank against pp = 1; the simulator at pp = 8 … 64", _pp_arguments, _run_pp),
     Benchmark("soak", "a long run must not grow: each rank's resident memory over 2,000 steps of the small "
               "preset on 2 ranks, validation and checkpoints included", _soak_arguments, _run_soak),
 )

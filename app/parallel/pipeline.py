@@ -91,6 +91,17 @@ class _Micro:
     losses: dict[str, float] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class OpTime:
+    """When an op ran on this stage in the last step (seconds from the step's start) and how long it
+    waited for its message: its work is end − start − waited."""
+
+    op: Op
+    start: float
+    end: float
+    waited: float
+
+
 class Transport:
     """Point-to-point messages between neighbouring stages: lists of tensors packed into one buffer."""
 
@@ -138,6 +149,7 @@ class PipelineStage:
         self.stage, self.pp = topo.stage, topo.layout.pp
         self.first, self.last = self.stage == 0, self.stage == self.pp - 1
         self.transport = Transport(topo)
+        self.timeline: list[OpTime] = []  # the last step's ops (exaforce bench pp)
 
     # ------------------------------------------------------------------------------- one step
     def run(self, micro_batches: list[GraphBatch], routings: list[Routing | None], plans: list[Recompute | None],
@@ -151,17 +163,19 @@ class PipelineStage:
         phases = (None, self._forward, self._force_backward, self._loss_backward_1, self._loss_backward_2)
         self.loss_scale = loss_scale
         self.transport.wait_seconds = 0.0
+        self.timeline = []
+        start = time.perf_counter()
         for op in orders[self.stage]:
-            t0 = time.perf_counter()
+            t0, waited = time.perf_counter(), self.transport.wait_seconds
             if op.phase == 1:
                 micros[op.micro] = _Micro(micro_batches[op.micro])
-            micro = micros[op.micro]
-            phases[op.phase](micro, op, routings[op.micro], plans[op.micro])
+            phases[op.phase](micros[op.micro], op, routings[op.micro], plans[op.micro])
             if op.phase == 4:
                 for key, value in micros.pop(op.micro).losses.items():
                     loss_sums[key] = loss_sums.get(key, 0.0) + value
-            key = f"pp_phase{op.phase}"
-            times[key] = times.get(key, 0.0) + time.perf_counter() - t0
+            t1 = time.perf_counter()
+            self.timeline.append(OpTime(op, t0 - start, t1 - start, self.transport.wait_seconds - waited))
+            times[f"pp_phase{op.phase}"] = times.get(f"pp_phase{op.phase}", 0.0) + t1 - t0
         self.transport.finish()
         times["pp_wait"] = times.get("pp_wait", 0.0) + self.transport.wait_seconds
         if self.model.moe_layers:  # each stage's layers' share of the load-balancing loss (its routers only)

@@ -37,14 +37,15 @@ Dependencies (what `simulate` enforces and the executor receives):
 
 from __future__ import annotations
 
+import functools
 import heapq
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 from exaforce.config import PP_SCHEDULES as SCHEDULES
-# Relative cost of the four phases, measured by `exaforce bench pp` on the light block (dense cells);
-# only the order of the folded schedule depends on them, never its result.
-DEFAULT_PHASE_COSTS = (1.0, 1.6, 3.2, 2.0)
+# Relative cost of the four phases (phase 1 = 1), measured by `exaforce bench pp` (light block, dense
+# cells, README); only the order of the folded schedule depends on them, never its result.
+DEFAULT_PHASE_COSTS = (1.0, 1.4, 0.5, 3.2)
 
 
 @dataclass(frozen=True, order=True, slots=True)
@@ -57,12 +58,13 @@ class Op:
 
 def dependencies(op: Op, stage: int, pp: int) -> list[tuple[Op, int]]:
     """The (op, stage) pairs that must finish before `op` runs on `stage`."""
-    m = op.micro
-    previous = {1: [(Op(1, m), stage - 1)] if stage > 0 else [],
-                2: [(Op(1, m), stage)] + ([(Op(2, m), stage + 1)] if stage < pp - 1 else []),
-                3: [(Op(2, m), stage)] + ([(Op(3, m), stage - 1)] if stage > 0 else []),
-                4: [(Op(3, m), stage)] + ([(Op(4, m), stage + 1)] if stage < pp - 1 else [])}
-    return previous[op.phase]
+    m, phase = op.micro, op.phase
+    if phase == 1:
+        return [(Op(1, m), stage - 1)] if stage > 0 else []
+    own = [(Op(phase - 1, m), stage)]
+    if phase in (2, 4):  # upward: from the next stage
+        return own + [(Op(phase, m), stage + 1)] if stage < pp - 1 else own
+    return own + [(Op(3, m), stage - 1)] if stage > 0 else own
 
 
 def gpipe(pp: int, micro_batches: int) -> list[list[Op]]:
@@ -137,16 +139,25 @@ def simulate(orders: list[list[Op]], costs: Sequence[Sequence[float]] | Sequence
     return timeline
 
 
-def folded(pp: int, micro_batches: int, alive: int, costs: Sequence[Sequence[float]] | Sequence[float]
-           = DEFAULT_PHASE_COSTS) -> list[list[Op]]:
-    """exaforce's schedule (module docstring): oldest micro-batch first, at most `alive` per stage."""
-    if alive < 1:
-        raise ValueError(f"folded schedule: alive = {alive}, need >= 1")
+def _critical_path(pp: int, costs: Sequence[Sequence[float]] | Sequence[float]) -> dict[tuple[int, int], float]:
+    """Per (phase, stage): the work left in a micro-batch from the start of that op to its end, alone
+    in the pipeline (the op's own cost included)."""
+    chain = [(1, s) for s in range(pp)] + [(2, s) for s in reversed(range(pp))] + \
+            [(3, s) for s in range(pp)] + [(4, s) for s in reversed(range(pp))]
+    left, total = {}, 0.0
+    for phase, s in reversed(chain):
+        total += _cost(costs, Op(phase, 0), s)
+        left[(phase, s)] = total
+    return left
+
+
+def _list_schedule(pp: int, micro_batches: int, alive: int, costs: Sequence[Sequence[float]] | Sequence[float],
+                   priority: Callable[[Op, int], tuple]) -> list[list[Op]]:
+    """Each stage, whenever free, runs its ready op of least `priority`; a micro-batch's phase 1 only
+    while fewer than `alive` are alive on the stage. Returns the orders it produced."""
     orders: list[list[Op]] = [[] for _ in range(pp)]
     done: dict[tuple[Op, int], float] = {}
-    admitted = [0] * pp        # micro-batches whose phase 1 ran on the stage
-    finished = [0] * pp        # … and whose phase 4 ran
-    free = [0.0] * pp
+    admitted, finished, free = [0] * pp, [0] * pp, [0.0] * pp
     pending = {s: {Op(1, 0)} for s in range(pp)}  # candidate ops per stage
     events: list[tuple[float, int]] = [(0.0, s) for s in range(pp)]
     total = 4 * micro_batches
@@ -159,7 +170,7 @@ def folded(pp: int, micro_batches: int, alive: int, costs: Sequence[Sequence[flo
                  and (op.phase != 1 or admitted[s] - finished[s] < alive)]
         if not ready:
             continue
-        op = min(ready, key=lambda o: (o.micro, -o.phase))
+        op = min(ready, key=lambda o: priority(o, s))
         pending[s].discard(op)
         orders[s].append(op)
         end = now + _cost(costs, op, s)
@@ -172,25 +183,53 @@ def folded(pp: int, micro_batches: int, alive: int, costs: Sequence[Sequence[flo
             finished[s] += 1
         if op.phase < 4:
             pending[s].add(Op(op.phase + 1, op.micro))
-        # This stage looks again when it is free; its neighbours when this op may have unblocked them.
-        for t in {s, max(s - 1, 0), min(s + 1, pp - 1)}:
-            heapq.heappush(events, (max(end, free[t]), t))
+        # This stage looks again when it is free; the neighbour this op may have unblocked, when it ends.
+        heapq.heappush(events, (end, s))
+        neighbour = s + 1 if op.phase in (1, 3) else s - 1
+        if 0 <= neighbour < pp:
+            heapq.heappush(events, (max(end, free[neighbour]), neighbour))
     if any(len(o) != total for o in orders):
         raise AssertionError("folded schedule: list scheduling left ops unscheduled")
     return orders
 
 
+def folded(pp: int, micro_batches: int, alive: int, costs: Sequence[Sequence[float]] | Sequence[float]
+           = DEFAULT_PHASE_COSTS) -> list[list[Op]]:
+    """exaforce's schedule (module docstring): at most `alive` micro-batches per stage, the faster in
+    the simulator of two list-scheduling priorities — the oldest micro-batch first (ties: the later
+    phase), and the oldest once weighed against the work its op leaves on the critical path."""
+    if alive < 1:
+        raise ValueError(f"folded schedule: alive = {alive}, need >= 1")
+    left = _critical_path(pp, costs)
+    per_micro = sum(_cost(costs, Op(p, 0), 0) for p in (1, 2, 3, 4))
+    candidates = [_list_schedule(pp, micro_batches, alive, costs, lambda o, s: (o.micro, -o.phase)),
+                  _list_schedule(pp, micro_batches, alive, costs,
+                                 lambda o, s: (o.micro - left[(o.phase, s)] / per_micro, -o.phase))]
+    return min(candidates, key=lambda orders: simulate(orders, costs).makespan)
+
+
+def lower_bound(pp: int, micro_batches: int, costs: Sequence[float]) -> float:
+    """No order of these ops on contiguous stages finishes sooner (equal stages): the last stage
+    starts after pp − 1 phase-1 ops and, after its last op, pp − 1 phase-4 ops still run upstream."""
+    return micro_batches * sum(costs) + (pp - 1) * (costs[0] + costs[3])
+
+
 def choose_alive(pp: int, micro_batches: int, costs: Sequence[Sequence[float]] | Sequence[float]
                  = DEFAULT_PHASE_COSTS, tolerance: float = 0.02) -> int:
-    """The smallest bound on live micro-batches whose folded step is within `tolerance` of the fastest."""
-    spans = {k: simulate(folded(pp, micro_batches, k, costs), costs).makespan for k in range(1, micro_batches + 1)}
+    """The smallest bound on live micro-batches whose folded step is within `tolerance` of the fastest,
+    among pp, pp + 1, 3·pp/2, 2·pp and all (a round trip through the pipeline takes about pp ops'
+    time on every stage, so fewer than pp alive always starves it)."""
+    candidates = sorted({min(k, micro_batches) for k in (pp, pp + 1, (3 * pp) // 2, 2 * pp, micro_batches)})
+    spans = {k: simulate(folded(pp, micro_batches, k, costs), costs).makespan for k in candidates}
     best = min(spans.values())
     return min(k for k, span in spans.items() if span <= best * (1 + tolerance))
 
 
+@functools.lru_cache(maxsize=32)
 def schedule(name: str, pp: int, micro_batches: int, alive: int = 0,
-             costs: Sequence[Sequence[float]] | Sequence[float] = DEFAULT_PHASE_COSTS) -> list[list[Op]]:
-    """Every stage's op order for `name` (SCHEDULES); alive = 0: chosen by `choose_alive`."""
+             costs: tuple[float, ...] = DEFAULT_PHASE_COSTS) -> list[list[Op]]:
+    """Every stage's op order for `name` (SCHEDULES); alive = 0: chosen by `choose_alive`. Cached:
+    the trainer asks for the same one every step (do not modify the lists)."""
     if name == "gpipe":
         return gpipe(pp, micro_batches)
     if name == "folded":

@@ -1,0 +1,171 @@
+"""`exaforce bench pp`: pipeline schedules measured on real ranks, then replayed by the simulator.
+
+Per (pp, schedule) one `mpiexec -n pp` worker runs the trainer's own `train_step` through a
+pipeline of pp stages on the same global batch and micro-batches (dense cells by default), and
+reports per rank: the median step time, the last step's op timeline (`PipelineStage.timeline`:
+each op's start, end and time waiting for its message), the true peak RSS from the process start
+and the RSS before any step (the difference is the step's memory). pp = 1 is the same step without
+a pipeline: its memory is the reference for the per-rank bound.
+
+From the timelines: per stage and phase the mean work of an op (duration − wait), the measured
+bubble fraction 1 − Σ work / (pp · makespan), and the phases' relative costs, which the simulator
+(exaforce.parallel.pipeline_schedule.simulate) replays for equal stages at pp = 8 … 64.
+
+On a machine with fewer cores than pp · threads the ranks share cores and the measured times mix
+in that contention (the output says how many cores there were).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import statistics
+import sys
+import time
+from typing import Callable
+
+from exaforce.bench.step import START_RSS_BYTES, _vm_rss_bytes  # noqa: F401  (first: the start RSS)
+
+Log = Callable[[str], None]
+
+
+def pp_worker(preset: str, workload: str, batch: int, micro_batches: int, schedule: str, alive: int, dtype: str,
+              warmup: int, repeats: int, blocks: int) -> None:
+    """One (pp, schedule) measurement; pp is the world size. Rank 0 prints the JSON record."""
+    import numpy as np
+    import torch
+
+    from exaforce.bench import BENCH_SEED
+    from exaforce.bench.workloads import workload_structures
+    from exaforce.comm.groups import build_groups
+    from exaforce.config import DTYPES, Config, DataConfig, ParallelConfig, RunConfig, model_preset
+    from exaforce.graph import build_batch
+    from exaforce.io.schema import Frames
+    from exaforce.model.potential import Potential
+    from exaforce.parallel.parallelize import parallelize
+    from exaforce.parallel.topology import Topology
+    from exaforce.training.progress import peak_memory_bytes
+    from exaforce.training.schedule import make_optimizer
+    from exaforce.training.step import train_step
+    from mpi4py import MPI
+
+    pp = MPI.COMM_WORLD.Get_size()
+    model_cfg = model_preset(preset)
+    if blocks:
+        model_cfg = dataclasses.replace(model_cfg, blocks=blocks)
+    cfg = Config(run=RunConfig(steps=warmup + repeats, dtype=dtype), model=model_cfg,
+                 data=DataConfig(train=("bench",), global_batch_size=batch, micro_batches=micro_batches),
+                 parallel=ParallelConfig(pp=pp, pp_schedule=schedule, pp_alive=alive))
+    topo = Topology.from_mpi(pp=pp, blocks=model_cfg.blocks)
+    torch.manual_seed(BENCH_SEED)
+    model = Potential(cfg.model).to(dtype=DTYPES[dtype])
+    parallel = parallelize(model, topo, build_groups("mpi", topo), cfg)
+    optimizer, lr_schedule = make_optimizer(model, cfg)
+    frames = Frames.from_atoms(workload_structures(workload, batch, BENCH_SEED))
+    micro = [build_batch(frames.select(part), model.species_table(), cfg.model.cutoff,
+                         cfg.model.three_body_cutoff).to("cpu", DTYPES[dtype])
+             for part in np.array_split(np.arange(batch), micro_batches)]
+    baseline = _vm_rss_bytes()  # nothing has stepped yet
+    seconds = []
+    for step in range(1, warmup + repeats + 1):
+        topo.barrier()  # every stage starts the step together: the timelines share an origin
+        t0 = time.perf_counter()
+        train_step(model, micro, optimizer, parallel, cfg, 1.0 / batch, lr_schedule.lr_at(step))
+        seconds.append(time.perf_counter() - t0)
+    peak = peak_memory_bytes()
+    timeline = [] if parallel.pipeline is None else \
+        [[t.op.phase, t.op.micro, t.start, t.end, t.waited] for t in parallel.pipeline.timeline]
+    rows = topo.gather_to_root({"stage": topo.stage, "step_s": statistics.median(seconds[warmup:]),
+                                "baseline_rss_bytes": baseline, "peak_rss_bytes": peak, "timeline": timeline})
+    if topo.is_root:
+        atoms = sum(int(b.species_N.shape[0]) for b in micro)
+        print(json.dumps({"pp": pp, "schedule": schedule if pp > 1 else "none", "atoms": atoms,
+                          "ranks": sorted(rows, key=lambda r: r["stage"])}))
+
+
+def phase_work(timeline: list[list[float]]) -> dict[int, float]:
+    """Mean work (duration − wait) of one op per phase on one stage."""
+    work: dict[int, list[float]] = {}
+    for phase, _micro, start, end, waited in timeline:
+        work.setdefault(int(phase), []).append(end - start - waited)
+    return {phase: statistics.mean(values) for phase, values in sorted(work.items())}
+
+
+def measured_bubble(ranks: list[dict]) -> float:
+    """1 − Σ over stages of their ops' work / (pp · the pipeline's makespan), from the timelines."""
+    span = max(op[3] for r in ranks for op in r["timeline"]) - min(op[2] for r in ranks for op in r["timeline"])
+    work = sum(op[3] - op[2] - op[4] for r in ranks for op in r["timeline"])
+    return 1.0 - work / (len(ranks) * span)
+
+
+def simulated(costs: list[float], stages: list[int], micro_batches: list[int] | None) -> list[dict]:
+    """Both schedules on equal stages with the measured relative phase costs."""
+    from exaforce.parallel.pipeline_schedule import choose_alive, folded, gpipe, simulate
+
+    rows = []
+    for pp in stages:
+        for m in micro_batches or [2 * pp]:
+            base = simulate(gpipe(pp, m), costs)
+            alive = choose_alive(pp, m, costs)
+            ours = simulate(folded(pp, m, alive, costs), costs)
+            rows.append({"pp": pp, "micro_batches": m, "gpipe_bubble": base.bubble, "folded_bubble": ours.bubble,
+                         "folded_alive": alive, "folded_peak_alive": max(ours.peak_alive(s) for s in range(pp)),
+                         "gpipe_peak_alive": m, "throughput_ratio": base.makespan / ours.makespan})
+    return rows
+
+
+def bench_pp(preset: str, workload: str, batch: int, micro_batches: int, stages: list[int], schedules: list[str],
+             alive: int, dtype: str, warmup: int, repeats: int, blocks: int, simulate_stages: list[int],
+             log: Log) -> dict:
+    from exaforce.bench.launcher import environment, launch_json, module_command, on_ranks
+
+    env = environment(OMP_NUM_THREADS="1")
+    results: dict = {"preset": preset, "blocks": blocks, "workload": workload, "batch": batch,
+                     "micro_batches": micro_batches, "dtype": dtype, "warmup": warmup, "repeats": repeats,
+                     "cores": os.cpu_count(), "threads_per_rank": env["OMP_NUM_THREADS"], "runs": []}
+
+    def run(pp: int, schedule: str) -> dict:
+        log(f"bench pp: pp = {pp}, schedule {schedule if pp > 1 else '-'} ...")
+        command = module_command("exaforce.bench.pp", preset, workload, str(batch), str(micro_batches), schedule,
+                                 str(alive), dtype, str(warmup), str(repeats), str(blocks))
+        record = launch_json(on_ranks(pp, command), f"bench pp worker (pp = {pp}, {schedule})", env)
+        ranks = record["ranks"]
+        record["step_s"] = max(r["step_s"] for r in ranks)
+        record["step_mem_gib_per_rank"] = [(r["peak_rss_bytes"] - r["baseline_rss_bytes"]) / 2**30 for r in ranks]
+        record["peak_gib_per_rank"] = [r["peak_rss_bytes"] / 2**30 for r in ranks]
+        if pp > 1:
+            record["phase_work_s"] = [phase_work(r["timeline"]) for r in ranks]
+            record["bubble"] = measured_bubble(ranks)
+        for r in ranks:
+            r.pop("timeline")
+        results["runs"].append(record)
+        extra = f", measured bubble {record['bubble']:.3f}" if pp > 1 else ""
+        log(f"  step {record['step_s']:.2f} s ({record['atoms']} atoms), step memory per rank "
+            f"{', '.join(f'{g:.2f}' for g in record['step_mem_gib_per_rank'])} GiB{extra}")
+        return record
+
+    reference = run(1, "gpipe")
+    for pp in stages:
+        by_schedule = {name: run(pp, name) for name in schedules}
+        if {"gpipe", "folded"} <= set(by_schedule):
+            log(f"  pp = {pp}: folded / gpipe step time = "
+                f"{by_schedule['folded']['step_s'] / by_schedule['gpipe']['step_s']:.3f}")
+    # The phases' relative costs, from the largest measured pipeline (mean over its stages and schedules).
+    largest = [r for r in results["runs"] if r["pp"] == max(stages)]
+    per_phase = {p: statistics.mean(w[p] for r in largest for w in r["phase_work_s"] if p in w) for p in (1, 2, 3, 4)}
+    costs = [per_phase[p] / per_phase[1] for p in (1, 2, 3, 4)]
+    results["relative_phase_costs"] = costs
+    log(f"relative phase costs (phase 1 = 1): {', '.join(f'{c:.2f}' for c in costs)}")
+    results["simulated"] = simulated(costs, simulate_stages, None) + simulated(costs, [8], [16])
+    for row in results["simulated"]:
+        log(f"  simulated pp = {row['pp']:>2}, {row['micro_batches']:>3} micro-batches: bubble gpipe "
+            f"{row['gpipe_bubble']:.3f}, folded {row['folded_bubble']:.3f} (≤ {row['folded_alive']} alive per "
+            f"stage, gpipe {row['gpipe_peak_alive']}); throughput folded / gpipe {row['throughput_ratio']:.3f}")
+    results["pp1_step_mem_gib"] = reference["step_mem_gib_per_rank"][0]
+    return results
+
+
+if __name__ == "__main__":  # worker: preset workload batch micro schedule alive dtype warmup repeats blocks
+    preset_name, workload_name, n, m, schedule_name, k, dt, w, r, b = sys.argv[1:11]
+    pp_worker(preset_name, workload_name, int(n), int(m), schedule_name, int(k), dt, int(w), int(r), int(b))
