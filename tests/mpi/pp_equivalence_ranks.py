@@ -1,4 +1,4 @@
-"""Run under `mpiexec -n K script OUT PP DP EP SCHEDULE BLOCK PATH`, float64: a training step through a
+"""Run under `mpiexec -n K script OUT PP DP EP SCHEDULE BLOCK PATH [BACKEND]`, float64: a training step through a
 pp × dp × ep topology (pipeline stages, data-parallel pipelines) equals the single-process step on
 the same global batch — energies, forces and stresses (through the pipeline's own phases 1–2),
 loss and every parameter gradient. Both run the production `train_step` (lr 0 keeps the weights);
@@ -35,7 +35,7 @@ def rel_diff(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a - b).max(initial=0.0) / max(np.abs(b).max(initial=0.0), 1e-300))
 
 
-def main(out_path: str, pp: int, dp: int, ep: int, schedule: str, block: str, path: str) -> None:
+def main(out_path: str, pp: int, dp: int, ep: int, schedule: str, block: str, path: str, backend: str = "mpi") -> None:
     topo = Topology.from_mpi(dp=dp, ep=ep, pp=pp, blocks=4)
     run = {"dtype": "float64", "recompute_lines": 0} if path == "plain" else \
         {"dtype": "float64", "recompute_lines": 50, "store_all_below": 0}
@@ -44,7 +44,7 @@ def main(out_path: str, pp: int, dp: int, ep: int, schedule: str, block: str, pa
                               {"preset": "small", "blocks": 4, "block": block},
                      "loss": {"moe_aux_weight": 0.1},
                      "parallel": {"dp": dp, "ep": ep, "pp": pp, "pp_schedule": schedule},
-                     "comm": {"bucket_mb": 0.05}, "run": run})
+                     "comm": {"bucket_mb": 0.05, "backend": backend}, "run": run})
     serial_cfg = dataclasses.replace(cfg, parallel=ParallelConfig(), run=dataclasses.replace(cfg.run, recompute_lines=0))
     frames = Frames.from_atoms(synthesize(GLOBAL_BATCH, seed=11))  # several elements and sizes
 
@@ -60,7 +60,7 @@ def main(out_path: str, pp: int, dp: int, ep: int, schedule: str, block: str, pa
     with torch.no_grad():  # deliberately wrong where the sync must overwrite it (not on a stage's first rank)
         for p in model.parameters() if topo.layout.dp_index(topo.rank) else []:
             p.add_(0.1)
-    parallel = parallelize(model, topo, build_groups("mpi", topo), cfg)
+    parallel = parallelize(model, topo, build_groups(backend, topo), cfg)
     optimizer, _ = make_optimizer(model, cfg)
 
     def batch_of(indices):
@@ -114,4 +114,4 @@ def main(out_path: str, pp: int, dp: int, ep: int, schedule: str, block: str, pa
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], *map(int, sys.argv[2:5]), *sys.argv[5:8])
+    main(sys.argv[1], *map(int, sys.argv[2:5]), *sys.argv[5:9])

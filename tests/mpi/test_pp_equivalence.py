@@ -8,19 +8,23 @@ from conftest import run_mpi_script
 pytestmark = [pytest.mark.mpi, pytest.mark.equivalence]
 
 
-@pytest.mark.parametrize("pp, dp, ep, schedule, block, path", [
-    (2, 1, 1, "gpipe", "light", "plain"),
-    (2, 1, 1, "folded", "light", "fused"),
-    (4, 1, 1, "gpipe", "light", "fused"),
-    (4, 1, 1, "folded", "light", "plain"),
-    (2, 2, 1, "gpipe", "light", "plain"),
-    (2, 2, 1, "folded", "light", "fused"),
-    (2, 1, 2, "gpipe", "moe", "plain"),
-    (2, 1, 2, "folded", "moe", "fused"),
-    (2, 1, 1, "folded", "matris", "plain"),
+@pytest.mark.parametrize("pp, dp, ep, schedule, block, path, backend", [
+    (2, 1, 1, "gpipe", "light", "plain", "mpi"),
+    (2, 1, 1, "folded", "light", "fused", "mpi"),
+    (4, 1, 1, "gpipe", "light", "fused", "mpi"),
+    (4, 1, 1, "folded", "light", "plain", "mpi"),
+    (2, 2, 1, "gpipe", "light", "plain", "mpi"),
+    (2, 2, 1, "folded", "light", "fused", "mpi"),
+    (2, 1, 2, "gpipe", "moe", "plain", "mpi"),
+    (2, 1, 2, "folded", "moe", "fused", "mpi"),
+    (2, 1, 1, "folded", "matris", "plain", "mpi"),
+    # the stage replicas' gradient reduction through the other backends (transfers stay on MPI)
+    pytest.param(2, 2, 1, "folded", "light", "plain", "torch", marks=pytest.mark.backends),
+    pytest.param(2, 2, 1, "folded", "light", "plain", "horovod", marks=pytest.mark.backends),
 ])
-def test_pipeline_step_equals_serial(tmp_path, pp, dp, ep, schedule, block, path):
-    result = run_mpi_script(pp * dp * ep, "pp_equivalence_ranks.py", tmp_path, args=(pp, dp, ep, schedule, block, path))
+def test_pipeline_step_equals_serial(tmp_path, pp, dp, ep, schedule, block, path, backend):
+    result = run_mpi_script(pp * dp * ep, "pp_equivalence_ranks.py", tmp_path,
+                            args=(pp, dp, ep, schedule, block, path, backend))
     assert (result["pp"], result["dp"], result["ep"]) == (pp, dp, ep)
     assert result["stages"] == list(range(pp))
     assert result["params_compared"] == result["params_serial"]  # the stages together hold every parameter
