@@ -13,22 +13,39 @@ Folded in half at SP, phases 1+2 are one forward pass through a virtual pipeline
 virtual stages (s and 2P+1−s, the "V" placement): the loss sits on S1 at the end of the virtual
 forward, and the turnarounds (phase 1→2 on SP, 3→4 on SP, 2→3 on S1) cost no transfer.
 
-    stage   time →
-    S1      1 1 1 1 . . . . . 2 . 2 3 2 3 2 3 3 . . . . . . . . 4 . 4 4 4        gpipe  (all 1, all 2, …)
-    SP      . . . 1 1 1 1 2 2 2 2 . . . . . . 3 4 3 4 3 4 3 4 . . . .
-    S1      1 1 1 1 . . 2 . 2 3 2 3 4 2 3 4 3 4 1 …                           folded (oldest first,
-    SP      . . . 1 2 1 2 1 2 3 4 3 4 …                                        ≤ K micro-batches alive)
+Simulated with the measured phase costs (1, 1.4, 0.5, 3.2), 4 stages, 6 micro-batches
+(`Timeline.chart`; digits: the phase running, '.': idle):
+
+    gpipe: bubble 0.333, 6 micro-batches alive per stage
+    S1  1111111........22222222223333.............4444444444444444444444
+    S2  .1111111......2222222222..333.........4444444444444444444444....
+    S3  ..1111111...2222222222....3333....44444444444444444444444.......
+    S4  ...11111112222222222.......33344444444444444444444444...........
+
+    folded, at most 4 alive: bubble 0.372 (4 % longer), 4 alive
+    S1  11111.....2222322.22.......4441444444441444423...22.........44444444
+    S2  .11111...2.23.23223.3..444444444444144441.22..322..3....4444.444....
+    S3  ..111112222.22.23..44444444.444.44441...221...23....4444.4444.......
+    S4  ...11212212212244443444344444444.....112...122..344434444...........
 
 Schedules (per stage: the order in which it runs its ops; `simulate` and the executor follow it):
 - `gpipe`: every micro-batch's phase 1, then every phase 2, then 3, then 4. Each stage keeps all M
   micro-batches' forward and force-backward graphs alive until phase 4: memory M graphs per stage.
 - `folded` (exaforce's): list scheduling over the folded pipeline. When a stage is free it runs the
-  ready op of the oldest micro-batch (ties: the later phase), and admits a new micro-batch (its
-  phase 1) only while fewer than K are alive on it — K bounds the double-backward graphs a stage
-  holds (memory K graphs instead of M). The order comes from simulating that policy with the
-  phases' relative costs; every rank computes the same order from the same costs, so transfers
-  match without negotiation. K = 0 picks the smallest K whose simulated step is within 2 % of
-  the fastest.
+  ready op of the oldest micro-batch (ties: the later phase; or, if the simulator finds it faster,
+  the oldest weighed against the critical-path work its op leaves), and admits a new micro-batch
+  (its phase 1) only while fewer than K are alive on it — K bounds the double-backward graphs a
+  stage holds (memory: K graphs of one stage, about K/pp of one micro-batch's whole-model graph,
+  instead of M). The order comes from simulating that policy with the phases' relative costs; every
+  rank computes the same order from the same costs, so transfers match without negotiation. K = 0
+  picks the smallest K whose simulated step is within 2 % of the fastest (gpipe's order included
+  when K admits every micro-batch).
+
+How much any order can win: the last stage starts after pp − 1 phase-1 ops, and after its last op
+pp − 1 phase-4 ops still run upstream, so no schedule of contiguous stages beats `lower_bound` =
+M·Σt + (pp − 1)·(t₁ + t₄), against gpipe's (M + pp − 1)·Σt. Where phase 4 (the loss's backward
+through the forward graph) is half the work, as measured, that leaves gpipe within 11 % of any
+schedule at pp = 8, M = 16; bounding the graphs alive (K ≈ pp) costs 10–25 % in the simulator.
 
 Dependencies (what `simulate` enforces and the executor receives):
     (1,m,s) ← (1,m,s−1)          (2,m,s) ← (1,m,s), (2,m,s+1)
@@ -43,6 +60,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 from exaforce.config import PP_SCHEDULES as SCHEDULES
+
 # Relative cost of the four phases (phase 1 = 1), measured by `exaforce bench pp` (light block, dense
 # cells, README); only the order of the folded schedule depends on them, never its result.
 DEFAULT_PHASE_COSTS = (1.0, 1.4, 0.5, 3.2)
@@ -93,6 +111,15 @@ class Timeline:
         """Idle share of the stages' time: 1 − Σ busy / (pp · makespan)."""
         span = self.makespan
         return 0.0 if span == 0 else 1.0 - sum(self.busy(s) for s in range(self.pp)) / (self.pp * span)
+
+    def chart(self, columns: int = 72) -> str:
+        """One text row per stage, time to the right: the phase digit of the op running, '.' idle."""
+        scale = columns / self.makespan
+        rows = [["."] * columns for _ in range(self.pp)]
+        for (op, s), start in self.start.items():
+            for c in range(int(start * scale + 0.5), int(self.end[(op, s)] * scale + 0.5)):
+                rows[s][min(c, columns - 1)] = str(op.phase)
+        return "\n".join(f"S{s + 1:<3}{''.join(row)}" for s, row in enumerate(rows))
 
     def peak_alive(self, stage: int) -> int:
         """The most micro-batches whose graphs the stage held at once (phase 1 started, phase 4 not done)."""
@@ -195,9 +222,10 @@ def _list_schedule(pp: int, micro_batches: int, alive: int, costs: Sequence[Sequ
 
 def folded(pp: int, micro_batches: int, alive: int, costs: Sequence[Sequence[float]] | Sequence[float]
            = DEFAULT_PHASE_COSTS) -> list[list[Op]]:
-    """exaforce's schedule (module docstring): at most `alive` micro-batches per stage, the faster in
+    """exaforce's schedule (module docstring): at most `alive` micro-batches per stage, the fastest in
     the simulator of two list-scheduling priorities — the oldest micro-batch first (ties: the later
-    phase), and the oldest once weighed against the work its op leaves on the critical path."""
+    phase), and the oldest once weighed against the work its op leaves on the critical path — and,
+    when the bound admits every micro-batch, gpipe's order."""
     if alive < 1:
         raise ValueError(f"folded schedule: alive = {alive}, need >= 1")
     left = _critical_path(pp, costs)
@@ -205,6 +233,8 @@ def folded(pp: int, micro_batches: int, alive: int, costs: Sequence[Sequence[flo
     candidates = [_list_schedule(pp, micro_batches, alive, costs, lambda o, s: (o.micro, -o.phase)),
                   _list_schedule(pp, micro_batches, alive, costs,
                                  lambda o, s: (o.micro - left[(o.phase, s)] / per_micro, -o.phase))]
+    if alive >= micro_batches:
+        candidates.append(gpipe(pp, micro_batches))
     return min(candidates, key=lambda orders: simulate(orders, costs).makespan)
 
 
