@@ -111,6 +111,8 @@ class Transport:
         self.wait_seconds = 0.0
 
     def send(self, tensors: Sequence[torch.Tensor], to_stage: int, op: Op) -> None:
+        """Non-blocking; the packed buffer lives until its send completes (checked at each send)."""
+        self._sends = [(request, flat) for request, flat in self._sends if not request.Test()]
         flat = torch.cat([t.detach().reshape(-1).to("cpu") for t in tensors])
         self._sends.append((self.comm.Isend(flat.numpy(), dest=to_stage, tag=4 * op.micro + op.phase), flat))
 
@@ -150,6 +152,7 @@ class PipelineStage:
         self.first, self.last = self.stage == 0, self.stage == self.pp - 1
         self.transport = Transport(topo)
         self.timeline: list[OpTime] = []  # the last step's ops (exaforce bench pp)
+        self.loss_scale = 1.0              # the step's (train_step's loss_scale), set by run()
 
     # ------------------------------------------------------------------------------- one step
     def run(self, micro_batches: list[GraphBatch], routings: list[Routing | None], plans: list[Recompute | None],
