@@ -7,10 +7,16 @@ atomically; enough to continue a run exactly (the same losses and parameters as 
         experts-ep0.pt …    the rank at dp coordinate 0 of each EP index: its experts (keyed by global
                             expert index) and their optimizer state
         rng-rank00000.pt …  every rank: its torch, numpy and python RNG states
-        COMPLETE            rank 0, last: {"step", "world_size", "dp", "ep", "files": {name: bytes}}
+        COMPLETE            rank 0, last: {"step", "world_size", "dp", "ep", "pp", "files": {name: bytes}}
     RUN/checkpoints/step-00000100.pt   after the last step only: the whole model in one file, for
                                        inference and fine-tuning (no optimizer state); `exaforce model
                                        export` writes the same as .pt or .safetensors
+
+With pipeline stages (parallel.pp > 1) each stage writes its own part, from its first replica (dp
+and EP coordinate 0): dense-pp0.pt, dense-pp1.pt … (that stage's dense parameters, the buffers every
+stage holds, their optimizer state, and `meta`, whose progress carries that stage's FLOP
+coefficients) and experts-pp0-ep0.pt … (that stage's experts of each EP index). Parameters keep their
+global names (blocks.3.… stays blocks.3.…), so the parts together are the whole model's state.
 
 Publishing: the parts go into a hidden `.step-00000010.partial/` (each file: temporary name, fsync,
 rename), the ranks meet, rank 0 writes COMPLETE, renames the folder to `step-00000010` and fsyncs
@@ -19,8 +25,9 @@ the parent. A crash at any moment leaves the earlier checkpoints untouched and a
 valid COMPLETE (say, a copy cut short) is ignored and deleted too. The newest `keep` are kept.
 
 Optimizer state is stored by parameter name, never by position, so a checkpoint restores onto any
-dp × ep layout: every rank gets the dense part, and each rank takes its experts from whichever
-expert files hold them (re-sharding when ep changed).
+dp × ep × pp layout: every rank takes the dense entries its stage holds from whichever dense parts
+hold them, and its experts from whichever expert files hold them (re-sharding when ep changed,
+merging or splitting stages when pp changed).
 
 Every file holds tensors and plain values only (dicts, lists, tuples, str, numbers, None; the RNG
 states too), and every file is read with `torch.load(weights_only=True)`: model files travel
@@ -47,6 +54,7 @@ from exaforce.io.atomic import remove, replace_path, write_file_atomically
 FORMAT = 1
 MARKER = "COMPLETE"
 STEP_DIR = re.compile(r"step-(\d{8})")
+EXPERTS = re.compile(r"experts-(pp\d+-)?ep\d+\.pt")
 
 
 class CheckpointError(ConfigError):
@@ -93,6 +101,10 @@ def _marker(folder: Path) -> tuple[dict[str, Any] | None, str]:
             actual = (Path(folder) / name).stat().st_size
             if actual != size:
                 return None, f"{name} has {actual} bytes, {MARKER} lists {size} (cut short?)"
+        pp = _saved_pp(marker)
+        unlisted = [name for name in (dense_part(pp, s) for s in range(pp)) if pp > 1 and name not in marker["files"]]
+        if unlisted:
+            return None, f"stage part {unlisted[0]} is missing ({MARKER} records pp = {pp} but does not list it)"
         return marker, ""
     except FileNotFoundError as err:
         return None, f"{Path(err.filename).name} is missing"
@@ -153,6 +165,20 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def dense_part(pp: int, stage: int) -> str:
+    """The file of stage `stage`'s dense parameters in a checkpoint written with `pp` stages."""
+    return "dense.pt" if pp == 1 else f"dense-pp{stage}.pt"
+
+
+def expert_part(pp: int, stage: int, ep_index: int) -> str:
+    """The file of the experts of stage `stage` held by EP index `ep_index`."""
+    return f"experts-ep{ep_index}.pt" if pp == 1 else f"experts-pp{stage}-ep{ep_index}.pt"
+
+
+def _saved_pp(marker: dict[str, Any]) -> int:
+    return int(marker.get("pp", 1))  # checkpoints from before pipeline stages: one
+
+
 def _write_part(folder: Path, name: str, state: dict[str, Any]) -> tuple[str, int]:
     write_file_atomically(folder / name, lambda f: torch.save(_on_host(state), f))
     return name, (folder / name).stat().st_size
@@ -170,24 +196,25 @@ def save(run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.opti
         partial.mkdir()
     topo.barrier()  # collective: the folder exists before anybody writes into it
 
-    dp_index, ep_index = topo.layout.dp_index(topo.rank), topo.layout.ep_index(topo.rank)
-    state = model.state_dict()
+    layout = topo.layout
+    dp_index, ep_index, stage = layout.dp_index(topo.rank), layout.ep_index(topo.rank), layout.pp_index(topo.rank)
+    state = model.state_dict()  # pipeline: this rank's stage only
     expert_keys = _expert_keys(model)
     written = [_write_part(partial, f"rng-rank{topo.rank:05d}.pt", rng_state())]
-    if topo.is_root:
+    if dp_index == 0 and ep_index == 0:  # the stage's first replica (world rank 0 without stages)
         dense = {k: v for k, v in state.items() if k not in expert_keys}
-        written.append(_write_part(partial, "dense.pt", {
+        written.append(_write_part(partial, dense_part(layout.pp, stage), {
             "format": FORMAT, "model": dense, "optimizer": _optimizer_state(model, optimizer, set(dense)),
             "meta": meta}))
     if dp_index == 0 and expert_keys:  # one copy of each expert shard: the first of its EDP group
         experts = {k: v for k, v in state.items() if k in expert_keys}
-        written.append(_write_part(partial, f"experts-ep{ep_index}.pt", {
+        written.append(_write_part(partial, expert_part(layout.pp, stage, ep_index), {
             "format": FORMAT, "model": experts, "optimizer": _optimizer_state(model, optimizer, expert_keys)}))
     files = topo.gather_to_root(written)  # collective: every part is on disk (fsynced) from here
 
     if topo.is_root:
-        marker = {"format": FORMAT, "step": step, "world_size": topo.world_size, "dp": topo.layout.dp,
-                  "ep": topo.layout.ep, "files": dict(sorted(item for part in files for item in part))}
+        marker = {"format": FORMAT, "step": step, "world_size": topo.world_size, "dp": layout.dp,
+                  "ep": layout.ep, "pp": layout.pp, "files": dict(sorted(item for part in files for item in part))}
         write_file_atomically(partial / MARKER, lambda f: f.write(json.dumps(marker, indent=1).encode()))
         replace_path(partial, final)  # the atomic publication (and an fsync of the parent)
         _prune(root, keep)
@@ -254,10 +281,10 @@ def _resume_point(run_dir: Path, spec: str) -> Path | None:
     if path.is_file():
         raise CheckpointError(f"--resume {spec}: a single-file model export holds no optimizer or sampler state; "
                               f"resume from a checkpoint folder (…/checkpoints/step-NNNNNNNN)")
-    marker = complete(path)
+    marker, why = _marker(path)
     if marker is None:
-        raise CheckpointError(f"--resume {spec}: not a complete checkpoint (no valid {MARKER} marker: "
-                              f"missing, or a save that was cut short)")
+        raise CheckpointError(f"--resume {spec}: not a complete checkpoint ({why}; a save that was cut short, "
+                              f"or a part removed since)")
     newer = [p.name for p in checkpoints(run_dir) if int(STEP_DIR.fullmatch(p.name).group(1)) > marker["step"]]
     if newer:
         raise CheckpointError(f"--resume {spec}: {run_dir / 'checkpoints'} holds newer checkpoints "
@@ -285,29 +312,41 @@ def read(path: Path) -> dict[str, Any]:
 def restore(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, topo: Any,
             log: Callable[[str], None]) -> dict[str, Any]:
     """Collective over the world: loads checkpoint `folder` into `model` and `optimizer` on this
-    topology (re-sharding the experts if ep changed) and this rank's RNG states (when the world size
-    is the one that saved them); returns the `meta` given to `save`. Rank 0 reads the marker and the
-    dense part and broadcasts them; the first rank of each EDP group reads the expert files holding
-    its experts and broadcasts them over the group; every rank reads only its own RNG file."""
+    topology (re-sharding the experts if ep changed, merging or splitting stage parts if pp changed)
+    and this rank's RNG states (when the world size is the one that saved them); returns the `meta`
+    given to `save` (with pipeline stages: that of this stage's part, when pp is unchanged). Each
+    stage's first replica (world rank 0 without stages) reads the marker and the dense entries its
+    stage holds and broadcasts them over the stage; the first rank of each EDP group reads the
+    expert files holding its experts and broadcasts them over the group; every rank reads only its
+    own RNG file."""
     folder = Path(folder)
-    marker, dense = None, None
-    if topo.is_root:  # one reader: a job of thousands of ranks must not stat and read every file thousands of times
-        marker = complete(folder)
-        dense = read(folder / "dense.pt") if marker is not None else None
-    marker, dense = broadcast_state((marker, dense), topo.world)  # collective
+    layout = topo.layout
+    stage = layout.pp_index(topo.rank)
+    expert_keys = _expert_keys(model)
+    marker, dense, why = None, None, ""
+    if layout.dp_index(topo.rank) == 0 and layout.ep_index(topo.rank) == 0:
+        # one reader per stage: a job of thousands of ranks must not stat and read every file thousands of times
+        marker, why = _marker(folder)
+        if marker is not None:
+            saved_pp = _saved_pp(marker)
+            names = [dense_part(saved_pp, s) for s in range(saved_pp)]
+            own = names[stage] if saved_pp == layout.pp else names[0]  # whose meta (FLOP coefficients) we take
+            dense = _entries(folder, [own, *(n for n in names if n != own)],
+                             set(model.state_dict()) - expert_keys)
+    marker, dense, why = broadcast_state((marker, dense, why), topo.stage_comm)  # collective over the stage
     if marker is None:
-        raise CheckpointError(f"{folder}: not a complete checkpoint")
+        raise CheckpointError(f"{folder}: not a complete checkpoint ({why})")
     _check_model_config(folder, dense["meta"]["config"]["model"], model)
 
-    expert_keys = _expert_keys(model)
+    saved_pp = _saved_pp(marker)
     experts: dict[str, Any] = {"model": {}, "optimizer": {}}
-    if topo.layout.dp_index(topo.rank) == 0 and expert_keys:
+    if layout.dp_index(topo.rank) == 0 and expert_keys:
         per_file = model.cfg.moe_experts // marker["ep"]
         mine = {int(k.split(".experts.")[1].split(".")[0]) for k in expert_keys}
-        for shard in sorted({e // per_file for e in mine}):  # the old EP ranks that held my experts
-            part = read(folder / f"experts-ep{shard}.pt")
-            experts["model"].update({k: v for k, v in part["model"].items() if k in expert_keys})
-            experts["optimizer"].update({k: v for k, v in part["optimizer"].items() if k in expert_keys})
+        stages = [stage, *(s for s in range(saved_pp) if s != stage)] if saved_pp == layout.pp else range(saved_pp)
+        names = [expert_part(saved_pp, s, shard) for shard in sorted({e // per_file for e in mine})  # the old EP
+                 for s in stages]                                                             # ranks that held them
+        experts = _entries(folder, [n for n in names if n in marker["files"]], expert_keys)
     experts = broadcast_state(experts, topo.edp_comm)  # collective over the EDP group
 
     try:
@@ -320,10 +359,27 @@ def restore(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimiz
     else:
         log(f"resume: saved on {marker['world_size']} rank(s), now {topo.world_size}: RNG states start from the seed "
             f"(the training step draws no random numbers, so the trajectory is unaffected)")
-    if (marker["dp"], marker["ep"]) != (topo.layout.dp, topo.layout.ep):
-        log(f"resume: dp × ep = {marker['dp']} × {marker['ep']} → {topo.layout.dp} × {topo.layout.ep}"
-            + (" (experts re-sharded)" if marker["ep"] != topo.layout.ep and expert_keys else ""))
+    if (marker["dp"], marker["ep"], saved_pp) != (layout.dp, layout.ep, layout.pp):
+        log(f"resume: dp × ep = {marker['dp']} × {marker['ep']} → {layout.dp} × {layout.ep}"
+            + (" (experts re-sharded)" if marker["ep"] != layout.ep and expert_keys else "")
+            + (f"; pipeline stages {saved_pp} → {layout.pp} (stage parts "
+               f"{'merged' if saved_pp > layout.pp else 'split'})" if saved_pp != layout.pp else ""))
     return dense["meta"]
+
+
+def _entries(folder: Path, names: list[str], keys: set[str]) -> dict[str, Any]:
+    """{"model", "optimizer"} entries named in `keys` from the checkpoint parts `names`, read in that
+    order until every key is found, and the first part's "meta" (when it has one)."""
+    out: dict[str, Any] = {"model": {}, "optimizer": {}}
+    for i, name in enumerate(names):
+        if i and keys <= out["model"].keys():
+            break  # the rest hold none of ours
+        part = read(folder / name)
+        if i == 0 and "meta" in part:
+            out["meta"] = part["meta"]
+        out["model"].update({k: v for k, v in part["model"].items() if k in keys})
+        out["optimizer"].update({k: v for k, v in part["optimizer"].items() if k in keys})
+    return out
 
 
 class _Slot:
@@ -413,12 +469,15 @@ def load(path: Path) -> dict[str, Any]:
     exaforce's checkpoint)."""
     path = Path(path)
     if path.is_dir():
-        if complete(path) is None:
-            raise FileNotFoundError(f"{path}: not a complete checkpoint (no valid {MARKER} marker)")
-        dense = read(path / "dense.pt")
+        marker, why = _marker(path)
+        if marker is None:
+            raise FileNotFoundError(f"{path}: not a complete checkpoint (no valid {MARKER} marker: {why})")
+        pp = _saved_pp(marker)
+        dense = read(path / dense_part(pp, 0))
         model = dict(dense["model"])
-        for part in sorted(path.glob("experts-ep*.pt")):
-            model.update(read(part)["model"])
+        experts = sorted(name for name in marker["files"] if EXPERTS.fullmatch(name))
+        for name in [dense_part(pp, s) for s in range(1, pp)] + experts:
+            model.update(read(path / name)["model"])  # stage parts: the buffers every stage holds are equal
         return {"step": dense["meta"]["step"], "config": dense["meta"]["config"], "model": model,
                 "written_by": dense["meta"].get("written_by", {})}
     if not path.is_file():

@@ -293,6 +293,9 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"parallel.pp_schedule = {cfg.parallel.pp_schedule!r}: must be one of {', '.join(PP_SCHEDULES)}")
     if cfg.parallel.pp_alive < 0:
         raise ConfigError(f"parallel.pp_alive = {cfg.parallel.pp_alive}: must be >= 0 (0: chosen by simulation)")
+    if pp > 1 and cfg.run.freeze == "backbone":  # a stage of frozen blocks has no parameter backward to run
+        raise ConfigError(f'run.freeze = "backbone" with parallel.pp = {pp}: not supported (a pipeline stage whose '
+                          f"blocks are all frozen has no trainable parameter); fine-tune with parallel.pp = 1")
     if cfg.comm.backend not in BACKENDS:
         raise ConfigError(f"comm.backend = {cfg.comm.backend!r}: must be 'mpi', 'horovod' or 'torch'")
     _positive(cfg.comm.bucket_mb, "comm.bucket_mb", "MiB")

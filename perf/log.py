@@ -20,8 +20,9 @@ SCHEMA_VERSION = 1
 STEP_TIME_KEYS = ("data", "forward", "force_backward", "param_backward", "comm", "optimizer")
 # "routing" (routing-class count exchange, its own slice of the step) and "alltoall" (expert dispatch,
 # a part of forward + force_backward + param_backward, not an extra slice): both ~0 without MoE; with
-# comm.sync_before_reduce: "imbalance" (the barrier before the reduction, its own slice).
-OPTIONAL_TIME_KEYS = ("routing", "alltoall", "imbalance")
+# comm.sync_before_reduce: "imbalance" (the barrier before the reduction, its own slice); with pipeline
+# stages: "pp_wait" (waiting for the neighbouring stages' messages, a part of the three, not an extra slice).
+OPTIONAL_TIME_KEYS = ("routing", "alltoall", "imbalance", "pp_wait")
 
 
 def rank_log_path(run_dir: Path, rank: int) -> Path:

@@ -6,7 +6,9 @@ Its own module because the arithmetic is what a report's numbers mean: the rende
 and the scaling campaigns only read the dict it returns. Aggregation rules (also printed in each
 report):
   * a step's time is the max over ranks of total_time: the slowest rank sets the pace;
-  * structures, atoms, edges, angles and FLOPs are summed over ranks;
+  * structures, atoms, edges, angles and FLOPs are summed over ranks; with pipeline stages (records
+    with `pp_stage`) every stage of a pipeline takes the same structures, so structures, atoms, edges,
+    angles and loss sums count on first stages (pp_stage 0) only, and FLOPs (each stage's own) on all;
   * the global loss of a step is Σ_ranks loss_sum[term] / Σ_ranks structures, per term;
   * load imbalance of a step = max / mean over ranks of total_time;
   * the time breakdown is, per category, the mean over ranks (so the categories stack up to the
@@ -38,8 +40,9 @@ def _aggregate_step(records: list[dict[str, Any]]) -> dict[str, Any]:
     """One step over ranks (records in rank order)."""
     totals = [r["total_time"] for r in records]
     mean_time = statistics.fmean(totals)
-    structures = sum(r["structures"] for r in records)
-    terms = [t for t in records[0]["loss_sum"] if all(t in r["loss_sum"] for r in records)]
+    first = [r for r in records if r.get("pp_stage", 0) == 0]  # a pipeline's structures: its first stage's
+    structures = sum(r["structures"] for r in first)
+    terms = [t for t in first[0]["loss_sum"] if all(t in r["loss_sum"] for r in first)]
     times_mean = {k: statistics.fmean(r["times"][k] for r in records) for k in STEP_TIME_KEYS}
     times_max = {k: max(r["times"][k] for r in records) for k in STEP_TIME_KEYS}
     untimed = [r["total_time"] - sum(r["times"][k] for k in STEP_TIME_KEYS) for r in records]
@@ -51,11 +54,11 @@ def _aggregate_step(records: list[dict[str, Any]]) -> dict[str, Any]:
         "rank_time_mean_s": mean_time,
         "imbalance": max(totals) / mean_time if mean_time > 0 else None,
         "structures": structures,
-        "atoms": sum(r["atoms"] for r in records),
-        "edges": sum(r["edges"] for r in records),
-        "angles": sum(r["angles"] for r in records),
+        "atoms": sum(r["atoms"] for r in first),
+        "edges": sum(r["edges"] for r in first),
+        "angles": sum(r["angles"] for r in first),
         "flops": sum(r["flops"] for r in records),
-        "loss": {t: sum(r["loss_sum"][t] for r in records) / structures if structures else None
+        "loss": {t: sum(r["loss_sum"][t] for r in first) / structures if structures else None
                  for t in terms},
         "times_mean_s": times_mean,
         "times_max_s": times_max,

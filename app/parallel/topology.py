@@ -157,6 +157,10 @@ class Topology:
         """Σ over this rank's pipeline (collective over its stages)."""
         return self.pp_comm.allreduce(value)
 
+    def stage_sum(self, value: Any) -> Any:
+        """Σ over the ranks that run this rank's stage (collective over them; the world when pp = 1)."""
+        return self.stage_comm.allreduce(value)
+
     def allgather(self, value: Any) -> list[Any]:
         """Every rank's value, in rank order, on every rank (collective)."""
         return self.world.allgather(value)

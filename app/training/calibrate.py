@@ -5,6 +5,14 @@ for matmul-bound models: FLOPs are linear in the counts); the cost coefficients 
 sampler deals structures by. All ranks calibrate together, once per layout (a resumed run reuses
 the checkpoint's).
 
+With pipeline stages (parallel.pp > 1) every stage of a pipeline takes the same calibration batches
+and runs its part of the step through the pipeline (PipelineStage.run, one micro-batch). The FLOP
+coefficients are then this rank's stage's: the FLOPs its ops execute (its blocks, the embeddings on
+the first stage, the readout and loss on the last, and phase 3's extra force-backward pass), fitted
+to the mean over the stage's replicas, so the perf log's FLOPs summed over ranks are the work the
+job does. The cost coefficients are the pipeline's step time, fitted to the world mean like
+without stages: every rank deals alike.
+
 Why a cache: the twelve calibration steps cost tens of seconds (the default model on 2 ranks: about
 40 s, a twentieth of a 15-minute run), and they measure the model, not the data: the coefficients
 depend on the model config, the step's path, dtype, layout, threads and machine. Rank 0 keeps them
@@ -30,29 +38,45 @@ import torch
 from exaforce.config import Config
 from exaforce.graph import GraphBatch
 from exaforce.model.potential import Potential
+from exaforce.model.routing import Routing
 from exaforce.parallel.parallelize import Parallel
 from exaforce.perf.flops import count_flops, fit_flop_coefficients, fit_in_span
 from exaforce.training.data import GlobalIndex
-from exaforce.training.step import loss_and_gradients
+from exaforce.training.step import loss_and_gradients, step_plan
 
 Coefficients = dict[str, float]
 
 
+def _forward_and_backward(model: Potential, batch: GraphBatch, cfg: Config, parallel: Parallel,
+                          routing: Routing | None) -> object:
+    """One training step's forward and backward on `batch` (gradients accumulate; no reduction, no
+    update): on this rank, or this rank's stage of it (collective over the pipeline)."""
+    if parallel.pipeline is None:
+        return loss_and_gradients(model, batch, cfg, 1.0, {}, routing)
+    return parallel.pipeline.run([batch], [routing], [step_plan(model, batch, cfg)], 1.0, {},
+                                 routing.counts.world_2C if routing is not None else None)
+
+
 def _fit_world_mean(model: Potential, batches: list[GraphBatch], cfg: Config, parallel: Parallel,
                     measure: Callable[[Callable[[], object]], float],
-                    log: Callable[[str], None]) -> tuple[Coefficients, bool]:
+                    log: Callable[[str], None], over_stage: bool = False) -> tuple[Coefficients, bool]:
     """Runs one training step's forward and backward per calibration batch through `measure` (FLOPs
     or seconds) and fits the coefficients to the world means (collective: every rank runs the same
     number of steps on its own batches; with expert parallelism an expert's work depends on every
-    rank's tokens, so the coefficients predict a rank's share of the step)."""
+    rank's tokens, so the coefficients predict a rank's share of the step). `over_stage`: the means
+    over this rank's stage instead (pipeline: the FLOPs of the stage's part of the step)."""
+    topo = parallel.topo
     samples = []
     for batch in batches:
         routing = parallel.routing(model, batch)
-        value = measure(lambda: loss_and_gradients(model, batch, cfg, 1.0, {}, routing))
+        value = measure(lambda: _forward_and_backward(model, batch, cfg, parallel, routing))
         c = batch.counts()
         samples.append((c["atoms"], c["edges"], c["angles"], float(value)))
     model.zero_grad(set_to_none=True)
-    mean = np.asarray(parallel.topo.sum(np.asarray(samples))) / parallel.topo.world_size  # collective
+    if over_stage:
+        mean = np.asarray(topo.stage_sum(np.asarray(samples))) / topo.layout.replicas  # collective
+    else:
+        mean = np.asarray(topo.sum(np.asarray(samples))) / topo.world_size  # collective
     rows = [tuple(row) for row in mean]
     try:
         return fit_flop_coefficients(rows), True
@@ -64,25 +88,31 @@ def _fit_world_mean(model: Potential, batches: list[GraphBatch], cfg: Config, pa
 
 def calibrate(model: Potential, index: GlobalIndex, to_batch: Callable[[np.ndarray], GraphBatch], cfg: Config,
               parallel: Parallel, log: Callable[[str], None]) -> tuple[Coefficients, Coefficients]:
-    """(FLOP, cost) coefficients from six calibration steps per rank on batches of 1 to 5 of its structures."""
+    """(FLOP, cost) coefficients from six calibration steps per rank on batches of 1 to 5 of its
+    structures (its pipeline's, with pipeline stages). The FLOP coefficients are this rank's stage's
+    with pipeline stages (a cache entry holds one set per stage)."""
     topo = parallel.topo
-    mine = np.flatnonzero(~index.is_val_G)[topo.rank::topo.world_size]
+    layout = topo.layout
+    mine = np.flatnonzero(~index.is_val_G)[layout.replica_index(topo.rank)::layout.replicas]
     batches = [to_batch(mine[np.arange(i, i + k) % len(mine)])
                for i, k in ((0, 1), (1, 2), (3, 3), (6, 4), (10, 2), (12, 5))]
-    cfg = on_training_path(cfg, model, index, topo.world_size)
+    cfg = on_training_path(cfg, model, index, layout.replicas)
     cache = cache_entry(cfg, model, topo)
     cached = topo.from_root(_read(*cache, log) if topo.is_root and cache is not None else None)  # collective
     if cached is not None:
         log(f"calibration: reused {cache[0]} (same model, path, dtype, layout, threads and machine; delete it "
             f"to measure again)")
-        return cached
+        flops, cost = cached
+        return (flops[topo.stage] if layout.pp > 1 else flops), cost
     t0 = time.perf_counter()
     flop_coefficients, determined = calibrate_flops(model, batches, cfg, parallel, log)
     t1 = time.perf_counter()
     cost_coefficients = calibrate_cost(model, batches, cfg, parallel, flop_coefficients, log)
     log(f"calibration: {t1 - t0:.1f} s counting FLOPs, {time.perf_counter() - t1:.1f} s timing steps")
+    per_rank = topo.gather_to_root(flop_coefficients) if layout.pp > 1 else None  # collective: every stage's
     if topo.is_root and cache is not None and determined:  # both fits share the counts: one verdict
-        _write(*cache, flop_coefficients, cost_coefficients, log)
+        flops = [per_rank[r] for r in layout.pp_group(0)] if layout.pp > 1 else flop_coefficients
+        _write(*cache, flops, cost_coefficients, log)
     return flop_coefficients, cost_coefficients
 
 
@@ -109,7 +139,8 @@ def cache_key(cfg: Config, model: Potential, topo) -> dict:
                      "store_all_below": cfg.run.store_all_below},
             "layout": topo.describe(), "threads": torch.get_num_threads(), "device": str(device.type),
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_model(),
-            "host_arch": platform.machine(), "torch": torch.__version__, "exaforce": __version__}
+            "host_arch": platform.machine(), "torch": torch.__version__, "exaforce": __version__,
+            **({"pp_split": list(cfg.parallel.pp_split)} if topo.layout.pp > 1 else {})}
 
 
 def _cpu_model() -> str:
@@ -127,13 +158,15 @@ def _read(path: Path, key: dict, log: Callable[[str], None]) -> tuple[Coefficien
         entry = json.loads(path.read_text())
         if entry["key"] != key:
             return None
-        return dict(entry["flops"]), dict(entry["cost"])
+        flops = entry["flops"]  # pipeline stages: one set per stage
+        return [dict(f) for f in flops] if isinstance(flops, list) else dict(flops), dict(entry["cost"])
     except (OSError, ValueError, KeyError, TypeError) as err:
         log(f"calibration: WARNING: ignoring the unreadable cache entry {path} ({type(err).__name__}: {err})")
         return None
 
 
-def _write(path: Path, key: dict, flops: Coefficients, cost: Coefficients, log: Callable[[str], None]) -> None:
+def _write(path: Path, key: dict, flops: Coefficients | list[Coefficients], cost: Coefficients,
+           log: Callable[[str], None]) -> None:
     """Best effort: a cache that cannot be written costs the next run its calibration, nothing else."""
     from exaforce.io.atomic import DiskFullError, write_file_atomically
 
@@ -145,11 +178,11 @@ def _write(path: Path, key: dict, flops: Coefficients, cost: Coefficients, log: 
         log(f"calibration: WARNING: could not write the cache entry {path} ({getattr(err, 'strerror', None) or err})")
 
 
-def on_training_path(cfg: Config, model: Potential, index: GlobalIndex, world_size: int) -> Config:
+def on_training_path(cfg: Config, model: Potential, index: GlobalIndex, replicas: int) -> Config:
     """The config with run.store_all_below set so that the small calibration batches take the path
     (plain or fused) that a typical training micro-batch takes (step_plan), so the FLOP and cost
-    coefficients describe the work the steps do."""
-    per_micro = cfg.data.global_batch_size / (world_size * cfg.data.micro_batches)
+    coefficients describe the work the steps do. `replicas`: the shares a global batch is dealt into."""
+    per_micro = cfg.data.global_batch_size / (replicas * cfg.data.micro_batches)
     angles = float(index.counts_G3[~index.is_val_G, 2].mean()) if index.n_train else 0.0
     plain = angles * per_micro * model.cfg.width * model.cfg.blocks < cfg.run.store_all_below
     return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, store_all_below=2**62 if plain else 0))
@@ -159,13 +192,14 @@ def calibrate_flops(model: Potential, batches: list[GraphBatch], cfg: Config, pa
                     log: Callable[[str], None]) -> tuple[Coefficients, bool]:
     """FLOPs of one training step (forward, force backward, parameter backward) from FlopCounterMode, and
     whether the calibration batches' counts determined them (False: a fit within their span)."""
-    return _fit_world_mean(model, batches, cfg, parallel, count_flops, log)
+    return _fit_world_mean(model, batches, cfg, parallel, count_flops, log, over_stage=parallel.pipeline is not None)
 
 
 def calibrate_cost(model: Potential, batches: list[GraphBatch], cfg: Config, parallel: Parallel,
                    flop_coefficients: Coefficients, log: Callable[[str], None]) -> Coefficients:
-    """Seconds of a step from timed steps. A noisy fit with a negative slope falls back to the FLOP
-    coefficients, which are proportional to the work."""
+    """Seconds of a step from timed steps. A noisy fit with a negative slope (the same verdict on
+    every rank: a fit of world means) falls back to the FLOP coefficients, which are proportional to
+    the work: with pipeline stages the pipeline's, summed over its stages, so that every rank deals alike."""
     def seconds_of(step: Callable[[], object]) -> float:
         t0 = time.perf_counter()
         step()
@@ -173,5 +207,8 @@ def calibrate_cost(model: Potential, batches: list[GraphBatch], cfg: Config, par
 
     seconds, _ = _fit_world_mean(model, batches, cfg, parallel, seconds_of, log)
     if min(seconds["atoms"], seconds["edges"], seconds["angles"]) < 0:
-        return flop_coefficients
+        if parallel.pipeline is None:
+            return flop_coefficients
+        summed = parallel.topo.pp_sum(np.array(list(flop_coefficients.values())))  # collective over the pipeline
+        return dict(zip(flop_coefficients, map(float, summed)))
     return seconds

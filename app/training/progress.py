@@ -28,8 +28,9 @@ class Progress:
     step: int = 0                     # optimizer steps taken = global batches consumed (the sampler's
                                       # position) = the LR schedule's step
     skipped_steps: int = 0            # steps without an update (non-finite, run.nonfinite = "skip")
-    layout: tuple[int, int, int] = (0, 0, 0)   # (world, dp, ep) the coefficients below were measured on
-    flop_coefficients: dict[str, float] = field(default_factory=dict)
+    layout: tuple[int, ...] = (0, 0, 0)   # (world, dp, ep[, pp, blocks per stage]) the coefficients below
+                                          # were measured on (setup.calibration_layout)
+    flop_coefficients: dict[str, float] = field(default_factory=dict)  # pipeline: this rank's stage's
     cost_coefficients: dict[str, float] = field(default_factory=dict)  # the sampler's deal
 
 

@@ -1,10 +1,13 @@
-"""`train()`: the training loop over a dp × ep topology, from a new run or a checkpoint.
+"""`train()`: the training loop over a dp × pp × ep topology, from a new run or a checkpoint.
 
 Read it top to bottom: build the run (exaforce.training.setup), then per step: deal the global
 batch, take the step (exaforce.training.step), report it, and decide — on every rank alike — whether
-to checkpoint or stop. Faults (exaforce.faults): scheduler signals end a run with a checkpoint at a
-step boundary and REQUEUE_EXIT_CODE; a non-finite step is skipped or stops the run (run.nonfinite);
-a watchdog aborts a job whose step makes no progress.
+to checkpoint or stop. The global batch is dealt into `topo.layout.replicas` shares (dp · ep, the
+world size without pipeline stages); every stage of a pipeline takes its pipeline's share.
+
+Faults (exaforce.faults): scheduler signals end a run with a checkpoint at a step boundary and
+REQUEUE_EXIT_CODE; a non-finite step is skipped or stops the run (run.nonfinite); a watchdog aborts a
+job whose step makes no progress.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ def train(cfg: Config, topo: Topology, groups: CommGroups, log: Callable[[str], 
         run = build_run(cfg, topo, groups, log, lock, device)
         stop_during_start_up(signals, topo, f"during start-up (before step {run.progress.step + 1})", log)
         index = run.data.index
-        batches = global_batches(index.weight_G, ~index.is_val_G, cfg.data.global_batch_size, topo.world_size,
+        batches = global_batches(index.weight_G, ~index.is_val_G, cfg.data.global_batch_size, topo.layout.replicas,
                                  cfg.run.seed, start_step=run.progress.step)
         stop: RunStopped | None = None
         wall0 = time.perf_counter()
@@ -100,14 +103,15 @@ def budget_spent(cfg: Config, topo: Topology, started: float) -> float:
 
 def take_step(run: Run, step: int, epoch: int, global_batch: np.ndarray, watchdog: Watchdog,
               time_fraction: float = 0.0) -> StepResult:
-    """Collective: this rank's cost-balanced share of the global batch → one optimizer step → its
-    perf record (with validation every run.val_every steps) and log line."""
+    """Collective: this rank's cost-balanced share of the global batch (its pipeline's) → one
+    optimizer step → its perf record (with validation every run.val_every steps) and log line."""
     cfg, topo = run.cfg, run.topo
+    replicas, mine = topo.layout.replicas, topo.layout.replica_index(topo.rank)
     t0 = time.perf_counter()
-    shares = deal(global_batch, run.cost_G[global_batch], topo.world_size, cfg.data.balance)
+    shares = deal(global_batch, run.cost_G[global_batch], replicas, cfg.data.balance)
     n_micro = min(cfg.data.micro_batches, min(len(share) for share in shares))  # the same on every rank
-    micro_batches = [run.data.batch(part) for part in np.array_split(shares[topo.rank], n_micro)]
-    loss_scale = topo.world_size / len(global_batch)  # the mean over this step's global batch
+    micro_batches = [run.data.batch(part) for part in np.array_split(shares[mine], n_micro)]
+    loss_scale = replicas / len(global_batch)  # the mean over this step's global batch
     t_data = time.perf_counter() - t0
     lr = run.schedule.lr_at(step, time_fraction)
     result = train_step(run.model, micro_batches, run.optimizer, run.parallel, cfg, loss_scale, lr, run.average)
@@ -117,10 +121,12 @@ def take_step(run: Run, step: int, epoch: int, global_batch: np.ndarray, watchdo
     counts = {k: sum(b.counts()[k] for b in micro_batches) for k in micro_batches[0].counts()}
     times["data"] = t_data
     times["total"] = time.perf_counter() - t0
-    share_cost = [float(run.cost_G[share].sum()) for share in shares]  # predicted seconds per rank
-    extra = {"cost": share_cost[topo.rank], "cost_max_over_mean": max(share_cost) / max(np.mean(share_cost), 1e-30),
+    share_cost = [float(run.cost_G[share].sum()) for share in shares]  # predicted seconds per share
+    extra = {"cost": share_cost[mine], "cost_max_over_mean": max(share_cost) / max(np.mean(share_cost), 1e-30),
              "loss": result.loss, "grad_norm": result.grad_norm, "skipped_steps": run.progress.skipped_steps,
              "rss_bytes": resident_memory_bytes()}
+    if topo.layout.pp > 1:
+        extra["pp_stage"] = topo.stage  # the report counts structures and losses on first stages only
     if run.device.type != "cpu":
         extra["device_peak_mem_bytes"] = device_peak_memory_bytes(run.device)
     if not result.updated:
@@ -131,14 +137,16 @@ def take_step(run: Run, step: int, epoch: int, global_batch: np.ndarray, watchdo
         watchdog.beat(f"validation at step {step}")
         with run.average.averaged() if run.average is not None else nullcontext():  # what the checkpoint ships
             extra["val"] = validation_mae(run.model, run.data.index, run.data.batch, run.cost_G,
-                                          max(1, len(global_batch) // topo.world_size), run.parallel)  # collective
+                                          max(1, len(global_batch) // replicas), run.parallel)  # collective
         for line in validation_log_lines(extra["val"]):
             run.log(line)
     run.perf.step(step=step, epoch=epoch, times=times, loss_sum=loss_sums,
                   flops=predict_flops(run.progress.flop_coefficients, counts["atoms"], counts["edges"], counts["angles"]),
                   peak_mem_bytes=peak_memory_bytes(), lr=lr, extra=extra, **counts)
-    # Collective: the step's world atoms and per-term loss sums, for the log line and metrics.csv.
-    world = topo.sum(np.array([counts["atoms"], *(loss_sums.get(t, 0.0) for t in LOSS_TERMS)], dtype=np.float64))
+    # Collective: the step's world atoms (each pipeline's once: its first stage's) and per-term loss
+    # sums (first stages hold them), for the log line and metrics.csv.
+    atoms = counts["atoms"] if topo.stage == 0 else 0
+    world = topo.sum(np.array([atoms, *(loss_sums.get(t, 0.0) for t in LOSS_TERMS)], dtype=np.float64))
     run.clock.tick(int(world[0]))
     if run.metrics is not None:
         run.metrics.row({"step": step, "epoch": epoch, "wall_s": time.perf_counter() - run.clock.start, "lr": lr,

@@ -52,13 +52,19 @@ class Run:
     clock: StepClock = field(default_factory=StepClock)
 
 
-def check_batch_fits(cfg: Config, world: int, sources: tuple, index: GlobalIndex) -> None:
+def share_taker(topo: Topology) -> str:
+    """What takes a share of each global batch, for messages: a rank, or a pipeline (its stages)."""
+    return "rank" if topo.layout.pp == 1 else "pipeline"
+
+
+def check_batch_fits(cfg: Config, topo: Topology, sources: tuple, index: GlobalIndex) -> None:
     if index.n_train < cfg.data.global_batch_size:
         raise ConfigError(f"data.global_batch_size = {cfg.data.global_batch_size}: only {index.n_train} training "
                           f"structures in {[s.path for s in sources]}; lower it")
-    if float(index.weight_G[~index.is_val_G].sum()) < world:
+    if float(index.weight_G[~index.is_val_G].sum()) < topo.layout.replicas:
         raise ConfigError(f"data.datasets: an epoch holds about {index.weight_G[~index.is_val_G].sum():.1f} "
-                          f"structures (weights × training structures), fewer than the {world} ranks")
+                          f"structures (weights × training structures), fewer than the {topo.layout.replicas} "
+                          f"{share_taker(topo)}s")
 
 
 def build_model_and_data(cfg: Config, topo: Topology, log: Callable[[str], None],
@@ -74,7 +80,7 @@ def build_model_and_data(cfg: Config, topo: Topology, log: Callable[[str], None]
     sources = cfg.data.sources(cfg.model.heads)
     index, shards = build_global_index(sources, cfg.model.heads, species_of, cfg.model.cutoff,
                                        cfg.model.three_body_cutoff, cfg.run.seed, topo)
-    check_batch_fits(cfg, topo.world_size, sources, index)
+    check_batch_fits(cfg, topo, sources, index)
     fit_energy_normalisation(model, shards, index, topo)
     finetune.initialise(model, cfg, log)
     reader = store_reader(shards, index, topo) if cfg.data.sample_store else lazy_reader(sources, index)
@@ -88,10 +94,10 @@ def build_run(cfg: Config, topo: Topology, groups: CommGroups, log: Callable[[st
     """Collective: a new run on this rank's `device`, or the continuation of the checkpoint
     run.resume names. `lock` (the run folder's) is acquired once the model and data are built,
     before anything is written."""
-    world, layout = topo.world_size, (topo.world_size, topo.layout.dp, topo.layout.ep)
-    if cfg.data.global_batch_size < world * cfg.data.micro_batches:
+    if cfg.data.global_batch_size < topo.layout.replicas * cfg.data.micro_batches:
         raise ConfigError(f"data.global_batch_size = {cfg.data.global_batch_size}: need at least "
-                          f"{cfg.data.micro_batches} structure(s) per rank on {world} ranks (data.micro_batches)")
+                          f"{cfg.data.micro_batches} structure(s) per {share_taker(topo)} on {topo.layout.replicas} "
+                          f"{share_taker(topo)}s (data.micro_batches)")
     run_dir = Path(cfg.run.out_dir)
     resume_from = checkpoint.resume_point(run_dir, cfg.run.resume, topo, log)  # collective; None: a new run
     model, data = build_model_and_data(cfg, topo, log, device)
@@ -113,6 +119,7 @@ def build_run(cfg: Config, topo: Topology, groups: CommGroups, log: Callable[[st
 
     # All ranks calibrate together, once per layout (a resumed run reuses the checkpoint's, so it
     # deals every step exactly as the interrupted run would have).
+    layout = calibration_layout(topo, parallel)
     if progress.layout != layout:
         progress.flop_coefficients, progress.cost_coefficients = calibrate(model, data.index, data.batch, cfg, parallel, log)
         progress.layout = layout
@@ -124,6 +131,15 @@ def build_run(cfg: Config, topo: Topology, groups: CommGroups, log: Callable[[st
               if topo.is_root else None)
     log_start(run)
     return run
+
+
+def calibration_layout(topo: Topology, parallel: Parallel) -> tuple[int, ...]:
+    """What the coefficients depend on besides the model: (world, dp, ep), and with pipeline stages
+    also pp and each stage's block count (a stage's FLOPs are those of its blocks)."""
+    layout = (topo.world_size, topo.layout.dp, topo.layout.ep)
+    if parallel.pipeline is None:
+        return layout
+    return (*layout, topo.layout.pp, *(len(blocks) for blocks in parallel.pipeline.ranges))
 
 
 def open_perf_log(cfg: Config, topo: Topology, progress: Progress, device: torch.device,
@@ -141,8 +157,8 @@ def open_perf_log(cfg: Config, topo: Topology, progress: Progress, device: torch
 def log_start(run: Run) -> None:
     """Collective: the one line that says what this run trains on."""
     cfg, topo, model, cost = run.cfg, run.topo, run.model, run.progress.cost_coefficients
-    n_params = sum(p.numel() for p in model.dense_parameters()) + topo.ep_sum(
-        sum(p.numel() for p in model.expert_parameters()))  # collective
+    n_params = topo.pp_sum(sum(p.numel() for p in model.dense_parameters()) + topo.ep_sum(
+        sum(p.numel() for p in model.expert_parameters())))  # collectives: every stage's, every EP shard's
     run.log(f"training {n_params:,} parameters on {topo.world_size} rank(s), {len(run.data.sources)} dataset(s) "
             f"({run.data.index.n_train} training structures), global batch {cfg.data.global_batch_size}, "
             f"~{steps_in_epoch(run.data.index, cfg.data.global_batch_size)} steps/epoch, steps "

@@ -3,7 +3,9 @@
 Every rank takes the same number of chunks (so MoE collectives line up), each chunk dealt by cost
 like a training step; a rank with nothing left in a chunk runs its first structure again with
 weight 0. Errors are summed locally and all-reduced once: energy MAE per atom and force MAE per
-component, in meV/atom and meV/Å.
+component, in meV/atom and meV/Å. With pipeline stages a chunk is dealt to the pipelines, each
+predicts its share through its stages (PipelineStage.predict), and the first stage, which holds the
+predictions, adds the errors.
 """
 
 from __future__ import annotations
@@ -24,22 +26,25 @@ from exaforce.training.data import GlobalIndex
 def validation_mae(model: Potential, index: GlobalIndex, to_batch: Callable[[np.ndarray], GraphBatch],
                    cost_G: np.ndarray, chunk: int, parallel: Parallel) -> dict[str, dict[str, float]]:
     """{head: {"energy_mev_per_atom", "forces_mev_per_a", "structures"}} over the validation split (collective)."""
-    topo = parallel.topo
+    topo, replicas = parallel.topo, parallel.topo.layout.replicas
     val = np.flatnonzero(index.is_val_G)
     heads = model.cfg.heads
     sums = np.zeros((len(heads), 4))  # Σ|ΔE|/atoms, structures, Σ|ΔF|, force components
     if len(val):
-        per_chunk = chunk * topo.world_size
+        per_chunk = chunk * replicas
         for c in range(math.ceil(len(val) / per_chunk)):
             part = val[c * per_chunk:(c + 1) * per_chunk]
-            share = deal(part, cost_G[part], topo.world_size)[topo.rank]
-            weight = 1.0 if len(share) else 0.0
+            share = deal(part, cost_G[part], replicas)[topo.layout.replica_index(topo.rank)]
             batch = to_batch(share if len(share) else val[:1])
-            pred = energy_forces_stress(model, batch, training=False, routing=parallel.routing(model, batch))
+            pred = _energy_and_forces(model, batch, parallel)  # collective with pipeline stages
+            if pred is None:  # a later stage: the first one holds the predictions
+                continue
+            weight = 1.0 if len(share) else 0.0
+            energy_G, forces_N3 = pred
             with torch.no_grad():
                 head_G = batch.head_G.cpu().numpy()  # errors on the device, the sums on the host
-                e_err = ((pred.energy_G - batch.energy_G).abs() / batch.natoms_G).cpu().numpy()
-                f_err_N = (pred.forces_N3 - batch.forces_N3).abs().sum(-1).cpu().numpy()
+                e_err = ((energy_G - batch.energy_G).abs() / batch.natoms_G).cpu().numpy()
+                f_err_N = (forces_N3 - batch.forces_N3).abs().sum(-1).cpu().numpy()
                 f_err_G = np.bincount(batch.graph_N.cpu().numpy(), f_err_N, minlength=batch.n_graphs)
                 natoms_G = batch.natoms_G.cpu().numpy()
                 for h in range(len(heads)):
@@ -49,3 +54,15 @@ def validation_mae(model: Potential, index: GlobalIndex, to_batch: Callable[[np.
     sums = topo.sum(sums)  # collective
     return {head: {"energy_mev_per_atom": 1e3 * s[0] / s[1], "forces_mev_per_a": 1e3 * s[2] / s[3],
                    "structures": int(s[1])} for head, s in zip(heads, sums) if s[1] > 0}
+
+
+def _energy_and_forces(model: Potential, batch: GraphBatch,
+                       parallel: Parallel) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Energies and forces of `batch` on this rank, or through the pipeline (collective over its
+    stages; None on every stage but the first)."""
+    routing = parallel.routing(model, batch)  # collective (MoE)
+    if parallel.pipeline is None:
+        pred = energy_forces_stress(model, batch, training=False, routing=routing)
+        return pred.energy_G, pred.forces_N3
+    out = parallel.pipeline.predict(batch, routing)
+    return (out["energy"], out["forces"]) if out else None

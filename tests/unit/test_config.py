@@ -23,6 +23,8 @@ def test_defaults_and_int_to_float():
     ({"run": {"max_seconds": -5.0}}, "run.max_seconds = -5.0: must be >= 0"),
     ({"run": {"steps": "10"}}, "run.steps = '10': must be of type int"),
     ({"comm": {"backend": "nccl"}}, "comm.backend = 'nccl'"),
+    ({"run": {"init_from": "a.pt", "freeze": "backbone"}, "parallel": {"pp": 2}},
+     'run.freeze = "backbone" with parallel.pp = 2: not supported'),
 ])
 def test_bad_values_name_the_key(table, message):
     with pytest.raises(config.ConfigError) as info:

@@ -92,6 +92,21 @@ def test_aggregation_arithmetic(tmp_path):
     assert 2 <= len(text.splitlines()) <= 6 and "100 atoms/s" in text
 
 
+def test_pipeline_stages_count_structures_once_and_flops_on_every_stage(tmp_path):
+    """pp = 2: both stages of one pipeline take the same structures; only the first has loss sums."""
+    machine = {"name": "test", "device": "test device", "peak_flops_per_s": PEAK, "peak_source": "test"}
+    for rank in (0, 1):
+        log = PerfLogWriter(tmp_path, rank)
+        log.header(rank=rank, world_size=2, config={}, topology={"dp": 1, "pp": 2, "ep": 1}, machine=machine,
+                   flop_coefficients=COEFFS)
+        log.step(step=1, epoch=0, times={**TIMES[0], "total": 2.0}, loss_sum={"total": 4.0} if rank == 0 else {},
+                 flops=_flops(COUNTS[0]), peak_mem_bytes=1000, lr=1e-3, extra={"pp_stage": rank}, **COUNTS[0])
+        log.close()
+    step = summarize(load_run(tmp_path))["steps"][0]
+    assert (step["structures"], step["atoms"], step["edges"], step["angles"]) == (2, 100, 1000, 5000)
+    assert step["flops"] == 2 * _flops(COUNTS[0]) and step["loss"] == {"total": 2.0}
+
+
 def test_truncated_last_line_is_skipped_and_reported(tmp_path):
     _write_run(tmp_path, end=False)
     with open(rank_log_path(tmp_path, 1), "a", encoding="utf-8") as f:
