@@ -344,8 +344,8 @@ def restore(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimiz
         per_file = model.cfg.moe_experts // marker["ep"]
         mine = {int(k.split(".experts.")[1].split(".")[0]) for k in expert_keys}
         stages = [stage, *(s for s in range(saved_pp) if s != stage)] if saved_pp == layout.pp else range(saved_pp)
-        names = [expert_part(saved_pp, s, shard) for shard in sorted({e // per_file for e in mine})  # the old EP
-                 for s in stages]                                                             # ranks that held them
+        shards = sorted({e // per_file for e in mine})  # the old EP ranks that held my experts
+        names = [expert_part(saved_pp, s, shard) for s in stages for shard in shards]  # this stage's files first
         experts = _entries(folder, [n for n in names if n in marker["files"]], expert_keys)
     experts = broadcast_state(experts, topo.edp_comm)  # collective over the EDP group
 

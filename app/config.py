@@ -286,11 +286,16 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"parallel.pp = {pp}: need 1 <= pp <= model.blocks ({cfg.model.blocks}): every stage "
                           "runs at least one interaction block")
     split = cfg.parallel.pp_split
+    if split and pp == 1:
+        raise ConfigError(f"parallel.pp_split = {list(split)}: applies only with parallel.pp > 1")
     if split and (len(split) != pp or min(split) < 1 or sum(split) != cfg.model.blocks):
         raise ConfigError(f"parallel.pp_split = {list(split)}: need {pp} block counts >= 1 summing to "
                           f"model.blocks = {cfg.model.blocks}")
     if cfg.parallel.pp_schedule not in PP_SCHEDULES:
         raise ConfigError(f"parallel.pp_schedule = {cfg.parallel.pp_schedule!r}: must be one of {', '.join(PP_SCHEDULES)}")
+    if cfg.parallel.pp_alive and cfg.parallel.pp_schedule != "folded":
+        raise ConfigError(f"parallel.pp_alive = {cfg.parallel.pp_alive}: applies to pp_schedule = 'folded' only "
+                          f"(gpipe keeps every micro-batch alive)")
     if cfg.parallel.pp_alive < 0:
         raise ConfigError(f"parallel.pp_alive = {cfg.parallel.pp_alive}: must be >= 0 (0: chosen by simulation)")
     if pp > 1 and cfg.run.freeze == "backbone":  # a stage of frozen blocks has no parameter backward to run

@@ -249,9 +249,12 @@ def _run_pp(args: argparse.Namespace, log: Log) -> dict:
 
     model_preset(args.preset)  # a bad name fails before any work
     unknown = [s for s in args.schedules if s not in PP_SCHEDULES]
-    if unknown or any(pp < 2 or pp > args.blocks for pp in args.stages) or args.micro_batches > args.batch:
-        raise ConfigError(f"bench pp: schedules from {', '.join(PP_SCHEDULES)} (got {args.schedules}), stages "
-                          f"2 … --blocks ({args.blocks}) (got {args.stages}), --micro-batches <= --batch")
+    if unknown:
+        raise ConfigError(f"bench pp --schedules: unknown {', '.join(unknown)} (known: {', '.join(PP_SCHEDULES)})")
+    if any(pp < 2 or pp > args.blocks for pp in args.stages):
+        raise ConfigError(f"bench pp --stages {','.join(map(str, args.stages))}: each from 2 to --blocks ({args.blocks})")
+    if not 1 <= args.micro_batches <= args.batch:
+        raise ConfigError(f"bench pp --micro-batches {args.micro_batches}: from 1 to --batch ({args.batch})")
     return bench_pp(args.preset, args.workload, args.batch, args.micro_batches, args.stages, args.schedules,
                     args.alive, args.dtype, args.warmup, args.repeats, args.blocks, args.simulate, log)
 

@@ -30,9 +30,9 @@ from exaforce.bench.step import START_RSS_BYTES, _vm_rss_bytes  # noqa: F401  (f
 Log = Callable[[str], None]
 
 
-def pp_worker(preset: str, workload: str, batch: int, micro_batches: int, schedule: str, alive: int, dtype: str,
-              warmup: int, repeats: int, blocks: int) -> None:
-    """One (pp, schedule) measurement; pp is the world size. Rank 0 prints the JSON record."""
+def pp_worker(pp: int, preset: str, workload: str, batch: int, micro_batches: int, schedule: str, alive: int,
+              dtype: str, warmup: int, repeats: int, blocks: int) -> None:
+    """One (pp, schedule) measurement on pp ranks; rank 0 prints the JSON record."""
     import numpy as np
     import torch
 
@@ -48,16 +48,14 @@ def pp_worker(preset: str, workload: str, batch: int, micro_batches: int, schedu
     from exaforce.training.progress import peak_memory_bytes
     from exaforce.training.schedule import make_optimizer
     from exaforce.training.step import train_step
-    from mpi4py import MPI
 
-    pp = MPI.COMM_WORLD.Get_size()
     model_cfg = model_preset(preset)
     if blocks:
         model_cfg = dataclasses.replace(model_cfg, blocks=blocks)
     cfg = Config(run=RunConfig(steps=warmup + repeats, dtype=dtype), model=model_cfg,
                  data=DataConfig(train=("bench",), global_batch_size=batch, micro_batches=micro_batches),
                  parallel=ParallelConfig(pp=pp, pp_schedule=schedule, pp_alive=alive))
-    topo = Topology.from_mpi(pp=pp, blocks=model_cfg.blocks)
+    topo = Topology.from_mpi(pp=pp)
     torch.manual_seed(BENCH_SEED)
     model = Potential(cfg.model).to(dtype=DTYPES[dtype])
     parallel = parallelize(model, topo, build_groups("mpi", topo), cfg)
@@ -99,19 +97,19 @@ def measured_bubble(ranks: list[dict]) -> float:
     return 1.0 - work / (len(ranks) * span)
 
 
-def simulated(costs: list[float], stages: list[int], micro_batches: list[int] | None) -> list[dict]:
-    """Both schedules on equal stages with the measured relative phase costs."""
-    from exaforce.parallel.pipeline_schedule import choose_alive, folded, gpipe, simulate
+def simulated(costs: list[float], points: list[tuple[int, int]]) -> list[dict]:
+    """Both schedules on equal stages with the measured relative phase costs, at each (pp, micro-batches)."""
+    from exaforce.parallel.pipeline_schedule import choose_alive, folded, gpipe, lower_bound, simulate
 
     rows = []
-    for pp in stages:
-        for m in micro_batches or [2 * pp]:
-            base = simulate(gpipe(pp, m), costs)
-            alive = choose_alive(pp, m, costs)
-            ours = simulate(folded(pp, m, alive, costs), costs)
-            rows.append({"pp": pp, "micro_batches": m, "gpipe_bubble": base.bubble, "folded_bubble": ours.bubble,
-                         "folded_alive": alive, "folded_peak_alive": max(ours.peak_alive(s) for s in range(pp)),
-                         "gpipe_peak_alive": m, "throughput_ratio": base.makespan / ours.makespan})
+    for pp, m in points:
+        base = simulate(gpipe(pp, m), costs)
+        alive = choose_alive(pp, m, costs)
+        ours = simulate(folded(pp, m, alive, costs), costs)
+        rows.append({"pp": pp, "micro_batches": m, "gpipe_bubble": base.bubble, "folded_bubble": ours.bubble,
+                     "folded_alive": alive, "folded_peak_alive": max(ours.peak_alive(s) for s in range(pp)),
+                     "gpipe_peak_alive": m, "throughput_ratio": base.makespan / ours.makespan,
+                     "best_possible_ratio": base.makespan / lower_bound(pp, m, costs)})
     return rows
 
 
@@ -127,7 +125,7 @@ def bench_pp(preset: str, workload: str, batch: int, micro_batches: int, stages:
 
     def run(pp: int, schedule: str) -> dict:
         log(f"bench pp: pp = {pp}, schedule {schedule if pp > 1 else '-'} ...")
-        command = module_command("exaforce.bench.pp", preset, workload, str(batch), str(micro_batches), schedule,
+        command = module_command("exaforce.bench.pp", str(pp), preset, workload, str(batch), str(micro_batches), schedule,
                                  str(alive), dtype, str(warmup), str(repeats), str(blocks))
         record = launch_json(on_ranks(pp, command), f"bench pp worker (pp = {pp}, {schedule})", env)
         ranks = record["ranks"]
@@ -157,15 +155,18 @@ def bench_pp(preset: str, workload: str, batch: int, micro_batches: int, stages:
     costs = [per_phase[p] / per_phase[1] for p in (1, 2, 3, 4)]
     results["relative_phase_costs"] = costs
     log(f"relative phase costs (phase 1 = 1): {', '.join(f'{c:.2f}' for c in costs)}")
-    results["simulated"] = simulated(costs, simulate_stages, None) + simulated(costs, [8], [16])
+    points = [(pp, 2 * pp) for pp in simulate_stages]
+    results["simulated"] = simulated(costs, points + [(8, 16)] * ((8, 16) not in points))
     for row in results["simulated"]:
         log(f"  simulated pp = {row['pp']:>2}, {row['micro_batches']:>3} micro-batches: bubble gpipe "
             f"{row['gpipe_bubble']:.3f}, folded {row['folded_bubble']:.3f} (≤ {row['folded_alive']} alive per "
-            f"stage, gpipe {row['gpipe_peak_alive']}); throughput folded / gpipe {row['throughput_ratio']:.3f}")
+            f"stage, gpipe {row['gpipe_peak_alive']}); throughput folded / gpipe {row['throughput_ratio']:.3f} "
+            f"(no schedule beats gpipe by more than {row['best_possible_ratio']:.3f}×)")
     results["pp1_step_mem_gib"] = reference["step_mem_gib_per_rank"][0]
     return results
 
 
-if __name__ == "__main__":  # worker: preset workload batch micro schedule alive dtype warmup repeats blocks
-    preset_name, workload_name, n, m, schedule_name, k, dt, w, r, b = sys.argv[1:11]
-    pp_worker(preset_name, workload_name, int(n), int(m), schedule_name, int(k), dt, int(w), int(r), int(b))
+if __name__ == "__main__":  # worker: pp preset workload batch micro schedule alive dtype warmup repeats blocks
+    stages, preset_name, workload_name, n, m, schedule_name, k, dt, w, r, b = sys.argv[1:12]
+    pp_worker(int(stages), preset_name, workload_name, int(n), int(m), schedule_name, int(k), dt, int(w), int(r),
+              int(b))

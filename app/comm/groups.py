@@ -295,7 +295,8 @@ def build_groups(backend: str, topo: Any, device: torch.device = torch.device("c
     return CommGroups(backend=backend, replicas=replicas, ep=ep, edp=edp, note=note)
 
 
-def _horovod_groups(world_comm: Any, world_ranks: tuple[int, ...], groups: list[tuple[int, ...]], rank: int):
+def _horovod_groups(world_comm: Any, world_ranks: tuple[int, ...], groups: list[tuple[int, ...]],
+                    rank: int) -> dict[tuple[int, ...], Group]:
     import horovod.torch as hvd
     from horovod.common.process_sets import ProcessSet
 
@@ -309,7 +310,7 @@ def _horovod_groups(world_comm: Any, world_ranks: tuple[int, ...], groups: list[
 
 
 def _torch_groups(world_comm: Any, world_ranks: tuple[int, ...], groups: list[tuple[int, ...]], rank: int,
-                  device: torch.device):
+                  device: torch.device) -> dict[tuple[int, ...], Group]:
     import torch.distributed as dist
 
     kind = TORCH_BACKENDS[device.type]

@@ -8,7 +8,9 @@ runs while the backward goes on. Buckets are launched strictly in index order on
 MPI and torch.distributed see the same collective sequence everywhere whatever the hook order.
 
 Only `loss.backward()` accumulates into `.grad`: the force step (autograd.grad with
-create_graph=True) never fires these hooks, and micro-batches before the last are not armed.
+create_graph=True) never fires these hooks, and micro-batches before the last are not armed. A
+pipeline step (parallel.pp > 1) arms none: its stages' backwards run micro-batch by micro-batch in
+two phases each, so everything is reduced after them (comm.overlap has no effect there).
 """
 
 from __future__ import annotations

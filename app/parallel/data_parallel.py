@@ -61,7 +61,8 @@ def grad_norm(model: Potential, topo: Topology) -> float:
     """The global gradient norm, the same on every rank (collective over the EP group and the
     pipeline, on the host: one float, like every control value).
 
-    After reduction dense gradients are equal on every rank, and expert gradients are equal across
+    After reduction dense gradients are equal across a stage's replicas (every rank without pipeline
+    stages; the stages' squares are summed over the pipeline), and expert gradients are equal across
     an EDP group, so norm² = dense² + Σ over the EP group of each rank's expert². A NaN or inf in
     any rank's gradients makes it non-finite everywhere (the reductions spread it)."""
     def squares(params: list[torch.nn.Parameter]) -> float:
@@ -73,7 +74,7 @@ def grad_norm(model: Potential, topo: Topology) -> float:
 
 def clip_grad_norm(model: Potential, topo: Topology, max_norm: float) -> float:
     """Scales all gradients so that the global norm is at most max_norm (0: never); returns the norm
-    before (collective over the EP group)."""
+    before (collective over the EP group and the pipeline)."""
     norm = grad_norm(model, topo)
     if max_norm > 0 and norm > max_norm:
         scale = max_norm / (norm + 1e-6)

@@ -6,7 +6,8 @@ Order (each step assumes the one before):
    shard: the Potential is built with its EP coordinate);
    pipeline parallel: the model keeps only this rank's stage (blocks, embeddings on the first,
    readout on the last), and the step runs through the Topology's pipeline (PipelineStage);
-2. identical start: dense parameters from world rank 0, expert shards from their EDP group's first
+2. identical start: dense parameters from their stage's first rank (world rank 0 without pipeline
+   stages), expert shards from their EDP group's first
    rank — after fine-tuning weights are loaded (rank 0's copy wins) and before the reducers exist;
 3. gradient reduction: the bucketed reducers register their hooks last, on the final parameters
    (frozen ones are skipped).
@@ -42,7 +43,7 @@ class Parallel:
         return step_routing(model, batch, self.topo)
 
     def clip_grad_norm(self, model: Potential, max_norm: float) -> float:
-        """The global gradient norm before clipping (collective over the EP group)."""
+        """The global gradient norm before clipping (collective over the EP group and the pipeline)."""
         return clip_grad_norm(model, self.topo, max_norm)
 
 

@@ -18,7 +18,7 @@ The phases of one micro-batch on stage s (see exaforce.parallel.pipeline_schedul
                         parameters and state_in; ∂L/∂state_in sent back
 
 Transfers happen between phases, on leaves: a stage's graph starts at the tensors it received (leaves
-that require grad) and ends at the tensors it sends, so no collective sits inside a backward and
+that require grad) and ends at the tensors it sends, so no pipeline transfer sits inside a backward and
 every gradient — the second-order ones included — is the single-process one, summed in another
 order (float64 tests: 1e-10). Phase 3 is the one piece of work a pipeline adds (the ḡ path runs again
 inside phase 4's backward); `exaforce bench pp` measures it.
@@ -181,6 +181,7 @@ class PipelineStage:
             times[f"pp_phase{op.phase}"] = times.get(f"pp_phase{op.phase}", 0.0) + t1 - t0
         self.transport.finish()
         times["pp_wait"] = times.get("pp_wait", 0.0) + self.transport.wait_seconds
+        times["alltoall"] = times.get("alltoall", 0.0) + sum(r.clock.seconds for r in routings if r is not None)
         if self.model.moe_layers:  # each stage's layers' share of the load-balancing loss (its routers only)
             aux = self.model.aux_loss(routings[-1], aux_world_2C)
             (self.cfg.loss.moe_aux_weight * aux).backward()

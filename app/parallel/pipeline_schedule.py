@@ -22,7 +22,7 @@ Simulated with the measured phase costs (1, 1.4, 0.5, 3.2), 4 stages, 6 micro-ba
     S3  ..1111111...2222222222....3333....44444444444444444444444.......
     S4  ...11111112222222222.......33344444444444444444444444...........
 
-    folded, at most 4 alive: bubble 0.372 (4 % longer), 4 alive
+    folded, at most 4 alive: bubble 0.372 (6 % longer), 4 alive
     S1  11111.....2222322.22.......4441444444441444423...22.........44444444
     S2  .11111...2.23.23223.3..444444444444144441.22..322..3....4444.444....
     S3  ..111112222.22.23..44444444.444.44441...221...23....4444.4444.......
@@ -61,8 +61,9 @@ from typing import Callable, Sequence
 
 from exaforce.config import PP_SCHEDULES as SCHEDULES
 
-# Relative cost of the four phases (phase 1 = 1), measured by `exaforce bench pp` (light block, dense
-# cells, README); only the order of the folded schedule depends on them, never its result.
+# Relative cost of the four phases (phase 1 = 1), from `exaforce bench pp --preset small` (light block,
+# dense cells; the demo preset measured 1, 1.45, 0.92, 3.54, README); only the order of the folded
+# schedule depends on them, never its result.
 DEFAULT_PHASE_COSTS = (1.0, 1.4, 0.5, 3.2)
 
 

@@ -34,8 +34,8 @@ class GridLayout:
 
     world_size: int
     dp: int
-    ep: int
     pp: int = 1
+    ep: int = 1
 
     def dp_index(self, rank: int) -> int:
         return rank // (self.pp * self.ep)
@@ -77,17 +77,14 @@ class GridLayout:
         return self.dp_index(rank) * self.ep + self.ep_index(rank)
 
 
-def grid_layout(world_size: int, dp: int, ep: int, pp: int = 1, blocks: int | None = None) -> GridLayout:
-    """Validates a dp × pp × ep grid; dp = 0 means 'whatever is left': world_size / (pp · ep).
-    `blocks`, when given, is the model's interaction block count, which pp must not exceed."""
+def grid_layout(world_size: int, dp: int, ep: int, pp: int = 1) -> GridLayout:
+    """Validates a dp × pp × ep grid; dp = 0 means 'whatever is left': world_size / (pp · ep). (What
+    the model allows — pp ≤ model.blocks, ep dividing the experts — config.validate checks.)"""
     if world_size < 1:
         raise TopologyError(f"world size {world_size}: must be >= 1")
     if ep < 1 or pp < 1 or dp < 0:
         raise TopologyError(f"parallel.dp = {dp}, parallel.pp = {pp}, parallel.ep = {ep}: "
                             "need dp >= 0, pp >= 1 and ep >= 1")
-    if blocks is not None and pp > blocks:
-        raise TopologyError(f"parallel.pp = {pp} stages but the model has {blocks} interaction block(s): "
-                            "every stage needs at least one")
     if dp == 0:
         if world_size % (pp * ep):
             raise TopologyError(f"parallel.pp × parallel.ep = {pp} × {ep} = {pp * ep} does not divide "
@@ -102,13 +99,13 @@ def grid_layout(world_size: int, dp: int, ep: int, pp: int = 1, blocks: int | No
 class Topology:
     """World, node, node-leader, EP, EDP, pipeline and stage communicators, built once from a GridLayout."""
 
-    def __init__(self, world: Any, dp: int = 0, ep: int = 1, pp: int = 1, blocks: int | None = None):
+    def __init__(self, world: Any, dp: int = 0, ep: int = 1, pp: int = 1):
         from mpi4py import MPI
 
         self.world = world
         self.rank: int = world.Get_rank()
         self.world_size: int = world.Get_size()
-        self.layout = grid_layout(self.world_size, dp, ep, pp, blocks)
+        self.layout = grid_layout(self.world_size, dp, ep, pp)
         self.node = world.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
         self.local_rank: int = self.node.Get_rank()
         self.ranks_per_node: int = self.node.Get_size()
@@ -124,11 +121,11 @@ class Topology:
         self.stage: int = layout.pp_index(self.rank)
 
     @classmethod
-    def from_mpi(cls, dp: int = 0, ep: int = 1, pp: int = 1, blocks: int | None = None) -> "Topology":
+    def from_mpi(cls, dp: int = 0, ep: int = 1, pp: int = 1) -> "Topology":
         """The job's topology over MPI.COMM_WORLD (the only place COMM_WORLD is touched)."""
         from mpi4py import MPI
 
-        return cls(MPI.COMM_WORLD, dp=dp, ep=ep, pp=pp, blocks=blocks)
+        return cls(MPI.COMM_WORLD, dp=dp, ep=ep, pp=pp)
 
     @classmethod
     def single_process(cls) -> "Topology":

@@ -7,8 +7,8 @@ the checkpoint's).
 
 With pipeline stages (parallel.pp > 1) every stage of a pipeline takes the same calibration batches
 and runs its part of the step through the pipeline (PipelineStage.run, one micro-batch). The FLOP
-coefficients are then this rank's stage's: the FLOPs its ops execute (its blocks, the embeddings on
-the first stage, the readout and loss on the last, and phase 3's extra force-backward pass), fitted
+coefficients are then this rank's stage's: the FLOPs its ops execute (its blocks, the embeddings and
+the loss on the first stage, the readout on the last, and phase 3's extra force-backward pass), fitted
 to the mean over the stage's replicas, so the perf log's FLOPs summed over ranks are the work the
 job does. The cost coefficients are the pipeline's step time, fitted to the world mean like
 without stages: every rank deals alike.

@@ -164,3 +164,8 @@ def log_start(run: Run) -> None:
             f"~{steps_in_epoch(run.data.index, cfg.data.global_batch_size)} steps/epoch, steps "
             f"{run.progress.step + 1}–{cfg.run.steps}; cost/structure = {cost['atoms']:.3g}·atoms + "
             f"{cost['edges']:.3g}·edges + {cost['angles']:.3g}·angles")
+    pp = topo.layout.pp
+    if pp > 1 and cfg.data.micro_batches < 2 * pp:
+        run.log(f"warning: parallel.pp = {pp} with data.micro_batches = {cfg.data.micro_batches}: the stages wait "
+                f"for each other most of the step (gpipe's bubble is (pp − 1)/(micro-batches + pp − 1) = "
+                f"{(pp - 1) / (cfg.data.micro_batches + pp - 1):.0%}); 2·pp micro-batches or more keep it small")

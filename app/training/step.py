@@ -124,10 +124,10 @@ def train_step(model: Potential, micro_batches: list[GraphBatch], optimizer: tor
         topo.barrier()  # collective: the wait for the slowest rank, timed on its own
         times["imbalance"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    reduction.finish()  # collectives: dense over the world, experts over their EDP group
+    reduction.finish()  # collectives: dense over the stage's replicas (the world without pp), experts over EDP
     loss = topo.sum(loss_sums.get("total", 0.0)) * loss_scale / topo.layout.replicas  # collective: global mean
     t1 = time.perf_counter()
-    norm = parallel.clip_grad_norm(model, cfg.optim.grad_clip)  # collective over the EP group
+    norm = parallel.clip_grad_norm(model, cfg.optim.grad_clip)  # collective over the EP group and the pipeline
     # Ranks agree before they act: the loss, the norm and the aux loss (world counts) are equal everywhere.
     updated = all(math.isfinite(x) for x in (loss, norm, loss_sums.get("moe_aux", 0.0)))
     if updated:

@@ -29,7 +29,7 @@ def split_matrix(world: int) -> np.ndarray:
 def main(out_path: str, backend: str) -> None:
     topo = Topology.from_mpi()
     world, rank, comm = topo.world_size, topo.rank, topo.world  # comm: host-side gathers of the results
-    group = build_groups(backend, topo).world  # the exchange under test
+    group = build_groups(backend, topo).replicas  # the exchange under test (the world: no pipeline)
     S = split_matrix(world) if world > 1 else np.array([[5]])
     send, recv = S[rank].tolist(), S[:, rank].tolist()
     gen = torch.Generator().manual_seed(100 + rank)

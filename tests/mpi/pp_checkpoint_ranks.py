@@ -24,7 +24,7 @@ from exaforce.training.schedule import make_optimizer
 
 def main(out_path: str, config_path: str, folder: str, data: str) -> None:
     cfg = load(config_path)
-    topo = Topology.from_mpi(pp=cfg.parallel.pp, blocks=cfg.model.blocks)
+    topo = Topology.from_mpi(pp=cfg.parallel.pp)
     model = Potential(cfg.model).double()
     parallel = parallelize(model, topo, build_groups("mpi", topo), cfg)
     optimizer, _ = make_optimizer(model, cfg)

@@ -36,7 +36,7 @@ def rel_diff(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def main(out_path: str, pp: int, dp: int, ep: int, schedule: str, block: str, path: str, backend: str = "mpi") -> None:
-    topo = Topology.from_mpi(dp=dp, ep=ep, pp=pp, blocks=4)
+    topo = Topology.from_mpi(dp=dp, ep=ep, pp=pp)
     run = {"dtype": "float64", "recompute_lines": 0} if path == "plain" else \
         {"dtype": "float64", "recompute_lines": 50, "store_all_below": 0}
     cfg = from_dict({"data": {"train": ["unused.bp"], "global_batch_size": GLOBAL_BATCH},

@@ -41,12 +41,11 @@ def test_pipeline_grid_groups():
         assert sorted(r for g in {group(r) for r in range(8)} for r in g) == list(range(8))
 
 
-@pytest.mark.parametrize("world, dp, pp, ep, blocks, message", [
-    (4, 0, 3, 1, 4, "parallel.pp × parallel.ep = 3 × 1 = 3 does not divide the world size 4"),
-    (4, 2, 2, 2, 4, "2 × 2 × 2 = 8 but the job has 4 ranks"),
-    (4, 0, 4, 1, 2, "parallel.pp = 4 stages but the model has 2 interaction block(s)"),
-    (4, 0, 0, 1, 2, "need dp >= 0, pp >= 1 and ep >= 1"),
+@pytest.mark.parametrize("world, dp, pp, ep, message", [
+    (4, 0, 3, 1, "parallel.pp × parallel.ep = 3 × 1 = 3 does not divide the world size 4"),
+    (4, 2, 2, 2, "2 × 2 × 2 = 8 but the job has 4 ranks"),
+    (4, 0, 0, 1, "need dp >= 0, pp >= 1 and ep >= 1"),
 ])
-def test_invalid_pipeline_layouts(world, dp, pp, ep, blocks, message):
+def test_invalid_pipeline_layouts(world, dp, pp, ep, message):
     with pytest.raises(TopologyError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        grid_layout(world, dp, ep, pp, blocks)
+        grid_layout(world, dp, ep, pp)
