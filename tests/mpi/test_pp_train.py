@@ -3,7 +3,8 @@ the small preset with 2 blocks on 16 EMT structures (4 held out for validation),
 micro-batches: each stage writes its own checkpoint part; a run stopped after step 2 and resumed
 equals the uninterrupted run bit for bit; the pp = 2 checkpoint continues on one rank without stages
 (`train --resume`, `--init-from`) and is read whole by `predict`, `model info`, `model export` and
-the ASE calculator, which predict what the pipeline predicts; bad layouts are one-line errors."""
+the ASE calculator, which predict what the pipeline predicts; a pp = 1 checkpoint splits into stages,
+and an MoE pp = 2 × ep = 2 run's expert parts merge onto one rank; bad layouts are one-line errors."""
 
 from __future__ import annotations
 
@@ -209,3 +210,38 @@ def test_bad_layouts_and_a_missing_stage_part_are_one_line_errors(root, tmp_path
     proc = exaforce(2, "train", "--config", str(config(root, "broken", pp=2, out_dir=str(broken))), "--resume",
                     str(folder))
     assert proc.returncode == 2 and "dense-pp1.pt is missing" in proc.stderr, proc.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_stage_parts_split_and_merge_across_layouts(root):
+    """(d) A pp = 1 checkpoint resumes with pp = 2 (its parts split per stage) as the pp = 2 run goes
+    on; an MoE run with pp = 2 × ep = 2 on 4 ranks writes experts-pp{s}-ep{e}.pt and resumes on one
+    rank without stages as the 4-rank run goes on (float64, 1e-10: only the order of sums differs)."""
+    reference = straight(root)
+    split = root / "split"
+    proc = exaforce(1, "train", "--config", str(config(root, "split", pp=1)), "--steps", "2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = exaforce(2, "train", "--config", str(config(root, "split", pp=2)), "--resume")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "pipeline stages 1 → 2 (stage parts split)" in proc.stdout, proc.stdout[-2000:]
+    got, want = losses(split), losses(reference)
+    assert sorted(got) == [1, 2, 3, 4] and all(abs(got[s] - want[s]) <= 1e-10 * abs(want[s]) for s in got), (got, want)
+
+    def moe_config(name: str, pp: int, ep: int) -> Path:
+        path = config(root, name, pp=pp)
+        text = path.read_text().replace('preset = "small"', 'preset = "small-moe"\nmoe_experts = 4')
+        path.write_text(text + f"ep = {ep}\n")
+        return path
+
+    proc = exaforce(4, "train", "--config", str(moe_config("moe", pp=2, ep=2)))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    marker = checkpoint.complete(checkpoint.step_folder(root / "moe", STEPS))
+    assert {f"experts-pp{s}-ep{e}.pt" for s in (0, 1) for e in (0, 1)} <= marker["files"].keys(), marker["files"]
+    merged = root / "moe-merged"
+    proc = exaforce(4, "train", "--config", str(moe_config("moe-merged", pp=2, ep=2)), "--steps", "2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = exaforce(1, "train", "--config", str(moe_config("moe-merged", pp=1, ep=1)), "--resume")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "pipeline stages 2 → 1 (stage parts merged)" in proc.stdout and "experts re-sharded" in proc.stdout
+    got, want = losses(merged), losses(root / "moe")
+    assert sorted(got) == [1, 2, 3, 4] and all(abs(got[s] - want[s]) <= 1e-10 * abs(want[s]) for s in got), (got, want)
