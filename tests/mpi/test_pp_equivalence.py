@@ -21,6 +21,8 @@ pytestmark = [pytest.mark.mpi, pytest.mark.equivalence]
     # the stage replicas' gradient reduction through the other backends (transfers stay on MPI)
     pytest.param(2, 2, 1, "folded", "light", "plain", "torch", marks=pytest.mark.backends),
     pytest.param(2, 2, 1, "folded", "light", "plain", "horovod", marks=pytest.mark.backends),
+    # expert all-to-alls through gloo while the stages' transfers go over MPI
+    pytest.param(2, 1, 2, "folded", "moe", "fused", "torch", marks=pytest.mark.backends),
 ])
 def test_pipeline_step_equals_serial(tmp_path, pp, dp, ep, schedule, block, path, backend):
     result = run_mpi_script(pp * dp * ep, "pp_equivalence_ranks.py", tmp_path,
