@@ -198,7 +198,9 @@ def test_bad_layouts_and_a_missing_stage_part_are_one_line_errors(root, tmp_path
                             "one interaction block")):
         proc = exaforce(2, "train", "--config", str(cfg), *extra)
         assert proc.returncode == 2, proc.stderr[-2000:]
-        assert set(proc.stderr.strip().splitlines()) == {f"exaforce: error: {message}"}, proc.stderr[-2000:]
+        # Each rank says the same line; mpiexec may interleave the two ranks' writes, so count, not split.
+        line = f"exaforce: error: {message}"
+        assert proc.stderr.count(line) == 2 and not proc.stderr.replace(line, "").strip(), proc.stderr[-2000:]
         assert not (root / "bad").exists()
 
     broken = copy_of(stopped(root), tmp_path / "broken")
