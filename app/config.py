@@ -293,11 +293,11 @@ def validate(cfg: Config) -> Config:
                           f"model.blocks = {cfg.model.blocks}")
     if cfg.parallel.pp_schedule not in PP_SCHEDULES:
         raise ConfigError(f"parallel.pp_schedule = {cfg.parallel.pp_schedule!r}: must be one of {', '.join(PP_SCHEDULES)}")
+    if cfg.parallel.pp_alive < 0:
+        raise ConfigError(f"parallel.pp_alive = {cfg.parallel.pp_alive}: must be >= 0 (0: chosen by simulation)")
     if cfg.parallel.pp_alive and cfg.parallel.pp_schedule != "folded":
         raise ConfigError(f"parallel.pp_alive = {cfg.parallel.pp_alive}: applies to pp_schedule = 'folded' only "
                           f"(gpipe keeps every micro-batch alive)")
-    if cfg.parallel.pp_alive < 0:
-        raise ConfigError(f"parallel.pp_alive = {cfg.parallel.pp_alive}: must be >= 0 (0: chosen by simulation)")
     if pp > 1 and cfg.run.freeze == "backbone":  # a stage of frozen blocks has no parameter backward to run
         raise ConfigError(f'run.freeze = "backbone" with parallel.pp = {pp}: not supported (a pipeline stage whose '
                           f"blocks are all frozen has no trainable parameter); fine-tune with parallel.pp = 1")

@@ -97,7 +97,7 @@ def measured_bubble(ranks: list[dict]) -> float:
     return 1.0 - work / (len(ranks) * span)
 
 
-def simulated(costs: list[float], points: list[tuple[int, int]]) -> list[dict]:
+def simulated(costs: tuple[float, ...], points: list[tuple[int, int]]) -> list[dict]:
     """Both schedules on equal stages with the measured relative phase costs, at each (pp, micro-batches)."""
     from exaforce.parallel.pipeline_schedule import choose_alive, folded, gpipe, lower_bound, simulate
 
@@ -111,6 +111,19 @@ def simulated(costs: list[float], points: list[tuple[int, int]]) -> list[dict]:
                      "gpipe_peak_alive": m, "throughput_ratio": base.makespan / ours.makespan,
                      "best_possible_ratio": base.makespan / lower_bound(pp, m, costs)})
     return rows
+
+
+def schedule_charts(costs: tuple[float, ...], pp: int, micro_batches: int) -> str:
+    """Both schedules' simulated timelines at (pp, micro_batches), to read the bubble off."""
+    from exaforce.parallel.pipeline_schedule import choose_alive, folded, gpipe, simulate
+
+    base = simulate(gpipe(pp, micro_batches), costs)
+    alive = choose_alive(pp, micro_batches, costs)
+    ours = simulate(folded(pp, micro_batches, alive, costs), costs)
+    width = 72
+    return (f"simulated, pp = {pp}, {micro_batches} micro-batches (digit: the phase running, '.': idle)\n"
+            f"gpipe:\n{base.chart(width)}\nfolded, at most {alive} alive:\n"
+            f"{ours.chart(round(width * ours.makespan / base.makespan))}")
 
 
 def bench_pp(preset: str, workload: str, batch: int, micro_batches: int, stages: list[int], schedules: list[str],
@@ -152,7 +165,7 @@ def bench_pp(preset: str, workload: str, batch: int, micro_batches: int, stages:
     # The phases' relative costs, from the largest measured pipeline (mean over its stages and schedules).
     largest = [r for r in results["runs"] if r["pp"] == max(stages)]
     per_phase = {p: statistics.mean(w[p] for r in largest for w in r["phase_work_s"] if p in w) for p in (1, 2, 3, 4)}
-    costs = [per_phase[p] / per_phase[1] for p in (1, 2, 3, 4)]
+    costs = tuple(per_phase[p] / per_phase[1] for p in (1, 2, 3, 4))
     results["relative_phase_costs"] = costs
     log(f"relative phase costs (phase 1 = 1): {', '.join(f'{c:.2f}' for c in costs)}")
     points = [(pp, 2 * pp) for pp in simulate_stages]
@@ -162,6 +175,7 @@ def bench_pp(preset: str, workload: str, batch: int, micro_batches: int, stages:
             f"{row['gpipe_bubble']:.3f}, folded {row['folded_bubble']:.3f} (≤ {row['folded_alive']} alive per "
             f"stage, gpipe {row['gpipe_peak_alive']}); throughput folded / gpipe {row['throughput_ratio']:.3f} "
             f"(no schedule beats gpipe by more than {row['best_possible_ratio']:.3f}×)")
+    log(schedule_charts(costs, 8, 16))
     results["pp1_step_mem_gib"] = reference["step_mem_gib_per_rank"][0]
     return results
 

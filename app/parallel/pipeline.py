@@ -44,20 +44,14 @@ from exaforce.model.potential import Potential, State, prediction, strained_geom
 from exaforce.model.recompute import Recompute
 from exaforce.model.routing import Routing
 from exaforce.parallel.pipeline_schedule import Op, schedule
-from exaforce.parallel.topology import Topology, TopologyError
+from exaforce.parallel.topology import Topology
 
 
 def stage_ranges(blocks: int, pp: int, split: Sequence[int] = ()) -> list[range]:
-    """Contiguous block ranges per stage: `split` (blocks per stage) or as equal as possible (the
-    blocks of a model are the same ops on the same sizes, so equal counts are equal costs; the
-    first stage's embeddings and the last's readout are a few per cent of a block)."""
-    if split:
-        if len(split) != pp or any(n < 1 for n in split) or sum(split) != blocks:
-            raise TopologyError(f"parallel.pp_split = {list(split)}: need {pp} positive block counts "
-                                f"summing to the model's {blocks} blocks")
-        counts = list(split)
-    else:
-        counts = [blocks // pp + (1 if s < blocks % pp else 0) for s in range(pp)]
+    """Contiguous block ranges per stage: `split` (blocks per stage, checked by config.validate) or as
+    equal as possible (the blocks of a model are the same ops on the same sizes, so equal counts are
+    equal costs; the first stage's embeddings and the last's readout are a few per cent of a block)."""
+    counts = list(split) or [blocks // pp + (1 if s < blocks % pp else 0) for s in range(pp)]
     starts = [sum(counts[:s]) for s in range(pp)]
     return [range(start, start + n) for start, n in zip(starts, counts)]
 
@@ -139,6 +133,14 @@ def _leaves(tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
     return tuple(t.requires_grad_(True) for t in tensors)
 
 
+def _differentiable(tensors: Sequence[torch.Tensor], adjoints: Sequence[torch.Tensor]
+                    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The tensors that require grad, and their adjoints (a stage's output that does not depend on
+    anything trainable, such as a constant, has no graph to go back through)."""
+    pairs = [(t, a) for t, a in zip(tensors, adjoints) if t.requires_grad]
+    return [t for t, _ in pairs], [a for _, a in pairs]
+
+
 def _or_zeros(grads: Sequence[torch.Tensor | None], like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     return [torch.zeros_like(x) if g is None else g for g, x in zip(grads, like)]
 
@@ -181,6 +183,9 @@ class PipelineStage:
             times[f"pp_phase{op.phase}"] = times.get(f"pp_phase{op.phase}", 0.0) + t1 - t0
         self.transport.finish()
         times["pp_wait"] = times.get("pp_wait", 0.0) + self.transport.wait_seconds
+        # the perf log's fields (waits for the neighbours' messages included; pp_wait says how much)
+        for key, phases in (("forward", (1,)), ("force_backward", (2,)), ("param_backward", (3, 4))):
+            times[key] = sum(times.get(f"pp_phase{phase}", 0.0) for phase in phases)
         times["alltoall"] = times.get("alltoall", 0.0) + sum(r.clock.seconds for r in routings if r is not None)
         if self.model.moe_layers:  # each stage's layers' share of the load-balancing loss (its routers only)
             aux = self.model.aux_loss(routings[-1], aux_world_2C)
@@ -276,9 +281,8 @@ class PipelineStage:
         micro.adjoints = [*from_before, force_bar, strain_bar]
         if self.last:
             return  # its g is the constant 1: nothing to send on
-        pairs = [(t, a) for t, a in zip(micro.force_outputs, micro.adjoints) if t.requires_grad]
-        g_bar = torch.autograd.grad([t for t, _ in pairs], micro.g, grad_outputs=[a for _, a in pairs],
-                                    retain_graph=True, allow_unused=True)
+        outputs, adjoints = _differentiable(micro.force_outputs, micro.adjoints)
+        g_bar = torch.autograd.grad(outputs, micro.g, grad_outputs=adjoints, retain_graph=True, allow_unused=True)
         self.transport.send([*_or_zeros(g_bar, micro.g), *micro.carried], self.stage + 1, op)
 
     def _loss_backward_2(self, micro: _Micro, op: Op, *_: Any) -> None:
@@ -287,9 +291,8 @@ class PipelineStage:
             out_bar = [micro.carried[0]]
         else:
             out_bar = self.transport.recv(self._state_like(batch), self.stage + 1, op, batch.positions_N3.device)
-        pairs = [(t, a) for t, a in zip([*micro.force_outputs, *micro.out], [*micro.adjoints, *out_bar])
-                 if t.requires_grad]
+        outputs, adjoints = _differentiable([*micro.force_outputs, *micro.out], [*micro.adjoints, *out_bar])
         targets = [p for p in self.model.parameters() if p.requires_grad] + list(micro.state_in)
-        torch.autograd.backward([t for t, _ in pairs], grad_tensors=[a for _, a in pairs], inputs=targets)
+        torch.autograd.backward(outputs, grad_tensors=adjoints, inputs=targets)
         if not self.first:
             self.transport.send(_or_zeros([x.grad for x in micro.state_in], micro.state_in), self.stage - 1, op)

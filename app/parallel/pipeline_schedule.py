@@ -57,7 +57,7 @@ from __future__ import annotations
 import functools
 import heapq
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable
 
 from exaforce.config import PP_SCHEDULES as SCHEDULES
 
@@ -65,6 +65,7 @@ from exaforce.config import PP_SCHEDULES as SCHEDULES
 # dense cells; the demo preset measured 1, 1.45, 0.92, 3.54, README); only the order of the folded
 # schedule depends on them, never its result.
 DEFAULT_PHASE_COSTS = (1.0, 1.4, 0.5, 3.2)
+Costs = tuple[float, float, float, float]  # the four phases' relative costs, the same on every stage
 
 
 @dataclass(frozen=True, order=True, slots=True)
@@ -133,16 +134,9 @@ class Timeline:
         return peak
 
 
-def _cost(costs: Sequence[Sequence[float]] | Sequence[float], op: Op, stage: int) -> float:
-    """costs[phase-1] (the same on every stage) or costs[stage][phase-1]."""
-    row = costs[stage] if isinstance(costs[0], (list, tuple)) else costs
-    return float(row[op.phase - 1])
-
-
-def simulate(orders: list[list[Op]], costs: Sequence[Sequence[float]] | Sequence[float],
-             transfer: float = 0.0) -> Timeline:
+def simulate(orders: list[list[Op]], costs: Costs) -> Timeline:
     """Times each stage's ops in its order: an op starts when the stage is free and its dependencies
-    are done (+ `transfer` for one that comes from another stage). Raises on a deadlocked order."""
+    are done (equal stages: costs[phase − 1] per op). Raises on a deadlocked order."""
     pp = len(orders)
     timeline = Timeline(pp)
     position = [0] * pp
@@ -156,9 +150,9 @@ def simulate(orders: list[list[Op]], costs: Sequence[Sequence[float]] | Sequence
                 deps = dependencies(op, s, pp)
                 if any(d not in timeline.end for d in deps):
                     break
-                ready = max([free[s]] + [timeline.end[d] + (transfer if d[1] != s else 0.0) for d in deps])
+                ready = max([free[s]] + [timeline.end[d] for d in deps])
                 timeline.start[(op, s)] = ready
-                free[s] = timeline.end[(op, s)] = ready + _cost(costs, op, s)
+                free[s] = timeline.end[(op, s)] = ready + costs[op.phase - 1]
                 position[s] += 1
                 progress = True
     if any(position[s] < len(orders[s]) for s in range(pp)):
@@ -167,19 +161,19 @@ def simulate(orders: list[list[Op]], costs: Sequence[Sequence[float]] | Sequence
     return timeline
 
 
-def _critical_path(pp: int, costs: Sequence[Sequence[float]] | Sequence[float]) -> dict[tuple[int, int], float]:
+def _critical_path(pp: int, costs: Costs) -> dict[tuple[int, int], float]:
     """Per (phase, stage): the work left in a micro-batch from the start of that op to its end, alone
     in the pipeline (the op's own cost included)."""
     chain = [(1, s) for s in range(pp)] + [(2, s) for s in reversed(range(pp))] + \
             [(3, s) for s in range(pp)] + [(4, s) for s in reversed(range(pp))]
     left, total = {}, 0.0
     for phase, s in reversed(chain):
-        total += _cost(costs, Op(phase, 0), s)
+        total += costs[phase - 1]
         left[(phase, s)] = total
     return left
 
 
-def _list_schedule(pp: int, micro_batches: int, alive: int, costs: Sequence[Sequence[float]] | Sequence[float],
+def _list_schedule(pp: int, micro_batches: int, alive: int, costs: Costs,
                    priority: Callable[[Op, int], tuple]) -> list[list[Op]]:
     """Each stage, whenever free, runs its ready op of least `priority`; a micro-batch's phase 1 only
     while fewer than `alive` are alive on the stage. Returns the orders it produced."""
@@ -201,7 +195,7 @@ def _list_schedule(pp: int, micro_batches: int, alive: int, costs: Sequence[Sequ
         op = min(ready, key=lambda o: priority(o, s))
         pending[s].discard(op)
         orders[s].append(op)
-        end = now + _cost(costs, op, s)
+        end = now + costs[op.phase - 1]
         done[(op, s)] = free[s] = end
         if op.phase == 1:
             admitted[s] += 1
@@ -221,16 +215,17 @@ def _list_schedule(pp: int, micro_batches: int, alive: int, costs: Sequence[Sequ
     return orders
 
 
-def folded(pp: int, micro_batches: int, alive: int, costs: Sequence[Sequence[float]] | Sequence[float]
-           = DEFAULT_PHASE_COSTS) -> list[list[Op]]:
+@functools.lru_cache(maxsize=64)
+def folded(pp: int, micro_batches: int, alive: int, costs: Costs = DEFAULT_PHASE_COSTS) -> list[list[Op]]:
     """exaforce's schedule (module docstring): at most `alive` micro-batches per stage, the fastest in
     the simulator of two list-scheduling priorities — the oldest micro-batch first (ties: the later
     phase), and the oldest once weighed against the work its op leaves on the critical path — and,
-    when the bound admits every micro-batch, gpipe's order."""
+    when the bound admits every micro-batch, gpipe's order. Cached (choose_alive, the trainer and the
+    bench ask for the same ones; do not modify the lists)."""
     if alive < 1:
         raise ValueError(f"folded schedule: alive = {alive}, need >= 1")
     left = _critical_path(pp, costs)
-    per_micro = sum(_cost(costs, Op(p, 0), 0) for p in (1, 2, 3, 4))
+    per_micro = sum(costs)
     candidates = [_list_schedule(pp, micro_batches, alive, costs, lambda o, s: (o.micro, -o.phase)),
                   _list_schedule(pp, micro_batches, alive, costs,
                                  lambda o, s: (o.micro - left[(o.phase, s)] / per_micro, -o.phase))]
@@ -239,13 +234,13 @@ def folded(pp: int, micro_batches: int, alive: int, costs: Sequence[Sequence[flo
     return min(candidates, key=lambda orders: simulate(orders, costs).makespan)
 
 
-def lower_bound(pp: int, micro_batches: int, costs: Sequence[float]) -> float:
+def lower_bound(pp: int, micro_batches: int, costs: Costs) -> float:
     """No order of these ops on contiguous stages finishes sooner (equal stages): the last stage
     starts after pp − 1 phase-1 ops and, after its last op, pp − 1 phase-4 ops still run upstream."""
     return micro_batches * sum(costs) + (pp - 1) * (costs[0] + costs[3])
 
 
-def choose_alive(pp: int, micro_batches: int, costs: Sequence[Sequence[float]] | Sequence[float]
+def choose_alive(pp: int, micro_batches: int, costs: Costs
                  = DEFAULT_PHASE_COSTS, tolerance: float = 0.02) -> int:
     """The smallest bound on live micro-batches whose folded step is within `tolerance` of the fastest,
     among pp, pp + 1, 3·pp/2, 2·pp and all (a round trip through the pipeline takes about pp ops'
@@ -256,11 +251,9 @@ def choose_alive(pp: int, micro_batches: int, costs: Sequence[Sequence[float]] |
     return min(k for k, span in spans.items() if span <= best * (1 + tolerance))
 
 
-@functools.lru_cache(maxsize=32)
 def schedule(name: str, pp: int, micro_batches: int, alive: int = 0,
-             costs: tuple[float, ...] = DEFAULT_PHASE_COSTS) -> list[list[Op]]:
-    """Every stage's op order for `name` (SCHEDULES); alive = 0: chosen by `choose_alive`. Cached:
-    the trainer asks for the same one every step (do not modify the lists)."""
+             costs: Costs = DEFAULT_PHASE_COSTS) -> list[list[Op]]:
+    """Every stage's op order for `name` (SCHEDULES); alive = 0: chosen by `choose_alive`."""
     if name == "gpipe":
         return gpipe(pp, micro_batches)
     if name == "folded":

@@ -74,14 +74,6 @@ def step_plan(model: Potential, batch: GraphBatch, cfg: Config) -> Recompute | N
     return Recompute.from_run(cfg.run.recompute_lines, cfg.run.recompute_bonds, store_all_below, line_channels)
 
 
-def pipeline_phase_times(times: dict[str, float]) -> None:
-    """The perf log's forward, force backward and parameter backward of a pipeline step: its phases
-    1, 2 and 3 + 4 on this stage (waits for the neighbouring stages' messages included; "pp_wait"
-    says how much)."""
-    for key, phases in (("forward", (1,)), ("force_backward", (2,)), ("param_backward", (3, 4))):
-        times[key] = sum(times.get(f"pp_phase{phase}", 0.0) for phase in phases)
-
-
 @dataclass
 class StepResult:
     loss_sums: dict[str, float]       # this rank's per-term sums over its structures (+ "moe_aux")
@@ -109,7 +101,6 @@ def train_step(model: Potential, micro_batches: list[GraphBatch], optimizer: tor
     if parallel.pipeline is not None:  # the micro-batches through the stages; reduced after the last
         plans = [step_plan(model, b, cfg) for b in micro_batches]
         loss_sums = parallel.pipeline.run(micro_batches, routings, plans, loss_scale, times, aux_counts)
-        pipeline_phase_times(times)
     else:
         for i, (batch, routing) in enumerate(zip(micro_batches, routings)):
             last = i == len(micro_batches) - 1
