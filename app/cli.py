@@ -306,7 +306,8 @@ def cmd_train(args: argparse.Namespace, ctx: Context) -> None:
                                        ("init_from", args.init_from), ("freeze", args.freeze)) if v is not None}
         cfg = config_mod.validate(dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, **overrides)))
         ctx.run_dir = Path(cfg.run.out_dir)
-        ctx.topo = topo = Topology.from_mpi(dp=cfg.parallel.dp, ep=cfg.parallel.ep, pp=cfg.parallel.pp)
+        ctx.topo = topo = Topology.from_mpi(dp=cfg.parallel.dp, ep=cfg.parallel.ep, pp=cfg.parallel.pp,
+                                             gp=cfg.parallel.gp)
         device = rank_device(cfg.run.device, topo)  # collective
         groups = build_groups(cfg.comm.backend, topo, device)  # collective: once per run, right after the topology
         log = _say if topo.is_root else _quiet

@@ -153,6 +153,9 @@ class ParallelConfig:
     pp_split: tuple[int, ...] = ()      # blocks per stage; empty: as equal as possible
     pp_schedule: str = "folded"         # folded | gpipe (exaforce.parallel.pipeline_schedule)
     pp_alive: int = 0                   # folded: most micro-batches alive per stage; 0: chosen by simulation
+    gp: int = 1                         # graph-parallel degree: ranks that split one share's structures by atoms
+    gp_min_atoms: int = 512             # gp > 1: structures of at least this many atoms are split into spatial
+                                        # domains over the GP group; smaller ones go whole to one GP rank
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -301,6 +304,14 @@ def validate(cfg: Config) -> Config:
     if pp > 1 and cfg.run.freeze == "backbone":  # a stage of frozen blocks has no parameter backward to run
         raise ConfigError(f'run.freeze = "backbone" with parallel.pp = {pp}: not supported (a pipeline stage whose '
                           f"blocks are all frozen has no trainable parameter); fine-tune with parallel.pp = 1")
+    gp = cfg.parallel.gp
+    if gp < 1:
+        raise ConfigError(f"parallel.gp = {gp}: must be >= 1")
+    if gp > 1 and pp > 1:
+        raise ConfigError(f"parallel.gp = {gp} with parallel.pp = {pp}: graph and pipeline parallelism do not "
+                          "compose yet; use one of them")
+    if cfg.parallel.gp_min_atoms < 0:
+        raise ConfigError(f"parallel.gp_min_atoms = {cfg.parallel.gp_min_atoms}: must be >= 0")
     if cfg.comm.backend not in BACKENDS:
         raise ConfigError(f"comm.backend = {cfg.comm.backend!r}: must be 'mpi', 'horovod' or 'torch'")
     _positive(cfg.comm.bucket_mb, "comm.bucket_mb", "MiB")

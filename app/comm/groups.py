@@ -283,9 +283,7 @@ def build_groups(backend: str, topo: Any, device: torch.device = torch.device("c
                                               mine[1]: MPIGroup(topo.ep_comm, aware),
                                               mine[2]: MPIGroup(topo.edp_comm, aware)}
     else:
-        every = [layout.stage_group(r) for r in range(0, layout.pp * layout.ep, layout.ep)] + \
-                [layout.ep_group(r) for r in range(0, topo.world_size, layout.ep)] + \
-                [layout.edp_group(q) for q in range(layout.pp * layout.ep)]
+        every = [g for r in world_ranks for g in (layout.stage_group(r), layout.ep_group(r), layout.edp_group(r))]
         if backend == "horovod":
             make = _horovod_groups(topo.world, world_ranks, every, rank)
         else:

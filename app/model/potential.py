@@ -103,9 +103,12 @@ class Potential(nn.Module):
 
     def forward(self, species_N: torch.Tensor, vectors_E3: torch.Tensor, edge_index_2E: torch.Tensor,
                 triplet_index_2T: torch.Tensor, graph_N: torch.Tensor, n_graphs: int, head_G: torch.Tensor,
-                routing: Routing | None = None, plan: Recompute | None = None) -> torch.Tensor:
+                routing: Routing | None = None, plan: Recompute | None = None,
+                readout_atoms: torch.Tensor | None = None) -> torch.Tensor:
         """Energy of each graph (eV) with its head's readout and references; all geometry enters
         through vectors_E3. `routing` (from plan_routing) is required when the model has MoE layers.
+        `readout_atoms`: the atoms whose energies are summed (default all; graph parallelism: the
+        atoms this rank owns, the others being its halo).
 
         With a plan (training): both attentions are fused ops with hand-written first and second
         derivatives that sweep their lines in chunks (exaforce.model.fused_attention), and each
@@ -117,7 +120,11 @@ class Potential(nn.Module):
         state = self.embed(species_N, head_N, features)
         state = self.run_blocks(range(len(self.blocks)), state, features, self.routing_class(species_N, head_N),
                                 edge_index_2E, triplet_index_2T, routing, plan)
-        return self.read_out(state[0], species_N, head_N, graph_N, n_graphs)
+        node_ND = state[0]
+        if readout_atoms is not None:
+            node_ND, species_N, head_N, graph_N = (t.index_select(0, readout_atoms)
+                                                   for t in (node_ND, species_N, head_N, graph_N))
+        return self.read_out(node_ND, species_N, head_N, graph_N, n_graphs)
 
     # The pieces of forward, in order. A pipeline stage (exaforce.parallel.pipeline) runs a contiguous
     # run of them: the first stage embeds, every stage computes the geometry features it consumes,
@@ -228,11 +235,11 @@ def local_routing(model: Potential, batch: GraphBatch) -> Routing:
 
 
 def energy(model: Potential, batch: GraphBatch, geometry: StrainedGeometry, routing: Routing | None = None,
-           plan: Recompute | None = None) -> torch.Tensor:
+           plan: Recompute | None = None, readout_atoms: torch.Tensor | None = None) -> torch.Tensor:
     if routing is None and model.moe_layers:
         routing = local_routing(model, batch)
     return model(batch.species_N, geometry.vectors_E3, batch.edge_index_2E, batch.triplet_index_2T,
-                 batch.graph_N, batch.n_graphs, batch.head_G, routing, plan)
+                 batch.graph_N, batch.n_graphs, batch.head_G, routing, plan, readout_atoms)
 
 
 def forces_and_stress(energy_G: torch.Tensor, geometry: StrainedGeometry, batch: GraphBatch,

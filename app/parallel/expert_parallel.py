@@ -45,14 +45,17 @@ def apply_expert_parallel(model: Potential, group: Group) -> None:
         layer.dispatcher = AllToAllDispatcher(group)
 
 
-def step_routing(model: Potential, batch: GraphBatch, topo: Topology) -> Routing | None:
+def step_routing(model: Potential, batch: GraphBatch, topo: Topology, share_2C: np.ndarray | None = None) -> Routing | None:
     """This step's routing plan on every rank (collective: one host allgather of routing-class
     counts over the world gives the EP group's and the global batch's — summed over one stage's
-    ranks, since every stage of a pipeline holds the same batch); None for dense models."""
+    ranks, since every stage of a pipeline holds the same batch); None for dense models.
+    `share_2C`: this rank's share of the global batch's tokens when it differs from the tokens it
+    runs (graph parallelism: its owned atoms and their bonds, while it runs its halo too)."""
     if not model.moe_layers:
         return None
-    all_W2C = np.asarray(topo.allgather(batch.route_counts_2C))  # collective
+    share_2C = batch.route_counts_2C if share_2C is None else share_2C
+    all_W22C = np.asarray(topo.allgather(np.stack([batch.route_counts_2C, share_2C])))  # collective
     layout = topo.layout
-    counts = TokenCounts(group_R2C=all_W2C[list(layout.ep_group(topo.rank))],
-                         world_2C=all_W2C[list(layout.stage_group(topo.rank))].sum(0), ep_rank=layout.ep_index(topo.rank))
+    counts = TokenCounts(group_R2C=all_W22C[list(layout.ep_group(topo.rank)), 0],
+                         world_2C=all_W22C[list(layout.stage_group(topo.rank)), 1].sum(0), ep_rank=layout.ep_index(topo.rank))
     return model.plan_routing(counts)

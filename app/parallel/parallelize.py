@@ -6,17 +6,20 @@ Order (each step assumes the one before):
    shard: the Potential is built with its EP coordinate);
    pipeline parallel: the model keeps only this rank's stage (blocks, embeddings on the first,
    readout on the last), and the step runs through the Topology's pipeline (PipelineStage);
+   graph parallel: the model is unchanged; the step shards each micro-batch over the GP group
+   (GraphParallel);
 2. identical start: dense parameters from their stage's first rank (world rank 0 without pipeline
    stages), expert shards from their EDP group's first
    rank — after fine-tuning weights are loaded (rank 0's copy wins) and before the reducers exist;
 3. gradient reduction: the bucketed reducers register their hooks last, on the final parameters
    (frozen ones are skipped).
-Graph (gp) parallelism joins here, between 1 and 2.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import numpy as np
 
 from exaforce.comm.groups import CommGroups
 from exaforce.config import Config
@@ -25,6 +28,7 @@ from exaforce.model.potential import Potential
 from exaforce.model.routing import Routing
 from exaforce.parallel.data_parallel import GradientReduction, clip_grad_norm, sync_initial_parameters
 from exaforce.parallel.expert_parallel import apply_expert_parallel, step_routing
+from exaforce.parallel.graph_parallel import GraphParallel
 from exaforce.parallel.pipeline import PipelineStage, keep_stage, stage_ranges
 from exaforce.parallel.topology import Topology
 
@@ -37,10 +41,12 @@ class Parallel:
     groups: CommGroups
     reduction: GradientReduction
     pipeline: PipelineStage | None = None  # pp > 1: this rank's stage
+    graph: GraphParallel | None = None     # gp > 1: this rank's place in its GP group
 
-    def routing(self, model: Potential, batch: GraphBatch) -> Routing | None:
-        """This step's MoE routing plan (collective: one host allgather); None for dense models."""
-        return step_routing(model, batch, self.topo)
+    def routing(self, model: Potential, batch: GraphBatch, share_2C: np.ndarray | None = None) -> Routing | None:
+        """This step's MoE routing plan (collective: one host allgather); None for dense models.
+        share_2C: see step_routing (graph parallelism)."""
+        return step_routing(model, batch, self.topo, share_2C)
 
     def clip_grad_norm(self, model: Potential, max_norm: float) -> float:
         """The global gradient norm before clipping (collective over the EP group and the pipeline)."""
@@ -56,6 +62,9 @@ def parallelize(model: Potential, topo: Topology, groups: CommGroups, cfg: Confi
         ranges = stage_ranges(len(model.blocks), topo.layout.pp, cfg.parallel.pp_split)
         keep_stage(model, topo.stage, ranges)
         pipeline = PipelineStage(model, topo, cfg, ranges)
+    graph = None
+    if topo.layout.gp > 1:
+        graph = GraphParallel(topo, len(model.blocks), len(cfg.model.elements), cfg.parallel.gp_min_atoms)
     sync_initial_parameters(model, groups)
     reduction = GradientReduction(model, groups, topo.layout.replicas, cfg.comm)
-    return Parallel(topo=topo, groups=groups, reduction=reduction, pipeline=pipeline)
+    return Parallel(topo=topo, groups=groups, reduction=reduction, pipeline=pipeline, graph=graph)

@@ -1,8 +1,9 @@
 """The rank/communicator topology. One `Topology` owns every MPI communicator of a run.
 
-The world is a grid dp × pp × ep (gp will join it here). EP groups are consecutive ranks (so an
-EP group sits inside a node when ep <= ranks_per_node); pipeline neighbours are ep apart;
-expert-data-parallel (EDP) groups and stage groups (the replicas of one stage) are strided. The layout is a pure function of the sizes (`grid_layout`), tested without MPI;
+The world is a grid dp × pp × gp × ep. EP groups are consecutive ranks (so an EP group sits inside
+a node when ep <= ranks_per_node); the ranks of a graph-parallel (GP) group, which split the same
+structures' atoms, are ep apart; pipeline neighbours gp · ep apart; expert-data-parallel (EDP)
+groups and stage groups (the replicas of one stage) are strided. The layout is a pure function of the sizes (`grid_layout`), tested without MPI;
 communicators are built from it once.
 
 Host-side control (counts, loss sums, flags, barriers) goes through the Topology's named
@@ -26,23 +27,28 @@ class TopologyError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class GridLayout:
-    """Which ranks form which group in a dp × pp × ep grid (no communicators).
+    """Which ranks form which group in a dp × pp × gp × ep grid (no communicators).
 
-    rank = (dp_index · pp + pp_index) · ep + ep_index: EP groups are consecutive ranks (they talk
-    most: an all-to-all per MoE layer), pipeline neighbours are ep apart, data-parallel replicas
-    outermost."""
+    rank = ((dp_index · pp + pp_index) · gp + gp_index) · ep + ep_index: EP groups are consecutive
+    ranks (they talk most: an all-to-all per MoE layer), GP peers (a force and energy sum per
+    micro-batch) ep apart, pipeline neighbours gp · ep apart, data-parallel replicas outermost."""
 
     world_size: int
     dp: int
     pp: int = 1
     ep: int = 1
+    gp: int = 1
 
     def dp_index(self, rank: int) -> int:
-        return rank // (self.pp * self.ep)
+        return rank // (self.pp * self.gp * self.ep)
 
     def pp_index(self, rank: int) -> int:
         """The pipeline stage this rank runs (0 = embeddings and the first blocks)."""
-        return rank // self.ep % self.pp
+        return rank // (self.gp * self.ep) % self.pp
+
+    def gp_index(self, rank: int) -> int:
+        """This rank's place in its GP group (which atoms of the group's structures it owns)."""
+        return rank // self.ep % self.gp
 
     def ep_index(self, rank: int) -> int:
         return rank % self.ep
@@ -53,23 +59,34 @@ class GridLayout:
         return tuple(range(start, start + self.ep))
 
     def edp_group(self, rank: int) -> tuple[int, ...]:
-        """Ranks holding the same experts (same stage and EP coordinate), strided by pp · ep."""
-        return tuple(range(rank % (self.pp * self.ep), self.world_size, self.pp * self.ep))
+        """Ranks holding the same experts (same stage and EP coordinate; every GP and dp index)."""
+        return tuple(r for r in range(self.world_size)
+                     if self.pp_index(r) == self.pp_index(rank) and self.ep_index(r) == self.ep_index(rank))
+
+    def edp_color(self, rank: int) -> int:
+        """One number per EDP group (its communicator's split colour)."""
+        return self.pp_index(rank) * self.ep + self.ep_index(rank)
 
     def pp_group(self, rank: int) -> tuple[int, ...]:
-        """The stages of this rank's pipeline, in stage order (ep apart)."""
-        start = self.dp_index(rank) * self.pp * self.ep + self.ep_index(rank)
-        return tuple(range(start, start + self.pp * self.ep, self.ep))
+        """The stages of this rank's pipeline, in stage order (gp · ep apart)."""
+        stride = self.gp * self.ep
+        start = self.dp_index(rank) * self.pp * stride + self.gp_index(rank) * self.ep + self.ep_index(rank)
+        return tuple(range(start, start + self.pp * stride, stride))
+
+    def gp_group(self, rank: int) -> tuple[int, ...]:
+        """The ranks that split this rank's structures between them, in GP order (ep apart)."""
+        start = (self.dp_index(rank) * self.pp + self.pp_index(rank)) * self.gp * self.ep + self.ep_index(rank)
+        return tuple(range(start, start + self.gp * self.ep, self.ep))
 
     def stage_group(self, rank: int) -> tuple[int, ...]:
-        """Every rank that runs this rank's stage: the replicas its dense gradients are averaged over
-        (the whole world when pp = 1)."""
+        """Every rank that runs this rank's stage: the ranks its dense gradients are summed over
+        (the whole world when pp = 1; GP peers add their shares of one replica's gradient)."""
         return tuple(r for r in range(self.world_size) if self.pp_index(r) == self.pp_index(rank))
 
     @property
     def replicas(self) -> int:
-        """How many shares the global batch is dealt into: dp · ep (every stage of a pipeline takes
-        the same share)."""
+        """How many shares the global batch is dealt into: dp · ep (every stage of a pipeline and
+        every rank of a GP group takes the same share)."""
         return self.dp * self.ep
 
     def replica_index(self, rank: int) -> int:
@@ -77,35 +94,35 @@ class GridLayout:
         return self.dp_index(rank) * self.ep + self.ep_index(rank)
 
 
-def grid_layout(world_size: int, dp: int, ep: int, pp: int = 1) -> GridLayout:
-    """Validates a dp × pp × ep grid; dp = 0 means 'whatever is left': world_size / (pp · ep). (What
-    the model allows — pp ≤ model.blocks, ep dividing the experts — config.validate checks.)"""
+def grid_layout(world_size: int, dp: int, ep: int, pp: int = 1, gp: int = 1) -> GridLayout:
+    """Validates a dp × pp × gp × ep grid; dp = 0 means 'whatever is left': world_size / (pp · gp · ep).
+    (What the model allows — pp ≤ model.blocks, ep dividing the experts — config.validate checks.)"""
     if world_size < 1:
         raise TopologyError(f"world size {world_size}: must be >= 1")
-    if ep < 1 or pp < 1 or dp < 0:
-        raise TopologyError(f"parallel.dp = {dp}, parallel.pp = {pp}, parallel.ep = {ep}: "
-                            "need dp >= 0, pp >= 1 and ep >= 1")
+    if ep < 1 or pp < 1 or gp < 1 or dp < 0:
+        raise TopologyError(f"parallel.dp = {dp}, parallel.pp = {pp}, parallel.gp = {gp}, parallel.ep = {ep}: "
+                            "need dp >= 0, pp >= 1, gp >= 1 and ep >= 1")
+    inner, names = pp * gp * ep, "parallel.pp × parallel.gp × parallel.ep"
     if dp == 0:
-        if world_size % (pp * ep):
-            raise TopologyError(f"parallel.pp × parallel.ep = {pp} × {ep} = {pp * ep} does not divide "
-                                f"the world size {world_size}")
-        dp = world_size // (pp * ep)
-    if dp * pp * ep != world_size:
-        raise TopologyError(f"parallel.dp × parallel.pp × parallel.ep = {dp} × {pp} × {ep} = {dp * pp * ep} "
+        if world_size % inner:
+            raise TopologyError(f"{names} = {pp} × {gp} × {ep} = {inner} does not divide the world size {world_size}")
+        dp = world_size // inner
+    if dp * inner != world_size:
+        raise TopologyError(f"parallel.dp × {names[9:]} = {dp} × {pp} × {gp} × {ep} = {dp * inner} "
                             f"but the job has {world_size} ranks")
-    return GridLayout(world_size=world_size, dp=dp, ep=ep, pp=pp)
+    return GridLayout(world_size=world_size, dp=dp, ep=ep, pp=pp, gp=gp)
 
 
 class Topology:
-    """World, node, node-leader, EP, EDP, pipeline and stage communicators, built once from a GridLayout."""
+    """World, node, node-leader, EP, EDP, pipeline, stage and GP communicators, built once from a GridLayout."""
 
-    def __init__(self, world: Any, dp: int = 0, ep: int = 1, pp: int = 1):
+    def __init__(self, world: Any, dp: int = 0, ep: int = 1, pp: int = 1, gp: int = 1):
         from mpi4py import MPI
 
         self.world = world
         self.rank: int = world.Get_rank()
         self.world_size: int = world.Get_size()
-        self.layout = grid_layout(self.world_size, dp, ep, pp)
+        self.layout = grid_layout(self.world_size, dp, ep, pp, gp)
         self.node = world.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
         self.local_rank: int = self.node.Get_rank()
         self.ranks_per_node: int = self.node.Get_size()
@@ -115,17 +132,19 @@ class Topology:
         self.hostname = socket.gethostname()
         layout = self.layout
         self.ep_comm = world.Split(self.rank // layout.ep, self.rank)
-        self.edp_comm = world.Split(self.rank % (layout.pp * layout.ep), self.rank)
+        self.edp_comm = world.Split(layout.edp_color(self.rank), self.rank)
         self.pp_comm = world.Split(layout.pp_group(self.rank)[0], self.rank)  # stage s is pp_comm rank s
         self.stage_comm = world.Split(layout.pp_index(self.rank), self.rank)
+        self.gp_comm = world.Split(layout.gp_group(self.rank)[0], self.rank)  # GP index i is gp_comm rank i
         self.stage: int = layout.pp_index(self.rank)
+        self.gp_index: int = layout.gp_index(self.rank)
 
     @classmethod
-    def from_mpi(cls, dp: int = 0, ep: int = 1, pp: int = 1) -> "Topology":
+    def from_mpi(cls, dp: int = 0, ep: int = 1, pp: int = 1, gp: int = 1) -> "Topology":
         """The job's topology over MPI.COMM_WORLD (the only place COMM_WORLD is touched)."""
         from mpi4py import MPI
 
-        return cls(MPI.COMM_WORLD, dp=dp, ep=ep, pp=pp)
+        return cls(MPI.COMM_WORLD, dp=dp, ep=ep, pp=pp, gp=gp)
 
     @classmethod
     def single_process(cls) -> "Topology":
@@ -157,6 +176,14 @@ class Topology:
     def stage_sum(self, value: Any) -> Any:
         """Σ over the ranks that run this rank's stage (collective over them; the world when pp = 1)."""
         return self.stage_comm.allreduce(value)
+
+    def gp_sum_(self, array: np.ndarray) -> np.ndarray:
+        """Σ over this rank's GP group of a float64 array, in place (collective over the group; one
+        Allreduce, no pickling: the forces of a large structure)."""
+        from mpi4py import MPI
+
+        self.gp_comm.Allreduce(MPI.IN_PLACE, array, op=MPI.SUM)
+        return array
 
     def allgather(self, value: Any) -> list[Any]:
         """Every rank's value, in rank order, on every rank (collective)."""
@@ -193,20 +220,22 @@ class Topology:
         return self.rank == 0
 
     def describe(self) -> dict[str, int]:
-        return {"world_size": self.world_size, "dp": self.layout.dp, "pp": self.layout.pp, "ep": self.layout.ep,
-                "nodes": self.n_nodes, "ranks_per_node": self.ranks_per_node}
+        return {"world_size": self.world_size, "dp": self.layout.dp, "pp": self.layout.pp, "gp": self.layout.gp,
+                "ep": self.layout.ep, "nodes": self.n_nodes, "ranks_per_node": self.ranks_per_node}
 
     def table(self, device: str = "cpu") -> str:
         """The whole rank map with each rank's `device`, gathered to every rank (collective; printed
         by rank 0 at start-up)."""
         rows = self.world.allgather((self.rank, self.hostname, self.local_rank, device))
         layout = self.layout
-        lines = [f"topology: world={self.world_size} nodes={self.n_nodes} dp={layout.dp} pp={layout.pp} ep={layout.ep}",
-                 f"{'rank':>5} {'host':<20} {'local':>5} {'dp':>3} {'pp':>3} {'ep':>3}  ep_group  edp_group"
-                 + ("  pp_group" if layout.pp > 1 else "") + "  device"]
+        lines = [f"topology: world={self.world_size} nodes={self.n_nodes} dp={layout.dp} pp={layout.pp} "
+                 f"gp={layout.gp} ep={layout.ep}",
+                 f"{'rank':>5} {'host':<20} {'local':>5} {'dp':>3} {'pp':>3} {'gp':>3} {'ep':>3}  ep_group  edp_group"
+                 + ("  pp_group" if layout.pp > 1 else "") + ("  gp_group" if layout.gp > 1 else "") + "  device"]
         for rank, host, local, on in rows:
             pipeline = f"  {list(layout.pp_group(rank))}" if layout.pp > 1 else ""
+            graph = f"  {list(layout.gp_group(rank))}" if layout.gp > 1 else ""
             lines.append(f"{rank:>5} {host[:20]:<20} {local:>5} {layout.dp_index(rank):>3} {layout.pp_index(rank):>3} "
-                         f"{layout.ep_index(rank):>3}  {list(layout.ep_group(rank))}  {list(layout.edp_group(rank))}"
-                         f"{pipeline}  {on}")
+                         f"{layout.gp_index(rank):>3} {layout.ep_index(rank):>3}  {list(layout.ep_group(rank))}  "
+                         f"{list(layout.edp_group(rank))}{pipeline}{graph}  {on}")
         return "\n".join(lines)

@@ -82,6 +82,7 @@ class StepResult:
     updated: bool                     # False: non-finite loss or gradient norm, so no optimizer step
     times: dict[str, float]
     routing: Routing | None           # the last micro-batch's
+    work: dict[str, int] | None = None  # graph parallelism: the atoms, edges and angles this rank ran (halo included)
 
 
 def train_step(model: Potential, micro_batches: list[GraphBatch], optimizer: torch.optim.Optimizer,
@@ -94,13 +95,29 @@ def train_step(model: Potential, micro_batches: list[GraphBatch], optimizer: tor
     times: dict[str, float] = {}
     optimizer.zero_grad(set_to_none=True)
     t0 = time.perf_counter()
-    routings = [parallel.routing(model, b) for b in micro_batches]  # collectives (MoE)
+    shards = [parallel.graph.shard(b) for b in micro_batches] if parallel.graph is not None else None
+    routings = [parallel.routing(model, b) for b in micro_batches] if shards is None else \
+        [parallel.routing(model, s.local, s.owned_2C) for s in shards]  # collectives (MoE)
     times["routing"] = time.perf_counter() - t0
     aux_counts = sum(r.counts.world_2C for r in routings) if model.moe_layers else None
     loss_sums: dict[str, float] = {}
     if parallel.pipeline is not None:  # the micro-batches through the stages; reduced after the last
         plans = [step_plan(model, b, cfg) for b in micro_batches]
         loss_sums = parallel.pipeline.run(micro_batches, routings, plans, loss_scale, times, aux_counts)
+    elif shards is not None:  # each micro-batch over the GP group; this rank's share of the gradients
+        for i, (part, routing) in enumerate(zip(shards, routings)):
+            last = i == len(shards) - 1
+            if last:
+                reduction.arm()
+            aux = model.aux_loss(routing, aux_counts) if model.moe_layers and last else None
+            losses = parallel.graph.loss_and_gradients(model, part, cfg.loss, loss_scale, routing,
+                                                       step_plan(model, part.local, cfg),
+                                                       None if aux is None else cfg.loss.moe_aux_weight * aux, times)
+            if aux is not None:
+                losses["moe_aux"] = aux
+            for key, value in losses.items():  # the group's first rank reports its structures' losses
+                if key == "moe_aux" or topo.gp_index == 0:
+                    loss_sums[key] = loss_sums.get(key, 0.0) + float(value.detach().sum())
     else:
         for i, (batch, routing) in enumerate(zip(micro_batches, routings)):
             last = i == len(micro_batches) - 1
@@ -130,4 +147,5 @@ def train_step(model: Potential, micro_batches: list[GraphBatch], optimizer: tor
     else:
         optimizer.zero_grad(set_to_none=True)
     times.update(comm=t1 - t0, optimizer=time.perf_counter() - t1)
-    return StepResult(loss_sums, loss, norm, updated, times, routings[-1])
+    work = None if shards is None else {k: sum(s.counts()[k] for s in shards) for k in shards[0].counts()}
+    return StepResult(loss_sums, loss, norm, updated, times, routings[-1], work)

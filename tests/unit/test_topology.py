@@ -15,9 +15,9 @@ def test_grid_groups():
 
 
 @pytest.mark.parametrize("world, dp, ep, message", [
-    (4, 3, 1, "3 × 1 × 1 = 3 but the job has 4 ranks"),
-    (6, 0, 4, "parallel.pp × parallel.ep = 1 × 4 = 4 does not divide the world size 6"),
-    (4, 0, 0, "need dp >= 0, pp >= 1 and ep >= 1"),
+    (4, 3, 1, "3 × 1 × 1 × 1 = 3 but the job has 4 ranks"),
+    (6, 0, 4, "parallel.pp × parallel.gp × parallel.ep = 1 × 1 × 4 = 4 does not divide the world size 6"),
+    (4, 0, 0, "need dp >= 0, pp >= 1, gp >= 1 and ep >= 1"),
 ])
 def test_invalid_layouts(world, dp, ep, message):
     with pytest.raises(TopologyError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -42,10 +42,27 @@ def test_pipeline_grid_groups():
 
 
 @pytest.mark.parametrize("world, dp, pp, ep, message", [
-    (4, 0, 3, 1, "parallel.pp × parallel.ep = 3 × 1 = 3 does not divide the world size 4"),
-    (4, 2, 2, 2, "2 × 2 × 2 = 8 but the job has 4 ranks"),
-    (4, 0, 0, 1, "need dp >= 0, pp >= 1 and ep >= 1"),
+    (4, 0, 3, 1, "parallel.pp × parallel.gp × parallel.ep = 3 × 1 × 1 = 3 does not divide the world size 4"),
+    (4, 2, 2, 2, "2 × 2 × 1 × 2 = 8 but the job has 4 ranks"),
+    (4, 0, 0, 1, "need dp >= 0, pp >= 1, gp >= 1 and ep >= 1"),
 ])
 def test_invalid_pipeline_layouts(world, dp, pp, ep, message):
     with pytest.raises(TopologyError, match=message.replace("(", r"\(").replace(")", r"\)")):
         grid_layout(world, dp, ep, pp)
+
+
+def test_graph_parallel_grid_groups():
+    """dp × gp × ep = 2 × 2 × 2: EP innermost, GP peers ep apart, both GP ranks take one share."""
+    layout = grid_layout(8, dp=0, ep=2, gp=2)
+    assert layout.dp == 2 and layout.replicas == 4
+    assert [layout.gp_index(r) for r in range(8)] == [0, 0, 1, 1, 0, 0, 1, 1]
+    assert layout.ep_group(3) == (2, 3)
+    assert layout.gp_group(5) == (5, 7)
+    assert layout.edp_group(5) == (1, 3, 5, 7)     # same experts: every dp and gp index
+    assert layout.stage_group(2) == tuple(range(8))
+    assert {layout.replica_index(r) for r in layout.gp_group(5)} == {layout.replica_index(5)}
+    assert sorted({layout.replica_index(r) for r in range(8)}) == [0, 1, 2, 3]
+    for group in (layout.gp_group, layout.edp_group, layout.ep_group):
+        assert sorted(r for g in {group(r) for r in range(8)} for r in g) == list(range(8))
+    with pytest.raises(TopologyError, match="parallel.pp × parallel.gp × parallel.ep = 1 × 3 × 1 = 3 does not divide"):
+        grid_layout(4, 0, 1, gp=3)

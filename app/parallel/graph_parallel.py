@@ -1,0 +1,269 @@
+"""Graph (domain) parallelism: the atoms of one structure split over a GP group, exact to the
+second derivative.
+
+Each rank owns a spatial domain of each large structure (recursive coordinate bisection of the
+periodic, possibly triclinic cell, balanced by the step-cost model's per-atom cost) and computes
+the energy of its owned atoms only, on a subgraph of the structure's graph: its atoms and a halo
+of ghost atoms out to the model's receptive field. The halo is a closure over the graph itself,
+block by block from the readout back (`halo`), so it holds exactly the atoms, bonds and triplets
+whose features reach an owned atom's energy — periodic images included, since a ghost is the
+same atom the single-rank graph has (the bonds carry the cell shifts).
+
+Why ghosts rather than a halo exchange per block: the energy is then a sum of independent rank
+contributions, E = Σ_k E_k, and so are its derivatives ∂E/∂r = Σ_k ∂E_k/∂r and ∂E/∂ε. One host
+Allreduce per micro-batch of (E, ∂E/∂r, ∂E/∂ε) gives every rank the structure's prediction; the
+loss and its adjoints (∂L/∂E, ∂L/∂F, ∂L/∂σ) are computed from those sums on every GP rank alike, and
+each rank back-propagates them through its own force graph (the double backward) and forward
+graph. No collective sits inside a backward, so the second-order gradients are the single-rank
+ones; the ranks' parameter gradients add up in the data-parallel reduction (a sum over the stage
+group, divided by the number of replicas, which does not count GP ranks). The price is redundant
+work in the halo: with B blocks and cutoff r_c, bonds within (B − 1)·r_c of a domain's surface are
+computed on both sides (`exaforce bench gp` reports the factor).
+
+Structures below parallel.gp_min_atoms go whole to one GP rank (the least loaded), so a share of
+many small structures is dealt over the group, and a rank may own no atom at all.
+
+Shapes: N atoms, E bonds, T triplets, G structures, n/e/t this rank's subgraph, C routing classes.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+
+from exaforce.config import LossConfig
+from exaforce.graph import GraphBatch, route_class_counts
+from exaforce.loss import structure_losses
+from exaforce.model.potential import Potential, Prediction, energy, prediction, strained_geometry
+from exaforce.model.recompute import Recompute
+from exaforce.model.routing import Routing
+from exaforce.parallel.topology import Topology
+
+Weights = dict[str, float]  # step-cost coefficients: seconds per atom, edge and angle
+
+
+def atom_costs(batch: GraphBatch, weights: Weights) -> np.ndarray:
+    """Predicted cost of each atom: itself, the bonds it starts and the triplets centred on it."""
+    n = batch.numbers_N.shape[0]
+    src_E = batch.edge_index_2E[0].cpu().numpy()
+    centre_T = src_E[batch.triplet_index_2T[0].cpu().numpy()]
+    return (weights["atoms"] + weights["edges"] * np.bincount(src_E, minlength=n)
+            + weights["angles"] * np.bincount(centre_T, minlength=n))
+
+
+def domain_owners(positions_N3: np.ndarray, cell_33: np.ndarray, periodic: bool, cost_N: np.ndarray,
+                  parts: int) -> np.ndarray:
+    """Part index of each atom: recursive coordinate bisection into `parts` domains of equal cost.
+
+    Periodic cells are cut along lattice planes (fractional coordinates scaled by the plane spacing,
+    so a triclinic cell is cut across its widest extent); molecules along Cartesian axes. Ties are
+    broken by atom index, so the partition is a function of the structure alone."""
+    if periodic:
+        fractional = np.linalg.solve(cell_33.T, positions_N3.T).T
+        fractional -= np.floor(fractional)
+        volume = abs(np.linalg.det(cell_33))
+        spacing_3 = np.array([volume / np.linalg.norm(np.cross(cell_33[(k + 1) % 3], cell_33[(k + 2) % 3]))
+                              for k in range(3)])
+        coords_N3 = fractional * spacing_3
+    else:
+        coords_N3 = positions_N3
+    owner_N = np.zeros(len(positions_N3), np.int64)
+    _bisect(np.arange(len(positions_N3)), coords_N3, cost_N, 0, parts, owner_N)
+    return owner_N
+
+
+def _bisect(atoms: np.ndarray, coords_N3: np.ndarray, cost_N: np.ndarray, first: int, parts: int,
+            owner_N: np.ndarray) -> None:
+    if parts == 1 or len(atoms) == 0:
+        owner_N[atoms] = first
+        return
+    extent = coords_N3[atoms].max(0) - coords_N3[atoms].min(0)
+    axis = int(np.argmax(extent))
+    order = atoms[np.lexsort((atoms, coords_N3[atoms, axis]))]
+    left_parts = parts // 2
+    cumulative = np.cumsum(cost_N[order])
+    target = cumulative[-1] * left_parts / parts
+    cut = int(np.argmin(np.abs(cumulative - target))) + 1  # atoms on the left
+    _bisect(order[:cut], coords_N3, cost_N, first, left_parts, owner_N)
+    _bisect(order[cut:], coords_N3, cost_N, first + left_parts, parts - left_parts, owner_N)
+
+
+def assign_owners(batch: GraphBatch, parts: int, min_atoms: int, weights: Weights) -> np.ndarray:
+    """Owner (GP index) of every atom of the batch: structures of at least `min_atoms` atoms split into
+    domains; smaller ones whole, each to the rank with the least cost so far (largest first)."""
+    cost_N = atom_costs(batch, weights)
+    owner_N = np.zeros(len(cost_N), np.int64)
+    load = np.zeros(parts)
+    natoms_G = batch.natoms_G.cpu().numpy()
+    offsets = np.r_[0, np.cumsum(natoms_G)]
+    cost_G = np.add.reduceat(cost_N, offsets[:-1]) if len(cost_N) else np.zeros(len(natoms_G))
+    small = []
+    for g in range(len(natoms_G)):
+        lo, hi = offsets[g], offsets[g + 1]
+        if natoms_G[g] >= min_atoms:
+            owner_N[lo:hi] = domain_owners(batch.positions_N3[lo:hi].cpu().double().numpy(),
+                                           batch.cell_G33[g].cpu().double().numpy(),
+                                           bool(batch.periodic_G[g]), cost_N[lo:hi], parts)
+            load += np.bincount(owner_N[lo:hi], cost_N[lo:hi], minlength=parts)
+        else:
+            small.append(g)
+    for g in sorted(small, key=lambda g: (-cost_G[g], g)):
+        rank = int(np.argmin(load))
+        owner_N[offsets[g]:offsets[g + 1]] = rank
+        load[rank] += cost_G[g]
+    return owner_N
+
+
+def halo(owned_N: np.ndarray, edge_index_2E: np.ndarray, triplet_index_2T: np.ndarray,
+         blocks: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Masks of the atoms, bonds and triplets whose features reach an owned atom's energy.
+
+    From the readout back, per block: an atom's update reads every bond that starts or ends on it
+    and both ends' previous features; a bond's update reads its triplet partners (the bonds sharing
+    its centre) — and the matris block's bond and triplet updates read no more than that. A needed
+    feature therefore finds all its inputs in the subgraph; features of the outermost ghosts are
+    computed from partial inputs, but reach no owned energy."""
+    src_E, dst_E = edge_index_2E
+    a_T, b_T = triplet_index_2T
+    atom_N = owned_N.copy()
+    bond_E = np.zeros(len(src_E), bool)
+    line_T = np.zeros(len(a_T), bool)
+    for _ in range(blocks):
+        bond_E |= atom_N[src_E] | atom_N[dst_E]
+        atom_N[src_E[bond_E]] = True
+        atom_N[dst_E[bond_E]] = True
+        line_T = bond_E[a_T] | bond_E[b_T]   # the triplets this block's bond updates read (grows going back)
+        bond_E[a_T[line_T]] = True
+        bond_E[b_T[line_T]] = True
+    atom_N[src_E[bond_E]] = True  # the geometry of every bond kept
+    atom_N[dst_E[bond_E]] = True
+    return atom_N, bond_E, line_T
+
+
+@dataclass
+class GraphShard:
+    """One rank's part of a batch: its subgraph, which of its atoms it owns, and the whole batch's labels."""
+
+    local: GraphBatch           # owned and ghost atoms, their bonds and triplets (labels of the whole batch unused)
+    atoms_n: torch.Tensor       # local atom → batch atom
+    owned_n: torch.Tensor       # local indices of the owned atoms (the readout's)
+    owned_2C: np.ndarray        # routing-class counts of owned atoms and bonds (starting on an owned atom)
+    labels: GraphBatch          # the whole batch without its graph: labels and sizes for the loss
+
+    def counts(self) -> dict[str, int]:
+        """The work this rank does (ghosts included)."""
+        return self.local.counts()
+
+
+def shard(batch: GraphBatch, owner_N: np.ndarray, gp_index: int, blocks: int, n_elements: int) -> GraphShard:
+    """This GP rank's subgraph of `batch`, on the batch's device (masks built on the host)."""
+    device = batch.positions_N3.device
+    edge_index_2E, triplet_index_2T = batch.edge_index_2E.cpu().numpy(), batch.triplet_index_2T.cpu().numpy()
+    owned_N = owner_N == gp_index
+    atom_N, bond_E, line_T = halo(owned_N, edge_index_2E, triplet_index_2T, blocks)
+    atoms_n, bonds_e = np.flatnonzero(atom_N), np.flatnonzero(bond_E)
+    local_of_N = np.full(len(atom_N), -1, np.int64)
+    local_of_N[atoms_n] = np.arange(len(atoms_n))
+    local_of_E = np.full(len(bond_E), -1, np.int64)
+    local_of_E[bonds_e] = np.arange(len(bonds_e))
+    edge_index_2e = local_of_N[edge_index_2E[:, bonds_e]]
+    class_N = batch.head_G.cpu().numpy()[batch.graph_N.cpu().numpy()] * n_elements + batch.species_N.cpu().numpy()
+    n_classes = batch.route_counts_2C.shape[1]
+    atoms, bonds = torch.from_numpy(atoms_n).to(device), torch.from_numpy(bonds_e).to(device)
+    local = replace(batch, numbers_N=batch.numbers_N[atoms], species_N=batch.species_N[atoms],
+                    positions_N3=batch.positions_N3[atoms], graph_N=batch.graph_N[atoms],
+                    edge_index_2E=torch.from_numpy(edge_index_2e).to(device), shifts_E3=batch.shifts_E3[bonds],
+                    triplet_index_2T=torch.from_numpy(local_of_E[triplet_index_2T[:, line_T]]).to(device),
+                    forces_N3=batch.forces_N3[atoms],
+                    route_counts_2C=route_class_counts(class_N[atoms_n], edge_index_2e[0], n_classes))
+    owned_bonds = edge_index_2E[0, owned_N[edge_index_2E[0]]]
+    owned_2C = np.stack([np.bincount(class_N[owned_N], minlength=n_classes),
+                         np.bincount(class_N[owned_bonds], minlength=n_classes)]).astype(np.int64)
+    empty = torch.zeros(2, 0, dtype=torch.int64, device=device)
+    labels = replace(batch, edge_index_2E=empty, shifts_E3=batch.shifts_E3[:0], triplet_index_2T=empty)
+    return GraphShard(local=local, atoms_n=atoms, owned_n=torch.from_numpy(local_of_N[np.flatnonzero(owned_N)]).to(device),
+                      owned_2C=owned_2C, labels=labels)
+
+
+class GraphParallel:
+    """This rank's place in its GP group: shards a batch, and runs a micro-batch's training step or
+    prediction over the group (collective over it: one Allreduce of the assembled prediction)."""
+
+    def __init__(self, topo: Topology, blocks: int, n_elements: int, min_atoms: int, weights: Weights | None = None):
+        self.topo = topo
+        self.blocks, self.n_elements, self.min_atoms = blocks, n_elements, min_atoms
+        self.weights = weights or {"atoms": 1.0, "edges": 0.0, "angles": 0.0}
+
+    def shard(self, batch: GraphBatch) -> GraphShard:
+        owner_N = assign_owners(batch, self.topo.layout.gp, self.min_atoms, self.weights)
+        return shard(batch, owner_N, self.topo.gp_index, self.blocks, self.n_elements)
+
+    def _energy_and_gradients(self, model: Potential, part: GraphShard, routing: Routing | None,
+                              plan: Recompute | None, training: bool,
+                              times: dict[str, float]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """This rank's share of the energies, and its ∂E_k/∂r (local atoms) and ∂E_k/∂ε (create_graph
+        in training)."""
+        t0 = time.perf_counter()
+        geometry = strained_geometry(part.local)
+        energy_G = energy(model, part.local, geometry, routing, plan, readout_atoms=part.owned_n)
+        t1 = time.perf_counter()
+        grad_pos_n3, grad_strain_G33 = torch.autograd.grad(
+            energy_G.sum(), (geometry.positions_N3, geometry.strain_G33), create_graph=training,
+            allow_unused=True, materialize_grads=True)  # a rank owning no atom reads no geometry
+        _add(times, forward=t1 - t0, force_backward=time.perf_counter() - t1)
+        return energy_G, grad_pos_n3, grad_strain_G33
+
+    def _assemble(self, part: GraphShard, energy_G: torch.Tensor, grad_pos_n3: torch.Tensor,
+                  grad_strain_G33: torch.Tensor, times: dict[str, float]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Σ over the GP group of every rank's energies and gradients, as new leaves (collective: one
+        float64 Allreduce of 10·G + 3·N numbers)."""
+        t0 = time.perf_counter()
+        n_graphs, n_atoms = part.labels.n_graphs, part.labels.numbers_N.shape[0]
+        packed = np.zeros(10 * n_graphs + 3 * n_atoms)
+        packed[:n_graphs] = energy_G.detach().cpu().double().numpy()
+        packed[n_graphs:10 * n_graphs] = grad_strain_G33.detach().cpu().double().numpy().reshape(-1)
+        packed[10 * n_graphs:].reshape(n_atoms, 3)[part.atoms_n.cpu().numpy()] = grad_pos_n3.detach().cpu().double().numpy()
+        self.topo.gp_sum_(packed)  # collective
+        total = torch.from_numpy(packed).to(device=energy_G.device, dtype=energy_G.dtype)
+        _add(times, gp_sum=time.perf_counter() - t0)
+        return (total[:n_graphs].requires_grad_(True),
+                total[10 * n_graphs:].reshape(n_atoms, 3).requires_grad_(True),
+                total[n_graphs:10 * n_graphs].reshape(n_graphs, 3, 3).requires_grad_(True))
+
+    def predict(self, model: Potential, part: GraphShard, routing: Routing | None) -> Prediction:
+        """The whole batch's energies, forces and stresses on every rank of the group (collective)."""
+        times: dict[str, float] = {}
+        energy_G, grad_pos, grad_strain = self._energy_and_gradients(model, part, routing, None, False, times)
+        total_G, total_pos, total_strain = self._assemble(part, energy_G, grad_pos, grad_strain, times)
+        with torch.no_grad():
+            return prediction(total_G, total_pos, total_strain, part.labels)
+
+    def loss_and_gradients(self, model: Potential, part: GraphShard, loss_cfg: LossConfig, loss_scale: float,
+                           routing: Routing | None, plan: Recompute | None, aux: torch.Tensor | None,
+                           times: dict[str, float]) -> dict[str, torch.Tensor]:
+        """One micro-batch's loss on the whole batch and this rank's share of its parameter gradients
+        (collective over the GP group). `aux`: a loss that depends on no structure, added once per
+        group (GP index 0). Returns the per-structure loss terms (the same on every rank of the group)."""
+        energy_G, grad_pos_n3, grad_strain_G33 = self._energy_and_gradients(model, part, routing, plan, True, times)
+        total_G, total_pos_N3, total_strain_G33 = self._assemble(part, energy_G, grad_pos_n3, grad_strain_G33, times)
+        t0 = time.perf_counter()
+        losses = structure_losses(prediction(total_G, total_pos_N3, total_strain_G33, part.labels), part.labels, loss_cfg)
+        adjoint_G, adjoint_N3, adjoint_G33 = torch.autograd.grad(losses["total"].sum() * loss_scale,
+                                                                 (total_G, total_pos_N3, total_strain_G33))
+        # This rank's terms of dL/dθ = Σ_k [∂L/∂E·∂E_k/∂θ + ∂L/∂(∂E/∂r)·∂²E_k/∂r∂θ + ∂L/∂(∂E/∂ε)·∂²E_k/∂ε∂θ]
+        share = ((adjoint_G * energy_G).sum() + (adjoint_N3[part.atoms_n] * grad_pos_n3).sum()
+                 + (adjoint_G33 * grad_strain_G33).sum())
+        if aux is not None and self.topo.gp_index == 0:
+            share = share + aux
+        share.backward()  # the double backward through this rank's subgraph; armed reducers launch from here
+        _add(times, param_backward=time.perf_counter() - t0,
+             alltoall=routing.clock.seconds if routing is not None else 0.0)
+        return losses
+
+
+def _add(times: dict[str, float], **seconds: float) -> None:
+    for key, value in seconds.items():
+        times[key] = times.get(key, 0.0) + value
