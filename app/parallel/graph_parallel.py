@@ -237,9 +237,8 @@ class GraphParallel:
         """The whole batch's energies, forces and stresses on every rank of the group (collective)."""
         times: dict[str, float] = {}
         energy_G, grad_pos, grad_strain = self._energy_and_gradients(model, part, routing, None, False, times)
-        total_G, total_pos, total_strain = self._assemble(part, energy_G, grad_pos, grad_strain, times)
-        with torch.no_grad():
-            return prediction(total_G, total_pos, total_strain, part.labels)
+        totals = self._assemble(part, energy_G, grad_pos, grad_strain, times)
+        return prediction(*(t.detach() for t in totals), part.labels)
 
     def loss_and_gradients(self, model: Potential, part: GraphShard, loss_cfg: LossConfig, loss_scale: float,
                            routing: Routing | None, plan: Recompute | None, aux: torch.Tensor | None,
