@@ -197,16 +197,17 @@ def save(run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.opti
     topo.barrier()  # collective: the folder exists before anybody writes into it
 
     layout = topo.layout
-    dp_index, ep_index, stage = layout.dp_index(topo.rank), layout.ep_index(topo.rank), layout.pp_index(topo.rank)
+    ep_index, stage = layout.ep_index(topo.rank), layout.pp_index(topo.rank)
+    first = layout.dp_index(topo.rank) == 0 and layout.gp_index(topo.rank) == 0  # of the replicas (GP peers alike)
     state = model.state_dict()  # pipeline: this rank's stage only
     expert_keys = _expert_keys(model)
     written = [_write_part(partial, f"rng-rank{topo.rank:05d}.pt", rng_state())]
-    if dp_index == 0 and ep_index == 0:  # the stage's first replica (world rank 0 without stages)
+    if first and ep_index == 0:  # the stage's first replica (world rank 0 without stages)
         dense = {k: v for k, v in state.items() if k not in expert_keys}
         written.append(_write_part(partial, dense_part(layout.pp, stage), {
             "format": FORMAT, "model": dense, "optimizer": _optimizer_state(model, optimizer, set(dense)),
             "meta": meta}))
-    if dp_index == 0 and expert_keys:  # one copy of each expert shard: the first of its EDP group
+    if first and expert_keys:  # one copy of each expert shard: the first of its EDP group
         experts = {k: v for k, v in state.items() if k in expert_keys}
         written.append(_write_part(partial, expert_part(layout.pp, stage, ep_index), {
             "format": FORMAT, "model": experts, "optimizer": _optimizer_state(model, optimizer, expert_keys)}))
@@ -214,7 +215,7 @@ def save(run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.opti
 
     if topo.is_root:
         marker = {"format": FORMAT, "step": step, "world_size": topo.world_size, "dp": layout.dp,
-                  "ep": layout.ep, "pp": layout.pp, "files": dict(sorted(item for part in files for item in part))}
+                  "ep": layout.ep, "pp": layout.pp, "gp": layout.gp, "files": dict(sorted(item for part in files for item in part))}
         write_file_atomically(partial / MARKER, lambda f: f.write(json.dumps(marker, indent=1).encode()))
         replace_path(partial, final)  # the atomic publication (and an fsync of the parent)
         _prune(root, keep)
@@ -324,7 +325,8 @@ def restore(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimiz
     stage = layout.pp_index(topo.rank)
     expert_keys = _expert_keys(model)
     marker, dense, why = None, None, ""
-    if layout.dp_index(topo.rank) == 0 and layout.ep_index(topo.rank) == 0:
+    first = layout.dp_index(topo.rank) == 0 and layout.gp_index(topo.rank) == 0
+    if first and layout.ep_index(topo.rank) == 0:
         # one reader per stage: a job of thousands of ranks must not stat and read every file thousands of times
         marker, why = _marker(folder)
         if marker is not None:
@@ -340,7 +342,7 @@ def restore(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimiz
 
     saved_pp = _saved_pp(marker)
     experts: dict[str, Any] = {"model": {}, "optimizer": {}}
-    if layout.dp_index(topo.rank) == 0 and expert_keys:
+    if first and expert_keys:
         per_file = model.cfg.moe_experts // marker["ep"]
         mine = {int(k.split(".experts.")[1].split(".")[0]) for k in expert_keys}
         stages = [stage, *(s for s in range(saved_pp) if s != stage)] if saved_pp == layout.pp else range(saved_pp)

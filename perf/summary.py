@@ -9,6 +9,8 @@ report):
   * structures, atoms, edges, angles and FLOPs are summed over ranks; with pipeline stages (records
     with `pp_stage`) every stage of a pipeline takes the same structures, so structures, atoms, edges,
     angles and loss sums count on first stages (pp_stage 0) only, and FLOPs (each stage's own) on all;
+    likewise with graph parallelism (records with `gp_index`) on each GP group's first rank only,
+    and FLOPs (each rank's subgraph, halo included) on all;
   * the global loss of a step is Σ_ranks loss_sum[term] / Σ_ranks structures, per term;
   * load imbalance of a step = max / mean over ranks of total_time;
   * the time breakdown is, per category, the mean over ranks (so the categories stack up to the
@@ -40,7 +42,8 @@ def _aggregate_step(records: list[dict[str, Any]]) -> dict[str, Any]:
     """One step over ranks (records in rank order)."""
     totals = [r["total_time"] for r in records]
     mean_time = statistics.fmean(totals)
-    first = [r for r in records if r.get("pp_stage", 0) == 0]  # a pipeline's structures: its first stage's
+    # a pipeline's structures: its first stage's; a GP group's: its first rank's
+    first = [r for r in records if r.get("pp_stage", 0) == 0 and r.get("gp_index", 0) == 0]
     structures = sum(r["structures"] for r in first)
     terms = [t for t in first[0]["loss_sum"] if all(t in r["loss_sum"] for r in first)]
     times_mean = {k: statistics.fmean(r["times"][k] for r in records) for k in STEP_TIME_KEYS}

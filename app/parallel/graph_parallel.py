@@ -154,8 +154,8 @@ class GraphShard:
     labels: GraphBatch          # the whole batch without its graph: labels and sizes for the loss
 
     def counts(self) -> dict[str, int]:
-        """The work this rank does (ghosts included)."""
-        return self.local.counts()
+        """The work this rank does (halo included), and the atoms it owns."""
+        return {**self.local.counts(), "owned_atoms": int(self.owned_n.shape[0])}
 
 
 def shard(batch: GraphBatch, owner_N: np.ndarray, gp_index: int, blocks: int, n_elements: int) -> GraphShard:

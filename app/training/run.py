@@ -1,9 +1,10 @@
-"""`train()`: the training loop over a dp × pp × ep topology, from a new run or a checkpoint.
+"""`train()`: the training loop over a dp × pp × gp × ep topology, from a new run or a checkpoint.
 
 Read it top to bottom: build the run (exaforce.training.setup), then per step: deal the global
 batch, take the step (exaforce.training.step), report it, and decide — on every rank alike — whether
 to checkpoint or stop. The global batch is dealt into `topo.layout.replicas` shares (dp · ep, the
-world size without pipeline stages); every stage of a pipeline takes its pipeline's share.
+world size without pipeline stages and GP peers); every stage of a pipeline, and every rank of a GP
+group, takes its replica's share.
 
 Faults (exaforce.faults): scheduler signals end a run with a checkpoint at a step boundary and
 REQUEUE_EXIT_CODE; a non-finite step is skipped or stops the run (run.nonfinite); a watchdog aborts a
@@ -127,6 +128,10 @@ def take_step(run: Run, step: int, epoch: int, global_batch: np.ndarray, watchdo
              "rss_bytes": resident_memory_bytes()}
     if topo.layout.pp > 1:
         extra["pp_stage"] = topo.stage  # the report counts structures and losses on first stages only
+    work = counts
+    if result.work is not None:  # graph parallelism: the report counts structures on each group's first rank
+        extra.update(gp_index=topo.gp_index, gp_work=result.work)
+        work = result.work
     if run.device.type != "cpu":
         extra["device_peak_mem_bytes"] = device_peak_memory_bytes(run.device)
     if not result.updated:
@@ -141,11 +146,11 @@ def take_step(run: Run, step: int, epoch: int, global_batch: np.ndarray, watchdo
         for line in validation_log_lines(extra["val"]):
             run.log(line)
     run.perf.step(step=step, epoch=epoch, times=times, loss_sum=loss_sums,
-                  flops=predict_flops(run.progress.flop_coefficients, counts["atoms"], counts["edges"], counts["angles"]),
+                  flops=predict_flops(run.progress.flop_coefficients, work["atoms"], work["edges"], work["angles"]),
                   peak_mem_bytes=peak_memory_bytes(), lr=lr, extra=extra, **counts)
-    # Collective: the step's world atoms (each pipeline's once: its first stage's) and per-term loss
-    # sums (first stages hold them), for the log line and metrics.csv.
-    atoms = counts["atoms"] if topo.stage == 0 else 0
+    # Collective: the step's world atoms (each pipeline's and GP group's once: its first rank's) and
+    # per-term loss sums (first ranks hold them), for the log line and metrics.csv.
+    atoms = counts["atoms"] if topo.stage == 0 and topo.gp_index == 0 else 0
     world = topo.sum(np.array([atoms, *(loss_sums.get(t, 0.0) for t in LOSS_TERMS)], dtype=np.float64))
     run.clock.tick(int(world[0]))
     if run.metrics is not None:

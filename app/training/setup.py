@@ -123,6 +123,8 @@ def build_run(cfg: Config, topo: Topology, groups: CommGroups, log: Callable[[st
     if progress.layout != layout:
         progress.flop_coefficients, progress.cost_coefficients = calibrate(model, data.index, data.batch, cfg, parallel, log)
         progress.layout = layout
+    if parallel.graph is not None:  # domains balanced by the measured cost of atoms, bonds and triplets
+        parallel.graph.weights = progress.cost_coefficients
     run = Run(cfg=cfg, topo=topo, model=model, data=data, cost_G=structure_cost(data.index, progress.cost_coefficients),
               parallel=parallel, optimizer=optimizer, schedule=schedule, average=average, progress=progress,
               checkpoints=Checkpointer(cfg, topo, model, optimizer, resume_from, average),
@@ -164,6 +166,10 @@ def log_start(run: Run) -> None:
             f"~{steps_in_epoch(run.data.index, cfg.data.global_batch_size)} steps/epoch, steps "
             f"{run.progress.step + 1}–{cfg.run.steps}; cost/structure = {cost['atoms']:.3g}·atoms + "
             f"{cost['edges']:.3g}·edges + {cost['angles']:.3g}·angles")
+    if topo.layout.gp > 1:
+        run.log(f"graph parallel: {topo.layout.gp} ranks per group; structures of >= {cfg.parallel.gp_min_atoms} atoms "
+                f"split into cost-balanced spatial domains with a halo of {cfg.model.blocks} block(s), smaller ones "
+                "whole to one rank; owned and halo atoms per rank in the perf log (gp_work)")
     pp = topo.layout.pp
     if pp > 1 and cfg.data.micro_batches < 2 * pp:
         run.log(f"warning: parallel.pp = {pp} with data.micro_batches = {cfg.data.micro_batches}: the stages wait "

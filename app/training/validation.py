@@ -5,7 +5,8 @@ like a training step; a rank with nothing left in a chunk runs its first structu
 weight 0. Errors are summed locally and all-reduced once: energy MAE per atom and force MAE per
 component, in meV/atom and meV/Å. With pipeline stages a chunk is dealt to the pipelines, each
 predicts its share through its stages (PipelineStage.predict), and the first stage, which holds the
-predictions, adds the errors.
+predictions, adds the errors; with graph parallelism a GP group predicts its share together
+(GraphParallel.predict) and its first rank adds the errors.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def validation_mae(model: Potential, index: GlobalIndex, to_batch: Callable[[np.
             share = deal(part, cost_G[part], replicas)[topo.layout.replica_index(topo.rank)]
             batch = to_batch(share if len(share) else val[:1])
             pred = _energy_and_forces(model, batch, parallel)  # collective with pipeline stages
-            if pred is None:  # a later stage: the first one holds the predictions
+            if pred is None:  # a later stage or GP rank: the first one holds the predictions
                 continue
             weight = 1.0 if len(share) else 0.0
             energy_G, forces_N3 = pred
@@ -59,7 +60,11 @@ def validation_mae(model: Potential, index: GlobalIndex, to_batch: Callable[[np.
 def _energy_and_forces(model: Potential, batch: GraphBatch,
                        parallel: Parallel) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Energies and forces of `batch` on this rank, or through the pipeline (collective over its
-    stages; None on every stage but the first)."""
+    stages; None on every stage but the first), or over the GP group (None on every rank but its first)."""
+    if parallel.graph is not None:  # the batch's atoms over the GP group; its first rank adds the errors
+        part = parallel.graph.shard(batch)
+        pred = parallel.graph.predict(model, part, parallel.routing(model, part.local, part.owned_2C))  # collective
+        return (pred.energy_G, pred.forces_N3) if parallel.topo.gp_index == 0 else None
     routing = parallel.routing(model, batch)  # collective (MoE)
     if parallel.pipeline is None:
         pred = energy_forces_stress(model, batch, training=False, routing=routing)
