@@ -332,6 +332,8 @@ def _predict_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "xpu"],
                    help="auto (default: the rank's GPU when one is visible, else the CPU) | cpu | cuda | xpu")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out atomically")
+    p.add_argument("--gp", type=int, default=1, help="graph parallelism: groups of GP ranks split each structure's "
+                   "atoms between them (a structure larger than one rank's memory); must divide the ranks (default 1)")
     p.add_argument("--json", action="store_true", help="last line: one JSON object (counts, seconds, throughput)")
 
 
@@ -342,7 +344,7 @@ def cmd_predict(args: argparse.Namespace, ctx: Context) -> None:
     from exaforce.parallel.topology import Topology
     from exaforce.predict import ModelSource, predict
 
-    ctx.topo = topo = Topology.from_mpi()
+    ctx.topo = topo = Topology.from_mpi(gp=args.gp)
     log = _say if topo.is_root else _quiet
     source = ModelSource(checkpoint=args.checkpoint, preset=args.preset, seed=args.seed)
     summary = predict(source, args.data, args.out, topo, batch_size=args.batch_size, head=args.head,

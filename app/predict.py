@@ -11,6 +11,10 @@ changes, so a structure's last bits depend on its batch companions. Batches are 
 function of the dataset and `batch_size` alone — structures [k·B, (k+1)·B) — and ranks only choose
 which batches they run, so 1, 2 or N ranks write bit-identical numbers (at the same threads per rank).
 
+With graph parallelism (`--gp K`) the ranks form groups of K that each take a run of batches and
+split every structure's atoms over the group (exaforce.parallel.graph_parallel): one structure
+larger than a rank's memory. Sums over the group then change the last bits (float rounding).
+
 Shapes: S structures, N atoms, B batches, W ranks.
 """
 
@@ -35,6 +39,7 @@ from exaforce.io.schema import DataError, Frames
 from exaforce.graph import build_batch
 from exaforce.model.potential import Potential, energy_forces_stress
 from exaforce.model_io import load_trained, preset_model
+from exaforce.parallel.graph_parallel import GraphParallel
 from exaforce.parallel.topology import Topology
 
 
@@ -98,23 +103,34 @@ def predict(source: ModelSource, data: str | Path, out: str | Path, topo: Topolo
     model, label = source.load(DTYPES[dtype])
     model = model.to(on)
     h = head_index(model, head)
+    layout = topo.layout  # dp groups of gp ranks (graph parallelism: each batch's atoms over its group)
+    graph = GraphParallel(topo, len(model.blocks), len(model.cfg.elements), min_atoms=0) if layout.gp > 1 else None
+    group = layout.dp_index(topo.rank)
     with open_bp(data) as dataset:
-        plan = batch_plan(dataset.natoms_S, batch_size, topo.world_size)
+        plan = batch_plan(dataset.natoms_S, batch_size, layout.dp)
+        split = f" ({layout.dp} group(s) of {layout.gp} ranks, each structure's atoms split over its group)" \
+            if graph else ""
         log(f"predict: {dataset.n_structures} structures ({dataset.n_atoms} atoms) of {data} with {label}, "
-            f"head {model.cfg.heads[h]!r}, {dtype}, batches of {batch_size} on {topo.world_size} rank(s) "
+            f"head {model.cfg.heads[h]!r}, {dtype}, batches of {batch_size} on {topo.world_size} rank(s){split} "
             f"(rank 0: {describe(on)})")
         t0 = time.perf_counter()
-        first, shard = _read_shard(dataset, plan[topo.rank], batch_size, model.species_table(), topo)  # collective
+        first, shard = _read_shard(dataset, plan[group], batch_size, model.species_table(), topo)  # collective
         read_s = time.perf_counter() - t0
         with ProgressReport("predict (rank 0's share)", enabled=topo.is_root) as progress:
-            mine = _run_batches(model, shard, plan[topo.rank] - first, batch_size, h, DTYPES[dtype], on, progress)
+            mine = _run_batches(model, shard, plan[group] - first, batch_size, h, DTYPES[dtype], on, progress, graph)
         mine.times["read"] = read_s
         mine.times["loop"] += read_s
 
-        # Collectives: the slowest rank sets the throughput; predictions gather to rank 0 in input order.
+        # Collectives: the slowest rank sets the throughput; predictions (each group's from its first
+        # rank) gather to rank 0 in input order.
         times = {k: topo.max(v) for k, v in mine.times.items()}
-        structures_W = [int(sum(min(batch_size, dataset.n_structures - s) for s in p)) for p in plan]
-        atoms_W = [int(sum(dataset.natoms_S[s:s + batch_size].sum() for s in p)) for p in plan]
+        writers = [layout.gp_index(r) == 0 for r in range(topo.world_size)]
+        structures_W = [int(sum(min(batch_size, dataset.n_structures - s) for s in plan[layout.dp_index(r)]))
+                        if writers[r] else 0 for r in range(topo.world_size)]
+        atoms_W = [int(sum(dataset.natoms_S[s:s + batch_size].sum() for s in plan[layout.dp_index(r)]))
+                   if writers[r] else 0 for r in range(topo.world_size)]
+        if not writers[topo.rank]:
+            mine = _Predictions(np.zeros(0), np.zeros((0, 3)), np.zeros((0, 6)), mine.times)
         energy_S = topo.gather_rows_to_root(mine.energy_S, structures_W, ())
         forces_N3 = topo.gather_rows_to_root(mine.forces_N3, atoms_W, (3,))
         stress_S6 = topo.gather_rows_to_root(mine.stress_S6, structures_W, (6,))
@@ -133,7 +149,8 @@ def predict(source: ModelSource, data: str | Path, out: str | Path, topo: Topolo
             raise PredictError(error)
         n_structures, n_atoms = dataset.n_structures, dataset.n_atoms
     loop_s = times["loop"]
-    summary = {"structures": n_structures, "atoms": n_atoms, "ranks": topo.world_size, "batch_size": batch_size,
+    summary = {"structures": n_structures, "atoms": n_atoms, "ranks": topo.world_size, "gp": layout.gp,
+               "batch_size": batch_size,
                "dtype": dtype, "device": str(on), "head": model.cfg.heads[h], "model": label, "out": str(out),
                "threads_per_rank": torch.get_num_threads(), "loop_s": loop_s, "read_s": times["read"],
                "graph_s": times["graph"], "model_s": times["model"], "wall_s": time.perf_counter() - wall0,
@@ -175,9 +192,10 @@ class _Predictions:
 
 def _run_batches(model: Potential, shard: Frames, starts: np.ndarray, batch_size: int, head: int,
                  dtype: torch.dtype, device: torch.device = torch.device("cpu"),
-                 progress: Callable[[int, int], None] = lambda done, total: None) -> _Predictions:
+                 progress: Callable[[int, int], None] = lambda done, total: None,
+                 graph: GraphParallel | None = None) -> _Predictions:
     """Graph → energy → forces/stress for each batch of this rank's shard (`starts` index into the
-    shard); no communication."""
+    shard); no communication, or with `graph` each batch over the GP group (collective over it)."""
     cfg, species_of = model.cfg, model.species_table()
     times = {"graph": 0.0, "model": 0.0}
     energy, forces, stress = [np.zeros(0)], [np.zeros((0, 3))], [np.zeros((0, 6))]
@@ -189,7 +207,8 @@ def _run_batches(model: Potential, shard: Frames, starts: np.ndarray, batch_size
                             len(cfg.heads))
         batch = to_device(batch, device, dtype)
         t1 = time.perf_counter()
-        pred = energy_forces_stress(model, batch, training=False)  # autograd.grad without create_graph
+        # autograd.grad without create_graph
+        pred = energy_forces_stress(model, batch, training=False) if graph is None else graph.predict_alone(model, batch)
         energy.append(pred.energy_G.detach().double().cpu().numpy())
         forces.append(pred.forces_N3.detach().double().cpu().numpy())
         stress.append(pred.stress_G6.detach().double().cpu().numpy())

@@ -264,7 +264,26 @@ def prediction(energy_G: torch.Tensor, grad_pos_N3: torch.Tensor, grad_strain_G3
     return Prediction(energy_G=energy_G, forces_N3=-grad_pos_N3, stress_G6=stress_G6)
 
 
+# Inference on a line graph this large (triplets × width × blocks) sweeps the lines in chunks: the
+# fused attention stores its inputs only (the default model: about 0.8 instead of 2 MiB per atom of a
+# dense metal in float32); smaller ones take the plain path, the fastest.
+LEAN_INFERENCE_ABOVE = 2**23
+INFERENCE_CHUNK_LINES = 4096
+
+
+def inference_plan(model: Potential, batch: GraphBatch) -> Recompute | None:
+    """The path an inference of `batch` takes: a function of the batch alone, so a structure gets the
+    same numbers whichever ranks or companions it is predicted with."""
+    if model.cfg.block == "matris":  # no fused path
+        return None
+    line_channels = batch.triplet_index_2T.shape[1] * model.cfg.width * len(model.blocks)
+    return Recompute.from_run(INFERENCE_CHUNK_LINES, True, LEAN_INFERENCE_ABOVE, line_channels)
+
+
 def energy_forces_stress(model: Potential, batch: GraphBatch, training: bool,
                          routing: Routing | None = None) -> Prediction:
+    """Training (create_graph): the plain path, the reference the tests compare with; inference:
+    inference_plan's."""
     geometry = strained_geometry(batch)
-    return forces_and_stress(energy(model, batch, geometry, routing), geometry, batch, training)
+    plan = None if training else inference_plan(model, batch)
+    return forces_and_stress(energy(model, batch, geometry, routing, plan), geometry, batch, training)

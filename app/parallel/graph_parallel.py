@@ -37,7 +37,8 @@ import torch
 from exaforce.config import LossConfig
 from exaforce.graph import GraphBatch, route_class_counts
 from exaforce.loss import structure_losses
-from exaforce.model.potential import Potential, Prediction, energy, prediction, strained_geometry
+from exaforce.model.potential import (Potential, Prediction, energy, inference_plan, local_routing, prediction,
+                                      strained_geometry)
 from exaforce.model.recompute import Recompute
 from exaforce.model.routing import Routing
 from exaforce.parallel.topology import Topology
@@ -234,11 +235,19 @@ class GraphParallel:
                 total[n_graphs:10 * n_graphs].reshape(n_graphs, 3, 3).requires_grad_(True))
 
     def predict(self, model: Potential, part: GraphShard, routing: Routing | None) -> Prediction:
-        """The whole batch's energies, forces and stresses on every rank of the group (collective)."""
+        """The whole batch's energies, forces and stresses on every rank of the group (collective);
+        each rank's subgraph on inference_plan's path."""
         times: dict[str, float] = {}
-        energy_G, grad_pos, grad_strain = self._energy_and_gradients(model, part, routing, None, False, times)
+        energy_G, grad_pos, grad_strain = self._energy_and_gradients(model, part, routing,
+                                                                     inference_plan(model, part.local), False, times)
         totals = self._assemble(part, energy_G, grad_pos, grad_strain, times)
         return prediction(*(t.detach() for t in totals), part.labels)
+
+    def predict_alone(self, model: Potential, batch: GraphBatch) -> Prediction:
+        """Inference where every rank holds every expert (predict, the ASE calculator): shard, local
+        routing, predict (collective over the GP group)."""
+        part = self.shard(batch)
+        return self.predict(model, part, local_routing(model, part.local) if model.moe_layers else None)
 
     def loss_and_gradients(self, model: Potential, part: GraphShard, loss_cfg: LossConfig, loss_scale: float,
                            routing: Routing | None, plan: Recompute | None, aux: torch.Tensor | None,

@@ -147,6 +147,13 @@ class Topology:
         return cls(MPI.COMM_WORLD, dp=dp, ep=ep, pp=pp, gp=gp)
 
     @classmethod
+    def one_graph_group(cls) -> "Topology":
+        """Every rank of the job in one GP group (the ASE calculator under mpiexec: one structure at a time)."""
+        from mpi4py import MPI
+
+        return cls(MPI.COMM_WORLD, dp=1, gp=MPI.COMM_WORLD.Get_size())
+
+    @classmethod
     def single_process(cls) -> "Topology":
         """A world of this process alone (MPI.COMM_SELF): benchmarks and serial references run the
         production code paths on it."""

@@ -99,6 +99,27 @@ def test_ranks_write_identical_numbers_and_the_input_schema(work):
         "schema_version"]
 
 
+def test_graph_parallel_predictions_equal_one_rank(work):
+    """--gp 2 on 2 ranks (one group) and on 4 ranks (two groups, two batches each): every structure's
+    atoms split over its group; float64 energies, forces and stresses equal one rank's to 1e-10
+    relative (sums over the group change the last bits only); a --gp that does not divide the ranks fails."""
+    reference = predict(work, 1, "gp-ref.bp", "--batch-size", "4", "--dtype", "float64")
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    want, _ = read(work / "gp-ref.bp")
+    for ranks in (2, 4):
+        proc = predict(work, ranks, f"gp{ranks}.bp", "--batch-size", "4", "--dtype", "float64", "--gp", "2", "--json")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert f"{ranks // 2} group(s) of 2 ranks" in proc.stdout
+        assert json.loads(proc.stdout.strip().splitlines()[-1])["gp"] == 2
+        got, _ = read(work / f"gp{ranks}.bp")
+        for key in ("energy_S", "forces_N3", "stress_S6"):
+            a, b = np.nan_to_num(getattr(got, key)), np.nan_to_num(getattr(want, key))
+            assert np.abs(a - b).max() <= 1e-10 * np.abs(b).max(), key
+    bad = predict(work, 4, "gp3.bp", "--gp", "3")
+    assert bad.returncode != 0 and "does not divide the world size 4" in bad.stderr
+    assert not (work / "gp3.bp").exists()
+
+
 def test_predictions_equal_the_calculator(work):
     """float64, any batch size: each structure as the ASE calculator gives it alone (summation order
     differs between batch compositions, so to 1e-10, not bitwise)."""
