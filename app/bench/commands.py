@@ -259,6 +259,32 @@ def _run_pp(args: argparse.Namespace, log: Log) -> dict:
                     args.alive, args.dtype, args.warmup, args.repeats, args.blocks, args.simulate, log)
 
 
+def _gp_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--atoms", type=int, default=1000, help="atoms of the large cell, about (default 1000)")
+    p.add_argument("--shape", default="cube", choices=["cube", "rod"],
+                   help="cube, or a rod 4 × 4 fcc cells across (14.8 Å) and long (default cube)")
+    p.add_argument("--ranks", type=_rank_counts, default=[2, 4], help="comma-separated GP sizes run at --atoms "
+                                                                       "(default 2,4; 1: one rank at --atoms)")
+    p.add_argument("--single-atoms", type=lambda t: [int(x) for x in t.split(",") if x], default=[250, 500],
+                   help="comma-separated cell sizes run on one rank, to project one rank's memory and time at "
+                        "--atoms (default 250,500; empty: none)")
+    p.add_argument("--preset", default="demo", help="model preset (default demo)")
+    _dtype(p)
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps first (default 1)")
+    p.add_argument("--repeats", type=int, default=2, help="timed steps; the median is reported (default 2)")
+    p.add_argument("--budget-gib", type=float, default=0.0,
+                   help="a memory budget per rank, GiB: says whether one rank and the GP group fit it (default: none)")
+
+
+def _run_gp(args: argparse.Namespace, log: Log) -> dict:
+    from exaforce.bench.gp import bench_gp
+    from exaforce.config import model_preset
+
+    model_preset(args.preset)  # a bad name fails before any work
+    return bench_gp(args.atoms, args.shape, args.ranks, args.single_atoms, args.preset, args.dtype, args.warmup, args.repeats,
+                    args.budget_gib, log)
+
+
 BENCHMARKS: tuple[Benchmark, ...] = (
     Benchmark("step", "median full training step (forward, forces/stress with create_graph, loss, backward, "
               "optimizer) after warm-up", _step_arguments, _run_step),
@@ -278,6 +304,8 @@ BENCHMARKS: tuple[Benchmark, ...] = (
               "unseen dense EMT cells and 500 K MD frames", _accuracy_arguments, _run_accuracy),
     Benchmark("pp", "pipeline schedules on real ranks (gpipe against folded): per-phase work per stage, bubble, "
               "step time and memory per rank against pp = 1; the simulator at pp = 8 … 64", _pp_arguments, _run_pp),
+    Benchmark("gp", "one large cell's training step with its atoms split over 1, 2, 4 ranks (graph parallelism): "
+              "step time, peak memory per rank, halo work and volume, communication share", _gp_arguments, _run_gp),
     Benchmark("soak", "a long run must not grow: each rank's resident memory over 2,000 steps of the small "
               "preset on 2 ranks, validation and checkpoints included", _soak_arguments, _run_soak),
 )

@@ -274,8 +274,8 @@ INFERENCE_CHUNK_LINES = 4096
 def inference_plan(model: Potential, batch: GraphBatch) -> Recompute | None:
     """The path an inference of `batch` takes: a function of the batch alone, so a structure gets the
     same numbers whichever ranks or companions it is predicted with."""
-    if model.cfg.block == "matris":  # no fused path
-        return None
+    if model.cfg.block == "matris" or model.moe_layers:  # no fused path; MoE: every rank of an EP group must
+        return None                                      # issue the same all-to-alls (the fused path recomputes)
     line_channels = batch.triplet_index_2T.shape[1] * model.cfg.width * len(model.blocks)
     return Recompute.from_run(INFERENCE_CHUNK_LINES, True, LEAN_INFERENCE_ABOVE, line_channels)
 
