@@ -612,7 +612,7 @@ def _bench_arguments(bench: Benchmark, p: argparse.ArgumentParser) -> None:
 def cmd_bench(bench: Benchmark, args: argparse.Namespace, ctx: Context) -> None:
     """Every `exaforce bench NAME`: the table entry's run, its result as JSON on request."""
     result = bench.run(args, _say)
-    if args.json:
+    if args.json and result is not None:  # None: a rank other than 0 of a benchmark run under mpiexec
         print(json.dumps(result))
 
 

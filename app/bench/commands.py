@@ -20,7 +20,7 @@ class Benchmark:
     name: str
     help: str
     add_arguments: Callable[[argparse.ArgumentParser], None]
-    run: Callable[[argparse.Namespace, Log], dict]
+    run: Callable[[argparse.Namespace, Log], dict | None]  # None: a rank other than 0 under mpiexec
 
 
 def _dtype(parser: argparse.ArgumentParser, default: str = "float32") -> None:
@@ -179,14 +179,21 @@ def _md_arguments(p: argparse.ArgumentParser) -> None:
                         "≥ 1.5 Å, mean temperature within 15 %%); default 0")
     p.add_argument("--timestep", type=float, default=1.0, help="fs (default 1)")
     p.add_argument("--nve-timestep", type=float, help="fs of the NVE run (default: --timestep)")
+    p.add_argument("--cells", type=_rank_counts, default=[3, 3, 3],
+                   help="conventional fcc cells along a,b,c (default 3,3,3: 108 atoms)")
+    p.add_argument("--graph-parallel", action="store_true",
+                   help="under mpiexec -n K: the cell's atoms split over the K ranks (graph parallelism)")
     _dtype(p, default="float64")
 
 
-def _run_md(args: argparse.Namespace, log: Log) -> dict:
+def _run_md(args: argparse.Namespace, log: Log) -> dict | None:
     from exaforce.bench.md import bench_md
+    from exaforce.config import ConfigError
 
+    if len(args.cells) != 3 or min(args.cells) < 1:
+        raise ConfigError(f"bench md --cells {','.join(map(str, args.cells))}: three counts >= 1")
     return bench_md(args.checkpoint, args.steps, args.temperature, args.dtype, log, args.langevin_steps,
-                    args.timestep, args.nve_timestep)
+                    args.timestep, args.nve_timestep, tuple(args.cells), args.graph_parallel)
 
 
 def _soak_arguments(p: argparse.ArgumentParser) -> None:

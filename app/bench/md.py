@@ -20,17 +20,26 @@ SAMPLE_EVERY = 10               # steps between samples of distances and tempera
 
 
 def bench_md(checkpoint_path: str, steps: int, temperature_k: float, dtype: str, log: Callable[[str], None],
-             langevin_steps: int = 0, timestep_fs: float = 1.0, nve_timestep_fs: float | None = None) -> dict:
-    """A 108-atom fcc Cu cell (3×3×3 conventional): `langevin_steps` of Langevin at `temperature_k`
-    (if any), then `steps` of NVE velocity-Verlet from there (else from Maxwell-Boltzmann velocities),
-    at `nve_timestep_fs` (default: the Langevin's)."""
+             langevin_steps: int = 0, timestep_fs: float = 1.0, nve_timestep_fs: float | None = None,
+             cells: tuple[int, int, int] = (3, 3, 3), graph_parallel: bool = False) -> dict | None:
+    """An fcc Cu cell (`cells` conventional cells; default 3×3×3, 108 atoms): `langevin_steps` of
+    Langevin at `temperature_k` (if any), then `steps` of NVE velocity-Verlet from there (else from
+    Maxwell-Boltzmann velocities), at `nve_timestep_fs` (default: the Langevin's). graph_parallel: run
+    under `mpiexec -n K`, the cell's atoms split over the K ranks (every rank runs the same dynamics;
+    rank 0 logs and returns the result, the others None)."""
     from ase.build import bulk
     from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary
 
     from exaforce.calculator import ExaforceCalculator
 
-    atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((3, 3, 3))
-    atoms.calc = ExaforceCalculator.from_checkpoint(checkpoint_path, dtype=dtype)
+    atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat(cells)
+    atoms.calc = ExaforceCalculator.from_checkpoint(checkpoint_path, dtype=dtype, graph_parallel=graph_parallel)
+    graph = atoms.calc.graph
+    root = graph is None or graph.topo.is_root
+    if not root:
+        log = _quiet
+    if graph is not None:
+        log(f"bench md: {len(atoms)} atoms split over {graph.topo.world_size} ranks (graph parallelism)")
     rng = np.random.default_rng(BENCH_SEED)
     MaxwellBoltzmannDistribution(atoms, temperature_K=temperature_k, rng=rng)
     Stationary(atoms)
@@ -38,7 +47,12 @@ def bench_md(checkpoint_path: str, steps: int, temperature_k: float, dtype: str,
     if langevin_steps:
         result["langevin"] = langevin(atoms, langevin_steps, temperature_k, timestep_fs, rng, log)
     result["nve"] = nve(atoms, steps, nve_timestep_fs or timestep_fs, log)
-    return result
+    result["ranks"] = 1 if graph is None else graph.topo.world_size
+    return result if root else None
+
+
+def _quiet(message: str) -> None:
+    """The log of a rank other than 0 under graph parallelism."""
 
 
 def langevin(atoms, steps: int, temperature_k: float, timestep_fs: float, rng: np.random.Generator,
