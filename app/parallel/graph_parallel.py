@@ -17,8 +17,9 @@ each rank back-propagates them through its own force graph (the double backward)
 graph. No collective sits inside a backward, so the second-order gradients are the single-rank
 ones; the ranks' parameter gradients add up in the data-parallel reduction (a sum over the stage
 group, divided by the number of replicas, which does not count GP ranks). The price is redundant
-work in the halo: with B blocks and cutoff r_c, bonds within (B − 1)·r_c of a domain's surface are
-computed on both sides (`exaforce bench gp` reports the factor).
+work in the halo: with B blocks, cutoff r_c and three-body cutoff r_3, bonds within about
+(B − 1)·r_c + r_3 of a domain's surface are computed on both sides (`exaforce bench gp` reports the
+factor), so domains must be several receptive fields wide to pay.
 
 Structures below parallel.gp_min_atoms go whole to one GP rank (the least loaded), so a share of
 many small structures is dealt over the group, and a rank may own no atom at all.

@@ -57,6 +57,20 @@ def _forward_and_backward(model: Potential, batch: GraphBatch, cfg: Config, para
                                  routing.counts.world_2C if routing is not None else None)
 
 
+def _measured_step(model: Potential, batch: GraphBatch, cfg: Config,
+                   parallel: Parallel) -> tuple[Callable[[], object], dict[str, int]]:
+    """The step a calibration measures on this rank, and the counts of the work it does: the whole
+    batch, or with graph parallelism this rank's subgraph of it (collective: the routing plan)."""
+    if parallel.graph is None:
+        routing = parallel.routing(model, batch)
+        return (lambda: _forward_and_backward(model, batch, cfg, parallel, routing)), batch.counts()
+    part = parallel.graph.shard(batch)
+    routing = parallel.routing(model, part.local, part.owned_2C)
+    plan = step_plan(model, part.local, cfg)
+    return (lambda: parallel.graph.loss_and_gradients(model, part, cfg.loss, 1.0, routing, plan, None, {})), \
+        part.local.counts()
+
+
 def _fit_world_mean(model: Potential, batches: list[GraphBatch], cfg: Config, parallel: Parallel,
                     measure: Callable[[Callable[[], object]], float],
                     log: Callable[[str], None], over_stage: bool = False) -> tuple[Coefficients, bool]:
@@ -68,9 +82,8 @@ def _fit_world_mean(model: Potential, batches: list[GraphBatch], cfg: Config, pa
     topo = parallel.topo
     samples = []
     for batch in batches:
-        routing = parallel.routing(model, batch)
-        value = measure(lambda: _forward_and_backward(model, batch, cfg, parallel, routing))
-        c = batch.counts()
+        step, c = _measured_step(model, batch, cfg, parallel)
+        value = measure(step)
         samples.append((c["atoms"], c["edges"], c["angles"], float(value)))
     model.zero_grad(set_to_none=True)
     if over_stage:
@@ -140,7 +153,8 @@ def cache_key(cfg: Config, model: Potential, topo) -> dict:
             "layout": topo.describe(), "threads": torch.get_num_threads(), "device": str(device.type),
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_model(),
             "host_arch": platform.machine(), "torch": torch.__version__, "exaforce": __version__,
-            **({"pp_split": list(cfg.parallel.pp_split)} if topo.layout.pp > 1 else {})}
+            **({"pp_split": list(cfg.parallel.pp_split)} if topo.layout.pp > 1 else {}),
+            **({"gp_min_atoms": cfg.parallel.gp_min_atoms} if topo.layout.gp > 1 else {})}
 
 
 def _cpu_model() -> str:
