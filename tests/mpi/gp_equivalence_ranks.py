@@ -9,7 +9,6 @@ of a micro-batch). Rank 0 writes the comparison as JSON."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 
@@ -20,22 +19,19 @@ from ase.build import bulk, fcc111
 from ase.calculators.singlepoint import SinglePointCalculator
 
 from exaforce.comm.groups import build_groups
-from exaforce.config import ParallelConfig, from_dict
+from exaforce.config import from_dict
 from exaforce.graph import build_batch
 from exaforce.io.schema import Frames
 from exaforce.io.synth import synthesize
-from exaforce.model.potential import Potential, energy_forces_stress
+from exaforce.model.potential import energy_forces_stress
 from exaforce.parallel.parallelize import parallelize
 from exaforce.parallel.topology import Topology
 from exaforce.training.schedule import make_optimizer
 from exaforce.training.step import train_step
 
+from step_reference import compare_with_serial, rel_diff, seeded_model  # beside this script
+
 MICRO_BATCHES = 3  # at gp = 4 without splitting, the first (3 structures) leaves a rank empty
-
-
-def rel_diff(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = np.nan_to_num(np.asarray(a)), np.nan_to_num(np.asarray(b))
-    return float(np.abs(a - b).max(initial=0.0) / max(np.abs(b).max(initial=0.0), 1e-300))
 
 
 def structures() -> list[Atoms]:
@@ -71,18 +67,9 @@ def main(out_path: str, gp: int, dp: int, ep: int, min_atoms: int, block: str, p
                      "loss": {"moe_aux_weight": 0.1},
                      "parallel": {"dp": dp, "ep": ep, "gp": gp, "gp_min_atoms": min_atoms},
                      "comm": {"bucket_mb": 0.05, "backend": backend}, "run": run})
-    serial_cfg = dataclasses.replace(cfg, parallel=ParallelConfig(), run=dataclasses.replace(cfg.run, recompute_lines=0))
     frames = Frames.from_atoms(atoms)
 
-    def build(ep_rank: int = 0, ep_size: int = 1) -> Potential:
-        torch.manual_seed(5)
-        model = Potential(cfg.model, ep_rank, ep_size).double()
-        with torch.no_grad():
-            model.energy_scale_H.fill_(0.5)
-            model.reference_energy_HX.normal_()
-        return model
-
-    model = build(topo.layout.ep_index(topo.rank), ep)
+    model = seeded_model(cfg, topo.layout.ep_index(topo.rank), ep)
     parallel = parallelize(model, topo, build_groups(backend, topo), cfg)
     parallel.graph.weights = {"atoms": 1.0, "edges": 0.02, "angles": 0.002}
     optimizer, _ = make_optimizer(model, cfg)
@@ -105,20 +92,8 @@ def main(out_path: str, gp: int, dp: int, ep: int, min_atoms: int, block: str, p
                                     "times": step.times})
 
     if topo.rank == 0:  # serial reference: the whole global batch, one process, plain autograd
-        serial = build()
-        solo = Topology.single_process()
-        serial_parallel = parallelize(serial, solo, build_groups("mpi", solo), serial_cfg)
-        serial_optimizer, _ = make_optimizer(serial, serial_cfg)
-        ref_step = train_step(serial, [batch_of(range(len(atoms)))], serial_optimizer, serial_parallel, serial_cfg,
-                              1.0 / len(atoms), lr=0.0)
-        serial_params = dict(serial.named_parameters())
-        grad_diffs: dict[str, float] = {}
-        for rank_result in gathered:
-            for name, grad in rank_result["grads"].items():
-                grad_diffs[name] = max(grad_diffs.get(name, 0.0), rel_diff(grad, serial_params[name].grad.numpy()))
-        diffs = {"loss": rel_diff(step.loss, ref_step.loss), "grad_norm": rel_diff(step.grad_norm, ref_step.grad_norm)}
-        if "moe_aux" in ref_step.loss_sums:
-            diffs["moe_aux"] = rel_diff(step.loss_sums["moe_aux"], ref_step.loss_sums["moe_aux"])
+        serial, diffs, grad_diffs = compare_with_serial(cfg, batch_of(range(len(atoms))), len(atoms), step,
+                                                      [g["grads"] for g in gathered])
         for key in ("energy_G", "forces_N3", "stress_G6"):
             diffs[key] = 0.0
         for g in gathered:  # every rank's prediction of its replica's first micro-batch
@@ -128,7 +103,7 @@ def main(out_path: str, gp: int, dp: int, ep: int, min_atoms: int, block: str, p
         worst = max(grad_diffs, key=grad_diffs.get)
         result = {"gp": topo.layout.gp, "dp": topo.layout.dp, "ep": topo.layout.ep, "world": topo.world_size,
                   **diffs, "grad_max_rel_diff": grad_diffs[worst], "worst_param": worst,
-                  "params_compared": len(grad_diffs), "params_serial": len(serial_params), "loss_value": ref_step.loss,
+                  "params_compared": len(grad_diffs), "params_serial": len(list(serial.parameters())),
                   "owned": [g["owned"] for g in gathered], "local_atoms": [g["local_atoms"] for g in gathered],
                   "gp_sum_seconds": [g["times"].get("gp_sum", 0.0) for g in gathered]}
         with open(out_path, "w") as f:

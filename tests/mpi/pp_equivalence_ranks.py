@@ -8,7 +8,6 @@ comparison as JSON."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 
@@ -16,23 +15,20 @@ import numpy as np
 import torch
 
 from exaforce.comm.groups import build_groups
-from exaforce.config import ParallelConfig, from_dict
+from exaforce.config import from_dict
 from exaforce.graph import build_batch
 from exaforce.io.schema import Frames
 from exaforce.io.synth import synthesize
-from exaforce.model.potential import Potential
+from exaforce.model.potential import energy_forces_stress
 from exaforce.parallel.parallelize import parallelize
 from exaforce.parallel.topology import Topology
 from exaforce.training.schedule import make_optimizer
 from exaforce.training.step import train_step
 
+from step_reference import compare_with_serial, rel_diff, seeded_model  # beside this script
+
 GLOBAL_BATCH = 8
 MICRO_BATCHES = 3
-
-
-def rel_diff(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = np.nan_to_num(np.asarray(a)), np.nan_to_num(np.asarray(b))
-    return float(np.abs(a - b).max(initial=0.0) / max(np.abs(b).max(initial=0.0), 1e-300))
 
 
 def main(out_path: str, pp: int, dp: int, ep: int, schedule: str, block: str, path: str, backend: str = "mpi") -> None:
@@ -45,18 +41,9 @@ def main(out_path: str, pp: int, dp: int, ep: int, schedule: str, block: str, pa
                      "loss": {"moe_aux_weight": 0.1},
                      "parallel": {"dp": dp, "ep": ep, "pp": pp, "pp_schedule": schedule},
                      "comm": {"bucket_mb": 0.05, "backend": backend}, "run": run})
-    serial_cfg = dataclasses.replace(cfg, parallel=ParallelConfig(), run=dataclasses.replace(cfg.run, recompute_lines=0))
     frames = Frames.from_atoms(synthesize(GLOBAL_BATCH, seed=11))  # several elements and sizes
 
-    def build(ep_rank: int = 0, ep_size: int = 1) -> Potential:
-        torch.manual_seed(5)
-        model = Potential(cfg.model, ep_rank, ep_size).double()
-        with torch.no_grad():
-            model.energy_scale_H.fill_(0.5)
-            model.reference_energy_HX.normal_()
-        return model
-
-    model = build(topo.layout.ep_index(topo.rank), ep)
+    model = seeded_model(cfg, topo.layout.ep_index(topo.rank), ep)
     with torch.no_grad():  # deliberately wrong where the sync must overwrite it (not on a stage's first rank)
         for p in model.parameters() if topo.layout.dp_index(topo.rank) else []:
             p.add_(0.1)
@@ -80,22 +67,8 @@ def main(out_path: str, pp: int, dp: int, ep: int, schedule: str, block: str, pa
                                     "times": step.times})
 
     if topo.rank == 0:  # serial reference: the whole global batch, one process, plain autograd
-        serial = build()
-        solo = Topology.single_process()
-        serial_parallel = parallelize(serial, solo, build_groups("mpi", solo), serial_cfg)
-        serial_optimizer, _ = make_optimizer(serial, serial_cfg)
-        ref_step = train_step(serial, [batch_of(range(GLOBAL_BATCH))], serial_optimizer, serial_parallel, serial_cfg,
-                              1.0 / GLOBAL_BATCH, lr=0.0)
-        from exaforce.model.potential import energy_forces_stress
-
-        serial_params = dict(serial.named_parameters())
-        grad_diffs: dict[str, float] = {}
-        for rank_result in gathered:  # every rank's copy of every parameter it holds
-            for name, grad in rank_result["grads"].items():
-                grad_diffs[name] = max(grad_diffs.get(name, 0.0), rel_diff(grad, serial_params[name].grad.numpy()))
-        diffs = {"loss": rel_diff(step.loss, ref_step.loss), "grad_norm": rel_diff(step.grad_norm, ref_step.grad_norm)}
-        if "moe_aux" in ref_step.loss_sums:
-            diffs["moe_aux"] = rel_diff(step.loss_sums["moe_aux"], ref_step.loss_sums["moe_aux"])
+        serial, diffs, grad_diffs = compare_with_serial(cfg, batch_of(range(GLOBAL_BATCH)), GLOBAL_BATCH, step,
+                                                      [g["grads"] for g in gathered])
         predictions = [g["prediction"] for g in gathered if g["prediction"] is not None and g["stage"] == 0]
         if predictions:  # the first stage of the first pipeline: its first micro-batch
             ref = energy_forces_stress(serial, batch_of(gathered[0]["share"][:len(predictions[0]["energy"])]),
@@ -105,7 +78,7 @@ def main(out_path: str, pp: int, dp: int, ep: int, schedule: str, block: str, pa
         worst = max(grad_diffs, key=grad_diffs.get)
         result = {"pp": topo.layout.pp, "dp": topo.layout.dp, "ep": topo.layout.ep, "world": topo.world_size, **diffs,
                   "grad_max_rel_diff": grad_diffs[worst], "worst_param": worst, "params_compared": len(grad_diffs),
-                  "params_serial": len(serial_params), "loss_value": ref_step.loss,
+                  "params_serial": len(list(serial.parameters())),
                   "stages": sorted({g["stage"] for g in gathered}),
                   "phase_seconds": [{k: v for k, v in g["times"].items() if k.startswith("pp_")} for g in gathered]}
         with open(out_path, "w") as f:
