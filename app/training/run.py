@@ -132,6 +132,8 @@ def take_step(run: Run, step: int, epoch: int, global_batch: np.ndarray, watchdo
     if result.work is not None:  # graph parallelism: the report counts structures on each group's first rank
         extra.update(gp_index=topo.gp_index, gp_work=result.work)
         work = result.work
+        if step == run.progress.step + 1 or step % cfg.run.log_every == 0:
+            log_partition(run, result.work)  # collective
     if run.device.type != "cpu":
         extra["device_peak_mem_bytes"] = device_peak_memory_bytes(run.device)
     if not result.updated:
@@ -163,6 +165,15 @@ def take_step(run: Run, step: int, epoch: int, global_batch: np.ndarray, watchdo
         run.log(f"{step_log_line(step, cfg.run.steps, result.loss, times['total'])}  "
                 f"{run.clock.summary(cfg.run.steps - step, budget_left)}")
     return result
+
+
+def log_partition(run: Run, work: dict[str, int]) -> None:
+    """Collective: each rank's owned atoms and subgraph this step, on rank 0's log (graph parallelism)."""
+    rows = run.topo.gather_to_root((run.topo.rank, run.topo.gp_index, work))
+    if rows is not None:
+        run.log("graph partition: " + "; ".join(
+            f"rank {rank} (gp {index}) owns {w['owned_atoms']} atoms, subgraph {w['atoms']} atoms/{w['edges']} bonds/"
+            f"{w['angles']} triplets" for rank, index, w in rows))
 
 
 def decide(run: Run, step: int, result: StepResult, signals: StopSignals, watchdog: Watchdog) -> RunStopped | None:

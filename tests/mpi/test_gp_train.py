@@ -62,6 +62,7 @@ def test_graph_parallel_training_equals_one_rank_and_resumes(root):
     assert "graph parallel" not in serial.stdout
     split = exaforce(2, "train", "--config", str(config(root, "split", gp=2)))
     assert "graph parallel: 2 ranks per group" in split.stdout and "gp=2" in split.stdout
+    assert "graph partition: rank 0 (gp 0) owns" in split.stdout and "rank 1 (gp 1) owns" in split.stdout
     one, two = records(root / "serial"), records(root / "split")
     assert sorted(two) == list(range(1, STEPS + 1))
     for step in one:  # float64: the same losses, validation errors and structure counts
