@@ -192,7 +192,7 @@ def test_bad_layouts_and_a_missing_stage_part_are_one_line_errors(root, tmp_path
     checkpoint without one of its stage parts: exit 2 naming the file."""
     cfg = config(root, "bad", pp=2)
     for extra, message in ((["--set", "parallel.pp=3", "--set", "model.blocks=4"],
-                            "parallel.pp × parallel.ep = 3 × 1 = 3 does not divide the world size 2"),
+                            "parallel.pp × parallel.gp × parallel.ep = 3 × 1 × 1 = 3 does not divide the world size 2"),
                            (["--set", "model.blocks=1"],
                             f"{cfg}: parallel.pp = 2: need 1 <= pp <= model.blocks (1): every stage runs at least "
                             "one interaction block")):
