@@ -76,7 +76,7 @@ ep = 2
 """)
     proc = run_mpi(2, ["-m", "exaforce.cli", "train", "--config", str(tmp_path / "ep.toml")])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "dp=1 pp=1 ep=2" in proc.stdout and "peak memory per rank" in proc.stdout
+    assert "dp=1 pp=1 gp=1 ep=2" in proc.stdout and "peak memory per rank" in proc.stdout
     for rank in (0, 1):
         steps = [json.loads(line) for line in (tmp_path / f"run/perf/rank-0000{rank}.jsonl").read_text().splitlines()
                  if '"kind":"step"' in line]
