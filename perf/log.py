@@ -21,8 +21,10 @@ STEP_TIME_KEYS = ("data", "forward", "force_backward", "param_backward", "comm",
 # "routing" (routing-class count exchange, its own slice of the step) and "alltoall" (expert dispatch,
 # a part of forward + force_backward + param_backward, not an extra slice): both ~0 without MoE; with
 # comm.sync_before_reduce: "imbalance" (the barrier before the reduction, its own slice); with pipeline
-# stages: "pp_wait" (waiting for the neighbouring stages' messages, a part of the three, not an extra slice).
-OPTIONAL_TIME_KEYS = ("routing", "alltoall", "imbalance", "pp_wait")
+# stages: "pp_wait" (waiting for the neighbouring stages' messages, a part of the three, not an extra slice);
+# with graph parallelism: "gp_shard" (partition and halo subgraphs, its own slice) and "gp_sum" (the GP
+# group's Allreduce of energies and gradients, waiting for the slowest peer included: its own slice).
+OPTIONAL_TIME_KEYS = ("routing", "alltoall", "imbalance", "pp_wait", "gp_shard", "gp_sum")
 
 
 def rank_log_path(run_dir: Path, rank: int) -> Path:

@@ -155,8 +155,9 @@ def _check_flops(run: Run, warnings: list[str]) -> None:
         if set(COEFFICIENT_KEYS) - set(coeffs):
             warnings.append(f"rank {rank}: header flop_coefficients lack {sorted(set(COEFFICIENT_KEYS) - set(coeffs))}")
             continue
-        off = [rec["step"] for rec in run.steps[rank]
-               if not math.isclose(rec["flops"], predict_flops(coeffs, rec["atoms"], rec["edges"], rec["angles"]),
+        off = [rec["step"] for rec in run.steps[rank]  # graph parallelism: the rank's own subgraphs' counts
+               if not math.isclose(rec["flops"], predict_flops(coeffs, *(rec.get("gp_work", rec)[k]
+                                                                         for k in ("atoms", "edges", "angles"))),
                                    rel_tol=1e-6, abs_tol=1.0)]
         if off:
             warnings.append(f"rank {rank}: flops of steps {ranges(off)} differ from the header's "

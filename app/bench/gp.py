@@ -64,7 +64,6 @@ def gp_worker(gp: int, atoms: int, shape: str, preset: str, dtype: str, warmup: 
     from exaforce.graph import build_batch
     from exaforce.io.schema import Frames
     from exaforce.model.potential import Potential
-    from exaforce.parallel.graph_parallel import halo
     from exaforce.parallel.parallelize import parallelize
     from exaforce.parallel.topology import Topology
     from exaforce.training.progress import peak_memory_bytes
@@ -100,22 +99,25 @@ def gp_worker(gp: int, atoms: int, shape: str, preset: str, dtype: str, warmup: 
            "graph_s": graph_s, "work": result.work or {**batch.counts(), "owned_atoms": int(batch.numbers_N.shape[0])}}
     if parallel.graph is not None:
         row["exchange_bytes_per_block"] = _exchange_estimate(parallel.graph.shard(batch), batch, len(model.blocks),
-                                                             cfg.model.width, DTYPES[dtype].itemsize, halo)
+                                                             cfg.model.width, DTYPES[dtype].itemsize)
     rows = topo.gather_to_root(row)
     if topo.is_root:
         print(json.dumps({"gp": gp, "atoms": int(batch.numbers_N.shape[0]), "edges": int(batch.edge_index_2E.shape[1]),
                           "angles": int(batch.triplet_index_2T.shape[1]), "ranks": rows}))
 
 
-def _exchange_estimate(part, batch, blocks: int, width: int, itemsize: int, closure) -> list[int]:
+def _exchange_estimate(part, batch, blocks: int, width: int, itemsize: int) -> list[int]:
     """Bytes a per-block halo exchange would bring to this rank: per block, the features of the
     atoms and bonds it reads but does not own (the one-block closure of its owned atoms and bonds)."""
     import numpy as np
 
+    from exaforce.parallel.graph_parallel import halo
+
     owned_N = np.zeros(batch.numbers_N.shape[0], bool)
-    owned_N[part.atoms_n[part.owned_n].numpy()] = True
-    atom_N, bond_E, _ = closure(owned_N, batch.edge_index_2E.numpy(), batch.triplet_index_2T.numpy(), 1)
-    owned_bonds = owned_N[batch.edge_index_2E[0].numpy()]
+    owned_N[part.atoms_n[part.owned_n].cpu().numpy()] = True
+    edge_index_2E = batch.edge_index_2E.cpu().numpy()
+    atom_N, bond_E, _ = halo(owned_N, edge_index_2E, batch.triplet_index_2T.cpu().numpy(), 1)
+    owned_bonds = owned_N[edge_index_2E[0]]
     per_block = (int(atom_N.sum() - owned_N.sum()) + int((bond_E & ~owned_bonds).sum())) * width * itemsize
     return [per_block] * blocks
 

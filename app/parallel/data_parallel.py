@@ -1,10 +1,12 @@
 """Data parallelism over the Topology (dp × ep): identical starting parameters, gradient reduction,
 and the global gradient norm.
 
-Dense parameters are replicated on every rank and averaged over the world. Expert parameters live
-on one rank of each EP group and are summed over their EDP group; both divide by the world size,
-so the result is the gradient of the global mean loss, exactly as one process computes it. The
-global gradient norm counts each expert once per EP group.
+Dense parameters are replicated on every rank and summed over their stage's ranks (the world
+without pipeline stages). Expert parameters live on one rank of each EP group and are summed over
+their EDP group; both divide by the number of replicas (dp · ep: the shares of the global batch; the
+ranks of a GP group hold parts of one share's gradient, which the sum adds up), so the result is the
+gradient of the global mean loss, exactly as one process computes it. The global gradient norm
+counts each expert once per EP group.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ class GradientReduction:
     micro-batch's backward, `finish()` after it."""
 
     def __init__(self, model: Potential, groups: CommGroups, replicas: int, comm: CommConfig):
-        """replicas: how many shares the global batch is dealt into (the world size without pipeline)."""
+        """replicas: how many shares the global batch is dealt into (dp · ep)."""
         bucket_bytes = int(comm.bucket_mb * 2**20)
         self.reducers = [GradReducer(model.dense_parameters(), groups.replicas, 1.0 / replicas, bucket_bytes,
                                      comm.overlap, "dense"),

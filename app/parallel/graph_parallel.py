@@ -125,7 +125,8 @@ def halo(owned_N: np.ndarray, edge_index_2E: np.ndarray, triplet_index_2T: np.nd
 
     From the readout back, per block: an atom's update reads every bond that starts or ends on it
     and both ends' previous features; a bond's update reads its triplet partners (the bonds sharing
-    its centre) — and the matris block's bond and triplet updates read no more than that. A needed
+    its centre) — and in the matris block also its end atoms and its triplets' features, which the
+    closure keeps too (both ends of every kept bond, both bonds of every kept triplet). A needed
     feature therefore finds all its inputs in the subgraph; features of the outermost ghosts are
     computed from partial inputs, but reach no owned energy."""
     src_E, dst_E = edge_index_2E

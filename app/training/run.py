@@ -132,7 +132,7 @@ def take_step(run: Run, step: int, epoch: int, global_batch: np.ndarray, watchdo
     if result.work is not None:  # graph parallelism: the report counts structures on each group's first rank
         extra.update(gp_index=topo.gp_index, gp_work=result.work)
         work = result.work
-        if step == run.progress.step + 1 or step % cfg.run.log_every == 0:
+        if step == 1 or step % cfg.run.log_every == 0:  # as the step's log line
             log_partition(run, result.work)  # collective
     if run.device.type != "cpu":
         extra["device_peak_mem_bytes"] = device_peak_memory_bytes(run.device)
@@ -168,7 +168,8 @@ def take_step(run: Run, step: int, epoch: int, global_batch: np.ndarray, watchdo
 
 
 def log_partition(run: Run, work: dict[str, int]) -> None:
-    """Collective: each rank's owned atoms and subgraph this step, on rank 0's log (graph parallelism)."""
+    """Collective: each rank's owned atoms and subgraph this step, on rank 0's log (graph parallelism;
+    at step 1 and every run.log_every)."""
     rows = run.topo.gather_to_root((run.topo.rank, run.topo.gp_index, work))
     if rows is not None:
         run.log("graph partition: " + "; ".join(

@@ -30,7 +30,8 @@ def loss_and_gradients(model: Potential, batch: GraphBatch, cfg: Config, loss_sc
                        aux_world_2C: np.ndarray | None = None) -> dict[str, float]:
     """Energy → forces/stress → loss → parameter backward on this rank's batch; adds to `times`.
 
-    loss_scale = replicas / global_batch_size (the world size without pipeline stages), so averaging
+    loss_scale = replicas / global_batch_size (dp · ep: the world size without pipeline stages and GP
+    peers), so averaging
     gradients over the replicas gives the
     gradient of the mean loss over the global batch (uneven atom counts included). The MoE
     load-balancing loss depends only on the router and the step's world token counts
@@ -96,6 +97,9 @@ def train_step(model: Potential, micro_batches: list[GraphBatch], optimizer: tor
     optimizer.zero_grad(set_to_none=True)
     t0 = time.perf_counter()
     shards = [parallel.graph.shard(b) for b in micro_batches] if parallel.graph is not None else None
+    if shards is not None:
+        times["gp_shard"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
     routings = [parallel.routing(model, b) for b in micro_batches] if shards is None else \
         [parallel.routing(model, s.local, s.owned_2C) for s in shards]  # collectives (MoE)
     times["routing"] = time.perf_counter() - t0
