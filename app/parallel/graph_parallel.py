@@ -2,7 +2,7 @@
 second derivative.
 
 Each rank owns a spatial domain of each large structure (recursive coordinate bisection of the
-periodic, possibly triclinic cell, balanced by the step-cost model's per-atom cost) and computes
+periodic, possibly triclinic cell, balanced by the calibrated FLOPs per atom, bond and triplet) and computes
 the energy of its owned atoms only, on a subgraph of the structure's graph: its atoms and a halo
 of ghost atoms out to the model's receptive field. The halo is a closure over the graph itself,
 block by block from the readout back (`halo`), so it holds exactly the atoms, bonds and triplets
@@ -44,7 +44,7 @@ from exaforce.model.recompute import Recompute
 from exaforce.model.routing import Routing
 from exaforce.parallel.topology import Topology
 
-Weights = dict[str, float]  # step-cost coefficients: seconds per atom, edge and angle
+Weights = dict[str, float]  # cost per atom, edge and angle (the trainer: the calibrated FLOP coefficients)
 
 
 def atom_costs(batch: GraphBatch, weights: Weights) -> np.ndarray:

@@ -123,8 +123,8 @@ def build_run(cfg: Config, topo: Topology, groups: CommGroups, log: Callable[[st
     if progress.layout != layout:
         progress.flop_coefficients, progress.cost_coefficients = calibrate(model, data.index, data.batch, cfg, parallel, log)
         progress.layout = layout
-    if parallel.graph is not None:  # domains balanced by the measured cost of atoms, bonds and triplets
-        parallel.graph.weights = progress.cost_coefficients
+    if parallel.graph is not None:  # domains balanced by the counted FLOPs of atoms, bonds and triplets: a
+        parallel.graph.weights = progress.flop_coefficients  # measured cost that no timing noise moves
     run = Run(cfg=cfg, topo=topo, model=model, data=data, cost_G=structure_cost(data.index, progress.cost_coefficients),
               parallel=parallel, optimizer=optimizer, schedule=schedule, average=average, progress=progress,
               checkpoints=Checkpointer(cfg, topo, model, optimizer, resume_from, average),
