@@ -31,9 +31,8 @@ def loss_and_gradients(model: Potential, batch: GraphBatch, cfg: Config, loss_sc
     """Energy → forces/stress → loss → parameter backward on this rank's batch; adds to `times`.
 
     loss_scale = replicas / global_batch_size (dp · ep: the world size without pipeline stages and GP
-    peers), so averaging
-    gradients over the replicas gives the
-    gradient of the mean loss over the global batch (uneven atom counts included). The MoE
+    peers), so averaging gradients over the replicas gives the gradient of the mean loss over the
+    global batch (uneven atom counts included). The MoE
     load-balancing loss depends only on the router and the step's world token counts
     (`aux_world_2C`, default this batch's), so it is the same on every rank and enters unscaled:
     the world average of its gradient is its gradient; with micro-batches it joins the last one
