@@ -21,6 +21,7 @@ import torch
 DTYPES = {"float32": torch.float32, "float64": torch.float64}  # the names run.dtype and the calculator take
 DEVICE_KINDS = ("auto", "cpu", "cuda", "xpu")  # run.device (exaforce.device); "cuda" also means ROCm
 PP_SCHEDULES = ("folded", "gpipe")  # exaforce.parallel.pipeline_schedule
+GP_HALOS = ("ghost", "exchange")    # exaforce.parallel.graph_parallel
 BACKENDS = ("mpi", "horovod", "torch")  # comm.backend: exaforce.comm.groups implements each
 
 
@@ -156,6 +157,9 @@ class ParallelConfig:
     gp: int = 1                         # graph-parallel degree: ranks that split one share's structures by atoms
     gp_min_atoms: int = 512             # gp > 1: structures of at least this many atoms are split into spatial
                                         # domains over the GP group; smaller ones go whole to one GP rank
+    gp_halo: str = "ghost"              # ghost: each rank computes its halo out to the receptive field, no
+                                        # collective in the model; exchange: one hop of halo, refreshed from
+                                        # its owners twice per block (light block only; README: Graph parallelism)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -310,6 +314,11 @@ def validate(cfg: Config) -> Config:
     if gp > 1 and pp > 1:
         raise ConfigError(f"parallel.gp = {gp} with parallel.pp = {pp}: graph and pipeline parallelism do not "
                           "compose yet; use one of them")
+    if cfg.parallel.gp_halo not in GP_HALOS:
+        raise ConfigError(f"parallel.gp_halo = {cfg.parallel.gp_halo!r}: must be one of {', '.join(GP_HALOS)}")
+    if gp > 1 and cfg.parallel.gp_halo == "exchange" and cfg.model.block != "light":
+        raise ConfigError(f'parallel.gp_halo = "exchange" with model.block = {cfg.model.block!r}: the per-block '
+                          'halo exchange needs the light block; use parallel.gp_halo = "ghost"')
     if cfg.parallel.gp_min_atoms < 0:
         raise ConfigError(f"parallel.gp_min_atoms = {cfg.parallel.gp_min_atoms}: must be >= 0")
     if cfg.comm.backend not in BACKENDS:

@@ -23,8 +23,9 @@ STEP_TIME_KEYS = ("data", "forward", "force_backward", "param_backward", "comm",
 # comm.sync_before_reduce: "imbalance" (the barrier before the reduction, its own slice); with pipeline
 # stages: "pp_wait" (waiting for the neighbouring stages' messages, a part of the three, not an extra slice);
 # with graph parallelism: "gp_shard" (partition and halo subgraphs, its own slice) and "gp_sum" (the GP
-# group's Allreduce of energies and gradients, waiting for the slowest peer included: its own slice).
-OPTIONAL_TIME_KEYS = ("routing", "alltoall", "imbalance", "pp_wait", "gp_shard", "gp_sum")
+# group's Allreduce of energies and gradients, waiting for the slowest peer included: its own slice), and
+# with parallel.gp_halo = "exchange" "gp_halo" (the per-block halo all-to-alls, a part of the three).
+OPTIONAL_TIME_KEYS = ("routing", "alltoall", "imbalance", "pp_wait", "gp_shard", "gp_sum", "gp_halo")
 
 
 def rank_log_path(run_dir: Path, rank: int) -> Path:

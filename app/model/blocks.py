@@ -6,6 +6,8 @@ Shape legend: N atoms, E edges, T triplets, D channels, F input features.
 from __future__ import annotations
 
 from functools import partial
+from typing import Protocol
+
 import torch
 from torch import nn
 
@@ -130,6 +132,16 @@ class SeparableAttention(nn.Module):
         return score0_XD, value0_XD, score1_XD, value1_XD
 
 
+class HaloExchange(Protocol):
+    """Graph parallelism with a per-block halo exchange (exaforce.parallel.graph_parallel): replaces
+    the rows of the halo atoms or halo bonds by their owners' values (differentiable to any order).
+    The model only calls it; the collective belongs to the GP group."""
+
+    def atoms(self, node_ND: torch.Tensor) -> torch.Tensor: ...
+
+    def bonds(self, edge_ED: torch.Tensor) -> torch.Tensor: ...
+
+
 class UpdateMLP(nn.Module):
     """A dense gated MLP, or an element-routed MoE MLP when model.moe_experts > 0 (two per block,
     as MatRIS-MoE: bond/message construction and atom update); one call signature for both."""
@@ -169,8 +181,12 @@ class InteractionBlock(nn.Module):
     def forward(self, node_ND: torch.Tensor, edge_ED: torch.Tensor, class_N: torch.Tensor,
                 edge_index_2E: torch.Tensor, edge_weight_E: torch.Tensor, triplet_index_2T: torch.Tensor,
                 angle_TA: torch.Tensor, triplet_weight_T: torch.Tensor,
-                routing: Routing | None, plan: Recompute | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """With a plan (training): both attentions are fused ops that store only their inputs, and
+                routing: Routing | None, plan: Recompute | None = None,
+                halo: HaloExchange | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """halo: the bonds that end on this rank's atoms but start on another rank's take their
+        owner's update before the atoms read them (the atoms' exchange is the caller's, between blocks).
+
+        With a plan (training): both attentions are fused ops that store only their inputs, and
         the bond update (E rows through an MLP of 3·D inputs) is a recomputed unit — with the line
         attention inside it (plan.bonds: least memory) or fed the attention's stored sums (about
         10 E×D tensors per block more, about 1.2× faster on dense cells). The atom update (N rows, a few per
@@ -188,6 +204,8 @@ class InteractionBlock(nn.Module):
             update = partial(self._update_edges, maxima=bond_sums.maxima, class_E=class_E, routing=routing)
             edge_ED, = update(edge_ED, *bond_sums.sums) if plan is None \
                 else recompute(update, (edge_ED, *bond_sums.sums), edge_params)
+        if halo is not None:
+            edge_ED = halo.bonds(edge_ED)
 
         # Atom graph: each atom gathers from the bonds it starts and the bonds it ends.
         atom_sums = self.atom_attention.segment_sums(node_ND, edge_ED, edge_weight_E, edge_index_2E, plan)

@@ -15,7 +15,7 @@ from torch import nn
 
 from exaforce.config import ModelConfig
 from exaforce.model.basis import BesselBasis, chebyshev_angle_basis, polynomial_envelope
-from exaforce.model.blocks import InteractionBlock
+from exaforce.model.blocks import HaloExchange, InteractionBlock
 from exaforce.model.matris_block import MatrisBlock
 from exaforce.model.layers import GatedMLP, RMSNorm
 from exaforce.graph import GraphBatch
@@ -104,11 +104,12 @@ class Potential(nn.Module):
     def forward(self, species_N: torch.Tensor, vectors_E3: torch.Tensor, edge_index_2E: torch.Tensor,
                 triplet_index_2T: torch.Tensor, graph_N: torch.Tensor, n_graphs: int, head_G: torch.Tensor,
                 routing: Routing | None = None, plan: Recompute | None = None,
-                readout_atoms: torch.Tensor | None = None) -> torch.Tensor:
+                readout_atoms: torch.Tensor | None = None, halo: HaloExchange | None = None) -> torch.Tensor:
         """Energy of each graph (eV) with its head's readout and references; all geometry enters
         through vectors_E3. `routing` (from plan_routing) is required when the model has MoE layers.
         `readout_atoms`: the atoms whose energies are summed (default all; graph parallelism: the
-        atoms this rank owns, the others being its halo).
+        atoms this rank owns, the others being its halo). `halo`: graph parallelism's per-block
+        exchange of halo features (light block only).
 
         With a plan (training): both attentions are fused ops with hand-written first and second
         derivatives that sweep their lines in chunks (exaforce.model.fused_attention), and each
@@ -119,7 +120,7 @@ class Potential(nn.Module):
         head_N = head_G[graph_N]
         state = self.embed(species_N, head_N, features)
         state = self.run_blocks(range(len(self.blocks)), state, features, self.routing_class(species_N, head_N),
-                                edge_index_2E, triplet_index_2T, routing, plan)
+                                edge_index_2E, triplet_index_2T, routing, plan, halo)
         node_ND = state[0]
         if readout_atoms is not None:
             node_ND, species_N, head_N, graph_N = (t.index_select(0, readout_atoms)
@@ -156,13 +157,19 @@ class Potential(nn.Module):
 
     def run_blocks(self, indices: range, state: State, features: GeometryFeatures, class_N: torch.Tensor,
                    edge_index_2E: torch.Tensor, triplet_index_2T: torch.Tensor, routing: Routing | None = None,
-                   plan: Recompute | None = None) -> State:
-        """The blocks `indices`, in order. The matris block runs plain autograd (no plan applies)."""
+                   plan: Recompute | None = None, halo: HaloExchange | None = None) -> State:
+        """The blocks `indices`, in order. The matris block runs plain autograd (no plan applies) and
+        no halo exchange. With a halo, the atoms' halo is refreshed between blocks (the readout
+        reads owned atoms only, so not after the last)."""
+        if halo is not None and self.cfg.block != "light":
+            raise ValueError(f"a per-block halo exchange needs model.block = 'light', not {self.cfg.block!r}")
         for i in indices:
             block = self.blocks[i]
             if self.cfg.block == "light":
+                if halo is not None and i != indices[0]:
+                    state = (halo.atoms(state[0]), *state[1:])
                 state = block(*state, class_N, edge_index_2E, features.edge_weight_E, triplet_index_2T,
-                              features.angle_TA, features.triplet_weight_T, routing, plan)
+                              features.angle_TA, features.triplet_weight_T, routing, plan, halo)
             else:
                 state = block(*state, edge_index_2E, features.edge_weight_E, triplet_index_2T,
                               features.triplet_weight_T, features.radial_ER)
@@ -235,11 +242,12 @@ def local_routing(model: Potential, batch: GraphBatch) -> Routing:
 
 
 def energy(model: Potential, batch: GraphBatch, geometry: StrainedGeometry, routing: Routing | None = None,
-           plan: Recompute | None = None, readout_atoms: torch.Tensor | None = None) -> torch.Tensor:
+           plan: Recompute | None = None, readout_atoms: torch.Tensor | None = None,
+           halo: HaloExchange | None = None) -> torch.Tensor:
     if routing is None and model.moe_layers:
         routing = local_routing(model, batch)
     return model(batch.species_N, geometry.vectors_E3, batch.edge_index_2E, batch.triplet_index_2T,
-                 batch.graph_N, batch.n_graphs, batch.head_G, routing, plan, readout_atoms)
+                 batch.graph_N, batch.n_graphs, batch.head_G, routing, plan, readout_atoms, halo)
 
 
 def forces_and_stress(energy_G: torch.Tensor, geometry: StrainedGeometry, batch: GraphBatch,

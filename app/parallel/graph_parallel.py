@@ -35,13 +35,15 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
+from exaforce.comm.alltoall import all_to_all
+from exaforce.comm.groups import Group, MPIGroup
 from exaforce.config import LossConfig
 from exaforce.graph import GraphBatch, route_class_counts
 from exaforce.loss import structure_losses
 from exaforce.model.potential import (Potential, Prediction, energy, inference_plan, local_routing, prediction,
                                       strained_geometry)
 from exaforce.model.recompute import Recompute
-from exaforce.model.routing import Routing
+from exaforce.model.routing import DispatchClock, Routing
 from exaforce.parallel.topology import Topology
 
 Weights = dict[str, float]  # cost per atom, edge and angle (the trainer: the calibrated FLOP coefficients)
@@ -147,6 +149,25 @@ def halo(owned_N: np.ndarray, edge_index_2E: np.ndarray, triplet_index_2T: np.nd
 
 
 @dataclass
+class HaloPlan:
+    """The per-block halo exchange of one rank (`exchange_shard`): local rows it sends to each GP peer
+    and local rows it overwrites with what each peer sends, peers in GP order, rows in global order."""
+
+    atom_send_n: torch.Tensor
+    atom_send_splits: tuple[int, ...]
+    atom_recv_n: torch.Tensor
+    atom_recv_splits: tuple[int, ...]
+    bond_send_e: torch.Tensor
+    bond_send_splits: tuple[int, ...]
+    bond_recv_e: torch.Tensor
+    bond_recv_splits: tuple[int, ...]
+
+    def volume(self) -> dict[str, int]:
+        """Rows this rank receives per exchange (one atom and one bond exchange per block)."""
+        return {"halo_atoms": sum(self.atom_recv_splits), "halo_bonds": sum(self.bond_recv_splits)}
+
+
+@dataclass
 class GraphShard:
     """One rank's part of a batch: its subgraph, which of its atoms it owns, and the whole batch's labels."""
 
@@ -155,6 +176,7 @@ class GraphShard:
     owned_n: torch.Tensor       # local indices of the owned atoms (the readout's)
     owned_2C: np.ndarray        # routing-class counts of owned atoms and bonds (starting on an owned atom)
     labels: GraphBatch          # the whole batch without its graph: labels and sizes for the loss
+    halo: HaloPlan | None = None  # the per-block exchange (halo = "exchange"); None: ghosts
 
     def counts(self) -> dict[str, int]:
         """The work this rank does (halo included), and the atoms it owns."""
@@ -162,11 +184,56 @@ class GraphShard:
 
 
 def shard(batch: GraphBatch, owner_N: np.ndarray, gp_index: int, blocks: int, n_elements: int) -> GraphShard:
-    """This GP rank's subgraph of `batch`, on the batch's device (masks built on the host)."""
+    """This GP rank's subgraph of `batch` with ghosts out to the receptive field (`halo`), on the
+    batch's device (masks built on the host)."""
+    owned_N = owner_N == gp_index
+    atom_N, bond_E, line_T = halo(owned_N, batch.edge_index_2E.cpu().numpy(), batch.triplet_index_2T.cpu().numpy(),
+                                  blocks)
+    return _subgraph(batch, owned_N, atom_N, bond_E, line_T, n_elements)
+
+
+def exchange_shard(batch: GraphBatch, owner_N: np.ndarray, gp_index: int, parts: int, n_elements: int) -> GraphShard:
+    """This GP rank's subgraph for the per-block halo exchange: its atoms, the bonds they start (with
+    all their triplets, which share the start atom), the bonds from other ranks' atoms that end on
+    them, and those bonds' far ends. A block's bond update is then exact for the owned bonds (their
+    line-graph partners start on the same atom), and its atom update for the owned atoms once the
+    halo bonds and halo atoms hold their owners' values — which the exchange puts there after each
+    bond update and before each block's atoms are read (`HaloExchange`). One hop of halo, whatever
+    the number of blocks."""
+    src_E, dst_E = batch.edge_index_2E.cpu().numpy()
+    a_T = batch.triplet_index_2T[0].cpu().numpy()
+    owned_N = owner_N == gp_index
+    from_E, to_E = owner_N[src_E], owner_N[dst_E]
+    bond_E = (from_E == gp_index) | (to_E == gp_index)
+    cross = from_E != to_E  # a bond between domains: each end is a halo atom of the other end's owner
+    needed = np.unique(np.r_[src_E[cross] * parts + to_E[cross], dst_E[cross] * parts + from_E[cross]])
+    needed_atom, needed_by = needed // parts, needed % parts  # sorted by atom: both sides agree on the order
+    atom_N = owned_N.copy()
+    atom_N[needed_atom[needed_by == gp_index]] = True
+    part = _subgraph(batch, owned_N, atom_N, bond_E, owned_N[src_E[a_T]], n_elements)  # triplets of owned bonds
+    local_of_N = np.cumsum(atom_N) - 1
+    local_of_E = np.cumsum(bond_E) - 1
+    peers = range(parts)
+    atom_send = [needed_atom[(needed_by == r) & (owner_N[needed_atom] == gp_index)] for r in peers]
+    atom_recv = [needed_atom[(needed_by == gp_index) & (owner_N[needed_atom] == r)] for r in peers]
+    bond_send = [np.flatnonzero((from_E == gp_index) & (to_E == r) & cross) for r in peers]
+    bond_recv = [np.flatnonzero((from_E == r) & (to_E == gp_index) & cross) for r in peers]
+    device = batch.positions_N3.device
+
+    def rows(lists: list[np.ndarray], local_of: np.ndarray) -> tuple[torch.Tensor, tuple[int, ...]]:
+        joined = np.concatenate(lists) if lists else np.zeros(0, np.int64)
+        return torch.from_numpy(local_of[joined].astype(np.int64)).to(device), tuple(len(x) for x in lists)
+
+    part.halo = HaloPlan(*rows(atom_send, local_of_N), *rows(atom_recv, local_of_N),
+                         *rows(bond_send, local_of_E), *rows(bond_recv, local_of_E))
+    return part
+
+
+def _subgraph(batch: GraphBatch, owned_N: np.ndarray, atom_N: np.ndarray, bond_E: np.ndarray, line_T: np.ndarray,
+              n_elements: int) -> GraphShard:
+    """The shard holding the atoms, bonds and triplets of the masks (bonds' ends and triplets' bonds included)."""
     device = batch.positions_N3.device
     edge_index_2E, triplet_index_2T = batch.edge_index_2E.cpu().numpy(), batch.triplet_index_2T.cpu().numpy()
-    owned_N = owner_N == gp_index
-    atom_N, bond_E, line_T = halo(owned_N, edge_index_2E, triplet_index_2T, blocks)
     atoms_n, bonds_e = np.flatnonzero(atom_N), np.flatnonzero(bond_E)
     local_of_N = np.full(len(atom_N), -1, np.int64)
     local_of_N[atoms_n] = np.arange(len(atoms_n))
@@ -191,17 +258,51 @@ def shard(batch: GraphBatch, owner_N: np.ndarray, gp_index: int, blocks: int, n_
                       owned_2C=owned_2C, labels=labels)
 
 
+class HaloExchange:
+    """The runtime side of a HaloPlan: overwrites halo rows with the owners' rows over the GP group
+    (the differentiable all-to-all, so forces and the double backward through it are exact; every
+    rank calls it at the same places of the same forward, so the backwards meet too)."""
+
+    def __init__(self, plan: HaloPlan, group: Group, clock: DispatchClock):
+        self.plan, self.group, self.clock = plan, group, clock
+
+    def atoms(self, node_ND: torch.Tensor) -> torch.Tensor:
+        p = self.plan
+        return self._refresh(node_ND, p.atom_send_n, p.atom_send_splits, p.atom_recv_n, p.atom_recv_splits)
+
+    def bonds(self, edge_ED: torch.Tensor) -> torch.Tensor:
+        p = self.plan
+        return self._refresh(edge_ED, p.bond_send_e, p.bond_send_splits, p.bond_recv_e, p.bond_recv_splits)
+
+    def _refresh(self, x_XD: torch.Tensor, send_x: torch.Tensor, send_splits: tuple[int, ...], recv_x: torch.Tensor,
+                 recv_splits: tuple[int, ...]) -> torch.Tensor:
+        received = all_to_all(x_XD.index_select(0, send_x), send_splits, recv_splits, self.group, self.clock)  # collective
+        return x_XD.index_copy(0, recv_x, received)
+
+
+HALO_MODES = ("ghost", "exchange")
+
+
 class GraphParallel:
     """This rank's place in its GP group: shards a batch, and runs a micro-batch's training step or
-    prediction over the group (collective over it: one Allreduce of the assembled prediction)."""
+    prediction over the group (collective over it: one Allreduce of the assembled prediction, and
+    with halo = "exchange" two all-to-alls per block in the forward and in each backward)."""
 
-    def __init__(self, topo: Topology, blocks: int, n_elements: int, min_atoms: int, weights: Weights | None = None):
+    def __init__(self, topo: Topology, blocks: int, n_elements: int, min_atoms: int, weights: Weights | None = None,
+                 halo: str = "ghost"):
+        if halo not in HALO_MODES:
+            raise ValueError(f"graph parallelism: halo {halo!r} is not one of {', '.join(HALO_MODES)}")
         self.topo = topo
         self.blocks, self.n_elements, self.min_atoms = blocks, n_elements, min_atoms
         self.weights = weights or {"atoms": 1.0, "edges": 0.0, "angles": 0.0}
+        self.halo = halo
+        self.group: Group | None = MPIGroup(topo.gp_comm) if halo == "exchange" else None
+        self.clock = DispatchClock()  # seconds in the halo exchanges
 
     def shard(self, batch: GraphBatch) -> GraphShard:
         owner_N = assign_owners(batch, self.topo.layout.gp, self.min_atoms, self.weights)
+        if self.halo == "exchange":
+            return exchange_shard(batch, owner_N, self.topo.gp_index, self.topo.layout.gp, self.n_elements)
         return shard(batch, owner_N, self.topo.gp_index, self.blocks, self.n_elements)
 
     def _energy_and_gradients(self, model: Potential, part: GraphShard, routing: Routing | None,
@@ -211,7 +312,8 @@ class GraphParallel:
         in training)."""
         t0 = time.perf_counter()
         geometry = strained_geometry(part.local)
-        energy_G = energy(model, part.local, geometry, routing, plan, readout_atoms=part.owned_n)
+        exchange = None if part.halo is None else HaloExchange(part.halo, self.group, self.clock)
+        energy_G = energy(model, part.local, geometry, routing, plan, readout_atoms=part.owned_n, halo=exchange)
         t1 = time.perf_counter()
         grad_pos_n3, grad_strain_G33 = torch.autograd.grad(
             energy_G.sum(), (geometry.positions_N3, geometry.strain_G33), create_graph=training)
@@ -256,6 +358,7 @@ class GraphParallel:
         """One micro-batch's loss on the whole batch and this rank's share of its parameter gradients
         (collective over the GP group). `aux`: a loss that depends on no structure, added once per
         group (GP index 0). Returns the per-structure loss terms (the same on every rank of the group)."""
+        halo_seconds = self.clock.seconds
         energy_G, grad_pos_n3, grad_strain_G33 = self._energy_and_gradients(model, part, routing, plan, True, times)
         total_G, total_pos_N3, total_strain_G33 = self._assemble(part, energy_G, grad_pos_n3, grad_strain_G33, times)
         t0 = time.perf_counter()
@@ -270,6 +373,8 @@ class GraphParallel:
         share.backward()  # the double backward through this rank's subgraph; armed reducers launch from here
         _add(times, param_backward=time.perf_counter() - t0,
              alltoall=routing.clock.seconds if routing is not None else 0.0)
+        if part.halo is not None:
+            _add(times, gp_halo=self.clock.seconds - halo_seconds)
         return losses
 
 

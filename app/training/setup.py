@@ -167,8 +167,10 @@ def log_start(run: Run) -> None:
             f"{run.progress.step + 1}–{cfg.run.steps}; cost/structure = {cost['atoms']:.3g}·atoms + "
             f"{cost['edges']:.3g}·edges + {cost['angles']:.3g}·angles")
     if topo.layout.gp > 1:
+        halo = (f"a halo of {cfg.model.blocks} block(s) (ghosts)" if cfg.parallel.gp_halo == "ghost" else
+                "a one-bond halo exchanged twice per block")
         run.log(f"graph parallel: {topo.layout.gp} ranks per group; structures of >= {cfg.parallel.gp_min_atoms} atoms "
-                f"split into cost-balanced spatial domains with a halo of {cfg.model.blocks} block(s), smaller ones "
+                f"split into cost-balanced spatial domains with {halo}, smaller ones "
                 "whole to one rank; owned and halo atoms per rank in the perf log (gp_work)")
     pp = topo.layout.pp
     if pp > 1 and cfg.data.micro_batches < 2 * pp:

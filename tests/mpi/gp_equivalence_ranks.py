@@ -1,11 +1,11 @@
-"""Run under `mpiexec -n K script OUT GP DP EP MIN_ATOMS BLOCK PATH [BACKEND]`, float64: a training step with each
+"""Run under `mpiexec -n K script OUT GP DP EP MIN_ATOMS BLOCK PATH [BACKEND [HALO]]`, float64: a training step with each
 structure's atoms split over a GP group (× dp replicas × ep expert shards) equals the single-process
 step on the same global batch — energies, forces and stresses (GraphParallel.predict), loss and every
 parameter gradient. Both run the production `train_step` (lr 0 keeps the weights). The batch holds
 triclinic cells, a slab (periodic in two directions), a three-atom cluster (at gp = 4 one rank owns
 none of it) and synthesized EMT cells; structures of at least MIN_ATOMS atoms are split, smaller ones
 go whole to one GP rank (MIN_ATOMS = 1000: no structure is split, and some rank owns no atom of
-some micro-batch). Rank 0 writes the comparison as JSON."""
+some micro-batch). HALO: ghost (default) or exchange (parallel.gp_halo). Rank 0 writes the comparison as JSON."""
 
 from __future__ import annotations
 
@@ -56,7 +56,8 @@ def structures() -> list[Atoms]:
     return out + synthesize(4, seed=11)
 
 
-def main(out_path: str, gp: int, dp: int, ep: int, min_atoms: int, block: str, path: str, backend: str = "mpi") -> None:
+def main(out_path: str, gp: int, dp: int, ep: int, min_atoms: int, block: str, path: str, backend: str = "mpi",
+         halo: str = "ghost") -> None:
     topo = Topology.from_mpi(dp=dp, ep=ep, gp=gp)
     run = {"dtype": "float64", "recompute_lines": 0} if path == "plain" else \
         {"dtype": "float64", "recompute_lines": 50, "store_all_below": 0}
@@ -65,7 +66,7 @@ def main(out_path: str, gp: int, dp: int, ep: int, min_atoms: int, block: str, p
                      "model": {"preset": "small-moe", "blocks": 3, "moe_experts": 4} if block == "moe" else
                               {"preset": "small", "blocks": 3, "block": block},
                      "loss": {"moe_aux_weight": 0.1},
-                     "parallel": {"dp": dp, "ep": ep, "gp": gp, "gp_min_atoms": min_atoms},
+                     "parallel": {"dp": dp, "ep": ep, "gp": gp, "gp_min_atoms": min_atoms, "gp_halo": halo},
                      "comm": {"bucket_mb": 0.05, "backend": backend}, "run": run})
     frames = Frames.from_atoms(atoms)
 
@@ -106,11 +107,12 @@ def main(out_path: str, gp: int, dp: int, ep: int, min_atoms: int, block: str, p
                   **diffs, "grad_max_rel_diff": grad_diffs[worst], "worst_param": worst,
                   "params_compared": len(grad_diffs), "params_serial": len(list(serial.parameters())),
                   "owned": [g["owned"] for g in gathered], "local_atoms": [g["local_atoms"] for g in gathered],
-                  "gp_sum_seconds": [g["times"].get("gp_sum", 0.0) for g in gathered]}
+                  "gp_sum_seconds": [g["times"].get("gp_sum", 0.0) for g in gathered],
+                  "gp_halo_seconds": [g["times"].get("gp_halo", 0.0) for g in gathered]}
         with open(out_path, "w") as f:
             json.dump(result, f)
     topo.barrier()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], *map(int, sys.argv[2:6]), *sys.argv[6:9])
+    main(sys.argv[1], *map(int, sys.argv[2:6]), *sys.argv[6:10])

@@ -8,19 +8,25 @@ from conftest import run_mpi_script
 pytestmark = [pytest.mark.mpi, pytest.mark.equivalence]
 
 
-@pytest.mark.parametrize("gp, dp, ep, min_atoms, block, path, backend", [
-    (2, 1, 1, 0, "light", "plain", "mpi"),
-    (4, 1, 1, 0, "light", "fused", "mpi"),
-    (4, 1, 1, 1000, "light", "plain", "mpi"),   # no structure split: ranks that own no atom of a micro-batch
-    (2, 1, 2, 1000, "moe", "fused", "mpi"),     # ... while their EP peers own atoms (the same all-to-alls)
-    (2, 2, 1, 0, "light", "fused", "mpi"),
-    (2, 1, 2, 0, "moe", "fused", "mpi"),
-    (2, 1, 1, 0, "matris", "plain", "mpi"),
-    pytest.param(2, 2, 1, 0, "light", "plain", "torch", marks=pytest.mark.backends),
+@pytest.mark.parametrize("gp, dp, ep, min_atoms, block, path, backend, halo", [
+    (2, 1, 1, 0, "light", "plain", "mpi", "ghost"),
+    (4, 1, 1, 0, "light", "fused", "mpi", "ghost"),
+    (4, 1, 1, 1000, "light", "plain", "mpi", "ghost"),   # no structure split: ranks that own no atom of a micro-batch
+    (2, 1, 2, 1000, "moe", "fused", "mpi", "ghost"),     # ... while their EP peers own atoms (the same all-to-alls)
+    (2, 2, 1, 0, "light", "fused", "mpi", "ghost"),
+    (2, 1, 2, 0, "moe", "fused", "mpi", "ghost"),
+    (2, 1, 1, 0, "matris", "plain", "mpi", "ghost"),
+    pytest.param(2, 2, 1, 0, "light", "plain", "torch", "ghost", marks=pytest.mark.backends),
+    # the per-block halo exchange: all-to-alls inside the forward and both backwards
+    (2, 1, 1, 0, "light", "plain", "mpi", "exchange"),
+    (4, 1, 1, 0, "light", "fused", "mpi", "exchange"),
+    (4, 1, 1, 1000, "light", "plain", "mpi", "exchange"),  # a rank with no atom still meets every exchange
+    (2, 1, 2, 0, "moe", "fused", "mpi", "exchange"),
+    (2, 2, 1, 0, "light", "fused", "mpi", "exchange"),
 ])
-def test_graph_parallel_step_equals_serial(tmp_path, gp, dp, ep, min_atoms, block, path, backend):
+def test_graph_parallel_step_equals_serial(tmp_path, gp, dp, ep, min_atoms, block, path, backend, halo):
     result = run_mpi_script(gp * dp * ep, "gp_equivalence_ranks.py", tmp_path,
-                            args=(gp, dp, ep, min_atoms, block, path, backend))
+                            args=(gp, dp, ep, min_atoms, block, path, backend, halo))
     assert (result["gp"], result["dp"], result["ep"]) == (gp, dp, ep)
     assert result["params_compared"] == result["params_serial"]
     keys = ["energy_G", "forces_N3", "stress_G6", "loss", "grad_norm", "grad_max_rel_diff"] + \

@@ -1,7 +1,8 @@
 """Graph parallelism's decomposition, in one process: the halo subgraphs of a partition give energies,
 ∂E/∂r, ∂E/∂ε and the double-backward parameter gradient that sum to the whole graph's (float64), for
 triclinic cells, a slab, a molecule and a part that owns no atom. The MPI path (the Allreduce, the
-trainer) is tests/mpi/test_gp_equivalence.py."""
+trainer, the per-block halo exchange's numbers) is tests/mpi/test_gp_equivalence.py; here the exchange's
+plan is checked to hold what each block reads."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from exaforce.config import LossConfig, ModelConfig
 from exaforce.graph import batch_from_atoms
 from exaforce.loss import structure_losses
 from exaforce.model.potential import Potential, energy_forces_stress, prediction
-from exaforce.parallel.graph_parallel import assign_owners, domain_owners, halo, shard
+from exaforce.parallel.graph_parallel import assign_owners, domain_owners, exchange_shard, halo, shard
 from exaforce.parallel.graph_parallel import GraphParallel
 from exaforce.parallel.topology import Topology
 
@@ -150,3 +151,43 @@ def test_halo_holds_what_the_receptive_field_reaches():
     for blocks in (1, 2, 3):
         atoms, bonds, _ = halo(owned, np.stack([src, dst]), no_triplets, blocks)
         assert np.flatnonzero(atoms).tolist() == list(range(blocks + 1))
+
+
+@pytest.mark.parametrize("parts", [2, 3, 4])
+def test_exchange_plan_is_one_hop_and_matches_across_ranks(parts):
+    """Per rank: the owned atoms' bonds with all their triplets, the bonds from other domains ending on
+    owned atoms and those bonds' far ends — one hop, far less than the ghosts' closure; and what rank a
+    sends rank b is, row for row, what b overwrites with what it receives from a."""
+    model = model_of("light")
+    rod = bulk("Cu", "fcc", a=3.6, cubic=True).repeat((2, 2, 8))
+    rod.rattle(0.05, seed=5)
+    batch = batch_of(model, [rod, *structures()])
+    src_E, dst_E = batch.edge_index_2E.numpy()
+    a_T = batch.triplet_index_2T[0].numpy()
+    owner_N = assign_owners(batch, parts, 0, WEIGHTS)
+    pieces = [exchange_shard(batch, owner_N, k, parts, len(ELEMENTS)) for k in range(parts)]
+    ghosts = [shard(batch, owner_N, k, len(model.blocks), len(ELEMENTS)) for k in range(parts)]
+    global_bonds = []
+    for k, p in enumerate(pieces):
+        atoms_n = p.atoms_n.numpy()
+        local_src, local_dst = p.local.edge_index_2E.numpy()
+        bonds_e = np.flatnonzero((owner_N[src_E] == k) | (owner_N[dst_E] == k))
+        global_bonds.append(bonds_e)
+        assert np.array_equal(atoms_n[local_src], src_E[bonds_e]) and np.array_equal(atoms_n[local_dst], dst_E[bonds_e])
+        assert p.local.triplet_index_2T.shape[1] == int((owner_N[src_E[a_T]] == k).sum())  # every owned bond's triplets
+        assert set(atoms_n) == set(np.flatnonzero(owner_N == k)) | set(src_E[bonds_e]) | set(dst_E[bonds_e])
+        assert p.local.edge_index_2E.shape[1] <= ghosts[k].local.edge_index_2E.shape[1]
+    assert sum(p.local.edge_index_2E.shape[1] for p in pieces) < sum(g.local.edge_index_2E.shape[1] for g in ghosts)
+    for a in range(parts):
+        for b in range(parts):
+            pa, pb = pieces[a].halo, pieces[b].halo
+            sent = np.split(pieces[a].atoms_n[pa.atom_send_n].numpy(), np.cumsum(pa.atom_send_splits)[:-1])[b]
+            overwritten = np.split(pieces[b].atoms_n[pb.atom_recv_n].numpy(), np.cumsum(pb.atom_recv_splits)[:-1])[a]
+            assert np.array_equal(sent, overwritten) and (owner_N[sent] == a).all()
+            assert (a != b) or len(sent) == 0
+            sent = np.split(global_bonds[a][pa.bond_send_e.numpy()], np.cumsum(pa.bond_send_splits)[:-1])[b]
+            overwritten = np.split(global_bonds[b][pb.bond_recv_e.numpy()], np.cumsum(pb.bond_recv_splits)[:-1])[a]
+            assert np.array_equal(sent, overwritten) and (owner_N[src_E[sent]] == a).all()
+            assert (owner_N[dst_E[sent]] == b).all()
+        halo_bonds = np.flatnonzero((owner_N[dst_E] == a) & (owner_N[src_E] != a))  # each overwritten once
+        assert sorted(global_bonds[a][pieces[a].halo.bond_recv_e.numpy()]) == halo_bonds.tolist()
