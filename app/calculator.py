@@ -4,7 +4,8 @@
     calc = ExaforceCalculator.from_preset("small", seed=0)      # random weights: tests, benchmarks
     calc = ExaforceCalculator.from_checkpoint(path, graph_parallel=True)  # under mpiexec -n K: one
         # structure's atoms split over the K ranks, every rank gets the whole result (run the same
-        # script on every rank: ASE's dynamics then move the same atoms everywhere)
+        # script on every rank: ASE's dynamics then move the same atoms everywhere); graph_parallel =
+        # "exchange": a one-hop halo refreshed per block instead of ghosts (light block only)
 
 Energy in eV, forces in eV/Å, stress in eV/Å³ (ASE sign, Voigt order xx yy zz yz xz xy). Stress is
 defined for fully periodic cells only; asking for it on a molecule raises ASE's
@@ -48,7 +49,7 @@ class ExaforceCalculator(Calculator):
     implemented_properties = ["energy", "free_energy", "forces", "stress"]
 
     def __init__(self, model: Potential, dtype: str = "float64", head: str | None = None,
-                 device: str = "auto", graph_parallel: bool = False, **kwargs):
+                 device: str = "auto", graph_parallel: bool | str = False, **kwargs):
         super().__init__(**kwargs)
         if dtype not in DTYPES:
             raise ValueError(f"dtype {dtype!r}: must be one of {sorted(DTYPES)}")
@@ -60,12 +61,13 @@ class ExaforceCalculator(Calculator):
         self.model = model.to(device=self.device, dtype=self.dtype).eval().requires_grad_(False)
         self._species_of = model.species_table()
         self.graph: GraphParallel | None = None
-        if graph_parallel:  # collective: every rank of the job constructs its calculator
-            self.graph = GraphParallel(Topology.one_graph_group(), len(model.blocks), len(model.cfg.elements), min_atoms=0)
+        if graph_parallel:  # collective: every rank of the job constructs its calculator; True: ghost halo
+            halo = "ghost" if graph_parallel is True else graph_parallel
+            self.graph = GraphParallel.for_model(Topology.one_graph_group(), model, min_atoms=0, halo=halo)
 
     @classmethod
     def from_preset(cls, name: str, seed: int = 0, dtype: str = "float64", head: str | None = None,
-                    device: str = "auto", graph_parallel: bool = False, **overrides) -> "ExaforceCalculator":
+                    device: str = "auto", graph_parallel: bool | str = False, **overrides) -> "ExaforceCalculator":
         """Random weights (for tests and benchmarks) at a named model size; keyword arguments
         override fields of the preset's ModelConfig (e.g. elements=("Cu", "Au"))."""
         return cls(preset_model(name, seed, **overrides), dtype=dtype, head=head, device=device,
@@ -73,7 +75,7 @@ class ExaforceCalculator(Calculator):
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, dtype: str = "float64", head: str | None = None,
-                        device: str = "auto", graph_parallel: bool = False) -> "ExaforceCalculator":
+                        device: str = "auto", graph_parallel: bool | str = False) -> "ExaforceCalculator":
         """The trained model of a checkpoint file, or of a run folder's latest checkpoint."""
         return cls(load_trained(path).build(), dtype=dtype, head=head, device=device, graph_parallel=graph_parallel)
 

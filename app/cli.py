@@ -334,6 +334,9 @@ def _predict_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out atomically")
     p.add_argument("--gp", type=int, default=1, help="graph parallelism: groups of GP ranks split each structure's "
                    "atoms between them (a structure larger than one rank's memory); must divide the ranks (default 1)")
+    p.add_argument("--gp-halo", default="ghost", choices=["ghost", "exchange"],
+                   help="with --gp: ghost (default: each rank computes its halo out to the receptive field) or "
+                        "exchange (one hop of halo refreshed from its owners twice per block; light block only)")
     p.add_argument("--json", action="store_true", help="last line: one JSON object (counts, seconds, throughput)")
 
 
@@ -348,7 +351,7 @@ def cmd_predict(args: argparse.Namespace, ctx: Context) -> None:
     log = _say if topo.is_root else _quiet
     source = ModelSource(checkpoint=args.checkpoint, preset=args.preset, seed=args.seed)
     summary = predict(source, args.data, args.out, topo, batch_size=args.batch_size, head=args.head,
-                      dtype=args.dtype, overwrite=args.overwrite, log=log, device=args.device)
+                      dtype=args.dtype, overwrite=args.overwrite, log=log, device=args.device, halo=args.gp_halo)
     if args.json and topo.is_root:
         print(json.dumps(summary), flush=True)
 

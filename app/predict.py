@@ -82,10 +82,11 @@ def batch_plan(natoms_S: np.ndarray, batch_size: int, world: int) -> list[np.nda
 
 def predict(source: ModelSource, data: str | Path, out: str | Path, topo: Topology, batch_size: int = 16,
             head: str | None = None, dtype: str = "float32", overwrite: bool = False,
-            log: Callable[[str], None] = print, device: str = "auto") -> dict:
+            log: Callable[[str], None] = print, device: str = "auto", halo: str = "ghost") -> dict:
     """Collective. Writes the predictions to `out` (rank 0 writes) and returns the summary on every
     rank: counts, seconds, throughput (structures/s and atoms/s over the slowest rank's loop).
-    `device` as run.device: each rank on its own (exaforce.device)."""
+    `device` as run.device: each rank on its own (exaforce.device). `halo`: graph parallelism's halo
+    (exaforce.parallel.graph_parallel: ghost | exchange)."""
     data, out = Path(data), Path(out)
     if out.resolve() == data.resolve():
         raise PredictError(f"--out {out}: is the input dataset; write the predictions elsewhere")
@@ -104,7 +105,10 @@ def predict(source: ModelSource, data: str | Path, out: str | Path, topo: Topolo
     model = model.to(on)
     h = head_index(model, head)
     layout = topo.layout  # dp groups of gp ranks (graph parallelism: each batch's atoms over its group)
-    graph = GraphParallel(topo, len(model.blocks), len(model.cfg.elements), min_atoms=0) if layout.gp > 1 else None
+    try:
+        graph = GraphParallel.for_model(topo, model, min_atoms=0, halo=halo) if layout.gp > 1 else None
+    except ValueError as error:
+        raise PredictError(f"--gp-halo {halo}: {error}") from None
     group = layout.dp_index(topo.rank)
     with open_bp(data) as dataset:
         plan = batch_plan(dataset.natoms_S, batch_size, layout.dp)

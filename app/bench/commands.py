@@ -181,8 +181,9 @@ def _md_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nve-timestep", type=float, help="fs of the NVE run (default: --timestep)")
     p.add_argument("--cells", type=_rank_counts, default=[3, 3, 3],
                    help="conventional fcc cells along a,b,c (default 3,3,3: 108 atoms)")
-    p.add_argument("--graph-parallel", action="store_true",
-                   help="under mpiexec -n K: the cell's atoms split over the K ranks (graph parallelism)")
+    p.add_argument("--graph-parallel", nargs="?", const="ghost", default=False, choices=["ghost", "exchange"],
+                   help="under mpiexec -n K: the cell's atoms split over the K ranks (graph parallelism), with "
+                        "a ghost halo (the default) or a per-block halo exchange")
     _dtype(p, default="float64")
 
 
@@ -281,6 +282,18 @@ def _gp_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=2, help="timed steps; the median is reported (default 2)")
     p.add_argument("--budget-gib", type=float, default=0.0,
                    help="a memory budget per rank, GiB: says whether one rank and the GP group fit it (default: none)")
+    p.add_argument("--halo", type=_halos, default=("ghost", "exchange"),
+                   help="comma-separated halo modes run at each GP size: ghost, exchange (default both)")
+
+
+def _halos(text: str) -> tuple[str, ...]:
+    from exaforce.config import GP_HALOS
+
+    halos = tuple(h for h in text.split(",") if h)
+    unknown = [h for h in halos if h not in GP_HALOS]
+    if unknown or not halos:
+        raise argparse.ArgumentTypeError(f"unknown halo mode {', '.join(unknown) or '(none)'} (known: {', '.join(GP_HALOS)})")
+    return halos
 
 
 def _run_gp(args: argparse.Namespace, log: Log) -> dict:
@@ -289,7 +302,7 @@ def _run_gp(args: argparse.Namespace, log: Log) -> dict:
 
     model_preset(args.preset)  # a bad name fails before any work
     return bench_gp(args.atoms, args.shape, args.ranks, args.single_atoms, args.preset, args.dtype, args.warmup, args.repeats,
-                    args.budget_gib, log)
+                    args.budget_gib, log, args.halo)
 
 
 BENCHMARKS: tuple[Benchmark, ...] = (

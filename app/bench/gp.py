@@ -9,10 +9,11 @@ rank's owned atoms and its subgraph (atoms, bonds, triplets: owned and halo), an
 the GP group's Allreduce and of the gradient reduction. One-rank runs at --single-atoms sizes give
 the memory and time per atom, projected to --atoms (the structure need not fit one rank).
 
-Halo: the ghosts out to the receptive field are computed redundantly; the report gives the work
-factor Σ_ranks subgraph bonds / the structure's bonds, and, for comparison, what a per-block halo
-exchange would move instead (the halo atoms' and bonds' features a rank reads from its neighbours in
-each block, width × bytes each; not implemented: an estimate from the same closure).
+Halo (--halo, both by default, each GP size run with each): "ghost" computes the ghosts out to the
+receptive field redundantly — the report gives the work factor Σ_ranks subgraph bonds / the
+structure's bonds; "exchange" keeps one hop of halo and refreshes it from its owners twice per block —
+the report gives the rows and bytes each rank receives per block (forward; each backward moves as
+much again) and the seconds spent in those all-to-alls.
 
 On a machine with fewer cores than ranks the ranks share cores: step times then mix in contention
 (the output says how many cores there were); memory per rank does not.
@@ -53,7 +54,7 @@ def large_cell(atoms: int, shape: str, seed: int):
     return cell
 
 
-def gp_worker(gp: int, atoms: int, shape: str, preset: str, dtype: str, warmup: int, repeats: int) -> None:
+def gp_worker(gp: int, atoms: int, shape: str, preset: str, dtype: str, warmup: int, repeats: int, halo: str) -> None:
     """One GP size on gp ranks; rank 0 prints the JSON record."""
     import numpy as np
     import torch
@@ -74,7 +75,7 @@ def gp_worker(gp: int, atoms: int, shape: str, preset: str, dtype: str, warmup: 
     # subgraph would otherwise store everything: faster, but another memory per atom)
     cfg = Config(run=RunConfig(steps=warmup + repeats, dtype=dtype, store_all_below=0), model=model_preset(preset),
                  data=DataConfig(train=("bench",), global_batch_size=1),
-                 parallel=ParallelConfig(gp=gp, gp_min_atoms=0))
+                 parallel=ParallelConfig(gp=gp, gp_min_atoms=0, gp_halo=halo))
     topo = Topology.from_mpi(gp=gp)
     torch.manual_seed(BENCH_SEED)
     model = Potential(cfg.model).to(dtype=DTYPES[dtype])
@@ -85,72 +86,65 @@ def gp_worker(gp: int, atoms: int, shape: str, preset: str, dtype: str, warmup: 
                         cfg.model.three_body_cutoff).to("cpu", DTYPES[dtype])
     graph_s = time.perf_counter() - t0
     baseline = _vm_rss_bytes()  # nothing has stepped yet
-    seconds, gp_sum, comm = [], [], []
+    seconds, gp_sum, gp_halo, comm = [], [], [], []
     for step in range(1, warmup + repeats + 1):
         topo.barrier()
         t0 = time.perf_counter()
         result = train_step(model, [batch], optimizer, parallel, cfg, 1.0, lr_schedule.lr_at(step))
         seconds.append(time.perf_counter() - t0)
         gp_sum.append(result.times.get("gp_sum", 0.0))
+        gp_halo.append(result.times.get("gp_halo", 0.0))
         comm.append(result.times["comm"])
     peak = peak_memory_bytes()
     row = {"rank": topo.rank, "step_s": statistics.median(seconds[warmup:]), "gp_sum_s": statistics.median(gp_sum[warmup:]),
+           "gp_halo_s": statistics.median(gp_halo[warmup:]),
            "reduce_s": statistics.median(comm[warmup:]), "baseline_rss_bytes": baseline, "peak_rss_bytes": peak,
            "graph_s": graph_s, "work": result.work or {**batch.counts(), "owned_atoms": int(batch.numbers_N.shape[0])}}
-    if parallel.graph is not None:
-        row["exchange_bytes_per_block"] = _exchange_estimate(parallel.graph.shard(batch), batch, len(model.blocks),
-                                                             cfg.model.width, DTYPES[dtype].itemsize)
+    part = parallel.graph.shard(batch) if parallel.graph is not None else None
+    if part is not None and part.halo is not None:  # rows received per block (an atom and a bond exchange)
+        rows = part.halo.volume()
+        row["halo_rows_per_block"] = rows
+        row["halo_bytes_per_block"] = sum(rows.values()) * cfg.model.width * DTYPES[dtype].itemsize
     rows = topo.gather_to_root(row)
     if topo.is_root:
         print(json.dumps({"gp": gp, "atoms": int(batch.numbers_N.shape[0]), "edges": int(batch.edge_index_2E.shape[1]),
                           "angles": int(batch.triplet_index_2T.shape[1]), "ranks": rows}))
 
 
-def _exchange_estimate(part, batch, blocks: int, width: int, itemsize: int) -> list[int]:
-    """Bytes a per-block halo exchange would bring to this rank: per block, the features of the
-    atoms and bonds it reads but does not own (the one-block closure of its owned atoms and bonds)."""
-    import numpy as np
-
-    from exaforce.parallel.graph_parallel import halo
-
-    owned_N = np.zeros(batch.numbers_N.shape[0], bool)
-    owned_N[part.atoms_n[part.owned_n].cpu().numpy()] = True
-    edge_index_2E = batch.edge_index_2E.cpu().numpy()
-    atom_N, bond_E, _ = halo(owned_N, edge_index_2E, batch.triplet_index_2T.cpu().numpy(), 1)
-    owned_bonds = owned_N[edge_index_2E[0]]
-    per_block = (int(atom_N.sum() - owned_N.sum()) + int((bond_E & ~owned_bonds).sum())) * width * itemsize
-    return [per_block] * blocks
-
-
 def bench_gp(atoms: int, shape: str, sizes: list[int], single_atoms: list[int], preset: str, dtype: str, warmup: int,
-             repeats: int, budget_gib: float, log: Log) -> dict:
+             repeats: int, budget_gib: float, log: Log, halos: tuple[str, ...] = ("ghost", "exchange")) -> dict:
     from exaforce.bench.launcher import environment, launch_json, module_command, on_ranks
 
     env = environment(OMP_NUM_THREADS="1")
     results: dict = {"preset": preset, "dtype": dtype, "atoms": atoms, "shape": shape, "warmup": warmup, "repeats": repeats,
                      "cores": os.cpu_count(), "threads_per_rank": env["OMP_NUM_THREADS"], "budget_gib": budget_gib,
+                     "halos": list(halos),
                      "single": [], "split": []}
 
-    def run(gp: int, n: int) -> dict:
-        log(f"bench gp: {n} atoms on {gp} rank(s) ...")
+    def run(gp: int, n: int, halo: str = "ghost") -> dict:
+        log(f"bench gp: {n} atoms on {gp} rank(s)" + (f", halo {halo}" if gp > 1 else "") + " ...")
         record = launch_json(on_ranks(gp, module_command("exaforce.bench.gp", str(gp), str(n), shape, preset, dtype,
-                                                         str(warmup), str(repeats))),
-                             f"bench gp worker ({gp} ranks, {n} atoms)", env)
+                                                         str(warmup), str(repeats), halo)),
+                             f"bench gp worker ({gp} ranks, {n} atoms, halo {halo})", env)
+        record["halo"] = halo
         ranks = record["ranks"]
         record["step_s"] = max(r["step_s"] for r in ranks)
         record["peak_gib_per_rank"] = [r["peak_rss_bytes"] / 2**30 for r in ranks]
         record["step_mem_gib_per_rank"] = [(r["peak_rss_bytes"] - r["baseline_rss_bytes"]) / 2**30 for r in ranks]
         record["bond_work_factor"] = sum(r["work"]["edges"] for r in ranks) / record["edges"]
-        record["comm_share"] = max((r["gp_sum_s"] + r["reduce_s"]) / r["step_s"] for r in ranks)
+        record["comm_share"] = max((r["gp_sum_s"] + r["gp_halo_s"] + r["reduce_s"]) / r["step_s"] for r in ranks)
         log(f"  {record['atoms']} atoms, {record['edges']} bonds, {record['angles']} triplets: step {record['step_s']:.2f} s, "
             f"peak RSS per rank {', '.join(f'{g:.2f}' for g in record['peak_gib_per_rank'])} GiB "
             f"(step's own {', '.join(f'{g:.2f}' for g in record['step_mem_gib_per_rank'])})")
         if gp > 1:
             for r in ranks:
                 w = r["work"]
+                exchange = "" if "halo_rows_per_block" not in r else (
+                    f"; halo exchange {r['gp_halo_s']:.3f} s, per block {r['halo_rows_per_block']['halo_atoms']} atoms + "
+                    f"{r['halo_rows_per_block']['halo_bonds']} bonds received ({r['halo_bytes_per_block'] / 2**20:.2f} MiB)")
                 log(f"    rank {r['rank']}: owns {w['owned_atoms']} atoms; subgraph {w['atoms']} atoms, {w['edges']} bonds, "
-                    f"{w['angles']} triplets; GP sum {r['gp_sum_s']:.3f} s, gradient reduction {r['reduce_s']:.3f} s; "
-                    f"a per-block halo exchange would bring {r['exchange_bytes_per_block'][0] / 2**20:.1f} MiB per block")
+                    f"{w['angles']} triplets; GP sum {r['gp_sum_s']:.3f} s, gradient reduction {r['reduce_s']:.3f} s"
+                    f"{exchange}")
             log(f"    halo work: {record['bond_work_factor']:.2f}× the structure's bonds computed over the group; "
                 f"communication {record['comm_share']:.1%} of the step (worst rank)")
         return record
@@ -165,8 +159,8 @@ def bench_gp(atoms: int, shape: str, sizes: list[int], single_atoms: list[int], 
         slope_s, base_s = np.polyfit(x, [r["step_s"] for r in results["single"]], 1)
         results["single_projection"] = {"gib_per_atom": slope_mem, "gib_at_zero": base_mem,
                                         "s_per_atom": slope_s, "s_at_zero": base_s}
-    for gp in sizes:
-        record = run(gp, atoms) if gp > 1 else run(1, atoms)
+    for gp, halo in [(gp, halo) for gp in sizes for halo in (halos if gp > 1 else ("ghost",))]:
+        record = run(gp, atoms, halo)
         results["split"].append(record)
         projection = results.get("single_projection")
         if projection:
@@ -181,6 +175,6 @@ def bench_gp(atoms: int, shape: str, sizes: list[int], single_atoms: list[int], 
     return results
 
 
-if __name__ == "__main__":  # worker: gp atoms shape preset dtype warmup repeats
-    gp_size, n_atoms, cell_shape, preset_name, dt, w, r = sys.argv[1:8]
-    gp_worker(int(gp_size), int(n_atoms), cell_shape, preset_name, dt, int(w), int(r))
+if __name__ == "__main__":  # worker: gp atoms shape preset dtype warmup repeats halo
+    gp_size, n_atoms, cell_shape, preset_name, dt, w, r, halo_mode = sys.argv[1:9]
+    gp_worker(int(gp_size), int(n_atoms), cell_shape, preset_name, dt, int(w), int(r), halo_mode)

@@ -21,12 +21,13 @@ SAMPLE_EVERY = 10               # steps between samples of distances and tempera
 
 def bench_md(checkpoint_path: str, steps: int, temperature_k: float, dtype: str, log: Callable[[str], None],
              langevin_steps: int = 0, timestep_fs: float = 1.0, nve_timestep_fs: float | None = None,
-             cells: tuple[int, int, int] = (3, 3, 3), graph_parallel: bool = False) -> dict | None:
+             cells: tuple[int, int, int] = (3, 3, 3), graph_parallel: bool | str = False) -> dict | None:
     """An fcc Cu cell (`cells` conventional cells; default 3×3×3, 108 atoms): `langevin_steps` of
     Langevin at `temperature_k` (if any), then `steps` of NVE velocity-Verlet from there (else from
     Maxwell-Boltzmann velocities), at `nve_timestep_fs` (default: the Langevin's). graph_parallel: run
     under `mpiexec -n K`, the cell's atoms split over the K ranks (every rank runs the same dynamics;
-    rank 0 logs and returns the result, the others None)."""
+    rank 0 logs and returns the result, the others None); True or "ghost": ghost halo, "exchange": the
+    per-block halo exchange."""
     from ase.build import bulk
     from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary
 
@@ -39,7 +40,7 @@ def bench_md(checkpoint_path: str, steps: int, temperature_k: float, dtype: str,
     if not root:
         log = _quiet
     if graph is not None:
-        log(f"bench md: {len(atoms)} atoms split over {graph.topo.world_size} ranks (graph parallelism)")
+        log(f"bench md: {len(atoms)} atoms split over {graph.topo.world_size} ranks (graph parallelism, {graph.halo} halo)")
     rng = np.random.default_rng(BENCH_SEED)
     MaxwellBoltzmannDistribution(atoms, temperature_K=temperature_k, rng=rng)
     Stationary(atoms)
@@ -48,6 +49,7 @@ def bench_md(checkpoint_path: str, steps: int, temperature_k: float, dtype: str,
         result["langevin"] = langevin(atoms, langevin_steps, temperature_k, timestep_fs, rng, log)
     result["nve"] = nve(atoms, steps, nve_timestep_fs or timestep_fs, log)
     result["ranks"] = 1 if graph is None else graph.topo.world_size
+    result["halo"] = None if graph is None else graph.halo
     return result if root else None
 
 

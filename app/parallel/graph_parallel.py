@@ -299,6 +299,14 @@ class GraphParallel:
         self.group: Group | None = MPIGroup(topo.gp_comm) if halo == "exchange" else None
         self.clock = DispatchClock()  # seconds in the halo exchanges
 
+    @classmethod
+    def for_model(cls, topo: Topology, model: Potential, min_atoms: int, halo: str = "ghost",
+                  weights: Weights | None = None) -> "GraphParallel":
+        if halo == "exchange" and model.cfg.block != "light":
+            raise ValueError(f'graph parallelism: halo "exchange" needs model.block = "light", not '
+                             f'{model.cfg.block!r}; use halo "ghost"')
+        return cls(topo, len(model.blocks), len(model.cfg.elements), min_atoms, weights, halo)
+
     def shard(self, batch: GraphBatch) -> GraphShard:
         owner_N = assign_owners(batch, self.topo.layout.gp, self.min_atoms, self.weights)
         if self.halo == "exchange":

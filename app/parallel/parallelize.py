@@ -64,8 +64,7 @@ def parallelize(model: Potential, topo: Topology, groups: CommGroups, cfg: Confi
         pipeline = PipelineStage(model, topo, cfg, ranges)
     graph = None
     if topo.layout.gp > 1:
-        graph = GraphParallel(topo, len(model.blocks), len(cfg.model.elements), cfg.parallel.gp_min_atoms,
-                              halo=cfg.parallel.gp_halo)
+        graph = GraphParallel.for_model(topo, model, cfg.parallel.gp_min_atoms, cfg.parallel.gp_halo)
     sync_initial_parameters(model, groups)
     reduction = GradientReduction(model, groups, topo.layout.replicas, cfg.comm)
     return Parallel(topo=topo, groups=groups, reduction=reduction, pipeline=pipeline, graph=graph)

@@ -1,6 +1,6 @@
 """`exaforce bench gp` as a user runs it (tiny sizes; the figures are README's): one-rank runs give a
-projection, the split run reports every rank's owned atoms and subgraph, the halo work factor and
-the communication share."""
+projection, the split runs (ghost halo, then the per-block exchange) report every rank's owned atoms and
+subgraph, the halo work factor, the exchange's rows per block and the communication share."""
 
 import json
 
@@ -17,7 +17,12 @@ def test_bench_gp_reports_ranks_halo_and_projection():
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert [r["atoms"] for r in result["single"]] == [64, 128] and result["shape"] == "rod"
-    split = result["split"][0]
+    assert [s["halo"] for s in result["split"]] == ["ghost", "exchange"]
+    ghost, exchange = result["split"]
+    assert all("halo_rows_per_block" in r and r["halo_bytes_per_block"] > 0 for r in exchange["ranks"])
+    assert exchange["bond_work_factor"] < ghost["bond_work_factor"]  # one hop of halo instead of the receptive field
+    assert "halo exchange" in proc.stdout
+    split = ghost
     assert split["gp"] == 2 and len(split["ranks"]) == 2
     assert sum(r["work"]["owned_atoms"] for r in split["ranks"]) == split["atoms"] == 128
     assert all(r["work"]["atoms"] >= r["work"]["owned_atoms"] for r in split["ranks"])

@@ -14,15 +14,18 @@ STEPS = 30
 
 @pytest.fixture
 def trajectories(tmp_path):
-    return {ranks: run_mpi_script(ranks, "md_gp_ranks.py", tmp_path, args=(int(ranks > 1), STEPS)) for ranks in (1, 2)}
+    return {(ranks, halo): run_mpi_script(ranks, "md_gp_ranks.py", tmp_path, args=(halo, STEPS))
+            for ranks, halo in ((1, "0"), (2, "ghost"), (2, "exchange"))}
 
 
 def test_md_over_two_ranks_equals_one_rank(trajectories):
-    one, two = trajectories[1], trajectories[2]
-    assert two["ranks"] == 2 and len(two["total"]) == len(one["total"]) == STEPS + 1
+    one = trajectories[1, "0"]
     forces = np.array(one["forces"])
     assert np.abs(forces).max() > 0.1  # a real test: forces of a metal's size
-    assert np.abs(np.array(two["forces"]) - forces).max() <= 1e-12 * np.abs(forces).max()
-    assert np.abs(np.array(two["total"]) - one["total"]).max() < 1e-8  # eV, every step
-    for run in (one, two):  # NVE: the total energy moves far less than the potential energy
+    for halo in ("ghost", "exchange"):
+        two = trajectories[2, halo]
+        assert two["ranks"] == 2 and len(two["total"]) == len(one["total"]) == STEPS + 1
+        assert np.abs(np.array(two["forces"]) - forces).max() <= 1e-12 * np.abs(forces).max(), halo
+        assert np.abs(np.array(two["total"]) - one["total"]).max() < 1e-8, halo  # eV, every step
+    for run in trajectories.values():  # NVE: the total energy moves far less than the potential energy
         assert np.ptp(run["total"]) < 1e-3 * np.ptp(run["potential"])

@@ -100,18 +100,19 @@ def test_ranks_write_identical_numbers_and_the_input_schema(work):
 
 
 def test_graph_parallel_predictions_equal_one_rank(work):
-    """--gp 2 on 2 ranks (one group) and on 4 ranks (two groups, two batches each): every structure's
-    atoms split over its group; float64 energies, forces and stresses equal one rank's to 1e-10
+    """--gp 2 on 2 ranks (one group) and on 4 ranks (two groups, two batches each; ghost halo, then the
+    per-block exchange): every structure's atoms split over its group; float64 energies, forces and stresses equal one rank's to 1e-10
     relative (sums over the group change the last bits only); a --gp that does not divide the ranks fails."""
     reference = predict(work, 1, "gp-ref.bp", "--batch-size", "4", "--dtype", "float64")
     assert reference.returncode == 0, reference.stderr[-3000:]
     want, _ = read(work / "gp-ref.bp")
-    for ranks in (2, 4):
-        proc = predict(work, ranks, f"gp{ranks}.bp", "--batch-size", "4", "--dtype", "float64", "--gp", "2", "--json")
+    for ranks, halo in ((2, "ghost"), (4, "ghost"), (4, "exchange")):
+        proc = predict(work, ranks, f"gp{ranks}{halo}.bp", "--batch-size", "4", "--dtype", "float64", "--gp", "2",
+                       "--gp-halo", halo, "--json")
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert f"{ranks // 2} group(s) of 2 ranks" in proc.stdout
         assert json.loads(proc.stdout.strip().splitlines()[-1])["gp"] == 2
-        got, _ = read(work / f"gp{ranks}.bp")
+        got, _ = read(work / f"gp{ranks}{halo}.bp")
         for key in ("energy_S", "forces_N3", "stress_S6"):
             a, b = np.nan_to_num(getattr(got, key)), np.nan_to_num(getattr(want, key))
             assert np.abs(a - b).max() <= 1e-10 * np.abs(b).max(), key

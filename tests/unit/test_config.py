@@ -67,6 +67,16 @@ def test_expert_parallel_layout_must_fit_the_experts(parallel, model, message):
         config.from_dict({"data": {"train": ["x.bp"]}, "model": model, "parallel": parallel})
 
 
+@pytest.mark.parametrize("parallel, model, message", [
+    ({"gp": 2, "gp_halo": "mirror"}, {"preset": "small"}, "parallel.gp_halo = 'mirror': must be one of ghost, exchange"),
+    ({"gp": 2, "gp_halo": "exchange"}, {"preset": "small", "block": "matris"},
+     'parallel.gp_halo = "exchange" with model.block = \'matris\': the per-block halo exchange needs the light block'),
+])
+def test_graph_parallel_halo_is_validated(parallel, model, message):
+    with pytest.raises(config.ConfigError, match=message):
+        config.from_dict({"data": {"train": ["x.bp"]}, "model": model, "parallel": parallel})
+
+
 def test_overrides_and_stage_dir(tmp_path):
     (tmp_path / "stage").mkdir()
     (tmp_path / "stage" / "emt.bp").mkdir()
