@@ -5,7 +5,7 @@
     calc = ExaforceCalculator.from_checkpoint(path, graph_parallel=True)  # under mpiexec -n K: one
         # structure's atoms split over the K ranks, every rank gets the whole result (run the same
         # script on every rank: ASE's dynamics then move the same atoms everywhere); graph_parallel =
-        # "exchange": a one-hop halo refreshed per block instead of ghosts (light block only)
+        # "exchange" | "ghost" picks the halo (True: "auto", exchange for the light block, ghost for matris)
 
 Energy in eV, forces in eV/Å, stress in eV/Å³ (ASE sign, Voigt order xx yy zz yz xz xy). Stress is
 defined for fully periodic cells only; asking for it on a molecule raises ASE's
@@ -62,7 +62,7 @@ class ExaforceCalculator(Calculator):
         self._species_of = model.species_table()
         self.graph: GraphParallel | None = None
         if graph_parallel:  # collective: every rank of the job constructs its calculator; True: ghost halo
-            halo = "ghost" if graph_parallel is True else graph_parallel
+            halo = "auto" if graph_parallel is True else graph_parallel
             self.graph = GraphParallel.for_model(Topology.one_graph_group(), model, min_atoms=0, halo=halo)
 
     @classmethod

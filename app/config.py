@@ -21,7 +21,7 @@ import torch
 DTYPES = {"float32": torch.float32, "float64": torch.float64}  # the names run.dtype and the calculator take
 DEVICE_KINDS = ("auto", "cpu", "cuda", "xpu")  # run.device (exaforce.device); "cuda" also means ROCm
 PP_SCHEDULES = ("folded", "gpipe")  # exaforce.parallel.pipeline_schedule
-GP_HALOS = ("ghost", "exchange")    # exaforce.parallel.graph_parallel
+GP_HALOS = ("auto", "exchange", "ghost")  # exaforce.parallel.graph_parallel
 BACKENDS = ("mpi", "horovod", "torch")  # comm.backend: exaforce.comm.groups implements each
 
 
@@ -157,9 +157,10 @@ class ParallelConfig:
     gp: int = 1                         # graph-parallel degree: ranks that split one share's structures by atoms
     gp_min_atoms: int = 512             # gp > 1: structures of at least this many atoms are split into spatial
                                         # domains over the GP group; smaller ones go whole to one GP rank
-    gp_halo: str = "ghost"              # ghost: each rank computes its halo out to the receptive field, no
-                                        # collective in the model; exchange: one hop of halo, refreshed from
-                                        # its owners twice per block (light block only; README: Graph parallelism)
+    gp_halo: str = "auto"               # exchange: one hop of halo, refreshed from its owners twice per block
+                                        # (light block only); ghost: each rank computes its halo out to the
+                                        # receptive field, no collective in the model; auto: exchange for the
+                                        # light block, ghost for matris (README: Graph parallelism, measured)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -82,11 +82,11 @@ def batch_plan(natoms_S: np.ndarray, batch_size: int, world: int) -> list[np.nda
 
 def predict(source: ModelSource, data: str | Path, out: str | Path, topo: Topology, batch_size: int = 16,
             head: str | None = None, dtype: str = "float32", overwrite: bool = False,
-            log: Callable[[str], None] = print, device: str = "auto", halo: str = "ghost") -> dict:
+            log: Callable[[str], None] = print, device: str = "auto", halo: str = "auto") -> dict:
     """Collective. Writes the predictions to `out` (rank 0 writes) and returns the summary on every
     rank: counts, seconds, throughput (structures/s and atoms/s over the slowest rank's loop).
     `device` as run.device: each rank on its own (exaforce.device). `halo`: graph parallelism's halo
-    (exaforce.parallel.graph_parallel: ghost | exchange)."""
+    (exaforce.parallel.graph_parallel: auto | exchange | ghost)."""
     data, out = Path(data), Path(out)
     if out.resolve() == data.resolve():
         raise PredictError(f"--out {out}: is the input dataset; write the predictions elsewhere")

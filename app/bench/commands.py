@@ -181,9 +181,9 @@ def _md_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nve-timestep", type=float, help="fs of the NVE run (default: --timestep)")
     p.add_argument("--cells", type=_rank_counts, default=[3, 3, 3],
                    help="conventional fcc cells along a,b,c (default 3,3,3: 108 atoms)")
-    p.add_argument("--graph-parallel", nargs="?", const="ghost", default=False, choices=["ghost", "exchange"],
-                   help="under mpiexec -n K: the cell's atoms split over the K ranks (graph parallelism), with "
-                        "a ghost halo (the default) or a per-block halo exchange")
+    p.add_argument("--graph-parallel", nargs="?", const="auto", default=False, choices=["auto", "exchange", "ghost"],
+                   help="under mpiexec -n K: the cell's atoms split over the K ranks (graph parallelism); the "
+                        "halo as predict --gp-halo (default auto)")
     _dtype(p, default="float64")
 
 

@@ -26,8 +26,8 @@ def bench_md(checkpoint_path: str, steps: int, temperature_k: float, dtype: str,
     Langevin at `temperature_k` (if any), then `steps` of NVE velocity-Verlet from there (else from
     Maxwell-Boltzmann velocities), at `nve_timestep_fs` (default: the Langevin's). graph_parallel: run
     under `mpiexec -n K`, the cell's atoms split over the K ranks (every rank runs the same dynamics;
-    rank 0 logs and returns the result, the others None); True or "ghost": ghost halo, "exchange": the
-    per-block halo exchange."""
+    rank 0 logs and returns the result, the others None); the halo: "auto" (True), "exchange" or
+    "ghost" (exaforce.calculator)."""
     from ase.build import bulk
     from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary
 

@@ -3,23 +3,32 @@ second derivative.
 
 Each rank owns a spatial domain of each large structure (recursive coordinate bisection of the
 periodic, possibly triclinic cell, balanced by the calibrated FLOPs per atom, bond and triplet) and computes
-the energy of its owned atoms only, on a subgraph of the structure's graph: its atoms and a halo
-of ghost atoms out to the model's receptive field. The halo is a closure over the graph itself,
-block by block from the readout back (`halo`), so it holds exactly the atoms, bonds and triplets
-whose features reach an owned atom's energy — periodic images included, since a ghost is the
-same atom the single-rank graph has (the bonds carry the cell shifts).
+the energy of its owned atoms only, E = Σ_k E_k, on a subgraph of the structure's graph: its atoms and
+a halo. Two kinds of halo (parallel.gp_halo):
 
-Why ghosts rather than a halo exchange per block: the energy is then a sum of independent rank
-contributions, E = Σ_k E_k, and so are its derivatives ∂E/∂r = Σ_k ∂E_k/∂r and ∂E/∂ε. One host
-Allreduce per micro-batch of (E, ∂E/∂r, ∂E/∂ε) gives every rank the structure's prediction; the
-loss and its adjoints (∂L/∂E, ∂L/∂F, ∂L/∂σ) are computed from those sums on every GP rank alike, and
-each rank back-propagates them through its own force graph (the double backward) and forward
-graph. No collective sits inside a backward, so the second-order gradients are the single-rank
-ones; the ranks' parameter gradients add up in the data-parallel reduction (a sum over the stage
-group, divided by the number of replicas, which does not count GP ranks). The price is redundant
-work in the halo: with B blocks, cutoff r_c and three-body cutoff r_3, bonds within about
-(B − 1)·r_c + r_3 of a domain's surface are computed on both sides (`exaforce bench gp` reports the
-factor), so domains must be several receptive fields wide to pay.
+- "ghost" (`shard`): ghost atoms out to the model's receptive field, a closure over the graph itself,
+  block by block from the readout back (`halo`), so the subgraph holds exactly the atoms, bonds and
+  triplets whose features reach an owned atom's energy — periodic images included, since a ghost is
+  the same atom the single-rank graph has (the bonds carry the cell shifts). Each E_k is then a
+  function of rank k's subgraph alone: no collective inside the model or its backwards. The price
+  is redundant work: with B blocks, cutoff r_c and three-body cutoff r_3, bonds within about
+  (B − 1)·r_c + r_3 of a domain's surface are computed on both sides.
+- "exchange" (`exchange_shard`, `HaloExchange`): one hop of halo — the bonds that end on owned atoms
+  and their far ends — whose features are overwritten with their owners' after each block's bond
+  update and before each block's atoms are read: two differentiable all-to-alls per block in the
+  forward, and as many again in each backward (the force backward and the loss's double backward
+  run through them, recorded, so the derivatives stay exact). Little redundant work, at any number
+  of blocks; the light block only (the matris block's bond update reads its end atoms and triplet
+  states, which would need a third exchange).
+
+Either way one host Allreduce per micro-batch of (E_k, ∂E_k/∂r, ∂E_k/∂ε) gives every rank the
+structure's prediction (with the exchange, rank k's gradients are the part of ∂E/∂r that flows
+back through its own ops to its own copies of the atoms; they still sum to the whole). The loss and
+its adjoints (∂L/∂E, ∂L/∂F, ∂L/∂σ) are computed from those sums on every GP rank alike, and each
+rank back-propagates them through its own force graph (the double backward) and forward graph; the
+ranks' parameter gradients add up in the data-parallel reduction (a sum over the stage group,
+divided by the number of replicas, which does not count GP ranks). `exaforce bench gp` measures
+both halos on the same cell (README: which is used when).
 
 Structures below parallel.gp_min_atoms go whole to one GP rank (the least loaded), so a share of
 many small structures is dealt over the group, and a rank may own no atom at all.
@@ -280,7 +289,6 @@ class HaloExchange:
         return x_XD.index_copy(0, recv_x, received)
 
 
-HALO_MODES = ("ghost", "exchange")
 
 
 class GraphParallel:
@@ -290,8 +298,8 @@ class GraphParallel:
 
     def __init__(self, topo: Topology, blocks: int, n_elements: int, min_atoms: int, weights: Weights | None = None,
                  halo: str = "ghost"):
-        if halo not in HALO_MODES:
-            raise ValueError(f"graph parallelism: halo {halo!r} is not one of {', '.join(HALO_MODES)}")
+        if halo not in ("ghost", "exchange"):
+            raise ValueError(f"graph parallelism: halo {halo!r} is not 'ghost' or 'exchange'")
         self.topo = topo
         self.blocks, self.n_elements, self.min_atoms = blocks, n_elements, min_atoms
         self.weights = weights or {"atoms": 1.0, "edges": 0.0, "angles": 0.0}
@@ -300,8 +308,12 @@ class GraphParallel:
         self.clock = DispatchClock()  # seconds in the halo exchanges
 
     @classmethod
-    def for_model(cls, topo: Topology, model: Potential, min_atoms: int, halo: str = "ghost",
+    def for_model(cls, topo: Topology, model: Potential, min_atoms: int, halo: str = "auto",
                   weights: Weights | None = None) -> "GraphParallel":
+        """halo "auto": the exchange where the block supports it (measured the faster and leaner,
+        README), ghosts for the matris block."""
+        if halo == "auto":
+            halo = "exchange" if model.cfg.block == "light" else "ghost"
         if halo == "exchange" and model.cfg.block != "light":
             raise ValueError(f'graph parallelism: halo "exchange" needs model.block = "light", not '
                              f'{model.cfg.block!r}; use halo "ghost"')

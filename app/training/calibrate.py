@@ -154,7 +154,7 @@ def cache_key(cfg: Config, model: Potential, topo) -> dict:
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_model(),
             "host_arch": platform.machine(), "torch": torch.__version__, "exaforce": __version__,
             **({"pp_split": list(cfg.parallel.pp_split)} if topo.layout.pp > 1 else {}),
-            **({"gp_min_atoms": cfg.parallel.gp_min_atoms} if topo.layout.gp > 1 else {})}
+            **({"gp_min_atoms": cfg.parallel.gp_min_atoms, "gp_halo": cfg.parallel.gp_halo} if topo.layout.gp > 1 else {})}
 
 
 def _cpu_model() -> str:

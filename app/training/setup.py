@@ -167,7 +167,7 @@ def log_start(run: Run) -> None:
             f"{run.progress.step + 1}–{cfg.run.steps}; cost/structure = {cost['atoms']:.3g}·atoms + "
             f"{cost['edges']:.3g}·edges + {cost['angles']:.3g}·angles")
     if topo.layout.gp > 1:
-        halo = (f"a halo of {cfg.model.blocks} block(s) (ghosts)" if cfg.parallel.gp_halo == "ghost" else
+        halo = (f"a halo of {cfg.model.blocks} block(s) (ghosts)" if run.parallel.graph.halo == "ghost" else
                 "a one-bond halo exchanged twice per block")
         run.log(f"graph parallel: {topo.layout.gp} ranks per group; structures of >= {cfg.parallel.gp_min_atoms} atoms "
                 f"split into cost-balanced spatial domains with {halo}, smaller ones "

@@ -68,7 +68,7 @@ def test_expert_parallel_layout_must_fit_the_experts(parallel, model, message):
 
 
 @pytest.mark.parametrize("parallel, model, message", [
-    ({"gp": 2, "gp_halo": "mirror"}, {"preset": "small"}, "parallel.gp_halo = 'mirror': must be one of ghost, exchange"),
+    ({"gp": 2, "gp_halo": "mirror"}, {"preset": "small"}, "parallel.gp_halo = 'mirror': must be one of auto, exchange, ghost"),
     ({"gp": 2, "gp_halo": "exchange"}, {"preset": "small", "block": "matris"},
      'parallel.gp_halo = "exchange" with model.block = \'matris\': the per-block halo exchange needs the light block'),
 ])
