@@ -289,8 +289,6 @@ class HaloExchange:
         return x_XD.index_copy(0, recv_x, received)
 
 
-
-
 class GraphParallel:
     """This rank's place in its GP group: shards a batch, and runs a micro-batch's training step or
     prediction over the group (collective over it: one Allreduce of the assembled prediction, and
