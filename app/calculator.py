@@ -61,8 +61,8 @@ class ExaforceCalculator(Calculator):
         self.model = model.to(device=self.device, dtype=self.dtype).eval().requires_grad_(False)
         self._species_of = model.species_table()
         self.graph: GraphParallel | None = None
-        if graph_parallel:  # collective: every rank of the job constructs its calculator; True: ghost halo
-            halo = "auto" if graph_parallel is True else graph_parallel
+        if graph_parallel:  # collective: every rank of the job constructs its calculator; True: the "auto" halo
+            halo = graph_parallel if isinstance(graph_parallel, str) else "auto"
             self.graph = GraphParallel.for_model(Topology.one_graph_group(), model, min_atoms=0, halo=halo)
 
     @classmethod

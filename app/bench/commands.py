@@ -287,12 +287,10 @@ def _gp_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _halos(text: str) -> tuple[str, ...]:
-    from exaforce.config import GP_HALOS
-
     halos = tuple(h for h in text.split(",") if h)
-    unknown = [h for h in halos if h not in GP_HALOS]
+    unknown = [h for h in halos if h not in ("ghost", "exchange")]
     if unknown or not halos:
-        raise argparse.ArgumentTypeError(f"unknown halo mode {', '.join(unknown) or '(none)'} (known: {', '.join(GP_HALOS)})")
+        raise argparse.ArgumentTypeError(f"unknown halo mode {', '.join(unknown) or '(none)'} (known: ghost, exchange)")
     return halos
 
 

@@ -132,7 +132,7 @@ class SeparableAttention(nn.Module):
         return score0_XD, value0_XD, score1_XD, value1_XD
 
 
-class HaloExchange(Protocol):
+class Halo(Protocol):
     """Graph parallelism with a per-block halo exchange (exaforce.parallel.graph_parallel): replaces
     the rows of the halo atoms or halo bonds by their owners' values (differentiable to any order).
     The model only calls it; the collective belongs to the GP group."""
@@ -182,7 +182,7 @@ class InteractionBlock(nn.Module):
                 edge_index_2E: torch.Tensor, edge_weight_E: torch.Tensor, triplet_index_2T: torch.Tensor,
                 angle_TA: torch.Tensor, triplet_weight_T: torch.Tensor,
                 routing: Routing | None, plan: Recompute | None = None,
-                halo: HaloExchange | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                halo: Halo | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """halo: the bonds that end on this rank's atoms but start on another rank's take their
         owner's update before the atoms read them (the atoms' exchange is the caller's, between blocks).
 

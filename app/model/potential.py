@@ -15,7 +15,7 @@ from torch import nn
 
 from exaforce.config import ModelConfig
 from exaforce.model.basis import BesselBasis, chebyshev_angle_basis, polynomial_envelope
-from exaforce.model.blocks import HaloExchange, InteractionBlock
+from exaforce.model.blocks import Halo, InteractionBlock
 from exaforce.model.matris_block import MatrisBlock
 from exaforce.model.layers import GatedMLP, RMSNorm
 from exaforce.graph import GraphBatch
@@ -104,7 +104,7 @@ class Potential(nn.Module):
     def forward(self, species_N: torch.Tensor, vectors_E3: torch.Tensor, edge_index_2E: torch.Tensor,
                 triplet_index_2T: torch.Tensor, graph_N: torch.Tensor, n_graphs: int, head_G: torch.Tensor,
                 routing: Routing | None = None, plan: Recompute | None = None,
-                readout_atoms: torch.Tensor | None = None, halo: HaloExchange | None = None) -> torch.Tensor:
+                readout_atoms: torch.Tensor | None = None, halo: Halo | None = None) -> torch.Tensor:
         """Energy of each graph (eV) with its head's readout and references; all geometry enters
         through vectors_E3. `routing` (from plan_routing) is required when the model has MoE layers.
         `readout_atoms`: the atoms whose energies are summed (default all; graph parallelism: the
@@ -157,7 +157,7 @@ class Potential(nn.Module):
 
     def run_blocks(self, indices: range, state: State, features: GeometryFeatures, class_N: torch.Tensor,
                    edge_index_2E: torch.Tensor, triplet_index_2T: torch.Tensor, routing: Routing | None = None,
-                   plan: Recompute | None = None, halo: HaloExchange | None = None) -> State:
+                   plan: Recompute | None = None, halo: Halo | None = None) -> State:
         """The blocks `indices`, in order. The matris block runs plain autograd (no plan applies) and
         no halo exchange. With a halo, the atoms' halo is refreshed between blocks (the readout
         reads owned atoms only, so not after the last)."""
@@ -243,7 +243,7 @@ def local_routing(model: Potential, batch: GraphBatch) -> Routing:
 
 def energy(model: Potential, batch: GraphBatch, geometry: StrainedGeometry, routing: Routing | None = None,
            plan: Recompute | None = None, readout_atoms: torch.Tensor | None = None,
-           halo: HaloExchange | None = None) -> torch.Tensor:
+           halo: Halo | None = None) -> torch.Tensor:
     if routing is None and model.moe_layers:
         routing = local_routing(model, batch)
     return model(batch.species_N, geometry.vectors_E3, batch.edge_index_2E, batch.triplet_index_2T,

@@ -38,6 +38,7 @@ Shapes: N atoms, E bonds, T triplets, G structures, n/e/t this rank's subgraph, 
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, replace
 
@@ -45,7 +46,7 @@ import numpy as np
 import torch
 
 from exaforce.comm.alltoall import all_to_all
-from exaforce.comm.groups import Group, MPIGroup
+from exaforce.comm.groups import Group, MPIGroup, gpu_aware_mpi
 from exaforce.config import LossConfig
 from exaforce.graph import GraphBatch, route_class_counts
 from exaforce.loss import structure_losses
@@ -172,7 +173,8 @@ class HaloPlan:
     bond_recv_splits: tuple[int, ...]
 
     def volume(self) -> dict[str, int]:
-        """Rows this rank receives per exchange (one atom and one bond exchange per block)."""
+        """Rows this rank receives per exchange: the bonds' after every block's bond update, the atoms'
+        between blocks (B − 1 times in a forward of B blocks)."""
         return {"halo_atoms": sum(self.atom_recv_splits), "halo_bonds": sum(self.bond_recv_splits)}
 
 
@@ -180,7 +182,7 @@ class HaloPlan:
 class GraphShard:
     """One rank's part of a batch: its subgraph, which of its atoms it owns, and the whole batch's labels."""
 
-    local: GraphBatch           # owned and ghost atoms, their bonds and triplets (labels of the whole batch unused)
+    local: GraphBatch           # owned and halo atoms, their bonds and triplets (labels of the whole batch unused)
     atoms_n: torch.Tensor       # local atom → batch atom
     owned_n: torch.Tensor       # local indices of the owned atoms (the readout's)
     owned_2C: np.ndarray        # routing-class counts of owned atoms and bonds (starting on an owned atom)
@@ -230,8 +232,7 @@ def exchange_shard(batch: GraphBatch, owner_N: np.ndarray, gp_index: int, parts:
     device = batch.positions_N3.device
 
     def rows(lists: list[np.ndarray], local_of: np.ndarray) -> tuple[torch.Tensor, tuple[int, ...]]:
-        joined = np.concatenate(lists) if lists else np.zeros(0, np.int64)
-        return torch.from_numpy(local_of[joined].astype(np.int64)).to(device), tuple(len(x) for x in lists)
+        return torch.from_numpy(local_of[np.concatenate(lists)].astype(np.int64)).to(device), tuple(map(len, lists))
 
     part.halo = HaloPlan(*rows(atom_send, local_of_N), *rows(atom_recv, local_of_N),
                          *rows(bond_send, local_of_E), *rows(bond_recv, local_of_E))
@@ -289,6 +290,17 @@ class HaloExchange:
         return x_XD.index_copy(0, recv_x, received)
 
 
+def resolve_halo(halo: str, block: str) -> str:
+    """"auto": the exchange where the block supports it (measured the faster and leaner, README),
+    ghosts for the matris block."""
+    if halo == "auto":
+        return "exchange" if block == "light" else "ghost"
+    if halo == "exchange" and block != "light":
+        raise ValueError(f'graph parallelism: halo "exchange" needs model.block = "light", not {block!r}; '
+                         'use halo "ghost"')
+    return halo
+
+
 class GraphParallel:
     """This rank's place in its GP group: shards a batch, and runs a micro-batch's training step or
     prediction over the group (collective over it: one Allreduce of the assembled prediction, and
@@ -302,20 +314,18 @@ class GraphParallel:
         self.blocks, self.n_elements, self.min_atoms = blocks, n_elements, min_atoms
         self.weights = weights or {"atoms": 1.0, "edges": 0.0, "angles": 0.0}
         self.halo = halo
-        self.group: Group | None = MPIGroup(topo.gp_comm) if halo == "exchange" else None
+        self.group: Group | None = None
+        if halo == "exchange":
+            from mpi4py import MPI
+
+            self.group = MPIGroup(topo.gp_comm, gpu_aware_mpi(MPI.Get_library_version(), dict(os.environ)))
         self.clock = DispatchClock()  # seconds in the halo exchanges
 
     @classmethod
     def for_model(cls, topo: Topology, model: Potential, min_atoms: int, halo: str = "auto",
                   weights: Weights | None = None) -> "GraphParallel":
-        """halo "auto": the exchange where the block supports it (measured the faster and leaner,
-        README), ghosts for the matris block."""
-        if halo == "auto":
-            halo = "exchange" if model.cfg.block == "light" else "ghost"
-        if halo == "exchange" and model.cfg.block != "light":
-            raise ValueError(f'graph parallelism: halo "exchange" needs model.block = "light", not '
-                             f'{model.cfg.block!r}; use halo "ghost"')
-        return cls(topo, len(model.blocks), len(model.cfg.elements), min_atoms, weights, halo)
+        return cls(topo, len(model.blocks), len(model.cfg.elements), min_atoms, weights,
+                   resolve_halo(halo, model.cfg.block))
 
     def shard(self, batch: GraphBatch) -> GraphShard:
         owner_N = assign_owners(batch, self.topo.layout.gp, self.min_atoms, self.weights)

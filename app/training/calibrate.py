@@ -39,6 +39,7 @@ from exaforce.config import Config
 from exaforce.graph import GraphBatch
 from exaforce.model.potential import Potential
 from exaforce.model.routing import Routing
+from exaforce.parallel.graph_parallel import resolve_halo
 from exaforce.parallel.parallelize import Parallel
 from exaforce.perf.flops import count_flops, fit_flop_coefficients, fit_in_span
 from exaforce.training.data import GlobalIndex
@@ -154,7 +155,7 @@ def cache_key(cfg: Config, model: Potential, topo) -> dict:
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_model(),
             "host_arch": platform.machine(), "torch": torch.__version__, "exaforce": __version__,
             **({"pp_split": list(cfg.parallel.pp_split)} if topo.layout.pp > 1 else {}),
-            **({"gp_min_atoms": cfg.parallel.gp_min_atoms, "gp_halo": cfg.parallel.gp_halo} if topo.layout.gp > 1 else {})}
+            **({"gp_min_atoms": cfg.parallel.gp_min_atoms, "gp_halo": resolve_halo(cfg.parallel.gp_halo, model.cfg.block)} if topo.layout.gp > 1 else {})}
 
 
 def _cpu_model() -> str:

@@ -66,7 +66,9 @@ def step_plan(model: Potential, batch: GraphBatch, cfg: Config) -> Recompute | N
     block is always plain). Dense models
     choose per micro-batch, each rank on its own (the two paths give the same numbers); MoE models
     take the configured path on every rank, since the fused one re-issues expert all-to-alls
-    while it recomputes and every rank must issue the same ones."""
+    while it recomputes and every rank must issue the same ones. With the per-block halo exchange
+    the GP group chooses from the whole micro-batch, so its ranks build the same graph around the
+    exchanges (their backwards meet in the same order on a GPU's autograd thread too)."""
     if model.cfg.block == "matris":
         return None  # it has no fused path
     line_channels = batch.triplet_index_2T.shape[1] * model.cfg.width * model.cfg.blocks
@@ -108,13 +110,13 @@ def train_step(model: Potential, micro_batches: list[GraphBatch], optimizer: tor
         plans = [step_plan(model, b, cfg) for b in micro_batches]
         loss_sums = parallel.pipeline.run(micro_batches, routings, plans, loss_scale, times, aux_counts)
     elif shards is not None:  # each micro-batch over the GP group; this rank's share of the gradients
-        for i, (part, routing) in enumerate(zip(shards, routings)):
+        for i, (part, batch, routing) in enumerate(zip(shards, micro_batches, routings)):
             last = i == len(shards) - 1
             if last:
                 reduction.arm()
             aux = model.aux_loss(routing, aux_counts) if model.moe_layers and last else None
             losses = parallel.graph.loss_and_gradients(model, part, cfg.loss, loss_scale, routing,
-                                                       step_plan(model, part.local, cfg),
+                                                       step_plan(model, batch if part.halo else part.local, cfg),
                                                        None if aux is None else cfg.loss.moe_aux_weight * aux, times)
             if aux is not None:
                 losses["moe_aux"] = aux

@@ -2,7 +2,8 @@
 structure's atoms split over a GP group (× dp replicas × ep expert shards) equals the single-process
 step on the same global batch — energies, forces and stresses (GraphParallel.predict), loss and every
 parameter gradient. Both run the production `train_step` (lr 0 keeps the weights). The batch holds
-triclinic cells, a slab (periodic in two directions), a three-atom cluster (at gp = 4 one rank owns
+triclinic cells, a rod long enough that a domain's one-hop halo is only part of it, a slab (periodic in
+two directions), a three-atom cluster (at gp = 4 one rank owns
 none of it) and synthesized EMT cells; structures of at least MIN_ATOMS atoms are split, smaller ones
 go whole to one GP rank (MIN_ATOMS = 1000: no structure is split, and some rank owns no atom of
 some micro-batch). HALO: ghost (default) or exchange (parallel.gp_halo). Rank 0 writes the comparison as JSON."""
@@ -44,6 +45,10 @@ def structures() -> list[Atoms]:
         cell.set_cell(cell.cell.array @ np.array([[1, shear, 0.05], [0, 1, 0.1], [0.03, 0, 1]]), scale_atoms=True)
         cell.rattle(0.08, seed=len(out))
         out.append(cell)
+    rod = bulk("Cu", "fcc", a=3.6, cubic=True).repeat((2, 2, 10))  # 36 Å long: halves and quarters whose one-hop
+    rod.numbers[::5] = 79                                           # halo (6 Å each way) is a part of the cell
+    rod.rattle(0.06, seed=5)
+    out.append(rod)
     slab = fcc111("Ni", size=(3, 3, 3), vacuum=5.0, periodic=True)
     slab.pbc = (True, True, False)
     slab.numbers[::4] = 29

@@ -191,3 +191,5 @@ def test_exchange_plan_is_one_hop_and_matches_across_ranks(parts):
             assert (owner_N[dst_E[sent]] == b).all()
         halo_bonds = np.flatnonzero((owner_N[dst_E] == a) & (owner_N[src_E] != a))  # each overwritten once
         assert sorted(global_bonds[a][pieces[a].halo.bond_recv_e.numpy()]) == halo_bonds.tolist()
+        atoms_n = pieces[a].atoms_n.numpy()  # every local atom not owned is overwritten, once
+        assert sorted(atoms_n[pieces[a].halo.atom_recv_n.numpy()]) == sorted(set(atoms_n) - set(np.flatnonzero(owner_N == a)))
