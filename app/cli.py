@@ -334,7 +334,7 @@ def _predict_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out atomically")
     p.add_argument("--gp", type=int, default=1, help="graph parallelism: groups of GP ranks split each structure's "
                    "atoms between them (a structure larger than one rank's memory); must divide the ranks (default 1)")
-    p.add_argument("--gp-halo", default="auto", choices=["auto", "exchange", "ghost"],
+    p.add_argument("--gp-halo", default="auto", choices=["auto", "exchange", "ghost"],  # config.GP_HALOS (no torch import here)
                    help="with --gp: exchange (one hop of halo refreshed from its owners twice per block; light "
                         "block only), ghost (each rank computes its halo out to the receptive field) or auto "
                         "(default: exchange for the light block, ghost for matris)")

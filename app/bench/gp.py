@@ -12,8 +12,8 @@ the memory and time per atom, projected to --atoms (the structure need not fit o
 Halo (--halo, both by default, each GP size run with each): "ghost" computes the ghosts out to the
 receptive field redundantly — the report gives the work factor Σ_ranks subgraph bonds / the
 structure's bonds; "exchange" keeps one hop of halo and refreshes it from its owners twice per block —
-the report gives the rows and bytes each rank receives per block (forward; each backward moves as
-much again) and the seconds spent in those all-to-alls.
+the report gives the rows and bytes each rank receives per exchange (bonds after every block, atoms
+between blocks; each backward moves as much again) and the seconds spent in those all-to-alls.
 
 On a machine with fewer cores than ranks the ranks share cores: step times then mix in contention
 (the output says how many cores there were); memory per rank does not.
@@ -101,10 +101,10 @@ def gp_worker(gp: int, atoms: int, shape: str, preset: str, dtype: str, warmup: 
            "reduce_s": statistics.median(comm[warmup:]), "baseline_rss_bytes": baseline, "peak_rss_bytes": peak,
            "graph_s": graph_s, "work": result.work or {**batch.counts(), "owned_atoms": int(batch.numbers_N.shape[0])}}
     part = parallel.graph.shard(batch) if parallel.graph is not None else None
-    if part is not None and part.halo is not None:  # rows received per block (an atom and a bond exchange)
+    if part is not None and part.halo is not None:  # rows received per exchange (HaloPlan.volume)
         rows = part.halo.volume()
-        row["halo_rows_per_block"] = rows
-        row["halo_bytes_per_block"] = sum(rows.values()) * cfg.model.width * DTYPES[dtype].itemsize
+        row["halo_rows_per_exchange"] = rows
+        row["halo_bytes_per_exchange"] = sum(rows.values()) * cfg.model.width * DTYPES[dtype].itemsize
     rows = topo.gather_to_root(row)
     if topo.is_root:
         print(json.dumps({"gp": gp, "atoms": int(batch.numbers_N.shape[0]), "edges": int(batch.edge_index_2E.shape[1]),
@@ -139,9 +139,10 @@ def bench_gp(atoms: int, shape: str, sizes: list[int], single_atoms: list[int], 
         if gp > 1:
             for r in ranks:
                 w = r["work"]
-                exchange = "" if "halo_rows_per_block" not in r else (
-                    f"; halo exchange {r['gp_halo_s']:.3f} s, per block {r['halo_rows_per_block']['halo_atoms']} atoms + "
-                    f"{r['halo_rows_per_block']['halo_bonds']} bonds received ({r['halo_bytes_per_block'] / 2**20:.2f} MiB)")
+                exchange = "" if "halo_rows_per_exchange" not in r else (
+                    f"; halo exchange {r['gp_halo_s']:.3f} s, per exchange {r['halo_rows_per_exchange']['halo_atoms']} "
+                    f"atoms + {r['halo_rows_per_exchange']['halo_bonds']} bonds received "
+                    f"({r['halo_bytes_per_exchange'] / 2**20:.2f} MiB)")
                 log(f"    rank {r['rank']}: owns {w['owned_atoms']} atoms; subgraph {w['atoms']} atoms, {w['edges']} bonds, "
                     f"{w['angles']} triplets; GP sum {r['gp_sum_s']:.3f} s, gradient reduction {r['reduce_s']:.3f} s"
                     f"{exchange}")

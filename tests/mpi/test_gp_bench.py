@@ -19,7 +19,7 @@ def test_bench_gp_reports_ranks_halo_and_projection():
     assert [r["atoms"] for r in result["single"]] == [64, 128] and result["shape"] == "rod"
     assert [s["halo"] for s in result["split"]] == ["ghost", "exchange"]
     ghost, exchange = result["split"]
-    assert all("halo_rows_per_block" in r and r["halo_bytes_per_block"] > 0 for r in exchange["ranks"])
+    assert all("halo_rows_per_exchange" in r and r["halo_bytes_per_exchange"] > 0 for r in exchange["ranks"])
     assert exchange["bond_work_factor"] < ghost["bond_work_factor"]  # one hop of halo instead of the receptive field
     assert "halo exchange" in proc.stdout
     split = ghost
