@@ -12,8 +12,8 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
-import vesin
 
+from exaforce.io.neighbours import neighbour_pairs
 from exaforce.io.schema import Frames
 
 
@@ -71,11 +71,8 @@ class GraphBatch:
 
 
 def _neighbours(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, cutoff: float):
-    """Directed pairs (i, j, shift) with |r_j + shift·cell − r_i| < cutoff for one structure; shifts
-    only along the periodic directions (a slab: two)."""
-    box = cell if pbc.any() else np.zeros((3, 3))
-    i, j, shifts = vesin.NeighborList(cutoff=cutoff, full_list=True).compute(
-        points=positions, box=box, periodic=[bool(p) for p in pbc], quantities="ijS")
+    """Directed pairs (i, j, shift) with |r_j + shift·cell − r_i| < cutoff for one structure."""
+    i, j, shifts = neighbour_pairs(positions, cell, pbc, cutoff)
     return i.astype(np.int64), j.astype(np.int64), shifts.astype(np.int64)
 
 

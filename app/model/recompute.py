@@ -40,23 +40,27 @@ Tensors = tuple[torch.Tensor, ...]
 class Recompute:
     """How a training step trades compute for memory (run.recompute_lines, run.recompute_bonds):
     the fused attentions sweep `lines` lines at a time, and with `bonds` each block's line
-    attention is recomputed with its bond update instead of storing its sums. None instead of a
+    attention is recomputed with its bond update instead of storing its sums. With `geometry_lines`
+    the triplets' geometry features (angle basis, three-body weight: a few dozen line-sized
+    intermediates of elementwise ops) are recomputed in units of that many triplets instead of stored
+    (inference of large cells, where they are most of the memory; 0: stored). None instead of a
     plan: plain autograd, every intermediate stored (the reference). One plan per step: its scratch
     buffers live as long as the step."""
 
     lines: int
     bonds: bool = True
+    geometry_lines: int = 0
     scratch: Scratch = field(default_factory=Scratch, compare=False)  # the fused attentions' work buffers
 
     @classmethod
     def from_run(cls, recompute_lines: int, recompute_bonds: bool, store_all_below: int = 0,
-                 line_channels: int = 0) -> Recompute | None:
+                 line_channels: int = 0, geometry_lines: int = 0) -> Recompute | None:
         """The plan for one micro-batch: None (plain) when recompute_lines is 0, or when the batch's
         line graph is small enough to store (line_channels = triplets × width × blocks below
         store_all_below; the caller passes 0 where every rank must take the same path)."""
         if not recompute_lines or line_channels < store_all_below:
             return None
-        return cls(recompute_lines, recompute_bonds)
+        return cls(recompute_lines, recompute_bonds, geometry_lines)
 
 
 def recompute(fn: Callable[..., Tensors], inputs: Sequence[torch.Tensor], params: Sequence[torch.Tensor]) -> Tensors:

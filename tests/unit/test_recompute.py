@@ -50,17 +50,39 @@ def loss_and_grads(model: Potential, plan: Recompute | None) -> tuple[dict[str, 
 @pytest.mark.parametrize("chunk", [700, 100_000], ids=["many-chunks", "one-chunk"])
 @pytest.mark.parametrize("bonds", [True, False], ids=["bonds-recomputed", "bond-sums-stored"])
 def test_recomputed_step_equals_stored_step(moe, chunk, bonds):
+    """Many chunks also recompute the triplets' geometry features in units of 300 triplets."""
     cfg = ModelConfig(width=16, blocks=2, elements=("Cu", "Au"), moe_experts=4 if moe else 0, moe_top_k=2)
     torch.manual_seed(0)
     model = Potential(cfg).double()
     stored, stored_grads = loss_and_grads(model, None)
-    recomputed, recomputed_grads = loss_and_grads(model, Recompute(chunk, bonds))
+    recomputed, recomputed_grads = loss_and_grads(model, Recompute(chunk, bonds, 300 if chunk < 1000 else 0))
     for key, value in stored.items():
         torch.testing.assert_close(recomputed[key], value, rtol=0, atol=1e-12, msg=key)
     assert len(stored_grads) == len(recomputed_grads) == len(list(model.parameters()))
     for (name, _), a, b in zip(model.named_parameters(), recomputed_grads, stored_grads):
         scale = max(float(b.abs().max()), 1.0)
         assert float((a - b).abs().max()) <= 1e-12 * scale, name
+
+
+def test_inference_of_a_large_cell_takes_the_lean_path_and_equals_the_plain_one(monkeypatch):
+    """Inference above LEAN_INFERENCE_ABOVE: fused attentions, stored bond sums, the geometry features
+    recomputed in units (here of 500 triplets, several per cell); energies, forces and stresses
+    equal plain autograd's to 1e-12 in float64."""
+    import exaforce.model.potential as potential
+
+    torch.manual_seed(0)
+    model = Potential(ModelConfig(width=16, blocks=2, elements=("Cu", "Au"))).double()
+    batch = batch_from_atoms(alloy_cells(), model.species_table(), model.cfg.cutoff,
+                             model.cfg.three_body_cutoff).to("cpu", torch.float64)
+    assert potential.inference_plan(model, batch) is None  # small: the plain path
+    plain = potential.energy_forces_stress(model, batch, training=False)
+    monkeypatch.setattr(potential, "LEAN_INFERENCE_ABOVE", 0)
+    monkeypatch.setattr(potential, "INFERENCE_GEOMETRY_LINES", 500)
+    assert potential.inference_plan(model, batch) == Recompute(potential.INFERENCE_CHUNK_LINES, False, 500)
+    assert batch.triplet_index_2T.shape[1] > 2 * 500
+    lean = potential.energy_forces_stress(model, batch, training=False)
+    for key in ("energy_G", "forces_N3", "stress_G6"):
+        torch.testing.assert_close(getattr(lean, key), getattr(plain, key), rtol=0, atol=1e-12, msg=key)
 
 
 def test_recompute_second_derivatives_match_finite_differences():
