@@ -219,7 +219,26 @@ def run_plots(summary: dict[str, Any], out_dir: Path, parity: list[dict[str, Any
         return []
     return [p for p in (_plot_loss(summary, out_dir), _plot_validation(summary, out_dir),
                         _plot_parity(parity or [], out_dir), _plot_breakdown(summary, out_dir),
-                        _plot_throughput(summary, out_dir)) if p]
+                        _plot_throughput(summary, out_dir), _plot_expert_load(summary, out_dir)) if p]
+
+
+def _plot_expert_load(summary: dict[str, Any], out_dir: Path) -> str | None:
+    """MoE runs: the rows each rank's experts ran, per step (the load the placement balances)."""
+    steps = [s for s in summary["steps"] if s.get("expert")]
+    if not steps:
+        return None
+    fig, ax = figure()
+    _shade_warmup(ax, summary["steps"], summary["warmup_steps"])
+    x = [s["step"] for s in steps]
+    for i, rank in enumerate(summary["ranks_read"]):
+        ax.plot(x, [s["expert"]["rank_rows"][i] for s in steps], marker="o" if len(x) <= 60 else None, markersize=3,
+                label=f"rank {rank}", zorder=3)
+    ax.set_ylim(bottom=0)
+    ax.set_ylabel("expert rows per step")
+    ax.set_title("Expert load per rank ((token, slot) rows its experts ran, all MoE layers)")
+    if len(summary["ranks_read"]) <= 16:
+        ax.legend(loc="lower right", ncol=2)
+    return save_plot(fig, out_dir, "expert_load")
 
 
 # --------------------------------------------------------------------------------------------

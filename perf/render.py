@@ -100,6 +100,9 @@ def _run_markdown(summary: dict[str, Any], plots: list[str]) -> str:
             out.append(f"| {k} | {mean:.4g} | {worst:.4g} | {fmt(share, '.3g')} |")
         out += [f"| **step (max over ranks)** | | {step_time:.4g} | 100 |", ""]
 
+    if s.get("expert"):
+        out += _expert_markdown(s["expert"], s["ranks_read"])
+
     if s["final_loss"]:
         out += [f"## Loss at the last step ({s['steps'][-1]['step']})", "",
                 "Global mean per structure: Σ_ranks loss_sum / Σ_ranks structures.", "",
@@ -138,6 +141,28 @@ def _run_markdown(summary: dict[str, Any], plots: list[str]) -> str:
             "per-rank device peak in each header.",
             "- Only steps recorded by every rank read are aggregated.", ""]
     return "\n".join(out)
+
+
+def _expert_markdown(expert: dict[str, Any], ranks: list[int]) -> list[str]:
+    """The MoE section: each rank's expert work and traffic, the imbalance over ranks and experts."""
+    mib = lambda b: f"{b / 2**20:.3g}" if b is not None else "n/a"  # noqa: E731
+    peers = max((len(row) for row in expert["alltoall_bytes_mean"]), default=0)
+    out = ["## Expert load (MoE, steady state)", "",
+           "Rows each rank's experts ran per step ((token, slot) pairs, every MoE layer), mean over steady steps; "
+           "the host seconds of their forward; MiB each rank sent to each rank of its EP group per step "
+           "(dispatch and combine, forward and both backwards).", "",
+           f"Max / mean over ranks of the rows: {fmt(expert['rank_max_over_mean_mean'], '.3f')} (mean over steps), "
+           f"{fmt(expert['rank_max_over_mean_max'], '.3f')} (worst step). Max / mean over experts of the world's pairs, "
+           "per MoE layer (median over steps): " + ", ".join(f"{v:.3g}" for v in expert["layer_max_over_mean_median"])
+           + ".", "",
+           "| rank | expert rows per step | expert forward (s) |"
+           + "".join(f" MiB to EP rank {p} |" for p in range(peers)),
+           "|---:|---:|---:|" + "---:|" * peers]
+    for rank, rows, seconds, sent in zip(ranks, expert["rank_rows_mean"], expert["expert_seconds_mean"],
+                                         expert["alltoall_bytes_mean"] or [[]] * len(ranks)):
+        out.append(f"| {rank} | {rows:,.0f} | {fmt(seconds, '.3g')} |" + "".join(f" {mib(b)} |" for b in sent)
+                   + " n/a |" * (peers - len(sent)))
+    return out + [""]
 
 
 def write_report(run_dir: Path, out_dir: Path | None = None, summary: dict | None = None) -> Path:

@@ -18,7 +18,9 @@ report):
   * throughput = Σ counts / Σ step time over the steady-state steps (a ratio of sums, not a mean
     of per-step rates), after dropping max(1, ⌊n/10⌋) warm-up steps;
   * % of peak = FLOP/s / Σ over ranks read of each header's machine.peak_flops_per_s
-    (= world_size × per-device peak when every rank is read).
+    (= world_size × per-device peak when every rank is read);
+  * MoE runs: expert load per rank = the rows its experts ran (all MoE layers, all micro-batches),
+    its imbalance max / mean over ranks, means over the steady steps.
 Only steps recorded by every rank read are aggregated; the others are reported as warnings.
 """
 
@@ -69,7 +71,22 @@ def _aggregate_step(records: list[dict[str, Any]]) -> dict[str, Any]:
         "device_peak_mem_bytes": max((r["device_peak_mem_bytes"] for r in records if "device_peak_mem_bytes" in r),
                                      default=None),
         "val": records[0].get("val"),  # validation MAE per head (global: the same in every rank's record)
+        "expert": _expert_step(records),
     }
+
+
+def _expert_step(records: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """MoE runs: rows each rank's experts ran, their max / mean over ranks, the world's max / mean
+    over experts per layer, each rank's expert forward seconds and all-to-all bytes to each EP rank."""
+    loads = [r.get("expert_load") for r in records]
+    if not all(loads):
+        return None
+    rows = [load["rank_rows"] for load in loads]
+    mean = statistics.fmean(rows)
+    return {"rank_rows": rows, "rank_max_over_mean": max(rows) / mean if mean > 0 else None,
+            "layer_max_over_mean": loads[0]["max_over_mean"],
+            "expert_seconds": [load.get("expert_seconds") for load in loads],
+            "alltoall_bytes": [load.get("alltoall_bytes", []) for load in loads]}
 
 
 def warmup_steps(n_steps: int) -> int:
@@ -141,11 +158,27 @@ def summarize(run: Run) -> dict[str, Any]:
         "peak_mem_bytes": max((s["peak_mem_bytes"] for s in steps), default=None),
         "device_peak_mem_bytes": max((s["device_peak_mem_bytes"] for s in steps
                                       if s["device_peak_mem_bytes"] is not None), default=None),
+        "expert": _expert_summary([s["expert"] for s in steady]) if steady and steady[0]["expert"] else None,
         "final_loss": steps[-1]["loss"] if steps else {},
         "wall_s": max(wall) if wall else None,
         "steps": steps,
         "warnings": warnings,
     }
+
+
+def _expert_summary(per_step: list[dict[str, Any]]) -> dict[str, Any]:
+    """Steady-state expert figures: per-rank means over steps, max / mean over ranks (mean and worst
+    step), the world's max / mean over experts per layer (median over steps)."""
+    ratios = [e["rank_max_over_mean"] for e in per_step if e["rank_max_over_mean"] is not None]
+    mean_over_steps = lambda values: [statistics.fmean(v) if None not in v else None  # noqa: E731
+                                      for v in zip(*values)]
+    return {"rank_rows_mean": mean_over_steps([e["rank_rows"] for e in per_step]),
+            "rank_max_over_mean_mean": statistics.fmean(ratios) if ratios else None,
+            "rank_max_over_mean_max": max(ratios, default=None),
+            "layer_max_over_mean_median": [statistics.median(v) for v in zip(*(e["layer_max_over_mean"] for e in per_step))],
+            "expert_seconds_mean": mean_over_steps([e["expert_seconds"] for e in per_step]),
+            "alltoall_bytes_mean": [mean_over_steps(rows) if rows and rows[0] else []
+                                    for rows in zip(*(e["alltoall_bytes"] for e in per_step))]}
 
 
 def _check_flops(run: Run, warnings: list[str]) -> None:

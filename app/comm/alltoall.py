@@ -20,11 +20,10 @@ from exaforce.comm.groups import Group
 
 
 class Clock(Protocol):
-    """Where the seconds spent inside the collective (forward and every backward) add up, for the
+    """Where the seconds and bytes of the collective (forward and every backward) add up, for the
     perf log (exaforce.model.routing.DispatchClock)."""
 
-    seconds: float
-    calls: int
+    def record(self, seconds: float, sent_bytes: Sequence[int]) -> None: ...
 
 
 class _AllToAll(torch.autograd.Function):
@@ -35,8 +34,8 @@ class _AllToAll(torch.autograd.Function):
         t0 = time.perf_counter()
         out = group.alltoallv(x_XD, send_splits, recv_splits)  # collective
         if clock is not None:
-            clock.seconds += time.perf_counter() - t0
-            clock.calls += 1
+            row_bytes = x_XD.shape[1:].numel() * x_XD.element_size()
+            clock.record(time.perf_counter() - t0, [s * row_bytes for s in send_splits])
         return out
 
     @staticmethod

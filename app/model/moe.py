@@ -19,6 +19,7 @@ D output, X experts, K top-k, Z elements, C routing classes (heads × elements).
 
 from __future__ import annotations
 
+import time
 from typing import Protocol
 
 import torch
@@ -132,6 +133,8 @@ class MoEMLP(nn.Module):
 
         rows_RF = self.dispatcher.dispatch(x_PF, route, clock)
         chunks = rows_RF.split(route.expert_rows)
+        t0 = time.perf_counter()
         y_RD = torch.cat([expert(chunk) for expert, chunk in zip(self.experts.values(), chunks)])
+        clock.expert_seconds += time.perf_counter() - t0
         y_PD = self.dispatcher.combine(y_RD, route, clock)
         return self.shared(x_TF).index_add(0, token_P, y_PD * weight_P.unsqueeze(-1))

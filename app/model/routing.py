@@ -14,6 +14,7 @@ K top-k, X experts, Z elements.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,6 +55,7 @@ class LayerRoute:
     to_expert_order: torch.Tensor | None   # receive order → expert order (None: already grouped)
     to_receive_order: torch.Tensor | None  # its inverse
     world_load_X: np.ndarray          # pairs per expert over the world
+    rank_rows: tuple[int, ...]        # rows each rank of the EP group runs (its experts' pairs, all sources)
 
 
 def plan_layer(expert_CK: np.ndarray, group_RC: np.ndarray, world_C: np.ndarray, ep_rank: int,
@@ -77,27 +79,53 @@ def plan_layer(expert_CK: np.ndarray, group_RC: np.ndarray, world_C: np.ndarray,
         to_receive = torch.from_numpy(np.argsort(order, kind="stable"))
     return LayerRoute(expert_CK=expert_CK, send_splits=tuple(int(s) for s in send),
                       recv_splits=tuple(int(s) for s in recv), expert_rows=tuple(int(s) for s in mine_RM.sum(0)),
-                      to_expert_order=to_expert, to_receive_order=to_receive, world_load_X=world_C @ routed_CX)
+                      to_expert_order=to_expert, to_receive_order=to_receive, world_load_X=world_C @ routed_CX,
+                      rank_rows=tuple(int(s) for s in pairs_RPM.sum(axis=(0, 2))))
 
 
 @dataclass
 class DispatchClock:
-    """Seconds spent moving tokens between ranks (every dispatch and combine, forward and backward), for the perf log."""
+    """What moving tokens between ranks costs (every dispatch and combine, forward and backward:
+    seconds, calls, bytes sent to each rank of the group), and the host seconds of this rank's
+    experts' forward (on a GPU: until their kernels are queued), for the perf log."""
 
     seconds: float = 0.0
     calls: int = 0
+    sent_bytes: list[int] = field(default_factory=list)
+    expert_seconds: float = 0.0
+
+    def record(self, seconds: float, sent_bytes: Sequence[int]) -> None:
+        """One all-to-all: its seconds and the bytes it sent to each rank."""
+        self.seconds += seconds
+        self.calls += 1
+        if not self.sent_bytes:
+            self.sent_bytes = [0] * len(sent_bytes)
+        self.sent_bytes = [a + b for a, b in zip(self.sent_bytes, sent_bytes)]
 
 
 @dataclass
 class Routing:
-    """The plan of every MoE layer for one step, and the clock its dispatchers add to."""
+    """The plan of every MoE layer for one micro-batch, and the clock its dispatchers add to."""
 
     layers: list[LayerRoute]
     counts: TokenCounts
     clock: DispatchClock = field(default_factory=DispatchClock)
 
-    def expert_load(self) -> dict[str, Any]:
-        """Per-step statistics for the perf log: world load max/mean per layer, rows this rank's experts ran."""
-        ratios = [float(l.world_load_X.max() / max(l.world_load_X.mean(), 1e-12)) for l in self.layers]
-        return {"max_over_mean": [round(r, 4) for r in ratios],
-                "rank_rows": int(sum(sum(l.expert_rows) for l in self.layers))}
+
+def expert_load(routings: Sequence[Routing]) -> dict[str, Any]:
+    """One step's expert statistics for the perf log (its micro-batches summed), per MoE layer:
+    `max_over_mean` over experts of the world's routed (token, slot) pairs, `experts` those pairs,
+    `ep_rank_rows` the rows each rank of this EP group ran; `rank_rows` the rows this rank's experts
+    ran (all layers), `alltoall_bytes` what this rank sent to each EP rank (all layers, forward and
+    both backwards), `expert_seconds` its experts' forward (host seconds)."""
+    layers = range(len(routings[0].layers))
+    world_X = [sum(r.layers[i].world_load_X for r in routings) for i in layers]
+    rank_rows = [np.sum([r.layers[i].rank_rows for r in routings], axis=0) for i in layers]
+    mine = routings[0].counts.ep_rank
+    return {"max_over_mean": [round(float(w.max() / max(w.mean(), 1e-12)), 4) for w in world_X],
+            "rank_rows": int(sum(int(rows[mine]) for rows in rank_rows)),
+            "experts": [[int(v) for v in w] for w in world_X],
+            "ep_rank_rows": [[int(v) for v in rows] for rows in rank_rows],
+            "alltoall_bytes": [int(v) for v in np.sum([r.clock.sent_bytes for r in routings if r.clock.sent_bytes],
+                                                      axis=0)] if any(r.clock.sent_bytes for r in routings) else [],
+            "expert_seconds": round(sum(r.clock.expert_seconds for r in routings), 6)}

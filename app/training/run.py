@@ -26,6 +26,7 @@ from exaforce.config import Config
 from exaforce.device import device_peak_memory_bytes
 from exaforce.faults import NONFINITE_EXIT_CODE, REQUEUE_EXIT_CODE, RunStopped, StopSignals, Watchdog
 from exaforce.io.sampler import deal, global_batches
+from exaforce.model.routing import expert_load
 from exaforce.parallel.topology import Topology
 from exaforce.perf.flops import predict_flops
 from exaforce.training.lock import RunFolderLock
@@ -138,8 +139,8 @@ def take_step(run: Run, step: int, epoch: int, global_batch: np.ndarray, watchdo
         extra["device_peak_mem_bytes"] = device_peak_memory_bytes(run.device)
     if not result.updated:
         extra["skipped"] = True
-    if result.routing:
-        extra.update(moe_aux=loss_sums.pop("moe_aux"), expert_load=result.routing.expert_load())
+    if result.routings:
+        extra.update(moe_aux=loss_sums.pop("moe_aux"), expert_load=expert_load(result.routings))
     if (cfg.run.val_every and step % cfg.run.val_every == 0) or step == cfg.run.steps:
         watchdog.beat(f"validation at step {step}")
         with run.average.averaged() if run.average is not None else nullcontext():  # what the checkpoint ships

@@ -83,7 +83,7 @@ class StepResult:
     grad_norm: float                  # global gradient norm before clipping: the same on every rank
     updated: bool                     # False: non-finite loss or gradient norm, so no optimizer step
     times: dict[str, float]
-    routing: Routing | None           # the last micro-batch's
+    routings: list[Routing]           # one per micro-batch (empty: no MoE)
     work: dict[str, int] | None = None  # graph parallelism: the atoms, edges and angles this rank ran (halo included)
 
 
@@ -153,4 +153,4 @@ def train_step(model: Potential, micro_batches: list[GraphBatch], optimizer: tor
         optimizer.zero_grad(set_to_none=True)
     times.update(comm=t1 - t0, optimizer=time.perf_counter() - t1)
     work = None if shards is None else {k: sum(s.counts()[k] for s in shards) for k in shards[0].counts()}
-    return StepResult(loss_sums, loss, norm, updated, times, routings[-1], work)
+    return StepResult(loss_sums, loss, norm, updated, times, routings if model.moe_layers else [], work)

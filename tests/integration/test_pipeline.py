@@ -82,7 +82,14 @@ ep = 2
                  if '"kind":"step"' in line]
         assert len(steps) == 3
         assert all(s["times"]["alltoall"] > 0 and s["moe_aux"] > 0 for s in steps)
-        assert len(steps[0]["expert_load"]["max_over_mean"]) == 4  # 2 blocks × 2 MoE MLPs
+        load = steps[0]["expert_load"]
+        assert len(load["max_over_mean"]) == len(load["experts"]) == len(load["ep_rank_rows"]) == 4  # 2 blocks × 2 MoE MLPs
+        assert len(load["alltoall_bytes"]) == 2 and load["rank_rows"] > 0 and load["expert_seconds"] > 0
+    proc = run_cli(["perf", "report", str(tmp_path / "run")])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = (tmp_path / "run/report/report.md").read_text()
+    assert "## Expert load (MoE, steady state)" in report and "MiB to EP rank 1" in report
+    assert (tmp_path / "run/report/expert_load.png").is_file()
     from exaforce.calculator import ExaforceCalculator
 
     calc = ExaforceCalculator.from_checkpoint(tmp_path / "run/checkpoints/step-00000003.pt")

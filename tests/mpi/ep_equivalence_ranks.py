@@ -18,6 +18,7 @@ from exaforce.graph import build_batch
 from exaforce.io.schema import Frames
 from exaforce.io.synth import synthesize
 from exaforce.model.potential import Potential, energy_forces_stress
+from exaforce.model.routing import expert_load
 from exaforce.parallel.parallelize import parallelize
 from exaforce.parallel.topology import Topology
 from exaforce.training.schedule import make_optimizer
@@ -72,7 +73,8 @@ def main(out_path: str, dp: int, ep: int, backend: str) -> None:
     grads = {name: p.grad.numpy().copy() for name, p in model.named_parameters()}
     gathered = topo.gather_to_root({"energy": pred.energy_G.detach().numpy(), "forces": pred.forces_N3.detach().numpy(),
                                     "stress": pred.stress_G6.detach().numpy(), "grads": grads,
-                                    "alltoall_calls": step.routing.clock.calls})
+                                    "alltoall_calls": step.routings[-1].clock.calls,
+                                    "load": expert_load(step.routings)})
 
     if topo.rank == 0:  # serial reference: the whole global batch, every expert, one process
         serial = build(0, 1)
@@ -103,6 +105,7 @@ def main(out_path: str, dp: int, ep: int, backend: str) -> None:
                   "params_compared": len(compared), "params_serial": len(list(serial.parameters())),
                   "expert_params_serial": len(serial.expert_parameters()),
                   "alltoall_calls": [g["alltoall_calls"] for g in gathered],
+                  "loads": [g["load"] for g in gathered], "serial_load": expert_load(ref_step.routings),
                   "moe_aux_value": ref_losses["moe_aux"], "loss_value": ref_step.loss}
         with open(out_path, "w") as f:
             json.dump(result, f)
