@@ -131,6 +131,11 @@ def latest(run_dir: Path, model_files: bool = False) -> Path | None:
 
 
 # ---------------------------------------------------------------- save (collective)
+def _expert_indices(expert_keys: set[str]) -> set[int]:
+    """The experts (global indices, any layer) that state_dict keys `….experts.E.…` belong to."""
+    return {int(k.split(".experts.")[1].split(".")[0]) for k in expert_keys}
+
+
 def _expert_keys(model: torch.nn.Module) -> set[str]:
     """state_dict keys of the experts this rank holds (MoE layers' `experts` ModuleDicts)."""
     layers = {id(m) for m in getattr(model, "moe_layers", [])}
@@ -207,15 +212,20 @@ def save(run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.opti
         written.append(_write_part(partial, dense_part(layout.pp, stage), {
             "format": FORMAT, "model": dense, "optimizer": _optimizer_state(model, optimizer, set(dense)),
             "meta": meta}))
+    held: dict[str, list[int]] = {}  # expert file → the experts it holds (any layer): placement-independent
     if first and expert_keys:  # one copy of each expert shard: the first of its EDP group
         experts = {k: v for k, v in state.items() if k in expert_keys}
-        written.append(_write_part(partial, expert_part(layout.pp, stage, ep_index), {
+        name = expert_part(layout.pp, stage, ep_index)
+        written.append(_write_part(partial, name, {
             "format": FORMAT, "model": experts, "optimizer": _optimizer_state(model, optimizer, expert_keys)}))
-    files = topo.gather_to_root(written)  # collective: every part is on disk (fsynced) from here
+        held[name] = sorted(_expert_indices(expert_keys))
+    parts = topo.gather_to_root((written, held))  # collective: every part is on disk (fsynced) from here
 
     if topo.is_root:
         marker = {"format": FORMAT, "step": step, "world_size": topo.world_size, "dp": layout.dp,
-                  "ep": layout.ep, "pp": layout.pp, "gp": layout.gp, "files": dict(sorted(item for part in files for item in part))}
+                  "ep": layout.ep, "pp": layout.pp, "gp": layout.gp,
+                  "files": dict(sorted(item for files, _ in parts for item in files)),
+                  "expert_files": dict(sorted(item for _, held in parts for item in held.items()))}
         write_file_atomically(partial / MARKER, lambda f: f.write(json.dumps(marker, indent=1).encode()))
         replace_path(partial, final)  # the atomic publication (and an fsync of the parent)
         _prune(root, keep)
@@ -343,11 +353,14 @@ def restore(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimiz
     saved_pp = _saved_pp(marker)
     experts: dict[str, Any] = {"model": {}, "optimizer": {}}
     if first and expert_keys:
-        per_file = model.cfg.moe_experts // marker["ep"]
-        mine = {int(k.split(".experts.")[1].split(".")[0]) for k in expert_keys}
+        mine = _expert_indices(expert_keys)
         stages = [stage, *(s for s in range(saved_pp) if s != stage)] if saved_pp == layout.pp else range(saved_pp)
-        shards = sorted({e // per_file for e in mine})  # the old EP ranks that held my experts
+        held = marker.get("expert_files")  # absent before placements existed: X/ep consecutive experts per file
+        shards = range(marker["ep"]) if held is not None else sorted({e // (model.cfg.moe_experts // marker["ep"])
+                                                                      for e in mine})
         names = [expert_part(saved_pp, s, shard) for s in stages for shard in shards]  # this stage's files first
+        if held is not None:  # the files holding any of my experts, whatever placement saved them
+            names = [n for n in names if mine & set(held.get(n, ()))]
         experts = _entries(folder, [n for n in names if n in marker["files"]], expert_keys)
     experts = broadcast_state(experts, topo.edp_comm)  # collective over the EDP group
 

@@ -22,11 +22,12 @@ from __future__ import annotations
 import time
 from typing import Protocol
 
+import numpy as np
 import torch
 from torch import nn
 
 from exaforce.model.layers import GatedMLP
-from exaforce.model.routing import DispatchClock, LayerRoute
+from exaforce.model.routing import DispatchClock, LayerRoute, contiguous_placement
 
 
 class ElementRouter(nn.Module):
@@ -91,8 +92,10 @@ class MoEMLP(nn.Module):
     """Σ_k w_k·expert_k(x) + shared(x), experts chosen per routing class, w their router
     probabilities (renormalised over the k when k > 1); holds this rank's experts only.
 
-    Expert e is initialised from its own seed (layer seed + e), so a rank holding experts
-    [e0, e0 + X/ep) starts with exactly the weights the single-rank model gives them.
+    The placement `owner_X` says which EP rank holds each expert (default: X/ep consecutive experts
+    per rank); the same on every rank. Expert e is initialised from its own seed (layer seed + e),
+    so a rank holding any set of experts starts with exactly the weights the single-rank model
+    gives them.
     """
 
     def __init__(self, in_dim: int, hidden: int, out_dim: int, n_elements: int, n_experts: int, top_k: int,
@@ -103,17 +106,30 @@ class MoEMLP(nn.Module):
         self.router = ElementRouter(n_elements, n_experts, top_k, n_heads)
         self.token_kind = token_kind
         self.layer_index = -1  # position among the model's MoE layers, set by the Potential
-        self.experts_per_rank = n_experts // ep_size
-        self.first_expert = ep_rank * self.experts_per_rank
-        seed = _init_seed()
-        experts = {}
-        for e in range(self.first_expert, self.first_expert + self.experts_per_rank):
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed + e)
-                experts[str(e)] = GatedMLP(in_dim, hidden, out_dim)
-        self.experts = nn.ModuleDict(experts)  # keyed by global expert index: shards merge by union
-        self.shared = GatedMLP(in_dim, hidden, out_dim)
+        self.ep_rank = ep_rank
+        self.dims = (in_dim, hidden, out_dim)
+        self.seed = _init_seed()
+        self.owner_X = contiguous_placement(n_experts, ep_size)
+        self.experts = nn.ModuleDict({str(e): self._initial_expert(e) for e in self.local_experts()})  # keyed by
+        self.shared = GatedMLP(in_dim, hidden, out_dim)                                              # global index
         self.dispatcher: Dispatcher = LocalDispatcher()  # replaced by exaforce.parallel for ep > 1
+
+    def local_experts(self) -> list[int]:
+        """The experts this rank holds, in the order they run (ascending index)."""
+        return [int(e) for e in np.flatnonzero(self.owner_X == self.ep_rank)]
+
+    def _initial_expert(self, e: int) -> GatedMLP:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed + e)
+            return GatedMLP(*self.dims)
+
+    def place_initial(self, owner_X: np.ndarray) -> None:
+        """Another placement before training: this rank builds the experts it now holds from their
+        seeds (moving trained experts is exaforce.parallel.expert_parallel's)."""
+        self.owner_X = np.asarray(owner_X, dtype=np.int64)
+        like = next(self.shared.parameters())
+        self.experts = nn.ModuleDict({str(e): self._initial_expert(e).to(like.device, like.dtype)
+                                      for e in self.local_experts()})
 
     def forward(self, x_TF: torch.Tensor, class_T: torch.Tensor, route: LayerRoute,
                 clock: DispatchClock) -> torch.Tensor:
@@ -125,8 +141,9 @@ class MoEMLP(nn.Module):
             weight_CK = weight_CK / weight_CK.sum(-1, keepdim=True)
         # with one expert that weight would be exactly 1 and the task loss would never reach the
         # router: its probability scales the output instead (Switch Transformer)
-        # (token, slot) pairs sorted by expert: contiguous groups in the all-to-all's send order.
-        order_P = torch.argsort(expert_CK[class_T].reshape(-1), stable=True)
+        # (token, slot) pairs sorted by (owner, expert): contiguous groups in the all-to-all's send order.
+        position_CK = torch.from_numpy(route.send_position_X).to(class_T.device)[expert_CK]
+        order_P = torch.argsort(position_CK[class_T].reshape(-1), stable=True)
         token_P = order_P // top_k
         weight_P = weight_CK[class_T].reshape(-1).index_select(0, order_P)
         x_PF = x_TF.index_select(0, token_P)

@@ -81,7 +81,7 @@ class Potential(nn.Module):
         tables = torch.stack([m.router.top_k_table() for m in self.moe_layers]).cpu().numpy() \
             if self.moe_layers else []
         layers = [plan_layer(table, counts.group_R2C[:, m.token_kind], counts.world_2C[m.token_kind],
-                             counts.ep_rank, m.experts_per_rank) for table, m in zip(tables, self.moe_layers)]
+                             counts.ep_rank, m.owner_X) for table, m in zip(tables, self.moe_layers)]
         return Routing(layers=layers, counts=counts)
 
     def aux_loss(self, routing: Routing, world_2C: np.ndarray | None = None) -> torch.Tensor:

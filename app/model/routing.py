@@ -39,16 +39,24 @@ class TokenCounts:
 
 
 
+def contiguous_placement(n_experts: int, ep_size: int) -> np.ndarray:
+    """The default placement: X/ep consecutive experts per EP rank (owner of each expert)."""
+    return np.arange(n_experts) // (n_experts // ep_size)
+
+
 @dataclass(frozen=True)
 class LayerRoute:
     """Everything one MoE layer needs to dispatch its tokens this step.
 
-    Send order: this rank's (token, slot) pairs sorted by expert, hence grouped by the EP rank that
-    holds the expert. Receive order: by source rank, within it by local expert. Local experts run
-    on rows grouped by expert (`to_expert_order`), and results go back in receive order.
+    Send order: this rank's (token, slot) pairs sorted by (owner rank, expert) — `send_position_X`
+    is each expert's place in that order — hence grouped by the EP rank that holds the expert.
+    Receive order: by source rank, within it by local expert (a rank's experts in ascending index).
+    Local experts run on rows grouped by expert (`to_expert_order`), and results go back in
+    receive order.
     """
 
     expert_CK: np.ndarray             # top-k table used on every rank this step
+    send_position_X: np.ndarray       # each expert's place in the send order (identity: contiguous placement)
     send_splits: tuple[int, ...]      # pairs to each EP rank
     recv_splits: tuple[int, ...]      # pairs from each EP rank
     expert_rows: tuple[int, ...]      # rows per local expert, all sources together
@@ -59,28 +67,31 @@ class LayerRoute:
 
 
 def plan_layer(expert_CK: np.ndarray, group_RC: np.ndarray, world_C: np.ndarray, ep_rank: int,
-               experts_per_rank: int) -> LayerRoute:
-    """Split sizes and the receive-side permutation for one layer, from counts and the top-k table."""
+               owner_X: np.ndarray) -> LayerRoute:
+    """Split sizes and the receive-side permutation for one layer, from counts, the top-k table and
+    the placement (`owner_X`: the EP rank holding each expert)."""
     n_classes, top_k = expert_CK.shape
-    n_experts = experts_per_rank * group_RC.shape[0]
+    n_ranks, n_experts = len(group_RC), len(owner_X)
     routed_CX = np.zeros((n_classes, n_experts), dtype=np.int64)
     np.put_along_axis(routed_CX, expert_CK, 1, axis=1)
     pairs_RX = group_RC @ routed_CX                       # pairs each rank sends to each expert
-    pairs_RPM = pairs_RX.reshape(len(group_RC), -1, experts_per_rank)  # by owner rank P, local expert M
-    send = pairs_RPM[ep_rank].sum(-1)
-    mine_RM = pairs_RPM[:, ep_rank]                       # pairs for my experts, by source rank
+    owned_XP = np.eye(n_ranks, dtype=np.int64)[owner_X]   # expert → its owner, one-hot
+    send = pairs_RX[ep_rank] @ owned_XP
+    mine_RM = pairs_RX[:, np.flatnonzero(owner_X == ep_rank)]  # pairs for my experts, by source rank
     recv = mine_RM.sum(-1)
     to_expert = to_receive = None
-    if len(group_RC) > 1:
+    if n_ranks > 1:
         # Each received row's local expert; a stable sort groups them by expert, sources in order.
-        expert_of_row = np.repeat(np.tile(np.arange(experts_per_rank), len(group_RC)), mine_RM.reshape(-1))
+        expert_of_row = np.repeat(np.tile(np.arange(mine_RM.shape[1]), n_ranks), mine_RM.reshape(-1))
         order = np.argsort(expert_of_row, kind="stable")
         to_expert = torch.from_numpy(order)
         to_receive = torch.from_numpy(np.argsort(order, kind="stable"))
-    return LayerRoute(expert_CK=expert_CK, send_splits=tuple(int(s) for s in send),
+    send_position_X = np.empty(n_experts, dtype=np.int64)
+    send_position_X[np.lexsort((np.arange(n_experts), owner_X))] = np.arange(n_experts)
+    return LayerRoute(expert_CK=expert_CK, send_position_X=send_position_X, send_splits=tuple(int(s) for s in send),
                       recv_splits=tuple(int(s) for s in recv), expert_rows=tuple(int(s) for s in mine_RM.sum(0)),
                       to_expert_order=to_expert, to_receive_order=to_receive, world_load_X=world_C @ routed_CX,
-                      rank_rows=tuple(int(s) for s in pairs_RPM.sum(axis=(0, 2))))
+                      rank_rows=tuple(int(s) for s in pairs_RX.sum(0) @ owned_XP))
 
 
 @dataclass

@@ -32,7 +32,11 @@ def rel_diff(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a - b).max(initial=0.0) / max(np.abs(b).max(initial=0.0), 1e-300))
 
 
-def main(out_path: str, dp: int, ep: int, backend: str) -> None:
+# An uneven, non-contiguous placement of the 8 experts (every rank holds at least one).
+SCATTERED = {1: [0] * 8, 2: [1, 0, 0, 0, 1, 0, 0, 1], 4: [3, 0, 2, 0, 1, 3, 0, 3]}
+
+
+def main(out_path: str, dp: int, ep: int, backend: str, placement: str) -> None:
     topo = Topology.from_mpi(dp=dp, ep=ep)
     cfg = from_dict({"data": {"train": ["unused.bp"], "global_batch_size": GLOBAL_BATCH},
                      "model": {"preset": "small-moe", "moe_experts": 8, "moe_top_k": 2},
@@ -49,6 +53,9 @@ def main(out_path: str, dp: int, ep: int, backend: str) -> None:
     def build(ep_rank: int, ep_size: int) -> Potential:
         torch.manual_seed(5)
         model = Potential(cfg.model, ep_rank, ep_size).double()
+        if placement == "scattered" and ep_size > 1:
+            for layer in model.moe_layers:
+                layer.place_initial(np.array(SCATTERED[ep_size]))
         with torch.no_grad():
             model.energy_scale_H.fill_(0.5)
         return model
@@ -113,4 +120,5 @@ def main(out_path: str, dp: int, ep: int, backend: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] if len(sys.argv) > 4 else "mpi")
+    backend = sys.argv[4] if len(sys.argv) > 4 else "mpi"
+    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), backend, sys.argv[5] if len(sys.argv) > 5 else "contiguous")

@@ -10,14 +10,14 @@ from ase.calculators.fd import calculate_numerical_forces, calculate_numerical_s
 
 from exaforce.calculator import ExaforceCalculator
 from exaforce.model.moe import MoEMLP, load_balancing_loss
-from exaforce.model.routing import ATOMS, DispatchClock, plan_layer
+from exaforce.model.routing import ATOMS, DispatchClock, contiguous_placement, plan_layer
 
 pytestmark = pytest.mark.physics
 
 
 def local_route(moe: MoEMLP, species: torch.Tensor):
     counts_Z = np.bincount(species.numpy(), minlength=moe.router.element_embedding.num_embeddings)
-    return plan_layer(moe.router.top_k_table().numpy(), counts_Z[None], counts_Z, 0, moe.experts_per_rank)
+    return plan_layer(moe.router.top_k_table().numpy(), counts_Z[None], counts_Z, 0, moe.owner_X)
 
 
 def test_every_token_gets_its_elements_top_k_experts_plus_shared():
@@ -68,8 +68,8 @@ def test_split_sizes_follow_from_element_counts_and_top_k_table():
     table_ZK = np.array([[0, 2], [3, 1], [2, 3]])
     counts_RZ = np.array([[2, 1, 0],   # rank 0: pairs → e0: 2, e1: 1, e2: 2, e3: 1
                           [0, 0, 4]])  # rank 1: pairs → e2: 4, e3: 4; nothing for rank 0 (zero split)
-    r0 = plan_layer(table_ZK, counts_RZ, counts_RZ.sum(0), 0, 2)
-    r1 = plan_layer(table_ZK, counts_RZ, counts_RZ.sum(0), 1, 2)
+    r0 = plan_layer(table_ZK, counts_RZ, counts_RZ.sum(0), 0, contiguous_placement(4, 2))
+    r1 = plan_layer(table_ZK, counts_RZ, counts_RZ.sum(0), 1, contiguous_placement(4, 2))
     assert r0.send_splits == (3, 3) and r0.recv_splits == (3, 0) and r0.expert_rows == (2, 1)
     assert r1.send_splits == (0, 8) and r1.recv_splits == (3, 8) and r1.expert_rows == (6, 5)
     # Rank 1 receives [e2 e2 e3 | e2 e2 e2 e2 e3 e3 e3 e3]; expert order takes e2 rows first, sources in order.
