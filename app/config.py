@@ -157,6 +157,8 @@ class ParallelConfig:
     gp: int = 1                         # graph-parallel degree: ranks that split one share's structures by atoms
     gp_min_atoms: int = 512             # gp > 1: structures of at least this many atoms are split into spatial
                                         # domains over the GP group; smaller ones go whole to one GP rank
+    replace_experts_every: int = 0      # ep > 1: every N steps the experts move to a placement balanced on the
+                                        # load since the last (exaforce.parallel.placement); 0: fixed placement
     gp_halo: str = "auto"               # exchange: one hop of halo, refreshed from its owners twice per block
                                         # (light block only); ghost: each rank computes its halo out to the
                                         # receptive field, no collective in the model; auto: exchange for the
@@ -289,6 +291,11 @@ def validate(cfg: Config) -> Config:
     if ep > 1 and (ep > experts or experts % ep):
         raise ConfigError(f"parallel.ep = {ep}, model.moe_experts = {experts}: every EP rank must hold the same "
                           f"number of experts (ep <= moe_experts and moe_experts divisible by ep)")
+    if cfg.parallel.replace_experts_every < 0:
+        raise ConfigError(f"parallel.replace_experts_every = {cfg.parallel.replace_experts_every}: must be >= 0")
+    if cfg.parallel.replace_experts_every and (ep < 2 or cfg.parallel.pp > 1 or cfg.parallel.gp > 1):
+        raise ConfigError(f"parallel.replace_experts_every = {cfg.parallel.replace_experts_every}: needs parallel.ep > 1 "
+                          f"(now {ep}), and pp = gp = 1 (not yet with pipeline stages or graph parallelism)")
     pp = cfg.parallel.pp
     if pp < 1 or pp > cfg.model.blocks:
         raise ConfigError(f"parallel.pp = {pp}: need 1 <= pp <= model.blocks ({cfg.model.blocks}): every stage "

@@ -49,10 +49,15 @@ class GradReducer:
         self._armed = False
         self._next = 0            # next bucket index to launch
         self.launches = 0         # reductions launched since construction (tests read this)
-        if overlap and group.size > 1:
-            for index, bucket in enumerate(self.buckets):
-                for p in bucket.params:
-                    p.register_post_accumulate_grad_hook(lambda _p, i=index: self._on_grad(i))
+        self._hooks = [p.register_post_accumulate_grad_hook(lambda _p, i=index: self._on_grad(i))
+                       for index, bucket in enumerate(self.buckets) for p in bucket.params] \
+            if overlap and group.size > 1 else []
+
+    def close(self) -> None:
+        """Removes the hooks (its parameters move to another reducer)."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
 
     def arm(self) -> None:
         """The next backward is the step's last: its hooks launch the reductions."""

@@ -123,6 +123,11 @@ class MoEMLP(nn.Module):
             torch.manual_seed(self.seed + e)
             return GatedMLP(*self.dims)
 
+    def new_expert(self) -> GatedMLP:
+        """An expert of this layer's shape, for weights that arrive from another rank."""
+        with torch.random.fork_rng(devices=[]):
+            return GatedMLP(*self.dims)
+
     def place_initial(self, owner_X: np.ndarray) -> None:
         """Another placement before training: this rank builds the experts it now holds from their
         seeds (moving trained experts is exaforce.parallel.expert_parallel's)."""

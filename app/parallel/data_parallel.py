@@ -40,11 +40,23 @@ class GradientReduction:
 
     def __init__(self, model: Potential, groups: CommGroups, replicas: int, comm: CommConfig):
         """replicas: how many shares the global batch is dealt into (dp · ep)."""
-        bucket_bytes = int(comm.bucket_mb * 2**20)
-        self.reducers = [GradReducer(model.dense_parameters(), groups.replicas, 1.0 / replicas, bucket_bytes,
-                                     comm.overlap, "dense"),
-                         GradReducer(model.expert_parameters(), groups.edp, 1.0 / replicas, bucket_bytes,
-                                     comm.overlap, "expert")]
+        self.groups, self.replicas, self.comm = groups, replicas, comm
+        self.reducers = [GradReducer(model.dense_parameters(), groups.replicas, 1.0 / replicas, self._bucket_bytes,
+                                     comm.overlap, "dense"), self._expert_reducer(model)]
+
+    @property
+    def _bucket_bytes(self) -> int:
+        return int(self.comm.bucket_mb * 2**20)
+
+    def _expert_reducer(self, model: Potential) -> GradReducer:
+        return GradReducer(model.expert_parameters(), self.groups.edp, 1.0 / self.replicas, self._bucket_bytes,
+                           self.comm.overlap, "expert")
+
+    def experts_moved(self, model: Potential) -> None:
+        """After expert placement changed (exaforce.parallel.expert_parallel.move_experts): the
+        expert reducer over this rank's new expert parameters."""
+        self.reducers[1].close()
+        self.reducers[1] = self._expert_reducer(model)
 
     def arm(self) -> None:
         for reducer in self.reducers:

@@ -9,6 +9,8 @@ backward through it are exact.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 
@@ -59,3 +61,70 @@ def step_routing(model: Potential, batch: GraphBatch, topo: Topology, share_2C: 
     counts = TokenCounts(group_R2C=all_W22C[list(layout.ep_group(topo.rank)), 0],
                          world_2C=all_W22C[list(layout.stage_group(topo.rank)), 1].sum(0), ep_rank=layout.ep_index(topo.rank))
     return model.plan_routing(counts)
+
+
+# Per-parameter optimizer state that travels with an expert (AdamW's moments, the weight average).
+_MOVING_STATE = ("exp_avg", "exp_avg_sq", "ema")
+
+
+def move_experts(model: Potential, owners: Sequence[np.ndarray], group: Group,
+                 optimizer: torch.optim.Optimizer) -> int:
+    """Collective over the EP group, at a step boundary: MoE layer i takes the placement owners[i];
+    each expert whose owner changes travels, with its optimizer state, in one all-to-all per layer
+    (rows: one expert each, its weights then each state tensor then its step count). Nothing is
+    recomputed, so the numbers of every later step are those of the old placement. Returns the
+    bytes this rank sent. The caller rebuilds what holds expert parameters (the gradient reducer)."""
+    sent = 0
+    for layer, new_X in zip(model.moe_layers, owners):
+        new_X = np.asarray(new_X, dtype=np.int64)
+        old_X, me = layer.owner_X, layer.ep_rank
+        leaving = sorted((int(new_X[e]), e) for e in layer.local_experts() if new_X[e] != me)
+        arriving = sorted((int(old_X[e]), int(e)) for e in np.flatnonzero(new_X == me) if old_X[e] != me)
+        template = next(iter(layer.experts.values()))
+        state = optimizer.state.get(next(template.parameters()), {})  # alike for every parameter
+        keys = [k for k in _MOVING_STATE if k in state]
+        step_dtype = state["step"].dtype if "step" in state else None
+        rows = [_pack(layer.experts[str(e)], optimizer, keys, step_dtype is not None) for _, e in leaving]
+        width = sum(p.numel() for p in template.parameters()) * (1 + len(keys)) + int(step_dtype is not None)
+        like = next(template.parameters())
+        send_XD = torch.stack(rows) if rows else like.new_zeros((0, width))
+        received = group.alltoallv(send_XD, [sum(r == p for r, _ in leaving) for p in range(group.size)],
+                                   [sum(r == p for r, _ in arriving) for p in range(group.size)])  # collective
+        kept = {str(e): layer.experts[str(e)] for e in layer.local_experts() if new_X[e] == me}
+        for _, e in leaving:
+            for p in layer.experts[str(e)].parameters():
+                optimizer.state.pop(p, None)
+        for row, (_, e) in zip(received, arriving):
+            kept[str(e)] = _unpack(row, layer, optimizer, keys, step_dtype)
+        layer.owner_X = new_X
+        layer.experts = torch.nn.ModuleDict({k: kept[k] for k in sorted(kept, key=int)})
+        sent += send_XD.numel() * send_XD.element_size()
+    optimizer.param_groups[0]["params"] = list(model.parameters())  # one AdamW group (make_optimizer)
+    return sent
+
+
+def _pack(expert: torch.nn.Module, optimizer: torch.optim.Optimizer, keys: list[str], stepped: bool) -> torch.Tensor:
+    params = list(expert.parameters())
+    parts = [p.detach().reshape(-1) for p in params]
+    parts += [optimizer.state[p][k].reshape(-1) for k in keys for p in params]
+    if stepped:
+        parts.append(optimizer.state[params[0]]["step"].to(params[0].dtype).reshape(1))
+    return torch.cat(parts)
+
+
+def _unpack(row: torch.Tensor, layer, optimizer: torch.optim.Optimizer, keys: list[str],
+            step_dtype: torch.dtype | None) -> torch.nn.Module:
+    expert = layer.new_expert().to(row.device, row.dtype)
+    params = list(expert.parameters())
+    chunks = iter(row.split([p.numel() for p in params] * (1 + len(keys)) + [1] * int(step_dtype is not None)))
+    with torch.no_grad():
+        for p in params:
+            p.copy_(next(chunks).view_as(p))
+    for k in keys:
+        for p in params:
+            optimizer.state[p][k] = next(chunks).view_as(p).clone()
+    if step_dtype is not None:
+        step = float(next(chunks))
+        for p in params:
+            optimizer.state[p]["step"] = torch.tensor(step, dtype=step_dtype)
+    return expert

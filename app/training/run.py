@@ -27,6 +27,8 @@ from exaforce.device import device_peak_memory_bytes
 from exaforce.faults import NONFINITE_EXIT_CODE, REQUEUE_EXIT_CODE, RunStopped, StopSignals, Watchdog
 from exaforce.io.sampler import deal, global_batches
 from exaforce.model.routing import expert_load
+from exaforce.parallel.expert_parallel import move_experts
+from exaforce.parallel.placement import balanced_placement, max_over_mean
 from exaforce.parallel.topology import Topology
 from exaforce.perf.flops import predict_flops
 from exaforce.training.lock import RunFolderLock
@@ -103,6 +105,26 @@ def budget_spent(cfg: Config, topo: Topology, started: float) -> float:
     return topo.from_root(time.perf_counter() - started) / cfg.run.max_seconds
 
 
+def replace_experts(run: Run, step: int, load: list[np.ndarray]) -> None:
+    """Adds this step's world load per expert; every parallel.replace_experts_every steps the experts
+    move to a placement balanced on the load since the last move (the same on every rank: world counts)."""
+    run.expert_load = [a + b for a, b in zip(run.expert_load, load)] if run.expert_load else load
+    if step % run.cfg.parallel.replace_experts_every:
+        return
+    ep, layers = run.topo.layout.ep, run.model.moe_layers
+    owners = [balanced_placement(x, ep, layer.owner_X) for x, layer in zip(run.expert_load, layers)]
+    before = max(max_over_mean(x, layer.owner_X, ep) for x, layer in zip(run.expert_load, layers))
+    after = max(max_over_mean(x, owner, ep) for x, owner in zip(run.expert_load, owners))
+    moved = sum(int((owner != layer.owner_X).sum()) for owner, layer in zip(owners, layers))
+    run.expert_load = []
+    if not moved:
+        return
+    sent = move_experts(run.model, owners, run.parallel.groups.ep, run.optimizer)  # collective over the EP group
+    run.parallel.reduction.experts_moved(run.model)
+    run.log(f"step {step}: {moved} expert(s) moved to balance the load since the last placement (worst layer's "
+            f"max / mean over EP ranks {before:.3f} → {after:.3f}; rank 0 sent {sent / 2**20:.3g} MiB)")
+
+
 def take_step(run: Run, step: int, epoch: int, global_batch: np.ndarray, watchdog: Watchdog,
               time_fraction: float = 0.0) -> StepResult:
     """Collective: this rank's cost-balanced share of the global batch (its pipeline's) → one
@@ -141,6 +163,8 @@ def take_step(run: Run, step: int, epoch: int, global_batch: np.ndarray, watchdo
         extra["skipped"] = True
     if result.routings:
         extra.update(moe_aux=loss_sums.pop("moe_aux"), expert_load=expert_load(result.routings))
+        if cfg.parallel.replace_experts_every:
+            replace_experts(run, step, [np.asarray(x) for x in extra["expert_load"]["experts"]])  # collective
     if (cfg.run.val_every and step % cfg.run.val_every == 0) or step == cfg.run.steps:
         watchdog.beat(f"validation at step {step}")
         with run.average.averaged() if run.average is not None else nullcontext():  # what the checkpoint ships

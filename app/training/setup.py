@@ -50,6 +50,8 @@ class Run:
     device: torch.device
     metrics: MetricsFile | None = None  # rank 0: RUN/metrics.csv
     clock: StepClock = field(default_factory=StepClock)
+    expert_load: list[np.ndarray] = field(default_factory=list)  # per MoE layer: world pairs per expert since
+                                                                  # the last re-placement
 
 
 def share_taker(topo: Topology) -> str:

@@ -61,6 +61,9 @@ def test_model_preset_and_override():
     ({"ep": 2}, {"preset": "small"}, "parallel.ep = 2: expert parallelism needs an MoE model"),
     ({"ep": 8}, {"preset": "small-moe"}, "parallel.ep = 8, model.moe_experts = 4: every EP rank must hold"),
     ({"ep": 3}, {"preset": "small-moe", "moe_experts": 8}, "moe_experts divisible by ep"),
+    ({"ep": 1, "replace_experts_every": 5}, {"preset": "small-moe"}, r"replace_experts_every = 5: needs parallel.ep > 1 \(now 1\)"),
+    ({"ep": 2, "pp": 2, "replace_experts_every": 5}, {"preset": "small-moe"}, "and pp = gp = 1"),
+    ({"ep": 2, "replace_experts_every": -1}, {"preset": "small-moe"}, "replace_experts_every = -1: must be >= 0"),
 ])
 def test_expert_parallel_layout_must_fit_the_experts(parallel, model, message):
     with pytest.raises(config.ConfigError, match=message):

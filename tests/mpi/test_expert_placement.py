@@ -1,0 +1,72 @@
+"""Dynamic expert placement (parallel.replace_experts_every): experts and their optimizer state move
+between EP ranks at step boundaries to balance the measured load, and no number changes. Float64
+training of an MoE model for 20 steps with re-placement after every step equals the run with the
+fixed placement: every step's loss terms (energies, forces, stresses through the loss) on every
+rank, and the final weights of every (logical) expert."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import run_cli, run_mpi
+
+pytestmark = [pytest.mark.mpi, pytest.mark.equivalence]
+
+STEPS = 20
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("placement")
+    assert run_cli(["data", "synth", "--out", str(root / "m.extxyz"), "--structures", "16", "--seed", "3"]).returncode == 0
+    assert run_cli(["data", "convert", str(root / "m.extxyz"), "--out", str(root / "m.bp"), "--name", "m"]).returncode == 0
+    return root
+
+
+def train(root, ranks: int, every: int) -> tuple[str, list[list[dict]]]:
+    run_dir = root / f"run-{ranks}-{every}"
+    config = root / f"run-{ranks}-{every}.toml"
+    config.write_text(f"""
+[run]
+out_dir = "{run_dir}"
+steps = {STEPS}
+dtype = "float64"
+log_every = 1
+[data]
+train = ["{root / 'm.bp'}"]
+global_batch_size = {2 * ranks}
+[model]
+preset = "small-moe"
+moe_experts = 8
+[parallel]
+ep = {ranks}
+replace_experts_every = {every}
+""")
+    proc = run_mpi(ranks, ["-m", "exaforce.cli", "train", "--config", str(config)], timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    steps = [[json.loads(line) for line in (run_dir / f"perf/rank-{r:05d}.jsonl").read_text().splitlines()
+              if '"kind":"step"' in line] for r in range(ranks)]
+    return proc.stdout, steps
+
+
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_replacing_experts_every_step_changes_no_number(dataset, ranks):
+    import torch
+
+    from exaforce import checkpoint
+
+    log, moving = train(dataset, ranks, every=1)
+    _, fixed = train(dataset, ranks, every=0)
+    assert log.count("expert(s) moved") >= STEPS // 2  # experts really travel
+    for rank_moving, rank_fixed in zip(moving, fixed):
+        assert len(rank_moving) == len(rank_fixed) == STEPS
+        for a, b in zip(rank_moving, rank_fixed):
+            for term, value in b["loss_sum"].items():
+                assert a["loss_sum"][term] == pytest.approx(value, rel=1e-12, abs=1e-300), (a["step"], term)
+            assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-12)
+    final = [checkpoint.load(dataset / f"run-{ranks}-{every}/checkpoints/step-{STEPS:08d}")["model"] for every in (1, 0)]
+    assert final[0].keys() == final[1].keys() and any(".experts.7." in k for k in final[0])
+    for key, value in final[1].items():
+        assert torch.allclose(final[0][key], value, rtol=1e-12, atol=1e-14 * float(value.abs().max())), key
