@@ -162,11 +162,6 @@ def _expert_markdown(expert: dict[str, Any], ranks: list[int]) -> list[str]:
                                          expert["alltoall_bytes_mean"] or [[]] * len(ranks)):
         out.append(f"| {rank} | {rows:,.0f} | {fmt(seconds, '.3g')} |" + "".join(f" {mib(b)} |" for b in sent)
                    + " n/a |" * (peers - len(sent)))
-    if expert.get("placement"):
-        out += ["", "Max / mean over the EP ranks of each MoE layer's world load (summed over the steady steps) with "
-                "X/ep consecutive experts per rank and with a balanced placement of the same load "
-                "(`exaforce.parallel.placement`, LPT): " + "; ".join(
-                    f"layer {i}: {g['default']:.3f} → {g['balanced']:.3f}" for i, g in enumerate(expert["placement"])) + "."]
     return out + [""]
 
 

@@ -30,8 +30,6 @@ import math
 import statistics
 from typing import Any
 
-import numpy as np
-
 from .flops import COEFFICIENT_KEYS, predict_flops
 from .formatting import ranges
 from .log import STEP_TIME_KEYS
@@ -86,7 +84,7 @@ def _expert_step(records: list[dict[str, Any]]) -> dict[str, Any] | None:
     rows = [load["rank_rows"] for load in loads]
     mean = statistics.fmean(rows)
     return {"rank_rows": rows, "rank_max_over_mean": max(rows) / mean if mean > 0 else None,
-            "layer_max_over_mean": loads[0]["max_over_mean"], "experts": loads[0].get("experts"),
+            "layer_max_over_mean": loads[0]["max_over_mean"],
             "expert_seconds": [load.get("expert_seconds") for load in loads],
             "alltoall_bytes": [load.get("alltoall_bytes", []) for load in loads]}
 
@@ -160,8 +158,7 @@ def summarize(run: Run) -> dict[str, Any]:
         "peak_mem_bytes": max((s["peak_mem_bytes"] for s in steps), default=None),
         "device_peak_mem_bytes": max((s["device_peak_mem_bytes"] for s in steps
                                       if s["device_peak_mem_bytes"] is not None), default=None),
-        "expert": _expert_summary([s["expert"] for s in steady], header.get("topology", {}).get("ep", 1))
-                  if steady and steady[0]["expert"] else None,
+        "expert": _expert_summary([s["expert"] for s in steady]) if steady and steady[0]["expert"] else None,
         "final_loss": steps[-1]["loss"] if steps else {},
         "wall_s": max(wall) if wall else None,
         "steps": steps,
@@ -169,11 +166,9 @@ def summarize(run: Run) -> dict[str, Any]:
     }
 
 
-def _expert_summary(per_step: list[dict[str, Any]], ep: int) -> dict[str, Any]:
+def _expert_summary(per_step: list[dict[str, Any]]) -> dict[str, Any]:
     """Steady-state expert figures: per-rank means over steps, max / mean over ranks (mean and worst
-    step), the world's max / mean over experts per layer (median over steps), and per layer the max /
-    mean over EP ranks of the steady steps' world load in the default placement against a balanced one
-    (exaforce.parallel.placement: what re-placing the experts would gain)."""
+    step), the world's max / mean over experts per layer (median over steps)."""
     ratios = [e["rank_max_over_mean"] for e in per_step if e["rank_max_over_mean"] is not None]
     mean_over_steps = lambda values: [statistics.fmean(v) if None not in v else None  # noqa: E731
                                       for v in zip(*values)]
@@ -183,23 +178,7 @@ def _expert_summary(per_step: list[dict[str, Any]], ep: int) -> dict[str, Any]:
             "layer_max_over_mean_median": [statistics.median(v) for v in zip(*(e["layer_max_over_mean"] for e in per_step))],
             "expert_seconds_mean": mean_over_steps([e["expert_seconds"] for e in per_step]),
             "alltoall_bytes_mean": [mean_over_steps(rows) if rows and rows[0] else []
-                                    for rows in zip(*(e["alltoall_bytes"] for e in per_step))],
-            "placement": _placement_gain(per_step, ep)}
-
-
-def _placement_gain(per_step: list[dict[str, Any]], ep: int) -> list[dict[str, float]] | None:
-    """Per MoE layer, max / mean over the ep ranks of the load summed over the steps, with X/ep
-    consecutive experts per rank and with the LPT placement of that load."""
-    from exaforce.model.routing import contiguous_placement
-    from exaforce.parallel.placement import balanced_placement, max_over_mean
-
-    if ep < 2 or any(e.get("experts") is None for e in per_step):
-        return None
-    gains = []
-    for load_X in (np.sum(layer, axis=0) for layer in zip(*(e["experts"] for e in per_step))):
-        gains.append({"default": max_over_mean(load_X, contiguous_placement(len(load_X), ep), ep),
-                      "balanced": max_over_mean(load_X, balanced_placement(load_X, ep), ep)})
-    return gains
+                                    for rows in zip(*(e["alltoall_bytes"] for e in per_step))]}
 
 
 def _check_flops(run: Run, warnings: list[str]) -> None:

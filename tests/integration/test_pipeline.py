@@ -89,7 +89,6 @@ ep = 2
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = (tmp_path / "run/report/report.md").read_text()
     assert "## Expert load (MoE, steady state)" in report and "MiB to EP rank 1" in report
-    assert "with a balanced placement of the same load" in report and "layer 3: " in report
     assert (tmp_path / "run/report/expert_load.png").is_file()
     from exaforce.calculator import ExaforceCalculator
 
