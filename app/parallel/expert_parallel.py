@@ -17,6 +17,7 @@ import torch
 from exaforce.comm.alltoall import all_to_all
 from exaforce.comm.groups import Group
 from exaforce.graph import GraphBatch
+from exaforce.model.moe import MoEMLP
 from exaforce.model.potential import Potential
 from exaforce.model.routing import DispatchClock, LayerRoute, Routing, TokenCounts
 from exaforce.parallel.topology import Topology
@@ -108,11 +109,11 @@ def _pack(expert: torch.nn.Module, optimizer: torch.optim.Optimizer, keys: list[
     parts = [p.detach().reshape(-1) for p in params]
     parts += [optimizer.state[p][k].reshape(-1) for k in keys for p in params]
     if stepped:
-        parts.append(optimizer.state[params[0]]["step"].to(params[0].dtype).reshape(1))
+        parts.append(optimizer.state[params[0]]["step"].to(params[0].device, params[0].dtype).reshape(1))
     return torch.cat(parts)
 
 
-def _unpack(row: torch.Tensor, layer, optimizer: torch.optim.Optimizer, keys: list[str],
+def _unpack(row: torch.Tensor, layer: MoEMLP, optimizer: torch.optim.Optimizer, keys: list[str],
             step_dtype: torch.dtype | None) -> torch.nn.Module:
     expert = layer.new_expert().to(row.device, row.dtype)
     params = list(expert.parameters())
