@@ -137,11 +137,10 @@ class Potential(nn.Module):
         chunk > 0: the triplet features are recomputed units of `chunk` triplets that store only
         vectors_E3 (exaforce.model.recompute), so their intermediates never exist for every triplet at once."""
         r_E = vectors_E3.norm(dim=-1)
-        if chunk:
+        if chunk and triplet_index_2T.shape[1]:
             units = [recompute(partial(self.triplet_features, triplet_index_2T=triplet_index_2T[:, start:start + chunk]),
                                (vectors_E3,), ()) for start in range(0, triplet_index_2T.shape[1], chunk)]
-            angle_TA, triplet_weight_T = (torch.cat(pieces) for pieces in zip(*units)) if units \
-                else self.triplet_features(vectors_E3, triplet_index_2T=triplet_index_2T)
+            angle_TA, triplet_weight_T = (torch.cat(pieces) for pieces in zip(*units))
         else:
             angle_TA, triplet_weight_T = self.triplet_features(vectors_E3, triplet_index_2T=triplet_index_2T)
         return GeometryFeatures(edge_weight_E=self.radial.envelope(r_E), radial_ER=self.radial(r_E),

@@ -133,10 +133,10 @@ def expert_load(routings: Sequence[Routing]) -> dict[str, Any]:
     world_X = [sum(r.layers[i].world_load_X for r in routings) for i in layers]
     rank_rows = [np.sum([r.layers[i].rank_rows for r in routings], axis=0) for i in layers]
     mine = routings[0].counts.ep_rank
+    sent = [r.clock.sent_bytes for r in routings if r.clock.sent_bytes]  # none with ep = 1
     return {"max_over_mean": [round(float(w.max() / max(w.mean(), 1e-12)), 4) for w in world_X],
             "rank_rows": int(sum(int(rows[mine]) for rows in rank_rows)),
             "experts": [[int(v) for v in w] for w in world_X],
             "ep_rank_rows": [[int(v) for v in rows] for rows in rank_rows],
-            "alltoall_bytes": [int(v) for v in np.sum([r.clock.sent_bytes for r in routings if r.clock.sent_bytes],
-                                                      axis=0)] if any(r.clock.sent_bytes for r in routings) else [],
+            "alltoall_bytes": [int(v) for v in np.sum(sent, axis=0)] if sent else [],
             "expert_seconds": round(sum(r.clock.expert_seconds for r in routings), 6)}

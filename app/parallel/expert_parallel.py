@@ -82,12 +82,12 @@ def move_experts(model: Potential, owners: Sequence[np.ndarray], group: Group,
         leaving = sorted((int(new_X[e]), e) for e in layer.local_experts() if new_X[e] != me)
         arriving = sorted((int(old_X[e]), int(e)) for e in np.flatnonzero(new_X == me) if old_X[e] != me)
         template = next(iter(layer.experts.values()))
-        state = optimizer.state.get(next(template.parameters()), {})  # alike for every parameter
+        like = next(template.parameters())
+        state = optimizer.state.get(like, {})  # alike for every parameter
         keys = [k for k in _MOVING_STATE if k in state]
         step_dtype = state["step"].dtype if "step" in state else None
         rows = [_pack(layer.experts[str(e)], optimizer, keys, step_dtype is not None) for _, e in leaving]
         width = sum(p.numel() for p in template.parameters()) * (1 + len(keys)) + int(step_dtype is not None)
-        like = next(template.parameters())
         send_XD = torch.stack(rows) if rows else like.new_zeros((0, width))
         received = group.alltoallv(send_XD, [sum(r == p for r, _ in leaving) for p in range(group.size)],
                                    [sum(r == p for r, _ in arriving) for p in range(group.size)])  # collective
