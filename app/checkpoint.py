@@ -136,10 +136,12 @@ def _expert_indices(expert_keys: set[str]) -> set[int]:
     return {int(k.split(".experts.")[1].split(".")[0]) for k in expert_keys}
 
 
-def _expert_keys(model: torch.nn.Module) -> set[str]:
-    """state_dict keys of the experts this rank holds (MoE layers' `experts` ModuleDicts)."""
-    layers = {id(m) for m in getattr(model, "moe_layers", [])}
-    prefixes = tuple(f"{name}.experts." for name, m in model.named_modules() if id(m) in layers)
+def _expert_keys(model: torch.nn.Module, owned: bool = False) -> set[str]:
+    """state_dict keys of the experts this rank holds (MoE layers' `experts` ModuleDicts); `owned`:
+    without the replicas it holds of other ranks' experts (one copy of each expert is written)."""
+    layers = {id(m): m for m in getattr(model, "moe_layers", [])}
+    prefixes = tuple(f"{name}.experts.{e}." for name, m in model.named_modules() if id(m) in layers
+                     for e in (m.owned_experts() if owned else m.local_experts()))
     return {k for k in model.state_dict() if prefixes and k.startswith(prefixes)}
 
 
@@ -213,12 +215,13 @@ def save(run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.opti
             "format": FORMAT, "model": dense, "optimizer": _optimizer_state(model, optimizer, set(dense)),
             "meta": meta}))
     held: dict[str, list[int]] = {}  # expert file → the experts it holds (any layer): placement-independent
-    if first and expert_keys:  # one copy of each expert shard: the first of its EDP group
-        experts = {k: v for k, v in state.items() if k in expert_keys}
+    owned_keys = _expert_keys(model, owned=True)
+    if first and owned_keys:  # one copy of each expert shard: the first of its EDP group, the owner of a replicated one
+        experts = {k: v for k, v in state.items() if k in owned_keys}
         name = expert_part(layout.pp, stage, ep_index)
         written.append(_write_part(partial, name, {
-            "format": FORMAT, "model": experts, "optimizer": _optimizer_state(model, optimizer, expert_keys)}))
-        held[name] = sorted(_expert_indices(expert_keys))
+            "format": FORMAT, "model": experts, "optimizer": _optimizer_state(model, optimizer, owned_keys)}))
+        held[name] = sorted(_expert_indices(owned_keys))
     parts = topo.gather_to_root((written, held))  # collective: every part is on disk (fsynced) from here
 
     if topo.is_root:

@@ -126,9 +126,10 @@ def run_command(handler: Handler, args: argparse.Namespace) -> None:
 
 # ---------------------------------------------------------------- data
 def _synth_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--source", choices=("metals", "molecules"), default="metals",
-                   help="metals: EMT-labelled fcc/bcc/hcp cells with stress; molecules: rattled G2 "
-                        "molecules in vacuum, energy and forces from tblite (default metals)")
+    p.add_argument("--source", choices=("metals", "dense-metals", "molecules"), default="metals",
+                   help="metals: EMT-labelled fcc/bcc/hcp cells of 1-32 atoms with stress; dense-metals: the "
+                        "same kind of cells at 32-108 atoms (`bench step`'s dense workload); molecules: rattled "
+                        "G2 molecules in vacuum, energy and forces from tblite (default metals)")
     p.add_argument("--method", choices=("GFN2-xTB", "GFN1-xTB"), default=None,
                    help="tblite method for --source molecules (default GFN2-xTB)")
     p.add_argument("--out", required=True, help="extxyz file to write")
@@ -147,11 +148,15 @@ def cmd_data_synth(args: argparse.Namespace, ctx: Context) -> None:
         raise UserError(f"--structures {args.structures}: must be >= 1")
     if args.method is not None and args.source != "molecules":
         raise UserError(f"--method {args.method}: only for --source molecules (metals are labelled by EMT)")
-    method = "EMT" if args.source == "metals" else args.method or "GFN2-xTB"
+    method = (args.method or "GFN2-xTB") if args.source == "molecules" else "EMT"
     t0 = time.perf_counter()
     with ProgressReport(f"labelling with {method}", stream=sys.stdout) as progress:
         if args.source == "metals":
             atoms = synthesize(args.structures, args.seed, progress=progress)
+        elif args.source == "dense-metals":
+            from exaforce.bench.workloads import dense_cells
+
+            atoms = dense_cells(args.structures, args.seed, progress=progress)
         else:
             from exaforce.io.molecules import synthesize_molecules
 

@@ -159,6 +159,10 @@ class ParallelConfig:
                                         # domains over the GP group; smaller ones go whole to one GP rank
     replace_experts_every: int = 0      # ep > 1: every N steps the experts move to a placement balanced on the
                                         # load since the last (exaforce.parallel.placement); 0: fixed placement
+    expert_replicas: int = 0            # with replace_experts_every: spare expert slots per EP rank and MoE layer,
+                                        # filled with replicas of the busiest experts (they share their rows)
+    resident_experts: int = 0           # MoE: experts (weights, gradients, optimizer state) stay in host memory and
+                                        # at most this many per layer are on the device at a time; 0: all resident
     gp_halo: str = "auto"               # exchange: one hop of halo, refreshed from its owners twice per block
                                         # (light block only); ghost: each rank computes its halo out to the
                                         # receptive field, no collective in the model; auto: exchange for the
@@ -296,6 +300,20 @@ def validate(cfg: Config) -> Config:
     if cfg.parallel.replace_experts_every and (ep < 2 or cfg.parallel.pp > 1 or cfg.parallel.gp > 1):
         raise ConfigError(f"parallel.replace_experts_every = {cfg.parallel.replace_experts_every}: needs parallel.ep > 1 "
                           f"(now {ep}), and pp = gp = 1 (not yet with pipeline stages or graph parallelism)")
+    spare = cfg.parallel.expert_replicas
+    if spare < 0:
+        raise ConfigError(f"parallel.expert_replicas = {spare}: must be >= 0")
+    if spare and not (cfg.parallel.replace_experts_every and 0 < spare <= experts // ep):
+        raise ConfigError(f"parallel.expert_replicas = {spare}: needs parallel.replace_experts_every > 0 (replicas are "
+                          f"placed from measured load) and at most model.moe_experts / parallel.ep = "
+                          f"{experts // max(ep, 1)} spare slots per rank")
+    resident = cfg.parallel.resident_experts
+    if resident < 0 or (resident and not experts):
+        raise ConfigError(f"parallel.resident_experts = {resident}: must be >= 0, and > 0 only for an MoE model "
+                          f"(model.moe_experts > 0)")
+    if resident and (cfg.parallel.pp > 1 or cfg.parallel.gp > 1):
+        raise ConfigError(f"parallel.resident_experts = {resident}: not yet with pipeline stages or graph "
+                          f"parallelism (pp = {cfg.parallel.pp}, gp = {cfg.parallel.gp})")
     pp = cfg.parallel.pp
     if pp < 1 or pp > cfg.model.blocks:
         raise ConfigError(f"parallel.pp = {pp}: need 1 <= pp <= model.blocks ({cfg.model.blocks}): every stage "

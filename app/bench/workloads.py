@@ -17,6 +17,8 @@ guessed: the Cu/Ni/Pd/Pt second fcc shell (a ≈ 3.5–3.9 Å) lies inside the 4
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 from ase import Atoms
 
@@ -42,12 +44,19 @@ def workload_structures(workload: str, n_structures: int, seed: int) -> list[Ato
     raise ValueError(f"workload = {workload!r}: must be one of {', '.join(WORKLOADS)}")
 
 
-def dense_cells(n_structures: int, seed: int) -> list[Atoms]:
-    """`n_structures` dense periodic cells of 32–108 atoms, identical for the same seed."""
+def dense_cells(n_structures: int, seed: int,
+                progress: Callable[[int, int], None] | None = None) -> list[Atoms]:
+    """`n_structures` dense periodic cells of 32–108 atoms, identical for the same seed;
+    `progress(done, total)` after each (`data synth --source dense-metals`)."""
     if n_structures < 0:
         raise ValueError(f"n_structures = {n_structures}: must be >= 0")
     rng = np.random.default_rng(seed)
-    return [_labelled(_dense_cell(rng)) for _ in range(n_structures)]
+    out = []
+    for i in range(n_structures):
+        out.append(_labelled(_dense_cell(rng)))
+        if progress is not None:
+            progress(i + 1, n_structures)
+    return out
 
 
 def _dense_cell(rng: np.random.Generator) -> Atoms:

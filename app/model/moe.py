@@ -27,7 +27,9 @@ import torch
 from torch import nn
 
 from exaforce.model.layers import GatedMLP
-from exaforce.model.routing import DispatchClock, LayerRoute, contiguous_placement
+from exaforce.model.offload import ExpertBuffer
+from exaforce.model.routing import (DispatchClock, LayerRoute, Placement, contiguous_placement, held_experts,
+                                   single_owner_placement)
 
 
 class ElementRouter(nn.Module):
@@ -92,10 +94,10 @@ class MoEMLP(nn.Module):
     """Σ_k w_k·expert_k(x) + shared(x), experts chosen per routing class, w their router
     probabilities (renormalised over the k when k > 1); holds this rank's experts only.
 
-    The placement `owner_X` says which EP rank holds each expert (default: X/ep consecutive experts
-    per rank); the same on every rank. Expert e is initialised from its own seed (layer seed + e),
-    so a rank holding any set of experts starts with exactly the weights the single-rank model
-    gives them.
+    The placement says which EP ranks hold each expert (default: X/ep consecutive experts per rank,
+    one holder each; replicas: exaforce.model.routing.Placement); the same on every rank. Expert e is
+    initialised from its own seed (layer seed + e), so a rank holding any set of experts starts with
+    exactly the weights the single-rank model gives them.
     """
 
     def __init__(self, in_dim: int, hidden: int, out_dim: int, n_elements: int, n_experts: int, top_k: int,
@@ -109,14 +111,25 @@ class MoEMLP(nn.Module):
         self.ep_rank = ep_rank
         self.dims = (in_dim, hidden, out_dim)
         self.seed = _init_seed()
-        self.owner_X = contiguous_placement(n_experts, ep_size)
+        with torch.device("meta"):
+            self.expert_numel = sum(p.numel() for p in GatedMLP(*self.dims).parameters())
+        self.placement: Placement = contiguous_placement(n_experts, ep_size)
         self.experts = nn.ModuleDict({str(e): self._initial_expert(e) for e in self.local_experts()})  # keyed by
         self.shared = GatedMLP(in_dim, hidden, out_dim)                                              # global index
         self.dispatcher: Dispatcher = LocalDispatcher()  # replaced by exaforce.parallel for ep > 1
+        self.offload: ExpertBuffer | None = None  # parallel.resident_experts: experts on the host (model.offload)
 
     def local_experts(self) -> list[int]:
-        """The experts this rank holds, in the order they run (ascending index)."""
-        return [int(e) for e in np.flatnonzero(self.owner_X == self.ep_rank)]
+        """The experts this rank holds (owned and replicas), in the order they run (ascending index)."""
+        return held_experts(self.placement, self.ep_rank)
+
+    def owned_experts(self) -> list[int]:
+        """The experts this rank owns: their checkpoint copy and their share of the gradient norm."""
+        return [e for e, holders in enumerate(self.placement) if holders[0] == self.ep_rank]
+
+    def replicated(self) -> list[int]:
+        """The experts held by more than one rank (their gradients are summed over the holders)."""
+        return [e for e, holders in enumerate(self.placement) if len(holders) > 1]
 
     def _initial_expert(self, e: int) -> GatedMLP:
         with torch.random.fork_rng(devices=[]):
@@ -128,13 +141,21 @@ class MoEMLP(nn.Module):
         with torch.random.fork_rng(devices=[]):
             return GatedMLP(*self.dims)
 
-    def place_initial(self, owner_X: np.ndarray) -> None:
-        """Another placement before training: this rank builds the experts it now holds from their
-        seeds (moving trained experts is exaforce.parallel.expert_parallel's)."""
-        self.owner_X = np.asarray(owner_X, dtype=np.int64)
+    def place_initial(self, placement: Placement | np.ndarray) -> None:
+        """Another placement before training (a Placement, or the owner of each expert): this rank
+        builds the experts it now holds from their seeds (moving trained experts is
+        exaforce.parallel.expert_parallel's)."""
+        self.placement = placement if isinstance(placement, tuple) else single_owner_placement(placement)
         like = next(self.shared.parameters())
         self.experts = nn.ModuleDict({str(e): self._initial_expert(e).to(like.device, like.dtype)
                                       for e in self.local_experts()})
+
+    def _run_expert(self, e: int, expert: nn.Module, x_RF: torch.Tensor) -> torch.Tensor:
+        if self.offload is None:
+            return expert(x_RF)
+        if not len(x_RF):  # not routed to this step: it stays on the host
+            return x_RF.new_zeros((0, self.dims[2]))
+        return self.offload.run(e, expert, x_RF)
 
     def forward(self, x_TF: torch.Tensor, class_T: torch.Tensor, route: LayerRoute,
                 clock: DispatchClock) -> torch.Tensor:
@@ -146,9 +167,8 @@ class MoEMLP(nn.Module):
             weight_CK = weight_CK / weight_CK.sum(-1, keepdim=True)
         # with one expert that weight would be exactly 1 and the task loss would never reach the
         # router: its probability scales the output instead (Switch Transformer)
-        # (token, slot) pairs sorted by (owner, expert): contiguous groups in the all-to-all's send order.
-        position_CK = torch.from_numpy(route.send_position_X).to(class_T.device)[expert_CK]
-        order_P = torch.argsort(position_CK[class_T].reshape(-1), stable=True)
+        # (token, slot) pairs sorted by (destination rank, expert): the all-to-all's send order.
+        order_P = route.send_order(expert_CK[class_T].reshape(-1))
         token_P = order_P // top_k
         weight_P = weight_CK[class_T].reshape(-1).index_select(0, order_P)
         x_PF = x_TF.index_select(0, token_P)
@@ -156,7 +176,7 @@ class MoEMLP(nn.Module):
         rows_RF = self.dispatcher.dispatch(x_PF, route, clock)
         chunks = rows_RF.split(route.expert_rows)
         t0 = time.perf_counter()
-        y_RD = torch.cat([expert(chunk) for expert, chunk in zip(self.experts.values(), chunks)])
+        y_RD = torch.cat([self._run_expert(int(e), expert, chunk) for (e, expert), chunk in zip(self.experts.items(), chunks)])
         clock.expert_seconds += time.perf_counter() - t0
         y_PD = self.dispatcher.combine(y_RD, route, clock)
         return self.shared(x_TF).index_add(0, token_P, y_PD * weight_P.unsqueeze(-1))

@@ -21,6 +21,7 @@ from exaforce.model.matris_block import MatrisBlock
 from exaforce.model.layers import GatedMLP, RMSNorm
 from exaforce.graph import GraphBatch
 from exaforce.model.moe import MoEMLP, load_balancing_loss
+from exaforce.model.offload import ExpertOffload
 from exaforce.model.recompute import Recompute, recompute
 from exaforce.model.routing import Routing, TokenCounts, plan_layer
 
@@ -60,6 +61,7 @@ class Potential(nn.Module):
         self.register_buffer("reference_energy_HX", torch.zeros(n_heads, len(cfg.elements)))
         self.register_buffer("energy_scale_H", torch.ones(n_heads))
         self.renumber_moe_layers()
+        self.offload: ExpertOffload | None = None  # parallel.resident_experts (exaforce.model.offload)
 
     def renumber_moe_layers(self) -> None:
         """The MoE layers this model holds, numbered in order (their index in a Routing); again after
@@ -72,6 +74,16 @@ class Potential(nn.Module):
         """Parameters sharded over the EP group (reduced over the EDP group); the rest is dense."""
         return [p for layer in self.moe_layers for p in layer.experts.parameters()]
 
+    def owned_expert_parameters(self) -> list[nn.Parameter]:
+        """The expert parameters without replicas held for another rank's expert (each counted once)."""
+        return [p for layer in self.moe_layers for e in layer.owned_experts() for p in layer.experts[str(e)].parameters()]
+
+    def replicated_experts(self) -> list[tuple[int, list[nn.Parameter]]]:
+        """Every replicated expert of every MoE layer, the same list on every EP rank: its size
+        (parameters) and its parameters here (none where this rank does not hold it)."""
+        return [(layer.expert_numel, list(layer.experts[str(e)].parameters()) if str(e) in layer.experts else [])
+                for layer in self.moe_layers for e in layer.replicated()]
+
     def dense_parameters(self) -> list[nn.Parameter]:
         expert = {id(p) for p in self.expert_parameters()}
         return [p for p in self.parameters() if id(p) not in expert]
@@ -81,7 +93,7 @@ class Potential(nn.Module):
         tables = torch.stack([m.router.top_k_table() for m in self.moe_layers]).cpu().numpy() \
             if self.moe_layers else []
         layers = [plan_layer(table, counts.group_R2C[:, m.token_kind], counts.world_2C[m.token_kind],
-                             counts.ep_rank, m.owner_X) for table, m in zip(tables, self.moe_layers)]
+                             counts.ep_rank, m.placement) for table, m in zip(tables, self.moe_layers)]
         return Routing(layers=layers, counts=counts)
 
     def aux_loss(self, routing: Routing, world_2C: np.ndarray | None = None) -> torch.Tensor:

@@ -39,24 +39,58 @@ class TokenCounts:
 
 
 
-def contiguous_placement(n_experts: int, ep_size: int) -> np.ndarray:
-    """The default placement: X/ep consecutive experts per EP rank (owner of each expert)."""
-    return np.arange(n_experts) // (n_experts // ep_size)
+# A placement: for each expert the EP ranks holding it, its owner first (the copy checkpoints write and
+# the gradient norm counts). An expert held by h ranks (replicas) has each source rank's pairs split
+# in h consecutive pieces (by token order), piece j run by its j-th holder.
+Placement = tuple[tuple[int, ...], ...]
+
+
+def contiguous_placement(n_experts: int, ep_size: int) -> Placement:
+    """The default placement: X/ep consecutive experts per EP rank, no replicas."""
+    return single_owner_placement(np.arange(n_experts) // (n_experts // ep_size))
+
+
+def single_owner_placement(owner_X: Sequence[int]) -> Placement:
+    """One holder per expert: `owner_X[e]`."""
+    return tuple((int(o),) for o in owner_X)
+
+
+def owners(placement: Placement) -> np.ndarray:
+    """The owner (first holder) of each expert."""
+    return np.array([h[0] for h in placement], dtype=np.int64)
+
+
+def held_experts(placement: Placement, rank: int) -> list[int]:
+    """The experts `rank` holds (owned or replicas), in the order they run (ascending index)."""
+    return [e for e, h in enumerate(placement) if rank in h]
+
+
+def split_pairs(pairs_RX: np.ndarray, placement: Placement, n_ranks: int) -> np.ndarray:
+    """R×X×R: the pairs source rank r sends to rank p for expert e — every pair to its owner, or with
+    h holders, piece j = pairs·(j+1)//h − pairs·j//h of them to holder j."""
+    pieces_RXP = np.zeros(pairs_RX.shape + (n_ranks,), dtype=np.int64)
+    for e, holders in enumerate(placement):
+        n, h = pairs_RX[:, e], len(holders)
+        for j, rank in enumerate(holders):
+            pieces_RXP[:, e, rank] += n * (j + 1) // h - n * j // h
+    return pieces_RXP
 
 
 @dataclass(frozen=True)
 class LayerRoute:
     """Everything one MoE layer needs to dispatch its tokens this step.
 
-    Send order: this rank's (token, slot) pairs sorted by (owner rank, expert) — `send_position_X`
-    is each expert's place in that order — hence grouped by the EP rank that holds the expert.
-    Receive order: by source rank, within it by local expert (a rank's experts in ascending index).
-    Local experts run on rows grouped by expert (`to_expert_order`), and results go back in
-    receive order.
+    Send order: this rank's (token, slot) pairs sorted by (destination rank, expert); an expert's
+    pairs go to its owner or, with replicas, piece by piece to its holders (`holder_XH`,
+    `pairs_X`). Receive order: by source rank, within it by local expert (a rank's experts in
+    ascending index). Local experts run on rows grouped by expert (`to_expert_order`), and results
+    go back in receive order.
     """
 
     expert_CK: np.ndarray             # top-k table used on every rank this step
-    send_position_X: np.ndarray       # each expert's place in the send order (identity: contiguous placement)
+    holder_XH: np.ndarray             # each expert's holders (padded with its owner), owner first
+    holders_X: np.ndarray             # how many ranks hold each expert
+    pairs_X: np.ndarray               # this rank's pairs per expert
     send_splits: tuple[int, ...]      # pairs to each EP rank
     recv_splits: tuple[int, ...]      # pairs from each EP rank
     expert_rows: tuple[int, ...]      # rows per local expert, all sources together
@@ -65,19 +99,32 @@ class LayerRoute:
     world_load_X: np.ndarray          # pairs per expert over the world
     rank_rows: tuple[int, ...]        # rows each rank of the EP group runs (its experts' pairs, all sources)
 
+    def send_order(self, expert_P: torch.Tensor) -> torch.Tensor:
+        """The permutation of this rank's pairs (`expert_P`: each pair's expert) into send order."""
+        device, n_experts = expert_P.device, len(self.pairs_X)
+        by_expert = torch.argsort(expert_P, stable=True)  # each expert's pairs together, in token order
+        expert_sorted = expert_P.index_select(0, by_expert)
+        pairs_X = torch.from_numpy(self.pairs_X).to(device)
+        start_X = torch.cumsum(pairs_X, 0) - pairs_X
+        within = torch.arange(len(expert_P), device=device) - start_X[expert_sorted]
+        holders = torch.from_numpy(self.holders_X).to(device)[expert_sorted]
+        piece = ((within + 1) * holders - 1) // pairs_X[expert_sorted].clamp_min(1)  # split_pairs' pieces
+        destination = torch.from_numpy(self.holder_XH).to(device)[expert_sorted, piece]
+        return by_expert.index_select(0, torch.argsort(destination * n_experts + expert_sorted, stable=True))
+
 
 def plan_layer(expert_CK: np.ndarray, group_RC: np.ndarray, world_C: np.ndarray, ep_rank: int,
-               owner_X: np.ndarray) -> LayerRoute:
+               placement: Placement) -> LayerRoute:
     """Split sizes and the receive-side permutation for one layer, from counts, the top-k table and
-    the placement (`owner_X`: the EP rank holding each expert)."""
+    the placement (the EP ranks holding each expert)."""
     n_classes, top_k = expert_CK.shape
-    n_ranks, n_experts = len(group_RC), len(owner_X)
+    n_ranks, n_experts = len(group_RC), len(placement)
     routed_CX = np.zeros((n_classes, n_experts), dtype=np.int64)
     np.put_along_axis(routed_CX, expert_CK, 1, axis=1)
     pairs_RX = group_RC @ routed_CX                       # pairs each rank sends to each expert
-    owned_XP = np.eye(n_ranks, dtype=np.int64)[owner_X]   # expert → its owner, one-hot
-    send = pairs_RX[ep_rank] @ owned_XP
-    mine_RM = pairs_RX[:, np.flatnonzero(owner_X == ep_rank)]  # pairs for my experts, by source rank
+    pieces_RXP = split_pairs(pairs_RX, placement, n_ranks)
+    send = pieces_RXP[ep_rank].sum(0)
+    mine_RM = pieces_RXP[:, held_experts(placement, ep_rank), ep_rank]  # pairs for my experts, by source rank
     recv = mine_RM.sum(-1)
     to_expert = to_receive = None
     if n_ranks > 1:
@@ -86,12 +133,14 @@ def plan_layer(expert_CK: np.ndarray, group_RC: np.ndarray, world_C: np.ndarray,
         order = np.argsort(expert_of_row, kind="stable")
         to_expert = torch.from_numpy(order)
         to_receive = torch.from_numpy(np.argsort(order, kind="stable"))
-    send_position_X = np.empty(n_experts, dtype=np.int64)
-    send_position_X[np.lexsort((np.arange(n_experts), owner_X))] = np.arange(n_experts)
-    return LayerRoute(expert_CK=expert_CK, send_position_X=send_position_X, send_splits=tuple(int(s) for s in send),
-                      recv_splits=tuple(int(s) for s in recv), expert_rows=tuple(int(s) for s in mine_RM.sum(0)),
-                      to_expert_order=to_expert, to_receive_order=to_receive, world_load_X=world_C @ routed_CX,
-                      rank_rows=tuple(int(s) for s in pairs_RX.sum(0) @ owned_XP))
+    width = max(len(h) for h in placement)
+    holder_XH = np.array([h + (h[0],) * (width - len(h)) for h in placement], dtype=np.int64)
+    return LayerRoute(expert_CK=expert_CK, holder_XH=holder_XH,
+                      holders_X=np.array([len(h) for h in placement], dtype=np.int64), pairs_X=pairs_RX[ep_rank],
+                      send_splits=tuple(int(s) for s in send), recv_splits=tuple(int(s) for s in recv),
+                      expert_rows=tuple(int(s) for s in mine_RM.sum(0)), to_expert_order=to_expert,
+                      to_receive_order=to_receive, world_load_X=world_C @ routed_CX,
+                      rank_rows=tuple(int(s) for s in pieces_RXP.sum((0, 1))))
 
 
 @dataclass

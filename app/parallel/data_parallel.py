@@ -11,11 +11,12 @@ counts each expert once per EP group.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
 
-from exaforce.comm.groups import CommGroups
+from exaforce.comm.groups import CommGroups, Group
 from exaforce.comm.reducer import GradReducer
 from exaforce.config import CommConfig
 from exaforce.model.potential import Potential
@@ -62,13 +63,36 @@ class GradientReduction:
         for reducer in self.reducers:
             reducer.arm()
 
-    def finish(self) -> None:
+    def finish(self, model: Potential) -> None:
         for reducer in self.reducers:
             reducer.finish()  # collectives: world, then EDP group
+        sum_replica_gradients(model, self.groups.ep)
 
-    @property
-    def launches(self) -> int:
-        return sum(r.launches for r in self.reducers)
+
+def sum_replica_gradients(model: Potential, ep_group: Group) -> None:
+    """Collective over the EP group when any expert has replicas (exaforce.parallel.placement): each
+    holder has the gradient of the rows it ran; their sum, on every holder, is the expert's
+    gradient, so the replicas take the same optimizer step. One flat all-reduce, zeros where a rank
+    does not hold the expert (adding zeros is exact)."""
+    replicated = model.replicated_experts()
+    if not replicated:
+        return
+    like = model.expert_parameters()[0]
+    offsets = [0, *itertools.accumulate(size for size, _ in replicated)]
+    flat = like.new_zeros(offsets[-1])
+    for (size, params), start in zip(replicated, offsets):
+        if params:
+            flat[start:start + size] = torch.cat([_grad(p).reshape(-1) for p in params])
+    ep_group.allreduce_sum_async(flat, 1.0, "replicas").wait()
+    for (size, params), start in zip(replicated, offsets):
+        for p, part in zip(params, flat[start:start + size].split([q.numel() for q in params])):
+            if p.grad is None:
+                p.grad = torch.empty_like(p)
+            p.grad.copy_(part.view_as(p))
+
+
+def _grad(p: torch.nn.Parameter) -> torch.Tensor:
+    return p.grad if p.grad is not None else torch.zeros_like(p)
 
 
 def grad_norm(model: Potential, topo: Topology) -> float:
@@ -77,12 +101,13 @@ def grad_norm(model: Potential, topo: Topology) -> float:
 
     After reduction dense gradients are equal across a stage's replicas (every rank without pipeline
     stages; the stages' squares are summed over the pipeline), and expert gradients are equal across
-    an EDP group, so norm² = dense² + Σ over the EP group of each rank's expert². A NaN or inf in
-    any rank's gradients makes it non-finite everywhere (the reductions spread it)."""
+    an EDP group, so norm² = dense² + Σ over the EP group of each rank's owned experts² (replicas
+    hold their owner's gradient: exaforce.parallel.placement). A NaN or inf in any rank's gradients
+    makes it non-finite everywhere (the reductions spread it)."""
     def squares(params: list[torch.nn.Parameter]) -> float:
         return float(sum(p.grad.pow(2).sum() for p in params if p.grad is not None))  # host sync point
 
-    stage = squares(model.dense_parameters()) + topo.ep_sum(squares(model.expert_parameters()))
+    stage = squares(model.dense_parameters()) + topo.ep_sum(squares(model.owned_expert_parameters()))
     return math.sqrt(topo.pp_sum(stage) if topo.layout.pp > 1 else stage)  # pipeline: Σ over the stages
 
 

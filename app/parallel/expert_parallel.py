@@ -19,7 +19,7 @@ from exaforce.comm.groups import Group
 from exaforce.graph import GraphBatch
 from exaforce.model.moe import MoEMLP
 from exaforce.model.potential import Potential
-from exaforce.model.routing import DispatchClock, LayerRoute, Routing, TokenCounts
+from exaforce.model.routing import DispatchClock, LayerRoute, Placement, Routing, TokenCounts, held_experts
 from exaforce.parallel.topology import Topology
 
 
@@ -68,36 +68,40 @@ def step_routing(model: Potential, batch: GraphBatch, topo: Topology, share_2C: 
 _MOVING_STATE = ("exp_avg", "exp_avg_sq", "ema")
 
 
-def move_experts(model: Potential, owners: Sequence[np.ndarray], group: Group,
+def move_experts(model: Potential, placements: Sequence[Placement], group: Group,
                  optimizer: torch.optim.Optimizer) -> int:
-    """Collective over the EP group, at a step boundary: MoE layer i takes the placement owners[i];
-    each expert whose owner changes travels, with its optimizer state, in one all-to-all per layer
-    (rows: one expert each, its weights then each state tensor then its step count). Nothing is
-    recomputed, so the numbers of every later step are those of the old placement. Returns the
-    bytes this rank sent. The caller rebuilds what holds expert parameters (the gradient reducer)."""
+    """Collective over the EP group, at a step boundary: MoE layer i takes the placement
+    placements[i]; each copy a rank gains (a moved expert or a new replica) comes from the expert's
+    old owner, with its optimizer state, in one all-to-all per layer (rows: one expert each, its
+    weights then each state tensor then its step count); copies a rank no longer holds are dropped.
+    Nothing is recomputed, so the numbers of every later step are those of the old placement.
+    Returns the bytes this rank sent. The caller rebuilds what holds expert parameters (the
+    gradient reducer)."""
     sent = 0
-    for layer, new_X in zip(model.moe_layers, owners):
-        new_X = np.asarray(new_X, dtype=np.int64)
-        old_X, me = layer.owner_X, layer.ep_rank
-        leaving = sorted((int(new_X[e]), e) for e in layer.local_experts() if new_X[e] != me)
-        arriving = sorted((int(old_X[e]), int(e)) for e in np.flatnonzero(new_X == me) if old_X[e] != me)
+    for layer, new in zip(model.moe_layers, placements):
+        old, me = layer.placement, layer.ep_rank
+        outgoing = sorted((rank, e) for e in layer.owned_experts() for rank in new[e] if rank not in old[e])
+        incoming = sorted((old[e][0], e) for e in held_experts(new, me) if me not in old[e])
         template = next(iter(layer.experts.values()))
         like = next(template.parameters())
         state = optimizer.state.get(like, {})  # alike for every parameter
         keys = [k for k in _MOVING_STATE if k in state]
         step_dtype = state["step"].dtype if "step" in state else None
-        rows = [_pack(layer.experts[str(e)], optimizer, keys, step_dtype is not None) for _, e in leaving]
-        width = sum(p.numel() for p in template.parameters()) * (1 + len(keys)) + int(step_dtype is not None)
+        rows = [_pack(layer.experts[str(e)], optimizer, keys, step_dtype is not None) for _, e in outgoing]
+        width = layer.expert_numel * (1 + len(keys)) + int(step_dtype is not None)
         send_XD = torch.stack(rows) if rows else like.new_zeros((0, width))
-        received = group.alltoallv(send_XD, [sum(r == p for r, _ in leaving) for p in range(group.size)],
-                                   [sum(r == p for r, _ in arriving) for p in range(group.size)])  # collective
-        kept = {str(e): layer.experts[str(e)] for e in layer.local_experts() if new_X[e] == me}
-        for _, e in leaving:
-            for p in layer.experts[str(e)].parameters():
-                optimizer.state.pop(p, None)
-        for row, (_, e) in zip(received, arriving):
+        received = group.alltoallv(send_XD, [sum(r == p for r, _ in outgoing) for p in range(group.size)],
+                                   [sum(r == p for r, _ in incoming) for p in range(group.size)])  # collective
+        kept = {}
+        for e in layer.local_experts():
+            if me in new[e]:
+                kept[str(e)] = layer.experts[str(e)]
+            else:
+                for p in layer.experts[str(e)].parameters():
+                    optimizer.state.pop(p, None)
+        for row, (_, e) in zip(received, incoming):
             kept[str(e)] = _unpack(row, layer, optimizer, keys, step_dtype)
-        layer.owner_X = new_X
+        layer.placement = tuple(new)
         layer.experts = torch.nn.ModuleDict({k: kept[k] for k in sorted(kept, key=int)})
         sent += send_XD.numel() * send_XD.element_size()
     optimizer.param_groups[0]["params"] = list(model.parameters())  # one AdamW group (make_optimizer)

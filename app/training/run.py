@@ -107,22 +107,27 @@ def budget_spent(cfg: Config, topo: Topology, started: float) -> float:
 
 def replace_experts(run: Run, step: int, load: list[np.ndarray]) -> None:
     """Adds this step's world load per expert; every parallel.replace_experts_every steps the experts
-    move to a placement balanced on the load since the last move (the same on every rank: world counts)."""
+    move to a placement balanced on the load since the last move, with parallel.expert_replicas
+    spare slots per rank for replicas (the same on every rank: world counts)."""
     run.expert_load = [a + b for a, b in zip(run.expert_load, load)] if run.expert_load else load
     if step % run.cfg.parallel.replace_experts_every:
         return
-    ep, layers = run.topo.layout.ep, run.model.moe_layers
-    owners = [balanced_placement(x, ep, layer.owner_X) for x, layer in zip(run.expert_load, layers)]
-    before = max(max_over_mean(x, layer.owner_X, ep) for x, layer in zip(run.expert_load, layers))
-    after = max(max_over_mean(x, owner, ep) for x, owner in zip(run.expert_load, owners))
-    moved = sum(int((owner != layer.owner_X).sum()) for owner, layer in zip(owners, layers))
+    ep, layers, spare = run.topo.layout.ep, run.model.moe_layers, run.cfg.parallel.expert_replicas
+    placements = [balanced_placement(x, ep, layer.placement, spare) for x, layer in zip(run.expert_load, layers)]
+    before = max(max_over_mean(x, layer.placement, ep) for x, layer in zip(run.expert_load, layers))
+    after = max(max_over_mean(x, new, ep) for x, new in zip(run.expert_load, placements))
+    copies = sum(len(set(holders) - set(old)) for new, layer in zip(placements, layers)
+                 for holders, old in zip(new, layer.placement))
+    changed = any(new != layer.placement for new, layer in zip(placements, layers))
     run.expert_load = []
-    if not moved:
+    if not changed:
         return
-    sent = move_experts(run.model, owners, run.parallel.groups.ep, run.optimizer)  # collective over the EP group
+    sent = move_experts(run.model, placements, run.parallel.groups.ep, run.optimizer)  # collective over the EP group
     run.parallel.reduction.experts_moved(run.model)
-    run.log(f"step {step}: {moved} expert(s) moved to balance the load since the last placement (worst layer's "
-            f"max / mean over EP ranks {before:.3f} → {after:.3f}; rank 0 sent {sent / 2**20:.3g} MiB)")
+    replicas = sum(len(holders) - 1 for new in placements for holders in new)
+    run.log(f"step {step}: {copies} expert copies moved to balance the load since the last placement (worst "
+            f"layer's max / mean over EP ranks {before:.3f} → {after:.3f}; {replicas} replica(s); rank 0 sent "
+            f"{sent / 2**20:.3g} MiB)")
 
 
 def take_step(run: Run, step: int, epoch: int, global_batch: np.ndarray, watchdog: Watchdog,
@@ -161,6 +166,8 @@ def take_step(run: Run, step: int, epoch: int, global_batch: np.ndarray, watchdo
         extra["device_peak_mem_bytes"] = device_peak_memory_bytes(run.device)
     if not result.updated:
         extra["skipped"] = True
+    if result.offload is not None:
+        extra.update(result.offload)
     if result.routings:
         extra.update(moe_aux=loss_sums.pop("moe_aux"), expert_load=expert_load(result.routings))
         if cfg.parallel.replace_experts_every:

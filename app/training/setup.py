@@ -14,6 +14,7 @@ import torch
 from exaforce import checkpoint, finetune
 from exaforce.comm.groups import CommGroups
 from exaforce.config import DTYPES, Config, ConfigError
+from exaforce.model.offload import offload_experts
 from exaforce.model.potential import Potential
 from exaforce.parallel.parallelize import Parallel, parallelize
 from exaforce.parallel.topology import Topology
@@ -106,6 +107,8 @@ def build_run(cfg: Config, topo: Topology, groups: CommGroups, log: Callable[[st
     if lock is not None:
         lock.acquire()  # collective
     parallel = parallelize(model, topo, groups, cfg)
+    if cfg.parallel.resident_experts:
+        offload_experts(model, cfg.parallel.resident_experts, device)
     optimizer, schedule = make_optimizer(model, cfg)  # after parallelize: the reducers hook the final parameters
     average = weight_average(optimizer, cfg.optim.ema_decay)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,19 +43,20 @@ def loss_and_gradients(model: Potential, batch: GraphBatch, cfg: Config, loss_sc
     """
     if routing is None and model.moe_layers:
         routing = local_routing(model, batch)
-    t0 = time.perf_counter()
-    geometry = strained_geometry(batch)
-    energy_G = energy(model, batch, geometry, routing, step_plan(model, batch, cfg))
-    t1 = time.perf_counter()
-    pred = forces_and_stress(energy_G, geometry, batch, training=True)  # create_graph=True; no reduction
-    t2 = time.perf_counter()
-    losses = structure_losses(pred, batch, cfg.loss)
-    objective = losses["total"].sum() * loss_scale
-    if model.moe_layers and with_aux:
-        losses["moe_aux"] = model.aux_loss(routing, aux_world_2C)
-        objective = objective + cfg.loss.moe_aux_weight * losses["moe_aux"]
-    objective.backward()  # double backward through the forces; armed reducers launch from here
-    t3 = time.perf_counter()
+    with model.offload.scope() if model.offload is not None else nullcontext():  # graphs keep no expert copy
+        t0 = time.perf_counter()
+        geometry = strained_geometry(batch)
+        energy_G = energy(model, batch, geometry, routing, step_plan(model, batch, cfg))
+        t1 = time.perf_counter()
+        pred = forces_and_stress(energy_G, geometry, batch, training=True)  # create_graph=True; no reduction
+        t2 = time.perf_counter()
+        losses = structure_losses(pred, batch, cfg.loss)
+        objective = losses["total"].sum() * loss_scale
+        if model.moe_layers and with_aux:
+            losses["moe_aux"] = model.aux_loss(routing, aux_world_2C)
+            objective = objective + cfg.loss.moe_aux_weight * losses["moe_aux"]
+        objective.backward()  # double backward through the forces; armed reducers launch from here
+        t3 = time.perf_counter()
     for key, seconds in (("forward", t1 - t0), ("force_backward", t2 - t1), ("param_backward", t3 - t2),
                          ("alltoall", routing.clock.seconds if routing is not None else 0.0)):
         times[key] = times.get(key, 0.0) + seconds
@@ -85,6 +87,7 @@ class StepResult:
     times: dict[str, float]
     routings: list[Routing]           # one per micro-batch (empty: no MoE)
     work: dict[str, int] | None = None  # graph parallelism: the atoms, edges and angles this rank ran (halo included)
+    offload: dict[str, float] | None = None  # parallel.resident_experts: bytes fetched, peak resident
 
 
 def train_step(model: Potential, micro_batches: list[GraphBatch], optimizer: torch.optim.Optimizer,
@@ -95,7 +98,9 @@ def train_step(model: Potential, micro_batches: list[GraphBatch], optimizer: tor
     the update on every rank alike (the caller applies run.nonfinite)."""
     topo, reduction = parallel.topo, parallel.reduction
     times: dict[str, float] = {}
-    optimizer.zero_grad(set_to_none=True)
+    # Zeroed in place, not freed: the next backward accumulates into the same buffers, where a fresh
+    # gigabyte of gradients per step would cost page faults and fragment the heap (moe-1b: ~1 GiB/rank).
+    optimizer.zero_grad(set_to_none=False)
     t0 = time.perf_counter()
     shards = [parallel.graph.shard(b) for b in micro_batches] if parallel.graph is not None else None
     if shards is not None:
@@ -137,7 +142,7 @@ def train_step(model: Potential, micro_batches: list[GraphBatch], optimizer: tor
         topo.barrier()  # collective: the wait for the slowest rank, timed on its own
         times["imbalance"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    reduction.finish()  # collectives: dense over the stage's replicas (the world without pp), experts over EDP
+    reduction.finish(model)  # collectives: dense over the stage's replicas, experts over EDP, replicas over EP
     loss = topo.sum(loss_sums.get("total", 0.0)) * loss_scale / topo.layout.replicas  # collective: global mean
     t1 = time.perf_counter()
     norm = parallel.clip_grad_norm(model, cfg.optim.grad_clip)  # collective over the EP group and the pipeline
@@ -153,4 +158,5 @@ def train_step(model: Potential, micro_batches: list[GraphBatch], optimizer: tor
         optimizer.zero_grad(set_to_none=True)
     times.update(comm=t1 - t0, optimizer=time.perf_counter() - t1)
     work = None if shards is None else {k: sum(s.counts()[k] for s in shards) for k in shards[0].counts()}
-    return StepResult(loss_sums, loss, norm, updated, times, routings if model.moe_layers else [], work)
+    offload = model.offload.step_done() if model.offload is not None else None  # host weights changed
+    return StepResult(loss_sums, loss, norm, updated, times, routings if model.moe_layers else [], work, offload)

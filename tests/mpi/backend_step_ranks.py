@@ -53,7 +53,7 @@ def main(out_path: str, backend: str) -> None:
     launches_after_forces = reduction.launches
     (pred.forces_N3.pow(2).sum() + pred.energy_G.sum()).backward()
     launches_after_backward = reduction.launches
-    reduction.finish()
+    reduction.finish(model)
     model.zero_grad(set_to_none=True)
 
     # 2. One step over the union == the same step over 2 micro-batches (SGD with lr 0 keeps the weights).

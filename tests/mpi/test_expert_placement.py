@@ -1,8 +1,11 @@
 """Dynamic expert placement (parallel.replace_experts_every): experts and their optimizer state move
-between EP ranks at step boundaries to balance the measured load, and no number changes. Float64
-training of an MoE model for 20 steps with re-placement after every step equals the run with the
-fixed placement: every step's loss terms (energies, forces, stresses through the loss) on every
-rank, and the final weights of every (logical) expert."""
+between EP ranks at step boundaries to balance the measured load, the busiest get replicas in spare
+slots (parallel.expert_replicas: their rows split among the holders, their gradients summed), the
+experts stay on the host with one resident per layer (parallel.resident_experts), and no number
+changes. Float64 training of an MoE model for 20 steps with re-placement and replicas after every
+step and the offload budget equals the run with the fixed, resident placement: every step's loss
+terms (energies, forces, stresses through the loss) on every rank, and the final weights of every
+(logical) expert."""
 
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ def dataset(tmp_path_factory):
     return root
 
 
-def train(root, ranks: int, every: int) -> tuple[str, list[list[dict]]]:
+def train(root, ranks: int, every: int, replicas: int = 0, resident: int = 0) -> tuple[str, list[list[dict]]]:
     run_dir = root / f"run-{ranks}-{every}"
     config = root / f"run-{ranks}-{every}.toml"
     config.write_text(f"""
@@ -43,6 +46,8 @@ moe_experts = 8
 [parallel]
 ep = {ranks}
 replace_experts_every = {every}
+expert_replicas = {replicas}
+resident_experts = {resident}
 """)
     proc = run_mpi(ranks, ["-m", "exaforce.cli", "train", "--config", str(config)], timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -52,14 +57,17 @@ replace_experts_every = {every}
 
 
 @pytest.mark.parametrize("ranks", [2, 4])
-def test_replacing_experts_every_step_changes_no_number(dataset, ranks):
+def test_replacing_replicating_and_offloading_experts_changes_no_number(dataset, ranks):
     import torch
 
     from exaforce import checkpoint
 
-    log, moving = train(dataset, ranks, every=1)
+    log, moving = train(dataset, ranks, every=1, replicas=1, resident=1)
     _, fixed = train(dataset, ranks, every=0)
-    assert log.count("expert(s) moved") >= STEPS // 2  # experts really travel
+    assert log.count("expert copies moved") >= STEPS // 2  # experts really travel
+    assert f"; {4 * ranks} replica(s);" in log  # four MoE layers (two per block), `ranks` spare slots each
+    for record in (r for rank in moving for r in rank):  # one expert on the device at a time, per layer
+        assert 0 < record["offload_peak_resident_experts"] <= 1.0 and record["offload_fetched_bytes"] > 0
     for rank_moving, rank_fixed in zip(moving, fixed):
         assert len(rank_moving) == len(rank_fixed) == STEPS
         for a, b in zip(rank_moving, rank_fixed):

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.physics
 
 def local_route(moe: MoEMLP, species: torch.Tensor):
     counts_Z = np.bincount(species.numpy(), minlength=moe.router.element_embedding.num_embeddings)
-    return plan_layer(moe.router.top_k_table().numpy(), counts_Z[None], counts_Z, 0, moe.owner_X)
+    return plan_layer(moe.router.top_k_table().numpy(), counts_Z[None], counts_Z, 0, moe.placement)
 
 
 def test_every_token_gets_its_elements_top_k_experts_plus_shared():
