@@ -126,10 +126,11 @@ def run_command(handler: Handler, args: argparse.Namespace) -> None:
 
 # ---------------------------------------------------------------- data
 def _synth_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--source", choices=("metals", "dense-metals", "molecules"), default="metals",
+    p.add_argument("--source", choices=("metals", "dense-metals", "skewed-metals", "molecules"), default="metals",
                    help="metals: EMT-labelled fcc/bcc/hcp cells of 1-32 atoms with stress; dense-metals: the "
-                        "same kind of cells at 32-108 atoms (`bench step`'s dense workload); molecules: rattled "
-                        "G2 molecules in vacuum, energy and forces from tblite (default metals)")
+                        "same kind of cells at 32-108 atoms (`bench step`'s dense workload); skewed-metals: dense "
+                        "cells with 80%% of atoms Cu or Au (`bench ep --skew`); molecules: rattled G2 molecules in "
+                        "vacuum, energy and forces from tblite (default metals)")
     p.add_argument("--method", choices=("GFN2-xTB", "GFN1-xTB"), default=None,
                    help="tblite method for --source molecules (default GFN2-xTB)")
     p.add_argument("--out", required=True, help="extxyz file to write")
@@ -142,7 +143,6 @@ def _synth_arguments(p: argparse.ArgumentParser) -> None:
 def cmd_data_synth(args: argparse.Namespace, ctx: Context) -> None:
     from exaforce.console import ProgressReport
     from exaforce.io.extxyz import write_extxyz
-    from exaforce.io.synth import synthesize
 
     if args.structures < 1:
         raise UserError(f"--structures {args.structures}: must be >= 1")
@@ -151,12 +151,11 @@ def cmd_data_synth(args: argparse.Namespace, ctx: Context) -> None:
     method = (args.method or "GFN2-xTB") if args.source == "molecules" else "EMT"
     t0 = time.perf_counter()
     with ProgressReport(f"labelling with {method}", stream=sys.stdout) as progress:
-        if args.source == "metals":
-            atoms = synthesize(args.structures, args.seed, progress=progress)
-        elif args.source == "dense-metals":
-            from exaforce.bench.workloads import dense_cells
+        if args.source in ("metals", "dense-metals", "skewed-metals"):
+            from exaforce.bench.workloads import workload_structures
 
-            atoms = dense_cells(args.structures, args.seed, progress=progress)
+            workload = {"metals": "small", "dense-metals": "dense", "skewed-metals": "skewed"}[args.source]
+            atoms = workload_structures(workload, args.structures, args.seed, progress=progress)
         else:
             from exaforce.io.molecules import synthesize_molecules
 

@@ -30,12 +30,18 @@ def synthesize(
 
     `progress(done, total)` is called after each structure (for a CLI progress line).
     """
+    return labelled_cells(_random_structure, n_structures, seed, progress)
+
+
+def labelled_cells(make_cell: Callable[[np.random.Generator], Atoms], n_structures: int, seed: int,
+                   progress: Callable[[int, int], None] | None = None) -> list[Atoms]:
+    """`n_structures` cells from `make_cell` (one random generator seeded `seed`), EMT-labelled."""
     if n_structures < 0:
         raise ValueError(f"n_structures = {n_structures}: must be >= 0")
     rng = np.random.default_rng(seed)
     out = []
     for i in range(n_structures):
-        out.append(_labelled(_random_structure(rng)))
+        out.append(_labelled(make_cell(rng)))
         if progress is not None:
             progress(i + 1, n_structures)
     return out

@@ -99,11 +99,22 @@ def _ep_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-baseline", action="store_true", help="skip the ep=1 run (a model too big for one rank)")
     p.add_argument("--recompute-lines", type=int,
                    help="run.recompute_lines of both runs (default: the config default; 0: store every intermediate)")
+    p.add_argument("--skew", action="store_true",
+                   help="static against dynamic expert placement (ep = ranks) on a skewed two-fidelity composition "
+                        "(80%% of metal atoms Cu or Au, GFN2 molecules): expert work max/mean over EP ranks, step "
+                        "time, all-to-all bytes")
+    p.add_argument("--replace-every", type=int, default=2, help="--skew: parallel.replace_experts_every (default 2)")
+    p.add_argument("--replicas", type=int, default=1, help="--skew: parallel.expert_replicas (default 1)")
+    p.add_argument("--resident-experts", type=int, default=0,
+                   help="--skew: also the dynamic run with experts offloaded, this many resident per layer (default 0: not)")
 
 
 def _run_ep(args: argparse.Namespace, log: Log) -> dict:
-    from exaforce.bench.runs import bench_ep
+    from exaforce.bench.runs import bench_ep, bench_ep_skew
 
+    if args.skew:
+        return bench_ep_skew(args.preset, args.ranks, args.experts, args.batch_per_rank, args.steps, args.warmup,
+                             args.replace_every, args.replicas, args.resident_experts, args.dtype, log)
     return bench_ep(args.preset, args.ranks, args.ep, args.experts, args.batch_per_rank, args.steps, args.warmup,
                     args.dtype, not args.no_baseline, log, args.recompute_lines)
 

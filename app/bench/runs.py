@@ -3,6 +3,7 @@ read back from the perf logs (step time = the slowest rank's, median over the ti
 
 `bench ep`: data parallel only (dp = R, ep = 1) against expert parallel (dp = R/ep, ep) at the same
 per-rank batch; shares of the step in the all-to-all and in gradient reduction; peak memory.
+`bench ep --skew`: static against dynamic expert placement (with replicas) on a skewed composition.
 `bench balance`: the demo's multi-fidelity data (EMT metals, GFN2/GFN1 molecules) with the
 cost-balanced deal and with round-robin: max/mean over ranks of predicted cost and of measured
 compute time (forward + both backwards) per step.
@@ -148,6 +149,93 @@ def bench_ep(preset: str, ranks: int, ep: int, experts: int | None, batch_per_ra
     if baseline:
         results["ep_over_dp_step_time"] = results["expert_parallel"]["step_s"] / results["dp_only"]["step_s"]
         log(f"bench ep: ep={ep} step time / ep=1 step time = {results['ep_over_dp_step_time']:.3f}")
+    return results
+
+
+def skewed_run_config(metals: Path, molecules: Path, preset: str, experts: int | None, batch: int, steps: int,
+                      ep: int, every: int, replicas: int, resident: int, dtype: str) -> Config:
+    """`bench ep --skew`: two fidelities (EMT metals with 80 % of atoms Cu or Au, GFN2 molecules) on
+    two heads, expert parallel over every rank; `every` > 0: dynamic placement with `replicas` spare
+    slots; `resident` > 0: experts offloaded with that many resident per layer."""
+    from exaforce.config import from_dict
+
+    return from_dict({
+        "run": {"steps": steps, "log_every": 1, "dtype": dtype, "final_checkpoint": False, "seed": BENCH_SEED},
+        "data": {"global_batch_size": batch, "balance": False,
+                 "datasets": [{"path": str(metals), "head": "emt"}, {"path": str(molecules), "head": "gfn2"}]},
+        "model": {"preset": preset, **({"moe_experts": experts} if experts else {}), "heads": ["emt", "gfn2"],
+                  "elements": ["Al", "Cu", "Ag", "Au", "Ni", "Pd", "Pt", "H", "C", "N", "O", "F", "S", "Cl", "Si",
+                               "P", "B"]},
+        "loss": {"stress_weight": 0.1},
+        "parallel": {"dp": 1, "ep": ep, "replace_experts_every": every, "expert_replicas": replicas if every else 0,
+                     "resident_experts": resident},
+    })
+
+
+def expert_balance(run_dir: Path, after: int) -> dict:
+    """From a run's perf logs, over the steps after `after`: max / mean over EP ranks of the rows their
+    experts ran — per step (worst MoE layer; median and max over steps) and summed over those steps
+    (worst layer) — and the all-to-all bytes all ranks sent per step (median)."""
+    from exaforce.perf.runlog import load_run
+
+    run = load_run(run_dir)
+    first = run.steps[min(run.steps)]
+    records = [r for r in first if r["step"] > after]
+    if not records:
+        raise RuntimeError(f"{run_dir}: no step after step {after}; run more steps")
+
+    def ratio(rows: list[float]) -> float:
+        return max(rows) / max(statistics.fmean(rows), 1e-30)
+
+    per_step = [max(ratio(rows) for rows in r["expert_load"]["ep_rank_rows"]) for r in records]
+    layers = len(records[0]["expert_load"]["ep_rank_rows"])
+    summed = [[sum(r["expert_load"]["ep_rank_rows"][i][p] for r in records)
+               for p in range(len(records[0]["expert_load"]["ep_rank_rows"][i]))] for i in range(layers)]
+    steps = sorted({r["step"] for r in records})
+    every_rank = [r for rank in run.steps.values() for r in rank if r["step"] > after]
+    sent = [sum(sum(r["expert_load"]["alltoall_bytes"]) for r in every_rank if r["step"] == s) for s in steps]
+    result = {"max_over_mean_per_step_median": statistics.median(per_step), "max_over_mean_per_step_max": max(per_step),
+              "max_over_mean_summed": max(ratio(rows) for rows in summed),
+              "alltoall_mib_per_step": statistics.median(sent) / 2**20}
+    if "offload_fetched_bytes" in records[0]:  # per rank: bytes into its device buffers, the fullest layer's peak
+        result.update(offload_fetched_mib_per_rank_step=statistics.median(r["offload_fetched_bytes"] for r in every_rank) / 2**20,
+                      offload_peak_resident_mib=max(r["offload_peak_resident_bytes"] for r in every_rank) / 2**20,
+                      offload_peak_resident_experts=max(r["offload_peak_resident_experts"] for r in every_rank))
+    return result
+
+
+def bench_ep_skew(preset: str, ranks: int, experts: int | None, batch_per_rank: int, steps: int, warmup: int,
+                  every: int, replicas: int, resident: int, dtype: str, log: Callable[[str], None]) -> dict:
+    """Static against dynamic expert placement (ep = ranks) on a skewed, two-fidelity composition: the
+    balance of expert work over the EP ranks, step time and all-to-all bytes, each run in its own
+    `mpiexec`; with `resident` > 0 also the dynamic run with experts offloaded (bytes fetched, peak
+    resident). All are measured over the same steps: those after the warm-up and after the first
+    re-placement."""
+    results: dict = {"preset": preset, "experts": experts, "ranks": ranks, "batch_per_rank": batch_per_rank,
+                     "steps": steps, "warmup": warmup, "replace_experts_every": every, "expert_replicas": replicas,
+                     "dtype": dtype, "composition": "80 % of metal atoms Cu or Au; GFN2 molecules on a second head"}
+    after = max(warmup, every)
+    with tempfile.TemporaryDirectory(prefix="exaforce-bench-ep-skew-") as tmp:
+        runs = TrainingRuns(Path(tmp), ranks, log)
+        metals = runs.dataset("skewed", max(64, 4 * ranks * batch_per_rank), "--source", "skewed-metals")
+        molecules = runs.dataset("gfn2", max(64, 4 * ranks * batch_per_rank), "--source", "molecules")
+        variants = [("static", 0, 0), ("dynamic", every, 0)] + ([("dynamic_offload", every, resident)] if resident else [])
+        for name, run_every, run_resident in variants:
+            cfg = skewed_run_config(metals, molecules, preset, experts, batch_per_rank * ranks, steps, ranks,
+                                    run_every, replicas, run_resident, dtype)
+            r = results[name] = {**runs.timed(name, after, cfg), **expert_balance(runs.tmp / name, after)}
+            r.pop("losses")
+            log(f"  {name}: expert rows max / mean over EP ranks {r['max_over_mean_per_step_median']:.3f} per step "
+                f"(median; worst {r['max_over_mean_per_step_max']:.3f}), {r['max_over_mean_summed']:.3f} over the "
+                f"steps; step {r['step_s'] * 1e3:.0f} ms (median of {r['steps_timed']}), all-to-all "
+                f"{r['alltoall_mib_per_step']:.2f} MiB/step ({100 * r['alltoall_share']:.1f}% of the step), "
+                f"peak memory/rank {r['peak_mem_gib_per_rank']} GiB")
+            if run_resident:
+                log(f"  {name}: {run_resident} resident expert(s) per layer: {r['offload_fetched_mib_per_rank_step']:.2f} "
+                    f"MiB fetched per rank and step (median), peak resident {r['offload_peak_resident_mib']:.3f} MiB = "
+                    f"{r['offload_peak_resident_experts']:.2f} expert(s) in the fullest layer")
+    results["dynamic_over_static_step_time"] = results["dynamic"]["step_s"] / results["static"]["step_s"]
+    log(f"bench ep --skew: dynamic / static step time = {results['dynamic_over_static_step_time']:.3f}")
     return results
 
 

@@ -22,9 +22,10 @@ from collections.abc import Callable
 import numpy as np
 from ase import Atoms
 
-from exaforce.io.synth import ELEMENTS, _cell, _labelled, _strain, fcc_lattice_constant, synthesize
+from exaforce.io.synth import ELEMENTS, _cell, _strain, fcc_lattice_constant, labelled_cells, synthesize
 
-WORKLOADS = ("dense", "small")
+WORKLOADS = ("dense", "small", "skewed")
+SKEWED = {"Cu": 0.4, "Au": 0.4}  # the `skewed` workload: 80 % of atoms from two elements, the rest spread
 MIN_ATOMS, MAX_ATOMS = 32, 108
 RATTLE_SIGMA_A = (0.05, 0.15)  # Å, drawn per structure
 
@@ -35,28 +36,37 @@ REPEATS = {lattice: [(a, b, c) for a in range(1, 6) for b in range(1, 6) for c i
            for lattice, n in CELL_ATOMS.items()}
 
 
-def workload_structures(workload: str, n_structures: int, seed: int) -> list[Atoms]:
-    """`n_structures` EMT-labelled cells of the named workload: `dense` or `small` (`data synth`)."""
-    if workload == "dense":
-        return dense_cells(n_structures, seed)
+def workload_structures(workload: str, n_structures: int, seed: int,
+                        progress: Callable[[int, int], None] | None = None) -> list[Atoms]:
+    """`n_structures` EMT-labelled cells of the named workload: `dense`, `small` (`data synth`'s
+    metals) or `skewed` (dense cells, 80 % of atoms Cu or Au); `progress(done, total)` after each."""
     if workload == "small":
-        return synthesize(n_structures, seed=seed)
-    raise ValueError(f"workload = {workload!r}: must be one of {', '.join(WORKLOADS)}")
+        return synthesize(n_structures, seed=seed, progress=progress)
+    if workload not in WORKLOADS:
+        raise ValueError(f"workload = {workload!r}: must be one of {', '.join(WORKLOADS)}")
+    return labelled_cells(_dense_cell if workload == "dense" else _skewed_cell, n_structures, seed, progress)
 
 
-def dense_cells(n_structures: int, seed: int,
-                progress: Callable[[int, int], None] | None = None) -> list[Atoms]:
-    """`n_structures` dense periodic cells of 32–108 atoms, identical for the same seed;
-    `progress(done, total)` after each (`data synth --source dense-metals`)."""
-    if n_structures < 0:
-        raise ValueError(f"n_structures = {n_structures}: must be >= 0")
-    rng = np.random.default_rng(seed)
-    out = []
-    for i in range(n_structures):
-        out.append(_labelled(_dense_cell(rng)))
-        if progress is not None:
-            progress(i + 1, n_structures)
-    return out
+def dense_cells(n_structures: int, seed: int) -> list[Atoms]:
+    """`n_structures` dense periodic cells of 32–108 atoms, identical for the same seed."""
+    return workload_structures("dense", n_structures, seed)
+
+
+def _skewed_cell(rng: np.random.Generator) -> Atoms:
+    """A dense cell whose atoms are drawn one by one: `SKEWED`'s elements with their probabilities, the
+    other EMT metals sharing the rest (the composition `bench ep --skew` balances experts on)."""
+    others = [s for s in ELEMENTS if s not in SKEWED]
+    symbols = list(SKEWED) + others
+    weights = list(SKEWED.values()) + [(1 - sum(SKEWED.values())) / len(others)] * len(others)
+    lattice = str(rng.choice(list(CELL_ATOMS)))
+    repeat = REPEATS[lattice][int(rng.integers(len(REPEATS[lattice])))]
+    atoms = _cell("Cu", lattice, 1.0, conventional=True).repeat(repeat)
+    atoms.symbols = [str(s) for s in rng.choice(symbols, size=len(atoms), p=weights)]
+    a_fcc = float(np.mean([fcc_lattice_constant(s) for s in atoms.get_chemical_symbols()]))  # Vegard's law
+    atoms.set_cell(atoms.cell.array * a_fcc, scale_atoms=True)
+    _strain(atoms, rng)
+    atoms.positions += rng.normal(0.0, rng.uniform(*RATTLE_SIGMA_A), size=atoms.positions.shape)
+    return atoms
 
 
 def _dense_cell(rng: np.random.Generator) -> Atoms:

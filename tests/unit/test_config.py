@@ -64,6 +64,13 @@ def test_model_preset_and_override():
     ({"ep": 1, "replace_experts_every": 5}, {"preset": "small-moe"}, r"replace_experts_every = 5: needs parallel.ep > 1 \(now 1\)"),
     ({"ep": 2, "pp": 2, "replace_experts_every": 5}, {"preset": "small-moe"}, "and pp = gp = 1"),
     ({"ep": 2, "replace_experts_every": -1}, {"preset": "small-moe"}, "replace_experts_every = -1: must be >= 0"),
+    ({"ep": 2, "expert_replicas": 1}, {"preset": "small-moe"}, "expert_replicas = 1: needs parallel.replace_experts_every > 0"),
+    ({"ep": 2, "replace_experts_every": 1, "expert_replicas": 3}, {"preset": "small-moe"},
+     "expert_replicas = 3: .* at most model.moe_experts / parallel.ep = 2 spare slots"),
+    ({"ep": 2, "replace_experts_every": 1, "expert_replicas": -1}, {"preset": "small-moe"}, "expert_replicas = -1: must be >= 0"),
+    ({"resident_experts": 1}, {"preset": "small"}, r"resident_experts = 1: must be >= 0, and > 0 only for an MoE model"),
+    ({"resident_experts": -1}, {"preset": "small-moe"}, "resident_experts = -1: must be >= 0"),
+    ({"resident_experts": 1, "gp": 2}, {"preset": "small-moe"}, "resident_experts = 1: not yet with pipeline stages or graph"),
 ])
 def test_expert_parallel_layout_must_fit_the_experts(parallel, model, message):
     with pytest.raises(config.ConfigError, match=message):
