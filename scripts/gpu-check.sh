@@ -11,6 +11,8 @@
 #   4. training on 2 ranks sharing the GPU (comm.backend mpi: device tensors staged through host
 #      memory), float64, 3 steps: losses == the same run on the CPU
 #   5. with 2+ GPUs: the same through torch.distributed (NCCL), one GPU per rank
+#   6. expert offload (issue 24): moe-100m, one rank, float32, 6 steps with every expert on the GPU and
+#      with parallel.resident_experts = 1 (experts in pinned host memory): median step time, device peak
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 OUT="${OUT:-$(mktemp -d)}"
@@ -98,5 +100,23 @@ if [[ $GPUS -ge 2 ]]; then
 else
   check train-2-ranks-nccl "SKIPPED: $GPUS GPU(s) (NCCL needs one GPU per rank)"
 fi
+
+# ---- 6. expert offload: step time and device peak with and without
+offload_run() {  # $1 name, then --set values; prints "median step ms, device peak GiB, fetched MiB/step"
+  local name=$1; shift
+  timeout 240 "${EXAFORCE[@]}" train --config "$data/run.toml" --out-dir "$work/$name" --set 'run.device="cuda"' \
+    --set 'run.dtype="float32"' --set 'model.preset="moe-100m"' --set run.steps=6 --set data.global_batch_size=4 \
+    "$@" >"$OUT/train-$name.txt" 2>&1 || return 1
+  "$PY" - "$work/$name/perf/rank-00000.jsonl" <<'PYEOF'
+import json, statistics, sys
+steps = [json.loads(l) for l in open(sys.argv[1]) if '"kind":"step"' in l][2:]
+print(f"{statistics.median(r['total_time'] for r in steps) * 1e3:.0f} ms/step, device peak "
+      f"{max(r.get('device_peak_mem_bytes', 0) for r in steps) / 2**30:.2f} GiB, fetched "
+      f"{statistics.median(r.get('offload_fetched_bytes', 0) for r in steps) / 2**20:.1f} MiB/step")
+PYEOF
+}
+if resident=$(offload_run offload-none) && offloaded=$(offload_run offload-1 --set parallel.resident_experts=1); then
+  check expert-offload "PASS resident: $resident; offloaded (1 per layer): $offloaded"
+else check expert-offload "FAIL $(tail -2 "$OUT/train-offload-1.txt" "$OUT/train-offload-none.txt" | tr '\n' ' ')"; fi
 
 echo; echo "==== summary"; printf '%s\n' "${summary[@]}" | tee "$OUT/summary.txt"

@@ -198,7 +198,8 @@ def expert_balance(run_dir: Path, after: int) -> dict:
               "max_over_mean_summed": max(ratio(rows) for rows in summed),
               "alltoall_mib_per_step": statistics.median(sent) / 2**20}
     if "offload_fetched_bytes" in records[0]:  # per rank: bytes into its device buffers, the fullest layer's peak
-        result.update(offload_fetched_mib_per_rank_step=statistics.median(r["offload_fetched_bytes"] for r in every_rank) / 2**20,
+        fetched = statistics.median(r["offload_fetched_bytes"] for r in every_rank)
+        result.update(offload_fetched_mib_per_rank_step=fetched / 2**20,
                       offload_peak_resident_mib=max(r["offload_peak_resident_bytes"] for r in every_rank) / 2**20,
                       offload_peak_resident_experts=max(r["offload_peak_resident_experts"] for r in every_rank))
     return result

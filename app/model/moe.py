@@ -176,7 +176,8 @@ class MoEMLP(nn.Module):
         rows_RF = self.dispatcher.dispatch(x_PF, route, clock)
         chunks = rows_RF.split(route.expert_rows)
         t0 = time.perf_counter()
-        y_RD = torch.cat([self._run_expert(int(e), expert, chunk) for (e, expert), chunk in zip(self.experts.items(), chunks)])
+        y_RD = torch.cat([self._run_expert(int(e), expert, chunk)
+                          for (e, expert), chunk in zip(self.experts.items(), chunks)])
         clock.expert_seconds += time.perf_counter() - t0
         y_PD = self.dispatcher.combine(y_RD, route, clock)
         return self.shared(x_TF).index_add(0, token_P, y_PD * weight_P.unsqueeze(-1))

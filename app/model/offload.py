@@ -122,7 +122,7 @@ class ExpertOffload:
             del self.copies[address]
 
     def _pack(self, tensor: torch.Tensor) -> object:
-        copy = self.copies.get(tensor.untyped_storage().data_ptr()) if tensor.device == self.device else None
+        copy = self.copies.get(tensor.untyped_storage().data_ptr()) if tensor.device.type == self.device.type else None
         if copy is None or copy.storage.expired():
             return tensor
         return copy, tuple(tensor.shape), tuple(tensor.stride()), tensor.storage_offset()

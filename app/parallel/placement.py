@@ -5,13 +5,14 @@ routing class × the routers' top-k tables: exaforce.model.routing), and the per
 every step (`expert_load`). From such loads, `balanced_placement` assigns experts to EP ranks by
 LPT (longest processing time first: the heaviest expert goes to the least-loaded rank that still
 has room), the classic greedy for balancing a maximum. Every rank holds the same number of experts
-(X/ep, as in the default placement, plus any spare slots); among equally loaded ranks an expert stays where it is, so fewer experts move. With spare slots the
-busiest experts get replicas, which share their rows (exaforce.model.routing.split_pairs): a
-replica's memory buys balance that whole experts cannot give when one expert carries more than
-1/ep of the load.
+(X/ep, as in the default placement, plus any spare slots); among equally loaded ranks an expert
+stays where it is, so fewer experts move. With spare slots the busiest experts get replicas, which
+share their rows (exaforce.model.routing.split_pairs): a replica's memory buys balance that whole
+experts cannot give when one expert carries more than 1/ep of the load.
 
-A placement changes no number: the routing plan sends each (token, slot) pair to its expert's
-owner, whichever rank that is (tests/mpi/test_ep_equivalence.py, `scattered`).
+A placement changes no number: the routing plan sends each (token, slot) pair to a rank holding its
+expert, whichever that is (tests/mpi/test_ep_equivalence.py, `scattered`; replicas:
+tests/mpi/test_expert_placement.py).
 """
 
 from __future__ import annotations

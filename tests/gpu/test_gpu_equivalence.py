@@ -33,8 +33,11 @@ def cells() -> list:
     return out
 
 
-def step_on(model: Potential, device: torch.device, plan: Recompute | None):
-    model = copy.deepcopy(model).to(device)
+def step_on(model: Potential, device: torch.device, plan: Recompute | None, copy_model: bool = True):
+    """(energies, forces, stresses) and the parameter gradients of a copy of `model` on `device`
+    (`copy_model` False: of `model` itself, already there)."""
+    if copy_model:
+        model = copy.deepcopy(model).to(device)
     batch = to_device(batch_from_atoms(cells(), model.species_table(), model.cfg.cutoff, model.cfg.three_body_cutoff),
                       device, torch.float64)
     routing = local_routing(model, batch) if model.moe_layers else None

@@ -28,9 +28,9 @@ def dataset(tmp_path_factory):
     return root
 
 
-def train(root, ranks: int, every: int, replicas: int = 0, resident: int = 0) -> tuple[str, list[list[dict]]]:
-    run_dir = root / f"run-{ranks}-{every}"
-    config = root / f"run-{ranks}-{every}.toml"
+def train(root, ranks: int, ep: int, every: int, replicas: int = 0, resident: int = 0) -> tuple[str, list[list[dict]]]:
+    run_dir = root / f"run-{ranks}-{ep}-{every}"
+    config = root / f"run-{ranks}-{ep}-{every}.toml"
     config.write_text(f"""
 [run]
 out_dir = "{run_dir}"
@@ -44,7 +44,7 @@ global_batch_size = {2 * ranks}
 preset = "small-moe"
 moe_experts = 8
 [parallel]
-ep = {ranks}
+ep = {ep}
 replace_experts_every = {every}
 expert_replicas = {replicas}
 resident_experts = {resident}
@@ -56,16 +56,16 @@ resident_experts = {resident}
     return proc.stdout, steps
 
 
-@pytest.mark.parametrize("ranks", [2, 4])
-def test_replacing_replicating_and_offloading_experts_changes_no_number(dataset, ranks):
+@pytest.mark.parametrize("ranks, ep", [(2, 2), (4, 4), (4, 2)], ids=["ep2", "ep4", "dp2-ep2"])
+def test_replacing_replicating_and_offloading_experts_changes_no_number(dataset, ranks, ep):
     import torch
 
     from exaforce import checkpoint
 
-    log, moving = train(dataset, ranks, every=1, replicas=1, resident=1)
-    _, fixed = train(dataset, ranks, every=0)
+    log, moving = train(dataset, ranks, ep, every=1, replicas=1, resident=1)
+    _, fixed = train(dataset, ranks, ep, every=0)
     assert log.count("expert copies moved") >= STEPS // 2  # experts really travel
-    assert f"; {4 * ranks} replica(s);" in log  # four MoE layers (two per block), `ranks` spare slots each
+    assert f"; {4 * ep} replica(s);" in log  # four MoE layers (two per block), one spare slot per EP rank
     for record in (r for rank in moving for r in rank):  # one expert on the device at a time, per layer
         assert 0 < record["offload_peak_resident_experts"] <= 1.0 and record["offload_fetched_bytes"] > 0
     for rank_moving, rank_fixed in zip(moving, fixed):
@@ -74,7 +74,7 @@ def test_replacing_replicating_and_offloading_experts_changes_no_number(dataset,
             for term, value in b["loss_sum"].items():
                 assert a["loss_sum"][term] == pytest.approx(value, rel=1e-12, abs=1e-300), (a["step"], term)
             assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-12)
-    final = [checkpoint.load(dataset / f"run-{ranks}-{every}/checkpoints/step-{STEPS:08d}")["model"] for every in (1, 0)]
+    final = [checkpoint.load(dataset / f"run-{ranks}-{ep}-{every}/checkpoints/step-{STEPS:08d}")["model"] for every in (1, 0)]
     assert final[0].keys() == final[1].keys() and any(".experts.7." in k for k in final[0])
     for key, value in final[1].items():
         assert torch.allclose(final[0][key], value, rtol=1e-12, atol=1e-14 * float(value.abs().max())), key
