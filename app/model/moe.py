@@ -151,11 +151,7 @@ class MoEMLP(nn.Module):
                                       for e in self.local_experts()})
 
     def _run_expert(self, e: int, expert: nn.Module, x_RF: torch.Tensor) -> torch.Tensor:
-        if self.offload is None:
-            return expert(x_RF)
-        if not len(x_RF):  # not routed to this step: it stays on the host
-            return x_RF.new_zeros((0, self.dims[2]))
-        return self.offload.run(e, expert, x_RF)
+        return expert(x_RF) if self.offload is None else self.offload.run(e, expert, x_RF)
 
     def forward(self, x_TF: torch.Tensor, class_T: torch.Tensor, route: LayerRoute,
                 clock: DispatchClock) -> torch.Tensor:

@@ -85,11 +85,14 @@ class ExpertBuffer:
         return copies
 
     def run(self, e: int, expert: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """expert(x) on the device copies of its weights."""
+        """expert(x) on the device copies of its weights. An expert without rows this step is not
+        fetched: it runs on zero-stride stand-ins, so every rank still builds the same graph (the
+        backward's all-to-alls keep one order on every rank)."""
         self.hosts[e] = list(expert.parameters())
         self.expert_bytes = sum(p.numel() * p.element_size() for p in self.hosts[e])
         names = [name for name, _ in expert.named_parameters()]
-        copies = [_Fetch.apply(host, copy) for host, copy in zip(self.hosts[e], self.weights(e))]
+        weights = self.weights(e) if len(x) else [x.new_zeros(()).expand(p.shape) for p in self.hosts[e]]
+        copies = [_Fetch.apply(host, copy) for host, copy in zip(self.hosts[e], weights)]
         return functional_call(expert, dict(zip(names, copies)), (x,))
 
 

@@ -85,6 +85,8 @@ def sum_replica_gradients(model: Potential, ep_group: Group) -> None:
             flat[start:start + size] = torch.cat([_grad(p).reshape(-1) for p in params])
     ep_group.allreduce_sum_async(flat, 1.0, "replicas").wait()
     for (size, params), start in zip(replicated, offsets):
+        if not params:
+            continue
         for p, part in zip(params, flat[start:start + size].split([q.numel() for q in params])):
             if p.grad is None:
                 p.grad = torch.empty_like(p)
