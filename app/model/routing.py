@@ -41,7 +41,8 @@ class TokenCounts:
 
 # A placement: for each expert the EP ranks holding it, its owner first (the copy checkpoints write and
 # the gradient norm counts). An expert held by h ranks (replicas) has each source rank's pairs split
-# in h consecutive pieces (by token order), piece j run by its j-th holder.
+# in h consecutive pieces (by token order), piece j run by its j-th holder, sized every step from that
+# step's counts (`holder_shares`).
 Placement = tuple[tuple[int, ...], ...]
 
 
@@ -65,14 +66,48 @@ def held_experts(placement: Placement, rank: int) -> list[int]:
     return [e for e, h in enumerate(placement) if rank in h]
 
 
+def holder_shares(load_X: np.ndarray, placement: Placement, n_ranks: int) -> list[np.ndarray]:
+    """Each expert's share of this step's rows per holder (holder order): 1 for a single holder; a
+    replicated expert's rows water-fill its holders, heaviest replicated expert first, on top of the
+    rows the single-held experts give every rank — the step's counts are known before its forward,
+    so the split balances this step, not a guess from earlier ones."""
+    level = np.zeros(n_ranks)
+    shares: list[np.ndarray] = [np.ones(1)] * len(placement)
+    for e, holders in enumerate(placement):
+        if len(holders) == 1:
+            level[holders[0]] += load_X[e]
+    replicated = [e for e, holders in enumerate(placement) if len(holders) > 1]
+    for e in sorted(replicated, key=lambda e: (-load_X[e], e)):
+        holders, load = list(placement[e]), float(load_X[e])
+        if load <= 0:
+            shares[e] = np.full(len(holders), 1 / len(holders))
+            continue
+        before = level[holders]
+        ordered = np.sort(before)
+        for k in range(1, len(ordered) + 1):  # water level: the k lowest holders fill up to it
+            water = (load + ordered[:k].sum()) / k
+            if k == len(ordered) or water <= ordered[k]:
+                break
+        shares[e] = np.maximum(water - before, 0.0) / load
+        level[holders] = np.maximum(before, water)
+    return shares
+
+
 def split_pairs(pairs_RX: np.ndarray, placement: Placement, n_ranks: int) -> np.ndarray:
     """R×X×R: the pairs source rank r sends to rank p for expert e — every pair to its owner, or with
-    h holders, piece j = pairs·(j+1)//h − pairs·j//h of them to holder j."""
+    h holders, consecutive pieces of each source's pairs in the proportions `holder_shares` gives
+    (floor of the pairs times the cumulative shares, so the pieces add up exactly)."""
     pieces_RXP = np.zeros(pairs_RX.shape + (n_ranks,), dtype=np.int64)
-    for e, holders in enumerate(placement):
-        n, h = pairs_RX[:, e], len(holders)
+    for e, (holders, share) in enumerate(zip(placement, holder_shares(pairs_RX.sum(0), placement, n_ranks))):
+        n = pairs_RX[:, e]
+        if len(holders) == 1:
+            pieces_RXP[:, e, holders[0]] = n
+            continue
+        cumulative = np.minimum(np.cumsum(share), 1.0)
+        cumulative[-1] = 1.0
+        ends = np.floor(n[:, None] * cumulative[None]).astype(np.int64)  # R×h
         for j, rank in enumerate(holders):
-            pieces_RXP[:, e, rank] += n * (j + 1) // h - n * j // h
+            pieces_RXP[:, e, rank] += ends[:, j] - (ends[:, j - 1] if j else 0)
     return pieces_RXP
 
 
@@ -89,7 +124,7 @@ class LayerRoute:
 
     expert_CK: np.ndarray             # top-k table used on every rank this step
     holder_XH: np.ndarray             # each expert's holders (padded with its owner), owner first
-    holders_X: np.ndarray             # how many ranks hold each expert
+    piece_end_XH: np.ndarray          # where each holder's piece of this rank's pairs of an expert ends
     pairs_X: np.ndarray               # this rank's pairs per expert
     send_splits: tuple[int, ...]      # pairs to each EP rank
     recv_splits: tuple[int, ...]      # pairs from each EP rank
@@ -107,8 +142,8 @@ class LayerRoute:
         pairs_X = torch.from_numpy(self.pairs_X).to(device)
         start_X = torch.cumsum(pairs_X, 0) - pairs_X
         within = torch.arange(len(expert_P), device=device) - start_X[expert_sorted]
-        holders = torch.from_numpy(self.holders_X).to(device)[expert_sorted]
-        piece = ((within + 1) * holders - 1) // pairs_X[expert_sorted].clamp_min(1)  # split_pairs' pieces
+        piece_end = torch.from_numpy(self.piece_end_XH).to(device)[expert_sorted]
+        piece = torch.searchsorted(piece_end, within[:, None], right=True)[:, 0]  # split_pairs' pieces
         destination = torch.from_numpy(self.holder_XH).to(device)[expert_sorted, piece]
         return by_expert.index_select(0, torch.argsort(destination * n_experts + expert_sorted, stable=True))
 
@@ -135,8 +170,10 @@ def plan_layer(expert_CK: np.ndarray, group_RC: np.ndarray, world_C: np.ndarray,
         to_receive = torch.from_numpy(np.argsort(order, kind="stable"))
     width = max(len(h) for h in placement)
     holder_XH = np.array([h + (h[0],) * (width - len(h)) for h in placement], dtype=np.int64)
-    return LayerRoute(expert_CK=expert_CK, holder_XH=holder_XH,
-                      holders_X=np.array([len(h) for h in placement], dtype=np.int64), pairs_X=pairs_RX[ep_rank],
+    mine_XH = np.take_along_axis(pieces_RXP[ep_rank], holder_XH, axis=1)  # my pieces in holder order
+    mine_XH[np.arange(width)[None] >= np.array([len(h) for h in placement])[:, None]] = 0  # padding: empty
+    return LayerRoute(expert_CK=expert_CK, holder_XH=holder_XH, piece_end_XH=np.cumsum(mine_XH, axis=1),
+                      pairs_X=pairs_RX[ep_rank],
                       send_splits=tuple(int(s) for s in send), recv_splits=tuple(int(s) for s in recv),
                       expert_rows=tuple(int(s) for s in mine_RM.sum(0)), to_expert_order=to_expert,
                       to_receive_order=to_receive, world_load_X=world_C @ routed_CX,

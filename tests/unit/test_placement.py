@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from exaforce.model.routing import contiguous_placement, owners, single_owner_placement, split_pairs
+from exaforce.model.routing import (contiguous_placement, holder_shares, owners, single_owner_placement,
+                                   split_pairs)
 from exaforce.parallel.placement import balanced_placement, max_over_mean, rank_work
 
 
@@ -61,7 +62,16 @@ def test_replicas_keep_their_owner_and_split_every_source_ranks_pairs():
     pairs_RX = np.array([[5, 1, 0, 2], [7, 0, 3, 0]])
     pieces_RXP = split_pairs(pairs_RX, placement, 2)
     assert (pieces_RXP.sum(-1) == pairs_RX).all()          # every pair goes somewhere, once
-    assert pieces_RXP[0, 0].tolist() == [2, 3] and pieces_RXP[1, 0].tolist() == [3, 4]
+
+
+def test_a_replicated_expert_levels_this_steps_rows_over_its_holders():
+    # Rank 0 runs 6 rows of a single-held expert; the replicated one's 10 rows fill both ranks to 8.
+    placement = ((0, 1), (0,), (1,))
+    shares = holder_shares(np.array([10, 6, 0]), placement, 2)
+    assert shares[0] == pytest.approx([0.2, 0.8])
+    pieces_RXP = split_pairs(np.array([[5, 3, 0], [5, 3, 0]]), placement, 2)
+    assert pieces_RXP.sum((0, 1)).tolist() == [8, 8]        # the step's rows balanced exactly
+    assert pieces_RXP[:, 0].tolist() == [[1, 4], [1, 4]]    # each source: floor(5·0.2), the rest
 
 
 def test_experts_that_do_not_split_evenly_are_refused():
