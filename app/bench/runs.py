@@ -21,6 +21,8 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
+import numpy as np
+
 from exaforce.bench import BENCH_SEED
 from exaforce.bench.config_file import write_config
 from exaforce.bench.launcher import environment, exaforce_command, launch, on_ranks
@@ -174,8 +176,9 @@ def skewed_run_config(metals: Path, molecules: Path, preset: str, experts: int |
 
 def expert_balance(run_dir: Path, after: int) -> dict:
     """From a run's perf logs, over the steps after `after`: max / mean over EP ranks of the rows their
-    experts ran — per step (worst MoE layer; median and max over steps) and summed over those steps
-    (worst layer) — and the all-to-all bytes all ranks sent per step (median)."""
+    experts ran — per step, all MoE layers together (median) and the worst layer (median and max over
+    steps), and summed over those steps (worst layer) — and the all-to-all bytes all ranks sent per
+    step (median)."""
     from exaforce.perf.runlog import load_run
 
     run = load_run(run_dir)
@@ -188,13 +191,15 @@ def expert_balance(run_dir: Path, after: int) -> dict:
         return max(rows) / max(statistics.fmean(rows), 1e-30)
 
     per_step = [max(ratio(rows) for rows in r["expert_load"]["ep_rank_rows"]) for r in records]
+    all_layers = [ratio(np.sum(r["expert_load"]["ep_rank_rows"], axis=0).tolist()) for r in records]
     layers = len(records[0]["expert_load"]["ep_rank_rows"])
     summed = [[sum(r["expert_load"]["ep_rank_rows"][i][p] for r in records)
                for p in range(len(records[0]["expert_load"]["ep_rank_rows"][i]))] for i in range(layers)]
     steps = sorted({r["step"] for r in records})
     every_rank = [r for rank in run.steps.values() for r in rank if r["step"] > after]
     sent = [sum(sum(r["expert_load"]["alltoall_bytes"]) for r in every_rank if r["step"] == s) for s in steps]
-    result = {"max_over_mean_per_step_median": statistics.median(per_step), "max_over_mean_per_step_max": max(per_step),
+    result = {"max_over_mean_all_layers_per_step_median": statistics.median(all_layers),
+              "max_over_mean_per_step_median": statistics.median(per_step), "max_over_mean_per_step_max": max(per_step),
               "max_over_mean_summed": max(ratio(rows) for rows in summed),
               "alltoall_mib_per_step": statistics.median(sent) / 2**20}
     if "offload_fetched_bytes" in records[0]:  # per rank: bytes into its device buffers, the fullest layer's peak
@@ -226,9 +231,9 @@ def bench_ep_skew(preset: str, ranks: int, experts: int | None, batch_per_rank: 
                                     run_every, replicas, run_resident, dtype)
             r = results[name] = {**runs.timed(name, after, cfg), **expert_balance(runs.tmp / name, after)}
             r.pop("losses")
-            log(f"  {name}: expert rows max / mean over EP ranks {r['max_over_mean_per_step_median']:.3f} per step "
-                f"(median; worst {r['max_over_mean_per_step_max']:.3f}), {r['max_over_mean_summed']:.3f} over the "
-                f"steps; step {r['step_s'] * 1e3:.0f} ms (median of {r['steps_timed']}), all-to-all "
+            log(f"  {name}: expert rows max / mean over EP ranks per step {r['max_over_mean_all_layers_per_step_median']:.3f} "
+                f"(all layers, median), worst layer {r['max_over_mean_per_step_median']:.3f} (median; worst step "
+                f"{r['max_over_mean_per_step_max']:.3f}), {r['max_over_mean_summed']:.3f} summed over the steps; step {r['step_s'] * 1e3:.0f} ms (median of {r['steps_timed']}), all-to-all "
                 f"{r['alltoall_mib_per_step']:.2f} MiB/step ({100 * r['alltoall_share']:.1f}% of the step), "
                 f"peak memory/rank {r['peak_mem_gib_per_rank']} GiB")
             if run_resident:

@@ -144,6 +144,7 @@ def take_step(run: Run, step: int, epoch: int, global_batch: np.ndarray, watchdo
     t_data = time.perf_counter() - t0
     lr = run.schedule.lr_at(step, time_fraction)
     result = train_step(run.model, micro_batches, run.optimizer, run.parallel, cfg, loss_scale, lr, run.average)
+    run.optimizer.zero_grad(set_to_none=True)  # gradients do not outlive the step (validation, checkpoints)
     if not result.updated and cfg.run.nonfinite == "skip":
         run.progress.skipped_steps += 1
     times, loss_sums = result.times, result.loss_sums
