@@ -68,6 +68,10 @@ class GradientReduction:
             reducer.finish()  # collectives: world, then EDP group
         sum_replica_gradients(model, self.groups.ep)
 
+    @property
+    def launches(self) -> int:
+        return sum(r.launches for r in self.reducers)
+
 
 def sum_replica_gradients(model: Potential, ep_group: Group) -> None:
     """Collective over the EP group when any expert has replicas (exaforce.parallel.placement): each
