@@ -117,7 +117,7 @@ class LayerRoute:
 
     Send order: this rank's (token, slot) pairs sorted by (destination rank, expert); an expert's
     pairs go to its owner or, with replicas, piece by piece to its holders (`holder_XH`,
-    `pairs_X`). Receive order: by source rank, within it by local expert (a rank's experts in
+    `piece_end_XH`). Receive order: by source rank, within it by local expert (a rank's experts in
     ascending index). Local experts run on rows grouped by expert (`to_expert_order`), and results
     go back in receive order.
     """
