@@ -89,7 +89,6 @@ class ExpertBuffer:
         fetched: it runs on zero-stride stand-ins, so every rank still builds the same graph (the
         backward's all-to-alls keep one order on every rank)."""
         self.hosts[e] = list(expert.parameters())
-        self.expert_bytes = sum(p.numel() * p.element_size() for p in self.hosts[e])
         names = [name for name, _ in expert.named_parameters()]
         weights = self.weights(e) if len(x) else [x.new_zeros(()).expand(p.shape) for p in self.hosts[e]]
         copies = [_Fetch.apply(host, copy) for host, copy in zip(self.hosts[e], weights)]
@@ -106,6 +105,7 @@ class ExpertOffload:
         self.buffers = [ExpertBuffer(self, budget) for _ in layers]
         for layer, buffer in zip(layers, self.buffers):
             layer.offload = buffer
+            buffer.expert_bytes = layer.expert_numel * next(layer.shared.parameters()).element_size()
         self.copies: dict[int, _Copy] = {}   # storage address → the live copy there
         self.fetched_bytes = 0
 

@@ -56,11 +56,6 @@ def single_owner_placement(owner_X: Sequence[int]) -> Placement:
     return tuple((int(o),) for o in owner_X)
 
 
-def owners(placement: Placement) -> np.ndarray:
-    """The owner (first holder) of each expert."""
-    return np.array([h[0] for h in placement], dtype=np.int64)
-
-
 def held_experts(placement: Placement, rank: int) -> list[int]:
     """The experts `rank` holds (owned or replicas), in the order they run (ascending index)."""
     return [e for e, h in enumerate(placement) if rank in h]

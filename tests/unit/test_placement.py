@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from exaforce.model.routing import (contiguous_placement, holder_shares, owners, single_owner_placement,
+from exaforce.model.routing import (contiguous_placement, holder_shares, single_owner_placement,
                                    split_pairs)
 from exaforce.parallel.placement import balanced_placement, max_over_mean, rank_work
 
@@ -58,7 +58,6 @@ def test_replicas_keep_their_owner_and_split_every_source_ranks_pairs():
     current = contiguous_placement(4, 2)
     placement = balanced_placement(np.array([100, 1, 1, 1]), 2, current, spare_slots=1)
     assert placement[0][0] == 0 and set(placement[0]) == {0, 1}  # expert 0 still owned by rank 0
-    assert owners(placement)[0] == 0
     pairs_RX = np.array([[5, 1, 0, 2], [7, 0, 3, 0]])
     pieces_RXP = split_pairs(pairs_RX, placement, 2)
     assert (pieces_RXP.sum(-1) == pairs_RX).all()          # every pair goes somewhere, once
