@@ -313,10 +313,13 @@ INFERENCE_GEOMETRY_LINES = 2**16
 def inference_plan(model: Potential, batch: GraphBatch) -> Recompute | None:
     """The path an inference of `batch` takes: a function of the batch alone, so a structure gets the
     same numbers whichever ranks or companions it is predicted with."""
-    if model.cfg.block == "matris" or model.moe_layers:  # no fused path; MoE: every rank of an EP group must
-        return None                                      # issue the same all-to-alls (the fused path recomputes)
+    if model.cfg.block == "matris":  # it has no fused path
+        return None
     line_channels = batch.triplet_index_2T.shape[1] * model.cfg.width * len(model.blocks)
-    return Recompute.from_run(INFERENCE_CHUNK_LINES, False, LEAN_INFERENCE_ABOVE, line_channels, INFERENCE_GEOMETRY_LINES)
+    # MoE: the fused path always, whatever the batch's size, since it re-issues the expert all-to-alls
+    # while it recomputes and every rank of an EP group must issue the same ones (as in training)
+    lean_above = 0 if model.moe_layers else LEAN_INFERENCE_ABOVE
+    return Recompute.from_run(INFERENCE_CHUNK_LINES, False, lean_above, line_channels, INFERENCE_GEOMETRY_LINES)
 
 
 def energy_forces_stress(model: Potential, batch: GraphBatch, training: bool,

@@ -64,23 +64,29 @@ def test_recomputed_step_equals_stored_step(moe, chunk, bonds):
         assert float((a - b).abs().max()) <= 1e-12 * scale, name
 
 
-def test_inference_of_a_large_cell_takes_the_lean_path_and_equals_the_plain_one(monkeypatch):
-    """Inference above LEAN_INFERENCE_ABOVE: fused attentions, stored bond sums, the geometry features
-    recomputed in units (here of 500 triplets, several per cell); energies, forces and stresses
-    equal plain autograd's to 1e-12 in float64."""
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+def test_inference_takes_the_lean_path_above_its_limit_and_equals_the_plain_one(monkeypatch, moe):
+    """Inference above LEAN_INFERENCE_ABOVE (MoE models: always, since the fused path re-issues the
+    expert all-to-alls and every rank must take the same path): fused attentions, stored bond sums,
+    the geometry features recomputed in units (here of 500 triplets, several per cell); energies,
+    forces and stresses equal plain autograd's to 1e-12 in float64."""
     import exaforce.model.potential as potential
 
     torch.manual_seed(0)
-    model = Potential(ModelConfig(width=16, blocks=2, elements=("Cu", "Au"))).double()
+    model = Potential(ModelConfig(width=16, blocks=2, elements=("Cu", "Au"),
+                                  moe_experts=4 if moe else 0, moe_top_k=2)).double()
     batch = batch_from_atoms(alloy_cells(), model.species_table(), model.cfg.cutoff,
                              model.cfg.three_body_cutoff).to("cpu", torch.float64)
-    assert potential.inference_plan(model, batch) is None  # small: the plain path
-    plain = potential.energy_forces_stress(model, batch, training=False)
-    monkeypatch.setattr(potential, "LEAN_INFERENCE_ABOVE", 0)
+    routing = local_routing(model, batch) if moe else None
+    geometry = strained_geometry(batch)
+    plain = forces_and_stress(energy(model, batch, geometry, routing, None), geometry, batch, training=False)
     monkeypatch.setattr(potential, "INFERENCE_GEOMETRY_LINES", 500)
+    if not moe:
+        assert potential.inference_plan(model, batch) is None  # small: the plain path
+        monkeypatch.setattr(potential, "LEAN_INFERENCE_ABOVE", 0)
     assert potential.inference_plan(model, batch) == Recompute(potential.INFERENCE_CHUNK_LINES, False, 500)
     assert batch.triplet_index_2T.shape[1] > 2 * 500
-    lean = potential.energy_forces_stress(model, batch, training=False)
+    lean = potential.energy_forces_stress(model, batch, training=False, routing=routing)
     for key in ("energy_G", "forces_N3", "stress_G6"):
         torch.testing.assert_close(getattr(lean, key), getattr(plain, key), rtol=0, atol=1e-12, msg=key)
 
