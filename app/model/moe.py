@@ -169,6 +169,9 @@ class MoEMLP(nn.Module):
         weight_P = weight_CK[class_T].reshape(-1).index_select(0, order_P)
         x_PF = x_TF.index_select(0, token_P)
 
+        if self.offload is not None:  # the plan says which experts will run: their copies start now
+            self.offload.prefetch([(int(e), expert) for (e, expert), rows in zip(self.experts.items(), route.expert_rows)
+                                   if rows])
         rows_RF = self.dispatcher.dispatch(x_PF, route, clock)
         chunks = rows_RF.split(route.expert_rows)
         t0 = time.perf_counter()

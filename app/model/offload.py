@@ -19,8 +19,13 @@ How, exactly under force training's double backward:
 The numbers are those of resident experts: the same weights in the same ops (float64 tests:
 tests/mpi/test_expert_placement.py). On a CPU-only machine the "device" copy is a separate buffer
 in the same memory: the mechanism and its bookkeeping (bytes moved, peak resident bytes) are what
-runs and is tested here. Not done: prefetching the next expert on a side stream while one runs
-(experts are fetched when they run); the optimizer step of the offloaded experts runs on the host.
+runs and is tested here.
+- Prefetch: the routing plan gives each layer's rows per expert before the layer runs, so the layer
+  asks its buffer for its first `budget` experts with rows before its dispatch all-to-all
+  (`ExpertBuffer.prefetch`); on an accelerator their copies run on a side stream while the tokens
+  travel, and an expert's first use waits for its copy's event. An expert beyond the budget, and
+  every re-fetch in a backward, is fetched when it runs. The optimizer step of the offloaded experts
+  runs on the host.
 """
 
 from __future__ import annotations
@@ -69,20 +74,46 @@ class ExpertBuffer:
         self.hosts: dict[int, list[nn.Parameter]] = {}
         self.peak_bytes = 0
         self.expert_bytes = 0  # one expert's weights (the layer's experts are alike)
+        self.pending: dict[int, object] = {}  # expert → the copy stream's event its copies wait for
+
+    def prefetch(self, experts: list[tuple[int, nn.Module]]) -> None:
+        """Start copying in the first `budget` of `experts` (this layer's experts with rows, in the
+        order they will run), before the layer's dispatch."""
+        for e, expert in experts[:self.budget]:
+            self.hosts[e] = list(expert.parameters())
+            if e not in self.cache:
+                self._copy_in(e)
 
     def weights(self, e: int) -> list[torch.Tensor]:
         """Expert e's device copies (fetched if not resident)."""
-        if e in self.cache:
-            self.cache.move_to_end(e)
-            return self.cache[e]
+        if e not in self.cache:
+            self._copy_in(e)
+        self.cache.move_to_end(e)
+        copies = self.cache[e]
+        ready = self.pending.pop(e, None)
+        if ready is not None:  # a prefetched copy: the compute stream waits for it and owns it from now on
+            stream = self.offload.device_module.current_stream()
+            stream.wait_event(ready)
+            for copy in copies:
+                copy.record_stream(stream)
+        return copies
+
+    def _copy_in(self, e: int) -> None:
+        """Expert e's weights into the buffer (least recently used out first), on the copy stream
+        where there is one."""
         while len(self.cache) >= self.budget:
-            self.cache.popitem(last=False)
+            self.pending.pop(self.cache.popitem(last=False)[0], None)
+        stream = self.offload.copy_stream
         with torch.no_grad():
-            copies = [p.detach().to(self.offload.device, copy=True, non_blocking=True) for p in self.hosts[e]]
+            if stream is None:
+                copies = [p.detach().to(self.offload.device, copy=True, non_blocking=True) for p in self.hosts[e]]
+            else:
+                with self.offload.device_module.stream(stream):
+                    copies = [p.detach().to(self.offload.device, copy=True, non_blocking=True) for p in self.hosts[e]]
+                self.pending[e] = stream.record_event()
         self.cache[e] = copies
         self.offload.register(self, e, copies)
         self.peak_bytes = max(self.peak_bytes, self.offload.resident_bytes(self))
-        return copies
 
     def run(self, e: int, expert: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """expert(x) on the device copies of its weights. An expert without rows this step is not
@@ -102,6 +133,9 @@ class ExpertOffload:
         if budget < 1:
             raise ValueError(f"parallel.resident_experts = {budget}: must be >= 1 (0 turns offload off)")
         self.device = device
+        # accelerators: prefetched copies run on a stream of their own (ExpertBuffer.prefetch)
+        self.device_module = torch.get_device_module(device) if device.type != "cpu" else None
+        self.copy_stream = self.device_module.Stream() if self.device_module is not None else None
         self.buffers = [ExpertBuffer(self, budget) for _ in layers]
         for layer, buffer in zip(layers, self.buffers):
             layer.offload = buffer
@@ -151,6 +185,7 @@ class ExpertOffload:
                  "offload_peak_resident_experts": max(b.peak_bytes / max(b.expert_bytes, 1) for b in self.buffers)}
         for buffer in self.buffers:
             buffer.cache.clear()
+            buffer.pending.clear()
             buffer.peak_bytes = 0
         self.fetched_bytes = 0
         self._forget_freed()

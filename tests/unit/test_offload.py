@@ -58,6 +58,26 @@ def test_one_resident_expert_per_layer_gives_the_resident_numbers(plan):
     assert all(not b.cache for b in offload.buffers)  # emptied for the next step's weights
 
 
+def test_the_plan_prefetches_a_layers_first_experts_before_its_dispatch():
+    """Each MoE layer asks its buffer for its first `budget` experts with rows before its dispatch
+    all-to-all (on an accelerator their copies then overlap it): at the dispatch they are resident."""
+    cfg = ModelConfig(width=16, blocks=2, elements=("Cu", "Au", "Pd"), moe_experts=4, moe_top_k=2)
+    torch.manual_seed(0)
+    model = Potential(cfg).double()
+    offload = offload_experts(model, 2, torch.device("cpu"))
+    seen = []
+    for layer in model.moe_layers:
+        def spy(x, route, clock, layer=layer, dispatch=layer.dispatcher.dispatch):
+            first = [int(e) for e, rows in zip(layer.experts, route.expert_rows) if rows][:2]
+            seen.append((first, list(layer.offload.cache)))
+            return dispatch(x, route, clock)
+        layer.dispatcher.dispatch = spy
+    step(model, None)
+    assert len(seen) == len(model.moe_layers) and all(len(first) == 2 for first, _ in seen)
+    assert all(set(first) <= set(resident) and len(resident) <= 2 for first, resident in seen)
+    assert offload.step_done()["offload_peak_resident_experts"] <= 2.0
+
+
 def test_a_budget_of_zero_is_refused():
     model = Potential(ModelConfig(width=8, blocks=1, elements=("Cu",), moe_experts=2, moe_top_k=1))
     with pytest.raises(ValueError, match="resident_experts = 0: must be >= 1"):
