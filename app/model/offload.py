@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -104,13 +104,10 @@ class ExpertBuffer:
         while len(self.cache) >= self.budget:
             self.pending.pop(self.cache.popitem(last=False)[0], None)
         stream = self.offload.copy_stream
-        with torch.no_grad():
-            if stream is None:
-                copies = [p.detach().to(self.offload.device, copy=True, non_blocking=True) for p in self.hosts[e]]
-            else:
-                with self.offload.device_module.stream(stream):
-                    copies = [p.detach().to(self.offload.device, copy=True, non_blocking=True) for p in self.hosts[e]]
-                self.pending[e] = stream.record_event()
+        with torch.no_grad(), nullcontext() if stream is None else self.offload.device_module.stream(stream):
+            copies = [p.detach().to(self.offload.device, copy=True, non_blocking=True) for p in self.hosts[e]]
+        if stream is not None:
+            self.pending[e] = stream.record_event()
         self.cache[e] = copies
         self.offload.register(self, e, copies)
         self.peak_bytes = max(self.peak_bytes, self.offload.resident_bytes(self))
