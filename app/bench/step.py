@@ -96,11 +96,13 @@ def _measure(step: Callable[[], None], warmup: int, repeats: int, device: torch.
 
 def exaforce_worker(preset: str, workload: str, batch: int, dtype: str, warmup: int, repeats: int,
                     recompute_lines: int = RunConfig().recompute_lines,
-                    recompute_bonds: bool = RunConfig().recompute_bonds, name: str = "exaforce",
+                    recompute_bonds: bool = RunConfig().recompute_bonds,
+                    release_host_memory: bool = RunConfig().release_host_memory, name: str = "exaforce",
                     device: str = "cpu") -> dict:
     """The trainer's step (exaforce.training.step.train_step) on one rank, timed, then FLOP-counted;
     run.recompute_lines and run.recompute_bonds as in training (their defaults), or 0 for the
-    stored path ("store"), or bonds false ("sums"). `device` as run.device."""
+    stored path ("store"), or bonds false ("sums"), or release_host_memory false ("kept": freed heap
+    pages kept resident). `device` as run.device."""
     from exaforce.comm.groups import build_groups
     from exaforce.config import DTYPES, Config, DataConfig, model_preset
     from exaforce.device import choose_device, to_device
@@ -117,7 +119,8 @@ def exaforce_worker(preset: str, workload: str, batch: int, dtype: str, warmup: 
     atoms = workload_structures(workload, batch, BENCH_SEED)
     steps = warmup + repeats + 1  # the timed steps, then the FLOP count's: the schedule spans them all
     cfg = Config(run=RunConfig(steps=steps, dtype=dtype, recompute_lines=recompute_lines,
-                               recompute_bonds=recompute_bonds), model=model_preset(preset),
+                               recompute_bonds=recompute_bonds, release_host_memory=release_host_memory),
+                 model=model_preset(preset),
                  data=DataConfig(train=("bench",), global_batch_size=batch))
     on = choose_device(device)
     torch.manual_seed(BENCH_SEED)
@@ -192,9 +195,10 @@ def mace_worker(preset: str, workload: str, batch: int, dtype: str, warmup: int,
 
 WORKERS = {"exaforce": exaforce_worker, "store": partial(exaforce_worker, recompute_lines=0, name="store"),
            "sums": partial(exaforce_worker, recompute_bonds=False, name="sums"),
+           "kept": partial(exaforce_worker, release_host_memory=False, name="kept"),
            "matris": matris_worker, "mace": mace_worker}
-COMPARABLE = ("store", "sums", "matris", "mace")  # --compare: the stored path, the sums-stored one, the references
-ON_DEVICE = ("exaforce", "store", "sums")  # the workers that take a device; the references run on the CPU here
+COMPARABLE = ("store", "sums", "kept", "matris", "mace")  # --compare: the stored path, the sums-stored one, the references
+ON_DEVICE = ("exaforce", "store", "sums", "kept")  # the workers that take a device; the references run on the CPU here
 
 
 def run_worker(model: str, preset: str, workload: str, batch: int, dtype: str, warmup: int, repeats: int,
@@ -320,7 +324,7 @@ def _summary(sweep: dict) -> dict:
 def bench_step(preset: str, workload: str, batches: list[int], dtype: str, warmup: int, repeats: int,
                compare: list[str], mem_limit_gib: float, log: Callable[[str], None], runs: int = 1,
                device: str = "cpu") -> dict:
-    """The sweep over `batches` for exaforce (and each of `compare`: "store", "sums", "matris", "mace"); the
+    """The sweep over `batches` for exaforce (and each of `compare`: "store", "sums", "kept", "matris", "mace"); the
     top-level keys describe exaforce's largest batch that ran, `batches` every one of them, and
     `references` the compared sweeps alike."""
     from exaforce.device import choose_device

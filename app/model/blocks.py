@@ -95,7 +95,7 @@ class SeparableAttention(nn.Module):
         if plan is not None:
             return fused_segment_sums(Inputs(entity_SD, self.entity_proj.weight, self.entity_proj.bias, line_XF,
                                              self.line_proj.weight, weight_X, index_2X), plan.lines, plan.scratch,
-                                      in_unit)
+                                      in_unit, plan.release_freed_memory)
         # Plain: one pass over the lines, maxima from its own (detached) scores.
         n_segments = entity_SD.shape[0]
         src_X, dst_X = index_2X
@@ -198,12 +198,12 @@ class InteractionBlock(nn.Module):
             update = partial(self._attend_and_update_edges, class_E=class_E, triplet_index_2T=triplet_index_2T,
                              routing=routing, plan=plan)
             edge_ED, = recompute(update, (edge_ED, angle_TA, triplet_weight_T),
-                                 [*self.line_attention.parameters(), *edge_params])
+                                 [*self.line_attention.parameters(), *edge_params], plan.release_freed_memory)
         else:
             bond_sums = self.line_attention.segment_sums(edge_ED, angle_TA, triplet_weight_T, triplet_index_2T, plan)
             update = partial(self._update_edges, maxima=bond_sums.maxima, class_E=class_E, routing=routing)
             edge_ED, = update(edge_ED, *bond_sums.sums) if plan is None \
-                else recompute(update, (edge_ED, *bond_sums.sums), edge_params)
+                else recompute(update, (edge_ED, *bond_sums.sums), edge_params, plan.release_freed_memory)
         if halo is not None:
             edge_ED = halo.bonds(edge_ED)
 

@@ -49,6 +49,7 @@ Shape legend: S entities, X lines, D channels, F line features, K the ten parts 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -92,13 +93,15 @@ class Inputs(NamedTuple):
     index_2X: torch.Tensor            # (source, target) entity of each line
 
 
-def fused_segment_sums(inputs: Inputs, chunk: int, scratch: Scratch, in_unit: bool = False) -> SegmentSums:
+def fused_segment_sums(inputs: Inputs, chunk: int, scratch: Scratch, in_unit: bool = False,
+                       release: Callable[[], None] = lambda: None) -> SegmentSums:
     """The attention's sums (see the module docstring), differentiable twice; `chunk` lines per
     sweep step. `in_unit`: called inside a recomputed unit (exaforce.model.recompute), whose three
-    passes share their work through `scratch` (its forward runs without grad and remembers)."""
+    passes share their work through `scratch` (its forward runs without grad and remembers).
+    `release`: called before each backward sweep (Recompute.release_freed_memory)."""
     if chunk <= 0:
         raise ValueError(f"chunk = {chunk}: must be > 0")
-    sweep = _Sweep(chunk, scratch, in_unit, remember=in_unit and not torch.is_grad_enabled())
+    sweep = _Sweep(chunk, scratch, in_unit, remember=in_unit and not torch.is_grad_enabled(), release=release)
     num0, den0, num1, den1, max0, max1 = _Sums.apply(sweep, *inputs)
     return SegmentSums((num0, den0, num1, den1), (max0, max1))
 
@@ -454,6 +457,7 @@ class _Sweep(NamedTuple):
     scratch: Scratch
     in_unit: bool   # inside a recomputed unit: its passes recall what its forward remembered
     remember: bool  # the unit's forward: its backward passes want these sums again
+    release: Callable[[], None]  # before a backward sweep: hand freed host memory back
 
 
 class _Sums(torch.autograd.Function):
@@ -497,6 +501,7 @@ class _SumsVJP(torch.autograd.Function):
         if not values_read:
             return (torch.zeros_like(inputs.entity_SD), torch.zeros_like(inputs.line_XF),
                     torch.zeros_like(inputs.weight_X))
+        sweep.release()
         entity_SD, _, _, line_XF, _, weight_X, _ = vjp(inputs, sweep.chunk, sweep.scratch, (max0_SD, max1_SD),
                                                        grad_sums, weights=False)
         return entity_SD, line_XF, weight_X
@@ -506,5 +511,6 @@ class _SumsVJP(torch.autograd.Function):
     def backward(ctx, grad_entity_SD, grad_line_XF, grad_weight_X):
         max0_SD, max1_SD, *saved = ctx.saved_tensors
         inputs, grad_sums = Inputs(*saved[:len(Inputs._fields)]), saved[len(Inputs._fields):]
+        ctx.sweep.release()
         return (None, None, None, None, *vjp_of_vjp(inputs, ctx.sweep.chunk, ctx.sweep.scratch, (max0_SD, max1_SD),
                                                     grad_sums, grad_entity_SD, grad_line_XF, grad_weight_X))

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from exaforce.device import release_freed_host_memory
 from exaforce.model.fused_attention import Scratch
 
 Tensors = tuple[torch.Tensor, ...]
@@ -50,25 +51,34 @@ class Recompute:
     lines: int
     bonds: bool = True
     geometry_lines: int = 0
+    release_host_memory: bool = False  # run.release_host_memory on a CPU: release_freed_memory trims the heap
     scratch: Scratch = field(default_factory=Scratch, compare=False)  # the fused attentions' work buffers
 
     @classmethod
     def from_run(cls, recompute_lines: int, recompute_bonds: bool, store_all_below: int = 0,
-                 line_channels: int = 0, geometry_lines: int = 0) -> Recompute | None:
+                 line_channels: int = 0, geometry_lines: int = 0, release_host_memory: bool = False) -> Recompute | None:
         """The plan for one micro-batch: None (plain) when recompute_lines is 0, or when the batch's
         line graph is small enough to store (line_channels = triplets × width × blocks below
         store_all_below; the caller passes 0 where every rank must take the same path)."""
         if not recompute_lines or line_channels < store_all_below:
             return None
-        return cls(recompute_lines, recompute_bonds, geometry_lines)
+        return cls(recompute_lines, recompute_bonds, geometry_lines, release_host_memory)
+
+    def release_freed_memory(self) -> None:
+        """Called where a unit's or a fused pass's temporaries were just freed (exaforce.device)."""
+        if self.release_host_memory:
+            release_freed_host_memory()
 
 
-def recompute(fn: Callable[..., Tensors], inputs: Sequence[torch.Tensor], params: Sequence[torch.Tensor]) -> Tensors:
+def recompute(fn: Callable[..., Tensors], inputs: Sequence[torch.Tensor], params: Sequence[torch.Tensor],
+              release: Callable[[], None] = lambda: None) -> Tensors:
     """fn(*inputs) (a tuple of tensors), differentiable twice, storing inputs instead of intermediates.
 
-    params: every trainable tensor fn reads by closure, so its gradient reaches it."""
+    params: every trainable tensor fn reads by closure, so its gradient reaches it. release: called
+    before each backward pass rebuilds the unit (the previous unit's graph is freed by then;
+    Recompute.release_freed_memory)."""
     params = tuple(p for p in params if p.requires_grad)
-    return _Recompute.apply(_Unit(fn, len(inputs)), *inputs, *params)
+    return _Recompute.apply(_Unit(fn, len(inputs), release), *inputs, *params)
 
 
 def _leaf(t: torch.Tensor) -> torch.Tensor:
@@ -79,6 +89,7 @@ def _leaf(t: torch.Tensor) -> torch.Tensor:
 class _Unit:
     fn: Callable[..., Tensors]
     n_inputs: int
+    release: Callable[[], None]
 
     def vjp(self, inputs: Sequence[torch.Tensor], params: Sequence[torch.Tensor],
             grad_outputs: Sequence[torch.Tensor], param_grads: bool) -> list[torch.Tensor | None]:
@@ -135,6 +146,7 @@ class _RecomputeVJP(torch.autograd.Function):
         ctx.unit, ctx.n_tensors, ctx.param_grads = unit, n_tensors, param_grads
         ctx.save_for_backward(*tensors_and_grads)
         inputs, params = tensors_and_grads[:unit.n_inputs], tensors_and_grads[unit.n_inputs:n_tensors]
+        unit.release()
         with torch.enable_grad():
             grads = unit.vjp(inputs, params, tensors_and_grads[n_tensors:], param_grads)
         # Unused inputs get zeros, not None: the force backward sums them with other paths.
@@ -146,5 +158,6 @@ class _RecomputeVJP(torch.autograd.Function):
     def backward(ctx, *grad_grads):
         saved, unit, n_tensors = ctx.saved_tensors, ctx.unit, ctx.n_tensors
         inputs, params = saved[:unit.n_inputs], saved[unit.n_inputs:n_tensors]
+        unit.release()
         result = unit.vjp_backward(inputs, params, saved[n_tensors:], ctx.param_grads, grad_grads)
         return (None, None, None, *result)

@@ -56,7 +56,7 @@ def test_bench_step_json_line():
 
 def test_bench_step_rejects_an_unknown_comparison():
     proc = run_cli(["bench", "step", "--compare", "store,nequip"])
-    assert proc.returncode != 0 and "unknown nequip (known: store, sums, matris, mace)" in proc.stderr
+    assert proc.returncode != 0 and "unknown nequip (known: store, sums, kept, matris, mace)" in proc.stderr
 
 
 def test_dense_workload_cells_are_32_to_108_atom_periodic_labelled_and_seeded():

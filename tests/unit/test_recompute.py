@@ -184,9 +184,10 @@ def test_the_step_stores_everything_for_small_line_graphs_of_dense_models():
     line_channels = batch.triplet_index_2T.shape[1] * 16 * 2
     at = lambda below, lines=4096: Config(run=RunConfig(store_all_below=below, recompute_lines=lines))  # noqa: E731
     assert step_plan(dense, batch, at(line_channels + 1)) is None                     # small: stored
-    assert step_plan(dense, batch, at(line_channels)) == Recompute(4096, True)        # at the limit: fused
-    assert step_plan(dense, batch, at(0)) == Recompute(4096, True)                    # 0: never stored
-    assert step_plan(moe, batch, at(10**12)) == Recompute(4096, True)                 # MoE: as configured
+    fused = Recompute(4096, True, release_host_memory=True)  # on the CPU, run.release_host_memory's default
+    assert step_plan(dense, batch, at(line_channels)) == fused                         # at the limit: fused
+    assert step_plan(dense, batch, at(0)) == fused                                     # 0: never stored
+    assert step_plan(moe, batch, at(10**12)) == fused                                  # MoE: as configured
     assert step_plan(dense, batch, at(0, lines=0)) is None                            # recompute_lines 0: plain
 
 
@@ -207,3 +208,36 @@ def test_calibration_takes_the_path_of_a_typical_training_micro_batch():
     # 6000 triplets × 16 × 2 = 192k line-channels per structure: 8 per rank → 1.5M (plain), 128 → 24.6M (fused)
     assert on_training_path(cfg(16), dense, index, 2).run.store_all_below == 2**62
     assert on_training_path(cfg(256), dense, index, 2).run.store_all_below == 0
+
+
+def test_the_fused_step_releases_freed_host_memory_in_both_backwards_and_keeps_its_numbers(monkeypatch):
+    """run.release_host_memory: the heap is trimmed in the force backward and in the loss's backward
+    (where each recomputed unit and fused pass has freed the previous one's graph), never without
+    the flag, and the numbers are the same."""
+    import exaforce.model.recompute as recompute_module
+
+    phase, calls = ["forward and force backward"], []
+    monkeypatch.setattr(recompute_module, "release_freed_host_memory", lambda: calls.append(phase[0]))
+
+    original = forces_and_stress
+
+    def then_the_loss_backward(*args, **kwargs):  # loss_and_grads: forces_and_stress, then loss.backward()
+        result = original(*args, **kwargs)
+        phase[0] = "loss backward"
+        return result
+
+    monkeypatch.setitem(globals(), "forces_and_stress", then_the_loss_backward)
+    cfg = ModelConfig(width=16, blocks=2, elements=("Cu", "Au"))
+    torch.manual_seed(0)
+    model = Potential(cfg).double()
+    kept, kept_grads = loss_and_grads(model, Recompute(700, True))
+    assert calls == []
+    phase[0] = "forward and force backward"
+    released, released_grads = loss_and_grads(model, Recompute(700, True, release_host_memory=True))
+    # per block at least the bond unit and the atom attention in each backward
+    assert calls.count("forward and force backward") >= 2 * cfg.blocks, calls
+    assert calls.count("loss backward") >= 2 * cfg.blocks, calls
+    for key, value in kept.items():
+        torch.testing.assert_close(released[key], value, rtol=0, atol=0, msg=key)
+    for a, b in zip(released_grads, kept_grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
