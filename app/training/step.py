@@ -75,7 +75,7 @@ def step_plan(model: Potential, batch: GraphBatch, cfg: Config) -> Recompute | N
         return None  # it has no fused path
     line_channels = batch.triplet_index_2T.shape[1] * model.cfg.width * model.cfg.blocks
     store_all_below = 0 if model.moe_layers else cfg.run.store_all_below
-    on_cpu = model.embedding.weight.device.type == "cpu"
+    on_cpu = model.energy_scale_H.device.type == "cpu"  # a buffer every pipeline stage keeps
     return Recompute.from_run(cfg.run.recompute_lines, cfg.run.recompute_bonds, store_all_below, line_channels,
                               release_host_memory=cfg.run.release_host_memory and on_cpu)
 
