@@ -46,7 +46,8 @@ def _step_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compare", type=_compare_names, default=[],
                    help="comma-separated, each measured the same way: store (exaforce without recomputation, "
                         "run.recompute_lines = 0), sums (the line attention's sums stored, run.recompute_bonds = "
-                        "false), kept (freed heap pages kept resident, run.release_host_memory = false), matris (MatRIS at the preset's width and depth), mace "
+                        "false), kept (freed heap pages kept resident, run.release_host_memory = false), "
+                        "matris (MatRIS at the preset's width and depth), mace "
                         "(MACE-MP-0-medium-like); the references need envs/local/requirements-reference.txt")
     p.add_argument("--runs", type=int, default=1,
                    help="fresh worker processes per (model, batch); medians are reported (default 1)")

@@ -197,7 +197,8 @@ WORKERS = {"exaforce": exaforce_worker, "store": partial(exaforce_worker, recomp
            "sums": partial(exaforce_worker, recompute_bonds=False, name="sums"),
            "kept": partial(exaforce_worker, release_host_memory=False, name="kept"),
            "matris": matris_worker, "mace": mace_worker}
-COMPARABLE = ("store", "sums", "kept", "matris", "mace")  # --compare: the stored path, the sums-stored one, the references
+# --compare: the stored path, the sums-stored one, the step without heap trimming, the references
+COMPARABLE = ("store", "sums", "kept", "matris", "mace")
 ON_DEVICE = ("exaforce", "store", "sums", "kept")  # the workers that take a device; the references run on the CPU here
 
 
