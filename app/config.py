@@ -155,8 +155,10 @@ class OptimConfig:
 class ParallelConfig:
     dp: int = 0                         # data-parallel degree; 0: world_size / (pp · ep)
     ep: int = 1                         # expert-parallel degree
-    pp: int = 1                         # pipeline stages (contiguous interaction blocks each)
-    pp_split: tuple[int, ...] = ()      # blocks per stage; empty: as equal as possible
+    pp: int = 1                         # pipeline ranks (contiguous interaction blocks per stage)
+    pp_chunks: int = 1                  # stages per pipeline rank (interleaved: rank r runs stages r, r + pp, …):
+                                        # less pipeline bubble (exaforce.parallel.pipeline_schedule), more transfers
+    pp_split: tuple[int, ...] = ()      # blocks per stage (pp · pp_chunks counts); empty: as equal as possible
     pp_schedule: str = "folded"         # folded | gpipe (exaforce.parallel.pipeline_schedule)
     pp_alive: int = 0                   # folded: most micro-batches alive per stage; 0: chosen by simulation
     gp: int = 1                         # graph-parallel degree: ranks that split one share's structures by atoms
@@ -319,16 +321,22 @@ def validate(cfg: Config) -> Config:
     if resident and (cfg.parallel.pp > 1 or cfg.parallel.gp > 1):
         raise ConfigError(f"parallel.resident_experts = {resident}: not yet with pipeline stages or graph "
                           f"parallelism (pp = {cfg.parallel.pp}, gp = {cfg.parallel.gp})")
-    pp = cfg.parallel.pp
+    pp, chunks = cfg.parallel.pp, cfg.parallel.pp_chunks
     if pp < 1 or pp > cfg.model.blocks:
         raise ConfigError(f"parallel.pp = {pp}: need 1 <= pp <= model.blocks ({cfg.model.blocks}): every stage "
                           "runs at least one interaction block")
+    if chunks < 1 or (chunks > 1 and pp == 1) or pp * chunks > cfg.model.blocks:
+        raise ConfigError(f"parallel.pp_chunks = {chunks}: need >= 1, > 1 only with parallel.pp > 1, and pp · "
+                          f"pp_chunks = {pp * chunks} stages <= model.blocks ({cfg.model.blocks})")
+    if chunks > 1 and cfg.parallel.pp_schedule != "folded":
+        raise ConfigError(f"parallel.pp_chunks = {chunks} with pp_schedule = {cfg.parallel.pp_schedule!r}: "
+                          "interleaved stages run the 'folded' schedule (gpipe is the contiguous baseline)")
     split = cfg.parallel.pp_split
     if split and pp == 1:
         raise ConfigError(f"parallel.pp_split = {list(split)}: applies only with parallel.pp > 1")
-    if split and (len(split) != pp or min(split) < 1 or sum(split) != cfg.model.blocks):
-        raise ConfigError(f"parallel.pp_split = {list(split)}: need {pp} block counts >= 1 summing to "
-                          f"model.blocks = {cfg.model.blocks}")
+    if split and (len(split) != pp * chunks or min(split) < 1 or sum(split) != cfg.model.blocks):
+        raise ConfigError(f"parallel.pp_split = {list(split)}: need {pp * chunks} block counts (pp · pp_chunks) "
+                          f">= 1 summing to model.blocks = {cfg.model.blocks}")
     if cfg.parallel.pp_schedule not in PP_SCHEDULES:
         raise ConfigError(f"parallel.pp_schedule = {cfg.parallel.pp_schedule!r}: must be one of {', '.join(PP_SCHEDULES)}")
     if cfg.parallel.pp_alive < 0:

@@ -253,6 +253,9 @@ def _pp_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stages", type=_rank_counts, default=[2, 4], help="comma-separated pp values (default 2,4)")
     p.add_argument("--schedules", type=lambda t: [n for n in t.split(",") if n], default=["gpipe", "folded"],
                    help="comma-separated (default gpipe,folded)")
+    p.add_argument("--chunks", type=_rank_counts, default=[1],
+                   help="folded: stages per pipeline rank (parallel.pp_chunks), comma-separated; each is measured "
+                        "(pp · chunks <= --blocks; default 1)")
     p.add_argument("--alive", type=int, default=0,
                    help="folded: most micro-batches alive per stage (default 0: chosen by simulation)")
     _dtype(p)
@@ -273,10 +276,13 @@ def _run_pp(args: argparse.Namespace, log: Log) -> dict:
         raise ConfigError(f"bench pp --schedules: unknown {', '.join(unknown)} (known: {', '.join(PP_SCHEDULES)})")
     if any(pp < 2 or pp > args.blocks for pp in args.stages):
         raise ConfigError(f"bench pp --stages {','.join(map(str, args.stages))}: each from 2 to --blocks ({args.blocks})")
+    if any(pp * chunks > args.blocks for pp in args.stages for chunks in args.chunks) or min(args.chunks) < 1:
+        raise ConfigError(f"bench pp --chunks {','.join(map(str, args.chunks))}: each >= 1 with pp · chunks <= "
+                          f"--blocks ({args.blocks}) at every --stages value")
     if not 1 <= args.micro_batches <= args.batch:
         raise ConfigError(f"bench pp --micro-batches {args.micro_batches}: from 1 to --batch ({args.batch})")
     return bench_pp(args.preset, args.workload, args.batch, args.micro_batches, args.stages, args.schedules,
-                    args.alive, args.dtype, args.warmup, args.repeats, args.blocks, args.simulate, log)
+                    args.chunks, args.alive, args.dtype, args.warmup, args.repeats, args.blocks, args.simulate, log)
 
 
 def _gp_arguments(p: argparse.ArgumentParser) -> None:

@@ -30,8 +30,8 @@ from exaforce.bench.step import START_RSS_BYTES, _vm_rss_bytes  # noqa: F401  (f
 Log = Callable[[str], None]
 
 
-def pp_worker(pp: int, preset: str, workload: str, batch: int, micro_batches: int, schedule: str, alive: int,
-              dtype: str, warmup: int, repeats: int, blocks: int) -> None:
+def pp_worker(pp: int, preset: str, workload: str, batch: int, micro_batches: int, schedule: str, chunks: int,
+              alive: int, dtype: str, warmup: int, repeats: int, blocks: int) -> None:
     """One (pp, schedule) measurement on pp ranks; rank 0 prints the JSON record."""
     import numpy as np
     import torch
@@ -54,7 +54,7 @@ def pp_worker(pp: int, preset: str, workload: str, batch: int, micro_batches: in
         model_cfg = dataclasses.replace(model_cfg, blocks=blocks)
     cfg = Config(run=RunConfig(steps=warmup + repeats, dtype=dtype), model=model_cfg,
                  data=DataConfig(train=("bench",), global_batch_size=batch, micro_batches=micro_batches),
-                 parallel=ParallelConfig(pp=pp, pp_schedule=schedule, pp_alive=alive))
+                 parallel=ParallelConfig(pp=pp, pp_schedule=schedule, pp_alive=alive, pp_chunks=chunks))
     topo = Topology.from_mpi(pp=pp)
     torch.manual_seed(BENCH_SEED)
     model = Potential(cfg.model).to(dtype=DTYPES[dtype])
@@ -78,7 +78,7 @@ def pp_worker(pp: int, preset: str, workload: str, batch: int, micro_batches: in
                                 "baseline_rss_bytes": baseline, "peak_rss_bytes": peak, "timeline": timeline})
     if topo.is_root:
         atoms = sum(int(b.species_N.shape[0]) for b in micro)
-        print(json.dumps({"pp": pp, "schedule": schedule if pp > 1 else "none", "atoms": atoms,
+        print(json.dumps({"pp": pp, "schedule": schedule if pp > 1 else "none", "chunks": chunks, "atoms": atoms,
                           "ranks": sorted(rows, key=lambda r: r["stage"])}))
 
 
@@ -97,38 +97,53 @@ def measured_bubble(ranks: list[dict]) -> float:
     return 1.0 - work / (len(ranks) * span)
 
 
+INTERLEAVED = (2, 3, 4)  # stages per rank the simulator tries at pp <= MAX_INTERLEAVED_PP
+MAX_INTERLEAVED_PP = 16   # list scheduling of pp·chunks stages is slow in Python beyond this (pp 16, v 4: 20 s)
+
+
 def simulated(costs: tuple[float, ...], points: list[tuple[int, int]]) -> list[dict]:
-    """Both schedules on equal stages with the measured relative phase costs, at each (pp, micro-batches)."""
+    """gpipe against folded on equal stages with the measured relative phase costs, at each (pp,
+    micro-batches): contiguous stages with the bound on live micro-batches chosen by simulation, and
+    at pp <= MAX_INTERLEAVED_PP interleaved stages with every micro-batch admitted and with pp + 1
+    (the bound that keeps memory within 1/pp of pp = 1 plus one micro-batch's graph)."""
     from exaforce.parallel.pipeline_schedule import choose_alive, folded, gpipe, lower_bound, simulate
 
     rows = []
     for pp, m in points:
         base = simulate(gpipe(pp, m), costs)
-        alive = choose_alive(pp, m, costs)
-        ours = simulate(folded(pp, m, alive, costs), costs)
-        rows.append({"pp": pp, "micro_batches": m, "gpipe_bubble": base.bubble, "folded_bubble": ours.bubble,
-                     "folded_alive": alive, "folded_peak_alive": max(ours.peak_alive(s) for s in range(pp)),
-                     "gpipe_peak_alive": m, "throughput_ratio": base.makespan / ours.makespan,
-                     "best_possible_ratio": base.makespan / lower_bound(pp, m, costs)})
+        variants = [(1, choose_alive(pp, m, costs))]
+        if pp <= MAX_INTERLEAVED_PP:
+            variants += [(v, k) for v in INTERLEAVED for k in sorted({m, min(pp + 1, m)}, reverse=True)]
+        for chunks, alive in variants:
+            ours = simulate(folded(pp, m, alive, costs, chunks), costs, chunks)
+            rows.append({"pp": pp, "micro_batches": m, "chunks": chunks, "gpipe_bubble": base.bubble,
+                         "folded_bubble": ours.bubble, "folded_alive": alive,
+                         "folded_peak_alive": max(ours.peak_alive(r) for r in range(pp)), "gpipe_peak_alive": m,
+                         "throughput_ratio": base.makespan / ours.makespan,
+                         "best_possible_ratio": base.makespan / lower_bound(pp, m, costs, chunks)})
     return rows
 
 
-def schedule_charts(costs: tuple[float, ...], pp: int, micro_batches: int) -> str:
-    """Both schedules' simulated timelines at (pp, micro_batches), to read the bubble off."""
+def schedule_charts(costs: tuple[float, ...], pp: int, micro_batches: int, chunks: int = 3) -> str:
+    """gpipe's and folded's simulated timelines at (pp, micro_batches), contiguous and with `chunks`
+    stages per rank, to read the bubble off."""
     from exaforce.parallel.pipeline_schedule import choose_alive, folded, gpipe, simulate
 
     base = simulate(gpipe(pp, micro_batches), costs)
     alive = choose_alive(pp, micro_batches, costs)
     ours = simulate(folded(pp, micro_batches, alive, costs), costs)
+    interleaved = simulate(folded(pp, micro_batches, micro_batches, costs, chunks), costs, chunks)
     width = 72
     return (f"simulated, pp = {pp}, {micro_batches} micro-batches (digit: the phase running, '.': idle)\n"
             f"gpipe:\n{base.chart(width)}\nfolded, at most {alive} alive:\n"
-            f"{ours.chart(round(width * ours.makespan / base.makespan))}")
+            f"{ours.chart(round(width * ours.makespan / base.makespan))}\n"
+            f"folded, {chunks} stages per rank, every micro-batch admitted:\n"
+            f"{interleaved.chart(round(width * interleaved.makespan / base.makespan))}")
 
 
 def bench_pp(preset: str, workload: str, batch: int, micro_batches: int, stages: list[int], schedules: list[str],
-             alive: int, dtype: str, warmup: int, repeats: int, blocks: int, simulate_stages: list[int],
-             log: Log) -> dict:
+             chunk_counts: list[int], alive: int, dtype: str, warmup: int, repeats: int, blocks: int,
+             simulate_stages: list[int], log: Log) -> dict:
     from exaforce.bench.launcher import environment, launch_json, module_command, on_ranks
 
     env = environment(OMP_NUM_THREADS="1")
@@ -136,11 +151,12 @@ def bench_pp(preset: str, workload: str, batch: int, micro_batches: int, stages:
                      "micro_batches": micro_batches, "dtype": dtype, "warmup": warmup, "repeats": repeats,
                      "cores": os.cpu_count(), "threads_per_rank": env["OMP_NUM_THREADS"], "runs": []}
 
-    def run(pp: int, schedule: str) -> dict:
-        log(f"bench pp: pp = {pp}, schedule {schedule if pp > 1 else '-'} ...")
+    def run(pp: int, schedule: str, chunks: int = 1) -> dict:
+        label = f"{schedule}, {chunks} stages per rank" if chunks > 1 else schedule
+        log(f"bench pp: pp = {pp}, schedule {label if pp > 1 else '-'} ...")
         command = module_command("exaforce.bench.pp", str(pp), preset, workload, str(batch), str(micro_batches), schedule,
-                                 str(alive), dtype, str(warmup), str(repeats), str(blocks))
-        record = launch_json(on_ranks(pp, command), f"bench pp worker (pp = {pp}, {schedule})", env)
+                                 str(chunks), str(alive), dtype, str(warmup), str(repeats), str(blocks))
+        record = launch_json(on_ranks(pp, command), f"bench pp worker (pp = {pp}, {label})", env)
         ranks = record["ranks"]
         record["step_s"] = max(r["step_s"] for r in ranks)
         record["step_mem_gib_per_rank"] = [(r["peak_rss_bytes"] - r["baseline_rss_bytes"]) / 2**30 for r in ranks]
@@ -158,29 +174,34 @@ def bench_pp(preset: str, workload: str, batch: int, micro_batches: int, stages:
 
     reference = run(1, "gpipe")
     for pp in stages:
-        by_schedule = {name: run(pp, name) for name in schedules}
-        if {"gpipe", "folded"} <= set(by_schedule):
-            log(f"  pp = {pp}: folded / gpipe step time = "
-                f"{by_schedule['folded']['step_s'] / by_schedule['gpipe']['step_s']:.3f}")
-    # The phases' relative costs, from the largest measured pipeline (mean over its stages and schedules).
+        by_schedule = {(name, chunks): run(pp, name, chunks) for name in schedules
+                       for chunks in (chunk_counts if name == "folded" else [1])}
+        for (name, chunks), record in by_schedule.items():
+            if name == "folded" and ("gpipe", 1) in by_schedule:
+                log(f"  pp = {pp}: folded ({chunks} stage(s) per rank) / gpipe step time = "
+                    f"{record['step_s'] / by_schedule[('gpipe', 1)]['step_s']:.3f}")
+    # The phases' relative costs, from the largest measured pipeline (mean over its ranks and schedules; an
+    # op on interleaved stages is 1/chunks of a rank's work, so it counts chunks times).
     largest = [r for r in results["runs"] if r["pp"] == max(stages)]
-    per_phase = {p: statistics.mean(w[p] for r in largest for w in r["phase_work_s"] if p in w) for p in (1, 2, 3, 4)}
+    per_phase = {p: statistics.mean(w[p] * r["chunks"] for r in largest for w in r["phase_work_s"] if p in w)
+                 for p in (1, 2, 3, 4)}
     costs = tuple(per_phase[p] / per_phase[1] for p in (1, 2, 3, 4))
     results["relative_phase_costs"] = costs
     log(f"relative phase costs (phase 1 = 1): {', '.join(f'{c:.2f}' for c in costs)}")
     points = [(pp, 2 * pp) for pp in simulate_stages]
     results["simulated"] = simulated(costs, points + [(8, 16)] * ((8, 16) not in points))
     for row in results["simulated"]:
-        log(f"  simulated pp = {row['pp']:>2}, {row['micro_batches']:>3} micro-batches: bubble gpipe "
-            f"{row['gpipe_bubble']:.3f}, folded {row['folded_bubble']:.3f} (≤ {row['folded_alive']} alive per "
-            f"stage, gpipe {row['gpipe_peak_alive']}); throughput folded / gpipe {row['throughput_ratio']:.3f} "
-            f"(no schedule beats gpipe by more than {row['best_possible_ratio']:.3f}×)")
+        log(f"  simulated pp = {row['pp']:>2}, {row['micro_batches']:>3} micro-batches, {row['chunks']} stage(s) per "
+            f"rank: bubble gpipe {row['gpipe_bubble']:.3f}, folded {row['folded_bubble']:.3f} (≤ "
+            f"{row['folded_alive']} alive per rank, gpipe {row['gpipe_peak_alive']}); throughput folded / gpipe "
+            f"{row['throughput_ratio']:.3f} (no schedule on these stages beats gpipe by more than "
+            f"{row['best_possible_ratio']:.3f}×)")
     log(schedule_charts(costs, 8, 16))
     results["pp1_step_mem_gib"] = reference["step_mem_gib_per_rank"][0]
     return results
 
 
-if __name__ == "__main__":  # worker: pp preset workload batch micro schedule alive dtype warmup repeats blocks
-    stages, preset_name, workload_name, n, m, schedule_name, k, dt, w, r, b = sys.argv[1:12]
-    pp_worker(int(stages), preset_name, workload_name, int(n), int(m), schedule_name, int(k), dt, int(w), int(r),
-              int(b))
+if __name__ == "__main__":  # worker: pp preset workload batch micro schedule chunks alive dtype warmup repeats blocks
+    stages, preset_name, workload_name, n, m, schedule_name, v, k, dt, w, r, b = sys.argv[1:13]
+    pp_worker(int(stages), preset_name, workload_name, int(n), int(m), schedule_name, int(v), int(k), dt, int(w),
+              int(r), int(b))

@@ -59,8 +59,9 @@ def parallelize(model: Potential, topo: Topology, groups: CommGroups, cfg: Confi
         apply_expert_parallel(model, groups.ep)
     pipeline = None
     if topo.layout.pp > 1:
-        ranges = stage_ranges(len(model.blocks), topo.layout.pp, cfg.parallel.pp_split)
-        keep_stage(model, topo.stage, ranges)
+        chunks = cfg.parallel.pp_chunks
+        ranges = stage_ranges(len(model.blocks), topo.layout.pp * chunks, cfg.parallel.pp_split)
+        keep_stage(model, range(topo.stage, topo.layout.pp * chunks, topo.layout.pp), ranges)
         pipeline = PipelineStage(model, topo, cfg, ranges)
     graph = None
     if topo.layout.gp > 1:

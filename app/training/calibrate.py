@@ -154,7 +154,8 @@ def cache_key(cfg: Config, model: Potential, topo) -> dict:
             "layout": topo.describe(), "threads": torch.get_num_threads(), "device": str(device.type),
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_model(),
             "host_arch": platform.machine(), "torch": torch.__version__, "exaforce": __version__,
-            **({"pp_split": list(cfg.parallel.pp_split)} if topo.layout.pp > 1 else {}),
+            **({"pp_split": list(cfg.parallel.pp_split), "pp_chunks": cfg.parallel.pp_chunks}
+               if topo.layout.pp > 1 else {}),
             **({"gp_min_atoms": cfg.parallel.gp_min_atoms, "gp_halo": resolve_halo(cfg.parallel.gp_halo, model.cfg.block)} if topo.layout.gp > 1 else {})}
 
 

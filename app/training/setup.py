@@ -142,11 +142,12 @@ def build_run(cfg: Config, topo: Topology, groups: CommGroups, log: Callable[[st
 
 def calibration_layout(topo: Topology, parallel: Parallel) -> tuple[int, ...]:
     """What the coefficients depend on besides the model: (world, dp, ep), and with pipeline stages
-    also pp and each stage's block count (a stage's FLOPs are those of its blocks)."""
+    also pp, the stages per rank and each stage's block count (a rank's FLOPs are those of its blocks)."""
     layout = (topo.world_size, topo.layout.dp, topo.layout.ep)
     if parallel.pipeline is None:
         return layout
-    return (*layout, topo.layout.pp, *(len(blocks) for blocks in parallel.pipeline.ranges))
+    pipeline = parallel.pipeline
+    return (*layout, topo.layout.pp, pipeline.pipeline.chunks, *(len(blocks) for blocks in pipeline.ranges))
 
 
 def open_perf_log(cfg: Config, topo: Topology, progress: Progress, device: torch.device,

@@ -1,10 +1,10 @@
-"""Run under `mpiexec -n K script OUT PP DP EP SCHEDULE BLOCK PATH [BACKEND]`, float64: a training step through a
+"""Run under `mpiexec -n K script OUT PP DP EP SCHEDULE BLOCK PATH [BACKEND [CHUNKS]]`, float64: a training step through a
 pp × dp × ep topology (pipeline stages, data-parallel pipelines) equals the single-process step on
 the same global batch — energies, forces and stresses (through the pipeline's own phases 1–2),
 loss and every parameter gradient. Both run the production `train_step` (lr 0 keeps the weights);
 PATH is `plain` (every intermediate stored) or `fused` (the recomputing path); BLOCK is light,
-matris or moe (light blocks with element-routed MoE MLPs, experts sharded over ep). Rank 0 writes the
-comparison as JSON."""
+matris or moe (light blocks with element-routed MoE MLPs, experts sharded over ep); CHUNKS stages
+per pipeline rank (interleaved). Rank 0 writes the comparison as JSON."""
 
 from __future__ import annotations
 
@@ -31,15 +31,16 @@ GLOBAL_BATCH = 8
 MICRO_BATCHES = 3
 
 
-def main(out_path: str, pp: int, dp: int, ep: int, schedule: str, block: str, path: str, backend: str = "mpi") -> None:
+def main(out_path: str, pp: int, dp: int, ep: int, schedule: str, block: str, path: str, backend: str = "mpi",
+         chunks: str = "1") -> None:
     topo = Topology.from_mpi(dp=dp, ep=ep, pp=pp)
     run = {"dtype": "float64", "recompute_lines": 0} if path == "plain" else \
         {"dtype": "float64", "recompute_lines": 50, "store_all_below": 0}
     cfg = from_dict({"data": {"train": ["unused.bp"], "global_batch_size": GLOBAL_BATCH},
                      "model": {"preset": "small-moe", "blocks": 4, "moe_experts": 4} if block == "moe" else
-                              {"preset": "small", "blocks": 4, "block": block},
+                              {"preset": "small", "blocks": max(4, pp * int(chunks)), "block": block},
                      "loss": {"moe_aux_weight": 0.1},
-                     "parallel": {"dp": dp, "ep": ep, "pp": pp, "pp_schedule": schedule},
+                     "parallel": {"dp": dp, "ep": ep, "pp": pp, "pp_schedule": schedule, "pp_chunks": int(chunks)},
                      "comm": {"bucket_mb": 0.05, "backend": backend}, "run": run})
     frames = Frames.from_atoms(synthesize(GLOBAL_BATCH, seed=11))  # several elements and sizes
 
@@ -87,4 +88,4 @@ def main(out_path: str, pp: int, dp: int, ep: int, schedule: str, block: str, pa
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], *map(int, sys.argv[2:5]), *sys.argv[5:9])
+    main(sys.argv[1], *map(int, sys.argv[2:5]), *sys.argv[5:10])

@@ -10,6 +10,10 @@ pytestmark = [pytest.mark.mpi, pytest.mark.equivalence]
 
 @pytest.mark.parametrize("pp, dp, ep, schedule, block, path, backend", [
     (2, 1, 1, "gpipe", "light", "plain", "mpi"),
+    # interleaved stages (parallel.pp_chunks): 2 ranks × 2 stages, 4 ranks × 2 stages, MoE with EP inside
+    (2, 1, 1, "folded:2", "light", "fused", "mpi"),
+    (4, 1, 1, "folded:2", "light", "plain", "mpi"),
+    (2, 1, 2, "folded:2", "moe", "plain", "mpi"),
     (2, 1, 1, "folded", "light", "fused", "mpi"),
     (4, 1, 1, "gpipe", "light", "fused", "mpi"),
     (4, 1, 1, "folded", "light", "plain", "mpi"),
@@ -25,8 +29,9 @@ pytestmark = [pytest.mark.mpi, pytest.mark.equivalence]
     pytest.param(2, 1, 2, "folded", "moe", "fused", "torch", marks=pytest.mark.backends),
 ])
 def test_pipeline_step_equals_serial(tmp_path, pp, dp, ep, schedule, block, path, backend):
+    schedule, _, chunks = schedule.partition(":")  # folded:2 — two stages per pipeline rank
     result = run_mpi_script(pp * dp * ep, "pp_equivalence_ranks.py", tmp_path,
-                            args=(pp, dp, ep, schedule, block, path, backend))
+                            args=(pp, dp, ep, schedule, block, path, backend, chunks or "1"))
     assert (result["pp"], result["dp"], result["ep"]) == (pp, dp, ep)
     assert result["stages"] == list(range(pp))
     assert result["params_compared"] == result["params_serial"]  # the stages together hold every parameter

@@ -247,3 +247,39 @@ def test_stage_parts_split_and_merge_across_layouts(root):
     assert "pipeline stages 2 → 1 (stage parts merged)" in proc.stdout and "experts re-sharded" in proc.stdout
     got, want = losses(merged), losses(root / "moe")
     assert sorted(got) == [1, 2, 3, 4] and all(abs(got[s] - want[s]) <= 1e-10 * abs(want[s]) for s in got), (got, want)
+
+
+@pytest.mark.slow
+def test_interleaved_stages_train_resume_exactly_and_change_layout(root):
+    """(e) parallel.pp_chunks = 2 with 4 blocks on 2 ranks (rank 0 runs blocks 0 and 2, rank 1 blocks 1
+    and 3): its parts hold those blocks; 2 steps + resume equal 4 straight steps bit for bit; its
+    step-2 checkpoint goes on with contiguous stages (pp = 2, chunks = 1) and on one rank as the
+    interleaved run goes on (float64, 1e-10: only the order of sums differs)."""
+    def chunked(name: str, pp: int, chunks: int) -> Path:
+        path = config(root, name, pp=pp)
+        path.write_text(path.read_text().replace("blocks = 2", "blocks = 4") + f"pp_chunks = {chunks}\n")
+        return path
+
+    proc = exaforce(2, "train", "--config", str(chunked("chunked", 2, 2)))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    folder = checkpoint.step_folder(root / "chunked", STEPS)
+    parts = [checkpoint.read(folder / f"dense-pp{s}.pt")["model"] for s in (0, 1)]
+    held = [{int(k.split(".")[1]) for k in part if k.startswith("blocks.")} for part in parts]
+    assert held == [{0, 2}, {1, 3}], held
+    want = losses(root / "chunked")
+    assert sorted(want) == [1, 2, 3, 4]
+
+    proc = exaforce(2, "train", "--config", str(chunked("chunked-resumed", 2, 2)), "--steps", "2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    pristine = copy_of(root / "chunked-resumed", root / "chunked-step2")
+    proc = exaforce(2, "train", "--config", str(chunked("chunked-resumed", 2, 2)), "--resume")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert losses(root / "chunked-resumed") == want  # float64: bit for bit
+
+    for name, ranks, pp, chunks in (("chunked-to-contiguous", 2, 2, 1), ("chunked-to-one", 1, 1, 1)):
+        copy_of(pristine, root / name)
+        proc = exaforce(ranks, "train", "--config", str(chunked(name, pp, chunks)), "--resume")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        got = losses(root / name)
+        assert sorted(got) == [1, 2, 3, 4] and all(abs(got[s] - want[s]) <= 1e-10 * abs(want[s]) for s in got), \
+            (name, got, want)

@@ -113,3 +113,19 @@ def test_the_schedule_decays_over_a_time_budget():
     assert abs(schedule.lr_at(10, time_fraction=0.5) - 0.55) < 1e-12  # half the budget: half-way down the cosine
     assert abs(schedule.lr_at(10, time_fraction=1.0) - 0.1) < 1e-12
     assert schedule.lr_at(1, time_fraction=0.9) == 0.5  # warm-up is by steps
+
+
+@pytest.mark.parametrize("parallel, message", [
+    ({"pp": 5}, r"parallel.pp = 5: need 1 <= pp <= model.blocks \(4\)"),
+    ({"pp": 2, "pp_chunks": 3}, r"parallel.pp_chunks = 3: .* pp · pp_chunks = 6 stages <= model.blocks \(4\)"),
+    ({"pp_chunks": 2}, r"parallel.pp_chunks = 2: need >= 1, > 1 only with parallel.pp > 1"),
+    ({"pp": 2, "pp_chunks": 0}, r"parallel.pp_chunks = 0: need >= 1"),
+    ({"pp": 2, "pp_chunks": 2, "pp_schedule": "gpipe"}, "interleaved stages run the 'folded' schedule"),
+    ({"pp": 2, "pp_chunks": 2, "pp_split": [2, 2]}, r"need 4 block counts \(pp · pp_chunks\) >= 1 summing to model.blocks = 4"),
+])
+def test_pipeline_layout_is_validated(parallel, message):
+    with pytest.raises(config.ConfigError, match=message):
+        config.from_dict({"data": {"train": ["x.bp"]}, "model": {"preset": "small", "blocks": 4}, "parallel": parallel})
+    ok = config.from_dict({"data": {"train": ["x.bp"]}, "model": {"preset": "small", "blocks": 4},
+                           "parallel": {"pp": 2, "pp_chunks": 2, "pp_split": [1, 1, 1, 1]}})
+    assert ok.parallel.pp_chunks == 2
