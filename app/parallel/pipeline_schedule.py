@@ -47,7 +47,7 @@ pp − 1) and, after its last op, pp − 1 phase-4 ops still run upstream; with 
 those is 1/v of a rank's op, so no order beats `lower_bound` = M·Σt + (pp − 1)·(t₁ + t₄)/v, against gpipe's (M + pp − 1)·Σt. Where
 phase 4 (the loss's backward through the forward graph) is half the work, as measured, contiguous
 stages (v = 1) leave gpipe within 12 % of any schedule at pp = 8, M = 16; interleaving lifts that
-ceiling (1.26× at v = 2, 1.31× at v = 3, 1.34× at v = 4), and `folded` comes within 1 % of it when
+ceiling (1.26× at v = 2, 1.31× at v = 3, 1.34× at v = 4), and `folded` comes within 2 % of it when
 K admits every micro-batch (README: Pipeline parallelism, simulated).
 
 Dependencies (what `simulate` enforces and the executor receives; stages, not ranks):
