@@ -27,8 +27,8 @@ inside phase 4's backward); `exaforce bench pp` measures it.
 
 Transfers go over the Topology's pipeline communicator (MPI point to point; device tensors are
 staged through host memory), one message per (phase, micro-batch, receiving stage), tagged
-4·(micro·stages + stage) + phase: sends are non-blocking and every rank receives in its schedule's order, so any order that the simulator
-can run without deadlock runs here.
+4·(micro·stages + stage) + phase: sends are non-blocking and every rank receives in its schedule's
+order, so any order that the simulator can run without deadlock runs here.
 """
 
 from __future__ import annotations
@@ -153,7 +153,7 @@ def _or_zeros(grads: Sequence[torch.Tensor | None], like: Sequence[torch.Tensor]
 
 
 class PipelineStage:
-    """This rank's stage of the model and the four phases of a step on it."""
+    """This rank's stage(s) of the model (pp_chunks of them) and the four phases of a step on them."""
 
     def __init__(self, model: Potential, topo: Topology, cfg: Config, ranges: list[range]):
         self.model, self.cfg, self.ranges, self.topo = model, cfg, ranges, topo
@@ -168,8 +168,8 @@ class PipelineStage:
     # ------------------------------------------------------------------------------- one step
     def run(self, micro_batches: list[GraphBatch], routings: list[Routing | None], plans: list[Recompute | None],
             loss_scale: float, times: dict[str, float], aux_world_2C: Any = None) -> dict[str, float]:
-        """Every op of this stage in the schedule's order; returns the loss sums over the micro-batches
-        (first stage; none elsewhere) and, for MoE models, "moe_aux" of the whole model (collective
+        """Every op of this rank's stages in the schedule's order; returns the loss sums over the
+        micro-batches (on the rank of stage 0; none elsewhere) and, for MoE models, "moe_aux" of the whole model (collective
         over the pipeline). Parameter gradients accumulate in .grad."""
         orders = schedule(self.cfg.parallel.pp_schedule, self.pipeline.pp, len(micro_batches),
                           self.cfg.parallel.pp_alive, chunks=self.pipeline.chunks)

@@ -44,11 +44,12 @@ Schedules (per rank: the order in which it runs its ops; `simulate` and the exec
 
 How much any order can win: the last rank starts after pp − 1 phase-1 ops (its first stage is
 pp − 1) and, after its last op, pp − 1 phase-4 ops still run upstream; with v stages per rank each of
-those is 1/v of a rank's op, so no order beats `lower_bound` = M·Σt + (pp − 1)·(t₁ + t₄)/v, against gpipe's (M + pp − 1)·Σt. Where
-phase 4 (the loss's backward through the forward graph) is half the work, as measured, contiguous
-stages (v = 1) leave gpipe within 12 % of any schedule at pp = 8, M = 16; interleaving lifts that
-ceiling (1.26× at v = 2, 1.31× at v = 3, 1.34× at v = 4), and `folded` comes within 2 % of it when
-K admits every micro-batch (README: Pipeline parallelism, simulated).
+those is 1/v of a rank's op, so no order beats `lower_bound` = M·Σt + (pp − 1)·(t₁ + t₄)/v, against
+gpipe's (M + pp − 1)·Σt. Where phase 4 (the loss's backward through the forward graph) is half the
+work, as measured, contiguous stages (v = 1) leave gpipe within 12 % of any schedule at pp = 8,
+M = 16; interleaving lifts that ceiling (1.26× at v = 2, 1.31× at v = 3, 1.34× at v = 4), and
+`folded` comes within 2 % of it when K admits every micro-batch. With K = pp + 1 (the graphs of
+about one micro-batch per rank) it gets 1.07–1.16× (README: Pipeline parallelism, simulated).
 
 Dependencies (what `simulate` enforces and the executor receives; stages, not ranks):
     (1,m,s) ← (1,m,s−1)          (2,m,s) ← (1,m,s), (2,m,s+1)

@@ -30,5 +30,6 @@ class Schedule:
 
 def make_optimizer(model: Potential, cfg: Config) -> tuple[torch.optim.Optimizer, Schedule]:
     """AdamW over every parameter (frozen ones never get a gradient) and the run's schedule."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
+                                  amsgrad=cfg.optim.amsgrad)
     return optimizer, Schedule(cfg.optim, cfg.run.steps)
