@@ -278,11 +278,12 @@ def lower_bound(pp: int, micro_batches: int, costs: Costs, chunks: int = 1) -> f
     return micro_batches * sum(costs) + (pp - 1) * (costs[0] + costs[3]) / chunks
 
 
+@functools.lru_cache(maxsize=64)
 def choose_alive(pp: int, micro_batches: int, costs: Costs = DEFAULT_PHASE_COSTS, chunks: int = 1,
                  tolerance: float = 0.02) -> int:
     """The smallest bound on live micro-batches whose folded step is within `tolerance` of the fastest,
     among pp, pp + 1, 3·pp/2, 2·pp and all (a round trip through the pipeline takes about pp ops'
-    time on every rank, so fewer than pp alive always starves it)."""
+    time on every rank, so fewer than pp alive always starves it). Cached: the trainer asks every step."""
     candidates = sorted({min(k, micro_batches) for k in (pp, pp + 1, (3 * pp) // 2, 2 * pp, micro_batches)})
     spans = {k: simulate(folded(pp, micro_batches, k, costs, chunks), costs, chunks).makespan for k in candidates}
     best = min(spans.values())
