@@ -30,6 +30,7 @@ from exaforce.parallel.data_parallel import GradientReduction, clip_grad_norm, s
 from exaforce.parallel.expert_parallel import apply_expert_parallel, step_routing
 from exaforce.parallel.graph_parallel import GraphParallel
 from exaforce.parallel.pipeline import PipelineStage, keep_stage, stage_ranges
+from exaforce.parallel.pipeline_schedule import Pipeline
 from exaforce.parallel.topology import Topology
 
 
@@ -59,9 +60,9 @@ def parallelize(model: Potential, topo: Topology, groups: CommGroups, cfg: Confi
         apply_expert_parallel(model, groups.ep)
     pipeline = None
     if topo.layout.pp > 1:
-        chunks = cfg.parallel.pp_chunks
-        ranges = stage_ranges(len(model.blocks), topo.layout.pp * chunks, cfg.parallel.pp_split)
-        keep_stage(model, range(topo.stage, topo.layout.pp * chunks, topo.layout.pp), ranges)
+        stages = Pipeline(topo.layout.pp, cfg.parallel.pp_chunks)
+        ranges = stage_ranges(len(model.blocks), stages.stages, cfg.parallel.pp_split)
+        keep_stage(model, stages.stages_of(topo.stage), ranges)
         pipeline = PipelineStage(model, topo, cfg, ranges)
     graph = None
     if topo.layout.gp > 1:
