@@ -32,9 +32,11 @@ Schedules (per rank: the order in which it runs its ops; `simulate` and the exec
   phase 4: memory M graphs per stage.
 - `folded` (exaforce's; any v): list scheduling over the folded pipeline. When a rank is free it runs
   its ready op of least priority and admits a new micro-batch (phase 1 on its first stage) only while
-  fewer than K are alive on it — K bounds the double-backward graphs a rank holds (memory: K
-  micro-batches' graphs of its stages, about K/pp of one micro-batch's whole-model graph, instead of
-  M). Priorities tried: the oldest micro-batch first (ties: the later phase); the oldest weighed
+  its stage graphs, held or reserved, leave room for the newcomer's within K micro-batches' worth — K
+  bounds the double-backward graphs a rank holds (memory: K micro-batches' graphs of its stages,
+  about K/pp of one micro-batch's whole-model graph, instead of M). With v > 1 the graphs are counted
+  per stage (the executor frees each at its phase 4), so a micro-batch whose phase 4 has passed some
+  of a rank's stages holds less than a whole share there. Priorities tried: the oldest micro-batch first (ties: the later phase); the oldest weighed
   against the critical-path work its op leaves; and the critical-path work left, less α·micro·Σt
   for α in ALPHAS (the longest remaining chain first, with a pull towards older micro-batches so
   graphs are released). The fastest order in the simulator wins; when K admits every micro-batch
@@ -49,7 +51,9 @@ gpipe's (M + pp − 1)·Σt. Where phase 4 (the loss's backward through the forw
 work, as measured, contiguous stages (v = 1) leave gpipe within 12 % of any schedule at pp = 8,
 M = 16; interleaving lifts that ceiling (1.26× at v = 2, 1.31× at v = 3, 1.34× at v = 4), and
 `folded` comes within 2 % of it when K admits every micro-batch. With K = pp + 1 (the graphs of
-about one micro-batch per rank) it gets 1.07–1.16× (README: Pipeline parallelism, simulated).
+about one micro-batch per rank) it gets 1.10–1.17× at v = 2…4 (README: Pipeline parallelism,
+simulated): a micro-batch then waits behind the others at almost every hop of its four passes, and
+the fewer may be alive, the less those waits can be hidden.
 
 Dependencies (what `simulate` enforces and the executor receives; stages, not ranks):
     (1,m,s) ← (1,m,s−1)          (2,m,s) ← (1,m,s), (2,m,s+1)
@@ -149,16 +153,18 @@ class Timeline:
                 rows[self.pipeline.rank(op.stage)][min(c, columns - 1)] = str(op.phase)
         return "\n".join(f"S{r + 1:<3}{''.join(row)}" for r, row in enumerate(rows))
 
-    def peak_alive(self, rank: int) -> int:
-        """The most micro-batches whose graphs the rank held at once (phase 1 started on its first stage,
-        phase 4 there not done: its other stages' graphs live inside that span)."""
-        events = sorted([(self.start[op], 1) for op in self.start if op.stage == rank and op.phase == 1]
-                        + [(self.end[op], -1) for op in self.end if op.stage == rank and op.phase == 4])
+    def peak_alive(self, rank: int) -> float:
+        """The most graphs the rank held at once, in micro-batches' worth (a stage's graph lives from its
+        phase 1 to its phase 4 and is 1/chunks of the rank's share of a micro-batch's graph)."""
+        events = sorted([(self.start[op], 1) for op in self.start if self.pipeline.rank(op.stage) == rank
+                         and op.phase == 1]
+                        + [(self.end[op], -1) for op in self.end if self.pipeline.rank(op.stage) == rank
+                           and op.phase == 4])
         alive = peak = 0
         for _, change in events:  # at equal times a release (−1) sorts before an admission
             alive += change
             peak = max(peak, alive)
-        return peak
+        return peak / self.pipeline.chunks
 
 
 def simulate(orders: list[list[Op]], costs: Costs, chunks: int = 1) -> Timeline:
@@ -203,12 +209,16 @@ def _critical_path(pipeline: Pipeline, costs: Costs) -> dict[tuple[int, int], fl
 
 def _list_schedule(pipeline: Pipeline, micro_batches: int, alive: int, costs: Costs,
                    priority: Callable[[Op], tuple]) -> list[list[Op]]:
-    """Each rank, whenever free, runs its ready op of least `priority`; a micro-batch's phase 1 on the
-    rank's first stage only while fewer than `alive` are alive on it. Returns the orders it produced."""
-    pp = pipeline.pp
+    """Each rank, whenever free, runs its ready op of least `priority`. Memory is counted in stage graphs
+    (a stage's lives from its phase 1 to its phase 4): a micro-batch enters the rank's first stage only
+    while the rank's stage graphs, held or reserved, leave room for its `chunks` ones within
+    `alive`·chunks; it reserves them there and each of its phase-4 ops frees one. Reserved on entry, a
+    micro-batch always finds its graphs' room on this rank further on, so the bound cannot deadlock
+    the pipeline. Returns the orders it produced."""
+    pp, v = pipeline.pp, pipeline.chunks
     orders: list[list[Op]] = [[] for _ in range(pp)]
     done: dict[Op, float] = {}
-    admitted, finished, free = [0] * pp, [0] * pp, [0.0] * pp
+    reserved, free = [0] * pp, [0.0] * pp
     pending = {r: {Op(1, 0, s) for s in pipeline.stages_of(r)} for r in range(pp)}  # candidate ops per rank
     events: list[tuple[float, int]] = [(0.0, r) for r in range(pp)]
     total = 4 * micro_batches * pipeline.chunks
@@ -218,7 +228,7 @@ def _list_schedule(pipeline: Pipeline, micro_batches: int, alive: int, costs: Co
             continue
         ready = [op for op in pending[r]
                  if all(d in done and done[d] <= now for d in dependencies(op, pipeline.stages))
-                 and (op.phase != 1 or op.stage != r or admitted[r] - finished[r] < alive)]
+                 and (op.phase != 1 or op.stage != r or reserved[r] + v <= alive * v)]
         if not ready:
             continue
         op = min(ready, key=priority)
@@ -227,11 +237,11 @@ def _list_schedule(pipeline: Pipeline, micro_batches: int, alive: int, costs: Co
         end = now + pipeline.cost(op, costs)
         done[op] = free[r] = end
         if op.phase == 1:
-            admitted[r] += op.stage == r
+            reserved[r] += v if op.stage == r else 0
             if op.micro + 1 < micro_batches:
                 pending[r].add(Op(1, op.micro + 1, op.stage))
         if op.phase == 4:
-            finished[r] += op.stage == r
+            reserved[r] -= 1
         if op.phase < 4:
             pending[r].add(Op(op.phase + 1, op.micro, op.stage))
         # This rank looks again when it is free; the rank this op may have unblocked, when it ends.
