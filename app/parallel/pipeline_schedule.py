@@ -36,13 +36,13 @@ Schedules (per rank: the order in which it runs its ops; `simulate` and the exec
   bounds the double-backward graphs a rank holds (memory: K micro-batches' graphs of its stages,
   about K/pp of one micro-batch's whole-model graph, instead of M). With v > 1 the graphs are counted
   per stage (the executor frees each at its phase 4), so a micro-batch whose phase 4 has passed some
-  of a rank's stages holds less than a whole share there. Priorities tried: the oldest micro-batch first (ties: the later phase); the oldest weighed
-  against the critical-path work its op leaves; and the critical-path work left, less α·micro·Σt
-  for α in ALPHAS (the longest remaining chain first, with a pull towards older micro-batches so
-  graphs are released). The fastest order in the simulator wins; when K admits every micro-batch
-  and v = 1, gpipe's order competes. Every rank computes the same order from the same costs, so
-  transfers match without negotiation. K = 0 picks the smallest K whose simulated step is within 2 %
-  of the fastest.
+  of a rank's stages holds less than a whole share there. Priorities tried: the oldest micro-batch
+  first (ties: the later phase); the oldest weighed against the critical-path work its op leaves;
+  and the critical-path work left, less α·micro·Σt for α in ALPHAS (the longest remaining chain
+  first, with a pull towards older micro-batches so graphs are released). The fastest order in the
+  simulator wins; when K admits every micro-batch and v = 1, gpipe's order competes. Every rank
+  computes the same order from the same costs, so transfers match without negotiation. K = 0 picks
+  the smallest K whose simulated step is within 2 % of the fastest.
 
 How much any order can win: the last rank starts after pp − 1 phase-1 ops (its first stage is
 pp − 1) and, after its last op, pp − 1 phase-4 ops still run upstream; with v stages per rank each of
