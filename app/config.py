@@ -165,7 +165,8 @@ class ParallelConfig:
                                         # less pipeline bubble (exaforce.parallel.pipeline_schedule), more transfers
     pp_split: tuple[int, ...] = ()      # blocks per stage (pp · pp_chunks counts); empty: as equal as possible
     pp_schedule: str = "folded"         # folded | gpipe (exaforce.parallel.pipeline_schedule)
-    pp_alive: int = 0                   # folded: most micro-batches alive per stage; 0: chosen by simulation
+    pp_alive: int = 0                   # folded: most micro-batches' worth of graphs per rank (counted per
+                                        # stage); 0: chosen by simulation
     gp: int = 1                         # graph-parallel degree: ranks that split one share's structures by atoms
     gp_min_atoms: int = 512             # gp > 1: structures of at least this many atoms are split into spatial
                                         # domains over the GP group; smaller ones go whole to one GP rank
