@@ -156,10 +156,9 @@ class Timeline:
     def peak_alive(self, rank: int) -> float:
         """The most graphs the rank held at once, in micro-batches' worth (a stage's graph lives from its
         phase 1 to its phase 4 and is 1/chunks of the rank's share of a micro-batch's graph)."""
-        events = sorted([(self.start[op], 1) for op in self.start if self.pipeline.rank(op.stage) == rank
-                         and op.phase == 1]
-                        + [(self.end[op], -1) for op in self.end if self.pipeline.rank(op.stage) == rank
-                           and op.phase == 4])
+        ops = [op for op in self.start if self.pipeline.rank(op.stage) == rank]
+        events = sorted([(self.start[op], 1) for op in ops if op.phase == 1]
+                        + [(self.end[op], -1) for op in ops if op.phase == 4])
         alive = peak = 0
         for _, change in events:  # at equal times a release (−1) sorts before an admission
             alive += change
@@ -221,7 +220,7 @@ def _list_schedule(pipeline: Pipeline, micro_batches: int, alive: int, costs: Co
     reserved, free = [0] * pp, [0.0] * pp
     pending = {r: {Op(1, 0, s) for s in pipeline.stages_of(r)} for r in range(pp)}  # candidate ops per rank
     events: list[tuple[float, int]] = [(0.0, r) for r in range(pp)]
-    total = 4 * micro_batches * pipeline.chunks
+    total = 4 * micro_batches * v
     while events:
         now, r = heapq.heappop(events)
         if now < free[r] or len(orders[r]) == total:
