@@ -128,8 +128,6 @@ class ModelConfig:
     radial_basis: int = 8               # Bessel functions
     angle_basis: int = 8                # Chebyshev polynomials of cos θ
     envelope_p: int = 6                 # smoothness exponent of the polynomial envelope
-    vector_channels: int = 0            # light block: equivariant vector features per atom (C × 3, along the bonds
-                                        # out to model.cutoff; exaforce.model.blocks.VectorMessages); 0: none
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -249,9 +247,6 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"run.recompute_lines = {cfg.run.recompute_lines}: must be >= 0 (0: store every intermediate)")
     if cfg.model.block not in ("light", "matris"):
         raise ConfigError(f"model.block = {cfg.model.block!r}: must be 'light' or 'matris'")
-    if cfg.model.vector_channels < 0 or (cfg.model.vector_channels and cfg.model.block != "light"):
-        raise ConfigError(f"model.vector_channels = {cfg.model.vector_channels}: must be >= 0, and 0 with "
-                          f"model.block = {cfg.model.block!r} (vector features belong to the light block)")
     if cfg.model.block == "matris" and cfg.model.moe_experts:
         raise ConfigError("model.block = 'matris' has dense MLPs only: set model.moe_experts = 0")
     if cfg.run.store_all_below < 0:

@@ -161,32 +161,6 @@ class UpdateMLP(nn.Module):
         return self.mlp(x_XF)
 
 
-class VectorMessages(nn.Module):
-    """Equivariant vector features per atom (C channels × 3, PaiNN-like), for angular information out
-    to the atom graph's cutoff: the line graph's angles end at the three-body cutoff (the first shell).
-
-    Each bond adds to its source atom its unit vector and its neighbour's vectors, with coefficients
-    from the bond's features and its envelope weight: v_i += Σ_j w_ij·(a_ij·r̂_ij + b_ij ⊙ v_j) / (1 + Σ_j w_ij).
-    The denominator keeps the sums of order one in dense cells and stays smooth as bonds come and go.
-    What the atom update reads of them are the invariants Σ_xyz (v·U)(v·V), one per channel."""
-
-    def __init__(self, width: int, channels: int):
-        super().__init__()
-        self.coefficients = nn.Linear(width, 2 * channels)      # a (along the bond), b (the neighbour's vectors)
-        self.left = nn.Linear(channels, channels, bias=False)   # mix channels: equivariant, the axis untouched
-        self.right = nn.Linear(channels, channels, bias=False)
-
-    def forward(self, vector_N3C: torch.Tensor, edge_ED: torch.Tensor, unit_E3: torch.Tensor, weight_E: torch.Tensor,
-                edge_index_2E: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The updated vectors and their invariants (N, C)."""
-        src_E, dst_E = edge_index_2E
-        along_EC, carry_EC = (weight_E[:, None] * self.coefficients(edge_ED)).chunk(2, -1)
-        message_E3C = unit_E3[:, :, None] * along_EC[:, None, :] + carry_EC[:, None, :] * vector_N3C.index_select(0, dst_E)
-        total_N = weight_E.new_zeros(vector_N3C.shape[0]).index_add(0, src_E, weight_E)
-        vector_N3C = vector_N3C + torch.zeros_like(vector_N3C).index_add(0, src_E, message_E3C) / (1 + total_N)[:, None, None]
-        return vector_N3C, (self.left(vector_N3C) * self.right(vector_N3C)).sum(1)
-
-
 class InteractionBlock(nn.Module):
     """Line-graph attention updates bonds from bond pairs (three-body, angle-aware), then
     atom-graph attention updates atoms from bonds; each update is a gated MLP on an RMS-normed
@@ -201,19 +175,15 @@ class InteractionBlock(nn.Module):
         self.edge_scale = nn.Parameter(torch.ones(d))
         self.atom_attention = SeparableAttention(d, d)
         self.node_norm = RMSNorm(2 * d)
-        self.vectors = VectorMessages(d, cfg.vector_channels) if cfg.vector_channels else None
-        self.node_update = UpdateMLP(cfg, 3 * d + cfg.vector_channels, cfg.node_mlp_ratio * d, d, ATOMS, ep_rank, ep_size)
+        self.node_update = UpdateMLP(cfg, 3 * d, cfg.node_mlp_ratio * d, d, ATOMS, ep_rank, ep_size)
         self.node_scale = nn.Parameter(torch.ones(d))
 
     def forward(self, node_ND: torch.Tensor, edge_ED: torch.Tensor, class_N: torch.Tensor,
                 edge_index_2E: torch.Tensor, edge_weight_E: torch.Tensor, triplet_index_2T: torch.Tensor,
                 angle_TA: torch.Tensor, triplet_weight_T: torch.Tensor,
                 routing: Routing | None, plan: Recompute | None = None,
-                halo: Halo | None = None, vector_N3C: torch.Tensor | None = None,
-                unit_E3: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
-        """Atoms and bonds updated (and the atoms' vector features, given model.vector_channels).
-
-        halo: the bonds that end on this rank's atoms but start on another rank's take their
+                halo: Halo | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """halo: the bonds that end on this rank's atoms but start on another rank's take their
         owner's update before the atoms read them (the atoms' exchange is the caller's, between blocks).
 
         With a plan (training): both attentions are fused ops that store only their inputs, and
@@ -239,12 +209,9 @@ class InteractionBlock(nn.Module):
 
         # Atom graph: each atom gathers from the bonds it starts and the bonds it ends.
         atom_sums = self.atom_attention.segment_sums(node_ND, edge_ED, edge_weight_E, edge_index_2E, plan)
-        node_in = [node_ND, SeparableAttention.normed_message(atom_sums, self.node_norm)]
-        if self.vectors is not None:
-            vector_N3C, invariants_NC = self.vectors(vector_N3C, edge_ED, unit_E3, edge_weight_E, edge_index_2E)
-            node_in.append(invariants_NC)
-        node_ND = node_ND + self.node_scale * self.node_update(torch.cat(node_in, -1), class_N, routing)
-        return (node_ND, edge_ED) if self.vectors is None else (node_ND, edge_ED, vector_N3C)
+        node_in_N3D = torch.cat([node_ND, SeparableAttention.normed_message(atom_sums, self.node_norm)], -1)
+        node_ND = node_ND + self.node_scale * self.node_update(node_in_N3D, class_N, routing)
+        return node_ND, edge_ED
 
     def _attend_and_update_edges(self, edge_ED: torch.Tensor, angle_TA: torch.Tensor, triplet_weight_T: torch.Tensor,
                                  *, class_E: torch.Tensor, triplet_index_2T: torch.Tensor, routing: Routing | None,

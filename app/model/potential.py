@@ -26,7 +26,7 @@ from exaforce.model.recompute import Recompute, recompute
 from exaforce.model.routing import Routing, TokenCounts, plan_layer
 
 
-State = tuple[torch.Tensor, ...]  # what flows from block to block: atoms, bonds (, triplets or atoms' vectors)
+State = tuple[torch.Tensor, ...]  # what flows from block to block: atoms, bonds (, triplets)
 
 
 @dataclass
@@ -37,7 +37,6 @@ class GeometryFeatures:
     radial_ER: torch.Tensor         # Bessel basis
     angle_TA: torch.Tensor          # Chebyshev basis of each triplet's angle
     triplet_weight_T: torch.Tensor  # product of the two bonds' three-body envelopes
-    unit_E3: torch.Tensor | None    # bond directions (model.vector_channels > 0 only)
 
 
 class Potential(nn.Module):
@@ -157,8 +156,7 @@ class Potential(nn.Module):
         else:
             angle_TA, triplet_weight_T = self.triplet_features(vectors_E3, triplet_index_2T=triplet_index_2T)
         return GeometryFeatures(edge_weight_E=self.radial.envelope(r_E), radial_ER=self.radial(r_E),
-                                angle_TA=angle_TA, triplet_weight_T=triplet_weight_T,
-                                unit_E3=vectors_E3 / r_E[:, None] if self.cfg.vector_channels else None)
+                                angle_TA=angle_TA, triplet_weight_T=triplet_weight_T)
 
     def triplet_features(self, vectors_E3: torch.Tensor, *, triplet_index_2T: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The Chebyshev basis of each triplet's angle and the product of its two bonds' three-body envelopes."""
@@ -174,14 +172,11 @@ class Potential(nn.Module):
         return head_N * len(self.cfg.elements) + species_N
 
     def embed(self, species_N: torch.Tensor, head_N: torch.Tensor, features: GeometryFeatures) -> State:
-        """The blocks' starting state: atoms, bonds (and, for the matris block, triplets; with vector
-        channels, the atoms' vectors, zero until the first block's bonds point them)."""
+        """The blocks' starting state: atoms, bonds (and, for the matris block, triplets)."""
         node_ND = self.embedding(species_N)
         if self.head_embedding is not None:
             node_ND = node_ND + self.head_embedding(head_N)
         edge_ED = self.edge_embedding(features.radial_ER)
-        if self.cfg.vector_channels:
-            return (node_ND, edge_ED, node_ND.new_zeros(node_ND.shape[0], 3, self.cfg.vector_channels))
         if self.triplet_embedding is None:
             return (node_ND, edge_ED)
         return (node_ND, edge_ED, self.triplet_embedding(features.angle_TA))  # MatRIS's per-triplet state
@@ -192,16 +187,15 @@ class Potential(nn.Module):
         """The blocks `indices`, in order. The matris block runs plain autograd (no plan applies) and
         no halo exchange. With a halo, the atoms' halo is refreshed between blocks (the readout
         reads owned atoms only, so not after the last)."""
-        if halo is not None and (self.cfg.block != "light" or self.cfg.vector_channels):
-            raise ValueError("a per-block halo exchange needs model.block = 'light' without vector channels")
+        if halo is not None and self.cfg.block != "light":
+            raise ValueError(f"a per-block halo exchange needs model.block = 'light', not {self.cfg.block!r}")
         for i in indices:
             block = self.blocks[i]
             if self.cfg.block == "light":
                 if halo is not None and i != indices[0]:
                     state = (halo.atoms(state[0]), *state[1:])
-                state = block(*state[:2], class_N, edge_index_2E, features.edge_weight_E, triplet_index_2T,
-                              features.angle_TA, features.triplet_weight_T, routing, plan, halo, *state[2:],
-                              unit_E3=features.unit_E3)
+                state = block(*state, class_N, edge_index_2E, features.edge_weight_E, triplet_index_2T,
+                              features.angle_TA, features.triplet_weight_T, routing, plan, halo)
             else:
                 state = block(*state, edge_index_2E, features.edge_weight_E, triplet_index_2T,
                               features.triplet_weight_T, features.radial_ER)

@@ -204,13 +204,12 @@ class PipelineStage:
         return loss_sums
 
     def _state_like(self, batch: GraphBatch) -> list[tuple[torch.Size, torch.dtype]]:
-        """Shapes of the state between blocks: atoms, bonds (, triplets) × width (, atoms × 3 × vector channels)."""
-        cfg, dtype = self.model.cfg, batch.positions_N3.dtype
+        """Shapes of the state between blocks: atoms, bonds (, triplets) × width."""
+        d, dtype = self.model.cfg.width, batch.positions_N3.dtype
         rows = [batch.species_N.shape[0], batch.edge_index_2E.shape[1]]
-        if cfg.block == "matris":
+        if self.model.cfg.block == "matris":
             rows.append(batch.triplet_index_2T.shape[1])
-        vectors = [(torch.Size((rows[0], 3, cfg.vector_channels)), dtype)] if cfg.vector_channels else []
-        return [(torch.Size((n, cfg.width)), dtype) for n in rows] + vectors
+        return [(torch.Size((n, d)), dtype) for n in rows]
 
     @staticmethod
     def _carried_like(batch: GraphBatch) -> list[tuple[torch.Size, torch.dtype]]:
