@@ -87,6 +87,14 @@ def run_config(overrides: Path | None, data: Path, out_dir: Path, budget_s: floa
     return from_dict({**table, "run": run, "data": {**table.get("data", {}), "train": [str(data)]}})
 
 
+def overrides_text(overrides: Path) -> str:
+    """The keys a --config file sets, as `section.key = value`: logged with each run, so that a log
+    names the candidate it measured. Call after run_config has checked the file."""
+    table = tomllib.loads(overrides.read_text())
+    return ", ".join(f"{section}.{key} = {value!r}" for section, keys in table.items() for key, value in keys.items()) \
+        or "nothing"
+
+
 def evaluate(calc, test: dict[str, list[Atoms]]) -> dict[str, dict[str, float]]:
     """MAE per subset of an ASE calculator: energy (meV/atom), force components (meV/Å), stress
     components (GPa)."""
@@ -147,6 +155,8 @@ def bench_accuracy(budget_s: float, seeds: list[int], config: Path | None, ranks
                 f"{MD_FRAMES} Cu3Au MD frames at {MD_TEMPERATURE_K:g} K (EMT) …")
             data, train, test = make_data(root, seed, env)
             cfg = run_config(config, data, root / "run", budget_s, seed)
+            if config is not None:
+                log(f"bench accuracy: {config} sets {overrides_text(config)}")
             trained = train_exaforce(cfg, root, ranks, env, log)
             model_file = Path(trained.pop("model_file"))
             if keep is not None:

@@ -124,3 +124,15 @@ def test_memory_fit_is_the_least_squares_line_over_the_batches_that_ran():
     slope, intercept = memory_fit(rows, "peak")
     assert abs(slope - 50.0) < 1e-9 and abs(intercept - 500.0) < 1e-6
     assert memory_fit(rows[:1], "peak") is None
+
+
+def test_bench_accuracy_logs_the_overrides_it_runs(tmp_path):
+    from exaforce.bench.accuracy import overrides_text, run_config
+
+    path = tmp_path / "candidate.toml"
+    path.write_text("[model]\nnode_mlp_ratio = 4\n[loss]\nstress_weight = 0.001\n")
+    cfg = run_config(path, tmp_path / "train.bp", tmp_path / "run", 60.0, 1)
+    assert (cfg.model.node_mlp_ratio, cfg.loss.stress_weight) == (4, 0.001)
+    assert overrides_text(path) == "model.node_mlp_ratio = 4, loss.stress_weight = 0.001"
+    path.write_text("")
+    assert overrides_text(path) == "nothing"
