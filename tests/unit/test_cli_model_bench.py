@@ -130,9 +130,9 @@ def test_bench_accuracy_logs_the_overrides_it_runs(tmp_path):
     from exaforce.bench.accuracy import overrides_text, run_config
 
     path = tmp_path / "candidate.toml"
-    path.write_text("[model]\nnode_mlp_ratio = 4\n[loss]\nstress_weight = 0.001\n")
+    path.write_text("[model]\nnode_mlp_ratio = 4\nblock = \"light\"\n[loss]\nstress_weight = 0.001\n")
     cfg = run_config(path, tmp_path / "train.bp", tmp_path / "run", 60.0, 1)
     assert (cfg.model.node_mlp_ratio, cfg.loss.stress_weight) == (4, 0.001)
-    assert overrides_text(path) == "model.node_mlp_ratio = 4, loss.stress_weight = 0.001"
+    assert overrides_text(path) == "model.node_mlp_ratio = 4, model.block = 'light', loss.stress_weight = 0.001"
     path.write_text("")
     assert overrides_text(path) == "nothing"
