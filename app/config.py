@@ -407,8 +407,9 @@ def _build(cls: type, table: dict[str, Any], prefix: str) -> Any:
 
 def from_dict(table: dict[str, Any]) -> Config:
     table = dict(table)
-    model = dict(table.get("model", {}))
-    if "preset" in model:
+    model = table.get("model", {})
+    if isinstance(model, dict) and "preset" in model:  # not a table: _build says so
+        model = dict(model)
         if not isinstance(model["preset"], str):
             raise ConfigError(f"model.preset = {model['preset']!r}: must be a string")
         base = dataclasses.asdict(model_preset(model.pop("preset")))
@@ -450,17 +451,22 @@ def resolve_resume(resume: str, base: Path) -> str:
     return resume if resume in ("", "latest") or Path(resume).is_absolute() else str((base / resume).resolve())
 
 
-def load(path: str | Path, overrides: Sequence[str] = ()) -> Config:
-    """Reads and validates a TOML config, with `section.key=value` overrides applied; relative
-    dataset paths resolve against the config's folder."""
-    path = Path(path)
+def read_table(path: Path) -> dict[str, Any]:
+    """A TOML file's tables, unvalidated; a missing or malformed file is a ConfigError that names it."""
     try:
         with open(path, "rb") as f:
-            table = apply_overrides(tomllib.load(f), overrides)
+            return tomllib.load(f)
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such config file") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+
+
+def load(path: str | Path, overrides: Sequence[str] = ()) -> Config:
+    """Reads and validates a TOML config, with `section.key=value` overrides applied; relative
+    dataset paths resolve against the config's folder."""
+    path = Path(path)
+    table = apply_overrides(read_table(path), overrides)
     try:
         cfg = from_dict(table)
     except ConfigError as exc:

@@ -71,28 +71,33 @@ def make_data(root: Path, seed: int, env: dict[str, str]) -> tuple[Path, list[At
     return root / "train.bp", train, test
 
 
-def run_config(overrides: Path | None, data: Path, out_dir: Path, budget_s: float, seed: int):
-    """The project's defaults (or `overrides`' [model]/[loss]/[optim]/[run] keys) on the benchmark's data,
-    stopped by the time budget."""
-    from exaforce.config import ConfigError, from_dict
+def read_overrides(path: Path) -> dict:
+    """A --config file's tables, holding only what bench accuracy lets a candidate change."""
+    from exaforce.config import ConfigError, read_table
 
-    table = tomllib.loads(overrides.read_text()) if overrides else {}
+    table = read_table(path)
     unknown = set(table) - {"run", "data", "model", "loss", "optim", "comm", "parallel"}
     datasets = {"train", "datasets", "stage_dir"} & set(table.get("data", {}))
     if unknown or datasets:
-        raise ConfigError(f"{overrides}: bench accuracy takes [run], [data], [model], [loss], [optim], [comm] and "
+        raise ConfigError(f"{path}: bench accuracy takes [run], [data], [model], [loss], [optim], [comm] and "
                           f"[parallel] keys, but not {sorted(unknown | datasets)} (the data are the benchmark's)")
-    run = {"steps": 1_000_000, "log_every": 10, "seed": seed, **table.get("run", {}),
+    return table
+
+
+def run_config(overrides: dict, data: Path, out_dir: Path, budget_s: float, seed: int):
+    """The project's defaults (or the `overrides` tables' keys) on the benchmark's data, stopped by the
+    time budget."""
+    from exaforce.config import from_dict
+
+    run = {"steps": 1_000_000, "log_every": 10, "seed": seed, **overrides.get("run", {}),
            "out_dir": str(out_dir), "max_seconds": budget_s}
-    return from_dict({**table, "run": run, "data": {**table.get("data", {}), "train": [str(data)]}})
+    return from_dict({**overrides, "run": run, "data": {**overrides.get("data", {}), "train": [str(data)]}})
 
 
-def overrides_text(overrides: Path) -> str:
-    """The keys a --config file sets, as `section.key = value`: logged with each run, so that a log
-    names the candidate it measured. Call after run_config has checked the file."""
-    table = tomllib.loads(overrides.read_text())
-    return ", ".join(f"{section}.{key} = {value!r}" for section, keys in table.items() for key, value in keys.items()) \
-        or "nothing"
+def overrides_text(overrides: dict) -> str:
+    """The keys the tables set, as `section.key = value`: so that a log names the candidate it measured."""
+    return ", ".join(f"{section}.{key} = {value!r}" for section, keys in overrides.items()
+                     for key, value in keys.items()) or "nothing"
 
 
 def evaluate(calc, test: dict[str, list[Atoms]]) -> dict[str, dict[str, float]]:
@@ -140,12 +145,20 @@ def train_exaforce(cfg, root: Path, ranks: int, env: dict[str, str], log: Callab
 def bench_accuracy(budget_s: float, seeds: list[int], config: Path | None, ranks: int, compare: list[str],
                    log: Callable[[str], None], keep: Path | None = None) -> dict:
     from exaforce.calculator import ExaforceCalculator
+    from exaforce.config import ConfigError
 
     if budget_s <= 0:
-        raise ValueError(f"--budget {budget_s}: must be > 0 seconds")
+        raise ConfigError(f"bench accuracy --budget {budget_s}: must be > 0 seconds")
     unknown = set(compare) - {"mace"}
     if unknown:
-        raise ValueError(f"--compare {','.join(sorted(unknown))}: the only reference is mace")
+        raise ConfigError(f"bench accuracy --compare {','.join(sorted(unknown))}: the only reference is mace")
+    overrides = read_overrides(config) if config is not None else {}
+    try:  # before minutes of data generation
+        run_config(overrides, Path("train.bp"), Path("run"), budget_s, seeds[0])
+    except ConfigError as exc:
+        raise ConfigError(f"{config}: {exc}") from None
+    if config is not None:
+        log(f"bench accuracy: {config} sets {overrides_text(overrides)}")
     env = environment(OMP_NUM_THREADS="1")
     results = []
     for seed in seeds:
@@ -154,9 +167,7 @@ def bench_accuracy(budget_s: float, seeds: list[int], config: Path | None, ranks
             log(f"bench accuracy, seed {seed}: {TRAIN_CELLS} training cells, {TEST_CELLS} test cells, "
                 f"{MD_FRAMES} Cu3Au MD frames at {MD_TEMPERATURE_K:g} K (EMT) …")
             data, train, test = make_data(root, seed, env)
-            cfg = run_config(config, data, root / "run", budget_s, seed)
-            if config is not None:
-                log(f"bench accuracy: {config} sets {overrides_text(config)}")
+            cfg = run_config(overrides, data, root / "run", budget_s, seed)
             trained = train_exaforce(cfg, root, ranks, env, log)
             model_file = Path(trained.pop("model_file"))
             if keep is not None:

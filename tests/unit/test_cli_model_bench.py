@@ -127,12 +127,38 @@ def test_memory_fit_is_the_least_squares_line_over_the_batches_that_ran():
 
 
 def test_bench_accuracy_logs_the_overrides_it_runs(tmp_path):
-    from exaforce.bench.accuracy import overrides_text, run_config
+    from exaforce.bench.accuracy import overrides_text, read_overrides, run_config
 
     path = tmp_path / "candidate.toml"
     path.write_text("[model]\nnode_mlp_ratio = 4\nblock = \"light\"\n[loss]\nstress_weight = 0.001\n")
-    cfg = run_config(path, tmp_path / "train.bp", tmp_path / "run", 60.0, 1)
+    overrides = read_overrides(path)
+    cfg = run_config(overrides, tmp_path / "train.bp", tmp_path / "run", 60.0, 1)
     assert (cfg.model.node_mlp_ratio, cfg.loss.stress_weight) == (4, 0.001)
-    assert overrides_text(path) == "model.node_mlp_ratio = 4, model.block = 'light', loss.stress_weight = 0.001"
-    path.write_text("")
-    assert overrides_text(path) == "nothing"
+    assert overrides_text(overrides) == "model.node_mlp_ratio = 4, model.block = 'light', loss.stress_weight = 0.001"
+    assert overrides_text({}) == "nothing"
+
+
+@pytest.mark.parametrize("text, message", [(None, "no such config file"), ("[model\n", "not valid TOML"),
+                                           ("model = 3\n", "model: must be a table"),
+                                           ("[model]\nwidht = 8\n", "model.widht: unknown key"),
+                                           ("[data]\ntrain = []\n", "the data are the benchmark's")])
+def test_bench_accuracy_refuses_a_bad_config_file_before_any_work(tmp_path, monkeypatch, text, message):
+    from exaforce.bench import accuracy
+    from exaforce.config import ConfigError
+
+    monkeypatch.setattr(accuracy, "make_data", lambda *_: pytest.fail("data generated for a bad config"))
+    path = tmp_path / "candidate.toml"
+    if text is not None:
+        path.write_text(text)
+    with pytest.raises(ConfigError, match=message) as error:
+        accuracy.bench_accuracy(60.0, [0], path, 2, [], lambda line: None)
+    assert str(error.value).startswith(str(path))
+
+
+@pytest.mark.parametrize("budget, compare, message", [(0.0, [], "--budget 0.0"), (60.0, ["nequip"], "--compare nequip")])
+def test_bench_accuracy_refuses_bad_arguments(budget, compare, message):
+    from exaforce.bench.accuracy import bench_accuracy
+    from exaforce.config import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        bench_accuracy(budget, [0], None, 2, compare, lambda line: None)
