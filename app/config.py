@@ -52,6 +52,10 @@ class RunConfig:
                                         # OS (glibc malloc_trim). Without it freed pages stay resident and count in
                                         # the peak (base preset, 8 dense cells: 6.36 instead of 4.41 GiB, for
                                         # 1.4x the atoms/s: reused pages are faulted in again)
+    keep_host_heap: bool = True         # CPU (glibc): tensors come from the heap only and glibc never trims it on its
+                                        # own, so a step reuses the pages the last one freed instead of faulting in
+                                        # fresh zeroed ones (exaforce.device.keep_freed_host_memory; release_host_memory
+                                        # still trims explicitly where it applies)
     steps: int = 100                    # optimizer steps
     log_every: int = 10                 # rank 0 prints progress every N steps
     checkpoint_every: int = 0           # 0: only at the end
@@ -151,6 +155,7 @@ class OptimConfig:
     amsgrad: bool = False               # AdamW's AMSGrad variant (MACE's default; `bench accuracy`, seed 1: no better)
     grad_clip: float = 10.0             # global gradient norm; 0 disables
     warmup_steps: int = 10
+    lr_final: float = 0.1               # the cosine decay ends at lr_final · lr
     ema_decay: float = 0.99             # exponential moving average of the weights, for validation, checkpoints
                                         # and model files (exaforce.training.ema); 0: off. `bench accuracy`,
                                         # 240 s: force MAE 225 meV/Å against 272 without (README)
@@ -296,6 +301,8 @@ def validate(cfg: Config) -> Config:
         if getattr(cfg.loss, key) < 0:
             raise ConfigError(f"loss.{key} = {getattr(cfg.loss, key)}: must be >= 0")
     _positive(cfg.optim.lr, "optim.lr")
+    if not 0.0 <= cfg.optim.lr_final <= 1.0:
+        raise ConfigError(f"optim.lr_final = {cfg.optim.lr_final}: must be in [0, 1] (a fraction of optim.lr)")
     if not 0.0 <= cfg.optim.ema_decay < 1.0:
         raise ConfigError(f"optim.ema_decay = {cfg.optim.ema_decay}: must be in [0, 1) (0: no averaging)")
     if cfg.optim.grad_clip < 0:

@@ -105,7 +105,7 @@ def exaforce_worker(preset: str, workload: str, batch: int, dtype: str, warmup: 
     pages kept resident). `device` as run.device."""
     from exaforce.comm.groups import build_groups
     from exaforce.config import DTYPES, Config, DataConfig, model_preset
-    from exaforce.device import choose_device, to_device
+    from exaforce.device import choose_device, keep_freed_host_memory, to_device
     from exaforce.graph import build_batch
     from exaforce.io.schema import Frames
     from exaforce.model.potential import Potential
@@ -123,6 +123,8 @@ def exaforce_worker(preset: str, workload: str, batch: int, dtype: str, warmup: 
                  model=model_preset(preset),
                  data=DataConfig(train=("bench",), global_batch_size=batch))
     on = choose_device(device)
+    if on.type == "cpu" and cfg.run.keep_host_heap:  # as the trainer does
+        keep_freed_host_memory()
     torch.manual_seed(BENCH_SEED)
     model = Potential(cfg.model).to(device=on, dtype=DTYPES[dtype])
     topo = Topology.single_process()

@@ -1,4 +1,4 @@
-"""The optimizer and its learning-rate schedule: linear warm-up, then cosine decay to 10 % of the peak
+"""The optimizer and its learning-rate schedule: linear warm-up, then cosine decay to optim.lr_final of the peak
 over the run's steps, or over its time budget (run.max_seconds) when that comes first."""
 
 from __future__ import annotations
@@ -21,11 +21,11 @@ class Schedule:
 
     def lr_at(self, step: int, time_fraction: float = 0.0) -> float:
         """time_fraction: the share of the time budget spent (the same on every rank)."""
-        warmup, peak = self.optim.warmup_steps, self.optim.lr
+        warmup, peak, final = self.optim.warmup_steps, self.optim.lr, self.optim.lr_final
         if step <= warmup:
             return peak * step / max(warmup, 1)
         progress = max((step - warmup) / max(self.total_steps - warmup, 1), time_fraction)
-        return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+        return peak * (final + (1 - final) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
 def make_optimizer(model: Potential, cfg: Config) -> tuple[torch.optim.Optimizer, Schedule]:

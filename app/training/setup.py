@@ -14,6 +14,7 @@ import torch
 from exaforce import checkpoint, finetune
 from exaforce.comm.groups import CommGroups
 from exaforce.config import DTYPES, Config, ConfigError
+from exaforce.device import keep_freed_host_memory
 from exaforce.model.offload import offload_experts
 from exaforce.model.potential import Potential
 from exaforce.parallel.parallelize import Parallel, parallelize
@@ -101,6 +102,8 @@ def build_run(cfg: Config, topo: Topology, groups: CommGroups, log: Callable[[st
         raise ConfigError(f"data.global_batch_size = {cfg.data.global_batch_size}: need at least "
                           f"{cfg.data.micro_batches} structure(s) per {share_taker(topo)} on {topo.layout.replicas} "
                           f"{share_taker(topo)}s (data.micro_batches)")
+    if device.type == "cpu" and cfg.run.keep_host_heap:
+        keep_freed_host_memory()
     run_dir = Path(cfg.run.out_dir)
     resume_from = checkpoint.resume_point(run_dir, cfg.run.resume, topo, log)  # collective; None: a new run
     model, data = build_model_and_data(cfg, topo, log, device)

@@ -113,6 +113,10 @@ def test_the_schedule_decays_over_a_time_budget():
     assert abs(schedule.lr_at(10, time_fraction=0.5) - 0.55) < 1e-12  # half the budget: half-way down the cosine
     assert abs(schedule.lr_at(10, time_fraction=1.0) - 0.1) < 1e-12
     assert schedule.lr_at(1, time_fraction=0.9) == 0.5  # warm-up is by steps
+    to_zero = Schedule(OptimConfig(lr=1.0, warmup_steps=2, lr_final=0.0), total_steps=1000)
+    assert to_zero.lr_at(1000) == 0.0 and abs(to_zero.lr_at(10, time_fraction=0.5) - 0.5) < 1e-12
+    with pytest.raises(config.ConfigError, match=r"optim.lr_final = 1.5: must be in \[0, 1\]"):
+        config.from_dict({"data": {"train": ["x.bp"]}, "optim": {"lr_final": 1.5}})
 
 
 @pytest.mark.parametrize("parallel, message", [

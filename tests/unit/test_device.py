@@ -167,3 +167,36 @@ def test_releasing_freed_host_memory_returns_freed_heap_pages_to_the_os():
     if out == "skip":
         pytest.skip("the C library has no malloc_trim (not glibc)")
     assert int(out) >= 300, f"only {out} MiB released of 384 freed"
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_a_kept_heap_reuses_freed_pages_instead_of_faulting_in_fresh_ones(keep):
+    """run.keep_host_heap: once the heap has settled, a 48 MiB tensor allocated and freed again
+    and again faults no page in (keep_freed_host_memory), instead of all its pages every time (glibc's default: over the mmap threshold, every block
+    is a fresh mapping that the kernel zero-fills page by page). Page faults, counted, not timed."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(f"""
+        import resource, torch
+        from exaforce.device import keep_freed_host_memory
+        if {keep} and not keep_freed_host_memory():
+            print("skip"); raise SystemExit
+        def faults():
+            return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(2):
+            torch.ones(12 << 20)  # the first ones: faulted in either way (glibc settles its heap)
+        before = faults()
+        for _ in range(4):
+            torch.ones(12 << 20)  # 48 MiB, freed at once
+        print(faults() - before)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.strip()
+    if out == "skip":
+        pytest.skip("the C library is not glibc (no mallopt)")
+    pages = 4 * (48 << 20) // 4096
+    if keep:
+        assert int(out) < pages // 20, f"{out} page faults for 4 reuses of a kept 48 MiB block"
+    else:
+        assert int(out) > pages // 2, f"only {out} page faults: glibc's default no longer maps large blocks afresh?"
