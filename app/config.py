@@ -132,8 +132,6 @@ class ModelConfig:
     radial_basis: int = 8               # Bessel functions
     angle_basis: int = 8                # Chebyshev polynomials of cos θ
     envelope_p: int = 6                 # smoothness exponent of the polynomial envelope
-    density_sum: bool = False           # light block: the atom update also reads the plain envelope-weighted sum of its
-                                        # bonds' features (a neighbour density, which the normalised attention averages out)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
