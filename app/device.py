@@ -143,7 +143,7 @@ def keep_freed_host_memory() -> bool:
     Why: a step allocates and frees the same tensors every step, and by default glibc hands back to
     the OS every block over its mmap threshold and a freed heap top over its trim threshold; the
     kernel zero-fills those pages again when they are next touched (this VM: a fresh 6.5 MB tensor
-    9 ms, a reused one 0.7 ms). Kept, the default model's step in `bench accuracy` runs 1.1–1.25×
+    9 ms, a reused one 0.7 ms). Kept, the default model's step in `bench accuracy` ran 1.0–1.2×
     faster at the same peak (README). Blocks come from the heap only, and the heap is never trimmed
     on glibc's own initiative: where memory should go back (run.release_host_memory on the
     memory-saving path), release_freed_host_memory still trims it explicitly."""
