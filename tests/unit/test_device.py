@@ -171,9 +171,10 @@ def test_releasing_freed_host_memory_returns_freed_heap_pages_to_the_os():
 
 @pytest.mark.parametrize("keep", [False, True])
 def test_a_kept_heap_reuses_freed_pages_instead_of_faulting_in_fresh_ones(keep):
-    """run.keep_host_heap: once the heap has settled, a 48 MiB tensor allocated and freed again
-    and again faults no page in (keep_freed_host_memory), instead of all its pages every time (glibc's default: over the mmap threshold, every block
-    is a fresh mapping that the kernel zero-fills page by page). Page faults, counted, not timed."""
+    """run.keep_host_heap: a 48 MiB tensor allocated and freed ten times faults its pages in at most
+    twice (keep_freed_host_memory: the heap settles within the first reuses), instead of every time
+    (glibc's default: a block over its mmap threshold is a fresh mapping that the kernel zero-fills
+    page by page). Page faults, counted, not timed."""
     import subprocess
     import sys
     import textwrap
@@ -185,18 +186,17 @@ def test_a_kept_heap_reuses_freed_pages_instead_of_faulting_in_fresh_ones(keep):
             print("skip"); raise SystemExit
         def faults():
             return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        for _ in range(2):
-            torch.ones(12 << 20)  # the first ones: faulted in either way (glibc settles its heap)
+        torch.ones(12 << 20)  # the first: faulted in either way
         before = faults()
-        for _ in range(4):
+        for _ in range(10):
             torch.ones(12 << 20)  # 48 MiB, freed at once
         print(faults() - before)
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.strip()
     if out == "skip":
         pytest.skip("the C library is not glibc (no mallopt)")
-    pages = 4 * (48 << 20) // 4096
+    block = (48 << 20) // 4096  # pages
     if keep:
-        assert int(out) < pages // 20, f"{out} page faults for 4 reuses of a kept 48 MiB block"
+        assert int(out) <= 2 * block + block // 10, f"{out} page faults in 10 reuses of a kept 48 MiB block"
     else:
-        assert int(out) > pages // 2, f"only {out} page faults: glibc's default no longer maps large blocks afresh?"
+        assert int(out) >= 8 * block, f"only {out} page faults: glibc's default no longer maps large blocks afresh?"
