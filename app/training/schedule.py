@@ -1,5 +1,5 @@
-"""The optimizer and its learning-rate schedule: linear warm-up, then cosine decay to optim.lr_final of the peak
-over the run's steps, or over its time budget (run.max_seconds) when that comes first."""
+"""The optimizer and its learning-rate schedule: linear warm-up, then cosine decay to optim.lr_final
+of the peak over the run's steps, or over its time budget (run.max_seconds) when that comes first."""
 
 from __future__ import annotations
 
