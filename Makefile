@@ -4,7 +4,7 @@ SETUP := bash envs/local/setup.sh $(VENV)
 PY := $(VENV)/bin/python
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: setup horovod slurm demo test clean
+.PHONY: setup horovod slurm demo test test-all clean
 
 setup:
 	@$(SETUP)
@@ -21,8 +21,13 @@ slurm:
 demo: setup
 	@bash scripts/demo.sh
 
+# CI's suite: every test not marked slow (scripts/test.sh says how it runs them).
 test: setup horovod slurm
 	@bash scripts/test.sh
+
+# Every test, the slow ones included.
+test-all: setup horovod slurm
+	@bash scripts/test.sh --all
 
 clean:
 	rm -rf demo runs .pytest_cache

@@ -104,7 +104,7 @@ run 0
     return path
 
 
-@pytest.mark.parametrize("ranks", [1, 2])
+@pytest.mark.parametrize("ranks", [pytest.param(1, marks=pytest.mark.slow), 2])
 def test_lammps_md_matches_the_ase_calculator(model, tmp_path, ranks):
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)

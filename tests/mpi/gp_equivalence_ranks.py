@@ -65,7 +65,7 @@ def main(out_path: str, gp: int, dp: int, ep: int, min_atoms: int, block: str, p
          halo: str = "ghost") -> None:
     topo = Topology.from_mpi(dp=dp, ep=ep, gp=gp)
     run = {"dtype": "float64", "recompute_lines": 0} if path == "plain" else \
-        {"dtype": "float64", "recompute_lines": 50, "store_all_below": 0}
+        {"dtype": "float64", "recompute_lines": 500, "store_all_below": 0}
     atoms = structures()
     cfg = from_dict({"data": {"train": ["unused.bp"], "global_batch_size": len(atoms)},
                      "model": {"preset": "small-moe", "blocks": 3, "moe_experts": 4} if block == "moe" else

@@ -35,7 +35,7 @@ def main(out_path: str, pp: int, dp: int, ep: int, schedule: str, block: str, pa
          chunks: str = "1") -> None:
     topo = Topology.from_mpi(dp=dp, ep=ep, pp=pp)
     run = {"dtype": "float64", "recompute_lines": 0} if path == "plain" else \
-        {"dtype": "float64", "recompute_lines": 50, "store_all_below": 0}
+        {"dtype": "float64", "recompute_lines": 500, "store_all_below": 0}
     cfg = from_dict({"data": {"train": ["unused.bp"], "global_batch_size": GLOBAL_BATCH},
                      "model": {"preset": "small-moe", "blocks": 4, "moe_experts": 4} if block == "moe" else
                               {"preset": "small", "blocks": max(4, pp * int(chunks)), "block": block},

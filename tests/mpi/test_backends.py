@@ -9,7 +9,7 @@ from conftest import run_mpi_script
 
 pytestmark = [pytest.mark.mpi, pytest.mark.backends]
 
-LAYOUTS = [(1, 1), (2, 1), (1, 2), (2, 2), (1, 4)]
+LAYOUTS = [(1, 1), (2, 1), (1, 2), pytest.param(2, 2, marks=pytest.mark.slow), pytest.param(1, 4, marks=pytest.mark.slow)]
 
 
 @pytest.mark.equivalence

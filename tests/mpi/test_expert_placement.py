@@ -56,7 +56,8 @@ resident_experts = {resident}
     return proc.stdout, steps
 
 
-@pytest.mark.parametrize("ranks, ep", [(2, 2), (4, 4), (4, 2)], ids=["ep2", "ep4", "dp2-ep2"])
+@pytest.mark.parametrize("ranks, ep", [(2, 2), pytest.param(4, 4, marks=pytest.mark.slow),
+                                       pytest.param(4, 2, marks=pytest.mark.slow)], ids=["ep2", "ep4", "dp2-ep2"])
 def test_replacing_replicating_and_offloading_experts_changes_no_number(dataset, ranks, ep):
     import torch
 

@@ -129,8 +129,7 @@ def resume_copy(pristine: Path, to: Path, data: Path, dp: int, ep: int, ranks: i
     return train(ranks, config(to.with_suffix(".toml"), data, to, dp, ep), "--resume")
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("dp, ep", [(2, 1), (1, 2)])
+@pytest.mark.parametrize("dp, ep", [(2, 1), pytest.param(1, 2, marks=pytest.mark.slow)])
 def test_sigterm_and_resume_equals_the_straight_run(dataset, root, dp, ep):
     """Acceptance 1: 20 steps straight == 10 steps + SIGTERM + resume for 10 (losses and parameters to 1e-12)."""
     reference = straight(dataset, root, dp, ep)

@@ -11,16 +11,18 @@ pytestmark = [pytest.mark.mpi, pytest.mark.equivalence]
 @pytest.mark.parametrize("gp, dp, ep, min_atoms, block, path, backend, halo", [
     (2, 1, 1, 0, "light", "plain", "mpi", "ghost"),
     (4, 1, 1, 0, "light", "fused", "mpi", "ghost"),
-    (4, 1, 1, 1000, "light", "plain", "mpi", "ghost"),   # no structure split: ranks that own no atom of a micro-batch
-    (2, 1, 2, 1000, "moe", "fused", "mpi", "ghost"),     # ... while their EP peers own atoms (the same all-to-alls)
+    # no structure split: ranks that own no atom of a micro-batch ... while their EP peers own atoms
+    pytest.param(4, 1, 1, 1000, "light", "plain", "mpi", "ghost", marks=pytest.mark.slow),
+    pytest.param(2, 1, 2, 1000, "moe", "fused", "mpi", "ghost", marks=pytest.mark.slow),
     (2, 2, 1, 0, "light", "fused", "mpi", "ghost"),
     (2, 1, 2, 0, "moe", "fused", "mpi", "ghost"),
     (2, 1, 1, 0, "matris", "plain", "mpi", "ghost"),
-    pytest.param(2, 2, 1, 0, "light", "plain", "torch", "ghost", marks=pytest.mark.backends),
+    pytest.param(2, 2, 1, 0, "light", "plain", "torch", "ghost", marks=[pytest.mark.backends, pytest.mark.slow]),
     # the per-block halo exchange: all-to-alls inside the forward and both backwards
     (2, 1, 1, 0, "light", "plain", "mpi", "exchange"),
-    (4, 1, 1, 0, "light", "fused", "mpi", "exchange"),
-    (4, 1, 1, 1000, "light", "plain", "mpi", "exchange"),  # a rank with no atom still meets every exchange
+    pytest.param(4, 1, 1, 0, "light", "fused", "mpi", "exchange", marks=pytest.mark.slow),
+    # a rank with no atom still meets every exchange
+    pytest.param(4, 1, 1, 1000, "light", "plain", "mpi", "exchange", marks=pytest.mark.slow),
     (2, 1, 2, 0, "moe", "fused", "mpi", "exchange"),
     (2, 2, 1, 0, "light", "fused", "mpi", "exchange"),
 ])

@@ -11,9 +11,9 @@ pytestmark = [pytest.mark.mpi, pytest.mark.equivalence]
 @pytest.mark.parametrize("pp, dp, ep, schedule, block, path, backend", [
     (2, 1, 1, "gpipe", "light", "plain", "mpi"),
     # interleaved stages (parallel.pp_chunks): 2 ranks × 2 stages, 4 ranks × 2 stages, MoE with EP inside
-    (2, 1, 1, "folded:2", "light", "fused", "mpi"),
-    (4, 1, 1, "folded:2", "light", "plain", "mpi"),
-    (2, 1, 2, "folded:2", "moe", "plain", "mpi"),
+    pytest.param(2, 1, 1, "folded:2", "light", "fused", "mpi", marks=pytest.mark.slow),
+    pytest.param(4, 1, 1, "folded:2", "light", "plain", "mpi", marks=pytest.mark.slow),
+    pytest.param(2, 1, 2, "folded:2", "moe", "plain", "mpi", marks=pytest.mark.slow),
     (2, 1, 1, "folded", "light", "fused", "mpi"),
     (4, 1, 1, "gpipe", "light", "fused", "mpi"),
     (4, 1, 1, "folded", "light", "plain", "mpi"),
@@ -23,10 +23,10 @@ pytestmark = [pytest.mark.mpi, pytest.mark.equivalence]
     (2, 1, 2, "folded", "moe", "fused", "mpi"),
     (2, 1, 1, "folded", "matris", "plain", "mpi"),
     # the stage replicas' gradient reduction through the other backends (transfers stay on MPI)
-    pytest.param(2, 2, 1, "folded", "light", "plain", "torch", marks=pytest.mark.backends),
-    pytest.param(2, 2, 1, "folded", "light", "plain", "horovod", marks=pytest.mark.backends),
+    pytest.param(2, 2, 1, "folded", "light", "plain", "torch", marks=[pytest.mark.backends, pytest.mark.slow]),
+    pytest.param(2, 2, 1, "folded", "light", "plain", "horovod", marks=[pytest.mark.backends, pytest.mark.slow]),
     # expert all-to-alls through gloo while the stages' transfers go over MPI
-    pytest.param(2, 1, 2, "folded", "moe", "fused", "torch", marks=pytest.mark.backends),
+    pytest.param(2, 1, 2, "folded", "moe", "fused", "torch", marks=[pytest.mark.backends, pytest.mark.slow]),
 ])
 def test_pipeline_step_equals_serial(tmp_path, pp, dp, ep, schedule, block, path, backend):
     schedule, _, chunks = schedule.partition(":")  # folded:2 — two stages per pipeline rank
