@@ -180,7 +180,6 @@ def test_scheduler_signal_through_mpiexec(dataset, root, tmp_path):
     assert_same_run(run_dir, reference, tol=1e-12)
 
 
-@pytest.mark.slow
 def test_kill_9_of_one_rank_ends_the_job_and_the_last_checkpoint_resumes(dataset, root, tmp_path):
     """Acceptance 2: kill -9 one rank mid-run; the job exits non-zero within 60 s; the last complete
     checkpoint loads, and resuming from it ends where the straight run ends."""
