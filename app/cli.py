@@ -549,7 +549,7 @@ def _preset_info(name: str) -> dict:
     return {"preset": name, "params": counts["total"], "dense_params": counts["dense"],
             "expert_params": counts["expert"], "active_params_per_atom": counts["active_per_token"],
             "moe_layers": counts["moe_layers"], "experts": cfg.moe_experts, "top_k": cfg.moe_top_k,
-            "width": cfg.width, "blocks": cfg.blocks, "edge_mlp_ratio": cfg.edge_mlp_ratio,
+            "width": cfg.width, "line_width": cfg.line_channels, "blocks": cfg.blocks, "edge_mlp_ratio": cfg.edge_mlp_ratio,
             "node_mlp_ratio": cfg.node_mlp_ratio, "cutoff": cfg.cutoff,
             "three_body_cutoff": cfg.three_body_cutoff, "elements": list(cfg.elements)}
 

@@ -40,7 +40,7 @@ class RunConfig:
                                         # sweep their lines in chunks of this many rows (memory: one chunk's
                                         # temporaries), the bond update is recomputed; 0: the plain autograd path
                                         # that stores every intermediate (the reference: far more memory)
-    store_all_below: int = 2**23        # dense models: a micro-batch whose line graph is small (triplets × width ×
+    store_all_below: int = 2**23        # dense models: a micro-batch whose line graph is small (triplets × line width ×
                                         # blocks below this) runs the plain path anyway: fastest, and its memory is
                                         # modest (the default model, 4 dense cells per rank, 4.7M: 3.2 GiB peak,
                                         # 1.4x the atoms/s); 0: never. MoE models follow recompute_lines alone
@@ -121,6 +121,8 @@ class ModelConfig:
                                         # second, at 3.5-4.1 Å, doubled the triplets); `bench accuracy`, 240 s:
                                         # force MAE 125 meV/Å against 272 at 6/4 Å (README)
     width: int = 64                     # channels D
+    line_width: int = 0                 # light block: most channels of the line graph's attention (bond pairs,
+                                        # the most rows); 0: width. Fewer make every per-triplet op cheaper
     blocks: int = 2                     # interaction blocks
     block: str = "light"                # light: exaforce's separable attention (no per-triplet state, fused
                                         # training path); matris: MatRIS's block with per-triplet features and
@@ -132,6 +134,17 @@ class ModelConfig:
     radial_basis: int = 8               # Bessel functions
     angle_basis: int = 8                # Chebyshev polynomials of cos θ
     envelope_p: int = 6                 # smoothness exponent of the polynomial envelope
+
+    @property
+    def line_channels(self) -> int:
+        """The channels of the line graph's attention: line_width, at most width (0: width)."""
+        return min(self.line_width, self.width) if self.line_width else self.width
+
+    @property
+    def line_channels_per_triplet(self) -> int:
+        """Channels a triplet carries over all blocks: a line graph's size in the units of
+        run.store_all_below (triplets × this)."""
+        return self.line_channels * self.blocks
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -294,6 +307,8 @@ def validate(cfg: Config) -> Config:
                           f"({cfg.model.cutoff} Å)")
     for key in ("width", "blocks", "edge_mlp_ratio", "node_mlp_ratio", "radial_basis", "angle_basis", "envelope_p"):
         _positive(getattr(cfg.model, key), f"model.{key}")
+    if cfg.model.line_width < 0:
+        raise ConfigError(f"model.line_width = {cfg.model.line_width}: must be >= 0 (0: model.width)")
     if cfg.model.moe_experts < 0 or (cfg.model.moe_experts and not 1 <= cfg.model.moe_top_k <= cfg.model.moe_experts):
         raise ConfigError(f"model.moe_experts = {cfg.model.moe_experts}, model.moe_top_k = {cfg.model.moe_top_k}: "
                           "need moe_experts >= 0 and 1 <= moe_top_k <= moe_experts")

@@ -60,7 +60,7 @@ class TrainedModel:
                              "energy_scale_ev": float(scale_H[h])} for h, head in enumerate(cfg.heads)},
             "cutoff_a": cfg.cutoff, "three_body_cutoff_a": cfg.three_body_cutoff, "blocks": cfg.blocks,
             "receptive_field_a": receptive_field(cfg),
-            "width": cfg.width, "moe_experts": cfg.moe_experts, "moe_top_k": cfg.moe_top_k, "parameters": parameters,
+            "width": cfg.width, "line_width": cfg.line_channels, "moe_experts": cfg.moe_experts, "moe_top_k": cfg.moe_top_k, "parameters": parameters,
             "units": UNITS, "model_config": dataclasses.asdict(cfg),
         }
 

@@ -126,7 +126,8 @@ def train_exaforce(cfg, root: Path, ranks: int, env: dict[str, str], log: Callab
     path = root / "exaforce.toml"
     write_config(cfg, path)
     log(f"bench accuracy: mpiexec -n {ranks} exaforce train, budget {cfg.run.max_seconds:g} s "
-        f"(start-up included), model width {cfg.model.width}, {cfg.model.blocks} blocks, global batch "
+        f"(start-up included), model width {cfg.model.width} (line graph {cfg.model.line_channels}), "
+        f"{cfg.model.blocks} blocks, global batch "
         f"{cfg.data.global_batch_size}")
     t0 = time.perf_counter()
     stdout = launch(on_ranks(ranks, exaforce_command("train", "--config", str(path))), "bench accuracy: training",

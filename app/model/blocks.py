@@ -55,14 +55,17 @@ class SeparableAttention(nn.Module):
     per-line tensor.
     """
 
-    def __init__(self, width: int, line_dim: int):
+    def __init__(self, entity_dim: int, line_dim: int, width: int | None = None):
+        """width: the channels each line carries (default entity_dim); fewer than the entities'
+        (model.line_width) makes every per-line op that much cheaper."""
         super().__init__()
+        width = width or entity_dim
         self.width = width
         # Entity projections, laid out so that each line needs one gather per endpoint:
         #   at the source: [score_0, gate_0 (self) | score_1, gate_1 (other) | value_1]
         #   at the target: [score_0, gate_0 (other) | score_1, gate_1 (self) | value_0]
         # Direction 0 aggregates into the source, direction 1 into the target.
-        self.entity_proj = nn.Linear(width, 10 * width)
+        self.entity_proj = nn.Linear(entity_dim, 10 * width)
         self.line_proj = nn.Linear(line_dim, 4 * width, bias=False)  # score/gate terms of the line itself
 
     def forward(self, entity_SD: torch.Tensor, line_XF: torch.Tensor, weight_X: torch.Tensor,
@@ -168,10 +171,10 @@ class InteractionBlock(nn.Module):
 
     def __init__(self, cfg: ModelConfig, ep_rank: int = 0, ep_size: int = 1):
         super().__init__()
-        d = cfg.width
-        self.line_attention = SeparableAttention(d, cfg.angle_basis)
-        self.edge_norm = RMSNorm(2 * d)
-        self.edge_update = UpdateMLP(cfg, 3 * d, cfg.edge_mlp_ratio * d, d, BONDS, ep_rank, ep_size)
+        d, line_width = cfg.width, cfg.line_channels
+        self.line_attention = SeparableAttention(d, cfg.angle_basis, line_width)
+        self.edge_norm = RMSNorm(2 * line_width)
+        self.edge_update = UpdateMLP(cfg, d + 2 * line_width, cfg.edge_mlp_ratio * d, d, BONDS, ep_rank, ep_size)
         self.edge_scale = nn.Parameter(torch.ones(d))
         self.atom_attention = SeparableAttention(d, d)
         self.node_norm = RMSNorm(2 * d)

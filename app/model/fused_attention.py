@@ -354,7 +354,7 @@ class Scratch:
 
 def _operands(inputs: Inputs, scratch: Scratch) -> _Operands:
     entity_SD, weight_PD = inputs.entity_SD, inputs.entity_weight_PD
-    width = entity_SD.shape[1]
+    width = weight_PD.shape[0] // 10  # the lines' channels (model.line_width), not necessarily the entities'
     weight_KDF = inputs.line_weight_4DF.view(4, width, -1)
     parts_SP = scratch.projection(entity_SD, weight_PD, inputs.entity_bias_P)
     return _Operands(parts_SP, weight_KDF, weight_KDF.transpose(1, 2).contiguous(), width)

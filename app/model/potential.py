@@ -315,7 +315,7 @@ def inference_plan(model: Potential, batch: GraphBatch) -> Recompute | None:
     same numbers whichever ranks or companions it is predicted with."""
     if model.cfg.block == "matris":  # it has no fused path
         return None
-    line_channels = batch.triplet_index_2T.shape[1] * model.cfg.width * len(model.blocks)
+    line_channels = batch.triplet_index_2T.shape[1] * model.cfg.line_channels_per_triplet
     # MoE: the fused path always, whatever the batch's size, since it re-issues the expert all-to-alls
     # while it recomputes and every rank of an EP group must issue the same ones (as in training)
     lean_above = 0 if model.moe_layers else LEAN_INFERENCE_ABOVE

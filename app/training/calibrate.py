@@ -200,7 +200,7 @@ def on_training_path(cfg: Config, model: Potential, index: GlobalIndex, replicas
     coefficients describe the work the steps do. `replicas`: the shares a global batch is dealt into."""
     per_micro = cfg.data.global_batch_size / (replicas * cfg.data.micro_batches)
     angles = float(index.counts_G3[~index.is_val_G, 2].mean()) if index.n_train else 0.0
-    plain = angles * per_micro * model.cfg.width * model.cfg.blocks < cfg.run.store_all_below
+    plain = angles * per_micro * model.cfg.line_channels_per_triplet < cfg.run.store_all_below
     return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, store_all_below=2**62 if plain else 0))
 
 

@@ -73,7 +73,7 @@ def step_plan(model: Potential, batch: GraphBatch, cfg: Config) -> Recompute | N
     exchanges (their backwards meet in the same order on a GPU's autograd thread too)."""
     if model.cfg.block == "matris":
         return None  # it has no fused path
-    line_channels = batch.triplet_index_2T.shape[1] * model.cfg.width * model.cfg.blocks
+    line_channels = batch.triplet_index_2T.shape[1] * model.cfg.line_channels_per_triplet
     store_all_below = 0 if model.moe_layers else cfg.run.store_all_below
     on_cpu = model.energy_scale_H.device.type == "cpu"  # a buffer every pipeline stage keeps
     return Recompute.from_run(cfg.run.recompute_lines, cfg.run.recompute_bonds, store_all_below, line_channels,

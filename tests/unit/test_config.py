@@ -19,6 +19,7 @@ def test_defaults_and_int_to_float():
     ({"model": {"cutoff": -1.0}}, "model.cutoff = -1.0: must be > 0 Å"),
     ({"model": {"three_body_cutoff": 7.0}}, "model.three_body_cutoff = 7.0: must be <= model.cutoff"),
     ({"model": {"elements": ["Cu", "Xq"]}}, "unknown element(s) ['Xq']"),
+    ({"model": {"line_width": -8}}, "model.line_width = -8: must be >= 0"),
     ({"run": {"dtype": "float16"}}, "run.dtype = 'float16'"),
     ({"run": {"max_seconds": -5.0}}, "run.max_seconds = -5.0: must be >= 0"),
     ({"run": {"steps": "10"}}, "run.steps = '10': must be of type int"),

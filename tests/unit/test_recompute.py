@@ -64,6 +64,20 @@ def test_recomputed_step_equals_stored_step(moe, chunk, bonds):
         assert float((a - b).abs().max()) <= 1e-12 * scale, name
 
 
+@pytest.mark.parametrize("bonds", [True, False], ids=["bonds-recomputed", "bond-sums-stored"])
+def test_a_narrow_line_graph_recomputed_equals_stored(bonds):
+    """model.line_width below width: the fused op takes its lines' channels from its weights."""
+    torch.manual_seed(0)
+    model = Potential(ModelConfig(width=16, line_width=8, blocks=2, elements=("Cu", "Au"))).double()
+    assert model.blocks[0].line_attention.entity_proj.weight.shape == (80, 16)
+    stored, stored_grads = loss_and_grads(model, None)
+    recomputed, recomputed_grads = loss_and_grads(model, Recompute(700, bonds, 300))
+    for key, value in stored.items():
+        torch.testing.assert_close(recomputed[key], value, rtol=0, atol=1e-12, msg=key)
+    for (name, _), a, b in zip(model.named_parameters(), recomputed_grads, stored_grads):
+        assert float((a - b).abs().max()) <= 1e-12 * max(float(b.abs().max()), 1.0), name
+
+
 @pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
 def test_inference_takes_the_lean_path_above_its_limit_and_equals_the_plain_one(monkeypatch, moe):
     """Inference above LEAN_INFERENCE_ABOVE (MoE models: always, since the fused path re-issues the
@@ -172,7 +186,7 @@ def test_scratch_projection_is_recomputed_after_an_in_place_change():
 
 
 def test_the_step_stores_everything_for_small_line_graphs_of_dense_models():
-    """run.store_all_below: the plain path for a micro-batch whose triplets × width × blocks is below
+    """run.store_all_below: the plain path for a micro-batch whose triplets × line width × blocks is below
     it (dense models), the configured fused path above it, and always for MoE models (whose fused
     path issues all-to-alls while it recomputes: every rank must take the same path)."""
     from exaforce.config import Config, RunConfig
@@ -189,6 +203,9 @@ def test_the_step_stores_everything_for_small_line_graphs_of_dense_models():
     assert step_plan(dense, batch, at(0)) == fused                                     # 0: never stored
     assert step_plan(moe, batch, at(10**12)) == fused                                  # MoE: as configured
     assert step_plan(dense, batch, at(0, lines=0)) is None                            # recompute_lines 0: plain
+    narrow = Potential(ModelConfig(width=16, line_width=4, blocks=2, elements=("Cu", "Au")))  # 4 channels a line
+    assert step_plan(narrow, batch, at(line_channels // 4 + 1)) is None
+    assert step_plan(narrow, batch, at(line_channels // 4)) == fused
 
 
 def test_calibration_takes_the_path_of_a_typical_training_micro_batch():
