@@ -48,7 +48,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from exaforce.config import ConfigError, ModelConfig
+from exaforce.config import ConfigError, ModelConfig, saved_model_table
 from exaforce.io.atomic import remove, replace_path, write_file_atomically
 
 FORMAT = 1
@@ -452,8 +452,10 @@ def model_config_differences(saved: dict[str, Any], current: dict[str, Any]) -> 
     """{field: (saved value, current value)} of every model-config field that differs, in `current`'s
     order, then fields only `saved` has. A tuple equals the list it becomes when a config is saved.
     Restore needs equality; fine-tuning (exaforce.finetune) lets the heads differ. A field the saved
-    config lacks (added to ModelConfig after the checkpoint was written) counts as its default."""
+    config lacks (added to ModelConfig after the checkpoint was written) counts as its default, or as
+    its value then where the default has changed since (config.WRITTEN_BEFORE)."""
     defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig) if f.default is not dataclasses.MISSING}
+    saved = saved_model_table(saved)
     saved = {**{k: v for k, v in defaults.items() if k not in saved}, **saved}
     keys = [*current, *(k for k in saved if k not in current)]
     return {k: (saved.get(k), current.get(k)) for k in keys if _plain(saved.get(k)) != _plain(current.get(k))}

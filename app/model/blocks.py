@@ -178,7 +178,11 @@ class InteractionBlock(nn.Module):
         self.edge_scale = nn.Parameter(torch.ones(d))
         self.atom_attention = SeparableAttention(d, d)
         self.node_norm = RMSNorm(2 * d)
-        self.node_update = UpdateMLP(cfg, 3 * d, cfg.node_mlp_ratio * d, d, ATOMS, ep_rank, ep_size)
+        # density_sum: Σ_bonds w·bond, scaled per channel (1/16 at the start: dense metal cells hold about 16
+        # bonds' worth of envelope weight within 5 Å), beside the attention's normalised message.
+        self.density_scale = nn.Parameter(torch.full((d,), 1 / 16)) if cfg.density_sum else None
+        self.node_update = UpdateMLP(cfg, (4 if cfg.density_sum else 3) * d, cfg.node_mlp_ratio * d, d, ATOMS,
+                                     ep_rank, ep_size)
         self.node_scale = nn.Parameter(torch.ones(d))
 
     def forward(self, node_ND: torch.Tensor, edge_ED: torch.Tensor, class_N: torch.Tensor,
@@ -212,8 +216,11 @@ class InteractionBlock(nn.Module):
 
         # Atom graph: each atom gathers from the bonds it starts and the bonds it ends.
         atom_sums = self.atom_attention.segment_sums(node_ND, edge_ED, edge_weight_E, edge_index_2E, plan)
-        node_in_N3D = torch.cat([node_ND, SeparableAttention.normed_message(atom_sums, self.node_norm)], -1)
-        node_ND = node_ND + self.node_scale * self.node_update(node_in_N3D, class_N, routing)
+        node_in = [node_ND, SeparableAttention.normed_message(atom_sums, self.node_norm)]
+        if self.density_scale is not None:
+            weighted_ED = edge_weight_E.unsqueeze(1) * edge_ED
+            node_in.append(self.density_scale * torch.zeros_like(node_ND).index_add(0, edge_index_2E[0], weighted_ED))
+        node_ND = node_ND + self.node_scale * self.node_update(torch.cat(node_in, -1), class_N, routing)
         return node_ND, edge_ED
 
     def _attend_and_update_edges(self, edge_ED: torch.Tensor, angle_TA: torch.Tensor, triplet_weight_T: torch.Tensor,

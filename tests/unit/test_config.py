@@ -134,3 +134,20 @@ def test_pipeline_layout_is_validated(parallel, message):
     ok = config.from_dict({"data": {"train": ["x.bp"]}, "model": {"preset": "small", "blocks": 4},
                            "parallel": {"pp": 2, "pp_chunks": 2, "pp_split": [1, 1, 1, 1]}})
     assert ok.parallel.pp_chunks == 2
+
+
+def test_a_model_saved_before_line_width_and_density_sum_is_rebuilt_as_it_was():
+    """Model files and checkpoints written before these fields existed hold full-width line graphs
+    and no density input: their absence means that, not today's defaults (config.WRITTEN_BEFORE)."""
+    import dataclasses
+
+    from exaforce.checkpoint import model_config_differences
+
+    saved = dataclasses.asdict(config.ModelConfig())
+    del saved["line_width"], saved["density_sum"]
+    rebuilt = config.model_from_dict(saved)
+    assert (rebuilt.line_channels, rebuilt.density_sum) == (64, False)
+    assert config.model_from_dict({**saved, "line_width": 16, "density_sum": True}).line_channels == 16
+    as_written = dataclasses.asdict(dataclasses.replace(config.ModelConfig(), line_width=0, density_sum=False))
+    assert model_config_differences(saved, as_written) == {}
+    assert set(model_config_differences(saved, dataclasses.asdict(config.ModelConfig()))) == {"line_width", "density_sum"}
