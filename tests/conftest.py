@@ -66,3 +66,14 @@ def small_run_config(root: Path, dataset: str = "emt.bp", name: str = "run.toml"
     path = root / name
     path.write_text(f'[run]\n{keys}[model]\npreset = "small"\n[data]\ntrain = ["{dataset}"]\nglobal_batch_size = 2\n')
     return path
+
+
+def predict_float64(model, atoms, training: bool = False):
+    """energy_forces_stress of one structure in float64 on the model's own cutoffs (model tests)."""
+    import torch
+
+    from exaforce.graph import batch_from_atoms
+    from exaforce.model.potential import energy_forces_stress
+
+    batch = batch_from_atoms([atoms], model.species_table(), model.cfg.cutoff, model.cfg.three_body_cutoff)
+    return energy_forces_stress(model, batch.to("cpu", torch.float64), training=training)

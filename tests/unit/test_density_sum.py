@@ -10,11 +10,12 @@ from ase import Atoms
 from ase.build import bulk
 from scipy.spatial.transform import Rotation
 
+from conftest import predict_float64
 from exaforce.config import ModelConfig
-from exaforce.graph import batch_from_atoms
-from exaforce.model.potential import Potential, energy_forces_stress
+from exaforce.model.potential import Potential
 
 pytestmark = pytest.mark.physics
+predict = predict_float64
 CFG = ModelConfig(width=16, blocks=2, elements=("Cu", "Au"), density_sum=True, cutoff=5.0, three_body_cutoff=3.2)
 
 
@@ -22,11 +23,6 @@ CFG = ModelConfig(width=16, blocks=2, elements=("Cu", "Au"), density_sum=True, c
 def model() -> Potential:
     torch.manual_seed(1)
     return Potential(CFG).double()
-
-
-def predict(model: Potential, atoms: Atoms, training: bool = False):
-    batch = batch_from_atoms([atoms], model.species_table(), CFG.cutoff, CFG.three_body_cutoff)
-    return energy_forces_stress(model, batch.to("cpu", torch.float64), training=training)
 
 
 def cell() -> Atoms:
