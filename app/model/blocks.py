@@ -167,7 +167,8 @@ class UpdateMLP(nn.Module):
 class InteractionBlock(nn.Module):
     """Line-graph attention updates bonds from bond pairs (three-body, angle-aware), then
     atom-graph attention updates atoms from bonds; each update is a gated MLP on an RMS-normed
-    aggregate with a learnable per-channel residual scale."""
+    aggregate (atoms: beside their neighbour density, model.density_sum) with a learnable
+    per-channel residual scale."""
 
     def __init__(self, cfg: ModelConfig, ep_rank: int = 0, ep_size: int = 1):
         super().__init__()
