@@ -134,6 +134,9 @@ def _malloc_trim():
 
 
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
+# keep_freed_host_memory's settings for a process that is not ours to call mallopt in (glibc reads
+# GLIBC_TUNABLES at start-up): `bench accuracy` gives its reference trainer the same heap as exaforce
+KEPT_HEAP_TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=2147483647"
 
 
 def keep_freed_host_memory() -> bool:

@@ -3,7 +3,8 @@
 MACE-small as in issue 18: 32x0e+32x1o, max_L 1, r_max 5 Å, 2 interactions, batch 4, lr 0.01, EMA
 (0.99), float32, E0s the training set's average, 5 % of the training cells held out for its own
 validation (as its command line requires one). Everything else is run_train's default (loss
-"weighted": energy and forces, AMSGrad Adam, ReduceLROnPlateau).
+"weighted": energy and forces, AMSGrad Adam, ReduceLROnPlateau). Its process keeps its freed heap
+as exaforce's CPU steps do (accuracy.reference_environment: the same treatment for both trainers).
 
 run_train has no time budget: it is started with a large epoch limit and killed when the budget
 is spent. Its checkpoints (the EMA weights of each epoch whose validation loss improved) are

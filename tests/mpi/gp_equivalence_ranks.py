@@ -30,7 +30,7 @@ from exaforce.parallel.topology import Topology
 from exaforce.training.schedule import make_optimizer
 from exaforce.training.step import train_step
 
-from step_reference import compare_with_serial, rel_diff, seeded_model  # beside this script
+from step_reference import DEFAULT_SHAPE, compare_with_serial, rel_diff, seeded_model  # beside this script
 
 MICRO_BATCHES = 3  # at gp = 4 without splitting, the first (3 structures) leaves a rank empty
 
@@ -67,9 +67,12 @@ def main(out_path: str, gp: int, dp: int, ep: int, min_atoms: int, block: str, p
     run = {"dtype": "float64", "recompute_lines": 0} if path == "plain" else \
         {"dtype": "float64", "recompute_lines": 500, "store_all_below": 0}
     atoms = structures()
+    model_table = {"preset": "small-moe", "blocks": 3, "moe_experts": 4} if block == "moe" else \
+        {"preset": "small", "blocks": 3, "block": block}
+    if block != "matris":
+        model_table |= DEFAULT_SHAPE
     cfg = from_dict({"data": {"train": ["unused.bp"], "global_batch_size": len(atoms)},
-                     "model": {"preset": "small-moe", "blocks": 3, "moe_experts": 4} if block == "moe" else
-                              {"preset": "small", "blocks": 3, "block": block},
+                     "model": model_table,
                      "loss": {"moe_aux_weight": 0.1},
                      "parallel": {"dp": dp, "ep": ep, "gp": gp, "gp_min_atoms": min_atoms, "gp_halo": halo},
                      "comm": {"bucket_mb": 0.05, "backend": backend}, "run": run})

@@ -25,7 +25,7 @@ from exaforce.parallel.topology import Topology
 from exaforce.training.schedule import make_optimizer
 from exaforce.training.step import train_step
 
-from step_reference import compare_with_serial, rel_diff, seeded_model  # beside this script
+from step_reference import DEFAULT_SHAPE, compare_with_serial, rel_diff, seeded_model  # beside this script
 
 GLOBAL_BATCH = 8
 MICRO_BATCHES = 3
@@ -36,9 +36,12 @@ def main(out_path: str, pp: int, dp: int, ep: int, schedule: str, block: str, pa
     topo = Topology.from_mpi(dp=dp, ep=ep, pp=pp)
     run = {"dtype": "float64", "recompute_lines": 0} if path == "plain" else \
         {"dtype": "float64", "recompute_lines": 500, "store_all_below": 0}
+    model_table = {"preset": "small-moe", "blocks": 4, "moe_experts": 4} if block == "moe" else \
+        {"preset": "small", "blocks": max(4, pp * int(chunks)), "block": block}
+    if block != "matris":
+        model_table |= DEFAULT_SHAPE
     cfg = from_dict({"data": {"train": ["unused.bp"], "global_batch_size": GLOBAL_BATCH},
-                     "model": {"preset": "small-moe", "blocks": 4, "moe_experts": 4} if block == "moe" else
-                              {"preset": "small", "blocks": max(4, pp * int(chunks)), "block": block},
+                     "model": model_table,
                      "loss": {"moe_aux_weight": 0.1},
                      "parallel": {"dp": dp, "ep": ep, "pp": pp, "pp_schedule": schedule, "pp_chunks": int(chunks)},
                      "comm": {"bucket_mb": 0.05, "backend": backend}, "run": run})

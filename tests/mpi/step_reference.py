@@ -1,6 +1,7 @@
-"""What the equivalence scripts under mpiexec share (imported from beside them): the seeded float64
-model every rank starts from, and the single-process step on the whole global batch that a
-distributed step must equal (parameter gradients, loss, gradient norm, MoE aux loss)."""
+"""What the equivalence scripts under mpiexec share (imported from beside them): the default model's
+light-block options to put on a small preset, the seeded float64 model every rank starts from, and the
+single-process step on the whole global batch that a distributed step must equal (parameter
+gradients, loss, gradient norm, MoE aux loss)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,11 @@ from exaforce.parallel.parallelize import parallelize
 from exaforce.parallel.topology import Topology
 from exaforce.training.schedule import make_optimizer
 from exaforce.training.step import StepResult, train_step
+
+
+# The default model's light-block shape at the small presets' width (16): a line graph narrower than
+# the atoms and bonds, and the neighbour-density input (the presets themselves have neither).
+DEFAULT_SHAPE = {"line_width": 8, "density_sum": True}
 
 
 def rel_diff(a: np.ndarray, b: np.ndarray) -> float:
