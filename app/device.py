@@ -134,9 +134,10 @@ def _malloc_trim():
 
 
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
-# keep_freed_host_memory's settings for a process that is not ours to call mallopt in (glibc reads
-# GLIBC_TUNABLES at start-up): `bench accuracy` gives its reference trainer the same heap as exaforce
-KEPT_HEAP_TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=2147483647"
+KEPT_MMAP_MAX, KEPT_TRIM_THRESHOLD = 0, 2**31 - 1  # the kept heap: no mmap, never trimmed
+# The same settings for a process that is not ours to call mallopt in (glibc reads GLIBC_TUNABLES at
+# start-up): `bench accuracy` gives its reference trainer the same heap as exaforce
+KEPT_HEAP_TUNABLES = f"glibc.malloc.mmap_max={KEPT_MMAP_MAX}:glibc.malloc.trim_threshold={KEPT_TRIM_THRESHOLD}"
 
 
 def keep_freed_host_memory() -> bool:
@@ -153,7 +154,7 @@ def keep_freed_host_memory() -> bool:
     mallopt = _libc("mallopt", (ctypes.c_int, ctypes.c_int), ctypes.c_int)
     if mallopt is None:
         return False
-    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+    return bool(mallopt(M_MMAP_MAX, KEPT_MMAP_MAX)) and bool(mallopt(M_TRIM_THRESHOLD, KEPT_TRIM_THRESHOLD))
 
 
 def release_freed_host_memory() -> None:
