@@ -97,14 +97,14 @@ def measured_bubble(ranks: list[dict]) -> float:
     return 1.0 - work / (len(ranks) * span)
 
 
-INTERLEAVED = (2, 3, 4)  # stages per rank the simulator tries at pp <= MAX_INTERLEAVED_PP
-MAX_INTERLEAVED_PP = 16   # list scheduling of pp·chunks stages is slow in Python beyond this (pp 16, v 4: 20 s)
+INTERLEAVED = (2, 3, 4, 8)  # stages per rank the simulator tries, up to MAX_SIMULATED_STAGES stages in all
+MAX_SIMULATED_STAGES = 64    # list scheduling of pp·chunks stages is slow in Python beyond this (pp 16, v 4: 1 min)
 
 
 def simulated(costs: tuple[float, ...], points: list[tuple[int, int]]) -> list[dict]:
     """gpipe against folded on equal stages with the measured relative phase costs, at each (pp,
     micro-batches): contiguous stages with the bound on live micro-batches chosen by simulation, and
-    at pp <= MAX_INTERLEAVED_PP interleaved stages with every micro-batch admitted and with pp + 1
+    interleaved stages (up to MAX_SIMULATED_STAGES in all) with every micro-batch admitted and with pp + 1
     (the bound that keeps memory within 1/pp of pp = 1 plus one micro-batch's graph)."""
     from exaforce.parallel.pipeline_schedule import choose_alive, folded, gpipe, lower_bound, simulate
 
@@ -112,8 +112,8 @@ def simulated(costs: tuple[float, ...], points: list[tuple[int, int]]) -> list[d
     for pp, m in points:
         base = simulate(gpipe(pp, m), costs)
         variants = [(1, choose_alive(pp, m, costs))]
-        if pp <= MAX_INTERLEAVED_PP:
-            variants += [(v, k) for v in INTERLEAVED for k in sorted({m, min(pp + 1, m)}, reverse=True)]
+        variants += [(v, k) for v in INTERLEAVED if pp * v <= MAX_SIMULATED_STAGES
+                     for k in sorted({m, min(pp + 1, m)}, reverse=True)]
         for chunks, alive in variants:
             ours = simulate(folded(pp, m, alive, costs, chunks), costs, chunks)
             rows.append({"pp": pp, "micro_batches": m, "chunks": chunks, "gpipe_bubble": base.bubble,
@@ -193,7 +193,8 @@ def bench_pp(preset: str, workload: str, batch: int, micro_batches: int, stages:
     for row in results["simulated"]:
         log(f"  simulated pp = {row['pp']:>2}, {row['micro_batches']:>3} micro-batches, {row['chunks']} stage(s) per "
             f"rank: bubble gpipe {row['gpipe_bubble']:.3f}, folded {row['folded_bubble']:.3f} (≤ "
-            f"{row['folded_alive']} alive per rank, gpipe {row['gpipe_peak_alive']}); throughput folded / gpipe "
+            f"{row['folded_alive']} alive per rank, peak {row['folded_peak_alive']:.2f}; gpipe "
+            f"{row['gpipe_peak_alive']}); throughput folded / gpipe "
             f"{row['throughput_ratio']:.3f} (no schedule on these stages beats gpipe by more than "
             f"{row['best_possible_ratio']:.3f}×)")
     log(schedule_charts(costs, 8, 16))

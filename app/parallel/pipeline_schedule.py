@@ -64,6 +64,7 @@ from __future__ import annotations
 
 import functools
 import heapq
+import itertools
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -75,6 +76,7 @@ from exaforce.config import PP_SCHEDULES as SCHEDULES
 DEFAULT_PHASE_COSTS = (1.0, 1.4, 0.5, 3.2)
 Costs = tuple[float, float, float, float]  # the four phases' relative costs of a rank's whole share of blocks
 ALPHAS = (0.0, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8)  # pulls towards older micro-batches the folded schedule tries
+WAVE_ALPHAS = (0.2, 0.4, 0.6)                 # … and within waves of micro-batches (module docstring)
 
 
 @dataclass(frozen=True, order=True, slots=True)
@@ -207,27 +209,37 @@ def _critical_path(pipeline: Pipeline, costs: Costs) -> dict[tuple[int, int], fl
 
 
 def _list_schedule(pipeline: Pipeline, micro_batches: int, alive: int, costs: Costs,
-                   priority: Callable[[Op], tuple]) -> list[list[Op]]:
+                   priority: Callable[[Op], tuple], reserve: bool = True) -> list[list[Op]] | None:
     """Each rank, whenever free, runs its ready op of least `priority`. Memory is counted in stage graphs
-    (a stage's lives from its phase 1 to its phase 4): a micro-batch enters the rank's first stage only
-    while the rank's stage graphs, held or reserved, leave room for its `chunks` ones within
-    `alive`·chunks; it reserves them there and each of its phase-4 ops frees one. Reserved on entry, a
-    micro-batch always finds its graphs' room on this rank further on, so the bound cannot deadlock
-    the pipeline. Returns the orders it produced."""
+    (a stage's lives from its phase 1 to its phase 4), at most `alive`·chunks per rank. With `reserve`, a
+    micro-batch enters the rank's first stage only while the rank's stage graphs, held or reserved,
+    leave room for its `chunks` ones; it reserves them there and each of its phase-4 ops frees one:
+    reserved on entry, a micro-batch always finds its graphs' room further on, so the bound cannot
+    deadlock the pipeline. Without, each phase-1 op takes a graph's room when it runs (a micro-batch
+    may enter before the room for all its stages on the rank is free): the room is used sooner, but
+    the pipeline can stall with every rank's room held by micro-batches that wait for room elsewhere;
+    then None. Returns the orders it produced."""
     pp, v = pipeline.pp, pipeline.chunks
     orders: list[list[Op]] = [[] for _ in range(pp)]
     done: dict[Op, float] = {}
-    reserved, free = [0] * pp, [0.0] * pp
+    held, free = [0] * pp, [0.0] * pp  # stage graphs held (or reserved) per rank
     pending = {r: {Op(1, 0, s) for s in pipeline.stages_of(r)} for r in range(pp)}  # candidate ops per rank
     events: list[tuple[float, int]] = [(0.0, r) for r in range(pp)]
     total = 4 * micro_batches * v
+
+    def room(op: Op, r: int) -> bool:
+        if op.phase != 1:
+            return True
+        if reserve:
+            return op.stage != r or held[r] + v <= alive * v
+        return held[r] + 1 <= alive * v
+
     while events:
         now, r = heapq.heappop(events)
         if now < free[r] or len(orders[r]) == total:
             continue
         ready = [op for op in pending[r]
-                 if all(d in done and done[d] <= now for d in dependencies(op, pipeline.stages))
-                 and (op.phase != 1 or op.stage != r or reserved[r] + v <= alive * v)]
+                 if all(d in done and done[d] <= now for d in dependencies(op, pipeline.stages)) and room(op, r)]
         if not ready:
             continue
         op = min(ready, key=priority)
@@ -236,11 +248,11 @@ def _list_schedule(pipeline: Pipeline, micro_batches: int, alive: int, costs: Co
         end = now + pipeline.cost(op, costs)
         done[op] = free[r] = end
         if op.phase == 1:
-            reserved[r] += v if op.stage == r else 0
+            held[r] += (v if op.stage == r else 0) if reserve else 1
             if op.micro + 1 < micro_batches:
                 pending[r].add(Op(1, op.micro + 1, op.stage))
         if op.phase == 4:
-            reserved[r] -= 1
+            held[r] -= 1
         if op.phase < 4:
             pending[r].add(Op(op.phase + 1, op.micro, op.stage))
         # This rank looks again when it is free; the rank this op may have unblocked, when it ends.
@@ -249,9 +261,11 @@ def _list_schedule(pipeline: Pipeline, micro_batches: int, alive: int, costs: Co
         if 0 <= neighbour < pipeline.stages:
             other = pipeline.rank(neighbour)
             heapq.heappush(events, (max(end, free[other]), other))
-    if any(len(o) != total for o in orders):
+    if all(len(o) == total for o in orders):
+        return orders
+    if reserve:
         raise AssertionError("folded schedule: list scheduling left ops unscheduled")
-    return orders
+    return None  # stalled: every rank's room held by micro-batches waiting for room elsewhere
 
 
 @functools.lru_cache(maxsize=64)
@@ -271,6 +285,13 @@ def folded(pp: int, micro_batches: int, alive: int, costs: Costs = DEFAULT_PHASE
         lambda o: (o.micro - left[(o.phase, o.stage)] / per_micro, -o.phase)]
     priorities += [functools.partial(_longest_chain_first, left, alpha * per_micro / chunks) for alpha in ALPHAS]
     candidates = [_list_schedule(pipeline, micro_batches, alive, costs, p) for p in priorities]
+    if alive < micro_batches:  # waves of about pp micro-batches, graphs taken stage by stage
+        for size, alpha in itertools.product({max(pp - 1, 1), pp}, WAVE_ALPHAS):
+            in_waves = functools.partial(_in_waves, size, max(micro_batches // size, 1),
+                                         functools.partial(_longest_chain_first, left, alpha * per_micro / chunks))
+            orders = _list_schedule(pipeline, micro_batches, alive, costs, in_waves, reserve=False)
+            if orders is not None:
+                candidates.append(orders)
     if alive >= micro_batches and chunks == 1:
         candidates.append(gpipe(pp, micro_batches))
     return min(candidates, key=lambda orders: simulate(orders, costs, chunks).makespan)
@@ -278,6 +299,12 @@ def folded(pp: int, micro_batches: int, alive: int, costs: Costs = DEFAULT_PHASE
 
 def _longest_chain_first(left: dict[tuple[int, int], float], pull: float, op: Op) -> tuple:
     return (pull * op.micro - left[(op.phase, op.stage)], -op.phase)
+
+
+def _in_waves(size: int, waves: int, priority: Callable[[Op], tuple], op: Op) -> tuple:
+    """Micro-batches 0 … size − 1 before the next `size`, and so on, the last of the `waves` taking the
+    rest; `priority` within a wave."""
+    return (min(op.micro // size, waves - 1), *priority(op))
 
 
 def lower_bound(pp: int, micro_batches: int, costs: Costs, chunks: int = 1) -> float:

@@ -2,8 +2,8 @@
 
 import pytest
 
-from exaforce.parallel.pipeline_schedule import (DEFAULT_PHASE_COSTS, Op, Pipeline, choose_alive, folded, gpipe,
-                                                 lower_bound, schedule, simulate)
+from exaforce.parallel.pipeline_schedule import (DEFAULT_PHASE_COSTS, Op, Pipeline, _list_schedule, choose_alive,
+                                                 folded, gpipe, lower_bound, schedule, simulate)
 
 EQUAL = (1.0, 1.0, 1.0, 1.0)
 
@@ -111,3 +111,29 @@ def test_peak_alive_is_counted_in_micro_batches_worth_of_stage_graphs():
     assert simulate([ops], EQUAL, 2).peak_alive(0) == 1.0
     late = ops[:8] + [Op(1, 1, 1)] + ops[8:9] + ops[10:]  # micro-batch 1 on stage 1 before stage 0 of 0 is freed
     assert simulate([late], EQUAL, 2).peak_alive(0) == 1.5
+
+
+def test_graphs_taken_stage_by_stage_can_stall_and_are_then_not_an_order():
+    # pp = 2, two stages per rank, room for one micro-batch's graphs: micro-batch 1 takes rank 0's second
+    # graph (its stage 0) before micro-batch 0 reaches stage 2 on the same rank, and nothing can move.
+    pipeline, oldest_first = Pipeline(2, 2), lambda o: (o.micro, -o.phase)
+    assert _list_schedule(pipeline, 2, 1, DEFAULT_PHASE_COSTS, oldest_first, reserve=False) is None
+    reserved = _list_schedule(pipeline, 2, 1, DEFAULT_PHASE_COSTS, oldest_first)  # room reserved on entry
+    assert max(simulate(reserved, DEFAULT_PHASE_COSTS, 2).peak_alive(r) for r in range(2)) <= 1
+    timeline = simulate(folded(2, 2, 1, DEFAULT_PHASE_COSTS, 2), DEFAULT_PHASE_COSTS, 2)  # folded skips the stall
+    assert max(timeline.peak_alive(r) for r in range(2)) <= 1
+
+
+# README's latest measured phase costs (demo preset, pp = 4, 2026-12-06).
+MEASURED_DEC6 = (1.0, 1.73, 1.34, 3.96)
+
+
+@pytest.mark.parametrize("chunks, at_least", [(4, 1.20), (8, 1.30)])
+def test_waves_of_pp_micro_batches_within_the_memory_bound_at_pp8(chunks, at_least):
+    # Issue 22's target: 1.3x gpipe at pp = 8, M = 16 with at most pp + 1 micro-batches' graphs per rank
+    # (1/pp of pp = 1 plus one micro-batch's whole-model graph). Without the waves: 1.174x and 1.250x.
+    pp, micro, alive = 8, 16, 9
+    base = simulate(gpipe(pp, micro), MEASURED_DEC6).makespan
+    timeline = simulate(folded(pp, micro, alive, MEASURED_DEC6, chunks), MEASURED_DEC6, chunks)
+    assert base / timeline.makespan >= at_least
+    assert max(timeline.peak_alive(r) for r in range(pp)) <= alive
