@@ -1,10 +1,11 @@
-"""Run under `mpiexec -n K script OUT PP DP EP SCHEDULE BLOCK PATH [BACKEND [CHUNKS]]`, float64: a training step through a
+"""Run under `mpiexec -n K script OUT PP DP EP SCHEDULE BLOCK PATH [BACKEND [CHUNKS [ALIVE MICRO]]]`, float64: a training step through a
 pp × dp × ep topology (pipeline stages, data-parallel pipelines) equals the single-process step on
 the same global batch — energies, forces and stresses (through the pipeline's own phases 1–2),
 loss and every parameter gradient. Both run the production `train_step` (lr 0 keeps the weights);
 PATH is `plain` (every intermediate stored) or `fused` (the recomputing path); BLOCK is light,
 matris or moe (light blocks with element-routed MoE MLPs, experts sharded over ep); CHUNKS stages
-per pipeline rank (interleaved). Rank 0 writes the comparison as JSON."""
+per pipeline rank (interleaved); ALIVE parallel.pp_alive (0: chosen) and MICRO the micro-batches per
+pipeline (3). Rank 0 writes the comparison as JSON."""
 
 from __future__ import annotations
 
@@ -28,11 +29,10 @@ from exaforce.training.step import train_step
 from step_reference import DEFAULT_SHAPE, compare_with_serial, rel_diff, seeded_model  # beside this script
 
 GLOBAL_BATCH = 8
-MICRO_BATCHES = 3
 
 
 def main(out_path: str, pp: int, dp: int, ep: int, schedule: str, block: str, path: str, backend: str = "mpi",
-         chunks: str = "1") -> None:
+         chunks: str = "1", alive: str = "0", micro_batches: str = "3") -> None:
     topo = Topology.from_mpi(dp=dp, ep=ep, pp=pp)
     run = {"dtype": "float64", "recompute_lines": 0} if path == "plain" else \
         {"dtype": "float64", "recompute_lines": 500, "store_all_below": 0}
@@ -43,7 +43,8 @@ def main(out_path: str, pp: int, dp: int, ep: int, schedule: str, block: str, pa
     cfg = from_dict({"data": {"train": ["unused.bp"], "global_batch_size": GLOBAL_BATCH},
                      "model": model_table,
                      "loss": {"moe_aux_weight": 0.1},
-                     "parallel": {"dp": dp, "ep": ep, "pp": pp, "pp_schedule": schedule, "pp_chunks": int(chunks)},
+                     "parallel": {"dp": dp, "ep": ep, "pp": pp, "pp_schedule": schedule, "pp_chunks": int(chunks),
+                                  "pp_alive": int(alive)},
                      "comm": {"bucket_mb": 0.05, "backend": backend}, "run": run})
     frames = Frames.from_atoms(synthesize(GLOBAL_BATCH, seed=11))  # several elements and sizes
 
@@ -60,7 +61,7 @@ def main(out_path: str, pp: int, dp: int, ep: int, schedule: str, block: str, pa
 
     # Each pipeline (replica) takes a contiguous share of the global batch, split into micro-batches.
     share = np.array_split(np.arange(GLOBAL_BATCH), topo.layout.replicas)[topo.layout.replica_index(topo.rank)]
-    micro = [batch_of(part) for part in np.array_split(share, MICRO_BATCHES)]
+    micro = [batch_of(part) for part in np.array_split(share, int(micro_batches))]
     routing = parallel.routing(model, micro[0])  # collective (MoE)
     prediction = parallel.pipeline.predict(micro[0], routing) if parallel.pipeline else None
     step = train_step(model, micro, optimizer, parallel, cfg, topo.layout.replicas / GLOBAL_BATCH, lr=0.0)
@@ -91,4 +92,4 @@ def main(out_path: str, pp: int, dp: int, ep: int, schedule: str, block: str, pa
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], *map(int, sys.argv[2:5]), *sys.argv[5:10])
+    main(sys.argv[1], *map(int, sys.argv[2:5]), *sys.argv[5:12])

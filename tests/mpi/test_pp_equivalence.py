@@ -14,6 +14,8 @@ pytestmark = [pytest.mark.mpi, pytest.mark.equivalence]
     pytest.param(2, 1, 1, "folded:2", "light", "fused", "mpi", marks=pytest.mark.slow),
     pytest.param(4, 1, 1, "folded:2", "light", "plain", "mpi", marks=pytest.mark.slow),
     pytest.param(2, 1, 2, "folded:2", "moe", "plain", "mpi", marks=pytest.mark.slow),
+    # at most 2 of 4 micro-batches alive on 2 × 2 stages: an order in waves, graphs taken stage by stage
+    (2, 1, 1, "folded:2:2:4", "light", "plain", "mpi"),
     (2, 1, 1, "folded", "light", "fused", "mpi"),
     (4, 1, 1, "gpipe", "light", "fused", "mpi"),
     (4, 1, 1, "folded", "light", "plain", "mpi"),
@@ -29,9 +31,11 @@ pytestmark = [pytest.mark.mpi, pytest.mark.equivalence]
     pytest.param(2, 1, 2, "folded", "moe", "fused", "torch", marks=[pytest.mark.backends, pytest.mark.slow]),
 ])
 def test_pipeline_step_equals_serial(tmp_path, pp, dp, ep, schedule, block, path, backend):
-    schedule, _, chunks = schedule.partition(":")  # folded:2 — two stages per pipeline rank
+    # folded:2 — two stages per pipeline rank; folded:2:2:4 — and at most 2 of 4 micro-batches alive
+    schedule, *options = schedule.split(":")
+    chunks, alive, micro_batches = options + ["1", "0", "3"][len(options):]
     result = run_mpi_script(pp * dp * ep, "pp_equivalence_ranks.py", tmp_path,
-                            args=(pp, dp, ep, schedule, block, path, backend, chunks or "1"))
+                            args=(pp, dp, ep, schedule, block, path, backend, chunks, alive, micro_batches))
     assert (result["pp"], result["dp"], result["ep"]) == (pp, dp, ep)
     assert result["stages"] == list(range(pp))
     assert result["params_compared"] == result["params_serial"]  # the stages together hold every parameter

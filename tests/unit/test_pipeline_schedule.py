@@ -2,6 +2,7 @@
 
 import pytest
 
+from exaforce.parallel import pipeline_schedule
 from exaforce.parallel.pipeline_schedule import (DEFAULT_PHASE_COSTS, Op, Pipeline, _list_schedule, choose_alive,
                                                  folded, gpipe, lower_bound, schedule, simulate)
 
@@ -137,3 +138,14 @@ def test_waves_of_pp_micro_batches_within_the_memory_bound_at_pp8(chunks, at_lea
     timeline = simulate(folded(pp, micro, alive, MEASURED_DEC6, chunks), MEASURED_DEC6, chunks)
     assert base / timeline.makespan >= at_least
     assert max(timeline.peak_alive(r) for r in range(pp)) <= alive
+
+
+def test_an_order_in_waves_wins_where_the_mpi_equivalence_test_runs_one(monkeypatch):
+    # tests/mpi/test_pp_equivalence.py runs pp = 2, 2 stages per rank, 4 micro-batches, at most 2 alive:
+    # there the order in waves (graphs taken stage by stage) is the one chosen, so the executor runs it.
+    costs, chunks = DEFAULT_PHASE_COSTS, 2
+    chosen = simulate(folded(2, 4, 2, costs, chunks), costs, chunks)
+    monkeypatch.setattr(pipeline_schedule, "WAVE_ALPHAS", ())
+    without_waves = simulate(folded.__wrapped__(2, 4, 2, costs, chunks), costs, chunks)
+    assert without_waves.makespan > chosen.makespan * 1.05
+    assert max(chosen.peak_alive(r) for r in range(2)) <= 2
