@@ -98,7 +98,7 @@ def measured_bubble(ranks: list[dict]) -> float:
 
 
 INTERLEAVED = (2, 3, 4, 8)  # stages per rank the simulator tries, up to MAX_SIMULATED_STAGES stages in all
-MAX_SIMULATED_STAGES = 64    # list scheduling of pp·chunks stages is slow in Python beyond this (pp 16, v 4: 1 min)
+MAX_SIMULATED_STAGES = 64    # list scheduling of more stages than this gets slow in Python
 
 
 def simulated(costs: tuple[float, ...], points: list[tuple[int, int]]) -> list[dict]:

@@ -314,7 +314,7 @@ def folded(pp: int, micro_batches: int, alive: int, costs: Costs = DEFAULT_PHASE
     priorities += [functools.partial(_longest_chain_first, left, alpha * per_micro / chunks) for alpha in ALPHAS]
     candidates = [_list_schedule(pipeline, micro_batches, alive, costs, p) for p in priorities]
     if alive < micro_batches:  # waves of about pp micro-batches, graphs taken stage by stage
-        for size, alpha in itertools.product({max(pp - 1, 1), pp}, WAVE_ALPHAS):
+        for size, alpha in itertools.product(sorted({max(pp - 1, 1), pp}), WAVE_ALPHAS):
             in_waves = functools.partial(_in_waves, size, max(micro_batches // size, 1),
                                          functools.partial(_longest_chain_first, left, alpha * per_micro / chunks))
             orders = _list_schedule(pipeline, micro_batches, alive, costs, in_waves, reserve=False)
